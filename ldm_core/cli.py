@@ -1,0 +1,216 @@
+"""The ``ldm`` command: one verb per pipeline stage, all driven by one config.
+
+Every verb takes ``--config FILE``, ``--preset NAME`` and repeated ``--set key=value``.
+Exit code 0 on success; otherwise one line on stderr saying why (the traceback only with
+``--debug``). Heavy modules are imported inside each verb so that ``ldm --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ldm_core.config import PRESETS, Config, load_config
+
+log = logging.getLogger("ldm")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, preset=args.preset, overrides=args.set or [])
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from ldm_core.data.download import download
+
+    cfg = _config(args)
+    out = download(args.source, args.output, cfg, subjects=args.subjects, seed=args.seed)
+    print(out)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from ldm_core.data.preprocess import preprocess
+
+    cfg = _config(args)
+    out = preprocess(args.input, args.output, cfg, skip_bad=args.skip_bad)
+    print(out)
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from ldm_core.train.autoencoder import train_autoencoder
+
+    cfg = _config(args)
+    out = train_autoencoder(cfg, args.data, args.output)
+    if out is not None:
+        print(out)
+
+
+def cmd_train_diffusion(args: argparse.Namespace) -> None:
+    from ldm_core.train.diffusion import train_diffusion
+
+    cfg = _config(args)
+    out = train_diffusion(cfg, args.data, args.autoencoder, args.output)
+    if out is not None:
+        print(out)
+
+
+def cmd_bundle(args: argparse.Namespace) -> None:
+    from ldm_core.bundle import build_bundle
+
+    print(build_bundle(args.autoencoder, args.diffusion, args.output))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from ldm_core.sample import sample_to_dir
+
+    cfg = _config(args)
+    paths = sample_to_dir(
+        args.bundle,
+        args.output,
+        num=args.num if args.num is not None else cfg.sampling.num_samples,
+        seed=args.seed,
+        sampler=args.sampler or cfg.sampling.sampler,
+        steps=args.steps or cfg.sampling.steps,
+    )
+    for p in paths:
+        print(p)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from ldm_core.evaluate import evaluate
+
+    cfg = _config(args)
+    result = evaluate(cfg, args.bundle, args.data, args.output)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ldm_core.serve import serve
+
+    cfg = _config(args)
+    serve(cfg, args.bundle, http_port=args.http_port, model_name=args.model_name)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file (a full or partial Config)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="base settings the config file and --set refine (default: the file's "
+        "'preset:' key, else tiny-cpu)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.autoencoder.steps=10 (repeatable)",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm",
+        description="Train and serve 3D latent diffusion models of brain MRI.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        _common(p)
+        return p
+
+    p = verb("download", cmd_download, "fetch or generate a raw dataset in the Decathlon Task01 layout")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="demo | msd | http(s)://URL of a .tar/.tar.gz | s3://bucket/prefix | a local DIR",
+    )
+    p.add_argument("--output", required=True, type=Path, help="directory to fill")
+    p.add_argument("--subjects", type=int, help="demo: number of subjects to generate")
+    p.add_argument("--seed", type=int, default=0, help="demo: random seed (default 0)")
+
+    p = verb("preprocess", cmd_preprocess, "resample, crop/pad and scale volumes into a training cache")
+    p.add_argument("--input", required=True, type=Path, help="raw dataset (Task01 layout or a folder of NIfTI)")
+    p.add_argument("--output", required=True, type=Path, help="cache directory to write")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed in the manifest) instead of failing")
+
+    p = verb("train-autoencoder", cmd_train_autoencoder, "train the AutoencoderKL (resumes from OUTPUT if it holds checkpoints)")
+    p.add_argument("--data", required=True, help="preprocessed cache directory")
+    p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
+
+    p = verb("train-diffusion", cmd_train_diffusion, "train the latent diffusion UNet on cached latents (resumes)")
+    p.add_argument("--data", required=True, help="preprocessed cache directory")
+    p.add_argument("--autoencoder", required=True, help="finished autoencoder run directory")
+    p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
+
+    p = verb("bundle", cmd_bundle, "pack a trained autoencoder and UNet into a servable model bundle")
+    p.add_argument("--autoencoder", required=True, help="autoencoder run directory")
+    p.add_argument("--diffusion", required=True, help="diffusion run directory")
+    p.add_argument("--output", required=True, help="bundle directory to write")
+
+    p = verb("sample", cmd_sample, "generate synthetic volumes (NIfTI + PNG) from a bundle")
+    p.add_argument("--bundle", required=True, help="model bundle directory")
+    p.add_argument("--output", required=True, type=Path, help="directory for NIfTI and PNG files")
+    p.add_argument("--num", type=int, help="number of samples (default: sampling.num_samples)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "rflow"], help="default: sampling.sampler")
+    p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
+
+    p = verb("evaluate", cmd_evaluate, "score generated samples against real data; write metrics and figures")
+    p.add_argument("--bundle", required=True, help="model bundle directory")
+    p.add_argument("--data", required=True, help="preprocessed cache directory (real images)")
+    p.add_argument("--output", required=True, type=Path, help="directory for metrics.json and figures")
+
+    p = verb("serve", cmd_serve, "serve a bundle with KServe (V1 and Open Inference Protocol V2)")
+    p.add_argument("--bundle", required=True, help="model bundle directory")
+    p.add_argument("--http-port", type=int, default=None, help="default: serving.http_port (8080)")
+    p.add_argument("--model-name", default=None, help="default: serving.model_name (brain-ldm)")
+    return parser
+
+
+def setup_logging(debug: bool = False) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("ldm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for users; the traceback behind --debug
+        if args.debug:
+            raise
+        from ldm_core.errors import LdmError
+
+        reason = str(e) if isinstance(e, LdmError) else f"{type(e).__name__}: {e}"
+        print(f"ldm {args.verb}: error: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Typed run configuration: dataclasses, presets, YAML in/out and dotted overrides.
+
+One YAML file fully describes a run. It is resolved in three layers, each overriding
+the last: the preset (``tiny-cpu`` by default), the user's YAML file, then ``--set
+a.b=c`` overrides. The result is validated as a whole, so that a bad value is reported
+with the dotted name of the field at fault before any work starts, not as a shape error
+deep inside a training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ldm_core.errors import LdmError
+
+
+class ConfigError(LdmError, ValueError):
+    """A configuration value is wrong; the message names the dotted field and why."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Which images to read and the fixed geometry every volume is resampled to."""
+
+    channel: str = "FLAIR"
+    """Modality to train on, by name (Task01 ``dataset.json`` names) or index as a string."""
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    """Output voxel size in mm (RAS order)."""
+    shape: tuple[int, int, int] = (48, 64, 48)
+    """Output volume size in voxels after resampling, centre crop or pad."""
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    """Percentiles of non-zero voxels mapped to 0 and 1."""
+    val_fraction: float = 0.2
+    """Fraction of subjects held out for validation (split by subject, deterministic)."""
+    split_seed: int = 0
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+
+
+@dataclass
+class AutoencoderConfig:
+    """MONAI ``AutoencoderKL`` architecture."""
+
+    channels: tuple[int, ...] = (16, 32, 32)
+    latent_channels: int = 3
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class UNetConfig:
+    """MONAI ``DiffusionModelUNet`` architecture (in latent space)."""
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
+    norm_num_groups: int = 16
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class SchedulerConfig:
+    """Noise schedule shared by training and every sampler."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "epsilon"
+
+
+@dataclass
+class ModelConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Losses and schedule of the autoencoder stage."""
+
+    steps: int = 150
+    batch_size: int = 2
+    lr: float = 1e-4
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0
+    perceptual_weights: str = ""
+    """Path or URI of a feature-network weights file; empty disables the perceptual loss."""
+    adv_weight: float = 0.01
+    adv_start_step: int = 100
+    """Steps of warm-up before the patch discriminator joins (>= steps disables it)."""
+    disc_lr: float = 5e-4
+    scale_factor_batches: int = 0
+    """Batches used to estimate the latent std; 0 = the whole training set."""
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Schedule of the latent diffusion stage."""
+
+    steps: int = 800
+    batch_size: int = 8
+    lr: float = 2.5e-4
+    ema_decay: float = 0.999
+    ema_start_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by both training stages."""
+
+    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    seed: int = 42
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
+    amp: str = "none"
+    """none | bf16 | fp16 (fp16 uses a GradScaler)."""
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    channels_last: bool = False
+    ddp_backend: str = "auto"
+    """auto (nccl on GPU, gloo on CPU) | nccl | gloo"""
+    ddp_timeout_s: int = 1800
+    val_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 5
+    """Non-finite losses in a row before a run stops."""
+    grad_clip: float = 1.0
+    threads: int = 0
+    """torch intra-op threads on CPU (0 = torch's default)."""
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "ddim"
+    """ddim | ddpm | rflow"""
+    steps: int = 50
+    eta: float = 0.0
+    clip_sample: bool = False
+    num_samples: int = 4
+
+
+@dataclass
+class StorageConfig:
+    """Object storage (MinIO / S3). Credentials never live here: they come from the
+    environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, or ``MINIO_*``), which on
+    a cluster is filled from a Kubernetes Secret."""
+
+    endpoint: str = ""
+    """host:port of the S3 endpoint; empty = read S3_ENDPOINT / MINIO_ENDPOINT from the env."""
+    secure: bool = True
+    region: str = ""
+    part_size_mb: int = 64
+
+
+@dataclass
+class ServingConfig:
+    model_name: str = "brain-ldm"
+    http_port: int = 8080
+    max_samples: int = 4
+    """Largest number of samples one request may ask for."""
+    max_steps: int = 1000
+    request_timeout_s: float = 300.0
+    max_concurrency: int = 1
+    """Requests generating at the same time."""
+    max_queue: int = 8
+    """Requests waiting beyond max_concurrency before new ones are refused (503)."""
+    warmup: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    num_samples: int = 8
+    steps: int = 50
+    fid_weights: str = ""
+    """Path or URI of a 3D feature extractor for FID; empty = FID not computed."""
+    gate_min_ms_ssim_ratio: float = 0.0
+    gate_max_mmd: float = 1.0
+    gate_min_mask_dice: float = 0.5
+    gate_max_hist_distance: float = 0.5
+
+
+@dataclass
+class Config:
+    """A whole run. ``Config()`` is the ``tiny-cpu`` preset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, D, H, W) of the autoencoder's latent for ``data.shape``."""
+        f = self.model.autoencoder.downsample_factor
+        d, h, w = self.data.shape
+        return (self.model.autoencoder.latent_channels, d // f, h // f, w // f)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (atomically), e.g. next to a run's outputs."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains the demo cohort's AE + LDM on 2 CPU cores in minutes (4 mm, 48x64x48).
+    "tiny-cpu": {},
+    # One 16 GB GPU (T4, V100-16G): 2 mm, fp16 with a GradScaler (no bf16 on those
+    # cards), gradient checkpointing to fit the autoencoder's activations.
+    "gpu-16g": {
+        "data": {"spacing": [2.0, 2.0, 2.0], "shape": [80, 96, 80]},
+        "model": {
+            "autoencoder": {"channels": [32, 64, 64], "latent_channels": 3, "norm_num_groups": 32},
+            "unet": {"channels": [128, 256, 256], "attention_levels": [False, True, True],
+                     "num_res_blocks": 2, "num_head_channels": 32, "norm_num_groups": 32},
+        },
+        "train": {
+            "device": "cuda", "amp": "fp16", "gradient_checkpointing": True,
+            "autoencoder": {"steps": 20000, "batch_size": 1, "adv_start_step": 5000,
+                            "scale_factor_batches": 0},
+            "diffusion": {"steps": 50000, "batch_size": 4},
+            "val_every": 500, "log_every": 50, "checkpoint_every": 1000, "keep_checkpoints": 3,
+            "threads": 0,
+        },
+        "serving": {"max_samples": 2},
+    },
+    # One 32 GB+ GPU (V100-32G, A100-40G): finer 1.75 mm grid, wider models.
+    "gpu-32g": {
+        "data": {"spacing": [1.75, 1.75, 1.75], "shape": [96, 112, 96]},
+        "model": {
+            "autoencoder": {"channels": [32, 64, 128], "latent_channels": 3, "norm_num_groups": 32},
+            "unet": {"channels": [128, 256, 512], "attention_levels": [False, True, True],
+                     "num_res_blocks": 2, "num_head_channels": 32, "norm_num_groups": 32},
+        },
+        "train": {
+            "device": "cuda", "amp": "fp16", "gradient_checkpointing": False,
+            "autoencoder": {"steps": 30000, "batch_size": 2, "adv_start_step": 8000},
+            "diffusion": {"steps": 80000, "batch_size": 8},
+            "val_every": 500, "log_every": 50, "checkpoint_every": 1000, "keep_checkpoints": 3,
+        },
+        "serving": {"max_samples": 4},
+    },
+    # Several A100/H100-class GPUs through torchrun / PyTorchJob: bf16, nccl with a long
+    # timeout (the latent cache is built on rank 0 while others wait), torch.compile and
+    # synchronized BN (the patch discriminator has BN).
+    "multi-gpu": {
+        "data": {"spacing": [1.5, 1.5, 1.5], "shape": [128, 160, 128], "num_workers": 4},
+        "model": {
+            "autoencoder": {"channels": [64, 128, 128], "latent_channels": 3,
+                            "num_res_blocks": 2, "norm_num_groups": 32},
+            "unet": {"channels": [256, 512, 768], "attention_levels": [False, True, True],
+                     "num_res_blocks": 2, "num_head_channels": 64, "norm_num_groups": 32},
+        },
+        "train": {
+            "device": "cuda", "amp": "bf16", "gradient_checkpointing": True, "compile": True,
+            "sync_bn": True, "ddp_backend": "nccl", "ddp_timeout_s": 7200,
+            "autoencoder": {"steps": 50000, "batch_size": 2, "adv_start_step": 10000},
+            "diffusion": {"steps": 150000, "batch_size": 8},
+            "val_every": 1000, "log_every": 100, "checkpoint_every": 2000, "keep_checkpoints": 3,
+        },
+        "serving": {"max_samples": 2},
+    },
+}
+
+DEFAULT_PRESET = "tiny-cpu"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> Config:
+    """Resolve preset -> YAML file -> ``key=value`` overrides into a validated Config.
+
+    A YAML file may name its own preset under a top-level ``preset:`` key; ``preset``
+    given here wins over it.
+    """
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        file_data = loaded
+    file_preset = file_data.pop("preset", None)
+    name = preset or file_preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ConfigError(
+            f"preset: unknown preset {name!r}{_suggest(name, PRESETS)}; "
+            f"choose one of {', '.join(PRESETS)}"
+        )
+    data = copy.deepcopy(PRESETS[name])
+    _deep_merge(data, file_data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``'train.amp=bf16'`` -> ``('train.amp', 'bf16')``; values are parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.autoencoder.steps=10")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from plain data, rejecting unknown keys and wrong types by name."""
+    return _build(Config, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{where}: unknown key{_suggest(key, fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{where}.")
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.ddp_backend": ("auto", "nccl", "gloo"),
+    "sampling.sampler": ("ddim", "ddpm", "rflow"),
+    "model.scheduler.prediction_type": ("epsilon", "v_prediction", "sample"),
+    "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules; raise ConfigError naming the first bad field."""
+    for dotted, choices in _CHOICES.items():
+        value = _get_dotted(cfg, dotted)
+        if value not in choices:
+            raise ConfigError(
+                f"{dotted}: {value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}"
+            )
+    device = cfg.train.device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"train.device: {device!r} must be auto, cpu, cuda or cuda:N")
+
+    ae, unet = cfg.model.autoencoder, cfg.model.unet
+    for name, arch in (("model.autoencoder", ae), ("model.unet", unet)):
+        if not arch.channels:
+            raise ConfigError(f"{name}.channels: must not be empty")
+        for i, ch in enumerate(arch.channels):
+            if ch <= 0:
+                raise ConfigError(f"{name}.channels[{i}]: must be positive, got {ch}")
+            if ch % arch.norm_num_groups:
+                raise ConfigError(
+                    f"{name}.channels[{i}]: {ch} channels are not divisible by "
+                    f"{name}.norm_num_groups={arch.norm_num_groups} (GroupNorm needs that)"
+                )
+        if len(arch.attention_levels) != len(arch.channels):
+            raise ConfigError(
+                f"{name}.attention_levels: has {len(arch.attention_levels)} entries but "
+                f"{name}.channels has {len(arch.channels)}; give one per level"
+            )
+    if unet.num_head_channels <= 0:
+        raise ConfigError("model.unet.num_head_channels: must be positive")
+    for i, (ch, att) in enumerate(zip(unet.channels, unet.attention_levels)):
+        if att and ch % unet.num_head_channels:
+            raise ConfigError(
+                f"model.unet.num_head_channels: {unet.num_head_channels} does not divide "
+                f"model.unet.channels[{i}]={ch} at an attention level"
+            )
+
+    # The image is downsampled by the autoencoder, then the latent by the UNet: each
+    # spatial size must survive both without remainder.
+    need = ae.downsample_factor * unet.downsample_factor
+    for axis, size in zip("DHW", cfg.data.shape):
+        if size <= 0 or size % need:
+            raise ConfigError(
+                f"data.shape: {axis}={size} is not divisible by {need} "
+                f"(autoencoder downsamples by {ae.downsample_factor} with "
+                f"{len(ae.channels)} levels, then the UNet by {unet.downsample_factor} with "
+                f"{len(unet.channels)} levels); try {_round_to(size, need)}"
+            )
+    for i, s in enumerate(cfg.data.spacing):
+        if s <= 0:
+            raise ConfigError(f"data.spacing[{i}]: must be positive, got {s}")
+    lo, hi = cfg.data.intensity_percentiles
+    if not 0 <= lo < hi <= 100:
+        raise ConfigError(
+            f"data.intensity_percentiles: need 0 <= low < high <= 100, got {lo}, {hi}"
+        )
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+
+    positive = [
+        "train.autoencoder.steps", "train.autoencoder.batch_size", "train.diffusion.steps",
+        "train.diffusion.batch_size", "train.checkpoint_every", "train.keep_checkpoints",
+        "train.max_nonfinite", "train.log_every", "train.val_every", "train.ddp_timeout_s",
+        "sampling.steps", "sampling.num_samples", "serving.max_samples", "serving.max_steps",
+        "serving.max_concurrency", "evaluation.num_samples", "evaluation.steps",
+        "model.scheduler.num_train_timesteps", "storage.part_size_mb",
+    ]
+    for dotted in positive:
+        if _get_dotted(cfg, dotted) <= 0:
+            raise ConfigError(f"{dotted}: must be positive, got {_get_dotted(cfg, dotted)}")
+    for dotted in ("train.autoencoder.lr", "train.diffusion.lr", "train.autoencoder.disc_lr"):
+        if _get_dotted(cfg, dotted) <= 0:
+            raise ConfigError(f"{dotted}: must be positive, got {_get_dotted(cfg, dotted)}")
+    if not 0 <= cfg.train.diffusion.ema_decay < 1:
+        raise ConfigError(
+            f"train.diffusion.ema_decay: must be in [0, 1), got {cfg.train.diffusion.ema_decay}"
+        )
+    if cfg.sampling.sampler == "ddim" and cfg.sampling.steps > cfg.model.scheduler.num_train_timesteps:
+        raise ConfigError(
+            f"sampling.steps: {cfg.sampling.steps} exceeds "
+            f"model.scheduler.num_train_timesteps={cfg.model.scheduler.num_train_timesteps}"
+        )
+    if not 1 <= cfg.serving.http_port <= 65535:
+        raise ConfigError(f"serving.http_port: {cfg.serving.http_port} is not a TCP port")
+    if cfg.serving.max_queue < 0:
+        raise ConfigError(f"serving.max_queue: must be >= 0, got {cfg.serving.max_queue}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _suggest(word: Any, options: typing.Iterable[Any]) -> str:
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _round_to(size: int, multiple: int) -> int:
+    return max(multiple, round(size / multiple) * multiple)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Kubernetes-facing code (PyTorchJob launcher, InferenceService rollout); imported only by components."""
