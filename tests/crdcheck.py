@@ -1,0 +1,132 @@
+"""Validate custom resources the way a cluster would: the CRD's openAPIV3Schema
+(files in tests/crds/, unmodified upstream copies, see SOURCES.md there) plus the
+admission rules the operators' webhooks enforce that the schema does not express.
+
+Used by every test that emits a PyTorchJob, InferenceService, ServingRuntime,
+ServiceMonitor or PodMonitor.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+CRD_DIR = Path(__file__).parent / "crds"
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class InvalidResource(AssertionError):
+    pass
+
+
+@functools.cache
+def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> openAPIV3Schema, from every CRD file."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group = doc["spec"]["group"]
+            kind = doc["spec"]["names"]["kind"]
+            for version in doc["spec"]["versions"]:
+                out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+    return out
+
+
+def known_kinds() -> set[tuple[str, str]]:
+    return set(_schemas())
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    schema = _schemas().get(key)
+    if schema is None:
+        raise InvalidResource(f"no CRD schema for {key}; known: {sorted(_schemas())}")
+    validator = jsonschema.Draft7Validator(schema)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]]
+        raise InvalidResource(f"{key[1]} {obj.get('metadata', {}).get('name')}: " + "; ".join(lines))
+    name = obj.get("metadata", {}).get("name", "")
+    rules = _ADMISSION.get(key[1])
+    if rules:
+        rules(obj, name)
+
+
+def _check_name(kind: str, name: str, pattern: re.Pattern[str] = _DNS1035, limit: int = 63) -> None:
+    if not name or len(name) > limit or not pattern.match(name):
+        raise InvalidResource(
+            f"{kind} name {name!r} must be a DNS-1035 label (lower case, digits, '-', "
+            f"starting with a letter, at most {limit} characters)"
+        )
+
+
+def _pytorchjob_rules(obj: dict[str, Any], name: str) -> None:
+    # kubeflow/training-operator v1.9 PyTorchJob validating webhook.
+    _check_name("PyTorchJob", name)
+    spec = obj.get("spec", {})
+    replicas = spec.get("pytorchReplicaSpecs") or {}
+    if not replicas:
+        raise InvalidResource("PyTorchJob: spec.pytorchReplicaSpecs must not be empty")
+    for rtype, rspec in replicas.items():
+        if rtype not in ("Master", "Worker"):
+            raise InvalidResource(f"PyTorchJob: replica type {rtype!r} is not Master or Worker")
+        policy = rspec.get("restartPolicy")
+        if policy is not None and policy not in ("Always", "OnFailure", "Never", "ExitCode"):
+            raise InvalidResource(f"PyTorchJob: {rtype}.restartPolicy {policy!r} is not allowed")
+        containers = rspec.get("template", {}).get("spec", {}).get("containers") or []
+        if not any(c.get("name") == "pytorch" for c in containers):
+            raise InvalidResource(f"PyTorchJob: {rtype} needs a container named 'pytorch'")
+        for c in containers:
+            if not c.get("image"):
+                raise InvalidResource(f"PyTorchJob: {rtype} container {c.get('name')!r} has no image")
+    if "Master" in replicas and replicas["Master"].get("replicas", 1) != 1:
+        raise InvalidResource("PyTorchJob: Master must have exactly one replica")
+    if spec.get("elasticPolicy") is not None:
+        if "Worker" not in replicas:
+            raise InvalidResource("PyTorchJob: elasticPolicy needs a Worker replica spec")
+        if spec.get("nprocPerNode") is not None and spec["elasticPolicy"].get("nProcPerNode") is not None:
+            raise InvalidResource("PyTorchJob: set nprocPerNode or elasticPolicy.nProcPerNode, not both")
+
+
+def _isvc_rules(obj: dict[str, Any], name: str) -> None:
+    # KServe v1beta1 validating webhook + the traffic range the schema leaves open.
+    _check_name("InferenceService", name)
+    for component in ("predictor", "transformer", "explainer"):
+        comp = obj.get("spec", {}).get(component)
+        if not comp:
+            continue
+        lo, hi = comp.get("minReplicas"), comp.get("maxReplicas")
+        if lo is not None and lo < 0:
+            raise InvalidResource(f"InferenceService {component}.minReplicas must be >= 0")
+        if hi is not None and hi < 0:
+            raise InvalidResource(f"InferenceService {component}.maxReplicas must be >= 0")
+        if lo is not None and hi is not None and hi != 0 and lo > hi:
+            raise InvalidResource(f"InferenceService {component}: minReplicas {lo} > maxReplicas {hi}")
+        pct = comp.get("canaryTrafficPercent")
+        if pct is not None and not 0 <= pct <= 100:
+            raise InvalidResource(f"InferenceService {component}.canaryTrafficPercent {pct} not in 0..100")
+
+
+def _generic_name(kind: str):
+    def rule(obj: dict[str, Any], name: str) -> None:
+        _check_name(kind, name, _DNS1123, 253)
+
+    return rule
+
+
+_ADMISSION = {
+    "PyTorchJob": _pytorchjob_rules,
+    "InferenceService": _isvc_rules,
+    "ServingRuntime": _generic_name("ServingRuntime"),
+    "ServiceMonitor": _generic_name("ServiceMonitor"),
+    "PodMonitor": _generic_name("PodMonitor"),
+}
