@@ -83,8 +83,14 @@ class UNetConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Noise schedule shared by training and every sampler."""
+    """Training objective and noise schedule, shared by training and sampling.
 
+    ``objective: ddpm`` trains a noise (or v) predictor that the DDPM and DDIM samplers
+    use; ``objective: rflow`` trains a velocity predictor for rectified-flow sampling.
+    A model can only be sampled by the samplers of the objective it was trained with.
+    """
+
+    objective: str = "ddpm"
     num_train_timesteps: int = 1000
     schedule: str = "scaled_linear_beta"
     beta_start: float = 0.0015
@@ -428,6 +434,7 @@ _CHOICES = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.ddp_backend": ("auto", "nccl", "gloo"),
     "sampling.sampler": ("ddim", "ddpm", "rflow"),
+    "model.scheduler.objective": ("ddpm", "rflow"),
     "model.scheduler.prediction_type": ("epsilon", "v_prediction", "sample"),
     "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
 }
@@ -511,6 +518,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.diffusion.ema_decay: must be in [0, 1), got {cfg.train.diffusion.ema_decay}"
         )
+    compatible = samplers_for(cfg.model.scheduler.objective)
+    if cfg.sampling.sampler not in compatible:
+        raise ConfigError(
+            f"sampling.sampler: {cfg.sampling.sampler!r} cannot sample a model trained with "
+            f"model.scheduler.objective={cfg.model.scheduler.objective!r}; use one of "
+            f"{', '.join(compatible)}"
+        )
     if cfg.sampling.sampler == "ddim" and cfg.sampling.steps > cfg.model.scheduler.num_train_timesteps:
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "
@@ -523,6 +537,11 @@ def validate(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def samplers_for(objective: str) -> tuple[str, ...]:
+    """Samplers that can draw from a model trained with ``objective``."""
+    return ("rflow",) if objective == "rflow" else ("ddim", "ddpm")
 
 
 def _suggest(word: Any, options: typing.Iterable[Any]) -> str:

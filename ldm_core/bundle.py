@@ -1,0 +1,231 @@
+"""The model bundle: everything needed to generate images, in one directory.
+
+Layout (also what an InferenceService's ``storageUri`` points at)::
+
+    bundle.json       format version, scale factor, latent/image shape, spacing, affine,
+                      dataset hash, training steps, objective, package versions
+    config.yaml       the full run config
+    autoencoder.pt    AutoencoderKL state dict
+    unet.pt           DiffusionModelUNet state dict (EMA weights)
+
+``load(path)`` is the one call serving and evaluation make. ``build_bundle`` packs the
+outputs of the two training stages; it checks that they belong together (same
+autoencoder architecture, geometry present) so a mismatched pair fails here, not as a
+shape error inside a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+from ldm_core.config import Config, ConfigError, from_dict
+from ldm_core.errors import LdmError
+from ldm_core.models import build_autoencoder, build_unet, load_weights
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+CONFIG_YAML = "config.yaml"
+AUTOENCODER_PT = "autoencoder.pt"
+UNET_PT = "unet.pt"
+GEOMETRY_JSON = "data_geometry.json"
+"""Written by the training stages: affine, shape, spacing and dataset hash of the cache."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle, models in eval mode on ``device``."""
+
+    config: Config
+    autoencoder: AutoencoderKL
+    unet: DiffusionModelUNet
+    scale_factor: float
+    affine: np.ndarray
+    image_shape: tuple[int, int, int]
+    latent_shape: tuple[int, int, int, int]
+    spacing: tuple[float, float, float]
+    device: torch.device
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("brain-ldm", "torch", "monai", "nibabel"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LdmError(f"{path}: not found") from None
+    except Exception as e:  # truncated or foreign files raise many types
+        raise LdmError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise LdmError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LdmError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise LdmError(f"{path}: not valid JSON ({e})") from None
+
+
+def save(
+    path: str | Path,
+    cfg: Config,
+    autoencoder_state: dict[str, torch.Tensor],
+    unet_state: dict[str, torch.Tensor],
+    scale_factor: float,
+    affine: np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
+    dataset_hash: str = "",
+    training_steps: dict[str, int] | None = None,
+) -> Path:
+    """Write a bundle directory atomically: built in a sibling temp dir, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise LdmError(f"bundle affine must be 4x4, got {affine.shape}")
+    if not np.isfinite(scale_factor) or scale_factor <= 0:
+        raise LdmError(f"bundle scale factor must be a positive number, got {scale_factor}")
+    info = {
+        "format_version": FORMAT_VERSION,
+        "scale_factor": float(scale_factor),
+        "image_shape": list(cfg.data.shape),
+        "latent_shape": list(cfg.latent_shape),
+        "spacing": list(spacing or cfg.data.spacing),
+        "affine": affine.tolist(),
+        "objective": cfg.model.scheduler.objective,
+        "dataset_hash": dataset_hash,
+        "training_steps": training_steps or {},
+        "package_versions": _package_versions(),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(autoencoder_state, tmp / AUTOENCODER_PT)
+        torch.save(unet_state, tmp / UNET_PT)
+        (tmp / CONFIG_YAML).write_text(cfg.to_yaml())
+        (tmp / BUNDLE_JSON).write_text(json.dumps(info, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote model bundle %s", path)
+    return path
+
+
+def build_bundle(autoencoder_dir: str | Path, diffusion_dir: str | Path, output_dir: str | Path) -> Path:
+    """Pack finished training runs into a bundle (the ``ldm bundle`` verb)."""
+    ae_dir, diff_dir = Path(autoencoder_dir), Path(diffusion_dir)
+    ae = _torch_load(ae_dir / AUTOENCODER_PT)
+    unet = _torch_load(diff_dir / UNET_PT)
+    for name, ckpt, src in (("autoencoder", ae, ae_dir / AUTOENCODER_PT), ("unet", unet, diff_dir / UNET_PT)):
+        for key in ("state_dict", "config"):
+            if key not in ckpt:
+                raise LdmError(f"{src}: missing {key!r}; is this a finished {name} run?")
+    if "scale_factor" not in ae:
+        raise LdmError(f"{ae_dir / AUTOENCODER_PT}: missing 'scale_factor'")
+    cfg = _config_from(unet["config"], diff_dir / UNET_PT)
+    ae_cfg = _config_from(ae["config"], ae_dir / AUTOENCODER_PT)
+    if ae_cfg.model.autoencoder != cfg.model.autoencoder:
+        raise LdmError(
+            f"{diff_dir} was trained on latents of a different autoencoder architecture than "
+            f"{ae_dir} (model.autoencoder differs); retrain the diffusion stage"
+        )
+    geometry = _read_json(diff_dir / GEOMETRY_JSON)
+    return save(
+        output_dir,
+        cfg,
+        ae["state_dict"],
+        unet["state_dict"],
+        scale_factor=float(ae["scale_factor"]),
+        affine=np.asarray(geometry["affine"]),
+        spacing=tuple(geometry.get("spacing", cfg.data.spacing)),
+        dataset_hash=geometry.get("dataset_hash", ""),
+        training_steps={"autoencoder": int(ae.get("steps", 0)), "diffusion": int(unet.get("steps", 0))},
+    )
+
+
+def _config_from(data: dict[str, Any], source: Path) -> Config:
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise LdmError(f"{source}: stored config is invalid: {e}") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
+    """Load a bundle directory into models ready to sample (eval mode, no grad needed)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LdmError(f"{path}: bundle directory not found")
+    info = _read_json(path / BUNDLE_JSON)
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise LdmError(
+            f"{path / BUNDLE_JSON}: format_version {version!r}, this version reads {FORMAT_VERSION}"
+        )
+    try:
+        cfg = from_dict(yaml.safe_load((path / CONFIG_YAML).read_text()))
+    except FileNotFoundError:
+        raise LdmError(f"{path / CONFIG_YAML}: not found") from None
+    except (ConfigError, yaml.YAMLError) as e:
+        raise LdmError(f"{path / CONFIG_YAML}: {e}") from None
+    dev = resolve_device(device) if isinstance(device, str) else device
+    autoencoder = build_autoencoder(cfg, use_checkpoint=False)
+    load_weights(autoencoder, _torch_load(path / AUTOENCODER_PT), str(path / AUTOENCODER_PT))
+    unet = build_unet(cfg)
+    load_weights(unet, _torch_load(path / UNET_PT), str(path / UNET_PT))
+    autoencoder.to(dev).eval().requires_grad_(False)
+    unet.to(dev).eval().requires_grad_(False)
+    return Bundle(
+        config=cfg,
+        autoencoder=autoencoder,
+        unet=unet,
+        scale_factor=float(info["scale_factor"]),
+        affine=np.asarray(info["affine"], dtype=np.float64),
+        image_shape=tuple(info["image_shape"]),
+        latent_shape=tuple(info["latent_shape"]),
+        spacing=tuple(info["spacing"]),
+        device=dev,
+        meta=info,
+    )
+
+
+def make_random_bundle(path: str | Path, cfg: Config, seed: int = 0, scale_factor: float = 1.0) -> Path:
+    """A bundle with untrained weights and the config's geometry, for tests and smoke checks."""
+    torch.manual_seed(seed)
+    autoencoder = build_autoencoder(cfg, use_checkpoint=False)
+    unet = build_unet(cfg)
+    affine = np.diag([*cfg.data.spacing, 1.0])
+    return save(path, cfg, autoencoder.state_dict(), unet.state_dict(), scale_factor, affine)

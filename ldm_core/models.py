@@ -1,0 +1,159 @@
+"""Networks and noise schedulers of the LDM, built from the config (MONAI core modules).
+
+The autoencoder compresses a volume ``[1, D, H, W]`` to a latent ``[C, D/f, H/f, W/f]``;
+the UNet learns to denoise latents (Rombach et al. 2022; Pinaya et al. 2022). Everything
+here is architecture: training loops live in ``ldm_core.train`` and sampling in
+``ldm_core.sample``, so serving and evaluation can build a model without training code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+
+from ldm_core.config import Config, samplers_for
+from ldm_core.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+
+def build_autoencoder(cfg: Config, use_checkpoint: bool | None = None) -> AutoencoderKL:
+    """The KL-regularised autoencoder for single-channel volumes."""
+    a = cfg.model.autoencoder
+    return AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=a.channels,
+        latent_channels=a.latent_channels,
+        num_res_blocks=a.num_res_blocks,
+        norm_num_groups=a.norm_num_groups,
+        attention_levels=a.attention_levels,
+        with_encoder_nonlocal_attn=a.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=a.with_decoder_nonlocal_attn,
+        use_checkpoint=cfg.train.gradient_checkpointing if use_checkpoint is None else use_checkpoint,
+    )
+
+
+def build_unet(cfg: Config) -> DiffusionModelUNet:
+    """The denoising UNet; its input and output are latents."""
+    u = cfg.model.unet
+    latent_channels = cfg.model.autoencoder.latent_channels
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        channels=u.channels,
+        attention_levels=u.attention_levels,
+        num_res_blocks=u.num_res_blocks,
+        num_head_channels=u.num_head_channels,
+        norm_num_groups=u.norm_num_groups,
+    )
+
+
+def build_discriminator(cfg: Config, channels: int = 32, num_layers: int = 3) -> PatchDiscriminator:
+    """Patch discriminator for the autoencoder's adversarial loss (it has BatchNorm, which is
+    why ``train.sync_bn`` exists)."""
+    return PatchDiscriminator(
+        spatial_dims=3,
+        num_layers_d=num_layers,
+        channels=channels,
+        in_channels=1,
+        out_channels=1,
+    )
+
+
+def build_scheduler(cfg: Config, sampler: str = "ddpm") -> Scheduler:
+    """A scheduler for training (``ddpm`` / ``rflow``) or sampling (any sampler).
+
+    Raises LdmError when the sampler does not fit the model's training objective.
+    """
+    s = cfg.model.scheduler
+    allowed = samplers_for(s.objective)
+    if sampler not in allowed:
+        raise LdmError(
+            f"sampler {sampler!r} cannot sample a model trained with the {s.objective!r} "
+            f"objective; use one of {', '.join(allowed)}"
+        )
+    if sampler == "rflow":
+        return RFlowScheduler(
+            num_train_timesteps=s.num_train_timesteps,
+            use_discrete_timesteps=True,
+            sample_method="logit-normal",
+            use_timestep_transform=True,
+            base_img_size_numel=_latent_numel(cfg),
+            spatial_dim=3,
+        )
+    common: dict[str, Any] = dict(
+        num_train_timesteps=s.num_train_timesteps,
+        schedule=s.schedule,
+        prediction_type=s.prediction_type,
+        clip_sample=cfg.sampling.clip_sample,
+    )
+    if s.schedule != "sigmoid_beta":
+        common.update(beta_start=s.beta_start, beta_end=s.beta_end)
+    if sampler == "ddim":
+        return DDIMScheduler(**common)
+    return DDPMScheduler(**common)
+
+
+def _latent_numel(cfg: Config) -> int:
+    _, d, h, w = cfg.latent_shape
+    return d * h * w
+
+
+def diffusion_training_example(
+    cfg: Config, scheduler: Scheduler, latents: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise a batch of clean latents for one training step.
+
+    Returns ``(noisy, timesteps, target)``: the UNet sees ``noisy`` at ``timesteps`` and
+    is regressed onto ``target`` (noise, velocity or the clean latent for ``ddpm``
+    depending on ``prediction_type``; the velocity ``x0 - noise`` for ``rflow``).
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    s = cfg.model.scheduler
+    if s.objective == "rflow":
+        assert isinstance(scheduler, RFlowScheduler)
+        timesteps = scheduler.sample_timesteps(latents)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        return noisy, timesteps, latents - noise
+    timesteps = torch.randint(
+        0, s.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+    )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if s.prediction_type == "epsilon":
+        target = noise
+    elif s.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = latents
+    return noisy, timesteps, target
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights saved by this project or by the monai-generative package.
+
+    monai-generative (the predecessor of MONAI's generative modules) names some layers
+    differently; MONAI's ``load_old_state_dict`` maps them. Anything else that does not
+    fit raises LdmError naming ``source``.
+    """
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    except RuntimeError as strict_error:
+        legacy = getattr(model, "load_old_state_dict", None)
+        if legacy is None:
+            raise LdmError(f"{source}: weights do not fit {type(model).__name__}: {strict_error}") from None
+    try:
+        legacy(state_dict)
+    except Exception as e:  # MONAI raises several types on a mismatch
+        raise LdmError(
+            f"{source}: weights fit neither {type(model).__name__} nor its monai-generative "
+            f"layout ({type(e).__name__}: {e}); was it trained with another architecture config?"
+        ) from None
+    log.info("%s: loaded a monai-generative (legacy) state dict", source)
