@@ -1,0 +1,279 @@
+"""ldm_core.storage against a real S3-protocol server (moto) on loopback, and local paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from moto import settings as moto_settings
+
+from ldm_core import storage
+from ldm_core.config import StorageConfig
+from tests.s3server import (
+    TEST_ACCESS_KEY,
+    TEST_SECRET_KEY,
+    make_bucket,
+    raw_client,
+    s3_env,
+    s3_server,
+)
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(endpoint, monkeypatch):
+    s3_env(monkeypatch, endpoint)
+    return make_bucket(endpoint)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        "bundle.json": b'{"format": 1}\n',
+        "weights/unet.pt": os.urandom(300_000),
+        "weights/deep/autoencoder.pt": os.urandom(70_000),
+        "empty.txt": b"",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _read_tree(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != storage.COMPLETE_MARKER
+    }
+
+
+def test_uris():
+    assert storage.is_remote("s3://b/k") and not storage.is_remote("/tmp/x")
+    assert not storage.is_remote("file:///tmp/x") and not storage.is_remote(Path("s3:/x"))
+    assert storage.parse_s3("s3://bucket/a/b.pt") == ("bucket", "a/b.pt")
+    assert storage.parse_s3("s3://bucket") == ("bucket", "")
+    with pytest.raises(storage.StorageError, match="no bucket"):
+        storage.parse_s3("s3:///key")
+    assert storage.local_path("file:///tmp/a%20b") == Path("/tmp/a b")
+    with pytest.raises(storage.StorageError, match="not a local path"):
+        storage.local_path("gs://b/k")
+
+
+def test_endpoint_scheme_decides_tls(monkeypatch):
+    monkeypatch.delenv("S3_ENDPOINT", raising=False)
+    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with pytest.raises(storage.StorageError, match="no S3 endpoint"):
+        storage.client(StorageConfig())
+    mc = storage.client(StorageConfig(endpoint="http://minio.kubeflow:9000", secure=True))
+    assert not mc._base_url.is_https and mc._base_url.host == "minio.kubeflow:9000"
+    monkeypatch.setenv("MINIO_ENDPOINT", "minio:9000")
+    assert storage.client(StorageConfig(secure=True))._base_url.is_https
+    assert not storage.client(StorageConfig(secure=False))._base_url.is_https
+
+
+def test_dir_roundtrip_with_marker(bucket, endpoint, tmp_path):
+    files = _tree(tmp_path / "src")
+    uri = f"s3://{bucket}/runs/r1/bundle"
+    entries = storage.upload_dir(tmp_path / "src", uri)
+    assert set(entries) == set(files)
+
+    keys = {
+        o.object_name
+        for o in raw_client(endpoint).list_objects(bucket, "runs/r1/bundle/", recursive=True)
+    }
+    assert keys == {f"runs/r1/bundle/{k}" for k in files} | {"runs/r1/bundle/_COMPLETE"}
+    marker = json.loads(raw_client(endpoint).get_object(bucket, "runs/r1/bundle/_COMPLETE").read())
+    assert marker["files"]["weights/unet.pt"]["size"] == 300_000
+
+    assert storage.exists(uri) and storage.exists(f"{uri}/bundle.json")
+    assert not storage.exists(f"{uri}/nope.pt") and not storage.exists(f"s3://{bucket}/runs/r1")
+    assert not storage.exists("s3://no-such-bucket-ldm/x")
+
+    out = storage.download_dir(uri, tmp_path / "dst")
+    assert _read_tree(out) == files
+    assert (out / storage.COMPLETE_MARKER).is_file()  # the local copy is complete too
+    assert not list(out.rglob("*.part"))
+
+
+def test_multipart_upload_and_verified_download(bucket, endpoint, tmp_path):
+    big = tmp_path / "ckpt.pt"
+    data = os.urandom(11 * 1024 * 1024 + 123)
+    big.write_bytes(data)
+    uri = f"s3://{bucket}/ckpt/ckpt.pt"
+    storage.upload_file(big, uri, StorageConfig(part_size_mb=5))
+    stat = raw_client(endpoint).stat_object(bucket, "ckpt/ckpt.pt")
+    assert stat.etag.endswith("-3"), f"expected a 3-part upload, etag {stat.etag}"
+    assert stat.metadata["x-amz-meta-sha256"] == storage.sha256_file(big)
+
+    got = storage.download_file(uri, tmp_path / "out" / "ckpt.pt", StorageConfig(part_size_mb=5))
+    assert got.read_bytes() == data
+
+
+def test_checksum_mismatch_detected_and_partial_removed(bucket, endpoint, tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"original bytes" * 1000)
+    uri = f"s3://{bucket}/x/a.bin"
+    digest = storage.upload_file(src, uri)
+    # Corrupt the object in place while keeping its recorded hash.
+    bad = b"tampered bytes" * 1000
+    raw_client(endpoint).put_object(
+        bucket, "x/a.bin", io.BytesIO(bad), len(bad), metadata={"sha256": digest}
+    )
+    dst = tmp_path / "out" / "a.bin"
+    with pytest.raises(storage.StorageError) as err:
+        storage.download_file(uri, dst)
+    assert "checksum mismatch" in str(err.value) and uri in str(err.value)
+    assert not dst.exists() and not list((tmp_path / "out").iterdir())
+
+
+def test_tampered_directory_member_fails_download_dir(bucket, endpoint, tmp_path):
+    _tree(tmp_path / "src")
+    uri = f"s3://{bucket}/d"
+    storage.upload_dir(tmp_path / "src", uri)
+    bad = b"not the bundle"
+    # Even with matching object metadata, the marker's hash catches the change.
+    raw_client(endpoint).put_object(
+        bucket, "d/bundle.json", io.BytesIO(bad), len(bad), metadata={"sha256": "0" * 64}
+    )
+    with pytest.raises(storage.StorageError, match=f"checksum mismatch for {uri}/bundle.json"):
+        storage.download_dir(uri, tmp_path / "dst")
+    assert not (tmp_path / "dst" / storage.COMPLETE_MARKER).exists()
+
+
+def test_resume_skips_current_files(bucket, tmp_path, caplog):
+    files = _tree(tmp_path / "src")
+    uri = f"s3://{bucket}/resume"
+    storage.upload_dir(tmp_path / "src", uri)
+    dst = storage.download_dir(uri, tmp_path / "dst")
+    inodes = {rel: (dst / rel).stat().st_ino for rel in files}
+    (dst / "weights/unet.pt").unlink()  # an interrupted earlier download
+    (dst / "bundle.json").write_bytes(b"stale")  # a stale local file
+
+    storage.download_dir(uri, dst)
+    assert _read_tree(dst) == files
+    for rel in ("weights/deep/autoencoder.pt", "empty.txt"):
+        assert (dst / rel).stat().st_ino == inodes[rel], f"{rel} was downloaded again"
+    assert (dst / "bundle.json").stat().st_ino != inodes["bundle.json"]
+
+    # Re-uploading the same tree sends no file again (same stored hashes).
+    with caplog.at_level(logging.INFO, logger="ldm_core.storage"):
+        storage.upload_dir(tmp_path / "src", uri)
+    assert caplog.text.count("not uploading again") == len(files)
+
+
+def test_incomplete_prefix_refused_then_waited_for(bucket, tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 10)
+    uri = f"s3://{bucket}/partial"
+    storage.upload_file(src, f"{uri}/a.bin")
+    with pytest.raises(storage.StorageError, match="not a complete directory: no _COMPLETE"):
+        storage.download_dir(uri, tmp_path / "dst")
+    assert not storage.exists(uri)
+
+    # A reader that waits sees the directory once the writer marks it complete.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(b"x" * 10)
+    writer = threading.Timer(0.5, storage.upload_dir, args=(tmp_path / "src", uri))
+    writer.start()
+    try:
+        t0 = time.monotonic()
+        out = storage.download_dir(uri, tmp_path / "dst", wait_s=20)
+        assert time.monotonic() - t0 < 15
+    finally:
+        writer.join()
+    assert (out / "a.bin").read_bytes() == b"x" * 10
+
+
+def test_rewrite_removes_old_marker_first(bucket, endpoint, tmp_path):
+    _tree(tmp_path / "src")
+    uri = f"s3://{bucket}/rw"
+    storage.upload_dir(tmp_path / "src", uri)
+    (tmp_path / "src2").mkdir()
+    (tmp_path / "src2" / "only.txt").write_bytes(b"v2")
+    storage.upload_dir(tmp_path / "src2", uri)
+    # Old objects may linger, but the marker defines the directory.
+    out = storage.download_dir(uri, tmp_path / "dst")
+    assert _read_tree(out) == {"only.txt": b"v2"}
+
+
+def test_local_and_file_uris_use_the_same_calls(tmp_path):
+    files = _tree(tmp_path / "src")
+    dest_uri = (tmp_path / "store" / "bundle").as_uri()  # file:///...
+    storage.upload_dir(tmp_path / "src", dest_uri)
+    assert storage.exists(dest_uri) and storage.exists(str(tmp_path / "store/bundle/bundle.json"))
+    out = storage.download_dir(str(tmp_path / "store" / "bundle"), tmp_path / "dst")
+    assert _read_tree(out) == files
+    with pytest.raises(storage.StorageError, match="not a complete directory"):
+        storage.download_dir(str(tmp_path / "src"), tmp_path / "dst2")
+    with pytest.raises(storage.StorageError, match="checksum mismatch"):
+        storage.download_file(
+            str(tmp_path / "src/bundle.json"), tmp_path / "f", expected_sha256="0" * 64
+        )
+    assert not (tmp_path / "f").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_errors_name_the_uri_and_never_a_secret(
+    bucket, endpoint, tmp_path, monkeypatch, caplog, capsys
+):
+    caplog.set_level(logging.DEBUG)  # every logger, SDK and urllib3 included
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"payload")
+    errors: list[storage.StorageError] = []
+
+    def expect(call, pattern):
+        with pytest.raises(storage.StorageError, match=pattern) as err:
+            call()
+        errors.append(err.value)
+
+    storage.upload_file(src, f"s3://{bucket}/ok/a.bin")
+    storage.download_file(f"s3://{bucket}/ok/a.bin", tmp_path / "b.bin")
+    expect(
+        lambda: storage.upload_file(src, "s3://no-such-bucket-ldm/a.bin"),
+        "s3://no-such-bucket-ldm/a.bin failed: bucket 'no-such-bucket-ldm' does not exist",
+    )
+    expect(
+        lambda: storage.download_file(f"s3://{bucket}/missing.pt", tmp_path / "m"),
+        f"s3://{bucket}/missing.pt failed: no such object",
+    )
+
+    # Authentication enforced: moto refuses keys it does not know.
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    expect(
+        lambda: storage.download_file(f"s3://{bucket}/ok/a.bin", tmp_path / "c"),
+        f"s3://{bucket}/ok/a.bin failed: access refused",
+    )
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+
+    monkeypatch.setenv("S3_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    t0 = time.monotonic()
+    expect(lambda: storage.download_file(f"s3://{bucket}/ok/a.bin", tmp_path / "d"), "unreachable")
+    assert time.monotonic() - t0 < 20, "an unreachable endpoint must fail fast"
+
+    out, err = capsys.readouterr()
+    visible = [caplog.text, out, err, repr(storage.client(StorageConfig()))]
+    visible += [str(e) for e in errors] + [repr(e) for e in errors]
+    visible += [repr(e.__cause__) + repr(e.__context__) for e in errors]
+    assert "uploaded" in caplog.text  # logging was on
+    for text in visible:
+        assert TEST_SECRET_KEY not in text
+    assert TEST_ACCESS_KEY not in "".join(str(e) for e in errors)
