@@ -1,0 +1,222 @@
+"""Atomic, complete training checkpoints and picking the one to resume from.
+
+A checkpoint is written to a hidden temp file in the same directory, fsynced, renamed
+into place and the directory fsynced: a reader therefore sees either the whole file under
+its final name or nothing, even if the writer is killed with SIGKILL mid-write or the node
+loses power. Only files named ``ckpt-<step>.pt`` count; temp files never match. Resuming
+still loads and checks the newest candidate and falls back to the previous one if it does
+not load, so a damaged file costs one interval, never the run.
+
+Everything lives in plain types (tensors, numbers, lists, dicts) so that files load with
+``torch.load(weights_only=True)``: a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm_core.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` that never leaves a partial file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint or model file written by this package (data only, no pickled code)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise LdmError(f"{path}: file not found") from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise LdmError(f"{path}: cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise LdmError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as plain data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [
+            kind,
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where the devices match)."""
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _to_lists(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_to_lists(v) for v in value]
+    return value
+
+
+def _to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuples(v) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """The ``ckpt-<step>.pt`` files of one run directory: save, prune, pick the latest."""
+
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"ckpt-{step:08d}.pt"
+
+    def list(self) -> list[tuple[int, Path]]:
+        """Finished checkpoints, oldest first (temp files and strangers are ignored)."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep``."""
+        path = atomic_save({**state, "step": step}, self.path_for(step))
+        for _, old in self.list()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The newest checkpoint that loads, or None when there is none.
+
+        A file that fails to load is skipped with a warning (it is left in place for a
+        post-mortem; the next save prunes it).
+        """
+        for step, path in reversed(self.list()):
+            try:
+                state = load(path, map_location)
+            except LdmError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+                continue
+            if state.get("step") != step:
+                log.warning("skipping %s: it records step %r", path, state.get("step"))
+                continue
+            state["path"] = str(path)
+            return state
+        return None
+
+
+def check_same_architecture(
+    saved_cfg: dict[str, Any], current_cfg: dict[str, Any], section: str, where: Path
+) -> None:
+    """Refuse to resume a model with another architecture, naming the fields that differ."""
+    old = _dig(saved_cfg, section)
+    new = _dig(current_cfg, section)
+    if old is None or old == new:
+        return
+    diffs = [
+        f"{section}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    raise LdmError(
+        f"{where}: was trained with a different architecture ({'; '.join(diffs)}); "
+        "use a new output directory or the original settings"
+    )
+
+
+def _dig(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def resume(
+    manager: CheckpointManager, env: Any, map_location: str | torch.device
+) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from: rank 0 picks it, all ranks load that file.
+
+    Picking on one rank matters: were each rank to look for itself, a file damaged in a
+    way only some ranks notice would start ranks at different steps.
+    """
+    from ldm_core.train import distributed
+
+    chosen = None
+    if env.is_main:
+        state = manager.load_latest(map_location)
+        chosen = state["path"] if state is not None else None
+    chosen = distributed.broadcast_object(env, chosen)
+    if chosen is None:
+        return None
+    if env.is_main:
+        return state
+    return load(chosen, map_location)

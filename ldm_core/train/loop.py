@@ -1,0 +1,402 @@
+"""Pieces both training stages share: threads and seeds, mixed precision, the non-finite
+loss guard, EMA weights, and the metrics log (metrics.jsonl + TensorBoard + progress bar).
+
+The trainers stay readable because every cross-cutting concern lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from ldm_core.config import Config
+from ldm_core.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------- process setup
+
+
+def configure_threads(cfg: Config) -> None:
+    """Apply ``train.threads`` (0 keeps torch's default, which OMP_NUM_THREADS sets under torchrun)."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initial weights without a broadcast."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed-precision context for the forward pass (``train.amp``), or a no-op for none."""
+    dtype = amp_dtype(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16: bf16 has fp32's range and needs no loss scaling."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: Sequence[nn.Parameter],
+    grad_clip: float,
+) -> float:
+    """Backward, unscale, clip and step; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------- model options
+
+
+def enable_block_checkpointing(blocks: Sequence[nn.Module]) -> None:
+    """Recompute each block's activations in backward instead of storing them.
+
+    The forward is replaced per instance, so parameter names (and checkpoints) do not
+    change. Used for networks without a built-in switch (the diffusion UNet).
+    """
+    for block in blocks:
+        original = block.forward
+
+        def forward(
+            *args: Any, _orig: Any = original, _block: nn.Module = block, **kwargs: Any
+        ) -> Any:
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+            return _orig(*args, **kwargs)
+
+        block.forward = functools.update_wrapper(forward, original)  # type: ignore[method-assign]
+
+
+def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Move to the device; channels-last-3d memory layout when ``train.channels_last``."""
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
+    """``torch.compile`` when ``train.compile``; the uncompiled module keeps the weights."""
+    if not cfg.train.compile:
+        return model
+    log.info("compiling %s with torch.compile (the first steps are slow)", type(model).__name__)
+    return torch.compile(model)  # type: ignore[return-value]
+
+
+def to_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+# --------------------------------------------------------------------------- NaN guard
+
+
+class NonFiniteGuard:
+    """Counts NaN/Inf losses; a step with one is skipped, too many in a row stop the run.
+
+    A single non-finite loss (an fp16 overflow, one bad batch) is survivable; a run of
+    them means training has diverged, and carrying on would only burn compute and save
+    garbage checkpoints.
+    """
+
+    def __init__(self, max_in_row: int, stage: str) -> None:
+        self.max_in_row = max_in_row
+        self.stage = stage
+        self.in_row = 0
+        self.total = 0
+
+    def ok(self, finite: bool, step: int) -> bool:
+        """Record one step's verdict; raise LdmError after ``max_in_row`` bad ones in a row."""
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        log.warning(
+            "%s step %d: non-finite loss, step skipped (%d in a row, %d in total)",
+            self.stage,
+            step,
+            self.in_row,
+            self.total,
+        )
+        if self.in_row >= self.max_in_row:
+            raise LdmError(
+                f"{self.stage}: loss was NaN/Inf for {self.in_row} steps in a row "
+                f"(train.max_nonfinite={self.max_in_row}) at step {step}; training diverged. "
+                "Try a lower learning rate (train.*.lr), full precision (train.amp=none), "
+                "gradient clipping (train.grad_clip=1.0), and check the input data for NaNs"
+            )
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_row = int(state.get("in_row", 0))
+        self.total = int(state.get("total", 0))
+
+
+def is_finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss.detach()).all())
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of a model's weights (what the sampler uses).
+
+    ``decay`` warms up as ``min(decay, (1 + n) / (10 + n))`` so that early averages are not
+    dominated by the random initialisation in short runs.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name, shadow in self.model.state_dict().items():
+            value = current[name].detach()
+            if shadow.dtype.is_floating_point:
+                shadow.lerp_(value.to(shadow.dtype), 1.0 - d)
+            else:
+                shadow.copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    shuffle: bool,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader that gives each rank its own shard (DistributedSampler) in every case.
+
+    Using the sampler even for one process keeps the batch order a pure function of
+    (seed, epoch), which is what makes a resumed run see the same data as an uninterrupted one.
+    """
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=shuffle and len(dataset) >= world_size,
+    )
+    per_rank = len(sampler)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=shuffle and per_rank >= batch_size,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def batches(loader: DataLoader, start_step: int) -> Iterator[torch.Tensor]:
+    """Endless batches, resuming at the epoch (and position in it) where ``start_step`` lies."""
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise LdmError("training set gives no batches; lower the batch size or add subjects")
+    epoch, skip = divmod(start_step, per_epoch)
+    sampler = loader.sampler
+    while True:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if skip and i < skip:
+                continue
+            yield batch
+        skip = 0
+        epoch += 1
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Rank 0's record of a run: ``metrics.jsonl``, TensorBoard and a tqdm progress bar.
+
+    Each metrics line is ``{"step", "split" ("train"|"val"), "loss", <named floats>, "time"}``.
+    On resume, lines past the resumed step are dropped (they belong to work that is redone),
+    and TensorBoard is purged from that step on, so curves never double back.
+    Other ranks get an inert instance, so callers need no rank checks.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        stage: str,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        batch_size: int = 1,
+    ) -> None:
+        self.enabled = enabled
+        self.batch_size = batch_size
+        self.start = time.time()
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+        self.path = run_dir / METRICS_NAME
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(start_step)
+        self.file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc=stage,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    def _truncate(self, start_step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, step: int, split: str, loss: float, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record: dict[str, Any] = {"step": step, "split": split, "loss": float(loss)}
+        record.update({k: float(v) for k, v in scalars.items()})
+        record["time"] = round(time.time() - self.start, 3)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        assert self.writer is not None
+        for key, value in record.items():
+            if key not in ("step", "split", "time") and math.isfinite(value):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def progress(self, step: int, loss: float) -> dict[str, float]:
+        """Advance the bar to ``step``; returns the throughput since the last call."""
+        now = time.perf_counter()
+        done = step - self._last_step
+        rate = done / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        stats = {"steps_per_s": rate, "samples_per_s": rate * self.batch_size}
+        if self.bar is not None:
+            self.bar.update(done)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{stats['samples_per_s']:.2f}")
+        return stats
+
+    def image(self, tag: str, volume: torch.Tensor, step: int) -> None:
+        """Mid-slices (axial, coronal, sagittal) of a [1, D, H, W] volume, side by side."""
+        if not self.enabled or self.writer is None:
+            return
+        v = volume.detach().float().cpu()[0]
+        d, h, w = v.shape
+        slices = [v[d // 2], v[:, h // 2], v[:, :, w // 2]]
+        height = max(s.shape[0] for s in slices)
+        padded = [torch.nn.functional.pad(s, (0, 0, 0, height - s.shape[0])) for s in slices]
+        img = torch.cat(padded, dim=1).clamp(0, 1)
+        self.writer.add_image(tag, img.unsqueeze(0), step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.file.close()
+
+
+# --------------------------------------------------------------------------- run directory
+
+GEOMETRY_NAME = "data_geometry.json"
+CONFIG_NAME = "config.yaml"
+
+
+def write_run_files(cfg: Config, manifest: dict[str, Any], run_dir: Path) -> None:
+    """``config.yaml`` and the cache's geometry (affine, shape, spacing, dataset hash).
+
+    The geometry travels with the models so that generated NIfTI files carry the
+    orientation and voxel size of the training data, not an identity affine.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / CONFIG_NAME)
+    geometry = {key: manifest[key] for key in ("affine", "shape", "spacing", "dataset_hash")}
+    tmp = run_dir / (GEOMETRY_NAME + ".tmp")
+    tmp.write_text(json.dumps(geometry, indent=2))
+    tmp.replace(run_dir / GEOMETRY_NAME)
