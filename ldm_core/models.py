@@ -8,6 +8,8 @@ here is architecture: training loops live in ``ldm_core.train`` and sampling in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any
 
@@ -150,10 +152,29 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
         if legacy is None:
             raise LdmError(f"{source}: weights do not fit {type(model).__name__}: {strict_error}") from None
     try:
-        legacy(state_dict)
+        with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints its key report
+            legacy(dict(state_dict))
     except Exception as e:  # MONAI raises several types on a mismatch
         raise LdmError(
             f"{source}: weights fit neither {type(model).__name__} nor its monai-generative "
             f"layout ({type(e).__name__}: {e}); was it trained with another architecture config?"
         ) from None
+    if isinstance(model, AutoencoderKL):
+        _bypass_unused_legacy_projections(model, state_dict)
     log.info("%s: loaded a monai-generative (legacy) state dict", source)
+
+
+@torch.no_grad()
+def _bypass_unused_legacy_projections(model: AutoencoderKL, state_dict: dict[str, torch.Tensor]) -> None:
+    """monai-generative 0.2.3's autoencoder attention defines ``proj_attn`` but never applies
+    it; MONAI's mapping moves it into ``out_proj``, which MONAI does apply. To reproduce
+    the legacy network's outputs, those output projections become the identity."""
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        if not key.endswith(".proj_attn.weight"):
+            continue
+        out_proj = modules.get(key[: -len(".proj_attn.weight")] + ".attn.out_proj")
+        if isinstance(out_proj, torch.nn.Linear):
+            out_proj.weight.copy_(torch.eye(out_proj.weight.shape[0]))
+            if out_proj.bias is not None:
+                out_proj.bias.zero_()

@@ -1,0 +1,100 @@
+"""Model bundle: packs training outputs, loads in one call, refuses what does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_core import bundle as bundle_mod
+from ldm_core.errors import LdmError
+from ldm_core.models import build_autoencoder, build_unet
+from tests.tiny import tiny_config
+
+
+def _fake_runs(tmp_path, cfg, ae_cfg=None):
+    """Run directories shaped like the training stages' outputs."""
+    ae_dir, diff_dir = tmp_path / "ae", tmp_path / "diff"
+    ae_dir.mkdir()
+    diff_dir.mkdir()
+    ae_cfg = ae_cfg or cfg
+    torch.save(
+        {"state_dict": build_autoencoder(ae_cfg).state_dict(), "scale_factor": 0.8,
+         "config": ae_cfg.to_dict(), "steps": 11},
+        ae_dir / "autoencoder.pt",
+    )
+    torch.save(
+        {"state_dict": build_unet(cfg).state_dict(), "config": cfg.to_dict(), "steps": 22},
+        diff_dir / "unet.pt",
+    )
+    affine = np.array([[-6.0, 0, 0, 90], [0, 6.0, 0, -126], [0, 0, 6.0, -72], [0, 0, 0, 1]])
+    (diff_dir / "data_geometry.json").write_text(
+        json.dumps({"affine": affine.tolist(), "shape": list(cfg.data.shape),
+                    "spacing": list(cfg.data.spacing), "dataset_hash": "abc"})
+    )
+    return ae_dir, diff_dir, affine
+
+
+def test_build_and_load_round_trip(tmp_path):
+    cfg = tiny_config()
+    ae_dir, diff_dir, affine = _fake_runs(tmp_path, cfg)
+    out = bundle_mod.build_bundle(ae_dir, diff_dir, tmp_path / "bundle")
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "bundle.json", "config.yaml", "unet.pt"]
+    b = bundle_mod.load(out, device="cpu")
+    assert b.scale_factor == pytest.approx(0.8)
+    assert np.allclose(b.affine, affine)
+    assert b.image_shape == (32, 32, 32) and b.latent_shape == (3, 16, 16, 16)
+    assert b.meta["training_steps"] == {"autoencoder": 11, "diffusion": 22}
+    assert b.meta["dataset_hash"] == "abc" and b.meta["objective"] == "ddpm"
+    assert "torch" in b.meta["package_versions"]
+    assert not b.unet.training and not any(p.requires_grad for p in b.unet.parameters())
+    assert b.config == cfg
+
+
+def test_mismatched_autoencoder_is_refused(tmp_path):
+    cfg = tiny_config()
+    other = tiny_config("model.autoencoder.latent_channels=4")
+    ae_dir, diff_dir, _ = _fake_runs(tmp_path, cfg, ae_cfg=other)
+    with pytest.raises(LdmError, match="different autoencoder architecture"):
+        bundle_mod.build_bundle(ae_dir, diff_dir, tmp_path / "bundle")
+
+
+def test_unfinished_run_is_named(tmp_path):
+    cfg = tiny_config()
+    ae_dir, diff_dir, _ = _fake_runs(tmp_path, cfg)
+    (diff_dir / "unet.pt").unlink()
+    with pytest.raises(LdmError, match=r"unet.pt: not found"):
+        bundle_mod.build_bundle(ae_dir, diff_dir, tmp_path / "bundle")
+
+
+def test_corrupt_files_are_named(tmp_path):
+    cfg = tiny_config()
+    path = bundle_mod.make_random_bundle(tmp_path / "b", cfg)
+    data = (path / "unet.pt").read_bytes()
+    (path / "unet.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LdmError, match=r"unet.pt: cannot be read"):
+        bundle_mod.load(path)
+    (path / "bundle.json").write_text("{")
+    with pytest.raises(LdmError, match=r"bundle.json: not valid JSON"):
+        bundle_mod.load(path)
+    with pytest.raises(LdmError, match="bundle directory not found"):
+        bundle_mod.load(tmp_path / "missing")
+
+
+def test_future_format_is_refused(tmp_path):
+    path = bundle_mod.make_random_bundle(tmp_path / "b", tiny_config())
+    info = json.loads((path / "bundle.json").read_text())
+    info["format_version"] = 99
+    (path / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(LdmError, match="format_version 99"):
+        bundle_mod.load(path)
+
+
+def test_save_replaces_atomically(tmp_path):
+    cfg = tiny_config()
+    path = bundle_mod.make_random_bundle(tmp_path / "b", cfg, scale_factor=1.0)
+    bundle_mod.make_random_bundle(tmp_path / "b", cfg, scale_factor=2.0)
+    assert bundle_mod.load(path).scale_factor == 2.0
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp dirs left behind

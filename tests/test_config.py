@@ -1,0 +1,96 @@
+"""Config: presets resolve and validate, YAML round-trips, errors name the field at fault."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ldm_core.config import PRESETS, Config, ConfigError, from_dict, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_valid_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset=preset)
+    path = tmp_path / "run.yaml"
+    cfg.save(path)
+    again = load_config(path, preset=preset)
+    assert again == cfg
+    assert from_dict(yaml.safe_load(path.read_text())) == cfg
+
+
+def test_presets_differ_in_intent():
+    tiny, g16, multi = (load_config(preset=p) for p in ("tiny-cpu", "gpu-16g", "multi-gpu"))
+    assert tiny.train.device == "auto" and tiny.train.amp == "none"
+    assert g16.train.gradient_checkpointing and g16.train.amp == "fp16"
+    assert multi.train.ddp_backend == "nccl" and multi.train.compile and multi.train.sync_bn
+    assert multi.train.ddp_timeout_s > tiny.train.ddp_timeout_s
+
+
+def test_layers_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("preset: gpu-16g\ntrain:\n  autoencoder:\n    steps: 7\n")
+    cfg = load_config(path, overrides=["train.autoencoder.steps=9", "train.amp=bf16"])
+    assert cfg.train.autoencoder.steps == 9
+    assert cfg.train.amp == "bf16"
+    assert cfg.data.shape == tuple(PRESETS["gpu-16g"]["data"]["shape"])  # from the file's preset
+    assert load_config(path, preset="tiny-cpu").data.shape == Config().data.shape
+
+
+def test_tuples_come_back_as_tuples():
+    cfg = load_config(overrides=["data.shape=[64,64,64]"])
+    assert cfg.data.shape == (64, 64, 64)
+    assert cfg.latent_shape == (3, 16, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "override, field, words",
+    [
+        ("data.shpe=[48,64,48]", "data.shpe", "did you mean 'shape'"),
+        ("train.autoencoder.stepz=3", "train.autoencoder.stepz", "did you mean 'steps'"),
+        ("data.shape=[48,56,48]", "data.shape", "H=56 is not divisible by 16"),
+        ("model.autoencoder.channels=[16,30,32]", "model.autoencoder.channels[1]", "not divisible"),
+        ("model.unet.attention_levels=[false,true]", "model.unet.attention_levels", "one per level"),
+        ("train.amp=fp8", "train.amp", "not one of"),
+        ("sampling.sampler=dim", "sampling.sampler", "did you mean 'ddim'"),
+        ("sampling.sampler=rflow", "sampling.sampler", "cannot sample"),
+        ("train.autoencoder.steps=ten", "train.autoencoder.steps", "expected an integer"),
+        ("train.autoencoder.steps=0", "train.autoencoder.steps", "must be positive"),
+        ("data.shape=[48,64]", "data.shape", "expected 3 values"),
+        ("train.compile=maybe", "train.compile", "expected true or false"),
+        ("train.device=tpu", "train.device", "must be auto"),
+    ],
+)
+def test_bad_values_name_the_field(override, field, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert message.startswith(field), message
+    assert words in message, message
+
+
+def test_shape_error_suggests_a_size():
+    with pytest.raises(ConfigError, match="try 64"):
+        load_config(overrides=["data.shape=[48,60,48]"])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: top level must be a mapping"):
+        load_config(listy)
+
+
+def test_unknown_preset_and_malformed_override():
+    with pytest.raises(ConfigError, match="did you mean 'gpu-16g'"):
+        load_config(preset="gpu-16")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(overrides=["train.amp"])
+    with pytest.raises(ConfigError, match="^train.amp: expected a string"):
+        load_config(overrides=["train.amp.x=1"])
