@@ -1,0 +1,26 @@
+"""Component: serve the model bundle and smoke-test it (local server or InferenceService)."""
+
+# No "from __future__ import annotations": KFP reads the real annotation objects.
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.base import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def deploy(
+    bundle: Input[Model],
+    preset: str,
+    overrides: list,
+    backend: str,
+    deployment: Output[Artifact],
+) -> NamedTuple("DeployOutputs", [("endpoint", str)]):
+    """Roll the bundle out, run one inference through it, and record where it is served
+    (``deployment.json`` in ``deployment``, the URL as the ``endpoint`` output)."""
+    from ldm_core.stages import deploy_stage
+
+    result = deploy_stage(bundle.path, deployment.path, preset, overrides, backend)
+    deployment.metadata.update({k: v for k, v in result.items() if isinstance(v, str | int | float | bool)})
+    return (str(result["endpoint"]),)

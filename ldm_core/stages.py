@@ -1,0 +1,392 @@
+"""One function per pipeline stage, called by the KFP component bodies.
+
+Each stage takes plain paths and values, so the same call runs under ``kfp.local`` (the
+component is a subprocess on this machine), in a cluster pod, and directly from tests.
+The component layer (``components/``) only moves KFP artifacts to and from these paths.
+
+Config travels as a preset name plus a list of ``key=value`` overrides (pipeline
+parameters are strings and lists); every stage resolves it the same way and saves the
+resolved ``config.yaml`` next to what it writes, so a stage's outputs say how they were
+made.
+
+Training stages start their work through a :class:`~ldm_core.launcher.Launcher`:
+``local`` runs torchrun here, ``kubeflow`` creates a PyTorchJob whose pods share a PVC
+with the component pod (input copied in, result copied out), ``auto`` picks kubeflow
+inside a cluster that serves the PyTorchJob API. Training is restart-safe: a finished run
+whose inputs and config match is reused (``stage.json`` records what it was made from),
+and an unfinished one resumes from its checkpoints.
+
+This module imports neither kfp nor kubernetes; the cluster launcher is imported only on
+the kubeflow path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldm_core.config import Config, load_config
+from ldm_core.errors import LdmError
+from ldm_core.launcher import Launcher, LocalLauncher, TrainingTask
+
+log = logging.getLogger(__name__)
+
+CONFIG_YAML = "config.yaml"
+STAGE_JSON = "stage.json"
+"""Written last by a training stage: the key of the inputs + config it finished with."""
+AUTOENCODER_PT = "autoencoder.pt"
+UNET_PT = "unet.pt"
+BACKENDS = ("auto", "local", "kubeflow")
+
+
+class StageError(LdmError):
+    """A stage cannot run with the inputs it was given; the message names the input."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+def resolve_config(preset: str, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> Config:
+    """Preset + pipeline overrides (+ stage-specific overrides, applied last) -> Config."""
+    return load_config(None, preset=preset or None, overrides=[*overrides, *extra])
+
+
+def _save_config(cfg: Config, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_YAML
+    cfg.save(path)
+    return path
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _dataset_hash(cache_dir: Path) -> str:
+    from ldm_core.data.cache import read_manifest
+
+    return str(read_manifest(cache_dir)["dataset_hash"])
+
+
+# --------------------------------------------------------------------------- data stages
+
+
+def download_stage(
+    source: str,
+    output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    subjects: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fetch or generate the raw dataset into ``output`` (Decathlon Task01 layout)."""
+    from ldm_core.data.download import download
+
+    cfg = resolve_config(preset, overrides)
+    out = download(source, Path(output), cfg, subjects=subjects or None, seed=seed)
+    images = sorted(Path(out).glob("imagesTr/*.nii*"))
+    return {"source": source, "path": str(out), "images": len(images)}
+
+
+def preprocess_stage(
+    raw_dir: str | Path,
+    output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    skip_bad: bool = False,
+) -> dict[str, Any]:
+    """Resample, crop/pad and scale the raw volumes into the training cache."""
+    from ldm_core.data.cache import read_manifest, subjects
+    from ldm_core.data.preprocess import preprocess
+
+    cfg = resolve_config(preset, overrides)
+    out = Path(preprocess(Path(raw_dir), Path(output), cfg, skip_bad=skip_bad))
+    manifest = read_manifest(out)
+    return {
+        "path": str(out),
+        "dataset_hash": manifest["dataset_hash"],
+        "train_subjects": len(subjects(manifest, "train")),
+        "val_subjects": len(subjects(manifest, "val")),
+        "shape": list(manifest["shape"]),
+    }
+
+
+# --------------------------------------------------------------------------- launching
+
+
+@dataclass
+class ClusterSettings:
+    """Where the kubeflow backend runs training: the image of the job pods and the PVC
+    that the component pod and the job pods both mount at ``workdir``."""
+
+    image: str = ""
+    pvc_name: str = ""
+    workdir: str = "/workdir"
+    gpus_per_pod: int = 0
+    namespace: str = ""
+
+
+def in_cluster() -> bool:
+    """True inside a Kubernetes pod (the kubelet sets KUBERNETES_SERVICE_HOST)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def choose_backend(backend: str) -> str:
+    """Resolve ``auto`` to ``kubeflow`` inside a cluster that serves PyTorchJobs, else
+    ``local``; reject unknown names."""
+    if backend not in BACKENDS:
+        raise StageError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if not in_cluster():
+        return "local"
+    from ldm_core.kube import pytorchjob
+
+    return "kubeflow" if pytorchjob.crd_available() else "local"
+
+
+def _launcher(backend: str, cluster: ClusterSettings) -> Launcher:
+    if backend == "local":
+        return LocalLauncher()
+    from ldm_core.kube.pytorchjob import PyTorchJobLauncher
+
+    if not cluster.image:
+        raise StageError("image: the kubeflow backend needs the training image (pipeline parameter 'image')")
+    if not cluster.pvc_name:
+        raise StageError("pvc_name: the kubeflow backend needs a PVC shared with the job pods")
+    return PyTorchJobLauncher(
+        image=cluster.image,
+        pvc_name=cluster.pvc_name,
+        workdir=cluster.workdir,
+        gpus_per_pod=cluster.gpus_per_pod,
+        namespace=cluster.namespace or None,
+    )
+
+
+def _job_name(kind: str, key: str) -> str:
+    # DNS-1035 label, short enough for the pods' names the operator derives from it.
+    return f"ldm-{kind}-{key[:12]}"
+
+
+def _finished(run_dir: Path, marker: str, key: str) -> bool:
+    try:
+        stage = json.loads((run_dir / STAGE_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stage.get("key") == key and (run_dir / marker).is_file()
+
+
+def _mark_finished(run_dir: Path, key: str, info: dict[str, Any]) -> None:
+    tmp = run_dir / (STAGE_JSON + ".tmp")
+    tmp.write_text(json.dumps({"key": key, **info}, indent=2))
+    tmp.replace(run_dir / STAGE_JSON)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory, replacing ``dst``, through a sibling temp dir so that a killed
+    copy never leaves a half-filled ``dst`` behind."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def _train(
+    *,
+    kind: str,
+    verb: str,
+    marker: str,
+    key: str,
+    cfg: Config,
+    inputs: dict[str, Path],
+    output: Path,
+    nproc: int,
+    backend: str,
+    cluster: ClusterSettings,
+) -> dict[str, Any]:
+    """Run one training verb so that ``output`` ends up holding the finished run dir.
+
+    Locally the run dir *is* ``output``. On the kubeflow backend the job pods cannot see
+    the component's artifact paths, so inputs are staged on the shared PVC under names
+    derived from the key, the job trains into a run dir there (which outlives a killed
+    component, so a retry resumes or reuses it), and the result is copied to ``output``.
+    """
+    chosen = choose_backend(backend)
+    name = _job_name(kind, key)
+    if chosen == "local":
+        run_dir, staged = output, inputs
+    else:
+        root = Path(cluster.workdir) / "brain-ldm"
+        run_dir = root / "runs" / name
+        staged = {}
+        for flag, src in inputs.items():
+            dst = root / "inputs" / f"{name}-{flag.strip('-')}"
+            if not dst.is_dir():
+                _copy_tree(src, dst)
+            staged[flag] = dst
+    info = {"job": name, "backend": chosen, "nproc": nproc, "run_dir": str(run_dir)}
+    if _finished(run_dir, marker, key):
+        log.info("%s: finished run with the same inputs and config found in %s; reusing it", kind, run_dir)
+        info["reused"] = True
+    else:
+        config_path = _save_config(cfg, run_dir)
+        args: list[str] = []
+        for flag, path in staged.items():
+            args += [flag, str(path)]
+        args += ["--output", str(run_dir), "--config", str(config_path)]
+        task = TrainingTask(name=name, verb=verb, args=args, nproc_per_node=nproc)
+        _launcher(chosen, cluster).run(task)
+        if not (run_dir / marker).is_file():
+            raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
+        _mark_finished(run_dir, key, info)
+        info["reused"] = False
+    if run_dir != output:
+        _copy_tree(run_dir, output)
+    return info
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_autoencoder_stage(
+    data_dir: str | Path,
+    output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    nproc: int = 1,
+    backend: str = "local",
+    cluster: ClusterSettings | None = None,
+) -> dict[str, Any]:
+    """Train the AutoencoderKL on the cache; ``output`` becomes the AE run dir."""
+    cfg = resolve_config(preset, overrides)
+    data = Path(data_dir)
+    key = _digest("autoencoder", cfg.to_yaml(), _dataset_hash(data), str(nproc))
+    info = _train(
+        kind="ae", verb="train-autoencoder", marker=AUTOENCODER_PT, key=key, cfg=cfg,
+        inputs={"--data": data}, output=Path(output), nproc=nproc, backend=backend,
+        cluster=cluster or ClusterSettings(),
+    )
+    return {**info, "steps": cfg.train.autoencoder.steps}
+
+
+def train_diffusion_stage(
+    data_dir: str | Path,
+    autoencoder_dir: str | Path,
+    output: str | Path,
+    bundle_output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    nproc: int = 1,
+    backend: str = "local",
+    cluster: ClusterSettings | None = None,
+) -> dict[str, Any]:
+    """Train the latent UNet, then pack AE + UNet into the model bundle at ``bundle_output``."""
+    from ldm_core.bundle import build_bundle
+
+    cfg = resolve_config(preset, overrides)
+    data, ae_dir = Path(data_dir), Path(autoencoder_dir)
+    ae_weights = ae_dir / AUTOENCODER_PT
+    if not ae_weights.is_file():
+        raise StageError(f"{ae_dir}: no {AUTOENCODER_PT}; is this a finished autoencoder run?")
+    key = _digest("diffusion", cfg.to_yaml(), _dataset_hash(data), _sha256_file(ae_weights), str(nproc))
+    info = _train(
+        kind="ldm", verb="train-diffusion", marker=UNET_PT, key=key, cfg=cfg,
+        inputs={"--data": data, "--autoencoder": ae_dir}, output=Path(output), nproc=nproc,
+        backend=backend, cluster=cluster or ClusterSettings(),
+    )
+    bundle = build_bundle(ae_dir, Path(output), Path(bundle_output))
+    return {**info, "steps": cfg.train.diffusion.steps, "bundle": str(bundle)}
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class GateThresholds:
+    """Quality-gate limits, given as pipeline parameters (they override the config's)."""
+
+    min_ms_ssim_ratio: float
+    max_mmd: float
+    min_mask_dice: float
+    max_hist_distance: float
+
+    def overrides(self) -> list[str]:
+        return [
+            f"evaluation.gate_min_ms_ssim_ratio={self.min_ms_ssim_ratio}",
+            f"evaluation.gate_max_mmd={self.max_mmd}",
+            f"evaluation.gate_min_mask_dice={self.min_mask_dice}",
+            f"evaluation.gate_max_hist_distance={self.max_hist_distance}",
+        ]
+
+
+def evaluate_stage(
+    bundle_dir: str | Path,
+    data_dir: str | Path,
+    output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    num_samples: int = 0,
+    steps: int = 0,
+    gate: GateThresholds | None = None,
+) -> dict[str, Any]:
+    """Score the bundle against the real cache; returns the evaluation result (metrics,
+    gate verdict, paths of metrics.json and the report)."""
+    from ldm_core.evaluate import evaluate
+
+    extra = []
+    if num_samples:
+        extra.append(f"evaluation.num_samples={num_samples}")
+    if steps:
+        extra.append(f"evaluation.steps={steps}")
+    if gate is not None:
+        extra += gate.overrides()
+    cfg = resolve_config(preset, overrides, extra)
+    out = Path(output)
+    _save_config(cfg, out)
+    return evaluate(cfg, Path(bundle_dir), Path(data_dir), out)
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy_stage(
+    bundle_dir: str | Path,
+    output: str | Path,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    backend: str = "local",
+    **options: Any,
+) -> dict[str, Any]:
+    """Serve the bundle (local model server, or an InferenceService on a cluster), smoke
+    test it, and write ``deployment.json`` saying where it is served."""
+    from ldm_core.deploy import deploy
+
+    cfg = resolve_config(preset, overrides)
+    chosen = "kubeflow" if backend == "auto" and in_cluster() else ("local" if backend == "auto" else backend)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    result = deploy(cfg, Path(bundle_dir), backend=chosen, **options)
+    (out / "deployment.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

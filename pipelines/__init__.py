@@ -1,0 +1,1 @@
+"""Pipeline definition, local runner and cluster submission for brain-ldm."""

@@ -1,0 +1,146 @@
+"""The brain-ldm pipeline: download -> preprocess -> train AE -> train LDM -> evaluate -> deploy.
+
+Deploy runs only when evaluation passes the quality gate (``dsl.If``). The same function
+runs under ``kfp.local`` (``python -m pipelines.run_local``) and compiles to the YAML a
+Kubeflow cluster runs::
+
+    python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml
+
+Cluster-only settings (resources, GPUs, node selectors, tolerations, the shared PVC, the
+S3 secret) are task settings here, not hand-written YAML; ``kfp.local`` ignores them.
+Training tasks need little themselves: with the kubeflow backend they create a PyTorchJob
+that holds the GPUs, and they mount the PVC that job shares with them.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+
+from components import deploy, download, evaluate, preprocess, train_autoencoder, train_diffusion
+from components.base import BASE_IMAGE
+from ldm_core.config import DEFAULT_PRESET, EvaluationConfig
+
+PIPELINE_NAME = "brain-ldm"
+WORKDIR = "/workdir"
+"""Where the shared PVC is mounted, in the training component pods and the job pods alike."""
+GPU_RESOURCE = "nvidia.com/gpu"
+S3_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    "S3_ENDPOINT": "S3_ENDPOINT",
+}
+_GATE = EvaluationConfig()
+
+
+def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+    return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Train a 3D latent diffusion model of brain MRI, evaluate it, and serve it when it passes the quality gate.",
+)
+def brain_ldm(
+    source: str = "demo",
+    subjects: int = 0,
+    seed: int = 0,
+    preset: str = DEFAULT_PRESET,
+    overrides: list = [],  # noqa: B006 -- a pipeline parameter default, never mutated
+    nproc: int = 1,
+    backend: str = "auto",
+    image: str = BASE_IMAGE,
+    pvc_name: str = "brain-ldm-data",
+    s3_secret: str = "brain-ldm-s3",
+    eval_samples: int = 0,
+    eval_steps: int = 0,
+    eval_gpus: int = 1,
+    gpu_node_selector: dict = {},  # noqa: B006
+    gate_min_ms_ssim_ratio: float = _GATE.gate_min_ms_ssim_ratio,
+    gate_max_mmd: float = _GATE.gate_max_mmd,
+    gate_min_mask_dice: float = _GATE.gate_min_mask_dice,
+    gate_max_hist_distance: float = _GATE.gate_max_hist_distance,
+):
+    """Parameters (0 means "as the config says" for counts):
+
+    source: demo | msd | http(s)://archive | s3://bucket/prefix | a directory.
+    subjects: demo cohort size. seed: demo generator seed.
+    preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value`` refinements.
+    nproc: processes (GPUs) per training pod. backend: auto | local | kubeflow (PyTorchJob).
+    image: container image of every task and of the training job pods.
+    pvc_name: PVC shared by training tasks and their PyTorchJob pods. s3_secret: Secret with S3 credentials.
+    eval_samples, eval_steps: samples and sampling steps of the evaluation.
+    eval_gpus, gpu_node_selector: GPUs of the evaluation pod and where it may run.
+    gate_*: quality-gate thresholds; deploy runs only when all hold.
+    """
+    dl = download(source=source, preset=preset, overrides=overrides, subjects=subjects, seed=seed)
+    dl.set_display_name("download")
+    kubernetes.use_secret_as_env(dl, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
+    _resources(dl, "1", "2Gi")
+
+    pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=overrides)
+    pre.set_display_name("preprocess")
+    _resources(pre, "2", "8Gi")
+
+    ae = train_autoencoder(
+        cache=pre.outputs["cache"], preset=preset, overrides=overrides, nproc=nproc,
+        backend=backend, image=image, pvc_name=pvc_name, workdir=WORKDIR,
+    )
+    ae.set_display_name("train autoencoder")
+
+    ldm = train_diffusion(
+        cache=pre.outputs["cache"], autoencoder=ae.outputs["autoencoder"], preset=preset,
+        overrides=overrides, nproc=nproc, backend=backend, image=image, pvc_name=pvc_name,
+        workdir=WORKDIR,
+    )
+    ldm.set_display_name("train diffusion")
+    for task in (ae, ldm):
+        _resources(task, "1", "4Gi")
+        kubernetes.mount_pvc(task, pvc_name=pvc_name, mount_path=WORKDIR)
+        # A retried component adopts its PyTorchJob and resumes from checkpoints on the PVC.
+        task.set_retry(num_retries=2, backoff_duration="60s")
+
+    ev = evaluate(
+        bundle=ldm.outputs["bundle"], cache=pre.outputs["cache"], preset=preset,
+        overrides=overrides, num_samples=eval_samples, steps=eval_steps,
+        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio, gate_max_mmd=gate_max_mmd,
+        gate_min_mask_dice=gate_min_mask_dice, gate_max_hist_distance=gate_max_hist_distance,
+    )
+    ev.set_display_name("evaluate")
+    _resources(ev, "2", "16Gi")
+    ev.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(eval_gpus)
+    kubernetes.add_node_selector_json(ev, gpu_node_selector)
+    kubernetes.add_toleration(ev, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+
+    with dsl.If(ev.outputs["gate_passed"] == True, name="quality-gate-passed"):  # noqa: E712
+        dep = deploy(bundle=ldm.outputs["bundle"], preset=preset, overrides=overrides, backend=backend)
+        dep.set_display_name("deploy")
+        kubernetes.use_secret_as_env(dep, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
+        _resources(dep, "1", "4Gi")
+        # Rolling out twice is harmless but must not be skipped: the endpoint is live state.
+        dep.set_caching_options(enable_caching=False)
+
+    for task in (dl, pre, ae, ldm, ev):
+        task.set_container_image(image)
+    dep.set_container_image(image)
+
+
+def compile_pipeline(output: str | Path) -> Path:
+    """Compile the pipeline to ``output`` (YAML) and return its path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(brain_ldm, package_path=str(output))
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the brain-ldm pipeline to YAML.")
+    parser.add_argument("--output", default="pipelines/brain_ldm.yaml", help="YAML file to write")
+    args = parser.parse_args(argv)
+    print(compile_pipeline(args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The compiled pipeline: checked in and current, six tasks wired as designed, deploy gated,
+and the cluster settings (PVC, secret, GPU) present in the platform spec."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKED_IN = ROOT / "pipelines" / "brain_ldm.yaml"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    """Compile exactly as ``make compile`` does, in a clean process (no LDM_IMAGE)."""
+    out = tmp_path_factory.mktemp("compile") / "brain_ldm.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "LDM_IMAGE"}
+    subprocess.run(
+        [sys.executable, "-m", "pipelines.brain_ldm", "--output", str(out)],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def docs(compiled) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(compiled.read_text())
+    return spec, platform
+
+
+def test_checked_in_yaml_is_current(compiled):
+    assert compiled.read_text() == CHECKED_IN.read_text(), (
+        "pipelines/brain_ldm.yaml is stale: run 'make compile' and commit it"
+    )
+
+
+def test_six_tasks_and_their_dependencies(docs):
+    spec, _ = docs
+    root = spec["root"]["dag"]["tasks"]
+    gate = [name for name, t in root.items() if "triggerPolicy" in t]
+    assert len(gate) == 1
+    inner = spec["components"][root[gate[0]]["componentRef"]["name"]]["dag"]["tasks"]
+    deps = {name: sorted(t.get("dependentTasks", [])) for name, t in {**root, **inner}.items() if name not in gate}
+    assert deps == {
+        "download": [],
+        "preprocess": ["download"],
+        "train-autoencoder": ["preprocess"],
+        "train-diffusion": ["preprocess", "train-autoencoder"],
+        "evaluate": ["preprocess", "train-diffusion"],
+        "deploy": [],  # inside the gate; the gate itself waits for evaluate
+    }
+    assert sorted(root[gate[0]]["dependentTasks"]) == ["evaluate", "train-diffusion"]
+    condition = root[gate[0]]["triggerPolicy"]["condition"]
+    assert "evaluate-gate_passed" in condition and condition.endswith("== true")
+    # Artifacts flow along the edges: bundle from train-diffusion to evaluate and deploy.
+    ev_in = root["evaluate"]["inputs"]["artifacts"]
+    assert ev_in["bundle"]["taskOutputArtifact"] == {"outputArtifactKey": "bundle", "producerTask": "train-diffusion"}
+    assert ev_in["cache"]["taskOutputArtifact"]["producerTask"] == "preprocess"
+
+
+def test_parameters_users_set(docs):
+    spec, _ = docs
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("source", "preset", "overrides", "nproc", "backend", "image", "eval_steps",
+                 "eval_samples", "gate_max_mmd", "gate_min_mask_dice"):
+        assert name in params, name
+    assert params["preset"]["defaultValue"] == "tiny-cpu"
+    assert params["backend"]["defaultValue"] == "auto"
+
+
+def test_cluster_settings_are_in_the_platform_spec(docs):
+    spec, platform = docs
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-train-autoencoder", "exec-train-diffusion"):
+        (mount,) = executors[name]["pvcMount"]
+        assert mount["mountPath"] == "/workdir"
+        assert mount["pvcNameParameter"] == {"componentInputParameter": "pvc_name"}
+    assert executors["exec-download"]["secretAsEnv"][0]["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+    assert executors["exec-evaluate"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    containers = spec["deploymentSpec"]["executors"]
+    assert containers["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    for name, ex in containers.items():
+        # One image parameter for every task; the image carries kfp (no pip install at run time).
+        assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name
+        assert "pip install" not in " ".join(ex["container"]["command"]), name
