@@ -10,6 +10,7 @@ prune. Then the security properties that matter are asserted, and checkov scans 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -431,6 +432,26 @@ def _metric_names(expr: str) -> set[str]:
     return {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
 
 
+def served_metrics() -> dict[str, list[str]]:
+    """name -> label names of every prometheus metric ldm_core/serve.py defines (read from
+    the source, not imported: the dashboard test should not pay for torch and kserve)."""
+    tree = ast.parse((ROOT / "ldm_core" / "serve.py").read_text())
+    out: dict[str, list[str]] = {}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"Counter", "Gauge", "Histogram", "Summary"}
+        ):
+            args = [ast.literal_eval(a) for a in node.args[:3]]
+            labels = args[2] if len(args) > 2 else []
+            labels = next(
+                (ast.literal_eval(k.value) for k in node.keywords if k.arg == "labelnames"), labels
+            )
+            out[args[0]] = list(labels)
+    return out
+
+
 def test_dashboard_shows_the_serving_metrics(builds):
     dashboard = _dashboard(builds["multi-gpu"])
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -443,10 +464,19 @@ def test_dashboard_shows_the_serving_metrics(builds):
         "ldm_samples_generated_total",
         "ldm_requests_in_flight",
         "ldm_requests_rejected_total",
+        "ldm_requests_queued",
         "request_predict_seconds",
         "request_preprocess_seconds",
         "request_postprocess_seconds",
     } <= used
+    # The ldm_* metrics shown are exactly those the predictor defines, with those labels.
+    defined = served_metrics()
+    assert {n for n in used if n.startswith("ldm_")} == set(defined)
+    for expr in exprs:
+        for name in _metric_names(expr) & set(defined):
+            for label in re.findall(r"by \(([^)]*)\)", expr):
+                for key in (k.strip() for k in label.split(",")):
+                    assert key in {"le", "pod", "namespace", *defined[name]}, (name, key)
     # Latency is broken down by sampler, from the histogram's buckets.
     assert any("ldm_request_latency_seconds_bucket" in e and "sampler" in e for e in exprs)
     # Every query is scoped to the chosen namespace.
