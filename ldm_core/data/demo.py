@@ -21,6 +21,7 @@ byte for byte and a larger cohort extends a smaller one with the same seed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -71,10 +72,12 @@ class Atlas:
     affine: np.ndarray
 
 
+@functools.lru_cache(maxsize=2)
 def load_atlas(resolution: int = DEFAULT_RESOLUTION) -> Atlas:
     """The MNI152 tissue maps bundled with nilearn, resampled to ``resolution`` mm.
 
-    nilearn is imported here, not at module level: importing it costs over a second.
+    nilearn is imported here, not at module level: importing it costs over a second, and
+    the result is cached because resampling the templates costs a few more.
     """
     from nilearn import datasets
 
@@ -85,6 +88,8 @@ def load_atlas(resolution: int = DEFAULT_RESOLUTION) -> Atlas:
     gm = np.clip(gm, 0, 1) * mask
     wm = np.clip(wm, 0, 1) * mask
     csf = np.clip(mask - gm - wm, 0, 1)
+    for array in (gm, wm, csf, mask):
+        array.setflags(write=False)  # shared through the cache
     return Atlas(
         gm=gm, wm=wm, csf=csf, mask=mask, affine=np.asarray(mask_img.affine, dtype=np.float64)
     )

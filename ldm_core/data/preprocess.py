@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ldm_core.config import Config, DataConfig
 from ldm_core.data import folder, msd
 from ldm_core.data.cache import FORMAT_VERSION, MANIFEST_NAME, write_manifest
-from ldm_core.data.transforms import load_volume
+from ldm_core.data.download import sha256_file
 from ldm_core.errors import LdmError
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,8 @@ def _process(item: Item, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
         raise BadInput(f"{item.path}: data.channel={channel} but the file holds a single volume")
     if volumes == 1:
         channel = None
+    from ldm_core.data.transforms import load_volume  # MONAI: only when there is work to do
+
     try:
         return load_volume(item.path, data, channel)
     except Exception as e:  # a damaged file fails anywhere in reading or resampling
@@ -230,14 +232,6 @@ def dataset_hash(settings: dict[str, Any], entries: list[dict[str, Any]]) -> str
         "subjects": [[e["id"], e["sha256"], e["split"]] for e in entries if e["status"] == "ok"],
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def split_subjects(ids: list[str], val_fraction: float, seed: int) -> set[str]:
