@@ -50,15 +50,24 @@ import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from kserve import Model, ModelServer
-from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from prometheus_client import Counter, Gauge, Histogram
 
 from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config, load_config, samplers_for
 from ldm_core.errors import LdmError
 from ldm_core.sample import generate, to_nifti_bytes, triptych_png
+
+# kserve.model_server parses sys.argv when imported (with argparse prefix matching, so our
+# --config would be taken for its --configure_logging and exit the process). Hide ours.
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    from kserve import Model, ModelServer
+    from kserve.errors import InvalidInput
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+finally:
+    sys.argv = _argv
+
 
 DEFAULT_BUNDLE_DIR = "/mnt/models"
 """Where KServe's storage initializer puts the contents of ``storageUri``."""
@@ -593,12 +602,24 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestRejected, _rejected_handler)
 
 
+class _ModelAwareDataPlane(DataPlane):
+    """Server readiness (``/v2/health/ready``) that waits for every model, so the plain
+    readiness probe of the ServingRuntime stays false while the bundle loads and warms up
+    (KServe's own answers true as soon as the port is open)."""
+
+    async def ready(self) -> bool:
+        models = list(self.model_registry.get_models().values())
+        return bool(models) and all([await m.healthy() for m in models])
+
+
 class _HostModelServer(ModelServer):
-    """KServe's ModelServer binds 0.0.0.0; a local deployment should listen on loopback only."""
+    """KServe's ModelServer with model-aware readiness and a chosen listen address (it
+    binds 0.0.0.0; a local deployment should listen on loopback only)."""
 
     def __init__(self, host: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._host = host
+        self.dataplane = _ModelAwareDataPlane(model_registry=self.registered_models)
 
     def setup_event_loop(self) -> None:
         # Called after the REST server is built and before it binds: the one hook to set the host.

@@ -1,0 +1,435 @@
+"""Deploy stage: serve a model bundle and prove it answers, locally or on a cluster.
+
+Both backends end the same way: a real V2 inference over HTTP (``smoke_check``) against
+the endpoint they brought up, so "deployed" always means "answered a request".
+
+- ``local``: ``python -m ldm_core.serve`` as a detached process on a free 127.0.0.1 port
+  (log and pid files in a state directory), so it outlives the pipeline step that started
+  it; ``stop_local(state_dir)`` stops it.
+- ``kserve`` (alias ``kubeflow``): upload the bundle to S3 under a content-addressed prefix,
+  then roll out an InferenceService (``ldm_core.kube.inference_service``): canary for an
+  update, smoke inference through the new revision, promote or roll back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ldm_core.config import Config
+from ldm_core.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+LOCAL_STATE_FILE = "deployment.json"
+PID_FILE = "serve.pid"
+LOG_FILE = "serve.log"
+CLUSTER_BACKENDS = ("kserve", "kubeflow")
+
+
+class DeployError(LdmError):
+    """The model could not be brought up, or it did not answer the smoke inference."""
+
+
+class SmokeTestError(DeployError):
+    """The endpoint is up but its answer to a real inference was wrong or missing."""
+
+
+# --------------------------------------------------------------------------- smoke check
+
+
+def _decode_v2(response: httpx.Response) -> dict[str, Any]:
+    """V2 response (JSON or JSON + binary data extension) -> {name: np.ndarray}."""
+    body = response.content
+    header_len = response.headers.get("inference-header-content-length")
+    head = json.loads(body[: int(header_len)] if header_len else body)
+    offset = int(header_len) if header_len else 0
+    tensors: dict[str, Any] = {}
+    dtypes = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
+    for out in head.get("outputs", []):
+        shape = [int(x) for x in out["shape"]]
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw = body[offset : offset + int(size)]
+            offset += int(size)
+            if out["datatype"] == "BYTES":
+                items, pos = [], 0
+                while pos < len(raw):
+                    (n,) = struct.unpack_from("<I", raw, pos)
+                    items.append(raw[pos + 4 : pos + 4 + n])
+                    pos += 4 + n
+                tensors[out["name"]] = items
+            else:
+                tensors[out["name"]] = np.frombuffer(raw, dtype=dtypes[out["datatype"]]).reshape(shape)
+        elif out["datatype"] == "BYTES":
+            tensors[out["name"]] = list(out["data"])
+        else:
+            tensors[out["name"]] = np.asarray(out["data"], dtype=dtypes[out["datatype"]]).reshape(shape)
+    return tensors
+
+
+def smoke_check(
+    base_url: str,
+    model_name: str,
+    *,
+    steps: int = 2,
+    seed: int = 0,
+    timeout_s: float = 300.0,
+    headers: dict[str, str] | None = None,
+    client: httpx.Client | None = None,
+) -> dict[str, Any]:
+    """One real V2 inference (one seed, few steps, binary output) and sanity checks on it:
+    a finite ``[1, 1, D, H, W]`` volume with D, H, W as the model's metadata says, and a
+    finite, invertible affine. Returns what it measured; raises SmokeTestError otherwise."""
+    url = base_url.rstrip("/")
+    own = client is None
+    http = client or httpx.Client(timeout=timeout_s)
+    try:
+        meta_r = http.get(f"{url}/v2/models/{model_name}", headers=headers)
+        if meta_r.status_code != 200:
+            raise SmokeTestError(f"GET {url}/v2/models/{model_name}: HTTP {meta_r.status_code} {meta_r.text[:200]}")
+        outputs = {o["name"]: o for o in meta_r.json().get("outputs", [])}
+        if "volume" not in outputs:
+            raise SmokeTestError(f"{url}: model {model_name} metadata lists no 'volume' output")
+        request = {
+            "inputs": [{"name": "seed", "shape": [1], "datatype": "INT64", "data": [seed]}],
+            "parameters": {"steps": steps, "output": "volume", "binary_data_output": True},
+        }
+        started = time.monotonic()
+        r = http.post(
+            f"{url}/v2/models/{model_name}/infer",
+            json=request,
+            headers={"content-type": "application/json", **(headers or {})},
+            timeout=timeout_s,
+        )
+        latency = time.monotonic() - started
+    except httpx.HTTPError as exc:
+        raise SmokeTestError(f"{url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if own:
+            http.close()
+    if r.status_code != 200:
+        raise SmokeTestError(f"POST {url}/v2/models/{model_name}/infer: HTTP {r.status_code} {r.text[:300]}")
+    try:
+        tensors = _decode_v2(r)
+    except (ValueError, KeyError, struct.error) as exc:
+        raise SmokeTestError(f"{url}: unreadable V2 response: {exc}") from None
+    volume, affine = tensors.get("volume"), tensors.get("affine")
+    expected = [1, 1, *outputs["volume"]["shape"][2:]]
+    if volume is None or affine is None:
+        raise SmokeTestError(f"{url}: response lacks 'volume' or 'affine' (got {sorted(tensors)})")
+    if list(volume.shape) != expected:
+        raise SmokeTestError(f"{url}: volume shape {list(volume.shape)}, metadata says {expected}")
+    if not np.isfinite(volume).all():
+        raise SmokeTestError(f"{url}: volume has non-finite values")
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise SmokeTestError(f"{url}: affine is not a finite invertible 4x4 matrix: {affine.tolist()}")
+    return {
+        "ok": True,
+        "latency_s": round(latency, 3),
+        "shape": list(volume.shape),
+        "steps": steps,
+        "mean": float(volume.mean()),
+        "affine": affine.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- local backend
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _is_our_server(pid: int) -> bool:
+    """True if ``pid`` is alive and is an ``ldm_core.serve`` process (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc (macOS): trust the pid file
+    return b"ldm_core.serve" in cmdline
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_local(state: str | Path | dict[str, Any], timeout_s: float = 15.0) -> bool:
+    """Stop a local server started by ``deploy(..., backend="local")``.
+
+    ``state`` is its state directory or the dict ``deploy`` returned. Returns True if a
+    running server was stopped, False if none was running. SIGTERM first (graceful), then
+    SIGKILL after ``timeout_s``.
+    """
+    state_dir = Path(state["state_dir"] if isinstance(state, dict) else state)
+    pid_file = state_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    stopped = False
+    if _is_our_server(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stopped = True
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    # Reap it if it is our child, so a zombie does not look alive.
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return _is_our_server(pid)
+
+
+def _wait_ready(base_url: str, model_name: str, pid: int, log_file: Path, timeout_s: float) -> float:
+    started = time.monotonic()
+    deadline = started + timeout_s
+    last = "no answer yet"
+    with httpx.Client(timeout=5.0) as http:
+        while True:
+            if not _alive(pid):
+                raise DeployError(
+                    f"local model server (pid {pid}) exited before it was ready; last log lines "
+                    f"({log_file}):\n{_log_tail(log_file)}"
+                )
+            try:
+                r = http.get(f"{base_url}/v2/models/{model_name}/ready")
+                if r.status_code == 200:
+                    return time.monotonic() - started
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise DeployError(
+                    f"local model server at {base_url} not ready after {timeout_s:g} s "
+                    f"(GET /v2/models/{model_name}/ready: {last}); log: {log_file}"
+                )
+            time.sleep(0.25)
+
+
+def deploy_local(
+    cfg: Config,
+    bundle_dir: str | Path,
+    *,
+    state_dir: str | Path | None = None,
+    model_name: str | None = None,
+    port: int | None = None,
+    device: str = "auto",
+    ready_timeout_s: float = 300.0,
+    smoke_steps: int = 2,
+) -> dict[str, Any]:
+    """Start (or restart) the local model server for ``bundle_dir`` and smoke-test it."""
+    bundle = Path(bundle_dir).resolve()
+    if not (bundle / "bundle.json").is_file():
+        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
+    state = Path(state_dir) if state_dir is not None else bundle.parent / f"{bundle.name}-serving"
+    state.mkdir(parents=True, exist_ok=True)
+    if stop_local(state):
+        log.info("stopped the previous local server in %s", state)
+    name = model_name or cfg.serving.model_name
+    port = port or _free_port()
+    config_file = state / "serve-config.yaml"
+    cfg.save(config_file)
+    log_file = state / LOG_FILE
+    cmd = [
+        sys.executable, "-m", "ldm_core.serve",
+        "--bundle", str(bundle),
+        "--http-port", str(port),
+        "--host", "127.0.0.1",
+        "--model-name", name,
+        "--device", device,
+        "--config", str(config_file),
+    ]
+    with open(log_file, "ab") as out:
+        # A new session: the server outlives this process (and the pipeline step) and
+        # does not get the terminal's Ctrl-C.
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    (state / PID_FILE).write_text(f"{proc.pid}\n")
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = _wait_ready(base_url, name, proc.pid, log_file, ready_timeout_s)
+        smoke = smoke_check(base_url, name, steps=smoke_steps)
+    except LdmError:
+        stop_local(state)
+        raise
+    result = {
+        "backend": "local",
+        "url": base_url,
+        "infer_url": f"{base_url}/v2/models/{name}/infer",
+        "model_name": name,
+        "pid": proc.pid,
+        "state_dir": str(state),
+        "log_file": str(log_file),
+        "bundle_dir": str(bundle),
+        "ready_s": round(ready_s, 2),
+        "smoke": smoke,
+    }
+    (state / LOCAL_STATE_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --------------------------------------------------------------------------- cluster backend
+
+
+def bundle_digest(bundle_dir: str | Path) -> str:
+    """sha256 over the bundle's files (names and contents): the same bundle always gets the
+    same storage prefix, and a different one a different prefix (and so a new revision)."""
+    root = Path(bundle_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def deploy_kserve(
+    cfg: Config,
+    bundle_dir: str | Path,
+    *,
+    storage_prefix: str,
+    name: str | None = None,
+    namespace: str | None = None,
+    model_name: str | None = None,
+    runtime: str | None = "brain-ldm",
+    image: str | None = None,
+    service_account: str = "serving",
+    gpus: int = 0,
+    cpu: str = "2",
+    memory: str = "8Gi",
+    cpu_limit: str = "4",
+    memory_limit: str = "16Gi",
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    predictor_timeout_s: int = 600,
+    canary_percent: int = 10,
+    timeout_s: float = 900.0,
+    poll_s: float = 5.0,
+    smoke_steps: int = 2,
+    smoke_url: str | None = None,
+    api_host: str | None = None,
+    api_token: str | None = None,
+    create_runtime: bool = False,
+) -> dict[str, Any]:
+    """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
+    InferenceService serving it (canary + smoke + promote / roll back)."""
+    from ldm_core import storage
+    from ldm_core.kube import inference_service as isvc
+    from ldm_core.kube.client import api_client, current_namespace
+
+    bundle = Path(bundle_dir)
+    if not (bundle / "bundle.json").is_file():
+        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
+    model = model_name or cfg.serving.model_name
+    digest = bundle_digest(bundle)
+    uri = storage.join(storage_prefix, model, digest[:16])
+    storage.upload_dir(bundle, uri, cfg.storage)
+    ns = namespace or current_namespace()
+    settings = isvc.PredictorSettings(
+        name=name or model,
+        namespace=ns,
+        storage_uri=uri,
+        model_name=model,
+        runtime=runtime,
+        image=image or isvc.DEFAULT_IMAGE,
+        service_account=service_account,
+        cpu=cpu,
+        memory=memory,
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
+        gpus=gpus,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        timeout_s=predictor_timeout_s,
+        bundle_digest=digest,
+    )
+    client = api_client(api_host, api_token)
+    rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)
+    if create_runtime and runtime:
+        rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, image or isvc.DEFAULT_IMAGE))
+    result = rollout.rollout(
+        isvc.build_inference_service(settings),
+        smoke=lambda url: smoke_check(url, model, steps=smoke_steps),
+        canary_percent=canary_percent,
+        url_override=smoke_url,
+    )
+    return {
+        "backend": "kserve",
+        "name": settings.name,
+        "namespace": ns,
+        "model_name": model,
+        "storage_uri": uri,
+        "bundle_sha256": digest,
+        "url": result["url"],
+        "infer_url": f"{str(result['url']).rstrip('/')}/v2/models/{model}/infer" if result["url"] else None,
+        "action": result["action"],
+        "revision": result["revision"],
+        "smoke": result["smoke"],
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def deploy(cfg: Config, bundle_dir: str | Path, backend: str = "local", **settings: Any) -> dict[str, Any]:
+    """Serve ``bundle_dir`` with ``backend`` and return where, with the smoke result.
+
+    ``backend="local"``: settings of :func:`deploy_local` (state_dir, model_name, port,
+    device, ready_timeout_s, smoke_steps). ``backend="kserve"`` (or ``"kubeflow"``):
+    settings of :func:`deploy_kserve` (storage_prefix is required).
+    """
+    if backend == "local":
+        fn = deploy_local
+    elif backend in CLUSTER_BACKENDS:
+        fn = deploy_kserve
+        if "storage_prefix" not in settings:
+            raise DeployError("storage_prefix: the kserve backend needs an s3:// prefix to upload the bundle to")
+    else:
+        raise DeployError(f"backend: {backend!r} is not one of local, {', '.join(CLUSTER_BACKENDS)}")
+    accepted = [p for p in inspect.signature(fn).parameters if p not in ("cfg", "bundle_dir")]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise DeployError(f"{unknown[0]}: not a setting of the {backend} backend; it takes {', '.join(accepted)}")
+    return fn(cfg, bundle_dir, **settings)

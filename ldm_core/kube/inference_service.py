@@ -1,0 +1,640 @@
+"""KServe InferenceService for a model bundle: object builders and a safe rollout.
+
+Builders return plain dicts (what ``kubectl apply`` would take), so tests validate them
+against the real CRD schema and the manifests can be compared with them.
+
+The rollout is a small state machine over the Kubernetes API:
+
+    absent  -> create -> wait for the revision -> smoke inference -> done
+    present -> patch the predictor with ``canaryTrafficPercent`` -> wait for the NEW
+               revision -> smoke inference through it -> promote (drop the canary, 100%)
+               or, on failure or timeout, roll back (restore the previous predictor spec)
+
+"Ready" is only believed for the spec we wrote: ``status.observedGeneration`` must have
+caught up with ``metadata.generation`` and the predictor's ``latestReadyRevision`` must equal
+its ``latestCreatedRevision``; a Ready condition left over from the previous revision is
+not success. Where the API server keeps no generation (test emulators), a new
+``latestCreatedRevision`` stands in for it.
+
+Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
+is never relied on, so the code works against API servers with partial bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from ldm_core.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+GROUP = "serving.kserve.io"
+ISVC_VERSION = "v1beta1"
+ISVC_PLURAL = "inferenceservices"
+RUNTIME_VERSION = "v1alpha1"
+RUNTIME_PLURAL = "servingruntimes"
+MODEL_FORMAT = "brain-ldm"
+DEFAULT_IMAGE = "brain-ldm-serving:0.1.0"
+DEFAULT_RUNTIME = "brain-ldm"
+DEFAULT_SERVICE_ACCOUNT = "serving"
+DEFAULT_S3_SECRET = "brain-ldm-s3"
+DEFAULT_MODEL_NAME = "brain-ldm"
+MODEL_DIR = "/mnt/models"
+HTTP_PORT = 8080
+LABELS = {"app.kubernetes.io/name": "brain-ldm", "app.kubernetes.io/part-of": "brain-ldm"}
+BUNDLE_DIGEST_ENV = "LDM_BUNDLE_SHA256"
+"""Set on the predictor so a new bundle always changes the pod template (a new revision),
+even when it is uploaded to the same storageUri."""
+
+_FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
+_FAILED_REASONS = ("RevisionFailed",)
+_WATCHED_CONDITIONS = ("Ready", "PredictorReady", "PredictorConfigurationReady", "LatestDeploymentReady")
+
+
+class RolloutError(LdmError):
+    """The InferenceService did not become a verified, serving revision."""
+
+
+class RolloutTimeout(RolloutError):
+    """Waited longer than allowed; the message says for what."""
+
+
+class RolloutFailed(RolloutError):
+    """KServe reported the revision failed, or the smoke inference through it failed."""
+
+
+# --------------------------------------------------------------------------- builders
+
+
+@dataclass
+class PredictorSettings:
+    """What the deploy stage chooses for the predictor; everything else is derived."""
+
+    name: str
+    namespace: str
+    storage_uri: str
+    model_name: str = DEFAULT_MODEL_NAME
+    runtime: str | None = DEFAULT_RUNTIME
+    """ServingRuntime to use (model format ``brain-ldm``); None = a custom container."""
+    image: str = DEFAULT_IMAGE
+    """Image of the custom container (unused with a runtime: the runtime names it)."""
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    cpu: str = "2"
+    memory: str = "8Gi"
+    cpu_limit: str = "4"
+    memory_limit: str = "16Gi"
+    gpus: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 1
+    timeout_s: int = 600
+    """Predictor request timeout (the ingress's, above serving.request_timeout_s)."""
+    bundle_digest: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _resources(s: PredictorSettings) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": s.cpu, "memory": s.memory}
+    limits: dict[str, Any] = {"cpu": s.cpu_limit, "memory": s.memory_limit}
+    if s.gpus:
+        # Extended resources must have request == limit; giving the limit is enough.
+        limits["nvidia.com/gpu"] = str(s.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _env(s: PredictorSettings) -> list[dict[str, str]]:
+    env = dict(s.env)
+    if s.bundle_digest:
+        env[BUNDLE_DIGEST_ENV] = s.bundle_digest
+    return [{"name": k, "value": v} for k, v in sorted(env.items())]
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probes() -> dict[str, Any]:
+    return {
+        # The server's readiness turns true only after the bundle loaded and warmed up.
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
+            "initialDelaySeconds": 120,
+            "periodSeconds": 20,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+
+
+def _serve_args(model_name: str) -> list[str]:
+    return ["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT), "--model-name", model_name]
+
+
+def build_inference_service(s: PredictorSettings, canary_percent: int | None = None) -> dict[str, Any]:
+    """The InferenceService for a bundle at ``s.storage_uri``.
+
+    With a runtime, the predictor names model format ``brain-ldm`` and KServe's storage
+    initializer copies ``storageUri`` to /mnt/models using the S3 endpoint annotations of
+    the secret attached to ``serviceAccountName``. Without one, a custom ``kserve-container``
+    runs the same command and KServe reads the bundle location from its STORAGE_URI.
+    """
+    predictor: dict[str, Any] = {
+        "serviceAccountName": s.service_account,
+        "minReplicas": s.min_replicas,
+        "maxReplicas": s.max_replicas,
+        "timeout": s.timeout_s,
+    }
+    if canary_percent is not None:
+        predictor["canaryTrafficPercent"] = canary_percent
+    if s.runtime:
+        model: dict[str, Any] = {
+            "modelFormat": {"name": MODEL_FORMAT, "version": "1"},
+            "runtime": s.runtime,
+            "protocolVersion": "v2",
+            "storageUri": s.storage_uri,
+            "resources": _resources(s),
+        }
+        if s.model_name != DEFAULT_MODEL_NAME:
+            # KServe appends these to the runtime's args; the default name needs none.
+            model["args"] = ["--model-name", s.model_name]
+        env = _env(s)
+        if env:
+            model["env"] = env
+        predictor["model"] = model
+    else:
+        predictor["containers"] = [
+            {
+                "name": "kserve-container",
+                "image": s.image,
+                "command": ["python", "-m", "ldm_core.serve"],
+                "args": _serve_args(s.model_name),
+                "env": [{"name": "STORAGE_URI", "value": s.storage_uri}, *_env(s)],
+                "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+                "resources": _resources(s),
+                "securityContext": _container_security(),
+                **_probes(),
+            }
+        ]
+    return {
+        "apiVersion": f"{GROUP}/{ISVC_VERSION}",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": s.name,
+            "namespace": s.namespace,
+            "labels": {**LABELS, "app.kubernetes.io/component": "serving", **s.labels},
+            "annotations": {
+                # Gives the newest revision its own URL ("latest" tag), so the smoke
+                # inference of a canary reaches the canary and not the old revision.
+                "serving.kserve.io/enable-tag-routing": "true",
+                "serving.kserve.io/enable-prometheus-scraping": "true",
+            },
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def build_serving_runtime(
+    name: str = DEFAULT_RUNTIME, namespace: str | None = None, image: str = DEFAULT_IMAGE
+) -> dict[str, Any]:
+    """A ServingRuntime that serves the ``brain-ldm`` model format with ``ldm_core.serve``."""
+    metadata: dict[str, Any] = {"name": name, "labels": {**LABELS, "app.kubernetes.io/component": "serving"}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": f"{GROUP}/{RUNTIME_VERSION}",
+        "kind": "ServingRuntime",
+        "metadata": metadata,
+        "spec": {
+            "supportedModelFormats": [{"name": MODEL_FORMAT, "version": "1", "autoSelect": True}],
+            "protocolVersions": ["v2", "v1"],
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python", "-m", "ldm_core.serve"],
+                    "args": ["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT)],
+                    "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+                    "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}],
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "8Gi"},
+                        "limits": {"cpu": "4", "memory": "16Gi"},
+                    },
+                    "securityContext": _container_security(),
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    **_probes(),
+                }
+            ],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
+        },
+    }
+
+
+def build_s3_secret(
+    endpoint: str,
+    *,
+    name: str = DEFAULT_S3_SECRET,
+    namespace: str | None = None,
+    use_https: bool = True,
+    region: str = "",
+    verify_ssl: bool = True,
+) -> dict[str, Any]:
+    """The Secret KServe's storage initializer reads (through the service account): the
+    ``serving.kserve.io/s3-*`` annotations say where S3 is; the keys are placeholders to
+    fill from a secret manager - real credentials never pass through this code."""
+    annotations = {
+        "serving.kserve.io/s3-endpoint": endpoint,
+        "serving.kserve.io/s3-usehttps": "1" if use_https else "0",
+        "serving.kserve.io/s3-verifyssl": "1" if verify_ssl else "0",
+    }
+    if region:
+        annotations["serving.kserve.io/s3-region"] = region
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**LABELS, "app.kubernetes.io/component": "storage"},
+        "annotations": annotations,
+    }
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata,
+        "type": "Opaque",
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": "REPLACE_WITH_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "REPLACE_WITH_SECRET_ACCESS_KEY",
+        },
+    }
+
+
+def build_service_account(
+    name: str = DEFAULT_SERVICE_ACCOUNT, secret: str = DEFAULT_S3_SECRET, namespace: str | None = None
+) -> dict[str, Any]:
+    """The predictor's identity: lists the S3 secret for the storage initializer and mounts
+    no API token (the predictor never calls the API server)."""
+    metadata: dict[str, Any] = {"name": name, "labels": {**LABELS, "app.kubernetes.io/component": "serving"}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata,
+        "automountServiceAccountToken": False,
+        "secrets": [{"name": secret}],
+    }
+
+
+# --------------------------------------------------------------------------- status reading
+
+
+def merge_patch(current: Any, desired: Any) -> Any:
+    """RFC 7386 merge patch turning ``current`` into ``desired`` (None deletes a key)."""
+    if not isinstance(current, Mapping) or not isinstance(desired, Mapping):
+        return copy.deepcopy(desired)
+    patch: dict[str, Any] = {}
+    for key in current.keys() - desired.keys():
+        patch[key] = None
+    for key, value in desired.items():
+        if key not in current:
+            patch[key] = copy.deepcopy(value)
+        elif current[key] != value:
+            patch[key] = merge_patch(current[key], value)
+    return patch
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def _predictor_status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return ((obj.get("status") or {}).get("components") or {}).get("predictor") or {}
+
+
+def _failure(status: Mapping[str, Any]) -> str | None:
+    model = status.get("modelStatus") or {}
+    transition = model.get("transitionStatus")
+    info = model.get("lastFailureInfo") or {}
+    if transition in _FAILED_TRANSITIONS:
+        detail = ": ".join(str(x) for x in (info.get("reason"), info.get("message")) if x)
+        return f"modelStatus.transitionStatus={transition}" + (f" ({detail})" if detail else "")
+    for kind in _WATCHED_CONDITIONS:
+        cond = _condition(status, kind)
+        if cond and cond.get("status") == "False" and cond.get("reason") in _FAILED_REASONS:
+            return f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}".rstrip(": ")
+    return None
+
+
+@dataclass
+class RevisionState:
+    phase: str  # "ready" | "failed" | "waiting"
+    detail: str
+    revision: str | None = None
+
+
+def revision_state(obj: Mapping[str, Any], target_generation: int | None, previous_revision: str | None) -> RevisionState:
+    """Where the revision for the spec we last wrote stands; ``detail`` names what is awaited."""
+    meta_gen = (obj.get("metadata") or {}).get("generation")
+    status = obj.get("status") or {}
+    observed = status.get("observedGeneration")
+    known = [g for g in (meta_gen, target_generation) if g is not None]
+    want = max(known) if known else None
+    if want is not None and (observed is None or observed < want):
+        return RevisionState("waiting", f"status.observedGeneration >= {want} (now {observed})")
+    pred = _predictor_status(obj)
+    created = pred.get("latestCreatedRevision")
+    failure = _failure(status)
+    if failure:
+        return RevisionState("failed", failure, created)
+    if want is None and previous_revision is not None and created in (None, previous_revision):
+        return RevisionState(
+            "waiting", f"a new predictor revision (latestCreatedRevision still {created or 'unset'})"
+        )
+    if created is not None and pred.get("latestReadyRevision") != created:
+        return RevisionState(
+            "waiting",
+            f"latestReadyRevision == latestCreatedRevision {created} (now {pred.get('latestReadyRevision')})",
+            created,
+        )
+    ready = _condition(status, "Ready")
+    if not ready or ready.get("status") != "True":
+        why = f"{ready.get('reason', '')} {ready.get('message', '')}".strip() if ready else "no Ready condition yet"
+        return RevisionState("waiting", f"condition Ready=True (now: {why or ready.get('status')})", created)
+    return RevisionState("ready", "ready", created)
+
+
+def _promoted(obj: Mapping[str, Any], revision: str | None, target_generation: int | None) -> RevisionState:
+    """After dropping the canary: the new revision takes all traffic."""
+    state = revision_state(obj, target_generation, None)
+    if state.phase != "ready":
+        return state
+    traffic = _predictor_status(obj).get("traffic") or []
+    if not traffic:
+        return state  # no traffic report (e.g. raw deployment): Ready on the new generation is all there is
+    full = [t for t in traffic if t.get("percent") == 100]
+    if full and (revision is None or full[0].get("revisionName") in (revision, None) or full[0].get("latestRevision")):
+        return state
+    split = ", ".join(f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic)
+    return RevisionState("waiting", f"100% of traffic on revision {revision} (now {split})", revision)
+
+
+def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:
+    """Where to send a smoke inference: the ``latest`` tag URL when checking a canary (it
+    reaches the new revision only), else the cluster-local address, else the public URL."""
+    pred = _predictor_status(obj)
+    if canary:
+        for t in pred.get("traffic") or []:
+            if t.get("tag") == "latest" and t.get("url"):
+                return str(t["url"])
+    status = obj.get("status") or {}
+    address = (status.get("address") or {}).get("url")
+    return address or status.get("url") or pred.get("url")
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+SmokeFn = Callable[[str], dict[str, Any]]
+
+
+class InferenceServiceRollout:
+    """Create or update one InferenceService and verify it serves before trusting it."""
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        timeout_s: float = 900.0,
+        poll_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.api = kubernetes.client.CustomObjectsApi(api_client)
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.clock = clock
+        self.sleep = sleep
+
+    # ---- API calls (merge patches only; responses of create are not relied on)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.api.get_namespaced_custom_object(GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise RolloutError(f"InferenceService {namespace}/{name}: read failed: {exc.status} {exc.reason}") from None
+
+    def _create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            return self.api.create_namespaced_custom_object(GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj)
+        except ApiException as exc:
+            raise RolloutError(
+                f"InferenceService {ns}/{name}: create refused: {exc.status} {exc.reason}: {_api_message(exc)}"
+            ) from None
+
+    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.api.patch_namespaced_custom_object(GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, body)
+        except ApiException as exc:
+            raise RolloutError(
+                f"InferenceService {namespace}/{name}: patch refused: {exc.status} {exc.reason}: {_api_message(exc)}"
+            ) from None
+
+    def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
+        """Create the ServingRuntime if the namespace has none of that name (never overwrite
+        one a platform engineer applied from manifests). Returns "created" or "exists"."""
+        ns, name = runtime["metadata"]["namespace"], runtime["metadata"]["name"]
+        try:
+            self.api.get_namespaced_custom_object(GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, name)
+            return "exists"
+        except ApiException as exc:
+            if exc.status != 404:
+                raise RolloutError(f"ServingRuntime {ns}/{name}: read failed: {exc.status} {exc.reason}") from None
+        try:
+            self.api.create_namespaced_custom_object(GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, runtime)
+        except ApiException as exc:
+            raise RolloutError(f"ServingRuntime {ns}/{name}: create refused: {exc.status} {exc.reason}") from None
+        return "created"
+
+    # ---- waiting
+
+    def _wait(self, ns: str, name: str, check: Callable[[dict[str, Any]], RevisionState], what: str) -> tuple[RevisionState, dict[str, Any]]:
+        deadline = self.clock() + self.timeout_s
+        state = RevisionState("waiting", "the InferenceService to exist")
+        while True:
+            obj = self.get(ns, name)
+            if obj is not None:
+                state = check(obj)
+                if state.phase != "waiting":
+                    return state, obj
+            if self.clock() >= deadline:
+                raise RolloutTimeout(
+                    f"InferenceService {ns}/{name}: {what} not done after {self.timeout_s:g} s; "
+                    f"still waiting for {state.detail}"
+                )
+            self.sleep(self.poll_s)
+
+    # ---- the state machine
+
+    def rollout(
+        self,
+        desired: dict[str, Any],
+        smoke: SmokeFn,
+        *,
+        canary_percent: int | None = 10,
+        url_override: str | None = None,
+    ) -> dict[str, Any]:
+        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
+
+        Returns a dict with ``action`` (created | updated | unchanged), ``url``,
+        ``revision``, ``smoke`` (what ``smoke(url)`` returned) and ``canary_percent``.
+        Raises RolloutFailed / RolloutTimeout; an update that fails is rolled back first.
+        """
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        predictor = desired["spec"]["predictor"]
+        if "canaryTrafficPercent" in predictor:
+            raise RolloutError("desired InferenceService must not set canaryTrafficPercent; pass canary_percent")
+        existing = self.get(ns, name)
+        if existing is None:
+            return self._first_deploy(desired, smoke, url_override)
+        current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
+        current.pop("canaryTrafficPercent", None)
+        if current == predictor:
+            state = revision_state(existing, None, None)
+            if state.phase == "ready":
+                url = url_override or service_url(existing)
+                return {
+                    "action": "unchanged",
+                    "url": url,
+                    "revision": state.revision,
+                    "smoke": self._smoke(ns, name, smoke, url, rollback=None),
+                    "canary_percent": None,
+                }
+        return self._update(existing, desired, smoke, canary_percent, url_override)
+
+    def _first_deploy(self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None) -> dict[str, Any]:
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        created = self._create(desired) or {}
+        target = (created.get("metadata") or {}).get("generation")
+        log.info("created InferenceService %s/%s", ns, name)
+        state, obj = self._wait(ns, name, lambda o: revision_state(o, target, None), "first revision ready")
+        if state.phase == "failed":
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
+                f"for inspection (kubectl -n {ns} describe inferenceservice {name})"
+            )
+        url = url_override or service_url(obj)
+        result = self._smoke(ns, name, smoke, url, rollback=None)
+        return {"action": "created", "url": url, "revision": state.revision, "smoke": result, "canary_percent": None}
+
+    def _update(
+        self,
+        existing: dict[str, Any],
+        desired: dict[str, Any],
+        smoke: SmokeFn,
+        canary_percent: int | None,
+        url_override: str | None,
+    ) -> dict[str, Any]:
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        previous_spec = copy.deepcopy(existing.get("spec") or {})
+        previous_revision = _predictor_status(existing).get("latestReadyRevision") or _predictor_status(
+            existing
+        ).get("latestCreatedRevision")
+        canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
+        new_predictor = copy.deepcopy(desired["spec"]["predictor"])
+        if canary is not None:
+            new_predictor["canaryTrafficPercent"] = canary
+        body = {
+            "metadata": {
+                "labels": desired["metadata"].get("labels", {}),
+                "annotations": desired["metadata"].get("annotations", {}),
+            },
+            "spec": {"predictor": merge_patch(previous_spec.get("predictor") or {}, new_predictor)},
+        }
+        patched = self._patch(ns, name, body) or {}
+        target = (patched.get("metadata") or {}).get("generation")
+        log.info("patched InferenceService %s/%s (canary %s%%)", ns, name, canary if canary is not None else 100)
+
+        def rollback(reason: str) -> str:
+            current = self.get(ns, name) or {}
+            undo = merge_patch((current.get("spec") or {}).get("predictor") or {}, previous_spec.get("predictor") or {})
+            self._patch(ns, name, {"spec": {"predictor": undo}})
+            log.warning("rolled back InferenceService %s/%s: %s", ns, name, reason)
+            return f"rolled back to the previous predictor spec (revision {previous_revision or 'unknown'})"
+
+        try:
+            state, obj = self._wait(
+                ns, name, lambda o: revision_state(o, target, previous_revision), "new revision ready"
+            )
+        except RolloutTimeout as exc:
+            raise RolloutTimeout(f"{exc}; {rollback(str(exc))}") from None
+        if state.phase == "failed":
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: new revision {state.revision or ''} failed: {state.detail}; "
+                f"{rollback(state.detail)}"
+            )
+        url = url_override or service_url(obj, canary=canary is not None)
+        result = self._smoke(ns, name, smoke, url, rollback=rollback)
+        if canary is not None:
+            promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
+            promote_target = (promoted.get("metadata") or {}).get("generation")
+            revision = state.revision
+            self._wait(ns, name, lambda o: _promoted(o, revision, promote_target), "promotion to 100%")
+            log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
+        return {
+            "action": "updated",
+            "url": url_override or service_url(self.get(ns, name) or obj),
+            "revision": state.revision,
+            "previous_revision": previous_revision,
+            "smoke": result,
+            "canary_percent": canary,
+        }
+
+    def _smoke(
+        self, ns: str, name: str, smoke: SmokeFn, url: str | None, rollback: Callable[[str], str] | None
+    ) -> dict[str, Any]:
+        if not url:
+            reason = "no URL in status (status.address.url / status.url) to send a smoke inference to"
+        else:
+            try:
+                return smoke(url)
+            except LdmError as exc:
+                reason = f"smoke inference through {url} failed: {exc}"
+        if rollback is None:
+            raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}")
+        raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason)}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message", ""))[:300]
+    except (ValueError, AttributeError):
+        return str(exc.body or "")[:300]
