@@ -1,8 +1,6 @@
 """Component: serve the model bundle and smoke-test it (local server or InferenceService)."""
 
 # No "from __future__ import annotations": KFP reads the real annotation objects.
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
@@ -15,12 +13,16 @@ def deploy(
     preset: str,
     overrides: list,
     backend: str,
+    storage_prefix: str,
+    smoke_steps: int,
     deployment: Output[Artifact],
-) -> NamedTuple("DeployOutputs", [("endpoint", str)]):
+) -> str:
     """Roll the bundle out, run one inference through it, and record where it is served
-    (``deployment.json`` in ``deployment``, the URL as the ``endpoint`` output)."""
+    (``deployment.json`` in ``deployment``); returns the endpoint URL."""
     from ldm_core.stages import deploy_stage
 
-    result = deploy_stage(bundle.path, deployment.path, preset, overrides, backend)
+    result = deploy_stage(
+        bundle.path, deployment.path, preset, overrides, backend, storage_prefix, smoke_steps
+    )
     deployment.metadata.update({k: v for k, v in result.items() if isinstance(v, str | int | float | bool)})
-    return (str(result["endpoint"]),)
+    return str(result["endpoint"])

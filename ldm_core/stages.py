@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -140,8 +141,7 @@ class ClusterSettings:
 
     image: str = ""
     pvc_name: str = ""
-    workdir: str = "/workdir"
-    gpus_per_pod: int = 0
+    workdir: str = "/workspace"
     namespace: str = ""
 
 
@@ -159,27 +159,55 @@ def choose_backend(backend: str) -> str:
         return backend
     if not in_cluster():
         return "local"
-    from ldm_core.kube import pytorchjob
+    served, why = _pytorchjob_api_served()
+    if not served:
+        log.warning("backend auto: training here, not as a PyTorchJob (%s)", why)
+    return "kubeflow" if served else "local"
 
-    return "kubeflow" if pytorchjob.crd_available() else "local"
+
+def _pytorchjob_api_served() -> tuple[bool, str]:
+    """Ask the API server for a PyTorchJob that does not exist: a 404 about that object
+    means the CRD is served; a 404 about the URL means no training operator is installed.
+    (``get`` is a verb the pipeline's Role grants; listing CRDs would need a ClusterRole.)"""
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from ldm_core.kube.client import api_client, current_namespace
+    from ldm_core.kube.pytorchjob import GROUP, PLURAL, VERSION
+
+    api = kubernetes.client.CustomObjectsApi(api_client())
+    try:
+        api.get_namespaced_custom_object(GROUP, VERSION, current_namespace(), PLURAL, "ldm-backend-probe")
+        return True, "PyTorchJob API served"
+    except ApiException as e:
+        try:
+            details = json.loads(e.body or "{}").get("details") or {}
+        except json.JSONDecodeError:
+            details = {}
+        if e.status == 404 and details.get("kind") == PLURAL:
+            return True, "PyTorchJob API served"
+        return False, f"PyTorchJob API answered {e.status} {e.reason}"
+    except Exception as e:  # unreachable API, no service account token, ...
+        return False, f"Kubernetes API not usable: {type(e).__name__}: {e}"
 
 
-def _launcher(backend: str, cluster: ClusterSettings) -> Launcher:
+def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:
     if backend == "local":
         return LocalLauncher()
-    from ldm_core.kube.pytorchjob import PyTorchJobLauncher
+    from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
 
     if not cluster.image:
         raise StageError("image: the kubeflow backend needs the training image (pipeline parameter 'image')")
     if not cluster.pvc_name:
         raise StageError("pvc_name: the kubeflow backend needs a PVC shared with the job pods")
-    return PyTorchJobLauncher(
+    settings = PyTorchJobSettings(
         image=cluster.image,
+        namespace=cluster.namespace,
         pvc_name=cluster.pvc_name,
         workdir=cluster.workdir,
-        gpus_per_pod=cluster.gpus_per_pod,
-        namespace=cluster.namespace or None,
+        gpu=cfg.train.device != "cpu",
     )
+    return PyTorchJobLauncher(settings)
 
 
 def _job_name(kind: str, key: str) -> str:
@@ -257,7 +285,7 @@ def _train(
             args += [flag, str(path)]
         args += ["--output", str(run_dir), "--config", str(config_path)]
         task = TrainingTask(name=name, verb=verb, args=args, nproc_per_node=nproc)
-        _launcher(chosen, cluster).run(task)
+        _launcher(chosen, cluster, cfg).run(task)
         if not (run_dir / marker).is_file():
             raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
         _mark_finished(run_dir, key, info)
@@ -350,9 +378,19 @@ def evaluate_stage(
     num_samples: int = 0,
     steps: int = 0,
     gate: GateThresholds | None = None,
+    training_runs: Sequence[str | Path] = (),
+    report_path: str | Path | None = None,
+    metrics_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score the bundle against the real cache; returns the evaluation result (metrics,
-    gate verdict, paths of metrics.json and the report)."""
+    """Score the bundle against the real cache and decide the quality gate.
+
+    ``output`` receives metrics.json, figures, reports and samples; ``training_runs``
+    (the AE and diffusion run dirs) add loss curves to the report, which is also copied
+    to ``report_path`` (the pipeline's HTML artifact). The numeric metrics are returned
+    (for a KFP Metrics artifact) and written as JSON to ``metrics_path``: kfp.local's cache
+    treats an artifact without a file as missing, which would re-run evaluate every time.
+    Also returns the verdict and the files written.
+    """
     from ldm_core.evaluate import evaluate
 
     extra = []
@@ -365,7 +403,25 @@ def evaluate_stage(
     cfg = resolve_config(preset, overrides, extra)
     out = Path(output)
     _save_config(cfg, out)
-    return evaluate(cfg, Path(bundle_dir), Path(data_dir), out)
+    result = evaluate(cfg, Path(bundle_dir), Path(data_dir), out, training_logs=[Path(p) for p in training_runs])
+    verdict = result["gate"]
+    files = result.get("files", {})
+    if report_path is not None and files.get("report_html"):
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files["report_html"], report_path)
+    metrics = {
+        k: float(v) for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+    if metrics_path is not None:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+    return {
+        "metrics": metrics,
+        "gate_passed": bool(verdict["passed"]),
+        "gate_reason": "; ".join(verdict["reasons"]) or "all quality-gate checks passed",
+        "files": files,
+    }
 
 
 # --------------------------------------------------------------------------- deploy
@@ -377,16 +433,33 @@ def deploy_stage(
     preset: str = "",
     overrides: Sequence[str] = (),
     backend: str = "local",
-    **options: Any,
+    storage_prefix: str = "",
+    smoke_steps: int = 2,
 ) -> dict[str, Any]:
-    """Serve the bundle (local model server, or an InferenceService on a cluster), smoke
-    test it, and write ``deployment.json`` saying where it is served."""
+    """Serve the bundle (a local model server, or an InferenceService on a cluster), run
+    one real inference through it, and write ``deployment.json`` into ``output``.
+
+    The local server keeps its pid and log in ``$LDM_SERVING_DIR`` when set (``run_local``
+    sets one per output directory, so a new deploy replaces the previous server), else in
+    ``output``. Returns the deploy record with ``endpoint`` (base URL) added.
+    """
     from ldm_core.deploy import deploy
 
     cfg = resolve_config(preset, overrides)
-    chosen = "kubeflow" if backend == "auto" and in_cluster() else ("local" if backend == "auto" else backend)
+    if backend not in BACKENDS:
+        raise StageError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    chosen = backend if backend != "auto" else ("kubeflow" if in_cluster() else "local")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    result = deploy(cfg, Path(bundle_dir), backend=chosen, **options)
+    if chosen == "local":
+        state_dir = Path(os.environ.get("LDM_SERVING_DIR") or out)
+        result = deploy(cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps)
+    else:
+        if not storage_prefix:
+            raise StageError("storage_prefix: the kubeflow backend uploads the bundle to an s3:// prefix; none given")
+        result = deploy(
+            cfg, Path(bundle_dir), backend="kubeflow", storage_prefix=storage_prefix, smoke_steps=smoke_steps
+        )
+    result = {**result, "endpoint": result.get("url")}
     (out / "deployment.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -15,6 +15,7 @@ that holds the GPUs, and they mount the PVC that job shares with them.
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from kfp import compiler, dsl, kubernetes
 
@@ -23,7 +24,7 @@ from components.base import BASE_IMAGE
 from ldm_core.config import DEFAULT_PRESET, EvaluationConfig
 
 PIPELINE_NAME = "brain-ldm"
-WORKDIR = "/workdir"
+WORKDIR = "/workspace"
 """Where the shared PVC is mounted, in the training component pods and the job pods alike."""
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = {
@@ -32,6 +33,18 @@ S3_SECRET_KEYS = {
     "S3_ENDPOINT": "S3_ENDPOINT",
 }
 _GATE = EvaluationConfig()
+
+
+
+class Outputs(NamedTuple):
+    """What a run hands back: the evaluation (metrics.json, figures, samples), the report,
+    the model bundle, and whether it passed the gate."""
+
+    evaluation: dsl.Artifact
+    metrics: dsl.Metrics
+    report: dsl.HTML
+    bundle: dsl.Model
+    gate_passed: bool
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
@@ -56,12 +69,14 @@ def brain_ldm(
     eval_samples: int = 0,
     eval_steps: int = 0,
     eval_gpus: int = 1,
+    storage_prefix: str = "s3://brain-ldm/models",
+    smoke_steps: int = 2,
     gpu_node_selector: dict = {},  # noqa: B006
     gate_min_ms_ssim_ratio: float = _GATE.gate_min_ms_ssim_ratio,
     gate_max_mmd: float = _GATE.gate_max_mmd,
     gate_min_mask_dice: float = _GATE.gate_min_mask_dice,
     gate_max_hist_distance: float = _GATE.gate_max_hist_distance,
-):
+) -> Outputs:
     """Parameters (0 means "as the config says" for counts):
 
     source: demo | msd | http(s)://archive | s3://bucket/prefix | a directory.
@@ -72,6 +87,8 @@ def brain_ldm(
     pvc_name: PVC shared by training tasks and their PyTorchJob pods. s3_secret: Secret with S3 credentials.
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
     eval_gpus, gpu_node_selector: GPUs of the evaluation pod and where it may run.
+    storage_prefix: s3:// prefix the cluster deploy uploads the bundle to (InferenceService storageUri).
+    smoke_steps: sampling steps of the smoke inference after deploying.
     gate_*: quality-gate thresholds; deploy runs only when all hold.
     """
     dl = download(source=source, preset=preset, overrides=overrides, subjects=subjects, seed=seed)
@@ -102,7 +119,8 @@ def brain_ldm(
         task.set_retry(num_retries=2, backoff_duration="60s")
 
     ev = evaluate(
-        bundle=ldm.outputs["bundle"], cache=pre.outputs["cache"], preset=preset,
+        bundle=ldm.outputs["bundle"], cache=pre.outputs["cache"],
+        autoencoder=ae.outputs["autoencoder"], diffusion=ldm.outputs["diffusion"], preset=preset,
         overrides=overrides, num_samples=eval_samples, steps=eval_steps,
         gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio, gate_max_mmd=gate_max_mmd,
         gate_min_mask_dice=gate_min_mask_dice, gate_max_hist_distance=gate_max_hist_distance,
@@ -113,8 +131,11 @@ def brain_ldm(
     kubernetes.add_node_selector_json(ev, gpu_node_selector)
     kubernetes.add_toleration(ev, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
 
-    with dsl.If(ev.outputs["gate_passed"] == True, name="quality-gate-passed"):  # noqa: E712
-        dep = deploy(bundle=ldm.outputs["bundle"], preset=preset, overrides=overrides, backend=backend)
+    with dsl.If(ev.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
+        dep = deploy(
+            bundle=ldm.outputs["bundle"], preset=preset, overrides=overrides, backend=backend,
+            storage_prefix=storage_prefix, smoke_steps=smoke_steps,
+        )
         dep.set_display_name("deploy")
         kubernetes.use_secret_as_env(dep, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
         _resources(dep, "1", "4Gi")
@@ -124,6 +145,10 @@ def brain_ldm(
     for task in (dl, pre, ae, ldm, ev):
         task.set_container_image(image)
     dep.set_container_image(image)
+    return Outputs(
+        evaluation=ev.outputs["evaluation"], metrics=ev.outputs["metrics"], report=ev.outputs["report"],
+        bundle=ldm.outputs["bundle"], gate_passed=ev.outputs["Output"],
+    )
 
 
 def compile_pipeline(output: str | Path) -> Path:

@@ -51,12 +51,12 @@ def test_six_tasks_and_their_dependencies(docs):
         "preprocess": ["download"],
         "train-autoencoder": ["preprocess"],
         "train-diffusion": ["preprocess", "train-autoencoder"],
-        "evaluate": ["preprocess", "train-diffusion"],
+        "evaluate": ["preprocess", "train-autoencoder", "train-diffusion"],
         "deploy": [],  # inside the gate; the gate itself waits for evaluate
     }
     assert sorted(root[gate[0]]["dependentTasks"]) == ["evaluate", "train-diffusion"]
     condition = root[gate[0]]["triggerPolicy"]["condition"]
-    assert "evaluate-gate_passed" in condition and condition.endswith("== true")
+    assert "pipelinechannel--evaluate-Output" in condition and condition.endswith("== true")
     # Artifacts flow along the edges: bundle from train-diffusion to evaluate and deploy.
     ev_in = root["evaluate"]["inputs"]["artifacts"]
     assert ev_in["bundle"]["taskOutputArtifact"] == {"outputArtifactKey": "bundle", "producerTask": "train-diffusion"}
@@ -78,7 +78,7 @@ def test_cluster_settings_are_in_the_platform_spec(docs):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-train-autoencoder", "exec-train-diffusion"):
         (mount,) = executors[name]["pvcMount"]
-        assert mount["mountPath"] == "/workdir"
+        assert mount["mountPath"] == "/workspace"
         assert mount["pvcNameParameter"] == {"componentInputParameter": "pvc_name"}
     assert executors["exec-download"]["secretAsEnv"][0]["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
     assert executors["exec-evaluate"]["tolerations"][0]["key"] == "nvidia.com/gpu"
