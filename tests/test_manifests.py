@@ -322,6 +322,21 @@ def test_serving_runtime_runs_the_predictor_locked_down(builds, overlay):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
 
 
+def test_serving_runtime_matches_the_one_the_deploy_code_builds(builds):
+    """The deploy stage can create the runtime itself where the manifests were not applied
+    (ldm_core.kube.inference_service.build_serving_runtime); both must run the same thing."""
+    from ldm_core.kube.inference_service import build_serving_runtime
+
+    ours = one(builds["local"], "ServingRuntime", "brain-ldm")["spec"]
+    theirs = build_serving_runtime(namespace=NAMESPACE)["spec"]
+    for key in ("supportedModelFormats", "protocolVersions", "volumes"):
+        assert ours[key] == theirs[key], key
+    (mine,), (code,) = ours["containers"], theirs["containers"]
+    for key in set(mine) | set(code):
+        if key != "resources":
+            assert mine.get(key) == code.get(key), f"containers[0].{key}"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gpu_scheduling_only_in_gpu_overlays(builds, overlay):
     spec = one(builds[overlay], "ServingRuntime", "brain-ldm")["spec"]
