@@ -71,9 +71,9 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
     for item in tqdm(items, desc="preprocess", unit="subject"):
         entry: dict[str, Any] = {"id": item.id, "source": _relative(item.path, input)}
         try:
-            entry["sha256"] = sha256_file(item.path)
-        except OSError as e:
-            _bad(item, f"cannot read ({e.strerror or e})", entry, skip_bad)
+            entry["sha256"] = _hash_input(item)
+        except BadInput as e:
+            _bad(item, str(e), entry, skip_bad)
             entries.append(entry)
             continue
         old = previous.get(item.id)
@@ -151,6 +151,16 @@ def discover(root: Path, channel: str) -> tuple[str, list[Item]]:
     return "folder", [Item(v.id, v.path, index) for v in folder.list_volumes(root, channel)]
 
 
+def _hash_input(item: Item) -> str:
+    if not item.path.is_file():
+        where = f" (listed in {item.listed_as})" if item.listed_as else ""
+        raise BadInput(f"{item.path}: file not found{where}")
+    try:
+        return sha256_file(item.path)
+    except OSError as e:
+        raise BadInput(f"{item.path}: cannot read ({e.strerror or e})") from None
+
+
 def check_header(item: Item) -> int:
     """Validate ``item``'s NIfTI header without reading the voxels; returns its volume count.
 
@@ -159,9 +169,6 @@ def check_header(item: Item) -> int:
     (complex, RGB).
     """
     path = item.path
-    if not path.is_file():
-        where = f" (listed in {item.listed_as})" if item.listed_as else ""
-        raise BadInput(f"{path}: file not found{where}")
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises many types for many kinds of damage
@@ -169,8 +176,10 @@ def check_header(item: Item) -> int:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise BadInput(f"{path}: not a NIfTI image ({type(img).__name__})")
     shape = img.shape
-    if len(shape) < 3 or min(shape[:3]) < 2:
+    if len(shape) < 3:
         raise BadInput(f"{path}: {len(shape)}D image of shape {shape}; a 3D volume is needed")
+    if min(shape[:3]) < 2:
+        raise BadInput(f"{path}: shape {shape} is a single slice, not a 3D volume")
     if len(shape) > 4:
         raise BadInput(f"{path}: {len(shape)}D image of shape {shape}; expected 3D or 4D")
     dtype = img.get_data_dtype()
@@ -201,7 +210,11 @@ def _process(item: Item, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     try:
         return load_volume(item.path, data, channel)
     except Exception as e:  # a damaged file fails anywhere in reading or resampling
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause: BaseException = e
+        while cause.__cause__ is not None:  # MONAI wraps errors in "applying transform ..."
+            cause = cause.__cause__
+        text = str(cause).strip()
+        reason = text.splitlines()[0] if text else type(cause).__name__
         raise BadInput(f"{item.path}: {reason}") from e
 
 
