@@ -363,3 +363,23 @@ def test_demo_source_is_idempotent_and_replaced_on_new_request(tmp_path: Path) -
     dl.download("demo", out, Config(), subjects=2, seed=0)
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
     assert len((out / dl.SUMS).read_text().splitlines()) == 5  # dataset.json + 2 images + 2 labels
+
+
+def test_s3_source_through_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm_core import storage
+    from tests.s3server import make_bucket, s3_env, s3_server
+
+    src = tmp_path / "task"
+    with tarfile.open(fileobj=io.BytesIO(_task_tar())) as tar:
+        tar.extractall(src, filter="data")
+    with s3_server() as endpoint:
+        s3_env(monkeypatch, endpoint)
+        bucket = make_bucket(endpoint)
+        uri = f"s3://{bucket}/raw"
+        storage.upload_dir(src / "Task01_BrainTumour", uri)
+        out = dl.download(uri, tmp_path / "raw", Config())
+        assert (out / "imagesTr" / "BRATS_001.nii").read_bytes() == _nifti_bytes(1)
+        assert "imagesTr/BRATS_002.nii" in (out / dl.SUMS).read_text()
+        stamp = (out / dl.MARKER).stat().st_mtime_ns
+        dl.download(uri, out, Config())
+        assert (out / dl.MARKER).stat().st_mtime_ns == stamp
