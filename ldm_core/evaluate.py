@@ -102,26 +102,26 @@ class MsSsimSettings:
 def ms_ssim_settings(shape: Sequence[int]) -> MsSsimSettings:
     """Choose scales and kernel so that MS-SSIM is defined on ``shape``.
 
-    MONAI's MS-SSIM halves the image once per scale and needs every axis, divided by
-    ``(scales - 1) ** 2``, to exceed ``kernel_size - 1`` (the window must fit the coarsest
-    scale). The standard 5 scales with an 11-voxel window need more than 160 voxels per
-    axis; our volumes have 32-128. Scales matter more than window width for telling brains
-    apart (the coarse scales see the global shape), so this keeps as many scales as fit with
-    a window of 11, 9, 7, 5 or, last resort, 3 voxels (sigma 1.5 as standard), and
-    truncates the standard weights to the kept scales, renormalised to sum to 1 so the
-    value stays in [0, 1]. E.g. 48x64x48 -> 4 scales, window 5; 32^3 -> 3 scales, window 7;
-    80x96x80 -> 5 scales, window 5.
+    MONAI's MS-SSIM halves the image once per scale and convolves without padding, so the
+    window must fit the coarsest scale (``size // 2 ** (scales - 1) >= kernel``), and MONAI
+    also insists on ``size // (scales - 1) ** 2 > kernel - 1`` on every axis. The standard
+    5 scales with an 11-voxel window need more than 160 voxels per axis; our volumes have
+    32-128. Scales matter more than window width for telling brains apart (the coarse
+    scales see the global shape), so this keeps as many scales as fit with a window of 11,
+    9, 7 or 5 voxels (sigma 1.5 as standard; 3 only if nothing else fits: a 3-voxel window
+    is nearly a box filter), and truncates the standard weights to the kept scales,
+    renormalised to sum to 1 so the value stays in [0, 1]. E.g. 48x64x48 -> 4 scales,
+    window 5; 32^3 -> 3 scales, window 7; 80x96x80 -> 5 scales, window 5.
     """
     smallest = min(int(s) for s in shape)
-    for scales in range(len(STANDARD_MS_SSIM_WEIGHTS), 0, -1):
-        divisor = max(1, scales - 1) ** 2
-        for kernel in (11, 9, 7, 5, 3):
-            if scales > 1 and kernel == 3:
-                continue  # a 3-voxel window is only worth it when nothing else fits
-            if smallest // divisor > kernel - 1:
-                raw = STANDARD_MS_SSIM_WEIGHTS[:scales]
-                total = sum(raw)
-                return MsSsimSettings(tuple(w / total for w in raw), kernel)
+    for kernels in ((11, 9, 7, 5), (3,)):
+        for scales in range(len(STANDARD_MS_SSIM_WEIGHTS), 0, -1):
+            for kernel in kernels:
+                coarsest = smallest // 2 ** (scales - 1)
+                if coarsest >= kernel and smallest // max(1, scales - 1) ** 2 > kernel - 1:
+                    raw = STANDARD_MS_SSIM_WEIGHTS[:scales]
+                    total = sum(raw)
+                    return MsSsimSettings(tuple(w / total for w in raw), kernel)
     raise LdmError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM (need >= 3 voxels per axis)")
 
 

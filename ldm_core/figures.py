@@ -173,10 +173,9 @@ def training_curves(runs: Mapping[str, str | Path]) -> bytes:
             ax.text(0.5, 0.5, "no loss records", ha="center", va="center", transform=ax.transAxes)
         else:
             ax.legend(fontsize=8)
-        ax.set_title(name)
+        ax.set_title(f"{name}: loss")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-    fig.suptitle("Training curves")
     return _png(fig)
 
 
