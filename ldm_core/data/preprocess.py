@@ -64,7 +64,8 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
     log.info("%s: %s layout, %d subjects, channel %s", input, layout, len(items), cfg.data.channel)
 
     settings = data_settings(cfg.data)
-    previous = _previous_entries(output, settings)
+    channel_index = items[0].channel if items else None
+    previous = _previous_entries(output, settings, layout, channel_index)
     (output / VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
 
     entries: list[dict[str, Any]] = []
@@ -97,17 +98,18 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
         entry.update(file=file, status="ok", reason="", affine=affine.tolist())
         entries.append(entry)
 
-    ok = [e for e in entries if e["status"] == "ok"]
     _assign_splits(entries, cfg.data.val_fraction, cfg.data.split_seed)
+    ok = [e for e in entries if e["status"] == "ok"]
     manifest = {
         "format": FORMAT_VERSION,
         "layout": layout,
+        "channel_index": channel_index,
         "channel": cfg.data.channel,
         "data": settings,
         "shape": list(cfg.data.shape),
         "spacing": list(cfg.data.spacing),
         "affine": ok[0]["affine"] if ok else np.eye(4).tolist(),
-        "dataset_hash": dataset_hash(settings, entries),
+        "dataset_hash": dataset_hash({**settings, "channel_index": channel_index}, entries),
         "subjects": entries,
     }
     existing = _read_json(output / MANIFEST_NAME)
@@ -278,13 +280,21 @@ def _assign_splits(entries: list[dict[str, Any]], val_fraction: float, seed: int
         entries[i] = {k: e[k] for k in keys if k in e}
 
 
-def _previous_entries(output: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Usable entries of an existing cache built with the same settings, by subject id."""
+def _previous_entries(
+    output: Path, settings: dict[str, Any], layout: str, channel_index: int | None
+) -> dict[str, dict[str, Any]]:
+    """Entries of an existing cache built the same way, by subject id.
+
+    The channel's index is compared too: the same file read through an edited dataset.json
+    could name a different volume "FLAIR".
+    """
     old = _read_json(output / MANIFEST_NAME)
     if (
         not isinstance(old, dict)
         or old.get("format") != FORMAT_VERSION
         or old.get("data") != settings
+        or old.get("layout") != layout
+        or old.get("channel_index") != channel_index
     ):
         return {}
     return {e["id"]: e for e in old.get("subjects", []) if isinstance(e, dict) and "id" in e}
