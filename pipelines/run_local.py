@@ -143,7 +143,11 @@ def run_pipeline(
         **(gate or {}),
     }
     progress = _Progress()
-    logging.getLogger().addFilter(progress)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    # kfp.local logs cache hits and skipped tasks at INFO outside its own logging context.
+    root_logger.setLevel(logging.INFO)
+    root_logger.addFilter(progress)
     started_wall, t0 = time.time(), time.monotonic()
     try:
         with warnings.catch_warnings():
@@ -152,7 +156,8 @@ def run_pipeline(
             warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
             task = pipeline(**args)
     finally:
-        logging.getLogger().removeFilter(progress)
+        root_logger.removeFilter(progress)
+        root_logger.setLevel(level)
     outputs = task.outputs
     deployment = None
     if outputs["gate_passed"]:
