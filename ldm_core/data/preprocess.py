@@ -8,6 +8,12 @@ chain, splits subjects into train/val, and writes the volumes and the manifest.
 Re-running is cheap: subjects whose raw file (sha256) and data settings are unchanged are
 taken from the existing cache, and an unchanged manifest is not rewritten, so a pipeline
 retry or a second ``make demo`` skips the work.
+
+Beyond the keys the cache contract requires, the manifest records ``layout`` (msd |
+folder), ``channel`` and ``channel_index``, ``data`` (the settings that shaped the cache)
+and, per usable subject, its own output ``affine``. The top-level ``affine`` is the first
+usable subject's: subjects from one grid (the demo's, or a registered cohort) share it, and
+otherwise they differ in origin only by where each scan's field of view was centred.
 """
 
 from __future__ import annotations
