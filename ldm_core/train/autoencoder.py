@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from monai.losses.perceptual import normalize_tensor
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ldm_core.config import Config
+from ldm_core import storage
+from ldm_core.config import Config, StorageConfig
 from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_discriminator
@@ -97,7 +99,9 @@ class FeaturePerceptualLoss(nn.Module):
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        self.network = network.eval().requires_grad_(False)
+        self.network = network.eval()
+        for p in self.network.parameters():  # ScriptModules lack requires_grad_()
+            p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx, fy = self.network(x.float()), self.network(y.float())
@@ -110,40 +114,32 @@ class FeaturePerceptualLoss(nn.Module):
         return torch.stack(terms).mean()
 
 
-def load_perceptual(spec: str, device: torch.device) -> FeaturePerceptualLoss | None:
-    """The perceptual loss from a local path or file:// URI; None when ``spec`` is empty."""
+def load_perceptual(
+    spec: str, device: torch.device, storage_cfg: StorageConfig
+) -> FeaturePerceptualLoss | None:
+    """The perceptual loss from a local path, file:// or s3:// URI; None when ``spec`` is empty."""
     if not spec:
         return None
-    path = Path(spec.removeprefix("file://"))
-    if "://" in str(path):
-        path = _fetch(spec)
+    where = "train.autoencoder.perceptual_weights"
+    try:
+        if storage.is_remote(spec):
+            path = Path(tempfile.mkdtemp(prefix="ldm-perceptual-")) / Path(spec).name
+            storage.download_file(spec, path, storage_cfg)
+        else:
+            path = storage.local_path(spec)
+    except LdmError as e:
+        raise LdmError(f"{where}: {e}") from None
     if not path.is_file():
-        raise LdmError(f"train.autoencoder.perceptual_weights: {spec}: file not found")
+        raise LdmError(f"{where}: {spec}: file not found")
     try:
         network = torch.jit.load(str(path), map_location=device)
     except Exception as e:  # a non-TorchScript file raises several types
         raise LdmError(
-            f"train.autoencoder.perceptual_weights: {spec} is not a TorchScript network "
-            f"({type(e).__name__}: {e}); export the feature extractor with torch.jit.trace/save"
+            f"{where}: {spec} is not a TorchScript network ({type(e).__name__}: {e}); "
+            "export the feature extractor with torch.jit.trace and torch.jit.save"
         ) from None
     log.info("perceptual loss: feature network from %s", spec)
     return FeaturePerceptualLoss(network).to(device)
-
-
-def _fetch(uri: str) -> Path:
-    """Copy a remote weights file (s3://, http(s)://) to a local temp file via ldm_core.storage."""
-    try:
-        from ldm_core import storage
-    except ImportError:
-        raise LdmError(
-            f"train.autoencoder.perceptual_weights: {uri}: remote URIs need ldm_core.storage; "
-            "give a local path"
-        ) from None
-    import tempfile
-
-    dest = Path(tempfile.mkdtemp(prefix="ldm-perceptual-")) / Path(uri).name
-    storage.download(uri, dest)
-    return dest
 
 
 # --------------------------------------------------------------------------- training
@@ -185,7 +181,9 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
         d_opt = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr)
         d_scaler = loop.make_scaler(device, cfg.train.amp)
     perceptual = (
-        load_perceptual(tc.perceptual_weights, device) if tc.perceptual_weight > 0 else None
+        load_perceptual(tc.perceptual_weights, device, cfg.storage)
+        if tc.perceptual_weight > 0
+        else None
     )
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     guard = loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE)
@@ -276,8 +274,9 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
                     g_loss = g_loss + tc.adv_weight * terms["g_adv"]
                     disc.requires_grad_(True)
             finite = not distributed.any_rank(env, not loop.is_finite(g_loss))
-            if not guard.ok(finite, step + 1):
+            if not guard.record(finite, step + 1):
                 metrics.log(step + 1, "train", float("nan"), nonfinite_total=guard.total)
+                guard.check(step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 continue
             grad_norm = loop.optimizer_step(
@@ -325,6 +324,7 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     finally:
         metrics.close()
 
+    distributed.check_replicas(env, ae, STAGE)
     scale_factor = compute_scale_factor(ae, train_set, cfg, env)
     if env.is_main:
         ckpt.atomic_save(

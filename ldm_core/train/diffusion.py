@@ -224,8 +224,9 @@ def _run(
                 pred = unet_train(noisy, timesteps=timesteps)
                 loss = F.mse_loss(pred.float(), target.float())
             finite = not distributed.any_rank(env, not loop.is_finite(loss))
-            if not guard.ok(finite, step + 1):
+            if not guard.record(finite, step + 1):
                 metrics.log(step + 1, "train", float("nan"), nonfinite_total=guard.total)
+                guard.check(step + 1)
                 continue
             grad_norm = loop.optimizer_step(
                 loss, optimizer, scaler, list(unet.parameters()), cfg.train.grad_clip
@@ -249,6 +250,7 @@ def _run(
     finally:
         metrics.close()
 
+    distributed.check_replicas(env, ema.model, STAGE)
     if env.is_main:
         ckpt.atomic_save(
             {"state_dict": ema.model.state_dict(), "config": cfg.to_dict(), "steps": step},

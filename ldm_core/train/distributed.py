@@ -161,3 +161,30 @@ def shutdown(env: DistEnv) -> None:
     """Leave the process group so the next stage in the same process can start clean."""
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def check_replicas(env: DistEnv, model: torch.nn.Module, stage: str) -> list[float]:
+    """Every rank's weight digest; raises LdmError if the replicas have drifted apart.
+
+    DDP keeps replicas identical only if every rank takes the same branches (skipped
+    steps, loss terms); a silent divergence would ship rank 0's weights as if all ranks
+    had agreed. The digest is a position-weighted sum of all parameters, in float64.
+    """
+    total = torch.zeros(1, dtype=torch.float64, device=env.device)
+    for i, p in enumerate(model.parameters()):
+        total += p.detach().double().sum() * (i + 1)
+    digests = [torch.zeros_like(total) for _ in range(env.world_size)]
+    if env.distributed:
+        dist.all_gather(digests, total)
+    else:
+        digests = [total]
+    values = [float(d.item()) for d in digests]
+    if env.distributed:
+        log.info("%s: replica digests %s", stage, values)
+        if any(v != values[0] for v in values):
+            raise LdmError(
+                f"{stage}: model replicas differ across ranks (digests {values}); DDP ranks "
+                "diverged; check for rank-dependent code or non-deterministic collectives"
+            )
+    return values

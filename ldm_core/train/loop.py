@@ -153,8 +153,8 @@ class NonFiniteGuard:
         self.in_row = 0
         self.total = 0
 
-    def ok(self, finite: bool, step: int) -> bool:
-        """Record one step's verdict; raise LdmError after ``max_in_row`` bad ones in a row."""
+    def record(self, finite: bool, step: int) -> bool:
+        """Count one step's verdict; returns ``finite`` (False means: skip this step)."""
         if finite:
             self.in_row = 0
             return True
@@ -167,6 +167,10 @@ class NonFiniteGuard:
             self.in_row,
             self.total,
         )
+        return False
+
+    def check(self, step: int) -> None:
+        """Raise LdmError once ``max_in_row`` non-finite losses came in a row."""
         if self.in_row >= self.max_in_row:
             raise LdmError(
                 f"{self.stage}: loss was NaN/Inf for {self.in_row} steps in a row "
@@ -174,7 +178,6 @@ class NonFiniteGuard:
                 "Try a lower learning rate (train.*.lr), full precision (train.amp=none), "
                 "gradient clipping (train.grad_clip=1.0), and check the input data for NaNs"
             )
-        return False
 
     def state_dict(self) -> dict[str, int]:
         return {"in_row": self.in_row, "total": self.total}

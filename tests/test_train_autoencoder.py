@@ -1,0 +1,181 @@
+"""Autoencoder stage: it learns, writes the promised outputs, guards against NaNs and
+refuses to resume a different architecture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_core.data.cache import read_manifest, subjects, write_manifest
+from ldm_core.errors import LdmError
+from ldm_core.models import build_autoencoder
+from ldm_core.train import autoencoder as ae_mod
+from ldm_core.train.autoencoder import train_autoencoder
+from ldm_core.train.distributed import DistEnv
+from tests.fixtures_data import make_demo_cache
+from tests.tiny import tiny_config
+
+SHAPE = (32, 32, 32)
+
+
+def make_cache(
+    root: Path, n_train: int = 3, n_val: int = 1, seed: int = 0, nan: bool = False
+) -> Path:
+    """A preprocessed cache of smooth, head-like blobs (ellipsoids with a soft texture)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "volumes").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    entries = []
+    for i in range(n_train + n_val):
+        radii = rng.uniform(0.55, 0.8, 3)[:, None, None, None]
+        centre = rng.uniform(-0.1, 0.1, 3)[:, None, None, None]
+        dist = (((grid - centre) / radii) ** 2).sum(0)
+        vol = np.clip(1.3 - dist, 0, 1) * (0.7 + 0.3 * np.cos(3 * grid[0] + i))
+        if nan:
+            vol[0, 0, 0] = np.nan
+        np.save(root / "volumes" / f"s{i}.npy", vol[None].astype(np.float16))
+        entries.append(
+            {
+                "id": f"s{i}",
+                "source": f"s{i}.nii.gz",
+                "sha256": f"{seed}-{i}",
+                "split": "train" if i < n_train else "val",
+                "file": f"volumes/s{i}.npy",
+                "status": "ok",
+            }
+        )
+    write_manifest(
+        root,
+        {
+            "format": 1,
+            "shape": list(SHAPE),
+            "spacing": [6.0, 6.0, 6.0],
+            "affine": [[-6.0, 0, 0, 90.0], [0, 6.0, 0, -120.0], [0, 0, 6.0, -70.0], [0, 0, 0, 1]],
+            "subjects": entries,
+            "dataset_hash": f"blobs-{seed}-{n_train}-{n_val}-{nan}",
+        },
+    )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Trainers apply train.threads process-wide; give the next test its setting back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def ae_config(*extra: str):
+    # One thread: the tiny convolutions gain nothing from two, and on a shared 2-core
+    # machine two threads per process thrash.
+    return tiny_config(
+        "train.threads=1",
+        "train.autoencoder.batch_size=1",
+        "train.log_every=1",
+        "train.val_every=1000",
+        "train.checkpoint_every=1000",
+        "train.autoencoder.adv_start_step=100000",
+        *extra,
+    )
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_autoencoder_overfits_one_demo_volume_and_writes_outputs(tmp_path):
+    data = make_demo_cache(tmp_path, n_subjects=2, shape=SHAPE)
+    assert len(subjects(read_manifest(data), "train")) == 1
+    cfg = ae_config(
+        "train.autoencoder.steps=30", "train.autoencoder.lr=0.003", "train.val_every=15"
+    )
+    run = train_autoencoder(cfg, data, tmp_path / "ae")
+
+    train = [m for m in read_metrics(run) if m["split"] == "train"]
+    first, last = train[0]["l1"], np.mean([m["l1"] for m in train[-5:]])
+    assert last < 0.35 * first, (first, last)
+    assert {"step", "split", "loss", "time", "kl", "samples_per_s"} <= set(train[-1])
+    assert [m["step"] for m in read_metrics(run) if m["split"] == "val"] == [15, 30]
+
+    final = torch.load(run / "autoencoder.pt", weights_only=True)
+    assert final["steps"] == 30 and final["config"] == cfg.to_dict()
+    assert 0 < final["scale_factor"] < 1e3
+    build_autoencoder(cfg).load_state_dict(final["state_dict"])
+    geometry = json.loads((run / "data_geometry.json").read_text())
+    manifest = read_manifest(data)
+    for key in ("affine", "shape", "spacing", "dataset_hash"):
+        assert geometry[key] == manifest[key]
+    assert (run / "config.yaml").exists()
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_scale_factor_is_one_over_std_of_all_training_latents(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=3)
+    cfg = ae_config("train.autoencoder.batch_size=2")
+    torch.manual_seed(0)
+    model = build_autoencoder(cfg).eval()
+    dataset = ae_mod.VolumeDataset(data, "train")
+    with torch.no_grad():
+        z = torch.cat([model.encode(dataset[i][None])[0] for i in range(len(dataset))])
+    expected = 1.0 / z.double().std(unbiased=False).item()
+    got = ae_mod.compute_scale_factor(model, dataset, cfg, DistEnv())
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_perceptual_and_adversarial_terms_join(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    features = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
+    weights = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.trace(features, torch.zeros(1, 1, *SHAPE)), str(weights))
+    cfg = ae_config(
+        "train.autoencoder.steps=3",
+        "train.autoencoder.adv_start_step=1",
+        "train.autoencoder.perceptual_weight=0.1",
+        f"train.autoencoder.perceptual_weights=file://{weights}",
+    )
+    run = train_autoencoder(cfg, data, tmp_path / "ae")
+    train = [m for m in read_metrics(run) if m["split"] == "train"]
+    assert "g_adv" not in train[0] and "perceptual" in train[0]
+    assert {"g_adv", "d_loss", "perceptual"} <= set(train[-1])
+    state = torch.load(run / "checkpoints" / "ckpt-00000003.pt", weights_only=True)
+    assert {"discriminator", "disc_optimizer", "disc_scaler"} <= set(state)
+
+
+def test_perceptual_weights_must_be_a_torchscript_file(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=1, n_val=0)
+    bad = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, bad)
+    cfg = ae_config(
+        "train.autoencoder.perceptual_weight=0.1", f"train.autoencoder.perceptual_weights={bad}"
+    )
+    with pytest.raises(LdmError, match="perceptual_weights.*TorchScript"):
+        train_autoencoder(cfg, data, tmp_path / "ae")
+
+
+def test_nan_guard_stops_after_k_nonfinite_losses_in_a_row(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=1, n_val=0, nan=True)
+    cfg = ae_config("train.autoencoder.steps=20", "train.max_nonfinite=3")
+    with pytest.raises(LdmError, match=r"NaN/Inf for 3 steps in a row.*lr.*train.amp=none"):
+        train_autoencoder(cfg, data, tmp_path / "ae")
+    skipped = [m for m in read_metrics(tmp_path / "ae") if m["split"] == "train"]
+    assert [m["nonfinite_total"] for m in skipped] == [1, 2, 3]
+    assert not (tmp_path / "ae" / "autoencoder.pt").exists()
+
+
+def test_finished_run_is_idempotent_and_other_architecture_is_refused(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=1, n_val=0)
+    cfg = ae_config("train.autoencoder.steps=2")
+    run = train_autoencoder(cfg, data, tmp_path / "ae")
+    stamp = (run / "autoencoder.pt").stat().st_mtime_ns
+    assert train_autoencoder(cfg, data, run) == run
+    assert (run / "autoencoder.pt").stat().st_mtime_ns == stamp
+
+    wider = ae_config("train.autoencoder.steps=2", "model.autoencoder.channels=[16,16]")
+    with pytest.raises(LdmError, match=r"different architecture.*model.autoencoder.channels"):
+        train_autoencoder(wider, data, run)
