@@ -354,6 +354,37 @@ def test_gpu_scheduling_only_in_gpu_overlays(builds, overlay):
         assert "nodeSelector" not in spec and "tolerations" not in spec
 
 
+def test_a_release_overlay_pins_the_serving_image_by_digest(tmp_path):
+    """What the CKV_K8S_43 skip promises: kustomize `images:` reaches the ServingRuntime."""
+    shutil.copytree(MANIFESTS, tmp_path / "manifests")
+    release = tmp_path / "manifests" / "overlays" / "release"
+    release.mkdir()
+    digest = "sha256:" + "0123456789abcdef" * 4
+    (release / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": ["../gpu-16g"],
+                "images": [
+                    {
+                        "name": "brain-ldm-serving",
+                        "newName": "registry.example.org/brain-ldm-serving",
+                        "digest": digest,
+                    }
+                ],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(release)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    runtime = one([d for d in yaml.safe_load_all(proc.stdout) if d], "ServingRuntime", "brain-ldm")
+    assert (
+        runtime["spec"]["containers"][0]["image"]
+        == f"registry.example.org/brain-ldm-serving@{digest}"
+    )
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_name_a_real_preset(builds, overlay):
     settings = one(builds[overlay], "ConfigMap", "brain-ldm-settings")["data"]
