@@ -383,3 +383,17 @@ def test_s3_source_through_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         stamp = (out / dl.MARKER).stat().st_mtime_ns
         dl.download(uri, out, Config())
         assert (out / dl.MARKER).stat().st_mtime_ns == stamp
+
+
+def test_verified_archive_is_not_fetched_again_after_failed_extraction(
+    server: Server, tmp_path: Path
+) -> None:
+    archive = _task_tar()
+    server.files["task.tar"] = archive
+    out = tmp_path / "raw"
+    staged = out / dl.STAGING / "task.tar"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(archive)  # left by a run that died while extracting
+    dl.download(server.url("task.tar") + "#md5=" + _md5(archive), out, Config())
+    assert server.requests == []
+    assert (out / "dataset.json").is_file()

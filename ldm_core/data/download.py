@@ -104,6 +104,8 @@ def download(
         _from_s3(source, staging, output, cfg)
     elif Path(source).is_dir():
         _from_directory(Path(source), staging, output)
+    elif "://" not in source and ("/" in source or source.startswith(".")):
+        raise LdmError(f"--source {source}: no such directory")
     else:
         raise LdmError(
             f"--source {source!r}: not demo, msd, an http(s):// or s3:// URI, or an existing directory"
@@ -193,10 +195,15 @@ def _from_demo(staging: Path, output: Path, subjects: int, seed: int) -> None:
 def _from_archive(url: str, md5: str | None, staging: Path, output: Path) -> str:
     name = Path(urllib.parse.urlparse(url).path).name or "archive.tar"
     archive = staging / name
-    digest = fetch(url, archive, md5)
+    # An archive verified by an earlier run whose extraction failed (disk full, killed)
+    # is not fetched again: 7 GB is worth the re-hash.
+    if md5 is not None and archive.is_file() and md5_file(archive) == md5:
+        digest = md5
+    else:
+        digest = fetch(url, archive, md5)
     tree = staging / "extract"
     shutil.rmtree(tree, ignore_errors=True)
-    extract_tar(archive, tree)
+    extract_tar(archive, tree, label=_redact(url))
     _install(_single_root(tree), output)
     archive.unlink()
     return digest
@@ -353,26 +360,31 @@ def _redact(url: str) -> str:
 # --------------------------------------------------------------------------- extraction
 
 
-def extract_tar(archive: Path, dest: Path) -> None:
+def extract_tar(archive: Path, dest: Path, label: str | None = None) -> None:
     """Extract ``archive`` into the new directory ``dest``, refusing unsafe members by name.
 
     Members are checked one by one as the archive streams by; on the first bad one the
-    partial tree is deleted, so nothing of an unsafe archive is ever installed.
+    partial tree is deleted, so nothing of an unsafe archive is ever installed. ``label``
+    names the archive in errors (its URL), default its file name.
     """
+    label = label or archive.name
     dest.mkdir(parents=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tqdm(tar, desc="extract", unit="file"):
                 reason = unsafe_member(member)
                 if reason:
-                    raise LdmError(f"{archive.name}: refused member {member.name!r}: {reason}")
+                    raise LdmError(f"{label}: refused member {member.name!r}: {reason}")
                 try:
                     tar.extract(member, dest, filter="data")
                 except tarfile.FilterError as e:
-                    raise LdmError(f"{archive.name}: refused member {member.name!r}: {e}") from None
+                    raise LdmError(f"{label}: refused member {member.name!r}: {e}") from None
     except tarfile.TarError as e:
         shutil.rmtree(dest, ignore_errors=True)
-        raise LdmError(f"{archive.name}: not a readable tar archive ({e})") from None
+        detail = str(e).splitlines()[0].rstrip(":")
+        raise LdmError(
+            f"{label}: not a readable tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz): {detail}"
+        ) from None
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
