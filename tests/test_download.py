@@ -348,10 +348,15 @@ def test_directory_without_images_is_refused(tmp_path: Path) -> None:
         dl.download(str(tmp_path / "empty"), tmp_path / "out", Config())
 
 
-def test_unknown_source_is_one_line(tmp_path: Path) -> None:
+def test_unknown_source_is_one_line_and_touches_nothing(tmp_path: Path) -> None:
+    out = dl.download("demo", tmp_path / "out", Config(), subjects=1)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(LdmError, match="not demo, msd") as err:
-        dl.download("ftp://example.org/x.tar", tmp_path / "out", Config())
+        dl.download("ftp://example.org/x.tar", out, Config())
     assert "\n" not in str(err.value)
+    with pytest.raises(LdmError, match="no such directory"):
+        dl.download(str(tmp_path / "missing"), out, Config())
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_demo_source_is_idempotent_and_replaced_on_new_request(tmp_path: Path) -> None:

@@ -102,14 +102,8 @@ def download(
         verified_md5 = _from_archive(request["url"], request["md5"], staging, output)
     elif source.startswith("s3://"):
         _from_s3(source, staging, output, cfg)
-    elif Path(source).is_dir():
-        _from_directory(Path(source), staging, output)
-    elif "://" not in source and ("/" in source or source.startswith(".")):
-        raise LdmError(f"--source {source}: no such directory")
     else:
-        raise LdmError(
-            f"--source {source!r}: not demo, msd, an http(s):// or s3:// URI, or an existing directory"
-        )
+        _from_directory(Path(source), staging, output)
     shutil.rmtree(staging, ignore_errors=True)
     described = check_layout(output)
     write_sums(output)
@@ -125,7 +119,10 @@ def download(
 
 
 def _request(source: str, subjects: int | None, seed: int) -> dict[str, Any]:
-    """What was asked for, as stored in the marker: equal requests mean equal content."""
+    """What was asked for, as stored in the marker: equal requests mean equal content.
+
+    Also where a bad ``--source`` is refused, before anything in ``output`` is touched.
+    """
     from ldm_core.data import demo
 
     if source == "demo":
@@ -151,7 +148,13 @@ def _request(source: str, subjects: int | None, seed: int) -> dict[str, Any]:
         return {"source": "url", "url": url, "md5": md5}
     if source.startswith("s3://"):
         return {"source": source}
-    return {"source": str(Path(source).resolve())}
+    if Path(source).is_dir():
+        return {"source": str(Path(source).resolve())}
+    if "://" not in source and ("/" in source or source.startswith(".")):
+        raise LdmError(f"--source {source}: no such directory")
+    raise LdmError(
+        f"--source {source!r}: not demo, msd, an http(s):// or s3:// URI, or an existing directory"
+    )
 
 
 def split_md5(url: str) -> tuple[str, str | None]:
