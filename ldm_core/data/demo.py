@@ -16,7 +16,8 @@ subject starts from the MNI152 tissue probability maps that nilearn ships inside
 The output layout is that of ``Task01_BrainTumour``: ``imagesTr/BRATS_XXX.nii.gz`` 4D
 ``(x, y, z, 4)`` with the modalities in Task01 order, ``labelsTr/BRATS_XXX.nii.gz`` and a
 ``dataset.json``. Subject ``i`` depends only on ``(seed, i)``, so a cohort is reproducible
-byte for byte and a larger cohort extends a smaller one with the same seed.
+byte for byte (on one platform: vectorised float maths may differ in the last bit between
+CPU generations) and a larger cohort extends a smaller one with the same seed.
 """
 
 from __future__ import annotations
