@@ -1,0 +1,156 @@
+"""Checkpoints: atomic, complete, pruned, never a torn one, and a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_core.errors import LdmError
+from ldm_core.train import checkpoint as ckpt
+from ldm_core.train.autoencoder import train_autoencoder
+from tests.test_train_autoencoder import _restore_threads, ae_config, make_cache  # noqa: F401
+from tests.tiny import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_atomic_save_leaves_no_temp_files_and_loads_as_data(tmp_path):
+    path = ckpt.atomic_save({"w": torch.arange(3), "rng": ckpt.rng_state()}, tmp_path / "a.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+    assert torch.equal(ckpt.load(path)["w"], torch.arange(3))
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    state = ckpt.rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    ckpt.set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_manager_keeps_last_k_and_ignores_temp_files(tmp_path):
+    manager = ckpt.CheckpointManager(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        manager.save({"x": torch.tensor(step)}, step)
+    (tmp_path / ".ckpt-00000040.pt.abcd.tmp").write_bytes(b"half a file")
+    assert [s for s, _ in manager.list()] == [20, 30]
+    assert manager.load_latest()["step"] == 30
+
+
+def test_torn_checkpoint_is_never_picked(tmp_path):
+    manager = ckpt.CheckpointManager(tmp_path, keep=3)
+    manager.save({"x": torch.ones(1000)}, 10)
+    good = manager.path_for(10).read_bytes()
+    manager.path_for(20).write_bytes(
+        good[: len(good) // 2]
+    )  # torn: e.g. copied by hand, disk error
+    manager.path_for(30).write_bytes(b"")
+    state = manager.load_latest()
+    assert state is not None and state["step"] == 10
+    # A renamed-into-place file whose recorded step disagrees with its name is refused too.
+    os.replace(manager.path_for(10), manager.path_for(40))
+    assert manager.load_latest() is None
+
+
+def test_architecture_mismatch_names_the_fields(tmp_path):
+    with pytest.raises(
+        LdmError, match=r"model.unet.channels: checkpoint \[16, 32\], config \[32, 64\]"
+    ):
+        ckpt.check_same_architecture(
+            {"model": {"unet": {"channels": [16, 32], "x": 1}}},
+            {"model": {"unet": {"channels": [32, 64], "x": 1}}},
+            "model.unet",
+            tmp_path / "ckpt-00000010.pt",
+        )
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    """Full state (weights, optimizer, RNG, data position) is saved: stopping at step 3 and
+    resuming to 6 gives the same weights as running 6 steps at once."""
+    data = make_cache(tmp_path / "data", n_train=3, n_val=1)
+    common = ("train.checkpoint_every=3", "train.val_every=3", "train.autoencoder.batch_size=2")
+    straight = train_autoencoder(
+        ae_config("train.autoencoder.steps=6", *common), data, tmp_path / "a"
+    )
+    train_autoencoder(ae_config("train.autoencoder.steps=3", *common), data, tmp_path / "b")
+    resumed = train_autoencoder(
+        ae_config("train.autoencoder.steps=6", *common), data, tmp_path / "b"
+    )
+    a = torch.load(straight / "autoencoder.pt", weights_only=True)
+    b = torch.load(resumed / "autoencoder.pt", weights_only=True)
+    assert b["steps"] == 6
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, msg=name)
+    steps = [
+        m["step"]
+        for m in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+        if m["split"] == "train"
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigkill_loses_at_most_one_interval_and_resumes(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    out = tmp_path / "run"
+    sets = [
+        *TINY_OVERRIDES,
+        "train.autoencoder.steps=14",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.autoencoder.batch_size=1",
+        "train.autoencoder.adv_start_step=1000",
+        "train.threads=1",
+        "train.keep_checkpoints=2",
+    ]
+    argv = [
+        sys.executable,
+        "-m",
+        "ldm_core.cli",
+        "train-autoencoder",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+    ]
+    for item in sets:
+        argv += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    first = out / "checkpoints" / "ckpt-00000004.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    killed_at = max(m["step"] for m in metrics)
+    saved = max(s for s, _ in ckpt.CheckpointManager(out / "checkpoints").list())
+    assert killed_at - saved < 4  # at most one interval of work lost
+    assert not (out / "autoencoder.pt").exists()
+
+    rerun = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (
+        f"resuming autoencoder training from {out / 'checkpoints' / f'ckpt-{saved:08d}.pt'} (step {saved} of 14)"
+        in rerun.stderr
+    )
+    final = torch.load(out / "autoencoder.pt", weights_only=True)
+    assert final["steps"] == 14
+    steps = [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == list(range(1, 15))  # work past the checkpoint was redone, not double-logged
+    assert [s for s, _ in ckpt.CheckpointManager(out / "checkpoints").list()] == [12, 14]
