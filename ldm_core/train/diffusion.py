@@ -64,7 +64,7 @@ def train_diffusion(
         return out
     manifest = read_manifest(data_dir)
     ae_file = ae_dir / AUTOENCODER_PT
-    ae_state = _load_autoencoder(ae_file, cfg, manifest)
+    ae_state = load_autoencoder(ae_file, cfg, manifest)
     loop.configure_threads(cfg)
     env = distributed.init(cfg)
     try:
@@ -86,7 +86,7 @@ def finished(cfg: Config, out: Path) -> bool:
     return int(saved.get("steps", 0)) >= cfg.train.diffusion.steps
 
 
-def _load_autoencoder(path: Path, cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+def load_autoencoder(path: Path, cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     """The finished autoencoder, checked against this run's config and data."""
     if not path.exists():
         raise LdmError(f"{path}: not found; train the autoencoder first (ldm train-autoencoder)")

@@ -1,0 +1,141 @@
+"""Diffusion stage: the latent cache is built once, reused and invalidated correctly, and
+the UNet learns on it; outputs form a bundle with the autoencoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_core import bundle
+from ldm_core.data.cache import VolumeDataset
+from ldm_core.errors import LdmError
+from ldm_core.models import build_autoencoder, build_unet
+from ldm_core.train import checkpoint as ckpt
+from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion
+from ldm_core.train.distributed import DistEnv
+from tests.test_train_autoencoder import _restore_threads, make_cache  # noqa: F401
+from tests.tiny import tiny_config
+
+
+def dm_config(*extra: str):
+    return tiny_config(
+        "train.threads=1",
+        "train.diffusion.batch_size=3",
+        "train.log_every=1",
+        "train.val_every=1000",
+        "train.checkpoint_every=1000",
+        *extra,
+    )
+
+
+def fake_autoencoder_run(out: Path, cfg, seed: int = 0, scale_factor: float = 1.7) -> Path:
+    """A finished autoencoder run directory with untrained weights (what train-diffusion reads)."""
+    torch.manual_seed(seed)
+    model = build_autoencoder(cfg)
+    ckpt.atomic_save(
+        {
+            "state_dict": model.state_dict(),
+            "scale_factor": scale_factor,
+            "config": cfg.to_dict(),
+            "steps": 1,
+        },
+        out / "autoencoder.pt",
+    )
+    return out
+
+
+def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=3, n_val=1)
+    cfg = dm_config(
+        "train.diffusion.steps=40",
+        "train.diffusion.lr=0.001",
+        "train.val_every=5",
+        "train.diffusion.ema_decay=0.9",
+    )
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", cfg)
+    run = train_diffusion(cfg, data, ae_dir, tmp_path / "dm")
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [m for m in metrics if m["split"] == "val"]
+    assert [m["step"] for m in val] == list(range(5, 45, 5))
+    assert val[-1]["raw"] < 0.7 * val[0]["raw"], val
+    assert val[-1]["loss"] < val[0]["loss"]
+
+    final = torch.load(run / "unet.pt", weights_only=True)
+    assert final["steps"] == 40 and final["config"] == cfg.to_dict()
+    last = torch.load(run / "checkpoints" / "ckpt-00000040.pt", weights_only=True)
+    for name, value in final["state_dict"].items():  # unet.pt ships the EMA weights
+        torch.testing.assert_close(value, last["ema"]["model"][name])
+    assert any(not torch.equal(v, last["model"][k]) for k, v in final["state_dict"].items())
+    build_unet(cfg).load_state_dict(final["state_dict"])
+
+    b = bundle.load(bundle.build_bundle(ae_dir, run, tmp_path / "bundle"), device="cpu")
+    assert b.scale_factor == pytest.approx(1.7)
+    np.testing.assert_allclose(b.affine, json.loads((data / "manifest.json").read_text())["affine"])
+
+    stamp = (run / "unet.pt").stat().st_mtime_ns
+    assert train_diffusion(cfg, data, ae_dir, run) == run  # finished: returns at once
+    assert (run / "unet.pt").stat().st_mtime_ns == stamp
+
+
+def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):
+    cfg = dm_config()
+    data = make_cache(tmp_path / "data", n_train=2, n_val=1)
+    out = tmp_path / "dm"
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", cfg, seed=0)
+
+    def prepare(data_dir: Path) -> dict[str, torch.Tensor]:
+        from ldm_core.data.cache import read_manifest
+
+        manifest = read_manifest(data_dir)
+        state = load_autoencoder(ae_dir / "autoencoder.pt", cfg, manifest)
+        return prepare_latents(
+            cfg, data_dir, manifest, ae_dir / "autoencoder.pt", state, out, DistEnv()
+        )
+
+    index = out / "latents" / "cache.json"
+    first = prepare(data)
+    assert first["train"].shape == (2, *cfg.latent_shape) and first["val"].shape == (
+        1,
+        *cfg.latent_shape,
+    )
+    # The cache holds posterior means times the scale factor.
+    model = build_autoencoder(cfg)
+    model.load_state_dict(torch.load(ae_dir / "autoencoder.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        mu = model.eval().encode(VolumeDataset(data, "train")[1][None])[0][0]
+    torch.testing.assert_close(first["train"][1], mu * 1.7, rtol=1e-4, atol=1e-5)
+
+    stamp = index.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="ldm_core.train.diffusion"):
+        again = prepare(data)
+    assert index.stat().st_mtime_ns == stamp and "reusing latent cache" in caplog.text
+    assert torch.equal(again["train"], first["train"])
+
+    fake_autoencoder_run(ae_dir, cfg, seed=1)  # a retrained autoencoder
+    key_before = json.loads(index.read_text())["key"]
+    retrained = prepare(data)
+    assert json.loads(index.read_text())["key"] != key_before
+    assert not torch.allclose(retrained["train"], first["train"])
+
+    other = make_cache(tmp_path / "data2", n_train=3, n_val=0, seed=5)  # re-preprocessed data
+    changed = prepare(other)
+    assert changed["train"].shape[0] == 3 and "val" not in changed
+    assert not (out / "latents" / "val.npy").exists()
+    assert json.loads(index.read_text())["dataset_hash"] == "blobs-5-3-0-False"
+
+
+def test_diffusion_refuses_an_autoencoder_of_another_architecture(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=1, n_val=0)
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", dm_config())
+    other = dm_config("model.autoencoder.channels=[16,16]")
+    with pytest.raises(
+        LdmError, match=r"autoencoder.pt: was trained with a different architecture.*channels"
+    ):
+        train_diffusion(other, data, ae_dir, tmp_path / "dm")
+    with pytest.raises(LdmError, match="train the autoencoder first"):
+        train_diffusion(dm_config(), data, tmp_path / "missing", tmp_path / "dm")
