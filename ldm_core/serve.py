@@ -34,8 +34,6 @@ import base64
 import concurrent.futures
 import json
 import logging
-import os
-import signal
 import socket
 import sys
 import threading
@@ -621,11 +619,23 @@ class _HostModelServer(ModelServer):
         self._host = host
         self.dataplane = _ModelAwareDataPlane(model_registry=self.registered_models)
 
+        self._stop_requested = False
+
     def setup_event_loop(self) -> None:
         # Called after the REST server is built and before it binds: the one hook to set the host.
         super().setup_event_loop()
         if self._rest_server is not None:
             self._rest_server.config.host = self._host
+        if self._stop_requested:
+            self.request_stop()
+
+    def request_stop(self) -> None:
+        """Make uvicorn shut down gracefully, from any thread and at any point of start-up
+        (a signal sent before uvicorn installs its handlers would be lost)."""
+        self._stop_requested = True
+        rest = self._rest_server
+        if rest is not None:
+            rest._server.should_exit = True  # uvicorn polls this flag in its main loop
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -673,7 +683,7 @@ def serve(
         except BaseException as exc:  # noqa: BLE001 - any failure must stop the server
             model.load_error = exc
             _log_event("model_load_failed", logging.ERROR, model=name, error=f"{type(exc).__name__}: {exc}")
-            os.kill(os.getpid(), signal.SIGTERM)
+            server.request_stop()
 
     threading.Thread(target=load_in_background, name="ldm-load", daemon=True).start()
     server.start([])
@@ -704,6 +714,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if not (Path(args.bundle) / "bundle.json").is_file():
+            raise LdmError(f"{args.bundle}: not a model bundle (no bundle.json)")
         config_path = args.config or Path(args.bundle) / "config.yaml"
         cfg = load_config(config_path, preset=args.preset, overrides=args.set)
         serve(cfg, args.bundle, args.http_port, args.model_name, host=args.host, device=args.device)

@@ -1,0 +1,139 @@
+"""The predictor under pressure and at the edges of its life: overload, the per-request time
+limit, readiness during warm-up, and a bundle that cannot load."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from kserve.model_repository import ModelRepository
+
+from ldm_core.bundle import make_random_bundle
+from ldm_core.deploy import deploy, stop_local
+from ldm_core.serve import BrainLDMModel, _ModelAwareDataPlane
+from tests.test_serve_http import MODEL, tiny_config, v2
+
+TIMEOUT_S = 3.0
+LIMITS = [
+    "serving.max_concurrency=1",
+    "serving.max_queue=1",
+    f"serving.request_timeout_s={TIMEOUT_S}",
+    "serving.max_steps=1000",
+]
+# A request that cannot finish inside TIMEOUT_S on a CPU: 3 samples x 1000 DDPM steps.
+SLOW = v2([1, 2, 3], sampler="ddpm", steps=1000)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limits")
+    cfg = tiny_config(*LIMITS)
+    bundle = make_random_bundle(root / "bundle", cfg)
+    result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
+    try:
+        yield result["url"]
+    finally:
+        stop_local(result)
+
+
+def _post(url: str, body: dict, out: list, lock: threading.Lock) -> None:
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    with lock:
+        out.append((r.status_code, time.monotonic() - started, r.text, r.headers.get("retry-after")))
+
+
+def test_overload_is_refused_at_once_while_health_stays_fast(limited):
+    url = limited
+    results: list = []
+    lock = threading.Lock()
+    threads = [threading.Thread(target=_post, args=(url, SLOW, results, lock)) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    # Generation runs off the event loop: liveness answers while the worker is busy.
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
+    assert time.monotonic() - started < 1.0
+    for t in threads:
+        t.join()
+    statuses = sorted(s for s, *_ in results)
+    assert set(statuses) <= {200, 503, 504}, results
+    busy = [r for r in results if r[0] == 503]
+    assert busy, f"no request was refused: {statuses}"
+    for _, elapsed, text, retry_after in busy:
+        assert "busy" in text and "serving.max_queue" in text
+        assert elapsed < 1.5 and retry_after == "1"
+    # 1 generating + 1 queued were admitted; they end by the time limit, not by piling up.
+    assert len([r for r in results if r[0] != 503]) == 2
+
+
+def test_time_limit_gives_504_and_frees_the_slot(limited):
+    url = limited
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=SLOW, timeout=60)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert "serving.request_timeout_s=3" in r.json()["error"] and "generating (step" in r.json()["error"]
+    assert elapsed < TIMEOUT_S + 2.0
+    # The abandoned generation stops at its next step, so the next request gets the slot.
+    started = time.monotonic()
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=v2([9], steps=2), timeout=60)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < TIMEOUT_S
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'ldm_requests_rejected_total{reason="timeout"}' in metrics
+    assert "ldm_requests_in_flight 0.0" in metrics and "ldm_requests_queued 0.0" in metrics
+
+
+def test_readiness_turns_true_only_after_warm_up(tmp_path):
+    cfg = tiny_config()
+    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    model = BrainLDMModel(MODEL, bundle, cfg, device="cpu")
+    repo = ModelRepository()
+    repo.update(model)
+    plane = _ModelAwareDataPlane(model_registry=repo)
+
+    async def readiness() -> tuple[bool, bool]:
+        return await plane.ready(), await plane.model_ready(MODEL)
+
+    model.start()  # what ModelServer calls; must not claim readiness
+    assert asyncio.run(readiness()) == (False, False)
+    model.load()
+    assert asyncio.run(readiness()) == (True, True)
+    assert model.bundle.device == torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ldm_core.serve", "--host", "127.0.0.1", "--http-port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_refuses_a_directory_that_is_not_a_bundle(tmp_path):
+    proc = _serve_cli("--bundle", str(tmp_path), "--set", "serving.max_samples=2")
+    assert proc.returncode == 1
+    assert f"{tmp_path}" in proc.stderr and "not a model bundle" in proc.stderr
+
+
+def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
+    bundle = make_random_bundle(tmp_path / "bundle", tiny_config())
+    (Path(bundle) / "unet.pt").write_bytes(b"not a checkpoint")
+    proc = _serve_cli("--bundle", str(bundle))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "failed to load" in proc.stderr and "unet.pt" in proc.stderr
+    assert '"event": "model_load_failed"' in proc.stderr
