@@ -351,6 +351,18 @@ class _LogFollower(threading.Thread):
                 log.debug("log stream of %s interrupted: %s", self.pod, err)
             self.stop.wait(self.reconnect_s)
 
+    def finish(self, timeout_s: float) -> None:
+        """Stop following, then read once more from the last line printed: a stream that was
+        between reconnects when the pod finished would otherwise miss the final lines."""
+        self.stop.set()
+        self.join(timeout_s)
+        if self.is_alive():  # still inside a stream: reading again would print lines twice
+            return
+        try:
+            self._follow_once()
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as err:
+            log.debug("final log read of %s failed: %s", self.pod, err)
+
     def _follow_once(self) -> None:
         kwargs: dict[str, Any] = {}
         if self._last is not None:
@@ -706,11 +718,9 @@ class PyTorchJobLauncher:
                 follower.stop.set()
 
     def _drain(self, follower: _LogFollower | None) -> None:
-        """Let the log stream print what the pod wrote last: a follow stream ends by itself when
-        the container exits; stop only prevents reconnecting."""
+        """Print what the pod wrote last before the outcome is reported."""
         if follower is not None:
-            follower.stop.set()
-            follower.join(timeout=max(2.0, 2 * self.settings.log_reconnect_s))
+            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
 
 
 def _started(pod: Any) -> bool:
