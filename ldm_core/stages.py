@@ -54,9 +54,13 @@ class StageError(LdmError):
 # --------------------------------------------------------------------------- config
 
 
-def resolve_config(preset: str, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> Config:
-    """Preset + pipeline overrides (+ stage-specific overrides, applied last) -> Config."""
-    return load_config(None, preset=preset or None, overrides=[*overrides, *extra])
+def resolve_config(preset: str, overrides: Sequence[str] = (), stage_params: Sequence[str] = ()) -> Config:
+    """Preset, then a stage's own parameters (as ``key=value``), then the user's overrides.
+
+    Overrides come last so that ``--set`` always wins, as on the CLI: a pipeline parameter
+    with a default (a gate threshold, say) never silently undoes an explicit override.
+    """
+    return load_config(None, preset=preset or None, overrides=[*stage_params, *overrides])
 
 
 def _save_config(cfg: Config, directory: Path) -> Path:

@@ -1,0 +1,164 @@
+"""ldm_core.stages: backend choice, and restart-safe training on the cluster-style path
+(inputs staged on the shared volume, run dir reused when inputs and config match)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_core import stages
+from ldm_core.data.cache import write_manifest
+from ldm_core.data.preprocess import data_settings
+from ldm_core.launcher import LocalLauncher
+from tests.tiny import TINY_OVERRIDES, tiny_config
+
+TRAIN = [*TINY_OVERRIDES, "train.autoencoder.steps=2", "train.autoencoder.batch_size=2",
+         "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1"]
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def test_unknown_backend_is_rejected_by_name():
+    with pytest.raises(stages.StageError, match="backend: 'k8s' is not one of auto, local, kubeflow"):
+        stages.choose_backend("k8s")
+
+
+def test_auto_outside_a_cluster_trains_locally(monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert stages.choose_backend("auto") == "local"
+    assert stages.choose_backend("kubeflow") == "kubeflow"
+
+
+@pytest.fixture()
+def fake_api(tmp_path, monkeypatch):
+    """A loopback API server answering the probe GET; ``state['crd']`` says whether the
+    PyTorchJob API is served. Reached through a kubeconfig, as from a laptop."""
+    state = {"crd": True, "paths": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state["paths"].append(self.path)
+            if state["crd"]:
+                body = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                        "details": {"name": "ldm-backend-probe", "group": "kubeflow.org", "kind": "pytorchjobs"}}
+                data = json.dumps(body).encode()
+            else:
+                data = b"404 page not found\n"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
+        "users": [{"name": "t", "user": {"token": "x"}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "team-a"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_auto_in_a_cluster_uses_pytorchjobs_when_the_api_is_served(fake_api):
+    assert stages.choose_backend("auto") == "kubeflow"
+    assert fake_api["paths"] == ["/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/ldm-backend-probe"]
+
+
+def test_auto_in_a_cluster_without_the_training_operator_trains_locally(fake_api):
+    fake_api["crd"] = False
+    assert stages.choose_backend("auto") == "local"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _tiny_cache(root: Path, n: int = 4) -> Path:
+    cfg = tiny_config()
+    rng = np.random.default_rng(0)
+    (root / "volumes").mkdir(parents=True)
+    affine = np.diag([*cfg.data.spacing, 1.0]).tolist()
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in cfg.data.shape], indexing="ij"))
+    subjects = []
+    for i in range(n):
+        radius = 0.6 + 0.1 * rng.random()
+        vol = (np.sqrt((grid**2).sum(0)) < radius).astype(np.float16)[None] * np.float16(0.8)
+        np.save(root / "volumes" / f"s{i}.npy", vol)
+        subjects.append({"id": f"s{i}", "source": f"s{i}.nii.gz", "sha256": f"{i:064d}",
+                         "split": "val" if i == n - 1 else "train", "file": f"volumes/s{i}.npy",
+                         "status": "ok", "reason": "", "affine": affine})
+    write_manifest(root, {
+        "format": 1, "layout": "folder", "channel_index": 0, "channel": "FLAIR",
+        "data": data_settings(cfg.data), "shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
+        "affine": affine, "dataset_hash": "tiny-" + "0" * 59, "subjects": subjects,
+    })
+    return root
+
+
+class CountingLauncher(LocalLauncher):
+    """The local launcher, counting launches: the stage under test decides whether to launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def run(self, task) -> None:
+        self.names.append(task.name)
+        super().run(task)
+
+
+def test_cluster_path_stages_inputs_on_the_volume_and_reuses_a_finished_run(tmp_path, monkeypatch):
+    cache = _tiny_cache(tmp_path / "cache")
+    workdir = tmp_path / "pvc"
+    launcher = CountingLauncher()
+    # The PyTorchJob launcher is replaced by torchrun on this machine; everything else is
+    # the kubeflow path: inputs copied to the PVC, run dir on the PVC, result copied out.
+    monkeypatch.setattr(stages, "_launcher", lambda backend, cluster, cfg: launcher)
+    cluster = stages.ClusterSettings(image="img", pvc_name="pvc", workdir=str(workdir))
+
+    out1 = tmp_path / "artifact1"
+    info = stages.train_autoencoder_stage(cache, out1, "", TRAIN, nproc=1, backend="kubeflow", cluster=cluster)
+    assert info["backend"] == "kubeflow" and not info["reused"]
+    run_dir = Path(info["run_dir"])
+    assert run_dir.parent == workdir / "brain-ldm" / "runs" and run_dir.name == info["job"]
+    assert (run_dir / "autoencoder.pt").is_file() and (out1 / "autoencoder.pt").is_file()
+    staged = workdir / "brain-ldm" / "inputs" / f"{info['job']}-data" / "manifest.json"
+    assert staged.is_file()
+    assert json.loads((out1 / "stage.json").read_text())["job"] == info["job"]
+
+    # A retried component (same inputs, same config): no new job, the finished run is copied.
+    out2 = tmp_path / "artifact2"
+    again = stages.train_autoencoder_stage(cache, out2, "", TRAIN, nproc=1, backend="kubeflow", cluster=cluster)
+    assert again["reused"] and again["job"] == info["job"]
+    assert (out2 / "autoencoder.pt").read_bytes() == (out1 / "autoencoder.pt").read_bytes()
+    assert launcher.names == [info["job"]]
+
+    # A changed config is a different job.
+    changed = stages.train_autoencoder_stage(
+        cache, tmp_path / "artifact3", "", [*TRAIN, "train.autoencoder.steps=1"], nproc=1,
+        backend="kubeflow", cluster=cluster,
+    )
+    assert changed["job"] != info["job"] and not changed["reused"]
+    assert launcher.names == [info["job"], changed["job"]]
+
+
+def test_kubeflow_backend_needs_an_image_and_a_volume(tmp_path):
+    cfg = tiny_config()
+    with pytest.raises(stages.StageError, match="image: the kubeflow backend needs the training image"):
+        stages._launcher("kubeflow", stages.ClusterSettings(pvc_name="p"), cfg)
+    with pytest.raises(stages.StageError, match="pvc_name"):
+        stages._launcher("kubeflow", stages.ClusterSettings(image="i"), cfg)
