@@ -1,0 +1,147 @@
+"""Deploy stage, local backend: a detached model server on loopback, smoke-tested over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import pytest
+
+from ldm_core.bundle import make_random_bundle
+from ldm_core.deploy import DeployError, SmokeTestError, deploy, smoke_check, stop_local
+from tests.test_serve_http import MODEL, tiny_config
+
+
+def _running(pid: int) -> bool:
+    try:
+        return b"ldm_core.serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_deploy_serves_answers_restarts_and_stops(tmp_path):
+    cfg = tiny_config()
+    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    state = tmp_path / "state"
+    first = deploy(cfg, bundle, backend="local", state_dir=state, ready_timeout_s=240)
+    try:
+        assert first["backend"] == "local" and first["model_name"] == MODEL
+        assert first["url"].startswith("http://127.0.0.1:")
+        assert first["infer_url"] == f"{first['url']}/v2/models/{MODEL}/infer"
+        assert first["smoke"]["ok"] and first["smoke"]["shape"] == [1, 1, 16, 16, 16]
+        assert (state / "serve.pid").read_text().strip() == str(first["pid"])
+        assert json.loads((state / "deployment.json").read_text())["url"] == first["url"]
+        r = httpx.post(
+            f"{first['url']}/v1/models/{MODEL}:predict",
+            json={"instances": [{"seed": 1}], "parameters": {"steps": 2}},
+            timeout=60,
+        )
+        assert r.status_code == 200
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(r.json()["predictions"][0]["nifti"])))
+        assert img.shape == (16, 16, 16)
+
+        # Deploying again into the same state dir replaces the old server.
+        second = deploy(cfg, bundle, backend="local", state_dir=state, model_name="brain-ldm-v2", ready_timeout_s=240)
+        assert second["pid"] != first["pid"] and not _running(first["pid"])
+        assert httpx.get(f"{second['url']}/v2/models/brain-ldm-v2/ready", timeout=10).status_code == 200
+    finally:
+        stop_local(state)
+    assert not _running(second["pid"])
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{second['url']}/v2/health/live", timeout=5)
+    assert stop_local(state) is False  # nothing left to stop
+
+
+def test_a_server_that_dies_while_starting_is_reported_with_its_log(tmp_path):
+    cfg = tiny_config()
+    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    (Path(bundle) / "autoencoder.pt").write_bytes(b"truncated")
+    with pytest.raises(DeployError, match="exited before it was ready") as info:
+        deploy(cfg, bundle, backend="local", state_dir=tmp_path / "state", ready_timeout_s=240)
+    assert "autoencoder.pt" in str(info.value)  # the log tail says why
+    assert not (tmp_path / "state" / "serve.pid").exists()
+
+
+@pytest.mark.parametrize(
+    "backend,settings,message",
+    [
+        ("local", {"prot": 1}, "prot: not a setting of the local backend"),
+        ("docker", {}, "backend: 'docker'"),
+        ("kserve", {"name": "x"}, "storage_prefix"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, backend, settings, message):
+    cfg = tiny_config()
+    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    with pytest.raises(DeployError, match=message):
+        deploy(cfg, bundle, backend=backend, **settings)
+
+
+def test_a_directory_without_a_bundle_is_refused_before_starting_anything(tmp_path):
+    with pytest.raises(DeployError, match="not a model bundle"):
+        deploy(tiny_config(), tmp_path, backend="local", state_dir=tmp_path / "state")
+    assert not (tmp_path / "state" / "serve.pid").exists()
+
+
+class _Impostor(BaseHTTPRequestHandler):
+    """Answers like a model server that lost its way: metadata fine, inference wrong."""
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._send(200, {"name": MODEL, "inputs": [], "outputs": [{"name": "volume", "datatype": "FP32", "shape": [-1, 1, 4, 4, 4]}]})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        nan_volume = [float("nan")] * 64
+        self._send(200, {"outputs": [
+            {"name": "volume", "shape": [1, 1, 4, 4, 4], "datatype": "FP32", "data": nan_volume},
+            {"name": "affine", "shape": [4, 4], "datatype": "FP32", "data": [1.0] * 16},
+        ]})
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_smoke_check_rejects_wrong_answers():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(SmokeTestError, match="non-finite"):
+            smoke_check(url, MODEL)
+        with pytest.raises(SmokeTestError, match="HTTP|ConnectError"):
+            smoke_check(f"http://127.0.0.1:{_closed_port()}", MODEL, timeout_s=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stop_local_leaves_unrelated_processes_alone(tmp_path):
+    # A stale pid file naming a process that is not a model server (this test process).
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "serve.pid").write_text(f"{os.getpid()}\n")
+    assert stop_local(state) is False
+    assert not (state / "serve.pid").exists()
