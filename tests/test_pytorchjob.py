@@ -607,3 +607,27 @@ def test_rbac_rules_are_exactly_what_the_launcher_calls(emulator):
         op.join(10)
     used = {_rbac(r) for r in emulator.requests_from(LAUNCHER_UA)}
     assert used == _declared()
+
+
+def test_job_deleted_by_someone_else_fails_the_task(emulator):
+    emulator.operator("hang")
+    task = _task()
+    other = kubernetes.client.CustomObjectsApi(emulator.client("someone"))
+
+    def delete_later() -> None:
+        time.sleep(0.6)
+        other.delete_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, task.name)
+
+    deleter = threading.Thread(target=delete_later)
+    deleter.start()
+    with pytest.raises(LaunchError, match="deleted by someone else"):
+        _launcher(emulator).run(task)
+    deleter.join()
+
+
+def test_forbidden_names_the_missing_rbac(emulator):
+    task = _task()
+    emulator.emu["get", f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/{task.name}"] << 403
+    with pytest.raises(LaunchError, match=r"refused \(403.*service account needs the Role"):
+        _launcher(emulator).run(task)
+    assert _creates(emulator) == 0

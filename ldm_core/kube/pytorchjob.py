@@ -610,7 +610,7 @@ class PyTorchJobLauncher:
                 log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
                 self._delete_job(name)
                 self._wait_deleted(name, timeout_s=max(60.0, 10 * s.poll_s))
-                job = self._create_job(body)
+                self._create_job(body)
             else:
                 log.info(
                     "adopting existing PyTorchJob %s/%s (%s)",
@@ -619,7 +619,7 @@ class PyTorchJobLauncher:
                     _latest(job) or "no status yet",
                 )
         else:
-            job = self._create_job(body)
+            self._create_job(body)
             log.info(
                 "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
                 self.namespace,
@@ -628,9 +628,10 @@ class PyTorchJobLauncher:
                 task.nproc_per_node,
                 s.image,
             )
-        self._follow(name, job)
+        self._follow(name)
 
-    def _follow(self, name: str, job: dict[str, Any]) -> None:
+    def _follow(self, name: str) -> None:
+        """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
         s = self.settings
         start = time.monotonic()
         timeout = (
@@ -638,44 +639,43 @@ class PyTorchJobLauncher:
         )
         follower: _LogFollower | None = None
         last_state = ""
-        api_errors = 0
-        pods: list[Any] = []
+        api_failures = 0
         try:
             while True:
+                try:
+                    job, pods = self._get_job(name), self._pods(name)
+                    api_failures = 0
+                except LaunchError:
+                    api_failures += 1
+                    if api_failures > 5:  # not a blip: give up with the API's reason
+                        raise
+                    log.warning("API error while following %s; retrying", name, exc_info=True)
+                    time.sleep(s.poll_s)
+                    continue
                 if job is None:
                     raise LaunchError(
-                        f"PyTorchJob {self.namespace}/{name} was deleted by someone else while running"
+                        f"PyTorchJob {self.namespace}/{name} was deleted by someone else"
                     )
                 state = _latest(job)
                 if state != last_state:
-                    log.info(
-                        "PyTorchJob %s: %s", name, state or "waiting for the training operator"
-                    )
+                    log.info("PyTorchJob %s: %s", name, state or "waiting for the operator")
                     last_state = state
                 if _true(job, "Succeeded"):
                     self._drain(follower)
                     log.info("PyTorchJob %s succeeded", name)
                     return
                 failed = _true(job, "Failed")
-                pods = self._pods(name)
                 if failed:
                     self._drain(follower)
-                    raise self._failure(
-                        name,
-                        f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".rstrip(
-                            ": "
-                        ),
-                        follower,
-                        pods,
-                    )
+                    reason = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}"
+                    raise self._failure(name, reason.rstrip(": "), follower, pods)
                 evicted = [p for p in pods if _is_evicted(p)]
                 if evicted:
+                    # The operator may not fail the job for this; we do, and clean up.
                     self._drain(follower)
+                    why = evicted[0].status.message or "no message"
                     err = self._failure(
-                        name,
-                        f"pod {evicted[0].metadata.name} was evicted ({evicted[0].status.message or 'no message'})",
-                        follower,
-                        pods,
+                        name, f"pod {evicted[0].metadata.name} was evicted ({why})", follower, pods
                     )
                     self._delete_job(name)
                     raise err
@@ -694,9 +694,9 @@ class PyTorchJobLauncher:
                 if not _conditions(job) and elapsed > s.start_timeout_s:
                     self._delete_job(name)
                     raise LaunchError(
-                        f"PyTorchJob {self.namespace}/{name} got no status in {s.start_timeout_s:.0f}s: "
-                        "is the Kubeflow training operator installed and watching this namespace? "
-                        "The job was deleted."
+                        f"PyTorchJob {self.namespace}/{name} got no status in "
+                        f"{s.start_timeout_s:.0f}s: is the Kubeflow training operator installed "
+                        "and watching this namespace? The job was deleted."
                     )
                 if elapsed > timeout:
                     err = self._failure(
@@ -705,14 +705,6 @@ class PyTorchJobLauncher:
                     self._delete_job(name)
                     raise LaunchError(f"{err}\nThe job was deleted.")
                 time.sleep(s.poll_s)
-                try:
-                    job = self._get_job(name)
-                    api_errors = 0
-                except LaunchError:
-                    api_errors += 1
-                    if api_errors > 5:
-                        raise
-                    log.warning("API error while following %s; retrying", name, exc_info=True)
         finally:
             if follower is not None:
                 follower.stop.set()
