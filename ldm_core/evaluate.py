@@ -33,7 +33,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.networks.nets import ResNet
 
 from ldm_core import figures
-from ldm_core.config import Config, EvaluationConfig
+from ldm_core.config import Config, EvaluationConfig, samplers_for
 from ldm_core.data.cache import MANIFEST_NAME, read_manifest, subjects
 from ldm_core.errors import LdmError
 
@@ -205,7 +206,7 @@ def foreground(volumes: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torc
 def intensity_histogram(volumes: torch.Tensor, threshold: float = MASK_THRESHOLD, bins: int = HIST_BINS) -> np.ndarray:
     """Normalised histogram of foreground intensities pooled over the set (zeros if none)."""
     values = volumes[:, 0][foreground(volumes, threshold)].clamp(0.0, 1.0)
-    counts = torch.histc(values.float(), bins=bins, min=0.0, max=1.0).double().numpy()
+    counts = torch.histc(values.float(), bins=bins, min=0.0, max=1.0).double().cpu().numpy()
     total = counts.sum()
     return counts / total if total > 0 else counts
 
@@ -349,7 +350,7 @@ def load_feature_extractor(uri: str, cfg: Config, device: torch.device) -> torch
             raise LdmError(f"evaluation.fid_weights: {uri} not found")
         try:
             module = torch.jit.load(str(path), map_location=device)
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             module = None
         if module is None:
             try:
@@ -390,9 +391,12 @@ def compute_metrics(
     extractor: FeatureExtractor | None = None,
     device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Every metric of generated vs real volumes (both ``[N, 1, D, H, W]`` on [0, 1])."""
+    """Every metric of generated vs real volumes (both ``[N, 1, D, H, W]`` on [0, 1]),
+    computed on ``device`` (the model's: 3D MS-SSIM of large volumes is slow on a CPU)."""
     if real.shape[1:] != generated.shape[1:]:
         raise LdmError(f"real volumes are {tuple(real.shape[1:])} but generated ones {tuple(generated.shape[1:])}")
+    dev = device or torch.device("cpu")
+    real, generated = real.to(dev), generated.to(dev)
     metrics: dict[str, float] = {"num_generated": float(generated.shape[0]), "num_real": float(real.shape[0])}
     metrics["out_of_range_fraction"] = float(((generated < 0) | (generated > 1)).float().mean())
     generated = generated.clamp(0.0, 1.0)
@@ -416,26 +420,19 @@ def compute_metrics(
         metrics["mask_dice_real"] = float(mask_dice(real, ref).mean())
     if extractor is not None:
         with _timed("FID-3D"):
-            dev = device or torch.device("cpu")
             metrics["fid"] = frechet_distance(
                 extract_features(extractor, generated, dev), extract_features(extractor, real, dev)
             )
     return metrics
 
 
-class _timed:
+@contextmanager
+def _timed(what: str) -> Iterator[None]:
     """Log which metric is being computed and how long it took."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        log.info("computing %s", self.what)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            log.info("%s done in %.1f s", self.what, time.perf_counter() - self.start)
+    log.info("computing %s", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s done in %.1f s", what, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- gate
@@ -570,7 +567,15 @@ def evaluate(
     log.info("%d real volumes; generating %d samples", len(real_ids), ecfg.num_samples)
     if ecfg.num_samples < 2:
         raise LdmError(f"evaluation.num_samples: at least 2 are needed to score diversity, got {ecfg.num_samples}")
-    generated = _generate(bundle, ecfg.num_samples, cfg.sampling.sampler, ecfg.steps)
+    sampler = cfg.sampling.sampler
+    objective = bundle.config.model.scheduler.objective
+    if sampler not in samplers_for(objective):
+        log.warning(
+            "sampling.sampler=%s cannot sample this bundle (trained with objective %s); using the "
+            "bundle's own sampler %s", sampler, objective, bundle.config.sampling.sampler,
+        )
+        sampler = bundle.config.sampling.sampler
+    generated = _generate(bundle, ecfg.num_samples, sampler, ecfg.steps)
 
     extractor = None
     if ecfg.fid_weights:
@@ -607,7 +612,7 @@ def evaluate(
     context = {
         "bundle": str(bundle_dir),
         "data": str(data_dir),
-        "sampler": cfg.sampling.sampler,
+        "sampler": sampler,
         "steps": ecfg.steps,
         "fid_weights": ecfg.fid_weights or "(not given: FID not computed)",
     }
