@@ -38,6 +38,7 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.error import S3Error
+from tqdm import tqdm
 
 from ldm_core.config import StorageConfig
 from ldm_core.errors import LdmError
@@ -292,16 +293,21 @@ def upload_file(
             _write_atomic(dst, lambda out: shutil.copyfileobj(fh, out, _CHUNK), digest, str(src))
         return digest
     cfg = cfg_storage or StorageConfig()
-    mc = client(cfg)
     bucket, key = _object_key(uri, src)
+    _put_file(client(cfg), cfg, src, bucket, key, digest)
+    log.info("uploaded %s -> s3://%s/%s (%d bytes)", src, bucket, key, src.stat().st_size)
+    return digest
+
+
+def _put_file(mc: Minio, cfg: StorageConfig, src: Path, bucket: str, key: str, digest: str) -> str:
     target = f"s3://{bucket}/{key}"
     with _translated(target, "upload to", mc):
         if _remote_sha256(mc, bucket, key) == digest:
-            log.info("%s already holds %s (same sha256); not uploading again", target, src.name)
+            log.debug("%s already holds %s (same sha256); not uploading again", target, src.name)
             return digest
         part_size = max(MIN_PART_SIZE, int(cfg.part_size_mb) * 1024 * 1024)
         mc.fput_object(bucket, key, str(src), metadata={SHA256_META: digest}, part_size=part_size)
-    log.info("uploaded %s -> %s (%d bytes)", src, target, src.stat().st_size)
+    log.debug("uploaded %s -> %s (%d bytes)", src, target, src.stat().st_size)
     return digest
 
 
@@ -340,7 +346,12 @@ def download_file(
                 dst, lambda out: shutil.copyfileobj(fh, out, _CHUNK), expected_sha256, uri
             )
         return dst
-    mc = client(cfg_storage)
+    _get_file(client(cfg_storage), uri, dst, expected_sha256)
+    log.info("downloaded %s -> %s (%d bytes)", uri, dst, dst.stat().st_size)
+    return dst
+
+
+def _get_file(mc: Minio, uri: str, dst: Path, expected_sha256: str | None) -> Path:
     bucket, key = parse_s3(uri)
     if not key or key.endswith("/"):
         raise StorageError(f"download {uri} failed: the URI names a folder; use download_dir")
@@ -350,7 +361,7 @@ def download_file(
         if expected is None:
             log.warning("%s carries no sha256 metadata; downloading without verification", uri)
         elif dst.is_file() and sha256_file(dst) == expected:
-            log.info("%s is already current (sha256 matches); skipped", dst)
+            log.debug("%s is already current (sha256 matches); skipped", dst)
             return dst
         response = mc.get_object(bucket, key, request_headers={"If-Match": stat.etag})
         try:
@@ -358,7 +369,7 @@ def download_file(
         finally:
             response.close()
             response.release_conn()
-    log.info("downloaded %s -> %s (%d bytes)", uri, dst, dst.stat().st_size)
+    log.debug("downloaded %s -> %s (%d bytes)", uri, dst, dst.stat().st_size)
     return dst
 
 
@@ -389,6 +400,13 @@ def exists(uri: str, cfg_storage: StorageConfig | None = None) -> bool:
 
 
 # --------------------------------------------------------------------------- directories
+
+
+def _progress(items: list[tuple[str, Any]], desc: str) -> tqdm:
+    """Byte progress of a directory transfer; updates at most every 10 s so pod logs
+    (no TTY) get a readable line now and then rather than a flood."""
+    total = sum(p.stat().st_size if isinstance(p, Path) else int(p) for _, p in items)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, mininterval=10.0, leave=False)
 
 
 def _local_files(root: Path) -> list[tuple[str, Path]]:
@@ -440,12 +458,18 @@ def upload_dir(
         return entries
     mc = client(cfg_storage)
     bucket, prefix = parse_s3(uri)
+    prefix = prefix.rstrip("/")
     marker_key = join(prefix, COMPLETE_MARKER).lstrip("/")
     with _translated(f"s3://{bucket}/{marker_key}", "remove stale marker of", mc):
         mc.remove_object(bucket, marker_key)
-    for rel, path in files:
-        digest = upload_file(path, join(f"s3://{bucket}/{prefix}".rstrip("/"), rel), cfg_storage)
-        entries[rel] = {"sha256": digest, "size": path.stat().st_size}
+    cfg = cfg_storage or StorageConfig()
+    with _progress(files, f"upload {uri}") as bar:
+        for rel, path in files:
+            digest = sha256_file(path)
+            key = join(prefix, rel).lstrip("/")
+            entries[rel] = {"sha256": _put_file(mc, cfg, path, bucket, key, digest)}
+            entries[rel]["size"] = path.stat().st_size
+            bar.update(entries[rel]["size"])
     payload = _manifest_bytes(entries)
     with _translated(f"s3://{bucket}/{marker_key}", "upload marker", mc):
         mc.put_object(
@@ -472,7 +496,9 @@ def read_manifest(
         if text is not None:
             try:
                 files = json.loads(text)["files"]
-            except (ValueError, KeyError, TypeError) as err:
+                if not all(isinstance(e, dict) and len(e["sha256"]) == 64 for e in files.values()):
+                    raise ValueError("every file needs a sha256")
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise StorageError(f"{marker} is not a valid completion marker: {err}") from None
             return files
         if time.monotonic() >= deadline:
@@ -521,15 +547,21 @@ def download_dir(
             "still running, failed, or the path is wrong)"
         )
     (dest / COMPLETE_MARKER).unlink(missing_ok=True)
+    mc = client(cfg_storage) if is_remote(uri) else None
     skipped = 0
-    for rel, entry in files.items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise StorageError(f"{join(uri, COMPLETE_MARKER)} lists an unsafe path {rel!r}")
-        target = dest / rel
-        if target.is_file() and sha256_file(target) == entry["sha256"]:
-            skipped += 1
-            continue
-        download_file(join(uri, rel), target, cfg_storage, expected_sha256=entry["sha256"])
+    sizes = [(rel, int(entry.get("size", 0))) for rel, entry in files.items()]
+    with _progress(sizes, f"download {uri}") as bar:
+        for rel, entry in files.items():
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise StorageError(f"{join(uri, COMPLETE_MARKER)} lists an unsafe path {rel!r}")
+            target = dest / rel
+            if target.is_file() and sha256_file(target) == entry["sha256"]:
+                skipped += 1
+            elif mc is not None:
+                _get_file(mc, join(uri, rel), target, entry["sha256"])
+            else:
+                download_file(join(uri, rel), target, expected_sha256=entry["sha256"])
+            bar.update(int(entry.get("size", 0)))
     payload = _manifest_bytes(files)
     _write_atomic(dest / COMPLETE_MARKER, lambda out: out.write(payload), None, uri)
     log.info("downloaded %s -> %s (%d files, %d already current)", uri, dest, len(files), skipped)

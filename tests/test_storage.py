@@ -170,7 +170,7 @@ def test_resume_skips_current_files(bucket, tmp_path, caplog):
     assert (dst / "bundle.json").stat().st_ino != inodes["bundle.json"]
 
     # Re-uploading the same tree sends no file again (same stored hashes).
-    with caplog.at_level(logging.INFO, logger="ldm_core.storage"):
+    with caplog.at_level(logging.DEBUG, logger="ldm_core.storage"):
         storage.upload_dir(tmp_path / "src", uri)
     assert caplog.text.count("not uploading again") == len(files)
 
@@ -277,3 +277,10 @@ def test_errors_name_the_uri_and_never_a_secret(
     for text in visible:
         assert TEST_SECRET_KEY not in text
     assert TEST_ACCESS_KEY not in "".join(str(e) for e in errors)
+
+
+def test_malformed_marker_is_an_error_naming_it(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / storage.COMPLETE_MARKER).write_text('{"files": {"a.bin": {"size": 1}}}')
+    with pytest.raises(storage.StorageError, match="_COMPLETE is not a valid completion marker"):
+        storage.download_dir(str(tmp_path / "d"), tmp_path / "out")
