@@ -284,3 +284,13 @@ def test_malformed_marker_is_an_error_naming_it(tmp_path):
     (tmp_path / "d" / storage.COMPLETE_MARKER).write_text('{"files": {"a.bin": {"size": 1}}}')
     with pytest.raises(storage.StorageError, match="_COMPLETE is not a valid completion marker"):
         storage.download_dir(str(tmp_path / "d"), tmp_path / "out")
+
+
+def test_object_without_hash_metadata_downloads_with_a_warning(bucket, endpoint, tmp_path, caplog):
+    """Objects written by other tools (mc cp, the KFP UI) carry no sha256: still usable."""
+    data = b"written by another tool"
+    raw_client(endpoint).put_object(bucket, "other/x.txt", io.BytesIO(data), len(data))
+    with caplog.at_level(logging.WARNING, logger="ldm_core.storage"):
+        out = storage.download_file(f"s3://{bucket}/other/x.txt", tmp_path / "x.txt")
+    assert out.read_bytes() == data
+    assert "no sha256 metadata" in caplog.text
