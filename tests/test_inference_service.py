@@ -1,0 +1,460 @@
+"""InferenceService objects and rollout against an in-memory Kubernetes API on loopback.
+
+kmock's KubernetesEmulator plays the API server (optionally with the generation
+bookkeeping a real one does); ``FakeKServe`` plays KServe's controller and Knative by
+patching status from a background thread: it notices a new predictor spec after a while
+(until then the previous revision's Ready is all there is - the stale state a rollout must
+not trust), creates a revision, and makes it ready, failed, or never ready. Smoke
+inferences go over real HTTP to a real local model server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kubernetes
+import pytest
+import yaml
+
+from ldm_core.bundle import make_random_bundle
+from ldm_core.deploy import deploy, deploy_kserve, smoke_check, stop_local
+from ldm_core.kube import inference_service as isvc
+from ldm_core.kube.client import api_client
+from tests import crdcheck
+from tests.test_serve_http import MODEL, tiny_config
+
+NS = "brain-ldm"
+NAME = "brain-ldm"
+OLD_URI = "s3://models/brain-ldm/aaaa"
+NEW_URI = "s3://models/brain-ldm/bbbb"
+BAD_URI = "s3://models/brain-ldm/broken"
+STUCK_URI = "s3://models/brain-ldm/stuck"
+
+
+# --------------------------------------------------------------------------- API server
+
+
+class GenerationKeepingEmulator(kmock.KubernetesEmulator):
+    """The emulator plus what a real API server does with metadata.generation: 1 on
+    create, +1 on every write that touches spec (status writes leave it alone)."""
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        data = request.data if isinstance(request.data, dict) else None
+        if request.resource is not None and data is not None:
+            if request.action == kmock.action.CREATE:
+                data.setdefault("metadata", {})["generation"] = 1
+            elif request.action == kmock.action.UPDATE and "spec" in data:
+                key = (request.resource, request.namespace, request.name)
+                current = self.objects[key] if key in self.objects else None
+                gen = 0 if current is None or current.deleted else current.get("metadata", {}).get("generation", 0)
+                data.setdefault("metadata", {})["generation"] = gen + 1
+        return await super()._handle(request)
+
+
+class ApiServer:
+    """An emulator on a free loopback port, run by an event loop in a background thread."""
+
+    def __init__(self, emulator_cls: type[kmock.KubernetesEmulator]) -> None:
+        self._cls = emulator_cls
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.url = ""
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            async with self._cls() as emulator, kmock.Server(emulator) as server:
+                self.url = str(server.url).rstrip("/")
+                self._ready.set()
+                await self._stop.wait()
+
+        self._loop.run_until_complete(main())
+
+    def __enter__(self) -> ApiServer:
+        self._thread.start()
+        assert self._ready.wait(10), "emulator did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture(params=["no-generation", "generation"])
+def api(request):
+    """An ApiClient on an emulated API, with and without generation bookkeeping."""
+    cls = GenerationKeepingEmulator if request.param == "generation" else kmock.KubernetesEmulator
+    with ApiServer(cls) as server:
+        yield api_client(server.url)
+
+
+@pytest.fixture
+def plain_api():
+    with ApiServer(kmock.KubernetesEmulator) as server:
+        yield api_client(server.url)
+
+
+# --------------------------------------------------------------------------- KServe stand-in
+
+
+def _closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _storage_uri(predictor: dict[str, Any]) -> str:
+    if "model" in predictor:
+        return predictor["model"]["storageUri"]
+    env = {e["name"]: e["value"] for e in predictor["containers"][0].get("env", [])}
+    return env["STORAGE_URI"]
+
+
+class FakeKServe:
+    """KServe's controller + Knative, reduced to what a rollout observes in status."""
+
+    def __init__(
+        self,
+        client: kubernetes.client.ApiClient,
+        *,
+        latest_url: str,
+        address_url: str,
+        failing: tuple[str, ...] = (BAD_URI,),
+        stuck: tuple[str, ...] = (STUCK_URI,),
+        notice_after_s: float = 0.4,
+        ready_after_s: float = 0.3,
+    ) -> None:
+        self.api = kubernetes.client.CustomObjectsApi(client)
+        self.latest_url, self.address_url = latest_url, address_url
+        self.failing, self.stuck = failing, stuck
+        self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
+        self.ready_at: dict[str, float] = {}
+        self.revision_uri: dict[str, str] = {}
+        self.canaries_seen: list[int] = []
+        self._state: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.errors: list[BaseException] = []
+
+    def __enter__(self) -> FakeKServe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.errors, self.errors
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for obj in self._list():
+                    self._reconcile(obj)
+            except BaseException as exc:  # surfaced by __exit__
+                self.errors.append(exc)
+                return
+            time.sleep(0.03)
+
+    def _list(self) -> list[dict[str, Any]]:
+        try:
+            items = self.api.list_namespaced_custom_object(isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:  # the emulator knows a resource only once an object of it exists
+                return []
+            raise
+        return items.get("items", [])
+
+    def _reconcile(self, obj: dict[str, Any]) -> None:
+        name = obj["metadata"]["name"]
+        predictor = obj["spec"]["predictor"]
+        config = json.dumps({k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True)
+        canary = predictor.get("canaryTrafficPercent")
+        if canary is not None and canary not in self.canaries_seen:
+            self.canaries_seen.append(canary)
+        st = self._state.setdefault(
+            name, {"config": None, "since": None, "n": 0, "created": None, "ready": None, "prev": None, "failed": None, "due": None}
+        )
+        now = time.monotonic()
+        if config != st["config"]:
+            if st["since"] is None or st["since"][0] != config:
+                st["since"] = (config, now)
+            if now - st["since"][1] < self.notice_after_s:
+                return  # not reconciled yet: status still describes the previous revision
+            st["config"], st["n"] = config, st["n"] + 1
+            st["created"] = f"{name}-predictor-{st['n']:05d}"
+            st["failed"], st["due"] = None, now + self.ready_after_s
+            self.revision_uri[st["created"]] = _storage_uri(predictor)
+        uri = self.revision_uri.get(st["created"] or "", "")
+        if st["due"] is not None and now >= st["due"] and uri not in self.stuck:
+            st["due"] = None
+            if uri in self.failing:
+                st["failed"] = st["created"]
+            else:
+                st["prev"], st["ready"] = st["ready"], st["created"]
+                self.ready_at[st["created"]] = now
+        self._publish(obj, st, canary)
+
+    def _publish(self, obj: dict[str, Any], st: dict[str, Any], canary: int | None) -> None:
+        if st["ready"] is None and st["created"] is None:
+            return
+        if st["ready"] == st["created"] and canary is not None and st["prev"]:
+            traffic = [
+                {"tag": "latest", "revisionName": st["ready"], "percent": canary, "latestRevision": True, "url": self.latest_url},
+                {"tag": "prev", "revisionName": st["prev"], "percent": 100 - canary, "latestRevision": False, "url": _closed_url()},
+            ]
+        elif st["ready"]:
+            traffic = [{"tag": "latest", "revisionName": st["ready"], "percent": 100, "latestRevision": st["ready"] == st["created"], "url": self.latest_url}]
+        else:
+            traffic = []
+        failed = st["failed"] is not None
+        status = {
+            "observedGeneration": obj["metadata"].get("generation"),
+            "url": f"http://{obj['metadata']['name']}.{NS}.example.com",
+            "address": {"url": self.address_url},
+            "components": {"predictor": {
+                "latestCreatedRevision": st["created"],
+                "latestReadyRevision": st["ready"],
+                "traffic": traffic,
+            }},
+            "conditions": [
+                {"type": "Ready", "status": "True" if st["ready"] else "Unknown"},
+                {"type": "PredictorConfigurationReady", "status": "False" if failed else "True",
+                 **({"reason": "RevisionFailed", "message": f"Revision {st['failed']} failed"} if failed else {})},
+            ],
+            "modelStatus": {
+                "transitionStatus": "BlockedByFailedLoad" if failed else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
+                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"} if failed else None,
+            },
+        }
+        if obj.get("status") != status:
+            self.api.patch_namespaced_custom_object_status(
+                isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, obj["metadata"]["name"], {"status": status}
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """A real local model server: where smoke inferences land."""
+    root = tmp_path_factory.mktemp("isvc")
+    cfg = tiny_config()
+    bundle = make_random_bundle(root / "bundle", cfg)
+    result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
+    try:
+        yield result["url"]
+    finally:
+        stop_local(result)
+
+
+class Smoke:
+    """The real smoke check, with a record of when and where it was called."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str]] = []
+
+    def __call__(self, url: str) -> dict[str, Any]:
+        self.calls.append((time.monotonic(), url))
+        return smoke_check(url, MODEL, steps=2, timeout_s=60)
+
+
+def desired(uri: str, **kw: Any) -> dict[str, Any]:
+    return isvc.build_inference_service(isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=uri, **kw))
+
+
+def stored(client: kubernetes.client.ApiClient) -> dict[str, Any]:
+    return kubernetes.client.CustomObjectsApi(client).get_namespaced_custom_object(
+        isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME
+    )
+
+
+def rollout(client: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> isvc.InferenceServiceRollout:
+    return isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=0.05)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
+    runtime_mode = desired(OLD_URI, gpus=1, min_replicas=1, max_replicas=3, timeout_s=900, bundle_digest="ab" * 32)
+    custom = desired(OLD_URI, runtime=None, image="registry.local/brain-ldm-serving:1", model_name="brain-ldm-x")
+    canary = isvc.build_inference_service(
+        isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=NEW_URI), canary_percent=10
+    )
+    runtime = isvc.build_serving_runtime(namespace=NS)
+    for obj in (runtime_mode, custom, canary, runtime):
+        crdcheck.validate(obj)
+
+    pred = runtime_mode["spec"]["predictor"]
+    assert pred["serviceAccountName"] == "serving" and pred["timeout"] == 900
+    assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3)
+    assert pred["model"]["modelFormat"]["name"] == "brain-ldm" and pred["model"]["runtime"] == "brain-ldm"
+    assert pred["model"]["storageUri"] == OLD_URI
+    assert pred["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": "ab" * 32} in pred["model"]["env"]
+    assert "args" not in pred["model"]  # the default model name needs no extra args
+    assert runtime_mode["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
+    container = custom["spec"]["predictor"]["containers"][0]
+    assert container["name"] == "kserve-container"
+    assert {"name": "STORAGE_URI", "value": OLD_URI} in container["env"]
+    assert container["args"][container["args"].index("--model-name") + 1] == "brain-ldm-x"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10
+
+    with pytest.raises(crdcheck.InvalidResource):  # the validator does catch bad objects
+        crdcheck.validate(desired(OLD_URI, min_replicas=3, max_replicas=1))
+
+
+def test_s3_secret_and_service_account_templates_carry_no_credentials():
+    secret = isvc.build_s3_secret("minio-service.kubeflow:9000", namespace=NS, use_https=False, region="us-east-1")
+    ann = secret["metadata"]["annotations"]
+    assert ann["serving.kserve.io/s3-endpoint"] == "minio-service.kubeflow:9000"
+    assert ann["serving.kserve.io/s3-usehttps"] == "0" and ann["serving.kserve.io/s3-region"] == "us-east-1"
+    assert all(v.startswith("REPLACE_WITH_") for v in secret["stringData"].values())
+    sa = isvc.build_service_account(namespace=NS)
+    assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_runtime_builder_agrees_with_the_checked_in_manifest():
+    manifest = Path(__file__).parents[1] / "manifests" / "base" / "servingruntime.yaml"
+    if not manifest.exists():
+        pytest.skip("manifests/base/servingruntime.yaml not present")
+    shipped = yaml.safe_load(manifest.read_text())
+    built = isvc.build_serving_runtime()
+    assert built["metadata"]["name"] == shipped["metadata"]["name"]
+    assert built["spec"]["supportedModelFormats"][0]["name"] == shipped["spec"]["supportedModelFormats"][0]["name"]
+    a, b = built["spec"]["containers"][0], shipped["spec"]["containers"][0]
+    for key in ("name", "image", "command", "args", "ports", "readinessProbe"):
+        assert a[key] == b[key], key
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def test_first_deploy_creates_waits_and_smokes(api, model_server):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server) as kserve:
+        result = rollout(api).rollout(desired(OLD_URI), smoke)
+    assert result["action"] == "created" and result["revision"] == f"{NAME}-predictor-00001"
+    assert result["url"] == model_server and result["smoke"]["shape"] == [1, 1, 16, 16, 16]
+    assert len(smoke.calls) == 1 and smoke.calls[0][0] >= kserve.ready_at[result["revision"]]
+    obj = stored(api)
+    crdcheck.validate(obj)
+    assert obj["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_update_goes_through_a_canary_then_promotes(api, model_server):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        # From here on only the new revision's own URL answers: a smoke inference sent
+        # anywhere else (the service address, the previous revision) fails.
+        kserve.address_url = _closed_url()
+        result = rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+    assert result["action"] == "updated" and result["canary_percent"] == 20
+    assert (result["previous_revision"], result["revision"]) == (f"{NAME}-predictor-00001", f"{NAME}-predictor-00002")
+    assert kserve.canaries_seen == [20]
+    # The smoke inference waited for the NEW revision, not the stale Ready of the old one.
+    assert smoke.calls[-1][0] >= kserve.ready_at[result["revision"]]
+    assert smoke.calls[-1][1] == model_server
+    obj = stored(api)
+    crdcheck.validate(obj)
+    pred = obj["spec"]["predictor"]
+    assert "canaryTrafficPercent" not in pred and pred["model"]["storageUri"] == NEW_URI
+    traffic = obj["status"]["components"]["predictor"]["traffic"]
+    assert [(t["revisionName"], t["percent"]) for t in traffic] == [(result["revision"], 100)]
+
+
+def test_failed_revision_is_rolled_back_with_the_reason(api, model_server):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server):
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        with pytest.raises(isvc.RolloutFailed) as info:
+            rollout(api).rollout(desired(BAD_URI), smoke)
+    message = str(info.value)
+    assert "BlockedByFailedLoad" in message and "bundle.json missing" in message
+    assert "rolled back" in message and f"{NAME}-predictor-00001" in message
+    assert len(smoke.calls) == 1  # never smoke-tested the failed revision
+    pred = stored(api)["spec"]["predictor"]
+    assert pred["model"]["storageUri"] == OLD_URI and "canaryTrafficPercent" not in pred
+
+
+def test_timeout_names_what_it_waited_for_and_rolls_back(api, model_server):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server):
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        with pytest.raises(isvc.RolloutTimeout) as info:
+            rollout(api, timeout_s=2.0).rollout(desired(STUCK_URI), smoke)
+    message = str(info.value)
+    assert "not done after 2 s" in message and "still waiting for latestReadyRevision" in message
+    assert "rolled back" in message
+    assert stored(api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_first_deploy_timeout_is_reported_and_left_for_inspection(plain_api, model_server):
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
+        with pytest.raises(isvc.RolloutTimeout, match="first revision ready not done after 1.5 s; still waiting for latestReadyRevision"):
+            rollout(plain_api, timeout_s=1.5).rollout(desired(STUCK_URI), Smoke())
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == STUCK_URI
+
+
+def test_failed_smoke_inference_rolls_back(plain_api, model_server):
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        dead = _closed_url()
+        with pytest.raises(isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"):
+            rollout(plain_api).rollout(desired(NEW_URI), smoke, url_override=dead)
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_unchanged_spec_only_smokes(plain_api, model_server):
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        result = rollout(plain_api).rollout(desired(OLD_URI), smoke)
+    assert result["action"] == "unchanged" and len(smoke.calls) == 2
+    assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]  # no new revision made
+
+
+def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, plain_api, model_server):
+    from tests.s3server import make_bucket, raw_client, s3_env, s3_server
+
+    cfg = tiny_config()
+    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    host = plain_api.configuration.host
+    with s3_server() as endpoint:
+        s3_env(monkeypatch, endpoint)
+        bucket = make_bucket(endpoint)
+        with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
+            result = deploy(
+                cfg, bundle, backend="kserve", storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
+                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server,
+            )
+            again = deploy_kserve(
+                cfg, bundle, storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
+                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server,
+            )
+        keys = {o.object_name for o in raw_client(endpoint).list_objects(bucket, recursive=True)}
+    digest = result["bundle_sha256"]
+    assert result["storage_uri"] == f"s3://{bucket}/bundles/{MODEL}/{digest[:16]}"
+    prefix = f"bundles/{MODEL}/{digest[:16]}/"
+    assert {prefix + f for f in ("bundle.json", "config.yaml", "autoencoder.pt", "unet.pt")} <= keys
+    assert result["action"] == "created" and result["smoke"]["ok"]
+    assert result["infer_url"] == f"{model_server}/v2/models/{MODEL}/infer"
+    assert again["action"] == "unchanged"  # same bundle, same URI: nothing to roll out
+    obj = stored(plain_api)
+    crdcheck.validate(obj)
+    model = obj["spec"]["predictor"]["model"]
+    assert model["storageUri"] == result["storage_uri"]
+    assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
