@@ -165,6 +165,7 @@ def test_nan_guard_stops_after_k_nonfinite_losses_in_a_row(tmp_path):
         train_autoencoder(cfg, data, tmp_path / "ae")
     skipped = [m for m in read_metrics(tmp_path / "ae") if m["split"] == "train"]
     assert [m["nonfinite_total"] for m in skipped] == [1, 2, 3]
+    assert all(m["loss"] is None for m in skipped)  # strict JSON: null, never NaN
     assert not (tmp_path / "ae" / "autoencoder.pt").exists()
 
 

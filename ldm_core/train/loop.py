@@ -286,7 +286,8 @@ def batches(loader: DataLoader, start_step: int) -> Iterator[torch.Tensor]:
 class MetricsLog:
     """Rank 0's record of a run: ``metrics.jsonl``, TensorBoard and a tqdm progress bar.
 
-    Each metrics line is ``{"step", "split" ("train"|"val"), "loss", <named floats>, "time"}``.
+    Each metrics line is ``{"step", "split" ("train"|"val"), "loss", <named floats>, "time"}``;
+    a step skipped for a non-finite loss has ``"loss": null`` and ``"nonfinite_total"``.
     On resume, lines past the resumed step are dropped (they belong to work that is redone),
     and TensorBoard is purged from that step on, so curves never double back.
     Other ranks get an inert instance, so callers need no rank checks.
@@ -341,15 +342,25 @@ class MetricsLog:
     def log(self, step: int, split: str, loss: float, **scalars: float) -> None:
         if not self.enabled:
             return
-        record: dict[str, Any] = {"step": step, "split": split, "loss": float(loss)}
+        # A skipped (non-finite) step is logged with "loss": null: NaN is not valid JSON.
+        value = float(loss)
+        record: dict[str, Any] = {
+            "step": step,
+            "split": split,
+            "loss": value if math.isfinite(value) else None,
+        }
         record.update({k: float(v) for k, v in scalars.items()})
         record["time"] = round(time.time() - self.start, 3)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         assert self.writer is not None
-        for key, value in record.items():
-            if key not in ("step", "split", "time") and math.isfinite(value):
-                self.writer.add_scalar(f"{split}/{key}", value, step)
+        for key, scalar in record.items():
+            if (
+                key not in ("step", "split", "time")
+                and scalar is not None
+                and math.isfinite(scalar)
+            ):
+                self.writer.add_scalar(f"{split}/{key}", scalar, step)
 
     def progress(self, step: int, loss: float) -> dict[str, float]:
         """Advance the bar to ``step``; returns the throughput since the last call."""
