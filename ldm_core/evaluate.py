@@ -160,21 +160,29 @@ def pairwise_ms_ssim(volumes: torch.Tensor, settings: MsSsimSettings, max_pairs:
 # --------------------------------------------------------------------------- MMD
 
 
+def _chunk_starts(total: int, size: int) -> list[int]:
+    """Starts of the fewest ``size``-long windows that cover ``range(total)``, spread evenly."""
+    count = math.ceil(total / size)
+    return sorted({int(round(x)) for x in np.linspace(0, total - size, count)})
+
+
 def _chunked_mmd(real: torch.Tensor, other: torch.Tensor) -> float:
     """Mean of MONAI's MMD over equal-sized chunks of both sets.
 
     ``MMDMetric`` needs two sets of the same size; when there are more real volumes than
-    generated ones (or the reverse), each real chunk is compared with each generated chunk
-    of the smaller size and the unbiased estimates are averaged, so no volume is wasted.
+    generated ones (or the reverse), the larger set is covered by windows of the smaller
+    size (overlapping if the sizes do not divide), each window pair gives an unbiased
+    estimate, and the estimates are averaged, so every volume takes part.
     """
     size = min(real.shape[0], other.shape[0])
     if size < 2:
         raise LdmError(f"MMD needs at least 2 volumes per set, got {real.shape[0]} and {other.shape[0]}")
     metric = MMDMetric()
-    values = []
-    for i in range(0, real.shape[0] - size + 1, size):
-        for j in range(0, other.shape[0] - size + 1, size):
-            values.append(float(metric(real[i : i + size], other[j : j + size])))
+    values = [
+        float(metric(real[i : i + size], other[j : j + size]))
+        for i in _chunk_starts(real.shape[0], size)
+        for j in _chunk_starts(other.shape[0], size)
+    ]
     return float(np.mean(values))
 
 

@@ -17,6 +17,7 @@ from ldm_core.config import EvaluationConfig
 from ldm_core.data.cache import write_manifest
 from ldm_core.errors import LdmError
 from ldm_core.evaluate import (
+    _chunk_starts,
     compute_metrics,
     evaluate,
     extract_features,
@@ -134,6 +135,10 @@ def test_mmd_uses_every_volume_when_set_sizes_differ():
     real = phantoms(8)
     assert abs(mmd(real, phantoms(3, seed=5))[0]) < 0.05
     assert mmd(real, noise(3))[0] > 1.0
+    # 7 real vs 3 generated: windows 0-2, 2-4, 4-6 cover every real volume
+    assert _chunk_starts(7, 3) == [0, 2, 4] and _chunk_starts(16, 8) == [0, 8] and _chunk_starts(10, 6) == [0, 4]
+    generated = phantoms(3, seed=5)
+    assert mmd(real[:7], generated) != mmd(real[:6], generated)
 
 
 # --------------------------------------------------------------------------- FID
