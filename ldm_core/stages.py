@@ -45,6 +45,10 @@ STAGE_JSON = "stage.json"
 AUTOENCODER_PT = "autoencoder.pt"
 UNET_PT = "unet.pt"
 BACKENDS = ("auto", "local", "kubeflow")
+LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
+TRAINING_SECTIONS = ("data", "model", "train")
+"""The config sections a training run depends on; the rest (evaluation, serving, ...) does
+not change what training produces, so it stays out of the run's key."""
 
 
 class StageError(LdmError):
@@ -84,6 +88,11 @@ def _digest(*parts: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _training_config(cfg: Config) -> str:
+    full = cfg.to_dict()
+    return json.dumps({k: full[k] for k in TRAINING_SECTIONS}, sort_keys=True)
 
 
 def _dataset_hash(cache_dir: Path) -> str:
@@ -260,15 +269,20 @@ def _train(
 ) -> dict[str, Any]:
     """Run one training verb so that ``output`` ends up holding the finished run dir.
 
-    Locally the run dir *is* ``output``. On the kubeflow backend the job pods cannot see
-    the component's artifact paths, so inputs are staged on the shared PVC under names
-    derived from the key, the job trains into a run dir there (which outlives a killed
-    component, so a retry resumes or reuses it), and the result is copied to ``output``.
+    On the kubeflow backend the job pods cannot see the component's artifact paths, so
+    inputs are staged on the shared PVC under names derived from the key, the job trains
+    into a run dir there (which outlives a killed component, so a retry resumes or reuses
+    it), and the result is copied to ``output``. Locally the run dir is ``output`` itself,
+    or, when ``$LDM_WORKDIR`` is set (``run_local`` sets it), a run dir under it named by
+    the key: then a pipeline re-run whose training inputs did not change (say, only an
+    evaluation override did) copies the finished run instead of training again.
     """
     chosen = choose_backend(backend)
     name = _job_name(kind, key)
     if chosen == "local":
-        run_dir, staged = output, inputs
+        staged = inputs
+        workdir = os.environ.get(LOCAL_WORKDIR_ENV)
+        run_dir = Path(workdir) / "runs" / name if workdir else output
     else:
         root = Path(cluster.workdir) / "brain-ldm"
         run_dir = root / "runs" / name
@@ -314,7 +328,7 @@ def train_autoencoder_stage(
     """Train the AutoencoderKL on the cache; ``output`` becomes the AE run dir."""
     cfg = resolve_config(preset, overrides)
     data = Path(data_dir)
-    key = _digest("autoencoder", cfg.to_yaml(), _dataset_hash(data), str(nproc))
+    key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), str(nproc))
     info = _train(
         kind="ae", verb="train-autoencoder", marker=AUTOENCODER_PT, key=key, cfg=cfg,
         inputs={"--data": data}, output=Path(output), nproc=nproc, backend=backend,
@@ -342,7 +356,7 @@ def train_diffusion_stage(
     ae_weights = ae_dir / AUTOENCODER_PT
     if not ae_weights.is_file():
         raise StageError(f"{ae_dir}: no {AUTOENCODER_PT}; is this a finished autoencoder run?")
-    key = _digest("diffusion", cfg.to_yaml(), _dataset_hash(data), _sha256_file(ae_weights), str(nproc))
+    key = _digest("diffusion", _training_config(cfg), _dataset_hash(data), _sha256_file(ae_weights), str(nproc))
     info = _train(
         kind="ldm", verb="train-diffusion", marker=UNET_PT, key=key, cfg=cfg,
         inputs={"--data": data, "--autoencoder": ae_dir}, output=Path(output), nproc=nproc,

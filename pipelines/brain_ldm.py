@@ -35,7 +35,6 @@ S3_SECRET_KEYS = {
 _GATE = EvaluationConfig()
 
 
-
 class Outputs(NamedTuple):
     """What a run hands back: the evaluation (metrics.json, figures, samples), the report,
     the model bundle, and whether it passed the gate."""

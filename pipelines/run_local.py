@@ -33,6 +33,8 @@ from ldm_core.config import DEFAULT_PRESET, PRESETS, load_config
 from ldm_core.errors import LdmError
 
 STAGES = ("download", "preprocess", "train-autoencoder", "train-diffusion", "evaluate", "deploy")
+HEADLINE_METRICS = ("ms_ssim_ratio", "mmd", "hist_distance", "mask_dice", "fid")
+"""The metrics the quality gate reads (and FID when computed), printed at the end."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK = re.compile(r"(Executing task|Task|Skipping conditional task|Skipping task) '?([\w-]+)'?(.*)")
 
@@ -129,8 +131,6 @@ def run_pipeline(
     load_config(None, preset=preset, overrides=overrides)  # fail here, not in a subprocess
     root = Path(output).resolve() / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
-    # One serving state dir per output dir: a new deploy replaces the server of the last.
-    os.environ["LDM_SERVING_DIR"] = str(Path(output).resolve() / "serving")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache)
     pipeline = brain_ldm
     if package is not None:
@@ -142,6 +142,13 @@ def run_pipeline(
         "nproc": nproc, "backend": backend, "eval_samples": eval_samples, "eval_steps": eval_steps,
         **(gate or {}),
     }
+    env = {
+        # One serving state dir per output dir: a new deploy replaces the last one's server.
+        "LDM_SERVING_DIR": str(Path(output).resolve() / "serving"),
+        # Training runs kept by the key of what they depend on, so a re-run that changed
+        # only, say, an evaluation override reuses them.
+        "LDM_WORKDIR": str(Path(output).resolve() / "work"),
+    }
     progress = _Progress()
     root_logger = logging.getLogger()
     level = root_logger.level
@@ -149,6 +156,8 @@ def run_pipeline(
     root_logger.setLevel(logging.INFO)
     root_logger.addFilter(progress)
     started_wall, t0 = time.time(), time.monotonic()
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the stage subprocesses inherit it
     try:
         with warnings.catch_warnings():
             # The tasks carry the cluster image and GPU settings; kfp.local says it ignores them.
@@ -158,6 +167,11 @@ def run_pipeline(
     finally:
         root_logger.removeFilter(progress)
         root_logger.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     outputs = task.outputs
     deployment = None
     if outputs["gate_passed"]:
@@ -259,8 +273,9 @@ def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
     say("")
     say(f"Pipeline finished in {result.seconds:.0f} s  ({', '.join(f'{k}: {v}' for k, v in result.stages.items())})")
     say(f"  metrics      {result.evaluation / 'metrics.json'}")
-    say("               " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())))
-    say(f"  report       {result.report}  (figures: {result.evaluation / 'figures'})")
+    shown = [k for k in HEADLINE_METRICS if k in result.metrics]
+    say("               " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in shown))
+    say(f"  report       {result.evaluation / 'report.html'}  (figures: {result.evaluation / 'figures'})")
     say(f"  samples      {result.evaluation / 'samples'}")
     say(f"  model bundle {result.bundle}")
     if not result.gate_passed:

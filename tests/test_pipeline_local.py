@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipelines.run_local import infer_v2, run_pipeline
+from pipelines.run_local import infer_v2, main, run_pipeline
 from tests.tiny import TINY_OVERRIDES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_ldm.yaml"
@@ -88,3 +88,11 @@ def test_unchanged_stages_come_from_the_cache_and_the_gate_blocks_deploy(runs):
     verdict = json.loads((second.evaluation / "metrics.json").read_text())["gate"]
     assert not verdict["passed"]
     assert any("gate_min_mask_dice" in reason for reason in verdict["reasons"])
+
+
+def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path, capsys):
+    rc = main(["--output", str(tmp_path / "out"), "--set", "train.autoencoder.stepz=3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err == "run_local: error: train.autoencoder.stepz: unknown key (did you mean 'steps'?)"
+    assert not (tmp_path / "out").exists()

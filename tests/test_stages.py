@@ -121,37 +121,43 @@ class CountingLauncher(LocalLauncher):
         super().run(task)
 
 
-def test_cluster_path_stages_inputs_on_the_volume_and_reuses_a_finished_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["kubeflow", "local"])
+def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypatch, backend):
+    """kubeflow: inputs staged on the PVC, run dir there. local with $LDM_WORKDIR: run dir
+    under it. Either way a retry with the same inputs copies the finished run, and only a
+    change that matters to training starts a new one."""
     cache = _tiny_cache(tmp_path / "cache")
-    workdir = tmp_path / "pvc"
+    workdir = tmp_path / ("pvc" if backend == "kubeflow" else "work")
     launcher = CountingLauncher()
-    # The PyTorchJob launcher is replaced by torchrun on this machine; everything else is
-    # the kubeflow path: inputs copied to the PVC, run dir on the PVC, result copied out.
-    monkeypatch.setattr(stages, "_launcher", lambda backend, cluster, cfg: launcher)
+    # On the kubeflow path the PyTorchJob launcher is replaced by torchrun on this machine;
+    # everything around it (staging, run dir on the volume, copy out) is the real path.
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg: launcher)
+    monkeypatch.setenv(stages.LOCAL_WORKDIR_ENV, str(workdir))
     cluster = stages.ClusterSettings(image="img", pvc_name="pvc", workdir=str(workdir))
 
-    out1 = tmp_path / "artifact1"
-    info = stages.train_autoencoder_stage(cache, out1, "", TRAIN, nproc=1, backend="kubeflow", cluster=cluster)
-    assert info["backend"] == "kubeflow" and not info["reused"]
-    run_dir = Path(info["run_dir"])
-    assert run_dir.parent == workdir / "brain-ldm" / "runs" and run_dir.name == info["job"]
-    assert (run_dir / "autoencoder.pt").is_file() and (out1 / "autoencoder.pt").is_file()
-    staged = workdir / "brain-ldm" / "inputs" / f"{info['job']}-data" / "manifest.json"
-    assert staged.is_file()
-    assert json.loads((out1 / "stage.json").read_text())["job"] == info["job"]
+    def train(out: str, overrides: list[str]) -> dict:
+        return stages.train_autoencoder_stage(
+            cache, tmp_path / out, "", overrides, nproc=1, backend=backend, cluster=cluster
+        )
 
-    # A retried component (same inputs, same config): no new job, the finished run is copied.
-    out2 = tmp_path / "artifact2"
-    again = stages.train_autoencoder_stage(cache, out2, "", TRAIN, nproc=1, backend="kubeflow", cluster=cluster)
+    info = train("artifact1", TRAIN)
+    assert info["backend"] == backend and not info["reused"]
+    run_dir = Path(info["run_dir"])
+    runs = workdir / ("brain-ldm/runs" if backend == "kubeflow" else "runs")
+    assert run_dir == runs / info["job"]
+    assert (run_dir / "autoencoder.pt").is_file() and (tmp_path / "artifact1" / "autoencoder.pt").is_file()
+    assert json.loads((tmp_path / "artifact1" / "stage.json").read_text())["job"] == info["job"]
+    staged = workdir / "brain-ldm" / "inputs" / f"{info['job']}-data" / "manifest.json"
+    assert staged.is_file() is (backend == "kubeflow")
+
+    # Same inputs, plus a change training does not depend on: no new run, the finished one is copied.
+    again = train("artifact2", [*TRAIN, "evaluation.num_samples=3"])
     assert again["reused"] and again["job"] == info["job"]
-    assert (out2 / "autoencoder.pt").read_bytes() == (out1 / "autoencoder.pt").read_bytes()
+    assert (tmp_path / "artifact2" / "autoencoder.pt").read_bytes() == (run_dir / "autoencoder.pt").read_bytes()
     assert launcher.names == [info["job"]]
 
-    # A changed config is a different job.
-    changed = stages.train_autoencoder_stage(
-        cache, tmp_path / "artifact3", "", [*TRAIN, "train.autoencoder.steps=1"], nproc=1,
-        backend="kubeflow", cluster=cluster,
-    )
+    # A change training does depend on is a new run.
+    changed = train("artifact3", [*TRAIN, "train.autoencoder.steps=1"])
     assert changed["job"] != info["job"] and not changed["reused"]
     assert launcher.names == [info["job"], changed["job"]]
 
