@@ -139,3 +139,48 @@ def test_diffusion_refuses_an_autoencoder_of_another_architecture(tmp_path):
         train_diffusion(other, data, ae_dir, tmp_path / "dm")
     with pytest.raises(LdmError, match="train the autoencoder first"):
         train_diffusion(dm_config(), data, tmp_path / "missing", tmp_path / "dm")
+
+
+def test_block_checkpointing_keeps_gradients_and_parameter_names():
+    from ldm_core.train.loop import enable_block_checkpointing
+
+    cfg = dm_config()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    plain = build_unet(cfg)
+    checkpointed = build_unet(cfg)
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_block_checkpointing(
+        [*checkpointed.down_blocks, checkpointed.middle_block, *checkpointed.up_blocks]
+    )
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    z = torch.randn(1, *cfg.latent_shape)
+    t = torch.tensor([500])
+    for model in (plain, checkpointed):
+        model(z, timesteps=t).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_grad_scaler_only_for_fp16():
+    from ldm_core.train.loop import make_scaler
+
+    cpu = torch.device("cpu")
+    assert make_scaler(cpu, "fp16").is_enabled()
+    assert not make_scaler(cpu, "bf16").is_enabled() and not make_scaler(cpu, "none").is_enabled()
+
+
+def test_bf16_autocast_with_checkpointing_and_channels_last_trains(tmp_path):
+    """CPU bf16 (fp16 on a CPU works too but is emulated and slow; GPUs take that path)."""
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    cfg = dm_config(
+        "train.amp=bf16",
+        "train.diffusion.steps=2",
+        "train.gradient_checkpointing=true",
+        "train.channels_last=true",
+    )
+    run = train_diffusion(cfg, data, fake_autoencoder_run(tmp_path / "ae", cfg), tmp_path / "dm")
+    state = torch.load(run / "checkpoints" / "ckpt-00000002.pt", weights_only=True)
+    assert {"model", "ema", "optimizer", "scaler", "guard", "rng", "config", "step"} <= set(state)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(loss is not None and np.isfinite(loss) for loss in losses)
