@@ -4,6 +4,11 @@ Run 1 (permissive gate): every stage runs, deploy starts a real local KServe ser
 a V2 request returns a NIfTI with the training data's geometry. Run 2 (same inputs, strict
 gate): the four upstream stages come from the cache, only evaluate re-runs (its gate
 parameters changed), and the failed gate keeps deploy from running.
+
+Both runs take about 1.5-2.5 minutes on 2 shared cores (six stage subprocesses, two
+training subprocesses and a model server each import torch), so they are marked slow
+(``make test-slow``); the fast suite covers the compiled DAG, the component bodies and the
+stages' caching on their own.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def runs(tmp_path_factory):
     return first, second, served
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_the_served_model_answers(runs):
     first, _, served = runs
     assert first.stages == {
@@ -76,6 +82,7 @@ def test_every_stage_runs_and_the_served_model_answers(runs):
     np.testing.assert_allclose(img.affine, np.asarray(bundle["affine"]), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_unchanged_stages_come_from_the_cache_and_the_gate_blocks_deploy(runs):
     first, second, _ = runs
     assert second.stages == {
