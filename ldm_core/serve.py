@@ -433,13 +433,19 @@ class BrainLDMModel(Model):
     async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationRequest:
         assert self.limits is not None
         header_id = (headers or {}).get("x-request-id")
-        if isinstance(payload, InferRequest):
-            request_id = header_id or payload.id or uuid.uuid4().hex
-            return parse_v2(payload, self.limits, request_id)
-        request_id = header_id or uuid.uuid4().hex
-        if isinstance(payload, bytes):
-            raise _invalid("request body: expected JSON (send content-type: application/json)")
-        return parse_v1(payload, self.limits, request_id)
+        v2 = isinstance(payload, InferRequest)
+        request_id = header_id or (payload.id if v2 else None) or uuid.uuid4().hex
+        try:
+            if v2:
+                return parse_v2(payload, self.limits, request_id)
+            if isinstance(payload, bytes):
+                raise _invalid("request body: expected JSON (send content-type: application/json)")
+            return parse_v1(payload, self.limits, request_id)
+        except InvalidInput as exc:
+            _log_event(
+                "request", request_id=request_id, protocol="v2" if v2 else "v1", status=400, error=str(exc)
+            )
+            raise
 
     async def predict(self, req: GenerationRequest, headers: dict[str, str] | None = None) -> _Generated:
         if self._admitted >= self._capacity:

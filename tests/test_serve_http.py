@@ -269,3 +269,5 @@ def test_metrics_and_structured_logs(served, http):
     assert (entry["n"], entry["sampler"], entry["steps"], entry["protocol"]) == (2, "ddim", 2, "v2")
     assert entry["latency_s"] > 0
     assert any(e["event"] == "model_ready" for e in events)
+    refused = [e for e in events if e.get("status") == 400 and "parameters.sampler" in e.get("error", "")]
+    assert refused and refused[-1]["request_id"]

@@ -19,6 +19,7 @@ from kserve.model_repository import ModelRepository
 from ldm_core.bundle import make_random_bundle
 from ldm_core.deploy import deploy, stop_local
 from ldm_core.serve import BrainLDMModel, _ModelAwareDataPlane
+from ldm_core.serve import main as serve_main
 from tests.test_serve_http import MODEL, tiny_config, v2
 
 TIMEOUT_S = 3.0
@@ -124,10 +125,10 @@ def _serve_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_refuses_a_directory_that_is_not_a_bundle(tmp_path):
-    proc = _serve_cli("--bundle", str(tmp_path), "--set", "serving.max_samples=2")
-    assert proc.returncode == 1
-    assert f"{tmp_path}" in proc.stderr and "not a model bundle" in proc.stderr
+def test_cli_refuses_a_directory_that_is_not_a_bundle(tmp_path, capsys):
+    assert serve_main(["--bundle", str(tmp_path), "--set", "serving.max_samples=2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path}" in err and "not a model bundle" in err
 
 
 def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
