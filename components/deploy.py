@@ -24,5 +24,7 @@ def deploy(
     result = deploy_stage(
         bundle.path, deployment.path, preset, overrides, backend, storage_prefix, smoke_steps
     )
-    deployment.metadata.update({k: v for k, v in result.items() if isinstance(v, str | int | float | bool)})
+    deployment.metadata.update(
+        {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
+    )
     return str(result["endpoint"])

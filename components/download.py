@@ -19,4 +19,6 @@ def download(
     """Download ``source`` (demo | msd | http(s):// | s3:// | a directory) into ``raw_data``."""
     from ldm_core.stages import download_stage
 
-    raw_data.metadata.update(download_stage(source, raw_data.path, preset, overrides, subjects, seed))
+    raw_data.metadata.update(
+        download_stage(source, raw_data.path, preset, overrides, subjects, seed)
+    )

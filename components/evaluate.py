@@ -36,9 +36,19 @@ def evaluate(
     from ldm_core.stages import GateThresholds, evaluate_stage
 
     result = evaluate_stage(
-        bundle.path, cache.path, evaluation.path, preset, overrides, num_samples, steps,
-        GateThresholds(gate_min_ms_ssim_ratio, gate_max_mmd, gate_min_mask_dice, gate_max_hist_distance),
-        training_runs=[autoencoder.path, diffusion.path], report_path=report.path, metrics_path=metrics.path,
+        bundle.path,
+        cache.path,
+        evaluation.path,
+        preset,
+        overrides,
+        num_samples,
+        steps,
+        GateThresholds(
+            gate_min_ms_ssim_ratio, gate_max_mmd, gate_min_mask_dice, gate_max_hist_distance
+        ),
+        training_runs=[autoencoder.path, diffusion.path],
+        report_path=report.path,
+        metrics_path=metrics.path,
     )
     for name, value in result["metrics"].items():
         metrics.log_metric(name, value)

@@ -24,7 +24,12 @@ def train_autoencoder(
 
     autoencoder.metadata.update(
         train_autoencoder_stage(
-            cache.path, autoencoder.path, preset, overrides, nproc, backend,
+            cache.path,
+            autoencoder.path,
+            preset,
+            overrides,
+            nproc,
+            backend,
             ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir),
         )
     )

@@ -27,7 +27,14 @@ def train_diffusion(
 
     diffusion.metadata.update(
         train_diffusion_stage(
-            cache.path, autoencoder.path, diffusion.path, bundle.path, preset, overrides,
-            nproc, backend, ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir),
+            cache.path,
+            autoencoder.path,
+            diffusion.path,
+            bundle.path,
+            preset,
+            overrides,
+            nproc,
+            backend,
+            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir),
         )
     )

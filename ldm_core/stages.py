@@ -58,7 +58,9 @@ class StageError(LdmError):
 # --------------------------------------------------------------------------- config
 
 
-def resolve_config(preset: str, overrides: Sequence[str] = (), stage_params: Sequence[str] = ()) -> Config:
+def resolve_config(
+    preset: str, overrides: Sequence[str] = (), stage_params: Sequence[str] = ()
+) -> Config:
     """Preset, then a stage's own parameters (as ``key=value``), then the user's overrides.
 
     Overrides come last so that ``--set`` always wins, as on the CLI: a pipeline parameter
@@ -190,7 +192,9 @@ def _pytorchjob_api_served() -> tuple[bool, str]:
 
     api = kubernetes.client.CustomObjectsApi(api_client())
     try:
-        api.get_namespaced_custom_object(GROUP, VERSION, current_namespace(), PLURAL, "ldm-backend-probe")
+        api.get_namespaced_custom_object(
+            GROUP, VERSION, current_namespace(), PLURAL, "ldm-backend-probe"
+        )
         return True, "PyTorchJob API served"
     except ApiException as e:
         try:
@@ -210,7 +214,9 @@ def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:
     from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
 
     if not cluster.image:
-        raise StageError("image: the kubeflow backend needs the training image (pipeline parameter 'image')")
+        raise StageError(
+            "image: the kubeflow backend needs the training image (pipeline parameter 'image')"
+        )
     if not cluster.pvc_name:
         raise StageError("pvc_name: the kubeflow backend needs a PVC shared with the job pods")
     settings = PyTorchJobSettings(
@@ -294,7 +300,11 @@ def _train(
             staged[flag] = dst
     info = {"job": name, "backend": chosen, "nproc": nproc, "run_dir": str(run_dir)}
     if _finished(run_dir, marker, key):
-        log.info("%s: finished run with the same inputs and config found in %s; reusing it", kind, run_dir)
+        log.info(
+            "%s: finished run with the same inputs and config found in %s; reusing it",
+            kind,
+            run_dir,
+        )
         info["reused"] = True
     else:
         config_path = _save_config(cfg, run_dir)
@@ -330,8 +340,15 @@ def train_autoencoder_stage(
     data = Path(data_dir)
     key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), str(nproc))
     info = _train(
-        kind="ae", verb="train-autoencoder", marker=AUTOENCODER_PT, key=key, cfg=cfg,
-        inputs={"--data": data}, output=Path(output), nproc=nproc, backend=backend,
+        kind="ae",
+        verb="train-autoencoder",
+        marker=AUTOENCODER_PT,
+        key=key,
+        cfg=cfg,
+        inputs={"--data": data},
+        output=Path(output),
+        nproc=nproc,
+        backend=backend,
         cluster=cluster or ClusterSettings(),
     )
     return {**info, "steps": cfg.train.autoencoder.steps}
@@ -356,11 +373,24 @@ def train_diffusion_stage(
     ae_weights = ae_dir / AUTOENCODER_PT
     if not ae_weights.is_file():
         raise StageError(f"{ae_dir}: no {AUTOENCODER_PT}; is this a finished autoencoder run?")
-    key = _digest("diffusion", _training_config(cfg), _dataset_hash(data), _sha256_file(ae_weights), str(nproc))
+    key = _digest(
+        "diffusion",
+        _training_config(cfg),
+        _dataset_hash(data),
+        _sha256_file(ae_weights),
+        str(nproc),
+    )
     info = _train(
-        kind="ldm", verb="train-diffusion", marker=UNET_PT, key=key, cfg=cfg,
-        inputs={"--data": data, "--autoencoder": ae_dir}, output=Path(output), nproc=nproc,
-        backend=backend, cluster=cluster or ClusterSettings(),
+        kind="ldm",
+        verb="train-diffusion",
+        marker=UNET_PT,
+        key=key,
+        cfg=cfg,
+        inputs={"--data": data, "--autoencoder": ae_dir},
+        output=Path(output),
+        nproc=nproc,
+        backend=backend,
+        cluster=cluster or ClusterSettings(),
     )
     bundle = build_bundle(ae_dir, Path(output), Path(bundle_output))
     return {**info, "steps": cfg.train.diffusion.steps, "bundle": str(bundle)}
@@ -421,14 +451,17 @@ def evaluate_stage(
     cfg = resolve_config(preset, overrides, extra)
     out = Path(output)
     _save_config(cfg, out)
-    result = evaluate(cfg, Path(bundle_dir), Path(data_dir), out, training_logs=[Path(p) for p in training_runs])
+    result = evaluate(
+        cfg, Path(bundle_dir), Path(data_dir), out, training_logs=[Path(p) for p in training_runs]
+    )
     verdict = result["gate"]
     files = result.get("files", {})
     if report_path is not None and files.get("report_html"):
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(files["report_html"], report_path)
     metrics = {
-        k: float(v) for k, v in result.items()
+        k: float(v)
+        for k, v in result.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
     if metrics_path is not None:
@@ -471,12 +504,20 @@ def deploy_stage(
     out.mkdir(parents=True, exist_ok=True)
     if chosen == "local":
         state_dir = Path(os.environ.get("LDM_SERVING_DIR") or out)
-        result = deploy(cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps)
+        result = deploy(
+            cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps
+        )
     else:
         if not storage_prefix:
-            raise StageError("storage_prefix: the kubeflow backend uploads the bundle to an s3:// prefix; none given")
+            raise StageError(
+                "storage_prefix: the kubeflow backend uploads the bundle to an s3:// prefix; none given"
+            )
         result = deploy(
-            cfg, Path(bundle_dir), backend="kubeflow", storage_prefix=storage_prefix, smoke_steps=smoke_steps
+            cfg,
+            Path(bundle_dir),
+            backend="kubeflow",
+            storage_prefix=storage_prefix,
+            smoke_steps=smoke_steps,
         )
     result = {**result, "endpoint": result.get("url")}
     (out / "deployment.json").write_text(json.dumps(result, indent=2, default=str))

@@ -92,7 +92,9 @@ def brain_ldm(
     """
     dl = download(source=source, preset=preset, overrides=overrides, subjects=subjects, seed=seed)
     dl.set_display_name("download")
-    kubernetes.use_secret_as_env(dl, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
+    kubernetes.use_secret_as_env(
+        dl, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True
+    )
     _resources(dl, "1", "2Gi")
 
     pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=overrides)
@@ -100,14 +102,26 @@ def brain_ldm(
     _resources(pre, "2", "8Gi")
 
     ae = train_autoencoder(
-        cache=pre.outputs["cache"], preset=preset, overrides=overrides, nproc=nproc,
-        backend=backend, image=image, pvc_name=pvc_name, workdir=WORKDIR,
+        cache=pre.outputs["cache"],
+        preset=preset,
+        overrides=overrides,
+        nproc=nproc,
+        backend=backend,
+        image=image,
+        pvc_name=pvc_name,
+        workdir=WORKDIR,
     )
     ae.set_display_name("train autoencoder")
 
     ldm = train_diffusion(
-        cache=pre.outputs["cache"], autoencoder=ae.outputs["autoencoder"], preset=preset,
-        overrides=overrides, nproc=nproc, backend=backend, image=image, pvc_name=pvc_name,
+        cache=pre.outputs["cache"],
+        autoencoder=ae.outputs["autoencoder"],
+        preset=preset,
+        overrides=overrides,
+        nproc=nproc,
+        backend=backend,
+        image=image,
+        pvc_name=pvc_name,
         workdir=WORKDIR,
     )
     ldm.set_display_name("train diffusion")
@@ -118,11 +132,18 @@ def brain_ldm(
         task.set_retry(num_retries=2, backoff_duration="60s")
 
     ev = evaluate(
-        bundle=ldm.outputs["bundle"], cache=pre.outputs["cache"],
-        autoencoder=ae.outputs["autoencoder"], diffusion=ldm.outputs["diffusion"], preset=preset,
-        overrides=overrides, num_samples=eval_samples, steps=eval_steps,
-        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio, gate_max_mmd=gate_max_mmd,
-        gate_min_mask_dice=gate_min_mask_dice, gate_max_hist_distance=gate_max_hist_distance,
+        bundle=ldm.outputs["bundle"],
+        cache=pre.outputs["cache"],
+        autoencoder=ae.outputs["autoencoder"],
+        diffusion=ldm.outputs["diffusion"],
+        preset=preset,
+        overrides=overrides,
+        num_samples=eval_samples,
+        steps=eval_steps,
+        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
+        gate_max_mmd=gate_max_mmd,
+        gate_min_mask_dice=gate_min_mask_dice,
+        gate_max_hist_distance=gate_max_hist_distance,
     )
     ev.set_display_name("evaluate")
     _resources(ev, "2", "16Gi")
@@ -132,11 +153,17 @@ def brain_ldm(
 
     with dsl.If(ev.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         dep = deploy(
-            bundle=ldm.outputs["bundle"], preset=preset, overrides=overrides, backend=backend,
-            storage_prefix=storage_prefix, smoke_steps=smoke_steps,
+            bundle=ldm.outputs["bundle"],
+            preset=preset,
+            overrides=overrides,
+            backend=backend,
+            storage_prefix=storage_prefix,
+            smoke_steps=smoke_steps,
         )
         dep.set_display_name("deploy")
-        kubernetes.use_secret_as_env(dep, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
+        kubernetes.use_secret_as_env(
+            dep, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True
+        )
         _resources(dep, "1", "4Gi")
         # Rolling out twice is harmless but must not be skipped: the endpoint is live state.
         dep.set_caching_options(enable_caching=False)
@@ -145,8 +172,11 @@ def brain_ldm(
         task.set_container_image(image)
     dep.set_container_image(image)
     return Outputs(
-        evaluation=ev.outputs["evaluation"], metrics=ev.outputs["metrics"], report=ev.outputs["report"],
-        bundle=ldm.outputs["bundle"], gate_passed=ev.outputs["Output"],
+        evaluation=ev.outputs["evaluation"],
+        metrics=ev.outputs["metrics"],
+        report=ev.outputs["report"],
+        bundle=ldm.outputs["bundle"],
+        gate_passed=ev.outputs["Output"],
     )
 
 

@@ -36,7 +36,9 @@ STAGES = ("download", "preprocess", "train-autoencoder", "train-diffusion", "eva
 HEADLINE_METRICS = ("ms_ssim_ratio", "mmd", "hist_distance", "mask_dice", "fid")
 """The metrics the quality gate reads (and FID when computed), printed at the end."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_TASK = re.compile(r"(Executing task|Task|Skipping conditional task|Skipping task) '?([\w-]+)'?(.*)")
+_TASK = re.compile(
+    r"(Executing task|Task|Skipping conditional task|Skipping task) '?([\w-]+)'?(.*)"
+)
 
 
 @dataclass
@@ -131,15 +133,23 @@ def run_pipeline(
     load_config(None, preset=preset, overrides=overrides)  # fail here, not in a subprocess
     root = Path(output).resolve() / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), enable_caching=cache
+    )
     pipeline = brain_ldm
     if package is not None:
         from kfp import components
 
         pipeline = components.load_component_from_file(str(package))
     args: dict[str, Any] = {
-        "source": source, "subjects": subjects, "preset": preset, "overrides": overrides,
-        "nproc": nproc, "backend": backend, "eval_samples": eval_samples, "eval_steps": eval_steps,
+        "source": source,
+        "subjects": subjects,
+        "preset": preset,
+        "overrides": overrides,
+        "nproc": nproc,
+        "backend": backend,
+        "eval_samples": eval_samples,
+        "eval_steps": eval_steps,
         **(gate or {}),
     }
     env = {
@@ -177,7 +187,9 @@ def run_pipeline(
     if outputs["gate_passed"]:
         deployment = _latest_deployment(root, started_wall)
     metrics_file = Path(outputs["evaluation"].path) / "metrics.json"
-    metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items() if isinstance(v, int | float)}
+    metrics = {
+        k: v for k, v in json.loads(metrics_file.read_text()).items() if isinstance(v, int | float)
+    }
     return LocalRun(
         pipeline_root=root,
         gate_passed=bool(outputs["gate_passed"]),
@@ -194,7 +206,9 @@ def run_pipeline(
 def _latest_deployment(root: Path, since: float) -> dict[str, Any] | None:
     """deployment.json of this run's deploy task (deploy is never cached, so it is new)."""
     found = [
-        p for p in root.glob("*/deploy/deployment/deployment.json") if p.stat().st_mtime >= since - 1
+        p
+        for p in root.glob("*/deploy/deployment/deployment.json")
+        if p.stat().st_mtime >= since - 1
     ]
     if not found:
         return None
@@ -204,7 +218,9 @@ def _latest_deployment(root: Path, since: float) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- inference
 
 
-def infer_v2(endpoint: str, model: str, seed: int = 0, steps: int | None = None, timeout: float = 300.0) -> bytes:
+def infer_v2(
+    endpoint: str, model: str, seed: int = 0, steps: int | None = None, timeout: float = 300.0
+) -> bytes:
     """One Open Inference Protocol V2 request for a gzip-NIfTI sample; returns its bytes."""
     body: dict[str, Any] = {
         "inputs": [{"name": "seed", "datatype": "INT64", "shape": [1], "data": [seed]}],
@@ -212,13 +228,18 @@ def infer_v2(endpoint: str, model: str, seed: int = 0, steps: int | None = None,
     }
     url = f"{endpoint.rstrip('/')}/v2/models/{model}/infer"
     req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}, method="POST"
+        url,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             answer = json.loads(resp.read())
     except urllib.error.HTTPError as e:
-        raise LdmError(f"POST {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}") from None
+        raise LdmError(
+            f"POST {url}: HTTP {e.code}: {e.read().decode(errors='replace')[:300]}"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
         raise LdmError(f"POST {url}: {getattr(e, 'reason', e)}") from None
     for out in answer.get("outputs", []):
@@ -233,7 +254,7 @@ def curl_example(endpoint: str, model: str) -> str:
         f"curl -s -X POST {endpoint.rstrip('/')}/v2/models/{model}/infer \\\n"
         f"     -H 'content-type: application/json' \\\n"
         f"     -d '{body}' \\\n"
-        f"  | python -c \"import sys,json,base64; "
+        f'  | python -c "import sys,json,base64; '
         f"open('sample.nii.gz','wb').write(base64.b64decode(json.load(sys.stdin)['outputs'][0]['data'][0]))\""
     )
 
@@ -242,22 +263,50 @@ def curl_example(endpoint: str, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the brain-ldm pipeline locally with kfp.local.")
-    parser.add_argument("--output", required=True, type=Path, help="directory for everything the run writes")
-    parser.add_argument("--nproc", type=int, default=1, help="training processes (torchrun); default 1")
+    parser = argparse.ArgumentParser(
+        description="Run the brain-ldm pipeline locally with kfp.local."
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="directory for everything the run writes"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="training processes (torchrun); default 1"
+    )
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    parser.add_argument("--source", default="demo", help="demo | msd | http(s):// | s3:// | DIR (default demo)")
-    parser.add_argument("--subjects", type=int, default=0, help="demo cohort size (default: the demo's)")
-    parser.add_argument("--eval-steps", type=int, default=0, help="sampling steps of the evaluation")
-    parser.add_argument("--no-cache", action="store_true", help="run every stage even if a finished one matches")
-    parser.add_argument("--keep-serving", action="store_true", help="leave the local model server running")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (repeatable)",
+    )
+    parser.add_argument(
+        "--source", default="demo", help="demo | msd | http(s):// | s3:// | DIR (default demo)"
+    )
+    parser.add_argument(
+        "--subjects", type=int, default=0, help="demo cohort size (default: the demo's)"
+    )
+    parser.add_argument(
+        "--eval-steps", type=int, default=0, help="sampling steps of the evaluation"
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="run every stage even if a finished one matches"
+    )
+    parser.add_argument(
+        "--keep-serving", action="store_true", help="leave the local model server running"
+    )
     args = parser.parse_args(argv)
 
     try:
         result = run_pipeline(
-            args.output, source=args.source, subjects=args.subjects, preset=args.preset,
-            overrides=args.set, nproc=args.nproc, eval_steps=args.eval_steps, cache=not args.no_cache,
+            args.output,
+            source=args.source,
+            subjects=args.subjects,
+            preset=args.preset,
+            overrides=args.set,
+            nproc=args.nproc,
+            eval_steps=args.eval_steps,
+            cache=not args.no_cache,
         )
     except LdmError as e:
         print(f"run_local: error: {e}", file=sys.stderr)
@@ -271,22 +320,32 @@ def main(argv: list[str] | None = None) -> int:
 def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
     say = print
     say("")
-    say(f"Pipeline finished in {result.seconds:.0f} s  ({', '.join(f'{k}: {v}' for k, v in result.stages.items())})")
+    say(
+        f"Pipeline finished in {result.seconds:.0f} s  ({', '.join(f'{k}: {v}' for k, v in result.stages.items())})"
+    )
     say(f"  metrics      {result.evaluation / 'metrics.json'}")
     shown = [k for k in HEADLINE_METRICS if k in result.metrics]
     say("               " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in shown))
-    say(f"  report       {result.evaluation / 'report.html'}  (figures: {result.evaluation / 'figures'})")
+    say(
+        f"  report       {result.evaluation / 'report.html'}  (figures: {result.evaluation / 'figures'})"
+    )
     say(f"  samples      {result.evaluation / 'samples'}")
     say(f"  model bundle {result.bundle}")
     if not result.gate_passed:
-        reasons = json.loads((result.evaluation / "metrics.json").read_text()).get("gate", {}).get("reasons", [])
+        reasons = (
+            json.loads((result.evaluation / "metrics.json").read_text())
+            .get("gate", {})
+            .get("reasons", [])
+        )
         say("Quality gate FAILED, so nothing was deployed:")
         for reason in reasons:
             say(f"  - {reason}")
         return 2
     dep = result.deployment
     if not dep:
-        print("run_local: error: the gate passed but no deployment record was found", file=sys.stderr)
+        print(
+            "run_local: error: the gate passed but no deployment record was found", file=sys.stderr
+        )
         return 1
     endpoint, model = str(dep["endpoint"]), str(dep.get("model_name", "brain-ldm"))
     generated = output / "generated" / "sample_seed0.nii.gz"
@@ -295,10 +354,14 @@ def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
         data = infer_v2(endpoint, model, seed=0)
         generated.parent.mkdir(parents=True, exist_ok=True)
         generated.write_bytes(data)
-        say(f"  inference    POST {endpoint}/v2/models/{model}/infer (seed 0) -> {generated} "
-            f"({len(data) / 1024:.0f} KiB, {time.monotonic() - t0:.1f} s)")
+        say(
+            f"  inference    POST {endpoint}/v2/models/{model}/infer (seed 0) -> {generated} "
+            f"({len(data) / 1024:.0f} KiB, {time.monotonic() - t0:.1f} s)"
+        )
         say("")
-        say(f"Call the served model ({'still running' if keep_serving else 'stopped now; --keep-serving leaves it up'}):")
+        say(
+            f"Call the served model ({'still running' if keep_serving else 'stopped now; --keep-serving leaves it up'}):"
+        )
         say(curl_example(endpoint, model))
     finally:
         if not keep_serving:

@@ -84,7 +84,9 @@ def parse_params(items: list[str], inputs: dict[str, str]) -> dict[str, Any]:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError:
                 raise SubmitError(f"--param {name}: {raw!r} is not a valid {kind} value") from None
-        if not isinstance(value, _TYPES.get(kind, (object,))) or (kind != "BOOLEAN" and isinstance(value, bool)):
+        if not isinstance(value, _TYPES.get(kind, (object,))) or (
+            kind != "BOOLEAN" and isinstance(value, bool)
+        ):
             raise SubmitError(f"--param {name}: expected {kind}, got {raw!r}")
         out[name] = value
     return out
@@ -148,7 +150,9 @@ def submit(
         )
     except ApiException as e:
         body = (e.body or "").strip().replace("\n", " ")[:300]
-        raise SubmitError(f"{host}: KFP API refused the request (HTTP {e.status}): {body or e.reason}") from None
+        raise SubmitError(
+            f"{host}: KFP API refused the request (HTTP {e.status}): {body or e.reason}"
+        ) from None
     return {
         "pipeline_id": pipeline_id,
         "version_id": version_id,
@@ -159,30 +163,59 @@ def submit(
 
 
 def _find_version(client: Any, pipeline_id: str, version_name: str | None) -> str:
-    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=100).pipeline_versions or []
+    versions = (
+        client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=100).pipeline_versions
+        or []
+    )
     for v in versions:
         if version_name is None or v.display_name == version_name:
             return v.pipeline_version_id
-    raise SubmitError(f"pipeline {pipeline_id}: version {version_name or '(default)'} not found after upload")
+    raise SubmitError(
+        f"pipeline {pipeline_id}: version {version_name or '(default)'} not found after upload"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Submit the compiled brain-ldm pipeline to Kubeflow Pipelines.")
-    parser.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"),
-                        help="KFP API endpoint, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT)")
+    parser = argparse.ArgumentParser(
+        description="Submit the compiled brain-ldm pipeline to Kubeflow Pipelines."
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("KF_PIPELINES_ENDPOINT"),
+        help="KFP API endpoint, e.g. http://localhost:8080 (default: $KF_PIPELINES_ENDPOINT)",
+    )
     parser.add_argument("--package", default=str(DEFAULT_PACKAGE), help="compiled pipeline YAML")
-    parser.add_argument("--experiment", default="brain-ldm", help="experiment name (created if missing)")
-    parser.add_argument("--run-name", help="run display name (default: pipeline name + content hash)")
+    parser.add_argument(
+        "--experiment", default="brain-ldm", help="experiment name (created if missing)"
+    )
+    parser.add_argument(
+        "--run-name", help="run display name (default: pipeline name + content hash)"
+    )
     parser.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
-    parser.add_argument("--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="pipeline parameter, e.g. --param preset=gpu-16g (repeatable; lists/dicts as YAML)")
+    parser.add_argument(
+        "--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)"
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter, e.g. --param preset=gpu-16g (repeatable; lists/dicts as YAML)",
+    )
     args = parser.parse_args(argv)
     try:
         if not args.host:
             raise SubmitError("--host: no KFP endpoint given (or set KF_PIPELINES_ENDPOINT)")
         params = parse_params(args.param, pipeline_inputs(read_package(args.package)))
-        result = submit(args.host, args.package, args.experiment, params, args.run_name, args.namespace, args.token)
+        result = submit(
+            args.host,
+            args.package,
+            args.experiment,
+            params,
+            args.run_name,
+            args.namespace,
+            args.token,
+        )
     except LdmError as e:
         print(f"submit: error: {e}", file=sys.stderr)
         return 1

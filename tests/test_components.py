@@ -39,10 +39,15 @@ def test_typed_inputs_and_outputs():
     assert out["download"] == {"raw_data": "system.Dataset@0.0.1"}
     assert out["preprocess"] == {"cache": "system.Dataset@0.0.1"}
     assert out["train_autoencoder"] == {"autoencoder": "system.Model@0.0.1"}
-    assert out["train_diffusion"] == {"diffusion": "system.Model@0.0.1", "bundle": "system.Model@0.0.1"}
+    assert out["train_diffusion"] == {
+        "diffusion": "system.Model@0.0.1",
+        "bundle": "system.Model@0.0.1",
+    }
     assert out["evaluate"] == {
-        "evaluation": "system.Artifact@0.0.1", "metrics": "system.Metrics@0.0.1",
-        "report": "system.HTML@0.0.1", "Output": "Boolean",
+        "evaluation": "system.Artifact@0.0.1",
+        "metrics": "system.Metrics@0.0.1",
+        "report": "system.HTML@0.0.1",
+        "Output": "Boolean",
     }
     assert out["deploy"] == {"deployment": "system.Artifact@0.0.1", "Output": "String"}
     assert spec["train_diffusion"].inputs["autoencoder"].type == "system.Model@0.0.1"
@@ -62,20 +67,33 @@ def test_evaluate_body_fills_metrics_report_and_returns_the_gate(tmp_path, stric
     def artifact(cls, name):
         return cls(name=name, uri=str(tmp_path / "outputs" / name))
 
-    evaluation, metrics, report = artifact(dsl.Artifact, "evaluation"), artifact(dsl.Metrics, "metrics"), artifact(dsl.HTML, "report")
+    evaluation, metrics, report = (
+        artifact(dsl.Artifact, "evaluation"),
+        artifact(dsl.Metrics, "metrics"),
+        artifact(dsl.HTML, "report"),
+    )
     passed = components.evaluate.python_func(
         bundle=dsl.Model(name="bundle", uri=str(bundle_dir)),
         cache=dsl.Dataset(name="cache", uri=str(cache)),
         autoencoder=dsl.Model(name="ae", uri=str(tmp_path / "no-run")),
         diffusion=dsl.Model(name="ldm", uri=str(tmp_path / "no-run")),
-        preset="", overrides=[*TINY_OVERRIDES, "sampling.steps=2"], num_samples=2, steps=2,
-        gate_min_ms_ssim_ratio=-1.0, gate_max_mmd=1e9,
-        gate_min_mask_dice=1.01 if strict else 0.0, gate_max_hist_distance=1e9,
-        evaluation=evaluation, metrics=metrics, report=report,
+        preset="",
+        overrides=[*TINY_OVERRIDES, "sampling.steps=2"],
+        num_samples=2,
+        steps=2,
+        gate_min_ms_ssim_ratio=-1.0,
+        gate_max_mmd=1e9,
+        gate_min_mask_dice=1.01 if strict else 0.0,
+        gate_max_hist_distance=1e9,
+        evaluation=evaluation,
+        metrics=metrics,
+        report=report,
     )
     assert passed is (not strict)
     assert set(metrics.metadata) >= {"mmd", "mask_dice", "hist_distance", "ms_ssim_ratio"}
-    assert json.loads(Path(metrics.path).read_text()) == metrics.metadata  # a file: cacheable locally
+    assert (
+        json.loads(Path(metrics.path).read_text()) == metrics.metadata
+    )  # a file: cacheable locally
     assert "<img" in Path(report.path).read_text()
     assert evaluation.metadata["gate_passed"] is (not strict)
     assert ("gate_min_mask_dice" in evaluation.metadata["gate_reason"]) is strict

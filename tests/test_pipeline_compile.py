@@ -22,7 +22,11 @@ def compiled(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "LDM_IMAGE"}
     subprocess.run(
         [sys.executable, "-m", "pipelines.brain_ldm", "--output", str(out)],
-        cwd=ROOT, env=env, check=True, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out
 
@@ -45,7 +49,11 @@ def test_six_tasks_and_their_dependencies(docs):
     gate = [name for name, t in root.items() if "triggerPolicy" in t]
     assert len(gate) == 1
     inner = spec["components"][root[gate[0]]["componentRef"]["name"]]["dag"]["tasks"]
-    deps = {name: sorted(t.get("dependentTasks", [])) for name, t in {**root, **inner}.items() if name not in gate}
+    deps = {
+        name: sorted(t.get("dependentTasks", []))
+        for name, t in {**root, **inner}.items()
+        if name not in gate
+    }
     assert deps == {
         "download": [],
         "preprocess": ["download"],
@@ -59,15 +67,28 @@ def test_six_tasks_and_their_dependencies(docs):
     assert "pipelinechannel--evaluate-Output" in condition and condition.endswith("== true")
     # Artifacts flow along the edges: bundle from train-diffusion to evaluate and deploy.
     ev_in = root["evaluate"]["inputs"]["artifacts"]
-    assert ev_in["bundle"]["taskOutputArtifact"] == {"outputArtifactKey": "bundle", "producerTask": "train-diffusion"}
+    assert ev_in["bundle"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "bundle",
+        "producerTask": "train-diffusion",
+    }
     assert ev_in["cache"]["taskOutputArtifact"]["producerTask"] == "preprocess"
 
 
 def test_parameters_users_set(docs):
     spec, _ = docs
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("source", "preset", "overrides", "nproc", "backend", "image", "eval_steps",
-                 "eval_samples", "gate_max_mmd", "gate_min_mask_dice"):
+    for name in (
+        "source",
+        "preset",
+        "overrides",
+        "nproc",
+        "backend",
+        "image",
+        "eval_steps",
+        "eval_samples",
+        "gate_max_mmd",
+        "gate_min_mask_dice",
+    ):
         assert name in params, name
     assert params["preset"]["defaultValue"] == "tiny-cpu"
     assert params["backend"]["defaultValue"] == "auto"
@@ -80,10 +101,15 @@ def test_cluster_settings_are_in_the_platform_spec(docs):
         (mount,) = executors[name]["pvcMount"]
         assert mount["mountPath"] == "/workspace"
         assert mount["pvcNameParameter"] == {"componentInputParameter": "pvc_name"}
-    assert executors["exec-download"]["secretAsEnv"][0]["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+    assert executors["exec-download"]["secretAsEnv"][0]["secretNameParameter"] == {
+        "componentInputParameter": "s3_secret"
+    }
     assert executors["exec-evaluate"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     containers = spec["deploymentSpec"]["executors"]
-    assert containers["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert (
+        containers["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceType"]
+        == "nvidia.com/gpu"
+    )
     for name, ex in containers.items():
         # One image parameter for every task; the image carries kfp (no pip install at run time).
         assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name

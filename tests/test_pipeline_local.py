@@ -38,8 +38,10 @@ OVERRIDES = [
     "serving.warmup=false",
 ]
 PERMISSIVE = {
-    "gate_min_ms_ssim_ratio": -1.0, "gate_max_mmd": 1e9,
-    "gate_min_mask_dice": 0.0, "gate_max_hist_distance": 1e9,
+    "gate_min_ms_ssim_ratio": -1.0,
+    "gate_max_mmd": 1e9,
+    "gate_min_mask_dice": 0.0,
+    "gate_max_hist_distance": 1e9,
 }
 STRICT = {**PERMISSIVE, "gate_min_mask_dice": 1.01}  # no model reaches a Dice above 1
 
@@ -49,11 +51,22 @@ def runs(tmp_path_factory):
     from ldm_core.deploy import stop_local
 
     out = tmp_path_factory.mktemp("pipeline")
-    common = dict(subjects=4, overrides=OVERRIDES, nproc=1, backend="local",
-                  eval_samples=2, eval_steps=2, package=PACKAGE)
+    common = dict(
+        subjects=4,
+        overrides=OVERRIDES,
+        nproc=1,
+        backend="local",
+        eval_samples=2,
+        eval_steps=2,
+        package=PACKAGE,
+    )
     first = run_pipeline(out, gate=PERMISSIVE, **common)
     try:
-        served = infer_v2(first.deployment["endpoint"], first.deployment["model_name"], seed=3) if first.deployment else None
+        served = (
+            infer_v2(first.deployment["endpoint"], first.deployment["model_name"], seed=3)
+            if first.deployment
+            else None
+        )
     finally:
         if first.deployment:
             stop_local(first.deployment)
@@ -65,8 +78,12 @@ def runs(tmp_path_factory):
 def test_every_stage_runs_and_the_served_model_answers(runs):
     first, _, served = runs
     assert first.stages == {
-        "download": "ran", "preprocess": "ran", "train-autoencoder": "ran",
-        "train-diffusion": "ran", "evaluate": "ran", "deploy": "ran",
+        "download": "ran",
+        "preprocess": "ran",
+        "train-autoencoder": "ran",
+        "train-diffusion": "ran",
+        "evaluate": "ran",
+        "deploy": "ran",
     }
     assert first.gate_passed
     # Metrics: metrics.json, and the same scalars in the KFP Metrics artifact.
@@ -86,8 +103,12 @@ def test_every_stage_runs_and_the_served_model_answers(runs):
 def test_unchanged_stages_come_from_the_cache_and_the_gate_blocks_deploy(runs):
     first, second, _ = runs
     assert second.stages == {
-        "download": "cached", "preprocess": "cached", "train-autoencoder": "cached",
-        "train-diffusion": "cached", "evaluate": "ran", "deploy": "skipped",
+        "download": "cached",
+        "preprocess": "cached",
+        "train-autoencoder": "cached",
+        "train-diffusion": "cached",
+        "evaluate": "ran",
+        "deploy": "skipped",
     }
     assert not second.gate_passed
     assert second.deployment is None

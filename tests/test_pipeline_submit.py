@@ -41,7 +41,10 @@ class FakeKfp:
             name = _filter_name(query)
             found = [p for p in self.pipelines.values() if p["display_name"] == name]
             return 200, {"pipelines": found} if found else {}
-        if method == "POST" and path in ("/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"):
+        if method == "POST" and path in (
+            "/apis/v2beta1/pipelines/upload",
+            "/apis/v2beta1/pipelines/upload_version",
+        ):
             self.uploads.append(_multipart_file(body, ctype))
             name = query["name"][0]
             if path.endswith("/upload"):
@@ -52,8 +55,11 @@ class FakeKfp:
                 pid = query["pipelineid"][0]
                 if any(v["display_name"] == name for v in self.versions[pid]):
                     return 409, {"error": "version exists", "code": 6}
-            version = {"pipeline_id": pid, "pipeline_version_id": f"v{sum(map(len, self.versions.values())) + 1}",
-                       "display_name": name}
+            version = {
+                "pipeline_id": pid,
+                "pipeline_version_id": f"v{sum(map(len, self.versions.values())) + 1}",
+                "display_name": name,
+            }
             self.versions[pid].append(version)
             return 200, version if path.endswith("upload_version") else self.pipelines[pid]
         m = re.fullmatch(r"/apis/v2beta1/pipelines/([^/]+)/versions", path)
@@ -79,7 +85,9 @@ def _filter_name(query: dict) -> str:
 
 
 def _multipart_file(body: bytes, ctype: str) -> bytes:
-    msg = BytesParser(policy=email_policy).parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + body)
+    msg = BytesParser(policy=email_policy).parsebytes(
+        f"Content-Type: {ctype}\r\n\r\n".encode() + body
+    )
     return next(part.get_payload(decode=True) for part in msg.iter_parts())
 
 
@@ -90,7 +98,9 @@ def kfp_server():
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            status, payload = state.handle(self.command, self.path, body, self.headers.get("Content-Type", ""))
+            status, payload = state.handle(
+                self.command, self.path, body, self.headers.get("Content-Type", "")
+            )
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -121,10 +131,22 @@ def test_params_are_typed_and_checked_against_the_compiled_pipeline():
     inputs = submit.pipeline_inputs(submit.read_package(PACKAGE))
     assert {"source", "preset", "overrides", "nproc", "gate_max_mmd"} <= set(inputs)
     params = submit.parse_params(
-        ["nproc=4", "preset=gpu-16g", "overrides=[train.amp=bf16]", "gate_max_mmd=0.2", "source=s3://b/x"], inputs
+        [
+            "nproc=4",
+            "preset=gpu-16g",
+            "overrides=[train.amp=bf16]",
+            "gate_max_mmd=0.2",
+            "source=s3://b/x",
+        ],
+        inputs,
     )
-    assert params == {"nproc": 4, "preset": "gpu-16g", "overrides": ["train.amp=bf16"],
-                      "gate_max_mmd": 0.2, "source": "s3://b/x"}
+    assert params == {
+        "nproc": 4,
+        "preset": "gpu-16g",
+        "overrides": ["train.amp=bf16"],
+        "gate_max_mmd": 0.2,
+        "source": "s3://b/x",
+    }
     with pytest.raises(submit.SubmitError, match="nprocs.*did you mean 'nproc'"):
         submit.parse_params(["nprocs=4"], inputs)
     with pytest.raises(submit.SubmitError, match="nproc: expected NUMBER_INTEGER"):
@@ -136,7 +158,9 @@ def test_params_are_typed_and_checked_against_the_compiled_pipeline():
 def test_missing_package_is_one_clear_line(tmp_path, capsys):
     rc = submit.main(["--host", "http://127.0.0.1:9", "--package", str(tmp_path / "nope.yaml")])
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and "nope.yaml: compiled pipeline not found" in err and len(err.splitlines()) == 1
+    assert (
+        rc == 1 and "nope.yaml: compiled pipeline not found" in err and len(err.splitlines()) == 1
+    )
 
 
 def test_unreachable_host_fails_fast_in_one_line(capsys):
@@ -146,20 +170,36 @@ def test_unreachable_host_fails_fast_in_one_line(capsys):
     rc = submit.main(["--host", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip()
     assert rc == 1
-    assert err.startswith(f"submit: error: cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}")
+    assert err.startswith(
+        f"submit: error: cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}"
+    )
     assert len(err.splitlines()) == 1
 
 
 def test_upload_and_run_then_resubmit_reuses_the_pipeline(kfp_server, capsys):
     host, state = kfp_server
-    rc = submit.main(["--host", host, "--experiment", "exp-a", "--param", "nproc=2", "--param", "overrides=[a.b=1]"])
+    rc = submit.main(
+        [
+            "--host",
+            host,
+            "--experiment",
+            "exp-a",
+            "--param",
+            "nproc=2",
+            "--param",
+            "overrides=[a.b=1]",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert result["run_id"] == "r1" and result["experiment_id"] == "e1"
     assert state.uploads == [PACKAGE.read_bytes()]  # the checked-in compiled YAML, as is
     run = state.runs[0]
-    assert run["pipeline_version_reference"] == {"pipeline_id": result["pipeline_id"], "pipeline_version_id": result["version_id"]}
+    assert run["pipeline_version_reference"] == {
+        "pipeline_id": result["pipeline_id"],
+        "pipeline_version_id": result["version_id"],
+    }
     assert run["runtime_config"]["parameters"] == {"nproc": 2, "overrides": ["a.b=1"]}
     assert run["experiment_id"] == "e1"
     assert state.pipelines[result["pipeline_id"]]["display_name"] == "brain-ldm"
@@ -170,4 +210,7 @@ def test_upload_and_run_then_resubmit_reuses_the_pipeline(kfp_server, capsys):
     assert len(state.pipelines) == 1 and len(state.experiments) == 1 and len(state.runs) == 3
     names = [v["display_name"] for v in state.versions[result["pipeline_id"]]]
     assert len(names) == 2 and names[1].startswith("brain-ldm-")
-    assert state.runs[2]["pipeline_version_reference"]["pipeline_version_id"] == state.versions[result["pipeline_id"]][1]["pipeline_version_id"]
+    assert (
+        state.runs[2]["pipeline_version_reference"]["pipeline_version_id"]
+        == state.versions[result["pipeline_id"]][1]["pipeline_version_id"]
+    )

@@ -17,15 +17,23 @@ from ldm_core.data.preprocess import data_settings
 from ldm_core.launcher import LocalLauncher
 from tests.tiny import TINY_OVERRIDES, tiny_config
 
-TRAIN = [*TINY_OVERRIDES, "train.autoencoder.steps=2", "train.autoencoder.batch_size=2",
-         "train.val_every=2", "train.checkpoint_every=2", "train.log_every=1"]
+TRAIN = [
+    *TINY_OVERRIDES,
+    "train.autoencoder.steps=2",
+    "train.autoencoder.batch_size=2",
+    "train.val_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+]
 
 
 # --------------------------------------------------------------------------- backend choice
 
 
 def test_unknown_backend_is_rejected_by_name():
-    with pytest.raises(stages.StageError, match="backend: 'k8s' is not one of auto, local, kubeflow"):
+    with pytest.raises(
+        stages.StageError, match="backend: 'k8s' is not one of auto, local, kubeflow"
+    ):
         stages.choose_backend("k8s")
 
 
@@ -45,8 +53,17 @@ def fake_api(tmp_path, monkeypatch):
         def do_GET(self) -> None:
             state["paths"].append(self.path)
             if state["crd"]:
-                body = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
-                        "details": {"name": "ldm-backend-probe", "group": "kubeflow.org", "kind": "pytorchjobs"}}
+                body = {
+                    "kind": "Status",
+                    "status": "Failure",
+                    "reason": "NotFound",
+                    "code": 404,
+                    "details": {
+                        "name": "ldm-backend-probe",
+                        "group": "kubeflow.org",
+                        "kind": "pytorchjobs",
+                    },
+                }
                 data = json.dumps(body).encode()
             else:
                 data = b"404 page not found\n"
@@ -61,12 +78,25 @@ def fake_api(tmp_path, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"}}],
-        "users": [{"name": "t", "user": {"token": "x"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "team-a"}}],
-    }))
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [
+                    {
+                        "name": "t",
+                        "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"},
+                    }
+                ],
+                "users": [{"name": "t", "user": {"token": "x"}}],
+                "contexts": [
+                    {"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "team-a"}}
+                ],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     yield state
@@ -76,7 +106,9 @@ def fake_api(tmp_path, monkeypatch):
 
 def test_auto_in_a_cluster_uses_pytorchjobs_when_the_api_is_served(fake_api):
     assert stages.choose_backend("auto") == "kubeflow"
-    assert fake_api["paths"] == ["/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/ldm-backend-probe"]
+    assert fake_api["paths"] == [
+        "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/ldm-backend-probe"
+    ]
 
 
 def test_auto_in_a_cluster_without_the_training_operator_trains_locally(fake_api):
@@ -98,14 +130,33 @@ def _tiny_cache(root: Path, n: int = 4) -> Path:
         radius = 0.6 + 0.1 * rng.random()
         vol = (np.sqrt((grid**2).sum(0)) < radius).astype(np.float16)[None] * np.float16(0.8)
         np.save(root / "volumes" / f"s{i}.npy", vol)
-        subjects.append({"id": f"s{i}", "source": f"s{i}.nii.gz", "sha256": f"{i:064d}",
-                         "split": "val" if i == n - 1 else "train", "file": f"volumes/s{i}.npy",
-                         "status": "ok", "reason": "", "affine": affine})
-    write_manifest(root, {
-        "format": 1, "layout": "folder", "channel_index": 0, "channel": "FLAIR",
-        "data": data_settings(cfg.data), "shape": list(cfg.data.shape), "spacing": list(cfg.data.spacing),
-        "affine": affine, "dataset_hash": "tiny-" + "0" * 59, "subjects": subjects,
-    })
+        subjects.append(
+            {
+                "id": f"s{i}",
+                "source": f"s{i}.nii.gz",
+                "sha256": f"{i:064d}",
+                "split": "val" if i == n - 1 else "train",
+                "file": f"volumes/s{i}.npy",
+                "status": "ok",
+                "reason": "",
+                "affine": affine,
+            }
+        )
+    write_manifest(
+        root,
+        {
+            "format": 1,
+            "layout": "folder",
+            "channel_index": 0,
+            "channel": "FLAIR",
+            "data": data_settings(cfg.data),
+            "shape": list(cfg.data.shape),
+            "spacing": list(cfg.data.spacing),
+            "affine": affine,
+            "dataset_hash": "tiny-" + "0" * 59,
+            "subjects": subjects,
+        },
+    )
     return root
 
 
@@ -145,7 +196,9 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     run_dir = Path(info["run_dir"])
     runs = workdir / ("brain-ldm/runs" if backend == "kubeflow" else "runs")
     assert run_dir == runs / info["job"]
-    assert (run_dir / "autoencoder.pt").is_file() and (tmp_path / "artifact1" / "autoencoder.pt").is_file()
+    assert (run_dir / "autoencoder.pt").is_file() and (
+        tmp_path / "artifact1" / "autoencoder.pt"
+    ).is_file()
     assert json.loads((tmp_path / "artifact1" / "stage.json").read_text())["job"] == info["job"]
     staged = workdir / "brain-ldm" / "inputs" / f"{info['job']}-data" / "manifest.json"
     assert staged.is_file() is (backend == "kubeflow")
@@ -153,7 +206,9 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     # Same inputs, plus a change training does not depend on: no new run, the finished one is copied.
     again = train("artifact2", [*TRAIN, "evaluation.num_samples=3"])
     assert again["reused"] and again["job"] == info["job"]
-    assert (tmp_path / "artifact2" / "autoencoder.pt").read_bytes() == (run_dir / "autoencoder.pt").read_bytes()
+    assert (tmp_path / "artifact2" / "autoencoder.pt").read_bytes() == (
+        run_dir / "autoencoder.pt"
+    ).read_bytes()
     assert launcher.names == [info["job"]]
 
     # A change training does depend on is a new run.
@@ -164,7 +219,9 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
 
 def test_kubeflow_backend_needs_an_image_and_a_volume(tmp_path):
     cfg = tiny_config()
-    with pytest.raises(stages.StageError, match="image: the kubeflow backend needs the training image"):
+    with pytest.raises(
+        stages.StageError, match="image: the kubeflow backend needs the training image"
+    ):
         stages._launcher("kubeflow", stages.ClusterSettings(pvc_name="p"), cfg)
     with pytest.raises(stages.StageError, match="pvc_name"):
         stages._launcher("kubeflow", stages.ClusterSettings(image="i"), cfg)
