@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         "--eval-steps", type=int, default=0, help="sampling steps of the evaluation"
     )
     parser.add_argument(
-        "--no-cache", action="store_true", help="run every stage even if a finished one matches"
+        "--no-cache",
+        action="store_true",
+        help="run every stage even if a finished one matches (needed when the files of a "
+        "--source directory changed: the cache key sees its path, not its content)",
     )
     parser.add_argument(
         "--keep-serving", action="store_true", help="leave the local model server running"
