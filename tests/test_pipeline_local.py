@@ -124,3 +124,36 @@ def test_a_bad_override_fails_in_one_line_before_any_stage_runs(tmp_path, capsys
     assert rc == 1
     assert err == "run_local: error: train.autoencoder.stepz: unknown key (did you mean 'steps'?)"
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_lines_follow_kfp_local_task_events():
+    """The stage states come from kfp.local's own log records (colours and all)."""
+    import io
+    import logging
+
+    from pipelines.run_local import _Progress
+
+    stream = io.StringIO()
+    progress = _Progress(stream)
+
+    def log(message: str) -> None:
+        progress.filter(logging.LogRecord("root", logging.INFO, __file__, 0, message, None, None))
+
+    log("Executing task \x1b[96m'download'\x1b[0m")
+    log("Task \x1b[96m'download'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m")
+    log("Task preprocess cache hit (key=0123456789ab); skipping execution.")
+    log("Executing task \x1b[96m'train-autoencoder'\x1b[0m")
+    log("Task \x1b[96m'train-autoencoder'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m")
+    log("Skipping conditional task condition-1 (condition evaluated to False)")
+    log("Task 'not-a-stage' finished with status SUCCESS")
+    assert progress.states == {
+        "download": "ran",
+        "preprocess": "cached",
+        "train-autoencoder": "failed",
+        "deploy": "skipped",
+    }
+    lines = stream.getvalue().splitlines()
+    assert "[1/6] download: done in" in lines[1]
+    assert "[2/6] preprocess: reused from the cache" in lines[2]
+    assert "[3/6] train-autoencoder: FAILED" in lines[4]
+    assert lines[5].endswith("[6/6] deploy: skipped (condition evaluated to False)")
