@@ -46,6 +46,7 @@ AUTOENCODER_PT = "autoencoder.pt"
 UNET_PT = "unet.pt"
 BACKENDS = ("auto", "local", "kubeflow")
 LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
+SERVING_DIR_ENV = "LDM_SERVING_DIR"
 TRAINING_SECTIONS = ("data", "model", "train")
 """The config sections a training run depends on; the rest (evaluation, serving, ...) does
 not change what training produces, so it stays out of the run's key."""
@@ -401,7 +402,8 @@ def train_diffusion_stage(
 
 @dataclass
 class GateThresholds:
-    """Quality-gate limits, given as pipeline parameters (they override the config's)."""
+    """Quality-gate limits given as pipeline parameters: they replace the preset's values,
+    and ``evaluation.gate_*`` overrides (applied last) replace them."""
 
     min_ms_ssim_ratio: float
     max_mmd: float
@@ -441,14 +443,14 @@ def evaluate_stage(
     """
     from ldm_core.evaluate import evaluate
 
-    extra = []
+    params = []
     if num_samples:
-        extra.append(f"evaluation.num_samples={num_samples}")
+        params.append(f"evaluation.num_samples={num_samples}")
     if steps:
-        extra.append(f"evaluation.steps={steps}")
+        params.append(f"evaluation.steps={steps}")
     if gate is not None:
-        extra += gate.overrides()
-    cfg = resolve_config(preset, overrides, extra)
+        params += gate.overrides()
+    cfg = resolve_config(preset, overrides, params)
     out = Path(output)
     _save_config(cfg, out)
     result = evaluate(
@@ -503,7 +505,7 @@ def deploy_stage(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if chosen == "local":
-        state_dir = Path(os.environ.get("LDM_SERVING_DIR") or out)
+        state_dir = Path(os.environ.get(SERVING_DIR_ENV) or out)
         result = deploy(
             cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps
         )
