@@ -566,15 +566,16 @@ def evaluate(
     from ldm_core.sample import to_nifti_bytes
 
     ecfg = cfg.evaluation
+    if ecfg.num_samples < 2:
+        raise LdmError(f"evaluation.num_samples: at least 2 are needed to score diversity, got {ecfg.num_samples}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a stale verdict must not outlive a failed re-run
     log.info("loading bundle %s", bundle_dir)
     bundle = load(bundle_dir, device=cfg.train.device)
     log.info("loading real volumes from %s", data_dir)
     real, real_ids = load_real(data_dir, bundle.image_shape)
     log.info("%d real volumes; generating %d samples", len(real_ids), ecfg.num_samples)
-    if ecfg.num_samples < 2:
-        raise LdmError(f"evaluation.num_samples: at least 2 are needed to score diversity, got {ecfg.num_samples}")
     sampler = cfg.sampling.sampler
     objective = bundle.config.model.scheduler.objective
     if sampler not in samplers_for(objective):

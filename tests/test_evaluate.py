@@ -299,6 +299,8 @@ def test_evaluate_refuses_a_cache_of_another_shape(tmp_path):
     cfg = tiny_config()
     bundle_dir = make_random_bundle(tmp_path / "bundle", cfg)
     cache = write_cache(tmp_path / "c", phantoms(3, shape=(32, 32, 16)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text('{"gate": {"passed": true, "reasons": []}}')
     with pytest.raises(LdmError, match=r"images are \(32, 32, 16\) but the bundle generates \(32, 32, 32\)"):
         evaluate(cfg, bundle_dir, cache, tmp_path / "out")
     assert not (tmp_path / "out" / "metrics.json").exists()
