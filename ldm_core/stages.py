@@ -47,6 +47,9 @@ UNET_PT = "unet.pt"
 BACKENDS = ("auto", "local", "kubeflow")
 LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
 SERVING_DIR_ENV = "LDM_SERVING_DIR"
+RESUME_STATE = ("checkpoints", "latents")
+"""Run-dir entries that only serve resuming (and can be large); they stay in the run dir
+and are left out of the copy that becomes the pipeline artifact."""
 TRAINING_SECTIONS = ("data", "model", "train")
 """The config sections a training run depends on; the rest (evaluation, serving, ...) does
 not change what training produces, so it stays out of the run's key."""
@@ -249,13 +252,13 @@ def _mark_finished(run_dir: Path, key: str, info: dict[str, Any]) -> None:
     tmp.replace(run_dir / STAGE_JSON)
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory, replacing ``dst``, through a sibling temp dir so that a killed
-    copy never leaves a half-filled ``dst`` behind."""
+def _copy_tree(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
+    """Copy a directory (less the entries named in ``skip``), replacing ``dst``, through a
+    sibling temp dir so that a killed copy never leaves a half-filled ``dst`` behind."""
     tmp = dst.with_name(f".{dst.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*skip) if skip else None)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
@@ -320,7 +323,7 @@ def _train(
         _mark_finished(run_dir, key, info)
         info["reused"] = False
     if run_dir != output:
-        _copy_tree(run_dir, output)
+        _copy_tree(run_dir, output, skip=RESUME_STATE)
     return info
 
 

@@ -200,6 +200,11 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
         tmp_path / "artifact1" / "autoencoder.pt"
     ).is_file()
     assert json.loads((tmp_path / "artifact1" / "stage.json").read_text())["job"] == info["job"]
+    # Resume state stays in the run dir; the artifact gets the model, config and curves.
+    assert (run_dir / "checkpoints").is_dir() and not (
+        tmp_path / "artifact1" / "checkpoints"
+    ).exists()
+    assert (tmp_path / "artifact1" / "metrics.jsonl").is_file()
     staged = workdir / "brain-ldm" / "inputs" / f"{info['job']}-data" / "manifest.json"
     assert staged.is_file() is (backend == "kubeflow")
 
