@@ -458,3 +458,25 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, p
     model = obj["spec"]["predictor"]["model"]
     assert model["storageUri"] == result["storage_uri"]
     assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
+
+
+def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, model_server):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        # A deploy step killed mid-rollout: new spec at 30% canary, never promoted.
+        left = desired(NEW_URI)["spec"]["predictor"]
+        patch = isvc.merge_patch(stored(api)["spec"]["predictor"], {**left, "canaryTrafficPercent": 30})
+        kubernetes.client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME, {"spec": {"predictor": patch}}
+        )
+        deadline = time.monotonic() + 20
+        while f"{NAME}-predictor-00002" not in kserve.ready_at:
+            assert time.monotonic() < deadline, "fake controller never made the canary ready"
+            time.sleep(0.05)
+        result = rollout(api).rollout(desired(NEW_URI), smoke)
+    assert result["action"] == "promoted" and result["canary_percent"] == 30
+    assert smoke.calls[-1][1] == model_server
+    obj = stored(api)
+    assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
+    assert [t["percent"] for t in obj["status"]["components"]["predictor"]["traffic"]] == [100]

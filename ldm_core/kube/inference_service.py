@@ -514,7 +514,8 @@ class InferenceServiceRollout:
     ) -> dict[str, Any]:
         """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
 
-        Returns a dict with ``action`` (created | updated | unchanged), ``url``,
+        Returns a dict with ``action`` (created | updated | unchanged | promoted: the same
+        spec was left as a canary by an interrupted rollout), ``url``,
         ``revision``, ``smoke`` (what ``smoke(url)`` returned) and ``canary_percent``.
         Raises RolloutFailed / RolloutTimeout; an update that fails is rolled back first.
         """
@@ -526,19 +527,31 @@ class InferenceServiceRollout:
         if existing is None:
             return self._first_deploy(desired, smoke, url_override)
         current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
-        current.pop("canaryTrafficPercent", None)
+        leftover_canary = current.pop("canaryTrafficPercent", None)
         if current == predictor:
             state = revision_state(existing, None, None)
             if state.phase == "ready":
-                url = url_override or service_url(existing)
+                # Same spec and serving: verify it. A canary left by an interrupted earlier
+                # rollout of this very spec is verified through its own URL and promoted.
+                url = url_override or service_url(existing, canary=leftover_canary is not None)
+                result = self._smoke(ns, name, smoke, url, rollback=None)
+                if leftover_canary is not None:
+                    self._promote(ns, name, state.revision)
                 return {
-                    "action": "unchanged",
-                    "url": url,
+                    "action": "unchanged" if leftover_canary is None else "promoted",
+                    "url": url_override or service_url(self.get(ns, name) or existing),
                     "revision": state.revision,
-                    "smoke": self._smoke(ns, name, smoke, url, rollback=None),
-                    "canary_percent": None,
+                    "smoke": result,
+                    "canary_percent": leftover_canary,
                 }
         return self._update(existing, desired, smoke, canary_percent, url_override)
+
+    def _promote(self, ns: str, name: str, revision: str | None) -> None:
+        """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
+        promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
+        target = (promoted.get("metadata") or {}).get("generation")
+        self._wait(ns, name, lambda o: _promoted(o, revision, target), "promotion to 100%")
+        log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
 
     def _first_deploy(self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
@@ -604,11 +617,7 @@ class InferenceServiceRollout:
         url = url_override or service_url(obj, canary=canary is not None)
         result = self._smoke(ns, name, smoke, url, rollback=rollback)
         if canary is not None:
-            promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
-            promote_target = (promoted.get("metadata") or {}).get("generation")
-            revision = state.revision
-            self._wait(ns, name, lambda o: _promoted(o, revision, promote_target), "promotion to 100%")
-            log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
+            self._promote(ns, name, state.revision)
         return {
             "action": "updated",
             "url": url_override or service_url(self.get(ns, name) or obj),
