@@ -98,6 +98,10 @@ def fake_api(tmp_path, monkeypatch):
         )
     )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # The kubernetes client reads $KUBECONFIG once, at import (maybe in an earlier test).
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+    )
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     yield state
     server.shutdown()
