@@ -480,3 +480,28 @@ def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, m
     obj = stored(api)
     assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
     assert [t["percent"] for t in obj["status"]["components"]["predictor"]["traffic"]] == [100]
+
+
+def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):
+    from ldm_core.kube.client import KubeConfigError, current_namespace
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": "http://127.0.0.1:6443"}}],
+        "users": [{"name": "me", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me", "namespace": "team-a"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    client = api_client()
+    assert client.configuration.host == "http://127.0.0.1:6443"
+    assert client.configuration.get_api_key_with_prefix("authorization") == "Bearer t0ken"
+    assert current_namespace() == "team-a"
+    explicit = api_client("http://127.0.0.1:8001/", token="other")
+    assert explicit.configuration.host == "http://127.0.0.1:8001"
+    assert explicit.configuration.get_api_key_with_prefix("authorization") == "Bearer other"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(KubeConfigError, match="pass an explicit API host"):
+        api_client()
+    assert current_namespace(default="fallback") == "fallback"

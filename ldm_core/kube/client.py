@@ -23,6 +23,11 @@ class KubeConfigError(LdmError):
     """No usable Kubernetes configuration (not in a pod, no kubeconfig, no host given)."""
 
 
+def _kubeconfig() -> str | None:
+    # Read at call time: the kubernetes package reads KUBECONFIG once, at import.
+    return os.environ.get("KUBECONFIG") or None
+
+
 def _in_cluster() -> bool:
     # The kubelet sets these for every pod; load_incluster_config needs both.
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (_SA_DIR / "token").is_file()
@@ -46,7 +51,7 @@ def api_client(host: str | None = None, token: str | None = None) -> kubernetes.
         if _in_cluster():
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         else:
-            kubernetes.config.load_kube_config(client_configuration=configuration)
+            kubernetes.config.load_kube_config(config_file=_kubeconfig(), client_configuration=configuration)
     except (ConfigException, OSError) as exc:
         where = os.environ.get("KUBECONFIG", "~/.kube/config")
         raise KubeConfigError(
@@ -74,7 +79,7 @@ def current_namespace(default: str = "kubeflow") -> str:
     except OSError:
         pass
     try:
-        _, active = kubernetes.config.list_kube_config_contexts()
+        _, active = kubernetes.config.list_kube_config_contexts(config_file=_kubeconfig())
         namespace = (active or {}).get("context", {}).get("namespace")
         if namespace:
             return str(namespace)
