@@ -439,7 +439,7 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, p
         with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
             result = deploy(
                 cfg, bundle, backend="kserve", storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
-                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server,
+                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server, create_runtime=True,
             )
             again = deploy_kserve(
                 cfg, bundle, storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
@@ -458,6 +458,11 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, p
     model = obj["spec"]["predictor"]["model"]
     assert model["storageUri"] == result["storage_uri"]
     assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
+    runtime = kubernetes.client.CustomObjectsApi(plain_api).get_namespaced_custom_object(
+        isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL, model["runtime"]
+    )
+    crdcheck.validate(runtime)
+    assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
 
 
 def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, model_server):
