@@ -83,6 +83,11 @@ def _decode_v2(response: httpx.Response) -> dict[str, Any]:
     return tensors
 
 
+def _is_loopback(url: str) -> bool:
+    """Loopback traffic must not go to a proxy named in the environment."""
+    return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1")
+
+
 def smoke_check(
     base_url: str,
     model_name: str,
@@ -98,7 +103,7 @@ def smoke_check(
     finite, invertible affine. Returns what it measured; raises SmokeTestError otherwise."""
     url = base_url.rstrip("/")
     own = client is None
-    http = client or httpx.Client(timeout=timeout_s)
+    http = client or httpx.Client(timeout=timeout_s, trust_env=not _is_loopback(url))
     try:
         meta_r = http.get(f"{url}/v2/models/{model_name}", headers=headers)
         if meta_r.status_code != 200:
@@ -223,7 +228,7 @@ def _wait_ready(base_url: str, model_name: str, pid: int, log_file: Path, timeou
     started = time.monotonic()
     deadline = started + timeout_s
     last = "no answer yet"
-    with httpx.Client(timeout=5.0) as http:
+    with httpx.Client(timeout=5.0, trust_env=False) as http:
         while True:
             if not _alive(pid):
                 raise DeployError(
