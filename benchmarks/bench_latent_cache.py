@@ -11,6 +11,7 @@ the cache per volume, and after how many steps it has paid for itself. Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -102,6 +103,7 @@ def main() -> None:
             "encode_over_cached": round(ratio, 2),
             "cache_build_seconds_per_volume": round(encode_only / batch, 4),
             "cuda": device.type == "cuda",
+            "load_avg_1m": round(os.getloadavg()[0], 2),  # a shared machine skews both variants
         },
         summary=f"diffusion step {cached_s:.3f} s on cached latents vs {encode_s:.3f} s encoding "
         f"every batch: cache {ratio:.1f}x faster (batch {batch}, {args.preset})",

@@ -1,4 +1,4 @@
-"""Peak memory of one training step per preset: autoencoder (with discriminator) and UNet.
+"""Peak memory of one training step (forward, backward, Adam update) per preset: AE (+ discriminator) and UNet.
 
 Each (preset, stage) runs in a fresh subprocess so that peaks do not mix. On a GPU the
 figure is ``torch.cuda.max_memory_allocated`` at the preset's own shapes, precision and
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -78,7 +79,9 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
                     disc(x)[-1], True, True
                 )
             d.backward()
+            optimizer.step()
 
+        optimizer = torch.optim.Adam([*model.parameters(), *disc.parameters()])
         params = sum(p.numel() for p in model.parameters()) + sum(
             p.numel() for p in disc.parameters()
         )
@@ -99,7 +102,9 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
                 noisy, t, target = diffusion_training_example(cfg, scheduler, z)
                 loss = F.mse_loss(model(noisy, timesteps=t).float(), target)
             loss.backward()
+            optimizer.step()
 
+        optimizer = torch.optim.Adam(model.parameters())
         params = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -156,13 +161,13 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     note = "" if cuda else "no GPU here: CPU RSS; GPU presets at a reduced shape"
     summary = "; ".join(
-        f"{r['preset']} {r['stage'][:2].upper()} {r['peak_mb']:.0f} MB"
+        f"{r['preset']} {'AE' if r['stage'] == 'autoencoder' else 'UNet'} {r['peak_mb']:.0f} MB"
         + (" (reduced)" if r["reduced_shape"] else "")
         for r in rows
     )
     record(
         "memory",
-        {"cuda": cuda, "note": note, "rows": rows},
+        {"cuda": cuda, "note": note, "load_avg_1m": round(os.getloadavg()[0], 2), "rows": rows},
         summary=f"{summary}" + (f" [{note}]" if note else ""),
     )
 
