@@ -188,6 +188,9 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     guard = loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE)
 
+    # Identical weights come from the shared seed above; from here on each rank draws its
+    # own noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
+    loop.seed_everything(cfg.train.seed + env.rank)
     manager = ckpt.CheckpointManager(out / CHECKPOINT_DIR, cfg.train.keep_checkpoints)
     step = 0
     state = ckpt.resume(manager, env, device)
@@ -203,7 +206,9 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
             d_opt.load_state_dict(state["disc_optimizer"])
             d_scaler.load_state_dict(state["disc_scaler"])
         guard.load_state_dict(state["guard"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rank_rng(
+            state["rng"], env.rank, env.world_size, cfg.train.seed + int(state["step"])
+        )
         step = int(state["step"])
         log.info(
             "resuming autoencoder training from %s (step %d of %d)", state["path"], step, tc.steps
@@ -231,13 +236,14 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     )
 
     def save_checkpoint(at: int) -> None:
+        rng = distributed.gather_object(env, ckpt.rng_state())
         if env.is_main:
             state = {
                 "model": ae.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "guard": guard.state_dict(),
-                "rng": ckpt.rng_state(),
+                "rng": rng,
                 "config": cfg.to_dict(),
             }
             if disc is not None:

@@ -110,6 +110,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def restore_rank_rng(
+    states: list[dict[str, Any]], rank: int, world_size: int, fallback_seed: int
+) -> None:
+    """Give this rank back its own RNG stream from a checkpoint's per-rank states.
+
+    With a different number of ranks than when saved, exact continuation is impossible;
+    each rank then gets a fresh, distinct seed derived from the step instead.
+    """
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+        return
+    log.warning(
+        "checkpoint holds RNG states of %d ranks but this run has %d; reseeding",
+        len(states),
+        world_size,
+    )
+    random.seed(fallback_seed + rank)
+    np.random.seed((fallback_seed + rank) % 2**32)
+    torch.manual_seed(fallback_seed + rank)
+
+
 def _to_lists(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_to_lists(v) for v in value]

@@ -164,6 +164,9 @@ def _run(
     ema = loop.EMA(unet, tc.ema_decay)
     guard = loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE)
 
+    # Identical weights come from the shared seed above; from here on each rank draws its
+    # own noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
+    loop.seed_everything(cfg.train.seed + env.rank)
     manager = ckpt.CheckpointManager(out / CHECKPOINT_DIR, cfg.train.keep_checkpoints)
     step = 0
     state = ckpt.resume(manager, env, device)
@@ -177,7 +180,9 @@ def _run(
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         guard.load_state_dict(state["guard"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rank_rng(
+            state["rng"], env.rank, env.world_size, cfg.train.seed + int(state["step"])
+        )
         step = int(state["step"])
         log.info(
             "resuming diffusion training from %s (step %d of %d)", state["path"], step, tc.steps
@@ -198,6 +203,7 @@ def _run(
     )
 
     def save_checkpoint(at: int) -> None:
+        rng = distributed.gather_object(env, ckpt.rng_state())
         if env.is_main:
             manager.save(
                 {
@@ -206,7 +212,7 @@ def _run(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "guard": guard.state_dict(),
-                    "rng": ckpt.rng_state(),
+                    "rng": rng,
                     "config": cfg.to_dict(),
                 },
                 at,

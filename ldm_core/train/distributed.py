@@ -157,6 +157,15 @@ def broadcast_object(env: DistEnv, obj: object) -> object:
     return box[0]
 
 
+def gather_object(env: DistEnv, obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (a collective: all ranks call it)."""
+    if not env.distributed:
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown(env: DistEnv) -> None:
     """Leave the process group so the next stage in the same process can start clean."""
     if env.distributed and dist.is_initialized():
