@@ -57,6 +57,9 @@ def test_torn_checkpoint_is_never_picked(tmp_path):
     manager.path_for(30).write_bytes(b"")
     state = manager.load_latest()
     assert state is not None and state["step"] == 10
+    # The torn files are set aside (kept for a post-mortem) and no longer count.
+    assert [s for s, _ in manager.list()] == [10]
+    assert (tmp_path / "ckpt-00000020.pt.corrupt").exists()
     # A renamed-into-place file whose recorded step disagrees with its name is refused too.
     os.replace(manager.path_for(10), manager.path_for(40))
     assert manager.load_latest() is None

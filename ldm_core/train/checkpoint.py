@@ -177,21 +177,31 @@ class CheckpointManager:
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The newest checkpoint that loads, or None when there is none.
 
-        A file that fails to load is skipped with a warning (it is left in place for a
-        post-mortem; the next save prunes it).
+        A file that fails to load is skipped with a warning and renamed to ``*.corrupt``:
+        kept for a post-mortem, but no longer counted, so it can neither be picked later nor
+        push a good checkpoint out of the ``keep`` newest.
         """
         for step, path in reversed(self.list()):
             try:
                 state = load(path, map_location)
             except LdmError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
+                _quarantine(path)
                 continue
             if state.get("step") != step:
                 log.warning("skipping %s: it records step %r", path, state.get("step"))
+                _quarantine(path)
                 continue
             state["path"] = str(path)
             return state
         return None
+
+
+def _quarantine(path: Path) -> None:
+    try:
+        path.replace(path.with_name(path.name + ".corrupt"))
+    except OSError as e:
+        log.warning("could not rename %s aside: %s", path, e)
 
 
 def check_same_architecture(
