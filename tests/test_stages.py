@@ -220,6 +220,8 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     ).read_bytes()
     assert launcher.names == [info["job"]]
 
+    if backend == "local":
+        return  # the key is the same code on both paths; one more training is enough
     # A change training does depend on is a new run.
     changed = train("artifact3", [*TRAIN, "train.autoencoder.steps=1"])
     assert changed["job"] != info["job"] and not changed["reused"]
