@@ -72,7 +72,9 @@ def view_grid(
     """One row per volume, one column per view (axial, coronal, sagittal)."""
     array = _as_numpy(volumes)[:max_rows]
     rows = array.shape[0]
-    fig = Figure(figsize=(6.0, 2.1 * rows))
+    height = 2.1 * rows + 0.8
+    fig = Figure(figsize=(6.0, height))
+    fig.subplots_adjust(top=1.0 - 0.8 / height, bottom=0.02, hspace=0.25)
     axes = fig.subplots(rows, 3, squeeze=False)
     for r, volume in enumerate(array):
         for c, (image, aspect) in enumerate(mid_slices(volume, spacing)):
@@ -81,7 +83,7 @@ def view_grid(
                 axes[r, c].set_title(VIEWS[c], fontsize=9)
         axes[r, 0].set_ylabel(f"#{r}", fontsize=9)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.0 - 0.2 / height)
     return _png(fig)
 
 

@@ -208,7 +208,7 @@ def test_fid_weights_errors_name_the_file(tmp_path):
 # --------------------------------------------------------------------------- gate
 
 RECOMMENDED = EvaluationConfig(
-    gate_min_ms_ssim_ratio=0.5, gate_max_mmd=0.3, gate_min_mask_dice=0.7, gate_max_hist_distance=0.2
+    gate_min_ms_ssim_ratio=0.5, gate_max_mmd=0.3, gate_min_mask_dice=0.7, gate_max_hist_distance=0.25
 )
 
 
