@@ -210,10 +210,16 @@ class EvaluationConfig:
     steps: int = 50
     fid_weights: str = ""
     """Path or URI of a 3D feature extractor for FID; empty = FID not computed."""
-    gate_min_ms_ssim_ratio: float = 0.0
-    gate_max_mmd: float = 1.0
-    gate_min_mask_dice: float = 0.5
-    gate_max_hist_distance: float = 0.5
+    # Quality gate. Calibrated on the demo cohort (tiny-cpu, 8 samples): a trained model
+    # passes; half-trained blobs, noise, blank and shifted brains fail (tests/test_evaluate.py).
+    gate_min_ms_ssim_ratio: float = 0.5
+    """Generated-pair MS-SSIM over real-pair MS-SSIM: low = noise-like, unstructured samples."""
+    gate_max_mmd: float = 0.3
+    """MMD to the real set, relative to an all-blank set's (0 = same distribution, 1 = blank)."""
+    gate_min_mask_dice: float = 0.7
+    """Mean Dice of each sample's foreground with the real majority mask."""
+    gate_max_hist_distance: float = 0.25
+    """Wasserstein-1 between brain-voxel intensity histograms on [0, 1]."""
 
 
 @dataclass
