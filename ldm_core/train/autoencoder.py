@@ -27,7 +27,6 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from monai.losses.perceptual import normalize_tensor
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ldm_core import storage
 from ldm_core.config import Config, StorageConfig
@@ -215,19 +214,10 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
         )
         del state
 
-    ae_train: nn.Module = (
-        DDP(ae, device_ids=[device.index] if device.type == "cuda" else None)
-        if env.distributed
-        else ae
-    )
-    ae_train = loop.maybe_compile(ae_train, cfg)
+    ae_train = loop.for_training(ae, cfg, env.distributed, device)
     disc_train: nn.Module | None = None
     if disc is not None:
-        disc_train = (
-            DDP(disc, device_ids=[device.index] if device.type == "cuda" else None)
-            if env.distributed
-            else disc
-        )
+        disc_train = loop.for_training(disc, cfg, env.distributed, device, compile=False)
 
     if env.is_main:
         loop.write_run_files(cfg, manifest, out)

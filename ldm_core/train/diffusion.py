@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import TensorDataset
 
 from ldm_core.config import Config
@@ -189,12 +188,7 @@ def _run(
         )
         del state
 
-    unet_train: nn.Module = (
-        DDP(unet, device_ids=[device.index] if device.type == "cuda" else None)
-        if env.distributed
-        else unet
-    )
-    unet_train = loop.maybe_compile(unet_train, cfg)
+    unet_train = loop.for_training(unet, cfg, env.distributed, device)
 
     if env.is_main:
         loop.write_run_files(cfg, manifest, out)

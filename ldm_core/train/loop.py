@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -119,6 +120,18 @@ def prepare_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Mod
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
+
+
+def for_training(
+    model: nn.Module, cfg: Config, distributed: bool, device: torch.device, compile: bool = True
+) -> nn.Module:
+    """The module a training step calls: wrapped in DDP when several processes train,
+    then compiled when ``train.compile`` (and ``compile``). Weights stay those of ``model``."""
+    if distributed:
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return maybe_compile(model, cfg) if compile else model
 
 
 def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
