@@ -277,8 +277,46 @@ def stored(client: kubernetes.client.ApiClient) -> dict[str, Any]:
     )
 
 
+ROLLOUT_CALLS: list[tuple[str, str]] = []
+"""(HTTP method, URL) of every request the code under test sent (not the fake controller's)."""
+
+
+def _recording(client: kubernetes.client.ApiClient) -> kubernetes.client.ApiClient:
+    """A client of its own for the rollout, which records each request it sends."""
+    own = kubernetes.client.ApiClient(client.configuration)
+    send = own.rest_client.request
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        ROLLOUT_CALLS.append((method.upper(), url))
+        return send(method, url, *args, **kwargs)
+
+    own.rest_client.request = request
+    return own
+
+
+def _rbac(method: str, url: str) -> tuple[str, str, str]:
+    """(apiGroup, resource, verb) an API request needs, from its URL."""
+    path, _, query = url.partition("?")
+    parts = path.split("/apis/", 1)[1].split("/")  # group, version, namespaces, ns, plural[, name]
+    group, plural, named = parts[0], parts[4], len(parts) > 5
+    if method == "GET":
+        verb = "watch" if "watch=true" in query else ("get" if named else "list")
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+    return group, plural, verb
+
+
+@pytest.fixture(autouse=True)
+def _calls_stay_within_rbac_rules():
+    ROLLOUT_CALLS.clear()
+    yield
+    declared = {(g, r, v) for g, r, verbs in isvc.RBAC_RULES for v in verbs}
+    used = {_rbac(m, u) for m, u in ROLLOUT_CALLS}
+    assert used <= declared, f"calls outside RBAC_RULES: {sorted(used - declared)}"
+
+
 def rollout(client: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> isvc.InferenceServiceRollout:
-    return isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=0.05)
+    return isvc.InferenceServiceRollout(_recording(client), timeout_s=timeout_s, poll_s=0.05)
 
 
 # --------------------------------------------------------------------------- builders

@@ -55,6 +55,14 @@ BUNDLE_DIGEST_ENV = "LDM_BUNDLE_SHA256"
 """Set on the predictor so a new bundle always changes the pod template (a new revision),
 even when it is uploaded to the same storageUri."""
 
+RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
+    (GROUP, ISVC_PLURAL, ("create", "get", "patch")),
+    (GROUP, RUNTIME_PLURAL, ("create", "get")),
+]
+"""Every (apiGroup, resource, verbs) this module calls; the pipeline runner's Role in
+manifests/ grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
+tests/test_inference_service.py holds the rollout's real requests to this list."""
+
 _FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 _FAILED_REASONS = ("RevisionFailed",)
 _WATCHED_CONDITIONS = ("Ready", "PredictorReady", "PredictorConfigurationReady", "LatestDeploymentReady")
