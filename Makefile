@@ -5,11 +5,15 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# checkov pins boto3/packaging/networkx below ours, so it lives in a venv of its own;
+# tests/test_manifests.py runs $(TOOLS)/bin/checkov (and fails without it when CI is set).
+TOOLS   := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed
 TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
 
-.PHONY: help venv demo test test-slow lint compile clean
+.PHONY: help venv tools demo test test-slow lint compile clean
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
@@ -29,13 +33,22 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+$(TOOLS_STAMP): tools-constraints.txt
+	@test -x $(TOOLS)/bin/python || $(PY) -m venv $(TOOLS) || python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --upgrade pip
+	$(TOOLS)/bin/python -m pip install --quiet -c tools-constraints.txt checkov==3.3.30
+	$(TOOLS)/bin/python -m pip check
+	@touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --nproc $(NPROC)
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)
