@@ -64,7 +64,9 @@ def _codec_seconds(shape: tuple[int, ...], binary: bool, repeat: int) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-cpu")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the generation-latency request")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="DDIM steps of the generation-latency request"
+    )
     parser.add_argument(
         "--repeat", type=int, default=3, help="timed requests per variant (after one warm-up)"
     )
@@ -105,7 +107,10 @@ def main() -> None:
                         if round_:  # the first round is warm-up
                             runs[name].append(t)
                 latency = {name: statistics.median(ts) for name, ts in runs.items()}
-                body = {"inputs": [seed], "parameters": {"steps": args.steps, "binary_data_output": True}}
+                body = {
+                    "inputs": [seed],
+                    "parameters": {"steps": args.steps, "binary_data_output": True},
+                }
                 latency[f"ddim{args.steps}_volume_binary"] = statistics.median(
                     _request(url, model, body, client)[0] for _ in range(args.repeat)
                 )
@@ -135,7 +140,10 @@ def main() -> None:
         finally:
             stop_local(served)
 
-    codec = {name: _codec_seconds(tuple(cfg.data.shape), name == "binary", args.repeat) for name in ("json", "binary")}
+    codec = {
+        name: _codec_seconds(tuple(cfg.data.shape), name == "binary", args.repeat)
+        for name in ("json", "binary")
+    }
     result = {
         "preset": args.preset,
         "image_shape": list(cfg.data.shape),

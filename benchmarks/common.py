@@ -26,14 +26,21 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
         "torch": torch.__version__,
     }
 
 
 def record(name: str, result: dict[str, Any], summary: str) -> dict[str, Any]:
     """Print ``result`` as JSON and append it to the results log and the README table."""
-    entry = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M"), **result, "machine": machine()}
+    entry = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **result,
+        "machine": machine(),
+    }
     print(json.dumps(entry, indent=2))
     with RESULTS.open("a") as f:
         f.write(json.dumps(entry) + "\n")

@@ -77,7 +77,9 @@ def _torch_load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise LdmError(f"{path}: not found") from None
     except Exception as e:  # truncated or foreign files raise many types
-        raise LdmError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
+        raise LdmError(
+            f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(obj, dict):
         raise LdmError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
@@ -139,12 +141,17 @@ def save(
     return path
 
 
-def build_bundle(autoencoder_dir: str | Path, diffusion_dir: str | Path, output_dir: str | Path) -> Path:
+def build_bundle(
+    autoencoder_dir: str | Path, diffusion_dir: str | Path, output_dir: str | Path
+) -> Path:
     """Pack finished training runs into a bundle (the ``ldm bundle`` verb)."""
     ae_dir, diff_dir = Path(autoencoder_dir), Path(diffusion_dir)
     ae = _torch_load(ae_dir / AUTOENCODER_PT)
     unet = _torch_load(diff_dir / UNET_PT)
-    for name, ckpt, src in (("autoencoder", ae, ae_dir / AUTOENCODER_PT), ("unet", unet, diff_dir / UNET_PT)):
+    for name, ckpt, src in (
+        ("autoencoder", ae, ae_dir / AUTOENCODER_PT),
+        ("unet", unet, diff_dir / UNET_PT),
+    ):
         for key in ("state_dict", "config"):
             if key not in ckpt:
                 raise LdmError(f"{src}: missing {key!r}; is this a finished {name} run?")
@@ -167,7 +174,10 @@ def build_bundle(autoencoder_dir: str | Path, diffusion_dir: str | Path, output_
         affine=np.asarray(geometry["affine"]),
         spacing=tuple(geometry.get("spacing", cfg.data.spacing)),
         dataset_hash=geometry.get("dataset_hash", ""),
-        training_steps={"autoencoder": int(ae.get("steps", 0)), "diffusion": int(unet.get("steps", 0))},
+        training_steps={
+            "autoencoder": int(ae.get("steps", 0)),
+            "diffusion": int(unet.get("steps", 0)),
+        },
     )
 
 
@@ -222,7 +232,9 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
     )
 
 
-def make_random_bundle(path: str | Path, cfg: Config, seed: int = 0, scale_factor: float = 1.0) -> Path:
+def make_random_bundle(
+    path: str | Path, cfg: Config, seed: int = 0, scale_factor: float = 1.0
+) -> Path:
     """A bundle with untrained weights and the config's geometry, for tests and smoke checks."""
     torch.manual_seed(seed)
     autoencoder = build_autoencoder(cfg, use_checkpoint=False)

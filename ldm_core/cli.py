@@ -126,13 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    def verb(
+        name: str, fn: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=fn)
         _common(p)
         return p
 
-    p = verb("download", cmd_download, "fetch or generate a raw dataset in the Decathlon Task01 layout")
+    p = verb(
+        "download", cmd_download, "fetch or generate a raw dataset in the Decathlon Task01 layout"
+    )
     p.add_argument(
         "--source",
         required=True,
@@ -142,21 +146,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, help="demo: number of subjects to generate")
     p.add_argument("--seed", type=int, default=0, help="demo: random seed (default 0)")
 
-    p = verb("preprocess", cmd_preprocess, "resample, crop/pad and scale volumes into a training cache")
-    p.add_argument("--input", required=True, type=Path, help="raw dataset (Task01 layout or a folder of NIfTI)")
+    p = verb(
+        "preprocess", cmd_preprocess, "resample, crop/pad and scale volumes into a training cache"
+    )
+    p.add_argument(
+        "--input", required=True, type=Path, help="raw dataset (Task01 layout or a folder of NIfTI)"
+    )
     p.add_argument("--output", required=True, type=Path, help="cache directory to write")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (listed in the manifest) instead of failing")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable files (listed in the manifest) instead of failing",
+    )
 
-    p = verb("train-autoencoder", cmd_train_autoencoder, "train the AutoencoderKL (resumes from OUTPUT if it holds checkpoints)")
+    p = verb(
+        "train-autoencoder",
+        cmd_train_autoencoder,
+        "train the AutoencoderKL (resumes from OUTPUT if it holds checkpoints)",
+    )
     p.add_argument("--data", required=True, help="preprocessed cache directory")
     p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
 
-    p = verb("train-diffusion", cmd_train_diffusion, "train the latent diffusion UNet on cached latents (resumes)")
+    p = verb(
+        "train-diffusion",
+        cmd_train_diffusion,
+        "train the latent diffusion UNet on cached latents (resumes)",
+    )
     p.add_argument("--data", required=True, help="preprocessed cache directory")
     p.add_argument("--autoencoder", required=True, help="finished autoencoder run directory")
     p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
 
-    p = verb("bundle", cmd_bundle, "pack a trained autoencoder and UNet into a servable model bundle")
+    p = verb(
+        "bundle", cmd_bundle, "pack a trained autoencoder and UNet into a servable model bundle"
+    )
     p.add_argument("--autoencoder", required=True, help="autoencoder run directory")
     p.add_argument("--diffusion", required=True, help="diffusion run directory")
     p.add_argument("--output", required=True, help="bundle directory to write")
@@ -169,10 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["ddim", "ddpm", "rflow"], help="default: sampling.sampler")
     p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
 
-    p = verb("evaluate", cmd_evaluate, "score generated samples against real data; write metrics and figures")
+    p = verb(
+        "evaluate",
+        cmd_evaluate,
+        "score generated samples against real data; write metrics and figures",
+    )
     p.add_argument("--bundle", required=True, help="model bundle directory")
     p.add_argument("--data", required=True, help="preprocessed cache directory (real images)")
-    p.add_argument("--output", required=True, type=Path, help="directory for metrics.json and figures")
+    p.add_argument(
+        "--output", required=True, type=Path, help="directory for metrics.json and figures"
+    )
 
     p = verb("serve", cmd_serve, "serve a bundle with KServe (V1 and Open Inference Protocol V2)")
     p.add_argument("--bundle", required=True, help="model bundle directory")
@@ -183,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(debug: bool = False) -> None:
     rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    prefix = (
+        f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    )
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",

@@ -267,15 +267,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"spacing": [2.0, 2.0, 2.0], "shape": [80, 96, 80]},
         "model": {
             "autoencoder": {"channels": [32, 64, 64], "latent_channels": 3, "norm_num_groups": 32},
-            "unet": {"channels": [128, 256, 256], "attention_levels": [False, True, True],
-                     "num_res_blocks": 2, "num_head_channels": 32, "norm_num_groups": 32},
+            "unet": {
+                "channels": [128, 256, 256],
+                "attention_levels": [False, True, True],
+                "num_res_blocks": 2,
+                "num_head_channels": 32,
+                "norm_num_groups": 32,
+            },
         },
         "train": {
-            "device": "cuda", "amp": "fp16", "gradient_checkpointing": True,
-            "autoencoder": {"steps": 20000, "batch_size": 1, "adv_start_step": 5000,
-                            "scale_factor_batches": 0},
+            "device": "cuda",
+            "amp": "fp16",
+            "gradient_checkpointing": True,
+            "autoencoder": {
+                "steps": 20000,
+                "batch_size": 1,
+                "adv_start_step": 5000,
+                "scale_factor_batches": 0,
+            },
             "diffusion": {"steps": 50000, "batch_size": 4, "lr": 1e-4},
-            "val_every": 500, "log_every": 50, "checkpoint_every": 1000, "keep_checkpoints": 3,
+            "val_every": 500,
+            "log_every": 50,
+            "checkpoint_every": 1000,
+            "keep_checkpoints": 3,
             "threads": 0,
         },
         "serving": {"max_samples": 2},
@@ -285,14 +299,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"spacing": [1.75, 1.75, 1.75], "shape": [96, 112, 96]},
         "model": {
             "autoencoder": {"channels": [32, 64, 128], "latent_channels": 3, "norm_num_groups": 32},
-            "unet": {"channels": [128, 256, 512], "attention_levels": [False, True, True],
-                     "num_res_blocks": 2, "num_head_channels": 32, "norm_num_groups": 32},
+            "unet": {
+                "channels": [128, 256, 512],
+                "attention_levels": [False, True, True],
+                "num_res_blocks": 2,
+                "num_head_channels": 32,
+                "norm_num_groups": 32,
+            },
         },
         "train": {
-            "device": "cuda", "amp": "fp16", "gradient_checkpointing": False,
+            "device": "cuda",
+            "amp": "fp16",
+            "gradient_checkpointing": False,
             "autoencoder": {"steps": 30000, "batch_size": 2, "adv_start_step": 8000},
             "diffusion": {"steps": 80000, "batch_size": 8, "lr": 1e-4},
-            "val_every": 500, "log_every": 50, "checkpoint_every": 1000, "keep_checkpoints": 3,
+            "val_every": 500,
+            "log_every": 50,
+            "checkpoint_every": 1000,
+            "keep_checkpoints": 3,
         },
         "serving": {"max_samples": 4},
     },
@@ -302,17 +326,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     "multi-gpu": {
         "data": {"spacing": [1.5, 1.5, 1.5], "shape": [128, 160, 128], "num_workers": 4},
         "model": {
-            "autoencoder": {"channels": [64, 128, 128], "latent_channels": 3,
-                            "num_res_blocks": 2, "norm_num_groups": 32},
-            "unet": {"channels": [256, 512, 768], "attention_levels": [False, True, True],
-                     "num_res_blocks": 2, "num_head_channels": 64, "norm_num_groups": 32},
+            "autoencoder": {
+                "channels": [64, 128, 128],
+                "latent_channels": 3,
+                "num_res_blocks": 2,
+                "norm_num_groups": 32,
+            },
+            "unet": {
+                "channels": [256, 512, 768],
+                "attention_levels": [False, True, True],
+                "num_res_blocks": 2,
+                "num_head_channels": 64,
+                "norm_num_groups": 32,
+            },
         },
         "train": {
-            "device": "cuda", "amp": "bf16", "gradient_checkpointing": True, "compile": True,
-            "sync_bn": True, "ddp_backend": "nccl", "ddp_timeout_s": 7200,
+            "device": "cuda",
+            "amp": "bf16",
+            "gradient_checkpointing": True,
+            "compile": True,
+            "sync_bn": True,
+            "ddp_backend": "nccl",
+            "ddp_timeout_s": 7200,
             "autoencoder": {"steps": 50000, "batch_size": 2, "adv_start_step": 10000},
             "diffusion": {"steps": 150000, "batch_size": 8, "lr": 1e-4},
-            "val_every": 1000, "log_every": 100, "checkpoint_every": 2000, "keep_checkpoints": 3,
+            "val_every": 1000,
+            "log_every": 100,
+            "checkpoint_every": 2000,
+            "keep_checkpoints": 3,
         },
         "serving": {"max_samples": 2},
     },
@@ -509,12 +550,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
 
     positive = [
-        "train.autoencoder.steps", "train.autoencoder.batch_size", "train.diffusion.steps",
-        "train.diffusion.batch_size", "train.checkpoint_every", "train.keep_checkpoints",
-        "train.max_nonfinite", "train.log_every", "train.val_every", "train.ddp_timeout_s",
-        "sampling.steps", "sampling.num_samples", "serving.max_samples", "serving.max_steps",
-        "serving.max_concurrency", "evaluation.num_samples", "evaluation.steps",
-        "model.scheduler.num_train_timesteps", "storage.part_size_mb",
+        "train.autoencoder.steps",
+        "train.autoencoder.batch_size",
+        "train.diffusion.steps",
+        "train.diffusion.batch_size",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.max_nonfinite",
+        "train.log_every",
+        "train.val_every",
+        "train.ddp_timeout_s",
+        "sampling.steps",
+        "sampling.num_samples",
+        "serving.max_samples",
+        "serving.max_steps",
+        "serving.max_concurrency",
+        "evaluation.num_samples",
+        "evaluation.steps",
+        "model.scheduler.num_train_timesteps",
+        "storage.part_size_mb",
     ]
     for dotted in positive:
         if _get_dotted(cfg, dotted) <= 0:
@@ -533,7 +587,10 @@ def validate(cfg: Config) -> None:
             f"model.scheduler.objective={cfg.model.scheduler.objective!r}; use one of "
             f"{', '.join(compatible)}"
         )
-    if cfg.sampling.sampler == "ddim" and cfg.sampling.steps > cfg.model.scheduler.num_train_timesteps:
+    if (
+        cfg.sampling.sampler == "ddim"
+        and cfg.sampling.steps > cfg.model.scheduler.num_train_timesteps
+    ):
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "
             f"model.scheduler.num_train_timesteps={cfg.model.scheduler.num_train_timesteps}"

@@ -75,11 +75,15 @@ def _decode_v2(response: httpx.Response) -> dict[str, Any]:
                     pos += 4 + n
                 tensors[out["name"]] = items
             else:
-                tensors[out["name"]] = np.frombuffer(raw, dtype=dtypes[out["datatype"]]).reshape(shape)
+                tensors[out["name"]] = np.frombuffer(raw, dtype=dtypes[out["datatype"]]).reshape(
+                    shape
+                )
         elif out["datatype"] == "BYTES":
             tensors[out["name"]] = list(out["data"])
         else:
-            tensors[out["name"]] = np.asarray(out["data"], dtype=dtypes[out["datatype"]]).reshape(shape)
+            tensors[out["name"]] = np.asarray(out["data"], dtype=dtypes[out["datatype"]]).reshape(
+                shape
+            )
     return tensors
 
 
@@ -107,7 +111,9 @@ def smoke_check(
     try:
         meta_r = http.get(f"{url}/v2/models/{model_name}", headers=headers)
         if meta_r.status_code != 200:
-            raise SmokeTestError(f"GET {url}/v2/models/{model_name}: HTTP {meta_r.status_code} {meta_r.text[:200]}")
+            raise SmokeTestError(
+                f"GET {url}/v2/models/{model_name}: HTTP {meta_r.status_code} {meta_r.text[:200]}"
+            )
         outputs = {o["name"]: o for o in meta_r.json().get("outputs", [])}
         if "volume" not in outputs:
             raise SmokeTestError(f"{url}: model {model_name} metadata lists no 'volume' output")
@@ -129,7 +135,9 @@ def smoke_check(
         if own:
             http.close()
     if r.status_code != 200:
-        raise SmokeTestError(f"POST {url}/v2/models/{model_name}/infer: HTTP {r.status_code} {r.text[:300]}")
+        raise SmokeTestError(
+            f"POST {url}/v2/models/{model_name}/infer: HTTP {r.status_code} {r.text[:300]}"
+        )
     try:
         tensors = _decode_v2(r)
     except (ValueError, KeyError, struct.error) as exc:
@@ -142,8 +150,14 @@ def smoke_check(
         raise SmokeTestError(f"{url}: volume shape {list(volume.shape)}, metadata says {expected}")
     if not np.isfinite(volume).all():
         raise SmokeTestError(f"{url}: volume has non-finite values")
-    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise SmokeTestError(f"{url}: affine is not a finite invertible 4x4 matrix: {affine.tolist()}")
+    if (
+        affine.shape != (4, 4)
+        or not np.isfinite(affine).all()
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-9
+    ):
+        raise SmokeTestError(
+            f"{url}: affine is not a finite invertible 4x4 matrix: {affine.tolist()}"
+        )
     return {
         "ok": True,
         "latency_s": round(latency, 3),
@@ -224,7 +238,9 @@ def _alive(pid: int) -> bool:
     return _is_our_server(pid)
 
 
-def _wait_ready(base_url: str, model_name: str, pid: int, log_file: Path, timeout_s: float) -> float:
+def _wait_ready(
+    base_url: str, model_name: str, pid: int, log_file: Path, timeout_s: float
+) -> float:
     started = time.monotonic()
     deadline = started + timeout_s
     last = "no answer yet"
@@ -275,19 +291,31 @@ def deploy_local(
     cfg.save(config_file)
     log_file = state / LOG_FILE
     cmd = [
-        sys.executable, "-m", "ldm_core.serve",
-        "--bundle", str(bundle),
-        "--http-port", str(port),
-        "--host", "127.0.0.1",
-        "--model-name", name,
-        "--device", device,
-        "--config", str(config_file),
+        sys.executable,
+        "-m",
+        "ldm_core.serve",
+        "--bundle",
+        str(bundle),
+        "--http-port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--model-name",
+        name,
+        "--device",
+        device,
+        "--config",
+        str(config_file),
     ]
     with open(log_file, "ab") as out:
         # A new session: the server outlives this process (and the pipeline step) and
         # does not get the terminal's Ctrl-C.
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     (state / PID_FILE).write_text(f"{proc.pid}\n")
     base_url = f"http://127.0.0.1:{port}"
@@ -393,7 +421,9 @@ def deploy_kserve(
     client = api_client(api_host, api_token)
     rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)
     if create_runtime and runtime:
-        rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, image or isvc.DEFAULT_IMAGE))
+        rollout.ensure_serving_runtime(
+            isvc.build_serving_runtime(runtime, ns, image or isvc.DEFAULT_IMAGE)
+        )
     result = rollout.rollout(
         isvc.build_inference_service(settings),
         smoke=lambda url: smoke_check(url, model, steps=smoke_steps),
@@ -408,7 +438,9 @@ def deploy_kserve(
         "storage_uri": uri,
         "bundle_sha256": digest,
         "url": result["url"],
-        "infer_url": f"{str(result['url']).rstrip('/')}/v2/models/{model}/infer" if result["url"] else None,
+        "infer_url": f"{str(result['url']).rstrip('/')}/v2/models/{model}/infer"
+        if result["url"]
+        else None,
         "action": result["action"],
         "revision": result["revision"],
         "smoke": result["smoke"],
@@ -418,7 +450,9 @@ def deploy_kserve(
 # --------------------------------------------------------------------------- entry point
 
 
-def deploy(cfg: Config, bundle_dir: str | Path, backend: str = "local", **settings: Any) -> dict[str, Any]:
+def deploy(
+    cfg: Config, bundle_dir: str | Path, backend: str = "local", **settings: Any
+) -> dict[str, Any]:
     """Serve ``bundle_dir`` with ``backend`` and return where, with the smoke result.
 
     ``backend="local"``: settings of :func:`deploy_local` (state_dir, model_name, port,
@@ -430,11 +464,17 @@ def deploy(cfg: Config, bundle_dir: str | Path, backend: str = "local", **settin
     elif backend in CLUSTER_BACKENDS:
         fn = deploy_kserve
         if "storage_prefix" not in settings:
-            raise DeployError("storage_prefix: the kserve backend needs an s3:// prefix to upload the bundle to")
+            raise DeployError(
+                "storage_prefix: the kserve backend needs an s3:// prefix to upload the bundle to"
+            )
     else:
-        raise DeployError(f"backend: {backend!r} is not one of local, {', '.join(CLUSTER_BACKENDS)}")
+        raise DeployError(
+            f"backend: {backend!r} is not one of local, {', '.join(CLUSTER_BACKENDS)}"
+        )
     accepted = [p for p in inspect.signature(fn).parameters if p not in ("cfg", "bundle_dir")]
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
-        raise DeployError(f"{unknown[0]}: not a setting of the {backend} backend; it takes {', '.join(accepted)}")
+        raise DeployError(
+            f"{unknown[0]}: not a setting of the {backend} backend; it takes {', '.join(accepted)}"
+        )
     return fn(cfg, bundle_dir, **settings)

@@ -123,7 +123,9 @@ def ms_ssim_settings(shape: Sequence[int]) -> MsSsimSettings:
                     raw = STANDARD_MS_SSIM_WEIGHTS[:scales]
                     total = sum(raw)
                     return MsSsimSettings(tuple(w / total for w in raw), kernel)
-    raise LdmError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM (need >= 3 voxels per axis)")
+    raise LdmError(
+        f"volumes of shape {tuple(shape)} are too small for MS-SSIM (need >= 3 voxels per axis)"
+    )
 
 
 def _pairs(n: int, limit: int) -> list[tuple[int, int]]:
@@ -135,7 +137,9 @@ def _pairs(n: int, limit: int) -> list[tuple[int, int]]:
     return [every[i] for i in picks]
 
 
-def pairwise_ms_ssim(volumes: torch.Tensor, settings: MsSsimSettings, max_pairs: int = MAX_PAIRS) -> float:
+def pairwise_ms_ssim(
+    volumes: torch.Tensor, settings: MsSsimSettings, max_pairs: int = MAX_PAIRS
+) -> float:
     """Mean MS-SSIM over distinct pairs of ``volumes`` ``[N, 1, D, H, W]`` (N >= 2)."""
     if volumes.shape[0] < 2:
         raise LdmError(f"MS-SSIM diversity needs at least 2 volumes, got {volumes.shape[0]}")
@@ -176,7 +180,9 @@ def _chunked_mmd(real: torch.Tensor, other: torch.Tensor) -> float:
     """
     size = min(real.shape[0], other.shape[0])
     if size < 2:
-        raise LdmError(f"MMD needs at least 2 volumes per set, got {real.shape[0]} and {other.shape[0]}")
+        raise LdmError(
+            f"MMD needs at least 2 volumes per set, got {real.shape[0]} and {other.shape[0]}"
+        )
     metric = MMDMetric()
     values = [
         float(metric(real[i : i + size], other[j : j + size]))
@@ -197,7 +203,9 @@ def mmd(real: torch.Tensor, generated: torch.Tensor) -> tuple[float, float]:
     voxels = real[0].numel()
     scale = 1.0 / math.sqrt(voxels)
     per_voxel = _chunked_mmd(real * scale, generated * scale)
-    blank = _chunked_mmd(real * scale, torch.zeros_like(real[: max(2, min(real.shape[0], generated.shape[0]))]))
+    blank = _chunked_mmd(
+        real * scale, torch.zeros_like(real[: max(2, min(real.shape[0], generated.shape[0]))])
+    )
     if blank <= 0:
         raise LdmError("the real volumes are blank (their mean image is zero); cannot score MMD")
     return per_voxel / blank, per_voxel
@@ -211,7 +219,9 @@ def foreground(volumes: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torc
     return volumes[:, 0] > threshold
 
 
-def intensity_histogram(volumes: torch.Tensor, threshold: float = MASK_THRESHOLD, bins: int = HIST_BINS) -> np.ndarray:
+def intensity_histogram(
+    volumes: torch.Tensor, threshold: float = MASK_THRESHOLD, bins: int = HIST_BINS
+) -> np.ndarray:
     """Normalised histogram of foreground intensities pooled over the set (zeros if none)."""
     values = volumes[:, 0][foreground(volumes, threshold)].clamp(0.0, 1.0)
     counts = torch.histc(values.float(), bins=bins, min=0.0, max=1.0).double().cpu().numpy()
@@ -236,11 +246,15 @@ def reference_mask(real: torch.Tensor, threshold: float = MASK_THRESHOLD) -> tor
     """Majority brain mask of the real set: voxels that are foreground in at least half."""
     mask = foreground(real, threshold).float().mean(0) >= 0.5
     if not mask.any():
-        raise LdmError(f"the real volumes have no voxel above {threshold} in most subjects; cannot build a brain mask")
+        raise LdmError(
+            f"the real volumes have no voxel above {threshold} in most subjects; cannot build a brain mask"
+        )
     return mask
 
 
-def mask_dice(volumes: torch.Tensor, reference: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+def mask_dice(
+    volumes: torch.Tensor, reference: torch.Tensor, threshold: float = MASK_THRESHOLD
+) -> torch.Tensor:
     """Dice of each volume's foreground mask against ``reference`` ``[D, H, W]``."""
     masks = foreground(volumes, threshold).flatten(1).float()
     ref = reference.flatten().float()
@@ -263,11 +277,16 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     a = features_a.double().flatten(1)
     b = features_b.double().flatten(1)
     if a.shape[0] < 2 or b.shape[0] < 2:
-        raise LdmError(f"FID needs at least 2 feature vectors per set, got {a.shape[0]} and {b.shape[0]}")
+        raise LdmError(
+            f"FID needs at least 2 feature vectors per set, got {a.shape[0]} and {b.shape[0]}"
+        )
     if a.shape[1] != b.shape[1]:
         raise LdmError(f"FID feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], a.shape[1]), torch.cov(b.T).reshape(b.shape[1], b.shape[1])
+    cov_a, cov_b = (
+        torch.cov(a.T).reshape(a.shape[1], a.shape[1]),
+        torch.cov(b.T).reshape(b.shape[1], b.shape[1]),
+    )
     eval_a, evec_a = torch.linalg.eigh(cov_a)
     sqrt_a = (evec_a * eval_a.clamp(min=0).sqrt()) @ evec_a.T
     middle = sqrt_a @ cov_b @ sqrt_a
@@ -319,8 +338,10 @@ def _resnet_from_state_dict(state: dict[str, torch.Tensor], source: str) -> torc
         raise LdmError(f"{source}: ResNet weights incomplete, missing {', '.join(missing[:3])}")
     mismatched = [k for k in wanted if state[k].shape != wanted[k].shape]
     if mismatched:
-        raise LdmError(f"{source}: ResNet weight {mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, "
-                       f"expected {tuple(wanted[mismatched[0]].shape)}")
+        raise LdmError(
+            f"{source}: ResNet weight {mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, "
+            f"expected {tuple(wanted[mismatched[0]].shape)}"
+        )
     net.load_state_dict({k: state[k] for k in wanted})
 
     class _Standardised(torch.nn.Module):
@@ -371,19 +392,25 @@ def load_feature_extractor(uri: str, cfg: Config, device: torch.device) -> torch
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
             if not isinstance(obj, dict):
-                raise LdmError(f"evaluation.fid_weights: {uri} holds a {type(obj).__name__}, not a state dict")
+                raise LdmError(
+                    f"evaluation.fid_weights: {uri} holds a {type(obj).__name__}, not a state dict"
+                )
             module = _resnet_from_state_dict(obj, f"evaluation.fid_weights: {uri}").to(device)
     return module.eval()
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractor, volumes: torch.Tensor, device: torch.device) -> torch.Tensor:
+def extract_features(
+    extractor: FeatureExtractor, volumes: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Features ``[N, F]``: the extractor's output, spatially averaged if it is a map."""
     out = []
     for start in range(0, volumes.shape[0], FEATURE_BATCH):
         feats = extractor(volumes[start : start + FEATURE_BATCH].to(device))
         if not isinstance(feats, torch.Tensor):
-            raise LdmError(f"the FID feature extractor returned {type(feats).__name__}, expected a tensor")
+            raise LdmError(
+                f"the FID feature extractor returned {type(feats).__name__}, expected a tensor"
+            )
         if feats.ndim > 2:
             feats = feats.flatten(2).mean(2)
         out.append(feats.float().cpu())
@@ -402,15 +429,22 @@ def compute_metrics(
     """Every metric of generated vs real volumes (both ``[N, 1, D, H, W]`` on [0, 1]),
     computed on ``device`` (the model's: 3D MS-SSIM of large volumes is slow on a CPU)."""
     if real.shape[1:] != generated.shape[1:]:
-        raise LdmError(f"real volumes are {tuple(real.shape[1:])} but generated ones {tuple(generated.shape[1:])}")
+        raise LdmError(
+            f"real volumes are {tuple(real.shape[1:])} but generated ones {tuple(generated.shape[1:])}"
+        )
     dev = device or torch.device("cpu")
     real, generated = real.to(dev), generated.to(dev)
-    metrics: dict[str, float] = {"num_generated": float(generated.shape[0]), "num_real": float(real.shape[0])}
+    metrics: dict[str, float] = {
+        "num_generated": float(generated.shape[0]),
+        "num_real": float(real.shape[0]),
+    }
     metrics["out_of_range_fraction"] = float(((generated < 0) | (generated > 1)).float().mean())
     generated = generated.clamp(0.0, 1.0)
 
     settings = ms_ssim_settings(real.shape[2:])
-    with _timed(f"MS-SSIM diversity ({len(settings.weights)} scales, window {settings.kernel_size})"):
+    with _timed(
+        f"MS-SSIM diversity ({len(settings.weights)} scales, window {settings.kernel_size})"
+    ):
         metrics["ms_ssim_generated"] = pairwise_ms_ssim(generated, settings)
         metrics["ms_ssim_real"] = pairwise_ms_ssim(real, settings)
         metrics["ms_ssim_ratio"] = metrics["ms_ssim_generated"] / max(metrics["ms_ssim_real"], 1e-8)
@@ -419,7 +453,9 @@ def compute_metrics(
     with _timed("MMD"):
         metrics["mmd"], metrics["mmd_per_voxel"] = mmd(real, generated)
     with _timed("intensity histogram distance"):
-        metrics["hist_distance"] = histogram_distance(intensity_histogram(real), intensity_histogram(generated))
+        metrics["hist_distance"] = histogram_distance(
+            intensity_histogram(real), intensity_histogram(generated)
+        )
     with _timed("brain-mask overlap"):
         ref = reference_mask(real)
         dice = mask_dice(generated, ref)
@@ -462,7 +498,9 @@ def gate(metrics: dict[str, float], ecfg: EvaluationConfig) -> tuple[bool, list[
     for key, op, threshold, field_name in checks:
         value = metrics.get(key)
         if value is None or not math.isfinite(value):
-            reasons.append(f"{key} is {value!r}, not a number; cannot check {field_name}={threshold}")
+            reasons.append(
+                f"{key} is {value!r}, not a number; cannot check {field_name}={threshold}"
+            )
             continue
         ok = value >= threshold if op == ">=" else value <= threshold
         if not ok:
@@ -474,7 +512,9 @@ def gate(metrics: dict[str, float], ecfg: EvaluationConfig) -> tuple[bool, list[
 # --------------------------------------------------------------------------- the stage
 
 
-def load_real(data_dir: str | Path, expected_shape: Sequence[int], limit: int = MAX_REAL) -> tuple[torch.Tensor, list[str]]:
+def load_real(
+    data_dir: str | Path, expected_shape: Sequence[int], limit: int = MAX_REAL
+) -> tuple[torch.Tensor, list[str]]:
     """Real volumes of the cache (train and val subjects alike; at most ``limit``, evenly
     spaced), checked against the shape the model generates. Returns volumes and their ids."""
     root = Path(data_dir)
@@ -567,10 +607,14 @@ def evaluate(
 
     ecfg = cfg.evaluation
     if ecfg.num_samples < 2:
-        raise LdmError(f"evaluation.num_samples: at least 2 are needed to score diversity, got {ecfg.num_samples}")
+        raise LdmError(
+            f"evaluation.num_samples: at least 2 are needed to score diversity, got {ecfg.num_samples}"
+        )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a stale verdict must not outlive a failed re-run
+    (out / "metrics.json").unlink(
+        missing_ok=True
+    )  # a stale verdict must not outlive a failed re-run
     log.info("loading bundle %s", bundle_dir)
     bundle = load(bundle_dir, device=cfg.train.device)
     log.info("loading real volumes from %s", data_dir)
@@ -581,7 +625,10 @@ def evaluate(
     if sampler not in samplers_for(objective):
         log.warning(
             "sampling.sampler=%s cannot sample this bundle (trained with objective %s); using the "
-            "bundle's own sampler %s", sampler, objective, bundle.config.sampling.sampler,
+            "bundle's own sampler %s",
+            sampler,
+            objective,
+            bundle.config.sampling.sampler,
         )
         sampler = bundle.config.sampling.sampler
     generated = _generate(bundle, ecfg.num_samples, sampler, ecfg.steps)

@@ -60,7 +60,9 @@ def _show(ax: Any, image: np.ndarray, aspect: float) -> None:
 
 
 def _as_numpy(volumes: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else np.asarray(volumes)
+    array = (
+        volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else np.asarray(volumes)
+    )
     if array.ndim != 5 or array.shape[1] != 1:
         raise ValueError(f"expected volumes [N, 1, D, H, W], got shape {array.shape}")
     return array[:, 0]
@@ -88,7 +90,10 @@ def view_grid(
 
 
 def real_vs_generated(
-    real: torch.Tensor | np.ndarray, generated: torch.Tensor | np.ndarray, spacing: Sequence[float], rows: int = 3
+    real: torch.Tensor | np.ndarray,
+    generated: torch.Tensor | np.ndarray,
+    spacing: Sequence[float],
+    rows: int = 3,
 ) -> bytes:
     """Real volumes (left three columns) beside generated ones (right three), row by row."""
     real_np, gen_np = _as_numpy(real), _as_numpy(generated)
@@ -106,7 +111,9 @@ def real_vs_generated(
     return _png(fig)
 
 
-def intensity_histograms(real_hist: np.ndarray, generated_hist: np.ndarray, threshold: float) -> bytes:
+def intensity_histograms(
+    real_hist: np.ndarray, generated_hist: np.ndarray, threshold: float
+) -> bytes:
     """Real and generated brain-voxel intensity histograms (normalised) on one axis."""
     bins = len(real_hist)
     centres = (np.arange(bins) + 0.5) / bins
@@ -114,7 +121,9 @@ def intensity_histograms(real_hist: np.ndarray, generated_hist: np.ndarray, thre
     ax = fig.subplots()
     ax.plot(centres, real_hist, label="real", color="tab:blue")
     ax.plot(centres, generated_hist, label="generated", color="tab:orange")
-    ax.axvline(threshold, color="gray", linestyle=":", linewidth=1, label=f"mask threshold {threshold:g}")
+    ax.axvline(
+        threshold, color="gray", linestyle=":", linewidth=1, label=f"mask threshold {threshold:g}"
+    )
     ax.set_xlabel("intensity (cache scale)")
     ax.set_ylabel("fraction of brain voxels")
     ax.set_xlim(0.0, 1.0)
@@ -145,12 +154,16 @@ def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def loss_series(records: Sequence[Mapping[str, Any]], split: str, key: str = "loss") -> tuple[list[int], list[float]]:
+def loss_series(
+    records: Sequence[Mapping[str, Any]], split: str, key: str = "loss"
+) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of ``key`` for one split, in step order."""
     points = sorted(
         (int(r["step"]), float(r[key]))
         for r in records
-        if r.get("split") == split and isinstance(r.get(key), int | float) and isinstance(r.get("step"), int)
+        if r.get("split") == split
+        and isinstance(r.get(key), int | float)
+        and isinstance(r.get("step"), int)
     )
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -164,7 +177,10 @@ def training_curves(runs: Mapping[str, str | Path]) -> bytes:
     for ax, name in zip(axes, names):
         records = read_metrics_jsonl(runs[name])
         values = []
-        for split, style in (("train", {"linewidth": 1.0}), ("val", {"marker": "o", "markersize": 3})):
+        for split, style in (
+            ("train", {"linewidth": 1.0}),
+            ("val", {"marker": "o", "markersize": 3}),
+        ):
             steps, losses = loss_series(records, split)
             if steps:
                 ax.plot(steps, losses, label=split, **style)
@@ -216,7 +232,9 @@ def write_reports(
         f"<td>{html.escape(descriptions.get(k, ''))}</td></tr>"
         for k, v in metrics.items()
     )
-    ctx = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in context.items())
+    ctx = "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in context.items()
+    )
     reason_html = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
     imgs = "".join(
         f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{html.escape(name)}" src="{_data_uri(png)}">'

@@ -73,15 +73,23 @@ class LocalLauncher:
                 f"{task.name}: the local launcher runs on one node; got nnodes={task.nnodes}"
             )
         if task.nproc_per_node < 1:
-            raise LaunchError(f"{task.name}: nproc_per_node must be >= 1, got {task.nproc_per_node}")
+            raise LaunchError(
+                f"{task.name}: nproc_per_node must be >= 1, got {task.nproc_per_node}"
+            )
         if task.nproc_per_node == 1:
             return [self.python, *task.command()]
         return [
-            self.python, "-m", "torch.distributed.run",
-            "--nnodes", "1",
-            "--nproc-per-node", str(task.nproc_per_node),
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+            self.python,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(task.nproc_per_node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{_free_port()}",
             *task.command(),
         ]
 
@@ -92,7 +100,9 @@ class LocalLauncher:
             # Each rank gets its share of the cores instead of all of them.
             threads = max(1, (os.cpu_count() or 1) // task.nproc_per_node)
             env.setdefault("OMP_NUM_THREADS", str(threads))
-        log.info("%s: launching %s", task.name, " ".join(argv[:6]) + (" ..." if len(argv) > 6 else ""))
+        log.info(
+            "%s: launching %s", task.name, " ".join(argv[:6]) + (" ..." if len(argv) > 6 else "")
+        )
         tail: list[str] = []
         with subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -106,7 +116,9 @@ class LocalLauncher:
             rc = proc.wait()
         if rc != 0:
             last = "\n".join(tail[-self.tail_lines :])
-            raise LaunchError(f"{task.name}: {task.verb} exited with code {rc}; last output:\n{last}")
+            raise LaunchError(
+                f"{task.name}: {task.verb} exited with code {rc}; last output:\n{last}"
+            )
 
 
 def which_torchrun() -> str | None:

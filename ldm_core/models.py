@@ -37,7 +37,9 @@ def build_autoencoder(cfg: Config, use_checkpoint: bool | None = None) -> Autoen
         attention_levels=a.attention_levels,
         with_encoder_nonlocal_attn=a.with_encoder_nonlocal_attn,
         with_decoder_nonlocal_attn=a.with_decoder_nonlocal_attn,
-        use_checkpoint=cfg.train.gradient_checkpointing if use_checkpoint is None else use_checkpoint,
+        use_checkpoint=cfg.train.gradient_checkpointing
+        if use_checkpoint is None
+        else use_checkpoint,
     )
 
 
@@ -109,7 +111,10 @@ def _latent_numel(cfg: Config) -> int:
 
 
 def diffusion_training_example(
-    cfg: Config, scheduler: Scheduler, latents: torch.Tensor, generator: torch.Generator | None = None
+    cfg: Config,
+    scheduler: Scheduler,
+    latents: torch.Tensor,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise a batch of clean latents for one training step.
 
@@ -117,7 +122,9 @@ def diffusion_training_example(
     is regressed onto ``target`` (noise, velocity or the clean latent for ``ddpm``
     depending on ``prediction_type``; the velocity ``x0 - noise`` for ``rflow``).
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
     s = cfg.model.scheduler
     if s.objective == "rflow":
         assert isinstance(scheduler, RFlowScheduler)
@@ -150,7 +157,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     except RuntimeError as strict_error:
         legacy = getattr(model, "load_old_state_dict", None)
         if legacy is None:
-            raise LdmError(f"{source}: weights do not fit {type(model).__name__}: {strict_error}") from None
+            raise LdmError(
+                f"{source}: weights do not fit {type(model).__name__}: {strict_error}"
+            ) from None
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # MONAI prints its key report
             legacy(dict(state_dict))
@@ -165,7 +174,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
 
 
 @torch.no_grad()
-def _bypass_unused_legacy_projections(model: AutoencoderKL, state_dict: dict[str, torch.Tensor]) -> None:
+def _bypass_unused_legacy_projections(
+    model: AutoencoderKL, state_dict: dict[str, torch.Tensor]
+) -> None:
     """monai-generative 0.2.3's autoencoder attention defines ``proj_attn`` but never applies
     it; MONAI's mapping moves it into ``out_proj``, which MONAI does apply. To reproduce
     the legacy network's outputs, those output projections become the identity."""

@@ -82,7 +82,12 @@ def denoise(
             x, _ = scheduler.step(out, int(t), x, next_t)
         else:
             # Per-sample steps with per-sample generators keep each seed's noise its own.
-            x = torch.cat([_step(scheduler, out[j : j + 1], int(t), x[j : j + 1], gens[j], eta) for j in range(n)])
+            x = torch.cat(
+                [
+                    _step(scheduler, out[j : j + 1], int(t), x[j : j + 1], gens[j], eta)
+                    for j in range(n)
+                ]
+            )
         if progress is not None:
             progress(i + 1, len(timesteps))
     return x
@@ -189,7 +194,9 @@ def sample_to_dir(
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(seed, seed + num))
     with tqdm(total=steps, desc=f"{sampler} x{num}", unit="step") as bar:
-        volumes = generate(bundle, seeds, sampler=sampler, steps=steps, progress=lambda i, n: bar.update(1))
+        volumes = generate(
+            bundle, seeds, sampler=sampler, steps=steps, progress=lambda i, n: bar.update(1)
+        )
     paths: list[Path] = []
     for s, vol in zip(seeds, volumes):
         nii = out / f"sample_{s:04d}.nii.gz"

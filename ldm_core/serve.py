@@ -94,7 +94,9 @@ REQUEST_LATENCY = Histogram(
 SAMPLES_GENERATED = Counter("ldm_samples_generated_total", "Volumes generated", ["sampler"])
 IN_FLIGHT = Gauge("ldm_requests_in_flight", "Requests generating right now")
 QUEUED = Gauge("ldm_requests_queued", "Requests waiting for a generation slot")
-REJECTED = Counter("ldm_requests_rejected_total", "Requests refused or failed, by reason", ["reason"])
+REJECTED = Counter(
+    "ldm_requests_rejected_total", "Requests refused or failed, by reason", ["reason"]
+)
 
 
 class RequestRejected(LdmError):
@@ -139,7 +141,9 @@ class Limits:
     @classmethod
     def from_config(cls, serving_cfg: Config, bundle_cfg: Config) -> Limits:
         samplers = samplers_for(bundle_cfg.model.scheduler.objective)
-        max_steps = min(serving_cfg.serving.max_steps, bundle_cfg.model.scheduler.num_train_timesteps)
+        max_steps = min(
+            serving_cfg.serving.max_steps, bundle_cfg.model.scheduler.num_train_timesteps
+        )
         wanted = serving_cfg.sampling.sampler
         return cls(
             max_samples=serving_cfg.serving.max_samples,
@@ -168,7 +172,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def _check_seeds(seeds: Sequence[Any], where: str, limits: Limits, item: str = "{where}[{i}]") -> list[int]:
+def _check_seeds(
+    seeds: Sequence[Any], where: str, limits: Limits, item: str = "{where}[{i}]"
+) -> list[int]:
     if not seeds:
         raise _invalid(f"{where}: at least one seed is needed (one sample per seed)")
     if len(seeds) > limits.max_samples:
@@ -191,7 +197,9 @@ def _parse_parameters(
     params = dict(params or {})
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
-        raise _invalid(f"parameters.{unknown[0]}: unknown parameter; this model reads {', '.join(PARAMETERS)}")
+        raise _invalid(
+            f"parameters.{unknown[0]}: unknown parameter; this model reads {', '.join(PARAMETERS)}"
+        )
     sampler = params.get("sampler", limits.default_sampler)
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise _invalid(f"parameters.sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
@@ -225,7 +233,9 @@ def parse_v2(request: InferRequest, limits: Limits, request_id: str) -> Generati
     seed_inputs = [i for i in inputs if i.name == "seed"]
     for i, tensor in enumerate(inputs):
         if tensor.name != "seed":
-            raise _invalid(f"inputs[{i}].name: unknown input {tensor.name!r}; this model takes only 'seed'")
+            raise _invalid(
+                f"inputs[{i}].name: unknown input {tensor.name!r}; this model takes only 'seed'"
+            )
     if len(seed_inputs) != 1:
         raise _invalid("inputs: exactly one input named 'seed' (INT64, shape [N]) is required")
     tensor = seed_inputs[0]
@@ -272,7 +282,9 @@ def parse_v1(body: Any, limits: Limits, request_id: str) -> GenerationRequest:
     for i, inst in enumerate(instances):
         if not isinstance(inst, dict) or set(inst) != {"seed"}:
             raise _invalid(f'instances[{i}]: expected {{"seed": <integer>}}, got {inst!r}')
-    seeds = _check_seeds([inst["seed"] for inst in instances], "instances", limits, item="instances[{i}].seed")
+    seeds = _check_seeds(
+        [inst["seed"] for inst in instances], "instances", limits, item="instances[{i}].seed"
+    )
     params = body.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise _invalid("parameters: expected a JSON object")
@@ -302,7 +314,11 @@ def _encode(volumes: np.ndarray, affine: np.ndarray, output: str) -> list[bytes]
 
 
 def build_v2_response(
-    req: GenerationRequest, volumes: np.ndarray, affine: np.ndarray, payloads: list[bytes], model_name: str
+    req: GenerationRequest,
+    volumes: np.ndarray,
+    affine: np.ndarray,
+    payloads: list[bytes],
+    model_name: str,
 ) -> InferResponse:
     ir = req.infer_request
     assert ir is not None
@@ -363,7 +379,9 @@ class BrainLDMModel(Model):
     """The bundle behind KServe's protocols. ``load`` may run in a background thread while
     the server already answers liveness; ``ready`` flips only after the warm-up."""
 
-    def __init__(self, name: str, bundle_dir: str | Path, cfg: Config, device: str = "auto") -> None:
+    def __init__(
+        self, name: str, bundle_dir: str | Path, cfg: Config, device: str = "auto"
+    ) -> None:
         super().__init__(name)
         self.bundle_dir = Path(bundle_dir)
         self.cfg = cfg
@@ -430,7 +448,9 @@ class BrainLDMModel(Model):
         check would trip over the parsed request object."""
         return payload
 
-    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> GenerationRequest:
+    async def preprocess(
+        self, payload: Any, headers: dict[str, str] | None = None
+    ) -> GenerationRequest:
         assert self.limits is not None
         header_id = (headers or {}).get("x-request-id")
         v2 = isinstance(payload, InferRequest)
@@ -443,11 +463,17 @@ class BrainLDMModel(Model):
             return parse_v1(payload, self.limits, request_id)
         except InvalidInput as exc:
             _log_event(
-                "request", request_id=request_id, protocol="v2" if v2 else "v1", status=400, error=str(exc)
+                "request",
+                request_id=request_id,
+                protocol="v2" if v2 else "v1",
+                status=400,
+                error=str(exc),
             )
             raise
 
-    async def predict(self, req: GenerationRequest, headers: dict[str, str] | None = None) -> _Generated:
+    async def predict(
+        self, req: GenerationRequest, headers: dict[str, str] | None = None
+    ) -> _Generated:
         if self._admitted >= self._capacity:
             REJECTED.labels("busy").inc()
             _log_request(req, status=503, error="busy")
@@ -461,7 +487,9 @@ class BrainLDMModel(Model):
         try:
             QUEUED.inc()
             try:
-                await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(
+                    self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic())
+                )
             except TimeoutError:
                 raise self._timed_out(req, "waiting in the queue for a generation slot") from None
             finally:
@@ -522,7 +550,10 @@ class BrainLDMModel(Model):
         return volumes.numpy().astype(np.float32, copy=False)
 
     async def postprocess(
-        self, result: _Generated, headers: dict[str, str] | None = None, response_headers: dict[str, str] | None = None
+        self,
+        result: _Generated,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
     ) -> InferResponse | dict[str, Any]:
         req = result.request
         affine = np.asarray(self.bundle.affine)
@@ -539,7 +570,9 @@ class BrainLDMModel(Model):
         latency = time.monotonic() - req.started
         REQUEST_LATENCY.labels(req.sampler).observe(latency)
         SAMPLES_GENERATED.labels(req.sampler).inc(len(req.seeds))
-        _log_request(req, status=200, latency_s=round(latency, 4), generate_s=round(result.generate_s, 4))
+        _log_request(
+            req, status=200, latency_s=round(latency, 4), generate_s=round(result.generate_s, 4)
+        )
         return response
 
 
@@ -551,7 +584,8 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -650,7 +684,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise LdmError(f"serving.http_port: cannot listen on {host}:{port} ({exc.strerror})") from None
+            raise LdmError(
+                f"serving.http_port: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
 
 
 def serve(
@@ -688,14 +724,18 @@ def serve(
             model.load()
         except BaseException as exc:  # noqa: BLE001 - any failure must stop the server
             model.load_error = exc
-            _log_event("model_load_failed", logging.ERROR, model=name, error=f"{type(exc).__name__}: {exc}")
+            _log_event(
+                "model_load_failed", logging.ERROR, model=name, error=f"{type(exc).__name__}: {exc}"
+            )
             server.request_stop()
 
     threading.Thread(target=load_in_background, name="ldm-load", daemon=True).start()
     server.start([])
     model.stop()
     if model.load_error is not None:
-        raise LdmError(f"{bundle_path}: model failed to load: {model.load_error}") from model.load_error
+        raise LdmError(
+            f"{bundle_path}: model failed to load: {model.load_error}"
+        ) from model.load_error
 
 
 # --------------------------------------------------------------------------- CLI
@@ -706,14 +746,24 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m ldm_core.serve",
         description="Serve a model bundle with KServe (V1 and Open Inference Protocol V2).",
     )
-    p.add_argument("--bundle", default=DEFAULT_BUNDLE_DIR, help=f"bundle directory (default {DEFAULT_BUNDLE_DIR})")
+    p.add_argument(
+        "--bundle",
+        default=DEFAULT_BUNDLE_DIR,
+        help=f"bundle directory (default {DEFAULT_BUNDLE_DIR})",
+    )
     p.add_argument("--http-port", type=int, default=None, help="default: serving.http_port")
     p.add_argument("--model-name", default=None, help="default: serving.model_name")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--config", default=None, help="YAML config (default: the bundle's config.yaml)")
     p.add_argument("--preset", default=None, help="config preset")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, repeatable",
+    )
     return p
 
 

@@ -31,7 +31,9 @@ def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(CRD_DIR.glob("*.yaml")):
         # The C loader parses the 2 MB InferenceService CRD in ~2 s instead of ~9 s.
-        for doc in yaml.load_all(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        for doc in yaml.load_all(
+            path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        ):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
             group = doc["spec"]["group"]
@@ -54,8 +56,12 @@ def validate(obj: dict[str, Any]) -> None:
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]]
-        raise InvalidResource(f"{key[1]} {obj.get('metadata', {}).get('name')}: " + "; ".join(lines))
+        lines = [
+            f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]
+        ]
+        raise InvalidResource(
+            f"{key[1]} {obj.get('metadata', {}).get('name')}: " + "; ".join(lines)
+        )
     name = obj.get("metadata", {}).get("name", "")
     rules = _ADMISSION.get(key[1])
     if rules:
@@ -88,14 +94,21 @@ def _pytorchjob_rules(obj: dict[str, Any], name: str) -> None:
             raise InvalidResource(f"PyTorchJob: {rtype} needs a container named 'pytorch'")
         for c in containers:
             if not c.get("image"):
-                raise InvalidResource(f"PyTorchJob: {rtype} container {c.get('name')!r} has no image")
+                raise InvalidResource(
+                    f"PyTorchJob: {rtype} container {c.get('name')!r} has no image"
+                )
     if "Master" in replicas and replicas["Master"].get("replicas", 1) != 1:
         raise InvalidResource("PyTorchJob: Master must have exactly one replica")
     if spec.get("elasticPolicy") is not None:
         if "Worker" not in replicas:
             raise InvalidResource("PyTorchJob: elasticPolicy needs a Worker replica spec")
-        if spec.get("nprocPerNode") is not None and spec["elasticPolicy"].get("nProcPerNode") is not None:
-            raise InvalidResource("PyTorchJob: set nprocPerNode or elasticPolicy.nProcPerNode, not both")
+        if (
+            spec.get("nprocPerNode") is not None
+            and spec["elasticPolicy"].get("nProcPerNode") is not None
+        ):
+            raise InvalidResource(
+                "PyTorchJob: set nprocPerNode or elasticPolicy.nProcPerNode, not both"
+            )
 
 
 def _isvc_rules(obj: dict[str, Any], name: str) -> None:
@@ -111,10 +124,14 @@ def _isvc_rules(obj: dict[str, Any], name: str) -> None:
         if hi is not None and hi < 0:
             raise InvalidResource(f"InferenceService {component}.maxReplicas must be >= 0")
         if lo is not None and hi is not None and hi != 0 and lo > hi:
-            raise InvalidResource(f"InferenceService {component}: minReplicas {lo} > maxReplicas {hi}")
+            raise InvalidResource(
+                f"InferenceService {component}: minReplicas {lo} > maxReplicas {hi}"
+            )
         pct = comp.get("canaryTrafficPercent")
         if pct is not None and not 0 <= pct <= 100:
-            raise InvalidResource(f"InferenceService {component}.canaryTrafficPercent {pct} not in 0..100")
+            raise InvalidResource(
+                f"InferenceService {component}.canaryTrafficPercent {pct} not in 0..100"
+            )
 
 
 def _generic_name(kind: str):

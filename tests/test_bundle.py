@@ -21,8 +21,12 @@ def _fake_runs(tmp_path, cfg, ae_cfg=None):
     diff_dir.mkdir()
     ae_cfg = ae_cfg or cfg
     torch.save(
-        {"state_dict": build_autoencoder(ae_cfg).state_dict(), "scale_factor": 0.8,
-         "config": ae_cfg.to_dict(), "steps": 11},
+        {
+            "state_dict": build_autoencoder(ae_cfg).state_dict(),
+            "scale_factor": 0.8,
+            "config": ae_cfg.to_dict(),
+            "steps": 11,
+        },
         ae_dir / "autoencoder.pt",
     )
     torch.save(
@@ -31,8 +35,14 @@ def _fake_runs(tmp_path, cfg, ae_cfg=None):
     )
     affine = np.array([[-6.0, 0, 0, 90], [0, 6.0, 0, -126], [0, 0, 6.0, -72], [0, 0, 0, 1]])
     (diff_dir / "data_geometry.json").write_text(
-        json.dumps({"affine": affine.tolist(), "shape": list(cfg.data.shape),
-                    "spacing": list(cfg.data.spacing), "dataset_hash": "abc"})
+        json.dumps(
+            {
+                "affine": affine.tolist(),
+                "shape": list(cfg.data.shape),
+                "spacing": list(cfg.data.spacing),
+                "dataset_hash": "abc",
+            }
+        )
     )
     return ae_dir, diff_dir, affine
 
@@ -41,7 +51,12 @@ def test_build_and_load_round_trip(tmp_path):
     cfg = tiny_config()
     ae_dir, diff_dir, affine = _fake_runs(tmp_path, cfg)
     out = bundle_mod.build_bundle(ae_dir, diff_dir, tmp_path / "bundle")
-    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.pt", "bundle.json", "config.yaml", "unet.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "autoencoder.pt",
+        "bundle.json",
+        "config.yaml",
+        "unet.pt",
+    ]
     b = bundle_mod.load(out, device="cpu")
     assert b.scale_factor == pytest.approx(0.8)
     assert np.allclose(b.affine, affine)

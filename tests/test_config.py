@@ -49,7 +49,11 @@ def test_tuples_come_back_as_tuples():
         ("train.autoencoder.stepz=3", "train.autoencoder.stepz", "did you mean 'steps'"),
         ("data.shape=[48,56,48]", "data.shape", "H=56 is not divisible by 16"),
         ("model.autoencoder.channels=[16,30,32]", "model.autoencoder.channels[1]", "not divisible"),
-        ("model.unet.attention_levels=[false,true]", "model.unet.attention_levels", "one per level"),
+        (
+            "model.unet.attention_levels=[false,true]",
+            "model.unet.attention_levels",
+            "one per level",
+        ),
         ("train.amp=fp8", "train.amp", "not one of"),
         ("sampling.sampler=dim", "sampling.sampler", "did you mean 'ddim'"),
         ("sampling.sampler=rflow", "sampling.sampler", "cannot sample"),

@@ -45,13 +45,25 @@ def test_deploy_serves_answers_restarts_and_stops(tmp_path):
             timeout=60,
         )
         assert r.status_code == 200
-        img = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(r.json()["predictions"][0]["nifti"])))
+        img = nib.Nifti1Image.from_bytes(
+            gzip.decompress(base64.b64decode(r.json()["predictions"][0]["nifti"]))
+        )
         assert img.shape == (16, 16, 16)
 
         # Deploying again into the same state dir replaces the old server.
-        second = deploy(cfg, bundle, backend="local", state_dir=state, model_name="brain-ldm-v2", ready_timeout_s=240)
+        second = deploy(
+            cfg,
+            bundle,
+            backend="local",
+            state_dir=state,
+            model_name="brain-ldm-v2",
+            ready_timeout_s=240,
+        )
         assert second["pid"] != first["pid"] and not _running(first["pid"])
-        assert httpx.get(f"{second['url']}/v2/models/brain-ldm-v2/ready", timeout=10).status_code == 200
+        assert (
+            httpx.get(f"{second['url']}/v2/models/brain-ldm-v2/ready", timeout=10).status_code
+            == 200
+        )
     finally:
         stop_local(state)
     assert not _running(second["pid"])
@@ -103,15 +115,32 @@ class _Impostor(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._send(200, {"name": MODEL, "inputs": [], "outputs": [{"name": "volume", "datatype": "FP32", "shape": [-1, 1, 4, 4, 4]}]})
+        self._send(
+            200,
+            {
+                "name": MODEL,
+                "inputs": [],
+                "outputs": [{"name": "volume", "datatype": "FP32", "shape": [-1, 1, 4, 4, 4]}],
+            },
+        )
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("content-length", 0)))
         nan_volume = [float("nan")] * 64
-        self._send(200, {"outputs": [
-            {"name": "volume", "shape": [1, 1, 4, 4, 4], "datatype": "FP32", "data": nan_volume},
-            {"name": "affine", "shape": [4, 4], "datatype": "FP32", "data": [1.0] * 16},
-        ]})
+        self._send(
+            200,
+            {
+                "outputs": [
+                    {
+                        "name": "volume",
+                        "shape": [1, 1, 4, 4, 4],
+                        "datatype": "FP32",
+                        "data": nan_volume,
+                    },
+                    {"name": "affine", "shape": [4, 4], "datatype": "FP32", "data": [1.0] * 16},
+                ]
+            },
+        )
 
     def log_message(self, *args) -> None:
         pass

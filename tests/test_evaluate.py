@@ -39,7 +39,9 @@ from tests.tiny import tiny_config
 SHAPE = (32, 32, 32)
 
 
-def phantoms(n: int, seed: int = 0, shape: tuple[int, int, int] = SHAPE, vary: bool = True) -> torch.Tensor:
+def phantoms(
+    n: int, seed: int = 0, shape: tuple[int, int, int] = SHAPE, vary: bool = True
+) -> torch.Tensor:
     """Brain-like volumes ``[n, 1, *shape]`` on [0, 1]: a textured ellipsoid of tissue with
     darker ventricles, each subject slightly shifted, resized and re-contrasted."""
     g = torch.Generator().manual_seed(seed)
@@ -70,12 +72,29 @@ def write_cache(root: Path, volumes: torch.Tensor, splits: list[str] | None = No
     entries = []
     for i, (vol, split) in enumerate(zip(volumes, splits)):
         np.save(root / "volumes" / f"s{i}.npy", vol.numpy().astype(np.float16))
-        entries.append({"id": f"s{i}", "source": f"s{i}.nii.gz", "sha256": "0" * 64, "split": split,
-                        "file": f"volumes/s{i}.npy", "status": "ok", "reason": ""})
+        entries.append(
+            {
+                "id": f"s{i}",
+                "source": f"s{i}.nii.gz",
+                "sha256": "0" * 64,
+                "split": split,
+                "file": f"volumes/s{i}.npy",
+                "status": "ok",
+                "reason": "",
+            }
+        )
     shape = list(volumes.shape[2:])
-    write_manifest(root, {"format": 1, "shape": shape, "spacing": [6.0] * 3,
-                          "affine": np.diag([6.0, 6.0, 6.0, 1.0]).tolist(), "subjects": entries,
-                          "dataset_hash": "test"})
+    write_manifest(
+        root,
+        {
+            "format": 1,
+            "shape": shape,
+            "spacing": [6.0] * 3,
+            "affine": np.diag([6.0, 6.0, 6.0, 1.0]).tolist(),
+            "subjects": entries,
+            "dataset_hash": "test",
+        },
+    )
     return root
 
 
@@ -95,7 +114,9 @@ def test_ms_ssim_settings_make_monai_ms_ssim_work_on_small_volumes(shape, scales
     if max(shape) > 64:
         return  # the settings are the point; bigger volumes only cost time here
     vols = phantoms(3, shape=shape)
-    assert pairwise_ms_ssim(torch.cat([vols[:1], vols[:1]]), settings) == pytest.approx(1.0, abs=1e-5)
+    assert pairwise_ms_ssim(torch.cat([vols[:1], vols[:1]]), settings) == pytest.approx(
+        1.0, abs=1e-5
+    )
     similar = pairwise_ms_ssim(vols, settings)
     unrelated = pairwise_ms_ssim(noise(3, shape=shape), settings)
     assert 0.5 < similar < 1.0
@@ -136,7 +157,11 @@ def test_mmd_uses_every_volume_when_set_sizes_differ():
     assert abs(mmd(real, phantoms(3, seed=5))[0]) < 0.05
     assert mmd(real, noise(3))[0] > 1.0
     # 7 real vs 3 generated: windows 0-2, 2-4, 4-6 cover every real volume
-    assert _chunk_starts(7, 3) == [0, 2, 4] and _chunk_starts(16, 8) == [0, 8] and _chunk_starts(10, 6) == [0, 4]
+    assert (
+        _chunk_starts(7, 3) == [0, 2, 4]
+        and _chunk_starts(16, 8) == [0, 8]
+        and _chunk_starts(10, 6) == [0, 4]
+    )
     generated = phantoms(3, seed=5)
     assert mmd(real[:7], generated) != mmd(real[:6], generated)
 
@@ -182,8 +207,14 @@ def test_fid_with_a_torchscript_extractor(tmp_path):
 
 
 def test_fid_with_a_monai_resnet_state_dict(tmp_path):
-    net = resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_stride=2,
-                   shortcut_type="B", bias_downsample=False)
+    net = resnet10(
+        spatial_dims=3,
+        n_input_channels=1,
+        feed_forward=False,
+        conv1_t_stride=2,
+        shortcut_type="B",
+        bias_downsample=False,
+    )
     path = tmp_path / "resnet_10.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
     extractor = load_feature_extractor(f"file://{path}", tiny_config(), torch.device("cpu"))
@@ -208,7 +239,10 @@ def test_fid_weights_errors_name_the_file(tmp_path):
 # --------------------------------------------------------------------------- gate
 
 RECOMMENDED = EvaluationConfig(
-    gate_min_ms_ssim_ratio=0.5, gate_max_mmd=0.3, gate_min_mask_dice=0.7, gate_max_hist_distance=0.25
+    gate_min_ms_ssim_ratio=0.5,
+    gate_max_mmd=0.3,
+    gate_min_mask_dice=0.7,
+    gate_max_hist_distance=0.25,
 )
 
 
@@ -253,10 +287,15 @@ def test_load_real_checks_shape_and_subject_count(tmp_path):
     volumes, ids = load_real(cache, SHAPE)
     assert volumes.shape == (5, 1, *SHAPE) and ids == [f"s{i}" for i in range(5)]
     assert load_real(cache, SHAPE, limit=3)[1] == ["s0", "s2", "s4"]
-    with pytest.raises(LdmError, match=r"manifest.json: images are \(32, 32, 32\) but the bundle generates \(48, 64, 48\)"):
+    with pytest.raises(
+        LdmError,
+        match=r"manifest.json: images are \(32, 32, 32\) but the bundle generates \(48, 64, 48\)",
+    ):
         load_real(cache, (48, 64, 48))
     lonely = write_cache(tmp_path / "l", phantoms(2), splits=["train", "test"])
-    with pytest.raises(LdmError, match="manifest.json: needs at least 2 usable train/val subjects.*found 1"):
+    with pytest.raises(
+        LdmError, match="manifest.json: needs at least 2 usable train/val subjects.*found 1"
+    ):
         load_real(lonely, SHAPE)
 
 
@@ -284,7 +323,12 @@ def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
     assert {"ms_ssim_ratio", "mmd", "hist_distance", "mask_dice"} <= set(floats)
     assert "fid" not in floats and floats["num_generated"] == 3.0 and floats["num_real"] == 4.0
     names = sorted(p.name for p in (out / "figures").iterdir())
-    assert names == ["intensity_histograms.png", "real_vs_generated.png", "samples.png", "training_curves.png"]
+    assert names == [
+        "intensity_histograms.png",
+        "real_vs_generated.png",
+        "samples.png",
+        "training_curves.png",
+    ]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and "Quality gate" in html
     assert (out / "report.md").read_text().count("](data:image/png;base64,") == 4
@@ -301,6 +345,8 @@ def test_evaluate_refuses_a_cache_of_another_shape(tmp_path):
     cache = write_cache(tmp_path / "c", phantoms(3, shape=(32, 32, 16)))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.json").write_text('{"gate": {"passed": true, "reasons": []}}')
-    with pytest.raises(LdmError, match=r"images are \(32, 32, 16\) but the bundle generates \(32, 32, 32\)"):
+    with pytest.raises(
+        LdmError, match=r"images are \(32, 32, 16\) but the bundle generates \(32, 32, 32\)"
+    ):
         evaluate(cfg, bundle_dir, cache, tmp_path / "out")
     assert not (tmp_path / "out" / "metrics.json").exists()

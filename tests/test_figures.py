@@ -46,7 +46,9 @@ def test_curves_read_train_and_val_and_survive_a_torn_last_line(tmp_path, caplog
     diff = tmp_path / "diff.jsonl"
     _write_log(diff, [{"step": s, "split": "train", "loss": 0.5} for s in range(5)])
     one = _image(training_curves({"autoencoder": ae}))
-    two = _image(training_curves({"autoencoder": ae, "diffusion": diff, "missing": tmp_path / "nope.jsonl"}))
+    two = _image(
+        training_curves({"autoencoder": ae, "diffusion": diff, "missing": tmp_path / "nope.jsonl"})
+    )
     assert two.width > 2 * one.width  # one panel per run, the missing run included (empty)
 
 
@@ -80,12 +82,24 @@ def test_reports_embed_every_figure_and_escape_text(tmp_path):
     metrics = {"mmd": 0.5, "mask_dice": 0.25}
     verdict = {"passed": False, "reasons": ["mask_dice=0.25 but <threshold> requires at least 0.5"]}
     html_path, md_path = write_reports(
-        tmp_path, metrics, verdict, {"samples": png, "curves": png}, {"bundle": "b&c"}, {"mmd": "relative MMD"}
+        tmp_path,
+        metrics,
+        verdict,
+        {"samples": png, "curves": png},
+        {"bundle": "b&c"},
+        {"mmd": "relative MMD"},
     )
     page = html_path.read_text()
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(uris) == 2 and base64.b64decode(uris[0]) == png
-    assert "FAILED" in page and "&lt;threshold&gt;" in page and "b&amp;c" in page and "relative MMD" in page
+    assert (
+        "FAILED" in page
+        and "&lt;threshold&gt;" in page
+        and "b&amp;c" in page
+        and "relative MMD" in page
+    )
     md = md_path.read_text()
-    assert md.count("![") == 2 and "| `mask_dice` | 0.25 |" in md and "**Quality gate: FAILED**" in md
+    assert (
+        md.count("![") == 2 and "| `mask_dice` | 0.25 |" in md and "**Quality gate: FAILED**" in md
+    )
     assert not list(tmp_path.glob("*.tmp"))

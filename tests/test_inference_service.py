@@ -53,7 +53,11 @@ class GenerationKeepingEmulator(kmock.KubernetesEmulator):
             elif request.action == kmock.action.UPDATE and "spec" in data:
                 key = (request.resource, request.namespace, request.name)
                 current = self.objects[key] if key in self.objects else None
-                gen = 0 if current is None or current.deleted else current.get("metadata", {}).get("generation", 0)
+                gen = (
+                    0
+                    if current is None or current.deleted
+                    else current.get("metadata", {}).get("generation", 0)
+                )
                 data.setdefault("metadata", {})["generation"] = gen + 1
         return await super()._handle(request)
 
@@ -165,7 +169,9 @@ class FakeKServe:
 
     def _list(self) -> list[dict[str, Any]]:
         try:
-            items = self.api.list_namespaced_custom_object(isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL)
+            items = self.api.list_namespaced_custom_object(
+                isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
+            )
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:  # the emulator knows a resource only once an object of it exists
                 return []
@@ -175,12 +181,24 @@ class FakeKServe:
     def _reconcile(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         predictor = obj["spec"]["predictor"]
-        config = json.dumps({k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True)
+        config = json.dumps(
+            {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True
+        )
         canary = predictor.get("canaryTrafficPercent")
         if canary is not None and canary not in self.canaries_seen:
             self.canaries_seen.append(canary)
         st = self._state.setdefault(
-            name, {"config": None, "since": None, "n": 0, "created": None, "ready": None, "prev": None, "failed": None, "due": None}
+            name,
+            {
+                "config": None,
+                "since": None,
+                "n": 0,
+                "created": None,
+                "ready": None,
+                "prev": None,
+                "failed": None,
+                "due": None,
+            },
         )
         now = time.monotonic()
         if config != st["config"]:
@@ -207,11 +225,31 @@ class FakeKServe:
             return
         if st["ready"] == st["created"] and canary is not None and st["prev"]:
             traffic = [
-                {"tag": "latest", "revisionName": st["ready"], "percent": canary, "latestRevision": True, "url": self.latest_url},
-                {"tag": "prev", "revisionName": st["prev"], "percent": 100 - canary, "latestRevision": False, "url": _closed_url()},
+                {
+                    "tag": "latest",
+                    "revisionName": st["ready"],
+                    "percent": canary,
+                    "latestRevision": True,
+                    "url": self.latest_url,
+                },
+                {
+                    "tag": "prev",
+                    "revisionName": st["prev"],
+                    "percent": 100 - canary,
+                    "latestRevision": False,
+                    "url": _closed_url(),
+                },
             ]
         elif st["ready"]:
-            traffic = [{"tag": "latest", "revisionName": st["ready"], "percent": 100, "latestRevision": st["ready"] == st["created"], "url": self.latest_url}]
+            traffic = [
+                {
+                    "tag": "latest",
+                    "revisionName": st["ready"],
+                    "percent": 100,
+                    "latestRevision": st["ready"] == st["created"],
+                    "url": self.latest_url,
+                }
+            ]
         else:
             traffic = []
         failed = st["failed"] is not None
@@ -219,24 +257,42 @@ class FakeKServe:
             "observedGeneration": obj["metadata"].get("generation"),
             "url": f"http://{obj['metadata']['name']}.{NS}.example.com",
             "address": {"url": self.address_url},
-            "components": {"predictor": {
-                "latestCreatedRevision": st["created"],
-                "latestReadyRevision": st["ready"],
-                "traffic": traffic,
-            }},
+            "components": {
+                "predictor": {
+                    "latestCreatedRevision": st["created"],
+                    "latestReadyRevision": st["ready"],
+                    "traffic": traffic,
+                }
+            },
             "conditions": [
                 {"type": "Ready", "status": "True" if st["ready"] else "Unknown"},
-                {"type": "PredictorConfigurationReady", "status": "False" if failed else "True",
-                 **({"reason": "RevisionFailed", "message": f"Revision {st['failed']} failed"} if failed else {})},
+                {
+                    "type": "PredictorConfigurationReady",
+                    "status": "False" if failed else "True",
+                    **(
+                        {"reason": "RevisionFailed", "message": f"Revision {st['failed']} failed"}
+                        if failed
+                        else {}
+                    ),
+                },
             ],
             "modelStatus": {
-                "transitionStatus": "BlockedByFailedLoad" if failed else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
-                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"} if failed else None,
+                "transitionStatus": "BlockedByFailedLoad"
+                if failed
+                else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
+                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"}
+                if failed
+                else None,
             },
         }
         if obj.get("status") != status:
             self.api.patch_namespaced_custom_object_status(
-                isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, obj["metadata"]["name"], {"status": status}
+                isvc.GROUP,
+                isvc.ISVC_VERSION,
+                NS,
+                isvc.ISVC_PLURAL,
+                obj["metadata"]["name"],
+                {"status": status},
             )
 
 
@@ -268,7 +324,9 @@ class Smoke:
 
 
 def desired(uri: str, **kw: Any) -> dict[str, Any]:
-    return isvc.build_inference_service(isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=uri, **kw))
+    return isvc.build_inference_service(
+        isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=uri, **kw)
+    )
 
 
 def stored(client: kubernetes.client.ApiClient) -> dict[str, Any]:
@@ -315,7 +373,9 @@ def _calls_stay_within_rbac_rules():
     assert used <= declared, f"calls outside RBAC_RULES: {sorted(used - declared)}"
 
 
-def rollout(client: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> isvc.InferenceServiceRollout:
+def rollout(
+    client: kubernetes.client.ApiClient, timeout_s: float = 30.0
+) -> isvc.InferenceServiceRollout:
     return isvc.InferenceServiceRollout(_recording(client), timeout_s=timeout_s, poll_s=0.05)
 
 
@@ -323,8 +383,12 @@ def rollout(client: kubernetes.client.ApiClient, timeout_s: float = 30.0) -> isv
 
 
 def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
-    runtime_mode = desired(OLD_URI, gpus=1, min_replicas=1, max_replicas=3, timeout_s=900, bundle_digest="ab" * 32)
-    custom = desired(OLD_URI, runtime=None, image="registry.local/brain-ldm-serving:1", model_name="brain-ldm-x")
+    runtime_mode = desired(
+        OLD_URI, gpus=1, min_replicas=1, max_replicas=3, timeout_s=900, bundle_digest="ab" * 32
+    )
+    custom = desired(
+        OLD_URI, runtime=None, image="registry.local/brain-ldm-serving:1", model_name="brain-ldm-x"
+    )
     canary = isvc.build_inference_service(
         isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=NEW_URI), canary_percent=10
     )
@@ -335,7 +399,10 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
     pred = runtime_mode["spec"]["predictor"]
     assert pred["serviceAccountName"] == "serving" and pred["timeout"] == 900
     assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3)
-    assert pred["model"]["modelFormat"]["name"] == "brain-ldm" and pred["model"]["runtime"] == "brain-ldm"
+    assert (
+        pred["model"]["modelFormat"]["name"] == "brain-ldm"
+        and pred["model"]["runtime"] == "brain-ldm"
+    )
     assert pred["model"]["storageUri"] == OLD_URI
     assert pred["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": "ab" * 32} in pred["model"]["env"]
@@ -353,10 +420,15 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
 
 
 def test_s3_secret_and_service_account_templates_carry_no_credentials():
-    secret = isvc.build_s3_secret("minio-service.kubeflow:9000", namespace=NS, use_https=False, region="us-east-1")
+    secret = isvc.build_s3_secret(
+        "minio-service.kubeflow:9000", namespace=NS, use_https=False, region="us-east-1"
+    )
     ann = secret["metadata"]["annotations"]
     assert ann["serving.kserve.io/s3-endpoint"] == "minio-service.kubeflow:9000"
-    assert ann["serving.kserve.io/s3-usehttps"] == "0" and ann["serving.kserve.io/s3-region"] == "us-east-1"
+    assert (
+        ann["serving.kserve.io/s3-usehttps"] == "0"
+        and ann["serving.kserve.io/s3-region"] == "us-east-1"
+    )
     assert all(v.startswith("REPLACE_WITH_") for v in secret["stringData"].values())
     sa = isvc.build_service_account(namespace=NS)
     assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
@@ -370,7 +442,10 @@ def test_runtime_builder_agrees_with_the_checked_in_manifest():
     shipped = yaml.safe_load(manifest.read_text())
     built = isvc.build_serving_runtime()
     assert built["metadata"]["name"] == shipped["metadata"]["name"]
-    assert built["spec"]["supportedModelFormats"][0]["name"] == shipped["spec"]["supportedModelFormats"][0]["name"]
+    assert (
+        built["spec"]["supportedModelFormats"][0]["name"]
+        == shipped["spec"]["supportedModelFormats"][0]["name"]
+    )
     a, b = built["spec"]["containers"][0], shipped["spec"]["containers"][0]
     for key in ("name", "image", "command", "args", "ports", "readinessProbe"):
         assert a[key] == b[key], key
@@ -400,7 +475,10 @@ def test_update_goes_through_a_canary_then_promotes(api, model_server):
         kserve.address_url = _closed_url()
         result = rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20)
     assert result["action"] == "updated" and result["canary_percent"] == 20
-    assert (result["previous_revision"], result["revision"]) == (f"{NAME}-predictor-00001", f"{NAME}-predictor-00002")
+    assert (result["previous_revision"], result["revision"]) == (
+        f"{NAME}-predictor-00001",
+        f"{NAME}-predictor-00002",
+    )
     assert kserve.canaries_seen == [20]
     # The smoke inference waited for the NEW revision, not the stale Ready of the old one.
     assert smoke.calls[-1][0] >= kserve.ready_at[result["revision"]]
@@ -441,7 +519,10 @@ def test_timeout_names_what_it_waited_for_and_rolls_back(api, model_server):
 
 def test_first_deploy_timeout_is_reported_and_left_for_inspection(plain_api, model_server):
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
-        with pytest.raises(isvc.RolloutTimeout, match="first revision ready not done after 1.5 s; still waiting for latestReadyRevision"):
+        with pytest.raises(
+            isvc.RolloutTimeout,
+            match="first revision ready not done after 1.5 s; still waiting for latestReadyRevision",
+        ):
             rollout(plain_api, timeout_s=1.5).rollout(desired(STUCK_URI), Smoke())
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == STUCK_URI
 
@@ -451,7 +532,9 @@ def test_failed_smoke_inference_rolls_back(plain_api, model_server):
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
         dead = _closed_url()
-        with pytest.raises(isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"):
+        with pytest.raises(
+            isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"
+        ):
             rollout(plain_api).rollout(desired(NEW_URI), smoke, url_override=dead)
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
 
@@ -465,7 +548,9 @@ def test_unchanged_spec_only_smokes(plain_api, model_server):
     assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]  # no new revision made
 
 
-def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, plain_api, model_server):
+def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
+    tmp_path, monkeypatch, plain_api, model_server
+):
     from tests.s3server import make_bucket, raw_client, s3_env, s3_server
 
     cfg = tiny_config()
@@ -476,12 +561,26 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(tmp_path, monkeypatch, p
         bucket = make_bucket(endpoint)
         with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
             result = deploy(
-                cfg, bundle, backend="kserve", storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
-                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server, create_runtime=True,
+                cfg,
+                bundle,
+                backend="kserve",
+                storage_prefix=f"s3://{bucket}/bundles",
+                namespace=NS,
+                api_host=host,
+                timeout_s=30,
+                poll_s=0.05,
+                smoke_url=model_server,
+                create_runtime=True,
             )
             again = deploy_kserve(
-                cfg, bundle, storage_prefix=f"s3://{bucket}/bundles", namespace=NS,
-                api_host=host, timeout_s=30, poll_s=0.05, smoke_url=model_server,
+                cfg,
+                bundle,
+                storage_prefix=f"s3://{bucket}/bundles",
+                namespace=NS,
+                api_host=host,
+                timeout_s=30,
+                poll_s=0.05,
+                smoke_url=model_server,
             )
         keys = {o.object_name for o in raw_client(endpoint).list_objects(bucket, recursive=True)}
     digest = result["bundle_sha256"]
@@ -509,9 +608,16 @@ def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, m
         rollout(api).rollout(desired(OLD_URI), smoke)
         # A deploy step killed mid-rollout: new spec at 30% canary, never promoted.
         left = desired(NEW_URI)["spec"]["predictor"]
-        patch = isvc.merge_patch(stored(api)["spec"]["predictor"], {**left, "canaryTrafficPercent": 30})
+        patch = isvc.merge_patch(
+            stored(api)["spec"]["predictor"], {**left, "canaryTrafficPercent": 30}
+        )
         kubernetes.client.CustomObjectsApi(api).patch_namespaced_custom_object(
-            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME, {"spec": {"predictor": patch}}
+            isvc.GROUP,
+            isvc.ISVC_VERSION,
+            NS,
+            isvc.ISVC_PLURAL,
+            NAME,
+            {"spec": {"predictor": patch}},
         )
         deadline = time.monotonic() + 20
         while f"{NAME}-predictor-00002" not in kserve.ready_at:
@@ -530,12 +636,23 @@ def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-        "clusters": [{"name": "lab", "cluster": {"server": "http://127.0.0.1:6443"}}],
-        "users": [{"name": "me", "user": {"token": "t0ken"}}],
-        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "me", "namespace": "team-a"}}],
-    }))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "lab",
+                "clusters": [{"name": "lab", "cluster": {"server": "http://127.0.0.1:6443"}}],
+                "users": [{"name": "me", "user": {"token": "t0ken"}}],
+                "contexts": [
+                    {
+                        "name": "lab",
+                        "context": {"cluster": "lab", "user": "me", "namespace": "team-a"},
+                    }
+                ],
+            }
+        )
+    )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     client = api_client()
     assert client.configuration.host == "http://127.0.0.1:6443"

@@ -31,14 +31,22 @@ def test_monai_generative_autoencoder_weights_load():
     a = cfg.model.autoencoder
     torch.manual_seed(3)
     old = OldAE(
-        spatial_dims=3, in_channels=1, out_channels=1, num_channels=a.channels,
-        latent_channels=a.latent_channels, num_res_blocks=a.num_res_blocks,
-        norm_num_groups=a.norm_num_groups, attention_levels=a.attention_levels,
-        with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True,
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        num_channels=a.channels,
+        latent_channels=a.latent_channels,
+        num_res_blocks=a.num_res_blocks,
+        norm_num_groups=a.norm_num_groups,
+        attention_levels=a.attention_levels,
+        with_encoder_nonlocal_attn=True,
+        with_decoder_nonlocal_attn=True,
     ).eval()
     # The legacy layout differs in the non-local attention blocks: exercise that mapping.
-    cfg = tiny_config("model.autoencoder.with_encoder_nonlocal_attn=true",
-                      "model.autoencoder.with_decoder_nonlocal_attn=true")
+    cfg = tiny_config(
+        "model.autoencoder.with_encoder_nonlocal_attn=true",
+        "model.autoencoder.with_decoder_nonlocal_attn=true",
+    )
     new = build_autoencoder(cfg).eval()
     with pytest.raises(RuntimeError):
         new.load_state_dict(old.state_dict(), strict=True)
@@ -47,7 +55,9 @@ def test_monai_generative_autoencoder_weights_load():
     with torch.no_grad():
         assert torch.allclose(old.encode(x)[0], new.encode(x)[0], atol=1e-5)  # posterior means
         z = torch.randn(1, 3, 16, 16, 16)
-        assert torch.allclose(old.decode_stage_2_outputs(z), new.decode_stage_2_outputs(z), atol=1e-5)
+        assert torch.allclose(
+            old.decode_stage_2_outputs(z), new.decode_stage_2_outputs(z), atol=1e-5
+        )
 
 
 def test_monai_generative_unet_weights_load():
@@ -56,9 +66,14 @@ def test_monai_generative_unet_weights_load():
     u = cfg.model.unet
     torch.manual_seed(4)
     old = OldUNet(
-        spatial_dims=3, in_channels=3, out_channels=3, num_channels=u.channels,
-        attention_levels=u.attention_levels, num_res_blocks=u.num_res_blocks,
-        num_head_channels=u.num_head_channels, norm_num_groups=u.norm_num_groups,
+        spatial_dims=3,
+        in_channels=3,
+        out_channels=3,
+        num_channels=u.channels,
+        attention_levels=u.attention_levels,
+        num_res_blocks=u.num_res_blocks,
+        num_head_channels=u.num_head_channels,
+        norm_num_groups=u.norm_num_groups,
     ).eval()
     new = build_unet(cfg).eval()
     load_weights(new, old.state_dict(), "legacy-unet.pt")
@@ -87,7 +102,11 @@ def test_sampler_must_match_objective():
 
 @pytest.mark.parametrize("objective", ["ddpm", "rflow"])
 def test_training_example_targets(objective):
-    extra = ["model.scheduler.objective=rflow", "sampling.sampler=rflow"] if objective == "rflow" else []
+    extra = (
+        ["model.scheduler.objective=rflow", "sampling.sampler=rflow"]
+        if objective == "rflow"
+        else []
+    )
     cfg = tiny_config(*extra)
     sched = build_scheduler(cfg, "ddpm" if objective == "ddpm" else "rflow")
     x0 = torch.randn(4, 3, 16, 16, 16)

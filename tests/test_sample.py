@@ -86,15 +86,35 @@ def test_triptych_orients_views():
 def test_cli_sample_writes_nifti_and_png(tmp_path, capsys):
     cfg = tiny_config()
     make_random_bundle(tmp_path / "b", cfg)
-    rc = main(["sample", "--bundle", str(tmp_path / "b"), "--output", str(tmp_path / "out"),
-               "--num", "2", "--seed", "10", "--steps", "2"])
+    rc = main(
+        [
+            "sample",
+            "--bundle",
+            str(tmp_path / "b"),
+            "--output",
+            str(tmp_path / "out"),
+            "--num",
+            "2",
+            "--seed",
+            "10",
+            "--steps",
+            "2",
+        ]
+    )
     assert rc == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["sample_0010.nii.gz", "sample_0010.png", "sample_0011.nii.gz", "sample_0011.png"]
+    assert names == [
+        "sample_0010.nii.gz",
+        "sample_0010.png",
+        "sample_0011.nii.gz",
+        "sample_0011.png",
+    ]
     img = nib.load(tmp_path / "out" / "sample_0010.nii.gz")
     assert img.shape == (32, 32, 32)
     assert np.allclose(img.affine, np.diag([6.0, 6.0, 6.0, 1.0]))
-    assert Image.open(io.BytesIO((tmp_path / "out" / "sample_0010.png").read_bytes())).format == "PNG"
+    assert (
+        Image.open(io.BytesIO((tmp_path / "out" / "sample_0010.png").read_bytes())).format == "PNG"
+    )
 
 
 def test_cli_reports_one_line_errors(tmp_path, capsys):

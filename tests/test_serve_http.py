@@ -63,7 +63,11 @@ def http():
 
 
 def v2(seeds, datatype="INT64", shape=None, **params):
-    body = {"inputs": [{"name": "seed", "shape": shape or [len(seeds)], "datatype": datatype, "data": seeds}]}
+    body = {
+        "inputs": [
+            {"name": "seed", "shape": shape or [len(seeds)], "datatype": datatype, "data": seeds}
+        ]
+    }
     if params:
         body["parameters"] = params
     return body
@@ -99,7 +103,9 @@ def test_v2_nifti_has_shape_affine_and_matches_the_volume_output(served, http):
     out = r.json()["outputs"]
     assert [o["name"] for o in out] == ["nifti"]
     assert out[0]["shape"] == [2] and out[0]["parameters"]["encoding"] == "base64"
-    images = [nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(s))) for s in out[0]["data"]]
+    images = [
+        nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(s))) for s in out[0]["data"]
+    ]
     for img in images:
         assert img.shape == (16, 16, 16)
         np.testing.assert_allclose(img.affine, affine)
@@ -108,16 +114,22 @@ def test_v2_nifti_has_shape_affine_and_matches_the_volume_output(served, http):
     r = infer(http, url, v2([7], output="volume", steps=3))
     assert r.status_code == 200, r.text
     tensors = {o["name"]: o for o in r.json()["outputs"]}
-    assert tensors["volume"]["shape"] == [1, 1, 16, 16, 16] and tensors["volume"]["datatype"] == "FP32"
+    assert (
+        tensors["volume"]["shape"] == [1, 1, 16, 16, 16] and tensors["volume"]["datatype"] == "FP32"
+    )
     volume = np.asarray(tensors["volume"]["data"], dtype=np.float32).reshape(16, 16, 16)
     np.testing.assert_allclose(np.asarray(images[1].dataobj), volume, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(tensors["affine"]["data"]).reshape(4, 4), affine, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(tensors["affine"]["data"]).reshape(4, 4), affine, rtol=1e-6
+    )
 
 
 def test_binary_data_extension_round_trip(served, http):
     url, _, _ = served
     json_r = infer(http, url, v2([11, 12], steps=2))
-    expected = np.asarray(json_r.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, 1, 16, 16, 16)
+    expected = np.asarray(json_r.json()["outputs"][0]["data"], dtype=np.float32).reshape(
+        2, 1, 16, 16, 16
+    )
     # Binary output for every tensor.
     r = infer(http, url, v2([11, 12], steps=2, binary_data_output=True))
     assert r.status_code == 200, r.text
@@ -129,19 +141,36 @@ def test_binary_data_extension_round_trip(served, http):
     assert np.frombuffer(blob[sizes[0] :], dtype=np.float32).reshape(4, 4)[3, 3] == 1.0
     # Binary input too (seed as raw little-endian int64 after the JSON header), and
     # per-output choice: volume binary, affine as JSON.
-    header = json.dumps({
-        "inputs": [{"name": "seed", "shape": [2], "datatype": "INT64", "parameters": {"binary_data_size": 16}}],
-        "outputs": [{"name": "volume", "parameters": {"binary_data": True}}, {"name": "affine"}],
-        "parameters": {"steps": 2},
-    }).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "seed",
+                    "shape": [2],
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": 16},
+                }
+            ],
+            "outputs": [
+                {"name": "volume", "parameters": {"binary_data": True}},
+                {"name": "affine"},
+            ],
+            "parameters": {"steps": 2},
+        }
+    ).encode()
     r = http.post(
         f"{url}/v2/models/{MODEL}/infer",
         content=header + np.asarray([11, 12], dtype="<i8").tobytes(),
-        headers={"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"},
+        headers={
+            "inference-header-content-length": str(len(header)),
+            "content-type": "application/octet-stream",
+        },
     )
     assert r.status_code == 200, r.text
     head, blob = split_binary(r)
-    np.testing.assert_array_equal(np.frombuffer(blob, dtype=np.float32).reshape(2, 1, 16, 16, 16), expected)
+    np.testing.assert_array_equal(
+        np.frombuffer(blob, dtype=np.float32).reshape(2, 1, 16, 16, 16), expected
+    )
     assert len(head["outputs"][1]["data"]) == 16
 
 
@@ -162,14 +191,19 @@ def test_v1_predict_returns_nifti_per_seed(served, http):
     affine = load_bundle(bundle, "cpu").affine
     r = http.post(
         f"{url}/v1/models/{MODEL}:predict",
-        json={"instances": [{"seed": 3}, {"seed": 4}], "parameters": {"steps": 2, "sampler": "ddpm"}},
+        json={
+            "instances": [{"seed": 3}, {"seed": 4}],
+            "parameters": {"steps": 2, "sampler": "ddpm"},
+        },
     )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [p["seed"] for p in body["predictions"]] == [3, 4]
     assert body["sampler"] == "ddpm" and body["steps"] == 2
     np.testing.assert_allclose(np.asarray(body["affine"]), affine)
-    img = nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(body["predictions"][1]["nifti"])))
+    img = nib.Nifti1Image.from_bytes(
+        gzip.decompress(base64.b64decode(body["predictions"][1]["nifti"]))
+    )
     assert img.shape == (16, 16, 16)
     np.testing.assert_allclose(img.affine, affine)
 
@@ -185,7 +219,12 @@ BAD_V2 = [
     ("2-D shape", v2([[1]], shape=[1, 1]), 400, "inputs[seed].shape"),
     ("no seeds", v2([]), 400, "at least one seed"),
     ("too many samples", v2([1, 2, 3, 4]), 400, "serving.max_samples"),
-    ("unknown input", {"inputs": [{"name": "noise", "shape": [1], "datatype": "INT64", "data": [1]}]}, 400, "inputs[0].name"),
+    (
+        "unknown input",
+        {"inputs": [{"name": "noise", "shape": [1], "datatype": "INT64", "data": [1]}]},
+        400,
+        "inputs[0].name",
+    ),
     ("steps zero", v2([1], steps=0), 400, "parameters.steps"),
     ("steps above max", v2([1], steps=51), 400, "parameters.steps"),
     ("steps not integer", v2([1], steps="ten"), 400, "parameters.steps"),
@@ -194,7 +233,12 @@ BAD_V2 = [
     ("sampler of the other objective", v2([1], sampler="rflow"), 400, "parameters.sampler"),
     ("unknown output", v2([1], output="gif"), 400, "parameters.output"),
     ("misspelt parameter", v2([1], step=3), 400, "parameters.step"),
-    ("output tensor of another kind", {**v2([1], output="nifti"), "outputs": [{"name": "volume"}]}, 400, "outputs[0].name"),
+    (
+        "output tensor of another kind",
+        {**v2([1], output="nifti"), "outputs": [{"name": "volume"}]},
+        400,
+        "outputs[0].name",
+    ),
 ]
 BAD_V1 = [
     ("malformed JSON", b'{"instances": [', 400, "Unrecognized request format"),
@@ -202,7 +246,12 @@ BAD_V1 = [
     ("instance without seed", {"instances": [{"sed": 1}]}, 400, "instances[0]"),
     ("string seed", {"instances": [{"seed": "1"}]}, 400, "instances[0].seed"),
     ("too many", {"instances": [{"seed": i} for i in range(4)]}, 400, "serving.max_samples"),
-    ("bad steps", {"instances": [{"seed": 1}], "parameters": {"steps": -3}}, 400, "parameters.steps"),
+    (
+        "bad steps",
+        {"instances": [{"seed": 1}], "parameters": {"steps": -3}},
+        400,
+        "parameters.steps",
+    ),
     ("plain text body", "hello", 400, "expected JSON"),
 ]
 
@@ -211,7 +260,11 @@ BAD_V1 = [
 def test_invalid_v2_requests_get_4xx_naming_the_field(served, http, what, body, status, field):
     url, _, _ = served
     if isinstance(body, bytes):
-        r = http.post(f"{url}/v2/models/{MODEL}/infer", content=body, headers={"content-type": "application/json"})
+        r = http.post(
+            f"{url}/v2/models/{MODEL}/infer",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
     else:
         r = infer(http, url, body)
     assert r.status_code == status, r.text
@@ -222,9 +275,15 @@ def test_invalid_v2_requests_get_4xx_naming_the_field(served, http, what, body, 
 def test_invalid_v1_requests_get_4xx_naming_the_field(served, http, what, body, status, field):
     url, _, _ = served
     if isinstance(body, bytes):
-        r = http.post(f"{url}/v1/models/{MODEL}:predict", content=body, headers={"content-type": "application/json"})
+        r = http.post(
+            f"{url}/v1/models/{MODEL}:predict",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
     elif isinstance(body, str):
-        r = http.post(f"{url}/v1/models/{MODEL}:predict", content=body, headers={"content-type": "text/plain"})
+        r = http.post(
+            f"{url}/v1/models/{MODEL}:predict", content=body, headers={"content-type": "text/plain"}
+        )
     else:
         r = http.post(f"{url}/v1/models/{MODEL}:predict", json=body)
     assert r.status_code == status, r.text
@@ -242,7 +301,9 @@ def test_server_keeps_serving_after_every_invalid_request(served, http):
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    pattern = (
+        re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    )
     match = re.search(pattern, text)
     assert match, f"{name}{{{labels}}} not in /metrics"
     return float(match.group(1))
@@ -251,7 +312,11 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 def test_metrics_and_structured_logs(served, http):
     url, _, log_file = served
     before = http.get(f"{url}/metrics").text
-    generated = _metric(before, "ldm_samples_generated_total", 'sampler="ddim"') if "ldm_samples_generated_total{" in before else 0.0
+    generated = (
+        _metric(before, "ldm_samples_generated_total", 'sampler="ddim"')
+        if "ldm_samples_generated_total{" in before
+        else 0.0
+    )
     r = infer(http, url, v2([21, 22], steps=2), headers={"x-request-id": "req-metrics-1"})
     assert r.status_code == 200
     infer(http, url, v2([1], sampler="euler"))
@@ -261,7 +326,9 @@ def test_metrics_and_structured_logs(served, http):
     assert _metric(text, "ldm_requests_rejected_total", 'reason="invalid"') >= 1
     assert _metric(text, "ldm_requests_in_flight") == 0
     assert "request_predict_seconds_bucket" in text  # KServe's own metrics are there too
-    events = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+    events = [
+        json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")
+    ]
     mine = [e for e in events if e.get("request_id") == "req-metrics-1"]
     assert len(mine) == 1
     entry = mine[0]
@@ -269,5 +336,7 @@ def test_metrics_and_structured_logs(served, http):
     assert (entry["n"], entry["sampler"], entry["steps"], entry["protocol"]) == (2, "ddim", 2, "v2")
     assert entry["latency_s"] > 0
     assert any(e["event"] == "model_ready" for e in events)
-    refused = [e for e in events if e.get("status") == 400 and "parameters.sampler" in e.get("error", "")]
+    refused = [
+        e for e in events if e.get("status") == 400 and "parameters.sampler" in e.get("error", "")
+    ]
     assert refused and refused[-1]["request_id"]

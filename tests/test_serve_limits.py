@@ -49,7 +49,9 @@ def _post(url: str, body: dict, out: list, lock: threading.Lock) -> None:
     started = time.monotonic()
     r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body, timeout=60)
     with lock:
-        out.append((r.status_code, time.monotonic() - started, r.text, r.headers.get("retry-after")))
+        out.append(
+            (r.status_code, time.monotonic() - started, r.text, r.headers.get("retry-after"))
+        )
 
 
 def test_overload_is_refused_at_once_while_health_stays_fast(limited):
@@ -84,7 +86,10 @@ def test_time_limit_gives_504_and_frees_the_slot(limited):
     r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=SLOW, timeout=60)
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
-    assert "serving.request_timeout_s=3" in r.json()["error"] and "generating (step" in r.json()["error"]
+    assert (
+        "serving.request_timeout_s=3" in r.json()["error"]
+        and "generating (step" in r.json()["error"]
+    )
     assert elapsed < TIMEOUT_S + 2.0
     # The abandoned generation stops at its next step, so the next request gets the slot.
     started = time.monotonic()
@@ -121,7 +126,16 @@ def _free_port() -> int:
 
 
 def _serve_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ldm_core.serve", "--host", "127.0.0.1", "--http-port", str(_free_port()), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ldm_core.serve",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(_free_port()),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

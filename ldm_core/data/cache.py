@@ -79,9 +79,7 @@ class VolumeDataset(Dataset):
         self.manifest = read_manifest(self.root)
         self.items = subjects(self.manifest, split)
         if not self.items:
-            raise LdmError(
-                f"{self.root / MANIFEST_NAME}: no usable subjects in split {split!r}"
-            )
+            raise LdmError(f"{self.root / MANIFEST_NAME}: no usable subjects in split {split!r}")
 
     def __len__(self) -> int:
         return len(self.items)

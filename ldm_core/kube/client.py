@@ -51,7 +51,9 @@ def api_client(host: str | None = None, token: str | None = None) -> kubernetes.
         if _in_cluster():
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         else:
-            kubernetes.config.load_kube_config(config_file=_kubeconfig(), client_configuration=configuration)
+            kubernetes.config.load_kube_config(
+                config_file=_kubeconfig(), client_configuration=configuration
+            )
     except (ConfigException, OSError) as exc:
         where = os.environ.get("KUBECONFIG", "~/.kube/config")
         raise KubeConfigError(

@@ -65,7 +65,12 @@ tests/test_inference_service.py holds the rollout's real requests to this list."
 
 _FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
 _FAILED_REASONS = ("RevisionFailed",)
-_WATCHED_CONDITIONS = ("Ready", "PredictorReady", "PredictorConfigurationReady", "LatestDeploymentReady")
+_WATCHED_CONDITIONS = (
+    "Ready",
+    "PredictorReady",
+    "PredictorConfigurationReady",
+    "LatestDeploymentReady",
+)
 
 
 class RolloutError(LdmError):
@@ -161,7 +166,9 @@ def _serve_args(model_name: str) -> list[str]:
     return ["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT), "--model-name", model_name]
 
 
-def build_inference_service(s: PredictorSettings, canary_percent: int | None = None) -> dict[str, Any]:
+def build_inference_service(
+    s: PredictorSettings, canary_percent: int | None = None
+) -> dict[str, Any]:
     """The InferenceService for a bundle at ``s.storage_uri``.
 
     With a runtime, the predictor names model format ``brain-ldm`` and KServe's storage
@@ -228,7 +235,10 @@ def build_serving_runtime(
     name: str = DEFAULT_RUNTIME, namespace: str | None = None, image: str = DEFAULT_IMAGE
 ) -> dict[str, Any]:
     """A ServingRuntime that serves the ``brain-ldm`` model format with ``ldm_core.serve``."""
-    metadata: dict[str, Any] = {"name": name, "labels": {**LABELS, "app.kubernetes.io/component": "serving"}}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**LABELS, "app.kubernetes.io/component": "serving"},
+    }
     if namespace:
         metadata["namespace"] = namespace
     return {
@@ -300,11 +310,16 @@ def build_s3_secret(
 
 
 def build_service_account(
-    name: str = DEFAULT_SERVICE_ACCOUNT, secret: str = DEFAULT_S3_SECRET, namespace: str | None = None
+    name: str = DEFAULT_SERVICE_ACCOUNT,
+    secret: str = DEFAULT_S3_SECRET,
+    namespace: str | None = None,
 ) -> dict[str, Any]:
     """The predictor's identity: lists the S3 secret for the storage initializer and mounts
     no API token (the predictor never calls the API server)."""
-    metadata: dict[str, Any] = {"name": name, "labels": {**LABELS, "app.kubernetes.io/component": "serving"}}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**LABELS, "app.kubernetes.io/component": "serving"},
+    }
     if namespace:
         metadata["namespace"] = namespace
     return {
@@ -355,7 +370,9 @@ def _failure(status: Mapping[str, Any]) -> str | None:
     for kind in _WATCHED_CONDITIONS:
         cond = _condition(status, kind)
         if cond and cond.get("status") == "False" and cond.get("reason") in _FAILED_REASONS:
-            return f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}".rstrip(": ")
+            return f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}".rstrip(
+                ": "
+            )
     return None
 
 
@@ -366,7 +383,9 @@ class RevisionState:
     revision: str | None = None
 
 
-def revision_state(obj: Mapping[str, Any], target_generation: int | None, previous_revision: str | None) -> RevisionState:
+def revision_state(
+    obj: Mapping[str, Any], target_generation: int | None, previous_revision: str | None
+) -> RevisionState:
     """Where the revision for the spec we last wrote stands; ``detail`` names what is awaited."""
     meta_gen = (obj.get("metadata") or {}).get("generation")
     status = obj.get("status") or {}
@@ -382,7 +401,8 @@ def revision_state(obj: Mapping[str, Any], target_generation: int | None, previo
         return RevisionState("failed", failure, created)
     if want is None and previous_revision is not None and created in (None, previous_revision):
         return RevisionState(
-            "waiting", f"a new predictor revision (latestCreatedRevision still {created or 'unset'})"
+            "waiting",
+            f"a new predictor revision (latestCreatedRevision still {created or 'unset'})",
         )
     if created is not None and pred.get("latestReadyRevision") != created:
         return RevisionState(
@@ -392,12 +412,20 @@ def revision_state(obj: Mapping[str, Any], target_generation: int | None, previo
         )
     ready = _condition(status, "Ready")
     if not ready or ready.get("status") != "True":
-        why = f"{ready.get('reason', '')} {ready.get('message', '')}".strip() if ready else "no Ready condition yet"
-        return RevisionState("waiting", f"condition Ready=True (now: {why or ready.get('status')})", created)
+        why = (
+            f"{ready.get('reason', '')} {ready.get('message', '')}".strip()
+            if ready
+            else "no Ready condition yet"
+        )
+        return RevisionState(
+            "waiting", f"condition Ready=True (now: {why or ready.get('status')})", created
+        )
     return RevisionState("ready", "ready", created)
 
 
-def _promoted(obj: Mapping[str, Any], revision: str | None, target_generation: int | None) -> RevisionState:
+def _promoted(
+    obj: Mapping[str, Any], revision: str | None, target_generation: int | None
+) -> RevisionState:
     """After dropping the canary: the new revision takes all traffic."""
     state = revision_state(obj, target_generation, None)
     if state.phase != "ready":
@@ -406,10 +434,18 @@ def _promoted(obj: Mapping[str, Any], revision: str | None, target_generation: i
     if not traffic:
         return state  # no traffic report (e.g. raw deployment): Ready on the new generation is all there is
     full = [t for t in traffic if t.get("percent") == 100]
-    if full and (revision is None or full[0].get("revisionName") in (revision, None) or full[0].get("latestRevision")):
+    if full and (
+        revision is None
+        or full[0].get("revisionName") in (revision, None)
+        or full[0].get("latestRevision")
+    ):
         return state
-    split = ", ".join(f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic)
-    return RevisionState("waiting", f"100% of traffic on revision {revision} (now {split})", revision)
+    split = ", ".join(
+        f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic
+    )
+    return RevisionState(
+        "waiting", f"100% of traffic on revision {revision} (now {split})", revision
+    )
 
 
 def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:
@@ -453,16 +489,22 @@ class InferenceServiceRollout:
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.api.get_namespaced_custom_object(GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name)
+            return self.api.get_namespaced_custom_object(
+                GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
-            raise RolloutError(f"InferenceService {namespace}/{name}: read failed: {exc.status} {exc.reason}") from None
+            raise RolloutError(
+                f"InferenceService {namespace}/{name}: read failed: {exc.status} {exc.reason}"
+            ) from None
 
     def _create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
-            return self.api.create_namespaced_custom_object(GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj)
+            return self.api.create_namespaced_custom_object(
+                GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj
+            )
         except ApiException as exc:
             raise RolloutError(
                 f"InferenceService {ns}/{name}: create refused: {exc.status} {exc.reason}: {_api_message(exc)}"
@@ -470,7 +512,9 @@ class InferenceServiceRollout:
 
     def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return self.api.patch_namespaced_custom_object(GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, body)
+            return self.api.patch_namespaced_custom_object(
+                GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, body
+            )
         except ApiException as exc:
             raise RolloutError(
                 f"InferenceService {namespace}/{name}: patch refused: {exc.status} {exc.reason}: {_api_message(exc)}"
@@ -485,16 +529,24 @@ class InferenceServiceRollout:
             return "exists"
         except ApiException as exc:
             if exc.status != 404:
-                raise RolloutError(f"ServingRuntime {ns}/{name}: read failed: {exc.status} {exc.reason}") from None
+                raise RolloutError(
+                    f"ServingRuntime {ns}/{name}: read failed: {exc.status} {exc.reason}"
+                ) from None
         try:
-            self.api.create_namespaced_custom_object(GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, runtime)
+            self.api.create_namespaced_custom_object(
+                GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, runtime
+            )
         except ApiException as exc:
-            raise RolloutError(f"ServingRuntime {ns}/{name}: create refused: {exc.status} {exc.reason}") from None
+            raise RolloutError(
+                f"ServingRuntime {ns}/{name}: create refused: {exc.status} {exc.reason}"
+            ) from None
         return "created"
 
     # ---- waiting
 
-    def _wait(self, ns: str, name: str, check: Callable[[dict[str, Any]], RevisionState], what: str) -> tuple[RevisionState, dict[str, Any]]:
+    def _wait(
+        self, ns: str, name: str, check: Callable[[dict[str, Any]], RevisionState], what: str
+    ) -> tuple[RevisionState, dict[str, Any]]:
         deadline = self.clock() + self.timeout_s
         state = RevisionState("waiting", "the InferenceService to exist")
         while True:
@@ -530,7 +582,9 @@ class InferenceServiceRollout:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         predictor = desired["spec"]["predictor"]
         if "canaryTrafficPercent" in predictor:
-            raise RolloutError("desired InferenceService must not set canaryTrafficPercent; pass canary_percent")
+            raise RolloutError(
+                "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
+            )
         existing = self.get(ns, name)
         if existing is None:
             return self._first_deploy(desired, smoke, url_override)
@@ -556,17 +610,23 @@ class InferenceServiceRollout:
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
         """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
-        promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
+        promoted = (
+            self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
+        )
         target = (promoted.get("metadata") or {}).get("generation")
         self._wait(ns, name, lambda o: _promoted(o, revision, target), "promotion to 100%")
         log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
 
-    def _first_deploy(self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None) -> dict[str, Any]:
+    def _first_deploy(
+        self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
+    ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         created = self._create(desired) or {}
         target = (created.get("metadata") or {}).get("generation")
         log.info("created InferenceService %s/%s", ns, name)
-        state, obj = self._wait(ns, name, lambda o: revision_state(o, target, None), "first revision ready")
+        state, obj = self._wait(
+            ns, name, lambda o: revision_state(o, target, None), "first revision ready"
+        )
         if state.phase == "failed":
             raise RolloutFailed(
                 f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
@@ -574,7 +634,13 @@ class InferenceServiceRollout:
             )
         url = url_override or service_url(obj)
         result = self._smoke(ns, name, smoke, url, rollback=None)
-        return {"action": "created", "url": url, "revision": state.revision, "smoke": result, "canary_percent": None}
+        return {
+            "action": "created",
+            "url": url,
+            "revision": state.revision,
+            "smoke": result,
+            "canary_percent": None,
+        }
 
     def _update(
         self,
@@ -586,9 +652,9 @@ class InferenceServiceRollout:
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         previous_spec = copy.deepcopy(existing.get("spec") or {})
-        previous_revision = _predictor_status(existing).get("latestReadyRevision") or _predictor_status(
-            existing
-        ).get("latestCreatedRevision")
+        previous_revision = _predictor_status(existing).get(
+            "latestReadyRevision"
+        ) or _predictor_status(existing).get("latestCreatedRevision")
         canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
         new_predictor = copy.deepcopy(desired["spec"]["predictor"])
         if canary is not None:
@@ -602,18 +668,29 @@ class InferenceServiceRollout:
         }
         patched = self._patch(ns, name, body) or {}
         target = (patched.get("metadata") or {}).get("generation")
-        log.info("patched InferenceService %s/%s (canary %s%%)", ns, name, canary if canary is not None else 100)
+        log.info(
+            "patched InferenceService %s/%s (canary %s%%)",
+            ns,
+            name,
+            canary if canary is not None else 100,
+        )
 
         def rollback(reason: str) -> str:
             current = self.get(ns, name) or {}
-            undo = merge_patch((current.get("spec") or {}).get("predictor") or {}, previous_spec.get("predictor") or {})
+            undo = merge_patch(
+                (current.get("spec") or {}).get("predictor") or {},
+                previous_spec.get("predictor") or {},
+            )
             self._patch(ns, name, {"spec": {"predictor": undo}})
             log.warning("rolled back InferenceService %s/%s: %s", ns, name, reason)
             return f"rolled back to the previous predictor spec (revision {previous_revision or 'unknown'})"
 
         try:
             state, obj = self._wait(
-                ns, name, lambda o: revision_state(o, target, previous_revision), "new revision ready"
+                ns,
+                name,
+                lambda o: revision_state(o, target, previous_revision),
+                "new revision ready",
             )
         except RolloutTimeout as exc:
             raise RolloutTimeout(f"{exc}; {rollback(str(exc))}") from None
@@ -636,10 +713,17 @@ class InferenceServiceRollout:
         }
 
     def _smoke(
-        self, ns: str, name: str, smoke: SmokeFn, url: str | None, rollback: Callable[[str], str] | None
+        self,
+        ns: str,
+        name: str,
+        smoke: SmokeFn,
+        url: str | None,
+        rollback: Callable[[str], str] | None,
     ) -> dict[str, Any]:
         if not url:
-            reason = "no URL in status (status.address.url / status.url) to send a smoke inference to"
+            reason = (
+                "no URL in status (status.address.url / status.url) to send a smoke inference to"
+            )
         else:
             try:
                 return smoke(url)
