@@ -116,6 +116,7 @@ def submit(
     run_name: str | None = None,
     namespace: str | None = None,
     token: str | None = None,
+    service_account: str = "pipeline-runner",
 ) -> dict[str, str]:
     """Upload the package (or a new version of it) and start a run; return the ids."""
     import kfp
@@ -147,6 +148,9 @@ def submit(
             pipeline_id=pipeline_id,
             version_id=version_id,
             params=params or {},
+            # The account manifests/ grants exactly what the stages call (PyTorchJobs,
+            # InferenceServices, pod logs) in the namespace.
+            service_account=service_account,
         )
     except ApiException as e:
         body = (e.body or "").strip().replace("\n", " ")[:300]
@@ -196,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         "--token", default=os.environ.get("KFP_TOKEN"), help="bearer token (default: $KFP_TOKEN)"
     )
     parser.add_argument(
+        "--service-account",
+        default="pipeline-runner",
+        help="Kubernetes service account the run's pods use (default: pipeline-runner, "
+        "from manifests/)",
+    )
+    parser.add_argument(
         "--param",
         action="append",
         default=[],
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             args.run_name,
             args.namespace,
             args.token,
+            args.service_account,
         )
     except LdmError as e:
         print(f"submit: error: {e}", file=sys.stderr)

@@ -202,6 +202,7 @@ def test_upload_and_run_then_resubmit_reuses_the_pipeline(kfp_server, capsys):
     }
     assert run["runtime_config"]["parameters"] == {"nproc": 2, "overrides": ["a.b=1"]}
     assert run["experiment_id"] == "e1"
+    assert run["service_account"] == "pipeline-runner"  # the account the Role is bound to
     assert state.pipelines[result["pipeline_id"]]["display_name"] == "brain-ldm"
 
     # Same package again: same pipeline, a version named by content (created once), same experiment.
