@@ -13,6 +13,7 @@ def train_autoencoder(
     preset: str,
     overrides: list,
     nproc: int,
+    nnodes: int,
     backend: str,
     image: str,
     pvc_name: str,
@@ -30,6 +31,6 @@ def train_autoencoder(
             overrides,
             nproc,
             backend,
-            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir),
+            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir, nnodes=nnodes),
         )
     )

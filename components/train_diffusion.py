@@ -14,6 +14,7 @@ def train_diffusion(
     preset: str,
     overrides: list,
     nproc: int,
+    nnodes: int,
     backend: str,
     image: str,
     pvc_name: str,
@@ -35,6 +36,6 @@ def train_diffusion(
             overrides,
             nproc,
             backend,
-            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir),
+            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir, nnodes=nnodes),
         )
     )

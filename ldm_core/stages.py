@@ -162,6 +162,8 @@ class ClusterSettings:
     pvc_name: str = ""
     workdir: str = "/workspace"
     namespace: str = ""
+    nnodes: int = 1
+    """Pods of the PyTorchJob (Master + nnodes-1 Workers); the local backend runs one node."""
 
 
 def in_cluster() -> bool:
@@ -264,6 +266,12 @@ def _copy_tree(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
     tmp.rename(dst)
 
 
+def _world(nproc: int, cluster: ClusterSettings) -> str:
+    """Training processes per node x nodes: part of a run's key, since it sets the
+    effective batch size."""
+    return f"{nproc}x{cluster.nnodes}"
+
+
 def _train(
     *,
     kind: str,
@@ -302,7 +310,13 @@ def _train(
             if not dst.is_dir():
                 _copy_tree(src, dst)
             staged[flag] = dst
-    info = {"job": name, "backend": chosen, "nproc": nproc, "run_dir": str(run_dir)}
+    info = {
+        "job": name,
+        "backend": chosen,
+        "nproc": nproc,
+        "nnodes": cluster.nnodes,
+        "run_dir": str(run_dir),
+    }
     if _finished(run_dir, marker, key):
         log.info(
             "%s: finished run with the same inputs and config found in %s; reusing it",
@@ -316,7 +330,9 @@ def _train(
         for flag, path in staged.items():
             args += [flag, str(path)]
         args += ["--output", str(run_dir), "--config", str(config_path)]
-        task = TrainingTask(name=name, verb=verb, args=args, nproc_per_node=nproc)
+        task = TrainingTask(
+            name=name, verb=verb, args=args, nproc_per_node=nproc, nnodes=cluster.nnodes
+        )
         _launcher(chosen, cluster, cfg).run(task)
         if not (run_dir / marker).is_file():
             raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
@@ -342,7 +358,8 @@ def train_autoencoder_stage(
     """Train the AutoencoderKL on the cache; ``output`` becomes the AE run dir."""
     cfg = resolve_config(preset, overrides)
     data = Path(data_dir)
-    key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), str(nproc))
+    cluster = cluster or ClusterSettings()
+    key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), _world(nproc, cluster))
     info = _train(
         kind="ae",
         verb="train-autoencoder",
@@ -353,7 +370,7 @@ def train_autoencoder_stage(
         output=Path(output),
         nproc=nproc,
         backend=backend,
-        cluster=cluster or ClusterSettings(),
+        cluster=cluster,
     )
     return {**info, "steps": cfg.train.autoencoder.steps}
 
@@ -372,6 +389,7 @@ def train_diffusion_stage(
     """Train the latent UNet, then pack AE + UNet into the model bundle at ``bundle_output``."""
     from ldm_core.bundle import build_bundle
 
+    cluster = cluster or ClusterSettings()
     cfg = resolve_config(preset, overrides)
     data, ae_dir = Path(data_dir), Path(autoencoder_dir)
     ae_weights = ae_dir / AUTOENCODER_PT
@@ -382,7 +400,7 @@ def train_diffusion_stage(
         _training_config(cfg),
         _dataset_hash(data),
         _sha256_file(ae_weights),
-        str(nproc),
+        _world(nproc, cluster),
     )
     info = _train(
         kind="ldm",
@@ -394,7 +412,7 @@ def train_diffusion_stage(
         output=Path(output),
         nproc=nproc,
         backend=backend,
-        cluster=cluster or ClusterSettings(),
+        cluster=cluster,
     )
     bundle = build_bundle(ae_dir, Path(output), Path(bundle_output))
     return {**info, "steps": cfg.train.diffusion.steps, "bundle": str(bundle)}

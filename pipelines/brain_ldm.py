@@ -61,6 +61,7 @@ def brain_ldm(
     preset: str = DEFAULT_PRESET,
     overrides: list = [],  # noqa: B006 -- a pipeline parameter default, never mutated
     nproc: int = 1,
+    nnodes: int = 1,
     backend: str = "auto",
     image: str = BASE_IMAGE,
     pvc_name: str = "brain-ldm-data",
@@ -81,7 +82,8 @@ def brain_ldm(
     source: demo | msd | http(s)://archive | s3://bucket/prefix | a directory.
     subjects: demo cohort size. seed: demo generator seed.
     preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value`` refinements.
-    nproc: processes (GPUs) per training pod. backend: auto | local | kubeflow (PyTorchJob).
+    nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +
+    Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob).
     image: container image of every task and of the training job pods.
     pvc_name: PVC shared by training tasks and their PyTorchJob pods. s3_secret: Secret with S3 credentials.
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
@@ -106,6 +108,7 @@ def brain_ldm(
         preset=preset,
         overrides=overrides,
         nproc=nproc,
+        nnodes=nnodes,
         backend=backend,
         image=image,
         pvc_name=pvc_name,
@@ -119,6 +122,7 @@ def brain_ldm(
         preset=preset,
         overrides=overrides,
         nproc=nproc,
+        nnodes=nnodes,
         backend=backend,
         image=image,
         pvc_name=pvc_name,

@@ -14,7 +14,7 @@ import pytest
 from ldm_core import stages
 from ldm_core.data.cache import write_manifest
 from ldm_core.data.preprocess import data_settings
-from ldm_core.launcher import LocalLauncher
+from ldm_core.launcher import LaunchError, LocalLauncher
 from tests.tiny import TINY_OVERRIDES, tiny_config
 
 TRAIN = [
@@ -236,3 +236,49 @@ def test_kubeflow_backend_needs_an_image_and_a_volume(tmp_path):
         stages._launcher("kubeflow", stages.ClusterSettings(pvc_name="p"), cfg)
     with pytest.raises(stages.StageError, match="pvc_name"):
         stages._launcher("kubeflow", stages.ClusterSettings(image="i"), cfg)
+
+
+class _Launched(Exception):
+    pass
+
+
+def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch):
+    """Nodes change the world size (and so the effective batch): they are part of the task
+    the PyTorchJob launcher gets and of the run's key; the local backend refuses them."""
+    cache = _tiny_cache(tmp_path / "cache")
+    tasks = []
+
+    class Recording:
+        def run(self, task) -> None:
+            tasks.append(task)
+            raise _Launched
+
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg: Recording())
+    for nnodes in (1, 2):
+        cluster = stages.ClusterSettings(
+            image="img", pvc_name="pvc", workdir=str(tmp_path / "pvc"), nnodes=nnodes
+        )
+        with pytest.raises(_Launched):
+            stages.train_autoencoder_stage(
+                cache,
+                tmp_path / f"out{nnodes}",
+                "",
+                TRAIN,
+                nproc=4,
+                backend="kubeflow",
+                cluster=cluster,
+            )
+    assert [(t.nproc_per_node, t.nnodes) for t in tasks] == [(4, 1), (4, 2)]
+    assert tasks[0].name != tasks[1].name
+
+    monkeypatch.undo()
+    with pytest.raises(LaunchError, match="the local launcher runs on one node; got nnodes=2"):
+        stages.train_autoencoder_stage(
+            cache,
+            tmp_path / "local",
+            "",
+            TRAIN,
+            nproc=1,
+            backend="local",
+            cluster=stages.ClusterSettings(nnodes=2),
+        )
