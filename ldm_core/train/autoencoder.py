@@ -194,21 +194,17 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     step = 0
     state = ckpt.resume(manager, env, device)
     if state is not None:
-        ckpt.check_same_architecture(
-            state["config"], cfg.to_dict(), "model.autoencoder", Path(state["path"])
-        )
-        ae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        parts = {"model": ae, "optimizer": optimizer, "scaler": scaler, "guard": guard}
         if disc is not None and "discriminator" in state:
-            disc.load_state_dict(state["discriminator"])
-            d_opt.load_state_dict(state["disc_optimizer"])
-            d_scaler.load_state_dict(state["disc_scaler"])
-        guard.load_state_dict(state["guard"])
-        ckpt.restore_rank_rng(
-            state["rng"], env.rank, env.world_size, cfg.train.seed + int(state["step"])
+            parts |= {"discriminator": disc, "disc_optimizer": d_opt, "disc_scaler": d_scaler}
+        step = ckpt.restore(
+            state,
+            parts,
+            cfg=cfg.to_dict(),
+            arch_sections=("model.autoencoder",),
+            env=env,
+            seed=cfg.train.seed,
         )
-        step = int(state["step"])
         log.info(
             "resuming autoencoder training from %s (step %d of %d)", state["path"], step, tc.steps
         )

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,28 @@ def resume(
     if env.is_main:
         return state
     return load(chosen, map_location)
+
+
+def restore(
+    state: dict[str, Any],
+    parts: dict[str, Any],
+    *,
+    cfg: dict[str, Any],
+    arch_sections: Sequence[str],
+    env: Any,
+    seed: int,
+) -> int:
+    """Put a resumed checkpoint back into a run; return the step to continue from.
+
+    Refuses another architecture (``arch_sections`` of the saved vs current ``cfg``), loads
+    ``state[key]`` into each of ``parts`` (objects with ``load_state_dict``; every key must
+    be in the checkpoint), and gives this rank back its RNG stream.
+    """
+    where = Path(state["path"])
+    for section in arch_sections:
+        check_same_architecture(state["config"], cfg, section, where)
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    step = int(state["step"])
+    restore_rank_rng(state["rng"], env.rank, env.world_size, seed + step)
+    return step

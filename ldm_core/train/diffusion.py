@@ -170,19 +170,16 @@ def _run(
     step = 0
     state = ckpt.resume(manager, env, device)
     if state is not None:
-        for section in _ARCH:
-            ckpt.check_same_architecture(
-                state["config"], cfg.to_dict(), section, Path(state["path"])
-            )
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        guard.load_state_dict(state["guard"])
-        ckpt.restore_rank_rng(
-            state["rng"], env.rank, env.world_size, cfg.train.seed + int(state["step"])
+        parts = {
+            "model": unet,
+            "ema": ema,
+            "optimizer": optimizer,
+            "scaler": scaler,
+            "guard": guard,
+        }
+        step = ckpt.restore(
+            state, parts, cfg=cfg.to_dict(), arch_sections=_ARCH, env=env, seed=cfg.train.seed
         )
-        step = int(state["step"])
         log.info(
             "resuming diffusion training from %s (step %d of %d)", state["path"], step, tc.steps
         )
