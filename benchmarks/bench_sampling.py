@@ -14,9 +14,10 @@ import tempfile
 import torch
 
 from benchmarks.common import record, timed
-from ldm_core.bundle import load, make_random_bundle
+from ldm_core.bundle import load
 from ldm_core.config import load_config
 from ldm_core.sample import generate
+from tests.harness.data import random_bundle
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
 
     cfg = load_config(preset=args.preset)
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = load(make_random_bundle(f"{tmp}/b", cfg), device="auto")
+        bundle = load(random_bundle(f"{tmp}/b", cfg), device="auto")
         generate(bundle, [0], sampler="ddim", steps=2)  # warm-up (allocations, kernels)
         ddim_s, _ = timed(generate, bundle, [0], sampler="ddim", steps=args.ddim_steps)
         ddpm_s, _ = timed(generate, bundle, [0], sampler="ddpm", steps=args.ddpm_steps)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import httpx
 
-from ldm_core.bundle import make_random_bundle
 from ldm_core.config import load_config
 from ldm_core.deploy import deploy, stop_local
+from tests.harness.data import random_bundle
 
 
 def _request(url: str, model: str, body: dict, client: httpx.Client) -> tuple[float, int]:
@@ -80,7 +80,7 @@ def main() -> None:
     )
     model = cfg.serving.model_name
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = make_random_bundle(Path(tmp) / "bundle", cfg)
+        bundle = random_bundle(Path(tmp) / "bundle", cfg)
         t0 = time.perf_counter()
         served = deploy(
             cfg, bundle, backend="local", state_dir=Path(tmp) / "state", ready_timeout_s=600

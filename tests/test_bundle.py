@@ -11,7 +11,8 @@ import torch
 from ldm_core import bundle as bundle_mod
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_unet
-from tests.tiny import tiny_config
+from tests.harness.configs import tiny_config
+from tests.harness.data import random_bundle
 
 
 def _fake_runs(tmp_path, cfg, ae_cfg=None):
@@ -86,7 +87,7 @@ def test_unfinished_run_is_named(tmp_path):
 
 def test_corrupt_files_are_named(tmp_path):
     cfg = tiny_config()
-    path = bundle_mod.make_random_bundle(tmp_path / "b", cfg)
+    path = random_bundle(tmp_path / "b", cfg)
     data = (path / "unet.pt").read_bytes()
     (path / "unet.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(LdmError, match=r"unet.pt: cannot be read"):
@@ -99,7 +100,7 @@ def test_corrupt_files_are_named(tmp_path):
 
 
 def test_future_format_is_refused(tmp_path):
-    path = bundle_mod.make_random_bundle(tmp_path / "b", tiny_config())
+    path = random_bundle(tmp_path / "b", tiny_config())
     info = json.loads((path / "bundle.json").read_text())
     info["format_version"] = 99
     (path / "bundle.json").write_text(json.dumps(info))
@@ -109,7 +110,7 @@ def test_future_format_is_refused(tmp_path):
 
 def test_save_replaces_atomically(tmp_path):
     cfg = tiny_config()
-    path = bundle_mod.make_random_bundle(tmp_path / "b", cfg, scale_factor=1.0)
-    bundle_mod.make_random_bundle(tmp_path / "b", cfg, scale_factor=2.0)
+    path = random_bundle(tmp_path / "b", cfg, scale_factor=1.0)
+    random_bundle(tmp_path / "b", cfg, scale_factor=2.0)
     assert bundle_mod.load(path).scale_factor == 2.0
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp dirs left behind

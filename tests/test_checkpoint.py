@@ -18,8 +18,8 @@ import torch
 from ldm_core.errors import LdmError
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train.autoencoder import train_autoencoder
-from tests.test_train_autoencoder import _restore_threads, ae_config, make_cache  # noqa: F401
-from tests.tiny import TINY_OVERRIDES
+from tests.harness.configs import TINY_OVERRIDES, ae_config
+from tests.harness.data import make_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import pytest
 from kfp import dsl
 
 import components
-from tests.test_stages import _tiny_cache
-from tests.tiny import TINY_OVERRIDES, tiny_config
+from tests.harness.configs import TINY_OVERRIDES, tiny_config
+from tests.harness.data import random_bundle, tiny_cache
 
 ALL = {
     "download": components.download,
@@ -58,11 +58,9 @@ def test_typed_inputs_and_outputs():
 @pytest.mark.parametrize("strict", [False, True])
 def test_evaluate_body_fills_metrics_report_and_returns_the_gate(tmp_path, strict):
     """The component function itself, as the executor calls it, on a random-weight bundle."""
-    from ldm_core.bundle import make_random_bundle
-
     cfg = tiny_config()
-    bundle_dir = make_random_bundle(tmp_path / "bundle", cfg)
-    cache = _tiny_cache(tmp_path / "cache")
+    bundle_dir = random_bundle(tmp_path / "bundle", cfg)
+    cache = tiny_cache(tmp_path / "cache")
 
     def artifact(cls, name):
         return cls(name=name, uri=str(tmp_path / "outputs" / name))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ldm_core.data import demo
-from tests.fixtures_data import demo_raw_dir
+from tests.harness.data import demo_raw_dir
 
 
 @pytest.fixture(scope="module")

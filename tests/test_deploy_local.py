@@ -15,9 +15,9 @@ import httpx
 import nibabel as nib
 import pytest
 
-from ldm_core.bundle import make_random_bundle
 from ldm_core.deploy import DeployError, SmokeTestError, deploy, smoke_check, stop_local
-from tests.test_serve_http import MODEL, tiny_config
+from tests.harness.configs import MODEL, serve_config
+from tests.harness.data import random_bundle
 
 
 def _running(pid: int) -> bool:
@@ -28,8 +28,8 @@ def _running(pid: int) -> bool:
 
 
 def test_deploy_serves_answers_restarts_and_stops(tmp_path):
-    cfg = tiny_config()
-    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
     state = tmp_path / "state"
     first = deploy(cfg, bundle, backend="local", state_dir=state, ready_timeout_s=240)
     try:
@@ -73,8 +73,8 @@ def test_deploy_serves_answers_restarts_and_stops(tmp_path):
 
 
 def test_a_server_that_dies_while_starting_is_reported_with_its_log(tmp_path):
-    cfg = tiny_config()
-    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
     (Path(bundle) / "autoencoder.pt").write_bytes(b"truncated")
     with pytest.raises(DeployError, match="exited before it was ready") as info:
         deploy(cfg, bundle, backend="local", state_dir=tmp_path / "state", ready_timeout_s=240)
@@ -91,15 +91,15 @@ def test_a_server_that_dies_while_starting_is_reported_with_its_log(tmp_path):
     ],
 )
 def test_bad_settings_are_named(tmp_path, backend, settings, message):
-    cfg = tiny_config()
-    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
     with pytest.raises(DeployError, match=message):
         deploy(cfg, bundle, backend=backend, **settings)
 
 
 def test_a_directory_without_a_bundle_is_refused_before_starting_anything(tmp_path):
     with pytest.raises(DeployError, match="not a model bundle"):
-        deploy(tiny_config(), tmp_path, backend="local", state_dir=tmp_path / "state")
+        deploy(serve_config(), tmp_path, backend="local", state_dir=tmp_path / "state")
     assert not (tmp_path / "state" / "serve.pid").exists()
 
 

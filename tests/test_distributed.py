@@ -12,9 +12,8 @@ import torch
 from ldm_core.errors import LdmError
 from ldm_core.launcher import LocalLauncher, TrainingTask
 from ldm_core.train import distributed
-from tests.test_train_autoencoder import make_cache
-from tests.test_train_diffusion import fake_autoencoder_run
-from tests.tiny import TINY_OVERRIDES, tiny_config
+from tests.harness.configs import TINY_OVERRIDES, tiny_config
+from tests.harness.data import fake_autoencoder_run, make_cache
 
 
 def test_no_environment_means_one_process():

@@ -372,7 +372,7 @@ def test_demo_source_is_idempotent_and_replaced_on_new_request(tmp_path: Path) -
 
 def test_s3_source_through_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ldm_core import storage
-    from tests.s3server import make_bucket, s3_env, s3_server
+    from tests.harness.s3 import make_bucket, s3_env, s3_server
 
     src = tmp_path / "task"
     with tarfile.open(fileobj=io.BytesIO(_task_tar())) as tar:

@@ -12,7 +12,7 @@ import torch
 from monai.metrics import FIDMetric, MultiScaleSSIMMetric
 from monai.networks.nets import resnet10
 
-from ldm_core.bundle import load, make_random_bundle
+from ldm_core.bundle import load
 from ldm_core.config import EvaluationConfig
 from ldm_core.data.cache import write_manifest
 from ldm_core.errors import LdmError
@@ -33,8 +33,8 @@ from ldm_core.evaluate import (
     pairwise_ms_ssim,
     reference_mask,
 )
-from tests.fixtures_data import make_demo_cache
-from tests.tiny import tiny_config
+from tests.harness.configs import tiny_config
+from tests.harness.data import make_demo_cache, random_bundle
 
 SHAPE = (32, 32, 32)
 
@@ -301,7 +301,7 @@ def test_load_real_checks_shape_and_subject_count(tmp_path):
 
 def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
     cfg = tiny_config("evaluation.num_samples=3", "evaluation.steps=2")
-    bundle_dir = make_random_bundle(tmp_path / "bundle", cfg)
+    bundle_dir = random_bundle(tmp_path / "bundle", cfg)
     cache = make_demo_cache(tmp_path, n_subjects=4, shape=SHAPE)
     ae_run, diff_run = tmp_path / "ae", tmp_path / "diff"
     for run, ckpt in ((ae_run, "autoencoder.pt"), (diff_run, "unet.pt")):
@@ -341,7 +341,7 @@ def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
 
 def test_evaluate_refuses_a_cache_of_another_shape(tmp_path):
     cfg = tiny_config()
-    bundle_dir = make_random_bundle(tmp_path / "bundle", cfg)
+    bundle_dir = random_bundle(tmp_path / "bundle", cfg)
     cache = write_cache(tmp_path / "c", phantoms(3, shape=(32, 32, 16)))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.json").write_text('{"gate": {"passed": true, "reasons": []}}')

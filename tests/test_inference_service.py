@@ -23,12 +23,12 @@ import kubernetes
 import pytest
 import yaml
 
-from ldm_core.bundle import make_random_bundle
 from ldm_core.deploy import deploy, deploy_kserve, smoke_check, stop_local
 from ldm_core.kube import inference_service as isvc
 from ldm_core.kube.client import api_client
-from tests import crdcheck
-from tests.test_serve_http import MODEL, tiny_config
+from tests.harness import crdcheck
+from tests.harness.configs import MODEL, serve_config
+from tests.harness.data import random_bundle
 
 NS = "brain-ldm"
 NAME = "brain-ldm"
@@ -303,8 +303,8 @@ class FakeKServe:
 def model_server(tmp_path_factory):
     """A real local model server: where smoke inferences land."""
     root = tmp_path_factory.mktemp("isvc")
-    cfg = tiny_config()
-    bundle = make_random_bundle(root / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(root / "bundle", cfg)
     result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
     try:
         yield result["url"]
@@ -551,10 +551,10 @@ def test_unchanged_spec_only_smokes(plain_api, model_server):
 def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
     tmp_path, monkeypatch, plain_api, model_server
 ):
-    from tests.s3server import make_bucket, raw_client, s3_env, s3_server
+    from tests.harness.s3 import make_bucket, raw_client, s3_env, s3_server
 
-    cfg = tiny_config()
-    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
     host = plain_api.configuration.host
     with s3_server() as endpoint:
         s3_env(monkeypatch, endpoint)

@@ -27,7 +27,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from ldm_core.config import PRESETS
-from tests import crdcheck
+from tests.harness import crdcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"

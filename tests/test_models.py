@@ -15,7 +15,7 @@ from ldm_core.models import (
     diffusion_training_example,
     load_weights,
 )
-from tests.tiny import tiny_config
+from tests.harness.configs import tiny_config
 
 
 def _legacy_modules():

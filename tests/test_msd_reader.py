@@ -9,7 +9,7 @@ import pytest
 
 from ldm_core.data import msd
 from ldm_core.errors import LdmError
-from tests.fixtures_data import demo_raw_dir
+from tests.harness.data import demo_raw_dir
 
 
 def test_reads_generated_cohort() -> None:

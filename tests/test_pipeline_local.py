@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipelines.run_local import infer_v2, main, run_pipeline
-from tests.tiny import TINY_OVERRIDES
+from tests.harness.configs import TINY_OVERRIDES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_ldm.yaml"
 OVERRIDES = [

@@ -17,7 +17,7 @@ from ldm_core.config import load_config
 from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
 from ldm_core.data.preprocess import preprocess, split_subjects
 from ldm_core.errors import LdmError
-from tests.fixtures_data import demo_config, demo_raw_dir, make_demo_cache
+from tests.harness.data import demo_config, demo_raw_dir, make_demo_cache
 
 # A small grid for synthetic phantoms: 32^3 voxels of 3 mm (valid with the default models).
 SMALL = ["data.shape=[32,32,32]", "data.spacing=[3.0,3.0,3.0]"]

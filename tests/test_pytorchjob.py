@@ -24,7 +24,7 @@ from kmock._internal.apps import Server
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.launcher import LaunchError, TrainingTask
-from tests import crdcheck
+from tests.harness import crdcheck
 
 NS = "brain-ldm"
 LAUNCHER_UA = "ldm-launcher-under-test"

@@ -11,17 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_core.bundle import load, make_random_bundle
+from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
 from ldm_core.sample import generate, to_nifti_bytes, triptych
-from tests.tiny import tiny_config
+from tests.harness.configs import tiny_config
+from tests.harness.data import random_bundle
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     path = tmp_path_factory.mktemp("bundle") / "b"
-    make_random_bundle(path, tiny_config(), seed=1)
+    random_bundle(path, tiny_config(), seed=1)
     return load(path, device="cpu")
 
 
@@ -58,7 +59,7 @@ def test_progress_and_bad_arguments(tiny_bundle):
 
 def test_rflow_model_samples(tmp_path):
     cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
-    b = load(make_random_bundle(tmp_path / "rf", cfg), device="cpu")
+    b = load(random_bundle(tmp_path / "rf", cfg), device="cpu")
     x = generate(b, [1], sampler="rflow", steps=3)
     assert x.shape == (1, 1, 32, 32, 32) and torch.isfinite(x).all()
 
@@ -85,7 +86,7 @@ def test_triptych_orients_views():
 
 def test_cli_sample_writes_nifti_and_png(tmp_path, capsys):
     cfg = tiny_config()
-    make_random_bundle(tmp_path / "b", cfg)
+    random_bundle(tmp_path / "b", cfg)
     rc = main(
         [
             "sample",

@@ -18,37 +18,18 @@ import pytest
 from PIL import Image
 
 from ldm_core.bundle import load as load_bundle
-from ldm_core.bundle import make_random_bundle
-from ldm_core.config import Config, load_config
 from ldm_core.deploy import deploy, stop_local
-
-MODEL = "brain-ldm"
-TINY = [
-    "data.shape=[16,16,16]",
-    "data.spacing=[2.0,3.0,4.0]",
-    "model.autoencoder.channels=[8,8]",
-    "model.autoencoder.attention_levels=[false,false]",
-    "model.autoencoder.norm_num_groups=4",
-    "model.unet.channels=[8,8]",
-    "model.unet.attention_levels=[false,false]",
-    "model.unet.num_head_channels=8",
-    "model.unet.norm_num_groups=4",
-    "serving.max_samples=3",
-    "serving.max_steps=50",
-    "sampling.steps=3",
-]
-
-
-def tiny_config(*extra: str) -> Config:
-    return load_config(overrides=[*TINY, *extra])
+from tests.harness.configs import MODEL, serve_config
+from tests.harness.data import random_bundle
+from tests.harness.serving import v2
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """One server for the module: (base_url, bundle_dir, log_file)."""
     root = tmp_path_factory.mktemp("serve")
-    cfg = tiny_config()
-    bundle = make_random_bundle(root / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(root / "bundle", cfg)
     result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
     try:
         yield result["url"], Path(bundle), Path(result["log_file"])
@@ -60,17 +41,6 @@ def served(tmp_path_factory):
 def http():
     with httpx.Client(timeout=120) as client:
         yield client
-
-
-def v2(seeds, datatype="INT64", shape=None, **params):
-    body = {
-        "inputs": [
-            {"name": "seed", "shape": shape or [len(seeds)], "datatype": datatype, "data": seeds}
-        ]
-    }
-    if params:
-        body["parameters"] = params
-    return body
 
 
 def infer(http, url, body, headers=None):

@@ -16,11 +16,12 @@ import pytest
 import torch
 from kserve.model_repository import ModelRepository
 
-from ldm_core.bundle import make_random_bundle
 from ldm_core.deploy import deploy, stop_local
 from ldm_core.serve import BrainLDMModel, _ModelAwareDataPlane
 from ldm_core.serve import main as serve_main
-from tests.test_serve_http import MODEL, tiny_config, v2
+from tests.harness.configs import MODEL, serve_config
+from tests.harness.data import random_bundle
+from tests.harness.serving import v2
 
 TIMEOUT_S = 3.0
 LIMITS = [
@@ -36,8 +37,8 @@ SLOW = v2([1, 2, 3], sampler="ddpm", steps=1000)
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    cfg = tiny_config(*LIMITS)
-    bundle = make_random_bundle(root / "bundle", cfg)
+    cfg = serve_config(*LIMITS)
+    bundle = random_bundle(root / "bundle", cfg)
     result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
     try:
         yield result["url"]
@@ -102,8 +103,8 @@ def test_time_limit_gives_504_and_frees_the_slot(limited):
 
 
 def test_readiness_turns_true_only_after_warm_up(tmp_path):
-    cfg = tiny_config()
-    bundle = make_random_bundle(tmp_path / "bundle", cfg)
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
     model = BrainLDMModel(MODEL, bundle, cfg, device="cpu")
     repo = ModelRepository()
     repo.update(model)
@@ -146,7 +147,7 @@ def test_cli_refuses_a_directory_that_is_not_a_bundle(tmp_path, capsys):
 
 
 def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
-    bundle = make_random_bundle(tmp_path / "bundle", tiny_config())
+    bundle = random_bundle(tmp_path / "bundle", serve_config())
     (Path(bundle) / "unet.pt").write_bytes(b"not a checkpoint")
     proc = _serve_cli("--bundle", str(bundle))
     assert proc.returncode == 1, proc.stderr[-2000:]

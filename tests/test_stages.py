@@ -8,14 +8,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ldm_core import stages
-from ldm_core.data.cache import write_manifest
-from ldm_core.data.preprocess import data_settings
 from ldm_core.launcher import LaunchError, LocalLauncher
-from tests.tiny import TINY_OVERRIDES, tiny_config
+from tests.harness.configs import TINY_OVERRIDES, tiny_config
+from tests.harness.data import tiny_cache
 
 TRAIN = [
     *TINY_OVERRIDES,
@@ -123,47 +121,6 @@ def test_auto_in_a_cluster_without_the_training_operator_trains_locally(fake_api
 # --------------------------------------------------------------------------- training
 
 
-def _tiny_cache(root: Path, n: int = 4) -> Path:
-    cfg = tiny_config()
-    rng = np.random.default_rng(0)
-    (root / "volumes").mkdir(parents=True)
-    affine = np.diag([*cfg.data.spacing, 1.0]).tolist()
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in cfg.data.shape], indexing="ij"))
-    subjects = []
-    for i in range(n):
-        radius = 0.6 + 0.1 * rng.random()
-        vol = (np.sqrt((grid**2).sum(0)) < radius).astype(np.float16)[None] * np.float16(0.8)
-        np.save(root / "volumes" / f"s{i}.npy", vol)
-        subjects.append(
-            {
-                "id": f"s{i}",
-                "source": f"s{i}.nii.gz",
-                "sha256": f"{i:064d}",
-                "split": "val" if i == n - 1 else "train",
-                "file": f"volumes/s{i}.npy",
-                "status": "ok",
-                "reason": "",
-                "affine": affine,
-            }
-        )
-    write_manifest(
-        root,
-        {
-            "format": 1,
-            "layout": "folder",
-            "channel_index": 0,
-            "channel": "FLAIR",
-            "data": data_settings(cfg.data),
-            "shape": list(cfg.data.shape),
-            "spacing": list(cfg.data.spacing),
-            "affine": affine,
-            "dataset_hash": "tiny-" + "0" * 59,
-            "subjects": subjects,
-        },
-    )
-    return root
-
-
 class CountingLauncher(LocalLauncher):
     """The local launcher, counting launches: the stage under test decides whether to launch."""
 
@@ -181,7 +138,7 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     """kubeflow: inputs staged on the PVC, run dir there. local with $LDM_WORKDIR: run dir
     under it. Either way a retry with the same inputs copies the finished run, and only a
     change that matters to training starts a new one."""
-    cache = _tiny_cache(tmp_path / "cache")
+    cache = tiny_cache(tmp_path / "cache")
     workdir = tmp_path / ("pvc" if backend == "kubeflow" else "work")
     launcher = CountingLauncher()
     # On the kubeflow path the PyTorchJob launcher is replaced by torchrun on this machine;
@@ -245,7 +202,7 @@ class _Launched(Exception):
 def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch):
     """Nodes change the world size (and so the effective batch): they are part of the task
     the PyTorchJob launcher gets and of the run's key; the local backend refuses them."""
-    cache = _tiny_cache(tmp_path / "cache")
+    cache = tiny_cache(tmp_path / "cache")
     tasks = []
 
     class Recording:

@@ -16,7 +16,7 @@ from moto import settings as moto_settings
 
 from ldm_core import storage
 from ldm_core.config import StorageConfig
-from tests.s3server import (
+from tests.harness.s3 import (
     TEST_ACCESS_KEY,
     TEST_SECRET_KEY,
     make_bucket,

@@ -10,79 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_core.data.cache import read_manifest, subjects, write_manifest
+from ldm_core.data.cache import read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder
 from ldm_core.train import autoencoder as ae_mod
 from ldm_core.train.autoencoder import train_autoencoder
 from ldm_core.train.distributed import DistEnv
-from tests.fixtures_data import make_demo_cache
-from tests.tiny import tiny_config
+from tests.harness.configs import ae_config
+from tests.harness.data import make_cache, make_demo_cache
 
 SHAPE = (32, 32, 32)
-
-
-def make_cache(
-    root: Path, n_train: int = 3, n_val: int = 1, seed: int = 0, nan: bool = False
-) -> Path:
-    """A preprocessed cache of smooth, head-like blobs (ellipsoids with a soft texture)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "volumes").mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
-    entries = []
-    for i in range(n_train + n_val):
-        radii = rng.uniform(0.55, 0.8, 3)[:, None, None, None]
-        centre = rng.uniform(-0.1, 0.1, 3)[:, None, None, None]
-        dist = (((grid - centre) / radii) ** 2).sum(0)
-        vol = np.clip(1.3 - dist, 0, 1) * (0.7 + 0.3 * np.cos(3 * grid[0] + i))
-        if nan:
-            vol[0, 0, 0] = np.nan
-        np.save(root / "volumes" / f"s{i}.npy", vol[None].astype(np.float16))
-        entries.append(
-            {
-                "id": f"s{i}",
-                "source": f"s{i}.nii.gz",
-                "sha256": f"{seed}-{i}",
-                "split": "train" if i < n_train else "val",
-                "file": f"volumes/s{i}.npy",
-                "status": "ok",
-            }
-        )
-    write_manifest(
-        root,
-        {
-            "format": 1,
-            "shape": list(SHAPE),
-            "spacing": [6.0, 6.0, 6.0],
-            "affine": [[-6.0, 0, 0, 90.0], [0, 6.0, 0, -120.0], [0, 0, 6.0, -70.0], [0, 0, 0, 1]],
-            "subjects": entries,
-            "dataset_hash": f"blobs-{seed}-{n_train}-{n_val}-{nan}",
-        },
-    )
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """Trainers apply train.threads process-wide; give the next test its setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def ae_config(*extra: str):
-    # One thread: the tiny convolutions gain nothing from two, and on a shared 2-core
-    # machine two threads per process thrash.
-    return tiny_config(
-        "train.threads=1",
-        "train.autoencoder.batch_size=1",
-        "train.log_every=1",
-        "train.val_every=1000",
-        "train.checkpoint_every=1000",
-        "train.autoencoder.adv_start_step=100000",
-        *extra,
-    )
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -14,11 +14,10 @@ from ldm_core import bundle
 from ldm_core.data.cache import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_unet
-from ldm_core.train import checkpoint as ckpt
 from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion
 from ldm_core.train.distributed import DistEnv
-from tests.test_train_autoencoder import _restore_threads, make_cache  # noqa: F401
-from tests.tiny import tiny_config
+from tests.harness.configs import tiny_config
+from tests.harness.data import fake_autoencoder_run, make_cache
 
 
 def dm_config(*extra: str):
@@ -30,22 +29,6 @@ def dm_config(*extra: str):
         "train.checkpoint_every=1000",
         *extra,
     )
-
-
-def fake_autoencoder_run(out: Path, cfg, seed: int = 0, scale_factor: float = 1.7) -> Path:
-    """A finished autoencoder run directory with untrained weights (what train-diffusion reads)."""
-    torch.manual_seed(seed)
-    model = build_autoencoder(cfg)
-    ckpt.atomic_save(
-        {
-            "state_dict": model.state_dict(),
-            "scale_factor": scale_factor,
-            "config": cfg.to_dict(),
-            "steps": 1,
-        },
-        out / "autoencoder.pt",
-    )
-    return out
 
 
 def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-CRD_DIR = Path(__file__).parent / "crds"
+CRD_DIR = Path(__file__).parent.parent / "crds"
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
