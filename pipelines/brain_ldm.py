@@ -6,10 +6,14 @@ Kubeflow cluster runs::
 
     python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml
 
-Cluster-only settings (resources, GPUs, node selectors, tolerations, the shared PVC, the
-S3 secret) are task settings here, not hand-written YAML; ``kfp.local`` ignores them.
-Training tasks need little themselves: with the kubeflow backend they create a PyTorchJob
-that holds the GPUs, and they mount the PVC that job shares with them.
+Cluster-only settings (resources, GPUs, tolerations, the shared PVC, the S3 secret) are
+task settings here, not hand-written YAML; ``kfp.local`` ignores them. Training tasks need
+little themselves: with the kubeflow backend they create a PyTorchJob that holds the GPUs,
+and they mount the PVC that job shares with them.
+
+The compiled YAML loads on every KFP backend from 2.4 on (``pipelines.kfp_compat``): task
+settings that backend 2.4 can take only as constants (the S3 Secret's name, node selectors)
+are constants here, and a Secret is never optional.
 """
 
 import argparse
@@ -22,11 +26,16 @@ from kfp import compiler, dsl, kubernetes
 from components import deploy, download, evaluate, preprocess, train_autoencoder, train_diffusion
 from components.base import BASE_IMAGE
 from ldm_core.config import DEFAULT_PRESET, EvaluationConfig
+from pipelines import kfp_compat
 
 PIPELINE_NAME = "brain-ldm"
 WORKDIR = "/workspace"
 """Where the shared PVC is mounted, in the training component pods and the job pods alike."""
 GPU_RESOURCE = "nvidia.com/gpu"
+S3_SECRET = "brain-ldm-s3"
+"""The Secret with the S3 credentials, in the run's namespace (manifests/README.md creates it).
+A constant, and required with every key below: KFP backends before 2.5 take no Secret name
+from a pipeline parameter, and before 2.15 no optional Secret."""
 S3_SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -50,6 +59,7 @@ def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTas
     return task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
 
 
+@kfp_compat.down_level
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="Train a 3D latent diffusion model of brain MRI, evaluate it, and serve it when it passes the quality gate.",
@@ -65,13 +75,11 @@ def brain_ldm(
     backend: str = "auto",
     image: str = BASE_IMAGE,
     pvc_name: str = "brain-ldm-data",
-    s3_secret: str = "brain-ldm-s3",
     eval_samples: int = 0,
     eval_steps: int = 0,
     eval_gpus: int = 1,
     storage_prefix: str = "s3://brain-ldm/models",
     smoke_steps: int = 2,
-    gpu_node_selector: dict = {},  # noqa: B006
     gate_min_ms_ssim_ratio: float = _GATE.gate_min_ms_ssim_ratio,
     gate_max_mmd: float = _GATE.gate_max_mmd,
     gate_min_mask_dice: float = _GATE.gate_min_mask_dice,
@@ -85,18 +93,16 @@ def brain_ldm(
     nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +
     Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob).
     image: container image of every task and of the training job pods.
-    pvc_name: PVC shared by training tasks and their PyTorchJob pods. s3_secret: Secret with S3 credentials.
+    pvc_name: PVC shared by training tasks and their PyTorchJob pods.
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
-    eval_gpus, gpu_node_selector: GPUs of the evaluation pod and where it may run.
+    eval_gpus: GPUs of the evaluation pod (the request alone places it on a GPU node).
     storage_prefix: s3:// prefix the cluster deploy uploads the bundle to (InferenceService storageUri).
     smoke_steps: sampling steps of the smoke inference after deploying.
     gate_*: quality-gate thresholds; deploy runs only when all hold.
     """
     dl = download(source=source, preset=preset, overrides=overrides, subjects=subjects, seed=seed)
     dl.set_display_name("download")
-    kubernetes.use_secret_as_env(
-        dl, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True
-    )
+    kubernetes.use_secret_as_env(dl, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
     _resources(dl, "1", "2Gi")
 
     pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=overrides)
@@ -152,7 +158,6 @@ def brain_ldm(
     ev.set_display_name("evaluate")
     _resources(ev, "2", "16Gi")
     ev.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(eval_gpus)
-    kubernetes.add_node_selector_json(ev, gpu_node_selector)
     kubernetes.add_toleration(ev, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
 
     with dsl.If(ev.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
@@ -165,9 +170,7 @@ def brain_ldm(
             smoke_steps=smoke_steps,
         )
         dep.set_display_name("deploy")
-        kubernetes.use_secret_as_env(
-            dep, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True
-        )
+        kubernetes.use_secret_as_env(dep, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
         _resources(dep, "1", "4Gi")
         # Rolling out twice is harmless but must not be skipped: the endpoint is live state.
         dep.set_caching_options(enable_caching=False)

@@ -97,13 +97,19 @@ def test_parameters_users_set(docs):
 def test_cluster_settings_are_in_the_platform_spec(docs):
     spec, platform = docs
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # In the fields every backend from 2.4 on reads (pipelines/kfp_compat.py): the PVC from
+    # the pvc_name parameter, the S3 Secret by its constant name, required.
     for name in ("exec-train-autoencoder", "exec-train-diffusion"):
         (mount,) = executors[name]["pvcMount"]
-        assert mount["mountPath"] == "/workspace"
-        assert mount["pvcNameParameter"] == {"componentInputParameter": "pvc_name"}
-    assert executors["exec-download"]["secretAsEnv"][0]["secretNameParameter"] == {
-        "componentInputParameter": "s3_secret"
-    }
+        assert mount == {"componentInputParameter": "pvc_name", "mountPath": "/workspace"}
+    for name in ("exec-download", "exec-deploy"):
+        (secret,) = executors[name]["secretAsEnv"]
+        assert secret["secretName"] == "brain-ldm-s3" and "optional" not in secret, name
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "S3_ENDPOINT",
+        }
     assert executors["exec-evaluate"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     containers = spec["deploymentSpec"]["executors"]
     assert (
