@@ -85,10 +85,11 @@ def _pvc_mount(where: str, mount: Config) -> Config:
     parameter = out.pop("pvcNameParameter", None)
     if parameter is None:
         return out
+    constant = _constant(parameter)
     if "componentInputParameter" in parameter:
         out["componentInputParameter"] = parameter["componentInputParameter"]
-    elif isinstance(_constant(parameter), str):
-        out["constant"] = _constant(parameter)
+    elif isinstance(constant, str):
+        out["constant"] = constant
     else:
         raise BackendCompatError(
             f"{where}.pvcNameParameter = {parameter}: backend {OLDEST_BACKEND} takes a PVC name "
@@ -112,7 +113,7 @@ def _secret_as_env(where: str, secret: Config) -> Config:
         if not isinstance(name, str):
             raise BackendCompatError(
                 f"{where}.secretNameParameter = {parameter}: a Secret name from a pipeline "
-                f"parameter needs KFP backend 2.5+; give use_secret_as_env a constant name"
+                "parameter needs KFP backend 2.5+; give use_secret_as_env a constant name"
             )
         out["secretName"] = name
     return out
@@ -127,7 +128,7 @@ def _node_selector(where: str, selector: Config) -> Config:
         if not isinstance(labels, dict):
             raise BackendCompatError(
                 f"{where}.nodeSelectorJson = {parameter}: a node selector from a pipeline "
-                f"parameter needs KFP backend 2.5+; use kubernetes.add_node_selector (constant)"
+                "parameter needs KFP backend 2.5+; use kubernetes.add_node_selector (constant)"
             )
         out["labels"] = labels
     return out
