@@ -399,7 +399,15 @@ SmokeFn = Callable[[str], dict[str, Any]]
 
 
 class InferenceServiceRollout:
-    """Create or update one InferenceService and verify it serves before trusting it."""
+    """Create or update one InferenceService and verify it serves before trusting it.
+
+    Args:
+        api_client: the API to use (see :func:`ldm_core.kube.client.api_client`).
+        timeout_s: how long each wait (first revision, new revision, promotion) may take.
+        poll_s: seconds between two reads of the InferenceService.
+        clock: monotonic seconds, for deadlines (tests pass a fake one).
+        sleep: waits between polls (tests pass one that advances their clock).
+    """
 
     def __init__(
         self,
@@ -422,6 +430,7 @@ class InferenceServiceRollout:
         return CustomObjects(self.api_client, resource, namespace, RolloutError)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The InferenceService as stored, or None when there is none of that name."""
         return self._objects(ISVC, namespace).get(name)
 
     def _create(self, obj: dict[str, Any]) -> dict[str, Any]:

@@ -306,10 +306,14 @@ def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
     attempt) or ``conflict`` (another spec under our name: not ours to touch)."""
     if job is None:
         return "create"
-    have = ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-    if have != want_hash:
+    if stored_spec_hash(job) != want_hash:
         return "conflict"
     return "replace" if true_condition(job, "Failed") else "adopt"
+
+
+def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
+    """The spec hash an existing job was created with (None: not created by us)."""
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
 
 @dataclass(frozen=True)
@@ -536,10 +540,9 @@ class PyTorchJobLauncher:
         job = self.jobs.get(name)
         decision = adoption(job, want_hash)
         if decision == "conflict":
-            have = ((job or {}).get("metadata") or {}).get("annotations", {})
             raise LaunchError(
                 f"a different PyTorchJob {self.namespace}/{name} already exists (spec hash "
-                f"{have.get(SPEC_HASH_ANNOTATION)} != {want_hash}); it was not started for "
+                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
                 "this task, so it is left alone: delete it or use another run id"
             )
         if decision == "replace":
