@@ -56,6 +56,8 @@ class KubeApi:
         self.logs: dict[str, list[str]] = {}
         """Pod name -> its log lines, each ``<RFC3339 timestamp> <text>``."""
         self.url = ""
+        self.emulator: kmock.KubernetesEmulator
+        """The kmock emulator once started, for reactions a test adds (``[...] << 403``)."""
         self._served = {**CORE_RESOURCES, **(resources or {})}
         self._generations = generations
         self._ready = threading.Event()
@@ -72,7 +74,8 @@ class KubeApi:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-        self._loop.close()
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _run(self) -> None:
         self._loop.run_until_complete(self._main())
@@ -81,7 +84,6 @@ class KubeApi:
         self._stop = asyncio.Event()
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
-            """The kmock emulator, for reactions a test adds (``api.emulator[...] << 403``)."""
             for resource, kind in self._served.items():
                 emulator.resources[resource] = {"namespaced": True, "kind": kind}
             # Below the default priority: a reaction a test adds (``<< 403``) wins.
