@@ -388,17 +388,11 @@ def deploy_kserve(
 ) -> dict[str, Any]:
     """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
     InferenceService serving it (canary + smoke + promote / roll back)."""
-    from ldm_core import storage
     from ldm_core.kube import inference_service as isvc
     from ldm_core.kube.client import api_client, current_namespace
 
-    bundle = Path(bundle_dir)
-    if not (bundle / "bundle.json").is_file():
-        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
     model = model_name or cfg.serving.model_name
-    digest = bundle_digest(bundle)
-    uri = storage.join(storage_prefix, model, digest[:16])
-    storage.upload_dir(bundle, uri, cfg.storage)
+    uri, digest = _upload_bundle(cfg, Path(bundle_dir), storage_prefix, model)
     ns = namespace or current_namespace()
     settings = isvc.PredictorSettings(
         name=name or model,
@@ -421,15 +415,14 @@ def deploy_kserve(
     client = api_client(api_host, api_token)
     rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)
     if create_runtime and runtime:
-        rollout.ensure_serving_runtime(
-            isvc.build_serving_runtime(runtime, ns, image or isvc.DEFAULT_IMAGE)
-        )
+        rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
         isvc.build_inference_service(settings),
         smoke=lambda url: smoke_check(url, model, steps=smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
     )
+    url = result["url"]
     return {
         "backend": "kserve",
         "name": settings.name,
@@ -437,14 +430,25 @@ def deploy_kserve(
         "model_name": model,
         "storage_uri": uri,
         "bundle_sha256": digest,
-        "url": result["url"],
-        "infer_url": f"{str(result['url']).rstrip('/')}/v2/models/{model}/infer"
-        if result["url"]
-        else None,
+        "url": url,
+        "infer_url": f"{str(url).rstrip('/')}/v2/models/{model}/infer" if url else None,
         "action": result["action"],
         "revision": result["revision"],
         "smoke": result["smoke"],
     }
+
+
+def _upload_bundle(cfg: Config, bundle: Path, storage_prefix: str, model: str) -> tuple[str, str]:
+    """Copy the bundle to a content-addressed prefix; return its URI and sha256. The same
+    bundle lands on the same URI, so re-deploying it changes nothing."""
+    from ldm_core import storage
+
+    if not (bundle / "bundle.json").is_file():
+        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
+    digest = bundle_digest(bundle)
+    uri = storage.join(storage_prefix, model, digest[:16])
+    storage.upload_dir(bundle, uri, cfg.storage)
+    return uri, digest
 
 
 # --------------------------------------------------------------------------- entry point

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -119,8 +118,3 @@ class LocalLauncher:
             raise LaunchError(
                 f"{task.name}: {task.verb} exited with code {rc}; last output:\n{last}"
             )
-
-
-def which_torchrun() -> str | None:
-    """Path of the torchrun script, if installed (for messages and docs)."""
-    return shutil.which("torchrun")

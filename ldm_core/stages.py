@@ -180,38 +180,12 @@ def choose_backend(backend: str) -> str:
         return backend
     if not in_cluster():
         return "local"
-    served, why = _pytorchjob_api_served()
+    from ldm_core.kube.pytorchjob import pytorchjob_api_served
+
+    served, why = pytorchjob_api_served()
     if not served:
         log.warning("backend auto: training here, not as a PyTorchJob (%s)", why)
     return "kubeflow" if served else "local"
-
-
-def _pytorchjob_api_served() -> tuple[bool, str]:
-    """Ask the API server for a PyTorchJob that does not exist: a 404 about that object
-    means the CRD is served; a 404 about the URL means no training operator is installed.
-    (``get`` is a verb the pipeline's Role grants; listing CRDs would need a ClusterRole.)"""
-    import kubernetes
-    from kubernetes.client.exceptions import ApiException
-
-    from ldm_core.kube.client import api_client, current_namespace
-    from ldm_core.kube.pytorchjob import GROUP, PLURAL, VERSION
-
-    api = kubernetes.client.CustomObjectsApi(api_client())
-    try:
-        api.get_namespaced_custom_object(
-            GROUP, VERSION, current_namespace(), PLURAL, "ldm-backend-probe"
-        )
-        return True, "PyTorchJob API served"
-    except ApiException as e:
-        try:
-            details = json.loads(e.body or "{}").get("details") or {}
-        except json.JSONDecodeError:
-            details = {}
-        if e.status == 404 and details.get("kind") == PLURAL:
-            return True, "PyTorchJob API served"
-        return False, f"PyTorchJob API answered {e.status} {e.reason}"
-    except Exception as e:  # unreachable API, no service account token, ...
-        return False, f"Kubernetes API not usable: {type(e).__name__}: {e}"
 
 
 def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:

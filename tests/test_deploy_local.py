@@ -7,8 +7,6 @@ import gzip
 import json
 import os
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,6 +16,7 @@ import pytest
 from ldm_core.deploy import DeployError, SmokeTestError, deploy, smoke_check, stop_local
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
+from tests.harness.kserve import nan_model_server
 
 
 def _running(pid: int) -> bool:
@@ -103,62 +102,12 @@ def test_a_directory_without_a_bundle_is_refused_before_starting_anything(tmp_pa
     assert not (tmp_path / "state" / "serve.pid").exists()
 
 
-class _Impostor(BaseHTTPRequestHandler):
-    """Answers like a model server that lost its way: metadata fine, inference wrong."""
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._send(
-            200,
-            {
-                "name": MODEL,
-                "inputs": [],
-                "outputs": [{"name": "volume", "datatype": "FP32", "shape": [-1, 1, 4, 4, 4]}],
-            },
-        )
-
-    def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        nan_volume = [float("nan")] * 64
-        self._send(
-            200,
-            {
-                "outputs": [
-                    {
-                        "name": "volume",
-                        "shape": [1, 1, 4, 4, 4],
-                        "datatype": "FP32",
-                        "data": nan_volume,
-                    },
-                    {"name": "affine", "shape": [4, 4], "datatype": "FP32", "data": [1.0] * 16},
-                ]
-            },
-        )
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 def test_smoke_check_rejects_wrong_answers():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Impostor)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with nan_model_server(MODEL) as url:
         with pytest.raises(SmokeTestError, match="non-finite"):
             smoke_check(url, MODEL)
-        with pytest.raises(SmokeTestError, match="HTTP|ConnectError"):
-            smoke_check(f"http://127.0.0.1:{_closed_port()}", MODEL, timeout_s=5)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with pytest.raises(SmokeTestError, match="HTTP|ConnectError"):
+        smoke_check(f"http://127.0.0.1:{_closed_port()}", MODEL, timeout_s=5)
 
 
 def _closed_port() -> int:

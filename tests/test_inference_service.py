@@ -10,7 +10,6 @@ inferences go over real HTTP to a real local model server.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import kmock
 import kubernetes
 import pytest
 import yaml
@@ -29,6 +27,7 @@ from ldm_core.kube.client import api_client
 from tests.harness import crdcheck
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
+from tests.harness.kube import KubeApi, declared, rbac_triple
 
 NS = "brain-ldm"
 NAME = "brain-ldm"
@@ -40,70 +39,38 @@ STUCK_URI = "s3://models/brain-ldm/stuck"
 
 # --------------------------------------------------------------------------- API server
 
-
-class GenerationKeepingEmulator(kmock.KubernetesEmulator):
-    """The emulator plus what a real API server does with metadata.generation: 1 on
-    create, +1 on every write that touches spec (status writes leave it alone)."""
-
-    async def _handle(self, request: kmock.Request) -> Any:
-        data = request.data if isinstance(request.data, dict) else None
-        if request.resource is not None and data is not None:
-            if request.action == kmock.action.CREATE:
-                data.setdefault("metadata", {})["generation"] = 1
-            elif request.action == kmock.action.UPDATE and "spec" in data:
-                key = (request.resource, request.namespace, request.name)
-                current = self.objects[key] if key in self.objects else None
-                gen = (
-                    0
-                    if current is None or current.deleted
-                    else current.get("metadata", {}).get("generation", 0)
-                )
-                data.setdefault("metadata", {})["generation"] = gen + 1
-        return await super()._handle(request)
+ROLLOUT_UA = "ldm-rollout-under-test"
+KSERVE_UA = "fake-kserve"
+INSPECTOR_UA = "test-inspector"
+INTERRUPTED_UA = "interrupted-rollout"
+HELPERS = {KSERVE_UA, INSPECTOR_UA, INTERRUPTED_UA}
+"""Clients of the test itself; every other request comes from the code under test."""
+SERVED = {
+    f"{isvc.GROUP}/{isvc.ISVC_VERSION}/{isvc.ISVC_PLURAL}": "InferenceService",
+    f"{isvc.GROUP}/{isvc.RUNTIME_VERSION}/{isvc.RUNTIME_PLURAL}": "ServingRuntime",
+}
 
 
-class ApiServer:
-    """An emulator on a free loopback port, run by an event loop in a background thread."""
-
-    def __init__(self, emulator_cls: type[kmock.KubernetesEmulator]) -> None:
-        self._cls = emulator_cls
-        self._ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.url = ""
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._stop = asyncio.Event()
-            async with self._cls() as emulator, kmock.Server(emulator) as server:
-                self.url = str(server.url).rstrip("/")
-                self._ready.set()
-                await self._stop.wait()
-
-        self._loop.run_until_complete(main())
-
-    def __enter__(self) -> ApiServer:
-        self._thread.start()
-        assert self._ready.wait(10), "emulator did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
+def _served_api(generations: bool):
+    """An emulated API serving KServe's CRDs; on teardown, every call the code under test
+    made must be one its module's RBAC_RULES declare."""
+    with KubeApi(SERVED, generations=generations) as api:
+        yield api
+        sent = [r for r in api.requests() if r.headers.get("User-Agent") not in HELPERS]
+        used = {rbac_triple(r) for r in sent}
+        rules = declared(isvc.RBAC_RULES)
+        assert used <= rules, f"calls outside RBAC_RULES: {sorted(used - rules)}"
 
 
 @pytest.fixture(params=["no-generation", "generation"])
 def api(request):
-    """An ApiClient on an emulated API, with and without generation bookkeeping."""
-    cls = GenerationKeepingEmulator if request.param == "generation" else kmock.KubernetesEmulator
-    with ApiServer(cls) as server:
-        yield api_client(server.url)
+    """An emulated API, with and without generation bookkeeping."""
+    yield from _served_api(generations=request.param == "generation")
 
 
 @pytest.fixture
 def plain_api():
-    with ApiServer(kmock.KubernetesEmulator) as server:
-        yield api_client(server.url)
+    yield from _served_api(generations=False)
 
 
 # --------------------------------------------------------------------------- KServe stand-in
@@ -127,7 +94,7 @@ class FakeKServe:
 
     def __init__(
         self,
-        client: kubernetes.client.ApiClient,
+        api: KubeApi,
         *,
         latest_url: str,
         address_url: str,
@@ -136,7 +103,7 @@ class FakeKServe:
         notice_after_s: float = 0.4,
         ready_after_s: float = 0.3,
     ) -> None:
-        self.api = kubernetes.client.CustomObjectsApi(client)
+        self.api = kubernetes.client.CustomObjectsApi(api.client(KSERVE_UA))
         self.latest_url, self.address_url = latest_url, address_url
         self.failing, self.stuck = failing, stuck
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
@@ -168,14 +135,9 @@ class FakeKServe:
             time.sleep(0.03)
 
     def _list(self) -> list[dict[str, Any]]:
-        try:
-            items = self.api.list_namespaced_custom_object(
-                isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
-            )
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:  # the emulator knows a resource only once an object of it exists
-                return []
-            raise
+        items = self.api.list_namespaced_custom_object(
+            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
+        )
         return items.get("items", [])
 
     def _reconcile(self, obj: dict[str, Any]) -> None:
@@ -329,54 +291,14 @@ def desired(uri: str, **kw: Any) -> dict[str, Any]:
     )
 
 
-def stored(client: kubernetes.client.ApiClient) -> dict[str, Any]:
-    return kubernetes.client.CustomObjectsApi(client).get_namespaced_custom_object(
-        isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME
-    )
+def stored(api: KubeApi) -> dict[str, Any]:
+    return kubernetes.client.CustomObjectsApi(
+        api.client(INSPECTOR_UA)
+    ).get_namespaced_custom_object(isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME)
 
 
-ROLLOUT_CALLS: list[tuple[str, str]] = []
-"""(HTTP method, URL) of every request the code under test sent (not the fake controller's)."""
-
-
-def _recording(client: kubernetes.client.ApiClient) -> kubernetes.client.ApiClient:
-    """A client of its own for the rollout, which records each request it sends."""
-    own = kubernetes.client.ApiClient(client.configuration)
-    send = own.rest_client.request
-
-    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-        ROLLOUT_CALLS.append((method.upper(), url))
-        return send(method, url, *args, **kwargs)
-
-    own.rest_client.request = request
-    return own
-
-
-def _rbac(method: str, url: str) -> tuple[str, str, str]:
-    """(apiGroup, resource, verb) an API request needs, from its URL."""
-    path, _, query = url.partition("?")
-    parts = path.split("/apis/", 1)[1].split("/")  # group, version, namespaces, ns, plural[, name]
-    group, plural, named = parts[0], parts[4], len(parts) > 5
-    if method == "GET":
-        verb = "watch" if "watch=true" in query else ("get" if named else "list")
-    else:
-        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
-    return group, plural, verb
-
-
-@pytest.fixture(autouse=True)
-def _calls_stay_within_rbac_rules():
-    ROLLOUT_CALLS.clear()
-    yield
-    declared = {(g, r, v) for g, r, verbs in isvc.RBAC_RULES for v in verbs}
-    used = {_rbac(m, u) for m, u in ROLLOUT_CALLS}
-    assert used <= declared, f"calls outside RBAC_RULES: {sorted(used - declared)}"
-
-
-def rollout(
-    client: kubernetes.client.ApiClient, timeout_s: float = 30.0
-) -> isvc.InferenceServiceRollout:
-    return isvc.InferenceServiceRollout(_recording(client), timeout_s=timeout_s, poll_s=0.05)
+def rollout(api: KubeApi, timeout_s: float = 30.0) -> isvc.InferenceServiceRollout:
+    return isvc.InferenceServiceRollout(api.client(ROLLOUT_UA), timeout_s=timeout_s, poll_s=0.05)
 
 
 # --------------------------------------------------------------------------- builders
@@ -419,10 +341,17 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
         crdcheck.validate(desired(OLD_URI, min_replicas=3, max_replicas=1))
 
 
-def test_s3_secret_and_service_account_templates_carry_no_credentials():
-    secret = isvc.build_s3_secret(
-        "minio-service.kubeflow:9000", namespace=NS, use_https=False, region="us-east-1"
-    )
+def test_the_predictor_identity_in_manifests_finds_s3_and_carries_no_credentials():
+    """The predictor runs as PredictorSettings' default ServiceAccount; the manifests ship it
+    listing the S3 secret whose serving.kserve.io/s3-* annotations tell KServe's storage
+    initializer where the bundle is, and the secret's template holds placeholders only."""
+    base = Path(__file__).parents[1] / "manifests" / "base"
+    secret = yaml.safe_load((base / "s3-secret.template.yaml").read_text())
+    accounts = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all((base / "serviceaccounts.yaml").read_text())
+        if d
+    }
     ann = secret["metadata"]["annotations"]
     assert ann["serving.kserve.io/s3-endpoint"] == "minio-service.kubeflow:9000"
     assert (
@@ -430,7 +359,7 @@ def test_s3_secret_and_service_account_templates_carry_no_credentials():
         and ann["serving.kserve.io/s3-region"] == "us-east-1"
     )
     assert all(v.startswith("REPLACE_WITH_") for v in secret["stringData"].values())
-    sa = isvc.build_service_account(namespace=NS)
+    sa = accounts[isvc.DEFAULT_SERVICE_ACCOUNT]
     assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
     assert sa["automountServiceAccountToken"] is False
 
@@ -555,7 +484,7 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
 
     cfg = serve_config()
     bundle = random_bundle(tmp_path / "bundle", cfg)
-    host = plain_api.configuration.host
+    host = plain_api.url
     with s3_server() as endpoint:
         s3_env(monkeypatch, endpoint)
         bucket = make_bucket(endpoint)
@@ -595,7 +524,8 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
     model = obj["spec"]["predictor"]["model"]
     assert model["storageUri"] == result["storage_uri"]
     assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
-    runtime = kubernetes.client.CustomObjectsApi(plain_api).get_namespaced_custom_object(
+    inspector = kubernetes.client.CustomObjectsApi(plain_api.client(INSPECTOR_UA))
+    runtime = inspector.get_namespaced_custom_object(
         isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL, model["runtime"]
     )
     crdcheck.validate(runtime)
@@ -611,7 +541,8 @@ def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, m
         patch = isvc.merge_patch(
             stored(api)["spec"]["predictor"], {**left, "canaryTrafficPercent": 30}
         )
-        kubernetes.client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        interrupted = kubernetes.client.CustomObjectsApi(api.client(INTERRUPTED_UA))
+        interrupted.patch_namespaced_custom_object(
             isvc.GROUP,
             isvc.ISVC_VERSION,
             NS,
@@ -665,3 +596,38 @@ def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):
     with pytest.raises(KubeConfigError, match="pass an explicit API host"):
         api_client()
     assert current_namespace(default="fallback") == "fallback"
+
+
+def test_forbidden_create_names_the_missing_rbac(plain_api):
+    """A refusal reads as the PyTorchJob launcher's: verb, resource, namespace, Role."""
+    path = f"/apis/{isvc.GROUP}/{isvc.ISVC_VERSION}/namespaces/{NS}/{isvc.ISVC_PLURAL}"
+    plain_api.emulator["post", path] << 403
+    with pytest.raises(isvc.RolloutError) as err:
+        rollout(plain_api).rollout(desired(OLD_URI), Smoke())
+    message = str(err.value)
+    assert f"create inferenceservices.serving.kserve.io {NS}/{NAME}" in message
+    assert "refused (403" in message and "service account needs the Role" in message
+    assert "brain-ldm-pipeline-runner (manifests/base/rbac.yaml)" in message
+    assert f"allow 'create' on inferenceservices.serving.kserve.io in namespace {NS}" in message
+
+
+def test_unreachable_api_is_a_rollout_error_naming_the_host():
+    closed = _closed_url()
+    with pytest.raises(isvc.RolloutError, match=f"Kubernetes API at {closed} unreachable"):
+        isvc.InferenceServiceRollout(api_client(closed)).rollout(desired(OLD_URI), Smoke())
+
+
+def test_waiting_runs_on_the_injected_clock(plain_api):
+    """Fifteen minutes of a revision that never gets ready, in no real time."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    slow = isvc.InferenceServiceRollout(
+        plain_api.client(ROLLOUT_UA), timeout_s=900, poll_s=60, clock=lambda: now[0], sleep=sleep
+    )
+    t0 = time.monotonic()
+    with pytest.raises(isvc.RolloutTimeout, match="not done after 900 s"):
+        slow.rollout(desired(STUCK_URI), Smoke())  # no controller: no status ever
+    assert time.monotonic() - t0 < 20 and now[0] >= 900

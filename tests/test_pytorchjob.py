@@ -7,85 +7,42 @@ the pods the way ``cleanPodPolicy: All`` does. The launcher only sees the API.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import re
+import socket
 import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-import kmock
 import kubernetes
 import pytest
-from kmock._internal.apps import Server
 
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.launcher import LaunchError, TrainingTask
 from tests.harness import crdcheck
+from tests.harness.kube import KubeApi, declared, rbac_triple
 
 NS = "brain-ldm"
 LAUNCHER_UA = "ldm-launcher-under-test"
 OPERATOR_UA = "fake-training-operator"
 
 
-# --------------------------------------------------------------------------- emulator
+# --------------------------------------------------------------------------- cluster
 
 
-class Emulator:
-    """kmock's KubernetesEmulator served on 127.0.0.1 from its own event loop thread."""
+class Cluster:
+    """The emulated API server plus the fake training operators a test starts."""
 
-    def __init__(self) -> None:
-        self.logs: dict[str, list[str]] = {}  # pod name -> timestamped log lines
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
         self.operators: list[FakeOperator] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(20), "emulator did not start"
-
-    def _serve(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emu, Server(emu) as server:
-            self.emu = emu
-            self.url = str(server.url).rstrip("/")
-            emu.resources["kubeflow.org/v1/pytorchjobs"] = {
-                "namespaced": True,
-                "kind": "PyTorchJob",
-            }
-            emu.resources["v1/pods"] = {"namespaced": True, "kind": "Pod"}
-            emu.resources["v1/events"] = {"namespaced": True, "kind": "Event"}
-            emu["get", re.compile(r"/api/v1/namespaces/[^/]+/pods/[^/]+/log")] << self._pod_log
-            self._ready.set()
-            await self._stop.wait()
-
-    def _pod_log(self, request: kmock.Request) -> bytes:
-        """pods/log: the kubelet's view; honours tailLines and timestamps; 404 once the pod is gone."""
-        lines = self.logs.get(request.name or "")
-        if lines is None:
-            raise kmock.KubernetesObjectNotFoundError()
-        if request.params.get("timestamps") not in ("true", "True"):
-            lines = [line.partition(" ")[2] for line in lines]
-        if request.params.get("tailLines"):
-            lines = lines[-int(request.params["tailLines"]) :]
-        return "".join(f"{line}\n" for line in lines).encode()
-
-    def client(self, user_agent: str) -> kubernetes.client.ApiClient:
-        client = api_client(self.url)
-        client.user_agent = user_agent
-        return client
-
-    def requests_from(self, user_agent: str) -> list[kmock.Request]:
-        return [r for r in list(self.emu._requests) if r.headers.get("User-Agent") == user_agent]
 
     def operator(self, outcome: str, step_s: float = 0.15) -> FakeOperator:
-        """Start a fake training operator; it is stopped before the emulator."""
-        op = FakeOperator(self, outcome, step_s)
+        """Start a fake training operator; it is stopped before the API server."""
+        op = FakeOperator(self.api, outcome, step_s)
         self.operators.append(op)
         op.start()
         return op
@@ -94,30 +51,6 @@ class Emulator:
         for op in self.operators:
             op.stopping.set()
             op.join(10)
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-
-def _rbac(request: kmock.Request) -> tuple[str, str, str]:
-    """(apiGroup, resource[/subresource], verb) an API request needs under RBAC."""
-    assert request.resource is not None, f"not a Kubernetes API request: {request.url}"
-    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-    method = request.method.value.upper()
-    if method == "GET":
-        verb = (
-            "watch"
-            if request.params.get("watch") in ("true", "1")
-            else ("get" if request.name else "list")
-        )
-    else:
-        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method)
-        if method == "DELETE":
-            verb = "delete" if request.name else "deletecollection"
-    return request.resource.group, resource, str(verb)
-
-
-def _declared() -> set[tuple[str, str, str]]:
-    return {(g, r, v) for g, r, verbs in pj.RBAC_RULES for v in verbs}
 
 
 # --------------------------------------------------------------------------- fake operator
@@ -134,10 +67,10 @@ class FakeOperator(threading.Thread):
     """Plays the training operator for every PyTorchJob that appears, following ``outcome``:
     succeed | fail | hang | evict | absent (never touches anything)."""
 
-    def __init__(self, emulator: Emulator, outcome: str, step_s: float = 0.15) -> None:
+    def __init__(self, api: KubeApi, outcome: str, step_s: float = 0.15) -> None:
         super().__init__(daemon=True)
-        self.em, self.outcome, self.step_s = emulator, outcome, step_s
-        client = emulator.client(OPERATOR_UA)
+        self.api, self.outcome, self.step_s = api, outcome, step_s
+        client = api.client(OPERATOR_UA)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.seen: set[str] = set()
@@ -167,7 +100,7 @@ class FakeOperator(threading.Thread):
         )
 
     def _log(self, job: str, pod: str, text: str) -> None:
-        self.em.logs.setdefault(pod, []).append(f"{_stamp()} {text}")
+        self.api.logs.setdefault(pod, []).append(f"{_stamp()} {text}")
         self.logged.setdefault(job, []).append(text)
 
     def _play(self, job: dict[str, Any]) -> None:
@@ -264,7 +197,7 @@ class FakeOperator(threading.Thread):
     def _clean(self, pods: list[str]) -> None:
         for pod in pods:
             self.core.delete_namespaced_pod(pod, NS)
-            self.em.logs.pop(pod, None)
+            self.api.logs.pop(pod, None)
 
     def _event(self, obj: str, kind: str, type_: str, reason: str, message: str) -> None:
         self.core.create_namespaced_event(
@@ -286,17 +219,20 @@ class FakeOperator(threading.Thread):
 
 
 @pytest.fixture
-def emulator():
-    em = Emulator()
-    yield em
-    # Contract checks on everything the launcher did in the test.
-    sent = em.requests_from(LAUNCHER_UA)
-    used = {_rbac(r) for r in sent}
-    assert used <= _declared(), f"calls outside RBAC_RULES: {sorted(used - _declared())}"
-    for r in sent:
-        if r.method.value.upper() == "POST" and r.resource and r.resource.plural == pj.PLURAL:
-            crdcheck.validate(r.data)
-    em.stop()
+def cluster():
+    with KubeApi({f"{pj.GROUP}/{pj.VERSION}/{pj.PLURAL}": pj.KIND}) as api:
+        cluster = Cluster(api)
+        yield cluster
+        cluster.stop()
+        # Contract checks on everything the launcher did in the test.
+        sent = api.requests(LAUNCHER_UA)
+        used = {rbac_triple(r) for r in sent}
+        assert used <= declared(pj.RBAC_RULES), (
+            f"calls outside RBAC_RULES: {sorted(used - declared(pj.RBAC_RULES))}"
+        )
+        for r in sent:
+            if r.method.value.upper() == "POST" and r.resource and r.resource.plural == pj.PLURAL:
+                crdcheck.validate(r.data)
 
 
 def _settings(**kw: Any) -> pj.PyTorchJobSettings:
@@ -331,21 +267,21 @@ def _task(name: str | None = None, nnodes: int = 1, nproc: int = 2) -> TrainingT
     )
 
 
-def _launcher(em: Emulator, out: io.StringIO | None = None, **kw: Any) -> pj.PyTorchJobLauncher:
+def _launcher(cluster: Cluster, out: io.StringIO | None = None, **kw: Any) -> pj.PyTorchJobLauncher:
     return pj.PyTorchJobLauncher(
-        _settings(**kw), api_client=em.client(LAUNCHER_UA), out=out or io.StringIO()
+        _settings(**kw), api_client=cluster.api.client(LAUNCHER_UA), out=out or io.StringIO()
     )
 
 
-def _jobs(em: Emulator) -> list[dict[str, Any]]:
-    custom = kubernetes.client.CustomObjectsApi(em.client("test-inspector"))
+def _jobs(cluster: Cluster) -> list[dict[str, Any]]:
+    custom = kubernetes.client.CustomObjectsApi(cluster.api.client("test-inspector"))
     return custom.list_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL)["items"]
 
 
-def _creates(em: Emulator) -> int:
+def _creates(cluster: Cluster) -> int:
     return sum(
         1
-        for r in em.requests_from(LAUNCHER_UA)
+        for r in cluster.api.requests(LAUNCHER_UA)
         if r.method.value.upper() == "POST" and r.resource and r.resource.plural == pj.PLURAL
     )
 
@@ -484,27 +420,27 @@ def test_torchrun_reads_the_operator_environment(monkeypatch):
 # --------------------------------------------------------------------------- launcher
 
 
-def test_create_follow_logs_and_succeed(emulator):
-    op = emulator.operator("succeed")
+def test_create_follow_logs_and_succeed(cluster):
+    op = cluster.operator("succeed")
     out = io.StringIO()
     task = _task()
-    _launcher(emulator, out).run(task)
-    assert _creates(emulator) == 1
-    (job,) = _jobs(emulator)
+    _launcher(cluster, out).run(task)
+    assert _creates(cluster) == 1
+    (job,) = _jobs(cluster)
     assert job["metadata"]["name"] == task.name
     crdcheck.validate({k: v for k, v in job.items() if k != "status"})
     # Every log line the master wrote reached our stdout exactly once, in order, across
     # several reconnects of the log stream.
     assert out.getvalue().splitlines() == op.logged[task.name]
-    log_reads = [r for r in emulator.requests_from(LAUNCHER_UA) if r.subresource == "log"]
+    log_reads = [r for r in cluster.api.requests(LAUNCHER_UA) if r.subresource == "log"]
     assert len(log_reads) > 1
 
 
-def test_failure_raises_with_logs_and_events(emulator):
-    emulator.operator("fail")
+def test_failure_raises_with_logs_and_events(cluster):
+    cluster.operator("fail")
     task = _task()
     with pytest.raises(LaunchError) as err:
-        _launcher(emulator).run(task)
+        _launcher(cluster).run(task)
     text = str(err.value)
     assert f"PyTorchJob {NS}/{task.name} failed" in text
     assert "1 Master replica(s) failed" in text
@@ -513,67 +449,65 @@ def test_failure_raises_with_logs_and_events(emulator):
     assert "BackOff" in text and "Back-off restarting failed container" in text  # events
 
 
-def test_evicted_pod_fails_the_task_and_deletes_the_job(emulator):
-    emulator.operator("evict")
+def test_evicted_pod_fails_the_task_and_deletes_the_job(cluster):
+    cluster.operator("evict")
     with pytest.raises(LaunchError, match="evicted.*low on resource: memory"):
-        _launcher(emulator).run(_task())
-    assert _jobs(emulator) == []
+        _launcher(cluster).run(_task())
+    assert _jobs(cluster) == []
 
 
-def test_timeout_deletes_the_job(emulator):
-    emulator.operator("hang")
+def test_timeout_deletes_the_job(cluster):
+    cluster.operator("hang")
     t0 = time.monotonic()
     with pytest.raises(
         LaunchError, match=r"no result after 1s \(timeout\)[\s\S]*The job was deleted"
     ):
-        _launcher(emulator, timeout_s=1.0).run(_task())
+        _launcher(cluster, timeout_s=1.0).run(_task())
     assert time.monotonic() - t0 < 10
-    assert _jobs(emulator) == []
-    (delete,) = [
-        r for r in emulator.requests_from(LAUNCHER_UA) if r.method.value.upper() == "DELETE"
-    ]
+    assert _jobs(cluster) == []
+    (delete,) = [r for r in cluster.api.requests(LAUNCHER_UA) if r.method.value.upper() == "DELETE"]
     assert delete.data.get("propagationPolicy") == "Foreground"
 
 
-def test_no_operator_fails_fast_with_a_hint(emulator):
-    emulator.operator("absent")
+def test_no_operator_fails_fast_with_a_hint(cluster):
+    cluster.operator("absent")
     with pytest.raises(LaunchError, match="training operator installed"):
-        _launcher(emulator, start_timeout_s=0.5).run(_task())
-    assert _jobs(emulator) == []
+        _launcher(cluster, start_timeout_s=0.5).run(_task())
+    assert _jobs(cluster) == []
 
 
-def test_restarted_component_adopts_the_running_job(emulator):
+def test_restarted_component_adopts_the_running_job(cluster):
     """A first component attempt created the job and died; the retry finds it by name."""
     task = _task()
-    first = kubernetes.client.CustomObjectsApi(emulator.client("previous-attempt"))
+    first = kubernetes.client.CustomObjectsApi(cluster.api.client("previous-attempt"))
     body = pj.build_pytorchjob(task, _settings())
     first.create_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, body)
-    emulator.operator("succeed")
+    cluster.operator("succeed")
     out = io.StringIO()
-    _launcher(emulator, out).run(task)
-    assert _creates(emulator) == 0
-    assert len(_jobs(emulator)) == 1
+    _launcher(cluster, out).run(task)
+    assert _creates(cluster) == 0
+    assert len(_jobs(cluster)) == 1
     assert "saved autoencoder.pt" in out.getvalue()
 
     # Running the finished task again (a retry after success) is a no-op.
-    _launcher(emulator).run(task)
-    assert _creates(emulator) == 0 and len(_jobs(emulator)) == 1
+    _launcher(cluster).run(task)
+    assert _creates(cluster) == 0 and len(_jobs(cluster)) == 1
 
 
-def test_adoption_refuses_a_different_job_with_the_same_name(emulator):
+def test_adoption_refuses_a_different_job_with_the_same_name(cluster):
     task = _task()
     body = pj.build_pytorchjob(_task(nproc=1), _settings())  # same name, other spec
-    kubernetes.client.CustomObjectsApi(emulator.client("someone")).create_namespaced_custom_object(
-        pj.GROUP, pj.VERSION, NS, pj.PLURAL, body
-    )
+    kubernetes.client.CustomObjectsApi(
+        cluster.api.client("someone")
+    ).create_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, body)
     with pytest.raises(LaunchError, match="a different PyTorchJob .* already exists"):
-        _launcher(emulator).run(task)
-    assert len(_jobs(emulator)) == 1 and _creates(emulator) == 0
+        _launcher(cluster).run(task)
+    assert len(_jobs(cluster)) == 1 and _creates(cluster) == 0
 
 
-def test_failed_earlier_attempt_is_replaced_not_duplicated(emulator):
+def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     task = _task()
-    custom = kubernetes.client.CustomObjectsApi(emulator.client("previous-attempt"))
+    custom = kubernetes.client.CustomObjectsApi(cluster.api.client("previous-attempt"))
     custom.create_namespaced_custom_object(
         pj.GROUP, pj.VERSION, NS, pj.PLURAL, pj.build_pytorchjob(task, _settings())
     )
@@ -589,30 +523,30 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(emulator):
             }
         },
     )
-    emulator.operator("succeed")  # plays only jobs without status: the fresh one
-    _launcher(emulator).run(task)
-    assert _creates(emulator) == 1
-    (job,) = _jobs(emulator)
-    assert pj._true(job, "Succeeded")
+    cluster.operator("succeed")  # plays only jobs without status: the fresh one
+    _launcher(cluster).run(task)
+    assert _creates(cluster) == 1
+    (job,) = _jobs(cluster)
+    assert pj.true_condition(job, "Succeeded")
 
 
-def test_rbac_rules_are_exactly_what_the_launcher_calls(emulator):
+def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster):
     """Success, failure and timeout together exercise every call the launcher makes."""
     for outcome, kw in (("succeed", {}), ("fail", {}), ("hang", {"timeout_s": 0.5})):
-        op = emulator.operator(outcome, step_s=0.05)
+        op = cluster.operator(outcome, step_s=0.05)
         task = _task(name=pj.job_name(f"rbac-{outcome}", "train"))
         with pytest.raises(LaunchError) if outcome != "succeed" else contextlib.nullcontext():
-            _launcher(emulator, **kw).run(task)
+            _launcher(cluster, **kw).run(task)
         op.stopping.set()  # one operator per job
         op.join(10)
-    used = {_rbac(r) for r in emulator.requests_from(LAUNCHER_UA)}
-    assert used == _declared()
+    used = {rbac_triple(r) for r in cluster.api.requests(LAUNCHER_UA)}
+    assert used == declared(pj.RBAC_RULES)
 
 
-def test_job_deleted_by_someone_else_fails_the_task(emulator):
-    emulator.operator("hang")
+def test_job_deleted_by_someone_else_fails_the_task(cluster):
+    cluster.operator("hang")
     task = _task()
-    other = kubernetes.client.CustomObjectsApi(emulator.client("someone"))
+    other = kubernetes.client.CustomObjectsApi(cluster.api.client("someone"))
 
     def delete_later() -> None:
         time.sleep(0.6)
@@ -621,13 +555,142 @@ def test_job_deleted_by_someone_else_fails_the_task(emulator):
     deleter = threading.Thread(target=delete_later)
     deleter.start()
     with pytest.raises(LaunchError, match="deleted by someone else"):
-        _launcher(emulator).run(task)
+        _launcher(cluster).run(task)
     deleter.join()
 
 
-def test_forbidden_names_the_missing_rbac(emulator):
+def test_forbidden_names_the_missing_rbac(cluster):
     task = _task()
-    emulator.emu["get", f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/{task.name}"] << 403
-    with pytest.raises(LaunchError, match=r"refused \(403.*service account needs the Role"):
-        _launcher(emulator).run(task)
-    assert _creates(emulator) == 0
+    (
+        cluster.api.emulator[
+            "get", f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/{task.name}"
+        ]
+        << 403
+    )
+    with pytest.raises(LaunchError, match=r"refused \(403.*service account needs the Role") as err:
+        _launcher(cluster).run(task)
+    assert _creates(cluster) == 0
+    assert "the Role brain-ldm-pipeline-runner (manifests/base/rbac.yaml)" in str(err.value)
+    assert f"allow 'get' on pytorchjobs.kubeflow.org in namespace {NS}" in str(err.value)
+
+
+def test_forbidden_pod_listing_names_the_core_resource(cluster):
+    """A Role that lacks a core permission is named as precisely as a custom one."""
+    cluster.operator("hang")
+    cluster.api.emulator["get", f"/api/v1/namespaces/{NS}/pods"] << 403
+    with pytest.raises(LaunchError) as err:
+        _launcher(cluster).run(_task())
+    assert f"list pods in {NS}: the API server refused (403" in str(err.value)
+    assert f"allow 'list' on pods in namespace {NS}" in str(err.value)
+
+
+def test_unreachable_api_names_the_host():
+    closed = _closed_url()
+    with pytest.raises(LaunchError, match=f"Kubernetes API at {closed} unreachable"):
+        pj.PyTorchJobLauncher(_settings(), api_client=api_client(closed)).run(_task())
+
+
+class FakeClock:
+    """Monotonic time that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_deadlines_run_on_the_injected_clock(cluster):
+    """Ten minutes of waiting for an operator that never comes, in no real time: the
+    launcher reads deadlines from its clock and waits through its sleep."""
+    cluster.operator("absent")
+    clock = FakeClock()
+    launcher = pj.PyTorchJobLauncher(
+        _settings(start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
+        api_client=cluster.api.client(LAUNCHER_UA),
+        out=io.StringIO(),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    t0 = time.monotonic()
+    with pytest.raises(LaunchError, match="got no status in 600s"):
+        launcher.run(_task())
+    assert time.monotonic() - t0 < 20  # a dozen polls of real HTTP, not ten minutes
+    assert clock.now - 1000.0 > 600 and set(clock.slept) == {60.0}
+    assert _jobs(cluster) == []
+
+
+# --------------------------------------------------------------------------- decisions (pure)
+
+
+def _job(*conditions: tuple[str, str], spec_hash: str = "h") -> dict[str, Any]:
+    return {
+        "metadata": {"annotations": {pj.SPEC_HASH_ANNOTATION: spec_hash}},
+        "status": {
+            "conditions": [
+                {"type": t, "status": s, "reason": f"PyTorchJob{t}"} for t, s in conditions
+            ]
+        },
+    }
+
+
+def _pod(phase: str, reason: str | None = None, message: str | None = None) -> Any:
+    return kubernetes.client.V1Pod(
+        metadata=kubernetes.client.V1ObjectMeta(
+            name="job-master-0", labels={pj.REPLICA_LABEL: "master"}
+        ),
+        status=kubernetes.client.V1PodStatus(phase=phase, reason=reason, message=message),
+    )
+
+
+@pytest.mark.parametrize(
+    "job,want,decision",
+    [
+        (None, "h", "create"),
+        (_job(("Running", "True")), "h", "adopt"),
+        (_job(("Succeeded", "True")), "h", "adopt"),
+        (_job(("Running", "True"), ("Failed", "True")), "h", "replace"),
+        (_job(("Failed", "False")), "h", "adopt"),
+        (_job(("Running", "True"), spec_hash="other"), "h", "conflict"),
+        ({"metadata": {}}, "h", "conflict"),
+    ],
+)
+def test_adoption_decision(job, want, decision):
+    assert pj.adoption(job, want) == decision
+
+
+@pytest.mark.parametrize(
+    "job,pods,elapsed,outcome,detail",
+    [
+        (_job(("Running", "True")), [_pod("Running")], 5, "running", "Running (PyTorchJobRunning)"),
+        (_job(("Running", "True"), ("Succeeded", "True")), [], 5, "succeeded", "Succeeded"),
+        (_job(("Failed", "True")), [], 5, "failed", "PyTorchJobFailed"),
+        (
+            _job(("Running", "True")),
+            [_pod("Failed", "Evicted", "low on memory")],
+            5,
+            "evicted",
+            "pod job-master-0 was evicted (low on memory)",
+        ),
+        (_job(), [], 61, "no-operator", "got no status in 60s"),
+        (_job(), [], 59, "running", ""),
+        (_job(("Created", "True")), [], 61, "running", "Created (PyTorchJobCreated)"),
+        (_job(("Running", "True")), [_pod("Running")], 121, "timeout", "no result after 120s"),
+        # A Succeeded condition wins over an overdue clock: the work is done.
+        (_job(("Succeeded", "True")), [], 500, "succeeded", "Succeeded"),
+    ],
+)
+def test_job_state_decision(job, pods, elapsed, outcome, detail):
+    state = pj.job_state(job, pods, elapsed, start_timeout_s=60, timeout_s=120)
+    assert state.outcome == outcome and state.detail.startswith(detail)
+
+
+def _closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"

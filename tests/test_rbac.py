@@ -131,3 +131,13 @@ def test_only_the_pipeline_runner_holds_a_role(role):
         {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "brain-ldm"}
     ]
     assert {d["kind"] for d in _docs()} == {"Role", "RoleBinding"}
+
+
+def test_refusals_point_at_the_role_that_grants_the_calls():
+    """A 401/403 from the API tells the user which Role in which file to grant
+    (ldm_core.kube.errors); that Role must be the one this file checks, and exist there."""
+    from ldm_core.kube import errors
+
+    assert ROOT / errors.RBAC_MANIFEST == RBAC
+    assert errors.PIPELINE_ROLE == PIPELINE_ROLE
+    assert role_triples(_role(errors.PIPELINE_ROLE)) == set(code_triples())

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from ldm_core import stages
 from ldm_core.launcher import LaunchError, LocalLauncher
 from tests.harness.configs import TINY_OVERRIDES, tiny_config
 from tests.harness.data import tiny_cache
+from tests.harness.kube import KubeApi
 
 TRAIN = [
     *TINY_OVERRIDES,
@@ -41,40 +40,12 @@ def test_auto_outside_a_cluster_trains_locally(monkeypatch):
     assert stages.choose_backend("kubeflow") == "kubeflow"
 
 
-@pytest.fixture()
-def fake_api(tmp_path, monkeypatch):
-    """A loopback API server answering the probe GET; ``state['crd']`` says whether the
-    PyTorchJob API is served. Reached through a kubeconfig, as from a laptop."""
-    state = {"crd": True, "paths": []}
+PROBE_PATH = "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/ldm-backend-probe"
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            state["paths"].append(self.path)
-            if state["crd"]:
-                body = {
-                    "kind": "Status",
-                    "status": "Failure",
-                    "reason": "NotFound",
-                    "code": 404,
-                    "details": {
-                        "name": "ldm-backend-probe",
-                        "group": "kubeflow.org",
-                        "kind": "pytorchjobs",
-                    },
-                }
-                data = json.dumps(body).encode()
-            else:
-                data = b"404 page not found\n"
-            self.send_response(404)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, url: str) -> None:
+    """KUBERNETES_SERVICE_HOST set (as in a pod), the API reached through a kubeconfig
+    whose context names namespace team-a."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         json.dumps(
@@ -82,12 +53,7 @@ def fake_api(tmp_path, monkeypatch):
                 "apiVersion": "v1",
                 "kind": "Config",
                 "current-context": "t",
-                "clusters": [
-                    {
-                        "name": "t",
-                        "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"},
-                    }
-                ],
+                "clusters": [{"name": "t", "cluster": {"server": url}}],
                 "users": [{"name": "t", "user": {"token": "x"}}],
                 "contexts": [
                     {"name": "t", "context": {"cluster": "t", "user": "t", "namespace": "team-a"}}
@@ -101,20 +67,36 @@ def fake_api(tmp_path, monkeypatch):
         "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
     )
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-    yield state
-    server.shutdown()
-    server.server_close()
 
 
-def test_auto_in_a_cluster_uses_pytorchjobs_when_the_api_is_served(fake_api):
-    assert stages.choose_backend("auto") == "kubeflow"
-    assert fake_api["paths"] == [
-        "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs/ldm-backend-probe"
-    ]
+def test_auto_in_a_cluster_uses_pytorchjobs_when_the_api_is_served(tmp_path, monkeypatch):
+    with KubeApi({"kubeflow.org/v1/pytorchjobs": "PyTorchJob"}) as api:
+        _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
+        assert stages.choose_backend("auto") == "kubeflow"
+        assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH]
 
 
-def test_auto_in_a_cluster_without_the_training_operator_trains_locally(fake_api):
-    fake_api["crd"] = False
+def test_auto_in_a_cluster_without_the_training_operator_trains_locally(tmp_path, monkeypatch):
+    with KubeApi() as api:  # no PyTorchJob CRD: the path is "404 page not found"
+        _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
+        assert stages.choose_backend("auto") == "local"
+        assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH]
+
+
+def test_auto_in_a_cluster_whose_api_refuses_the_probe_trains_locally(tmp_path, monkeypatch):
+    """No permission to read PyTorchJobs is no way to run them: train here, say why."""
+    with KubeApi({"kubeflow.org/v1/pytorchjobs": "PyTorchJob"}) as api:
+        api.emulator["get", PROBE_PATH] << 403
+        _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
+        assert stages.choose_backend("auto") == "local"
+
+
+def test_auto_in_a_pod_without_any_credentials_trains_locally(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "missing")
+    )
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     assert stages.choose_backend("auto") == "local"
 
 

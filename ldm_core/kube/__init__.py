@@ -1,1 +1,11 @@
-"""Kubernetes-facing code (PyTorchJob launcher, InferenceService rollout); imported only by components."""
+"""Kubernetes-facing code; ``stages`` and ``deploy`` import it only on their cluster paths.
+
+- ``client``: how to reach the API (explicit host, the pod's service account, kubeconfig);
+- ``errors``: failed API calls as brain-ldm errors, refusals with the RBAC grant they need;
+- ``resources``: typed get/create/patch/delete of one custom resource, and the "is it
+  served?" probe;
+- ``security``: the securityContext every pod runs under;
+- ``podlog``: a pod's log copied to the component's stdout;
+- ``pytorchjob``: a training stage as a PyTorchJob (launcher);
+- ``inference_service``: a model bundle as a KServe InferenceService (rollout).
+"""

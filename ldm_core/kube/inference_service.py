@@ -17,13 +17,14 @@ not success. Where the API server keeps no generation (test emulators), a new
 ``latestCreatedRevision`` stands in for it.
 
 Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
-is never relied on, so the code works against API servers with partial bookkeeping.
+is never relied on, so the code works against API servers with partial bookkeeping. API
+calls go through :class:`ldm_core.kube.resources.CustomObjects`, so a refusal names the
+missing RBAC grant as the PyTorchJob launcher's do; the clock and sleep are injected.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -31,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kubernetes
-from kubernetes.client.exceptions import ApiException
 
 from ldm_core.errors import LdmError
+from ldm_core.kube.resources import CustomObjects, CustomResource
+from ldm_core.kube.security import container_security_context
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,12 @@ ISVC_VERSION = "v1beta1"
 ISVC_PLURAL = "inferenceservices"
 RUNTIME_VERSION = "v1alpha1"
 RUNTIME_PLURAL = "servingruntimes"
+ISVC = CustomResource(GROUP, ISVC_VERSION, ISVC_PLURAL, "InferenceService")
+RUNTIME = CustomResource(GROUP, RUNTIME_VERSION, RUNTIME_PLURAL, "ServingRuntime")
 MODEL_FORMAT = "brain-ldm"
 DEFAULT_IMAGE = "brain-ldm-serving:0.1.0"
 DEFAULT_RUNTIME = "brain-ldm"
 DEFAULT_SERVICE_ACCOUNT = "serving"
-DEFAULT_S3_SECRET = "brain-ldm-s3"
 DEFAULT_MODEL_NAME = "brain-ldm"
 MODEL_DIR = "/mnt/models"
 HTTP_PORT = 8080
@@ -131,18 +134,6 @@ def _env(s: PredictorSettings) -> list[dict[str, str]]:
     return [{"name": k, "value": v} for k, v in sorted(env.items())]
 
 
-def _container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-
-
 def _probes() -> dict[str, Any]:
     return {
         # The server's readiness turns true only after the bundle loaded and warmed up.
@@ -209,7 +200,7 @@ def build_inference_service(
                 "env": [{"name": "STORAGE_URI", "value": s.storage_uri}, *_env(s)],
                 "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
                 "resources": _resources(s),
-                "securityContext": _container_security(),
+                "securityContext": container_security_context(),
                 **_probes(),
             }
         ]
@@ -261,73 +252,13 @@ def build_serving_runtime(
                         "requests": {"cpu": "2", "memory": "8Gi"},
                         "limits": {"cpu": "4", "memory": "16Gi"},
                     },
-                    "securityContext": _container_security(),
+                    "securityContext": container_security_context(),
                     "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                     **_probes(),
                 }
             ],
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
         },
-    }
-
-
-def build_s3_secret(
-    endpoint: str,
-    *,
-    name: str = DEFAULT_S3_SECRET,
-    namespace: str | None = None,
-    use_https: bool = True,
-    region: str = "",
-    verify_ssl: bool = True,
-) -> dict[str, Any]:
-    """The Secret KServe's storage initializer reads (through the service account): the
-    ``serving.kserve.io/s3-*`` annotations say where S3 is; the keys are placeholders to
-    fill from a secret manager - real credentials never pass through this code."""
-    annotations = {
-        "serving.kserve.io/s3-endpoint": endpoint,
-        "serving.kserve.io/s3-usehttps": "1" if use_https else "0",
-        "serving.kserve.io/s3-verifyssl": "1" if verify_ssl else "0",
-    }
-    if region:
-        annotations["serving.kserve.io/s3-region"] = region
-    metadata: dict[str, Any] = {
-        "name": name,
-        "labels": {**LABELS, "app.kubernetes.io/component": "storage"},
-        "annotations": annotations,
-    }
-    if namespace:
-        metadata["namespace"] = namespace
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata,
-        "type": "Opaque",
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": "REPLACE_WITH_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY": "REPLACE_WITH_SECRET_ACCESS_KEY",
-        },
-    }
-
-
-def build_service_account(
-    name: str = DEFAULT_SERVICE_ACCOUNT,
-    secret: str = DEFAULT_S3_SECRET,
-    namespace: str | None = None,
-) -> dict[str, Any]:
-    """The predictor's identity: lists the S3 secret for the storage initializer and mounts
-    no API token (the predictor never calls the API server)."""
-    metadata: dict[str, Any] = {
-        "name": name,
-        "labels": {**LABELS, "app.kubernetes.io/component": "serving"},
-    }
-    if namespace:
-        metadata["namespace"] = namespace
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": metadata,
-        "automountServiceAccountToken": False,
-        "secrets": [{"name": secret}],
     }
 
 
@@ -468,7 +399,15 @@ SmokeFn = Callable[[str], dict[str, Any]]
 
 
 class InferenceServiceRollout:
-    """Create or update one InferenceService and verify it serves before trusting it."""
+    """Create or update one InferenceService and verify it serves before trusting it.
+
+    Args:
+        api_client: the API to use (see :func:`ldm_core.kube.client.api_client`).
+        timeout_s: how long each wait (first revision, new revision, promotion) may take.
+        poll_s: seconds between two reads of the InferenceService.
+        clock: monotonic seconds, for deadlines (tests pass a fake one).
+        sleep: waits between polls (tests pass one that advances their clock).
+    """
 
     def __init__(
         self,
@@ -479,7 +418,7 @@ class InferenceServiceRollout:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.api = kubernetes.client.CustomObjectsApi(api_client)
+        self.api_client = api_client
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.clock = clock
@@ -487,59 +426,26 @@ class InferenceServiceRollout:
 
     # ---- API calls (merge patches only; responses of create are not relied on)
 
+    def _objects(self, resource: CustomResource, namespace: str) -> CustomObjects:
+        return CustomObjects(self.api_client, resource, namespace, RolloutError)
+
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.api.get_namespaced_custom_object(
-                GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise RolloutError(
-                f"InferenceService {namespace}/{name}: read failed: {exc.status} {exc.reason}"
-            ) from None
+        """The InferenceService as stored, or None when there is none of that name."""
+        return self._objects(ISVC, namespace).get(name)
 
-    def _create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        try:
-            return self.api.create_namespaced_custom_object(
-                GROUP, ISVC_VERSION, ns, ISVC_PLURAL, obj
-            )
-        except ApiException as exc:
-            raise RolloutError(
-                f"InferenceService {ns}/{name}: create refused: {exc.status} {exc.reason}: {_api_message(exc)}"
-            ) from None
+    def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._objects(ISVC, obj["metadata"]["namespace"]).create(obj) or {}
 
-    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return self.api.patch_namespaced_custom_object(
-                GROUP, ISVC_VERSION, namespace, ISVC_PLURAL, name, body
-            )
-        except ApiException as exc:
-            raise RolloutError(
-                f"InferenceService {namespace}/{name}: patch refused: {exc.status} {exc.reason}: {_api_message(exc)}"
-            ) from None
+    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._objects(ISVC, namespace).patch(name, body)
 
     def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
         """Create the ServingRuntime if the namespace has none of that name (never overwrite
         one a platform engineer applied from manifests). Returns "created" or "exists"."""
-        ns, name = runtime["metadata"]["namespace"], runtime["metadata"]["name"]
-        try:
-            self.api.get_namespaced_custom_object(GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, name)
+        runtimes = self._objects(RUNTIME, runtime["metadata"]["namespace"])
+        if runtimes.get(runtime["metadata"]["name"]) is not None:
             return "exists"
-        except ApiException as exc:
-            if exc.status != 404:
-                raise RolloutError(
-                    f"ServingRuntime {ns}/{name}: read failed: {exc.status} {exc.reason}"
-                ) from None
-        try:
-            self.api.create_namespaced_custom_object(
-                GROUP, RUNTIME_VERSION, ns, RUNTIME_PLURAL, runtime
-            )
-        except ApiException as exc:
-            raise RolloutError(
-                f"ServingRuntime {ns}/{name}: create refused: {exc.status} {exc.reason}"
-            ) from None
+        runtimes.create(runtime)
         return "created"
 
     # ---- waiting
@@ -610,9 +516,7 @@ class InferenceServiceRollout:
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
         """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
-        promoted = (
-            self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}}) or {}
-        )
+        promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
         target = (promoted.get("metadata") or {}).get("generation")
         self._wait(ns, name, lambda o: _promoted(o, revision, target), "promotion to 100%")
         log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
@@ -621,7 +525,7 @@ class InferenceServiceRollout:
         self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        created = self._create(desired) or {}
+        created = self._create(desired)
         target = (created.get("metadata") or {}).get("generation")
         log.info("created InferenceService %s/%s", ns, name)
         state, obj = self._wait(
@@ -666,7 +570,7 @@ class InferenceServiceRollout:
             },
             "spec": {"predictor": merge_patch(previous_spec.get("predictor") or {}, new_predictor)},
         }
-        patched = self._patch(ns, name, body) or {}
+        patched = self._patch(ns, name, body)
         target = (patched.get("metadata") or {}).get("generation")
         log.info(
             "patched InferenceService %s/%s (canary %s%%)",
@@ -732,10 +636,3 @@ class InferenceServiceRollout:
         if rollback is None:
             raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}")
         raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason)}")
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return str(json.loads(exc.body or "{}").get("message", ""))[:300]
-    except (ValueError, AttributeError):
-        return str(exc.body or "")[:300]

@@ -17,6 +17,11 @@ them from the ``PET_*`` variables the training operator sets (``PET_NNODES``,
 ``PET_NPROC_PER_NODE`` from ``spec.nprocPerNode``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
 ``PET_MASTER_PORT``), so the command line is the same on every replica and as ``LocalLauncher``'s.
 
+What to do is decided by pure functions over what the API shows (:func:`adoption` before
+starting, :func:`job_state` on every poll); the launcher only carries it out. The clock and
+sleep are injected, and API failures read as the InferenceService rollout's do
+(:mod:`ldm_core.kube.errors`).
+
 Tolerated gaps of in-memory API servers (kmock): a create answered with an empty body is
 re-read; nothing relies on resourceVersion, generation, PUT or label/field selectors being
 honoured server-side (selectors are re-applied here).
@@ -24,30 +29,30 @@ honoured server-side (selectors are re-applied here).
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
 import re
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import kubernetes
-import urllib3
-from kubernetes.client.rest import ApiException
 
+from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
-from ldm_core.kube.client import current_namespace
+from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.podlog import PodLogFollower
+from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
+from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
 from ldm_core.launcher import LaunchError, TrainingTask
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+RESOURCE = CustomResource(GROUP, VERSION, PLURAL, KIND)
 CONTAINER = "pytorch"
 """The training operator only treats the container with this name as the training process."""
 JOB_LABEL = "training.kubeflow.org/job-name"
@@ -136,7 +141,7 @@ class PyTorchJobSettings:
     poll_s: float = 10.0
     log_reconnect_s: float = 5.0
     tail_lines: int = 40
-    run_as_user: int = 1000
+    run_as_user: int = RUN_AS
 
 
 # --------------------------------------------------------------------------- build
@@ -237,14 +242,7 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": s.run_as_user,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(s.run_as_user),
     }
     if s.s3_secret:
         container["envFrom"] = [{"secretRef": {"name": s.s3_secret}}]
@@ -253,13 +251,7 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,  # time to finish writing a checkpoint
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": s.run_as_user,
-            "runAsGroup": s.run_as_user,
-            "fsGroup": s.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(s.run_as_user),
         "volumes": [
             {"name": "workdir", "persistentVolumeClaim": {"claimName": s.pvc_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
@@ -285,434 +277,83 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- status
+# --------------------------------------------------------------------------- status (pure)
 
 
-def _conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
+def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list((job.get("status") or {}).get("conditions") or [])
 
 
-def _true(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in reversed(_conditions(job)):
+def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    """The newest condition of type ``kind`` whose status is True, if any."""
+    for cond in reversed(conditions(job)):
         if cond.get("type") == kind and str(cond.get("status")) == "True":
             return cond
     return None
 
 
-def _latest(job: dict[str, Any]) -> str:
+def _latest(job: Mapping[str, Any]) -> str:
     """The newest true condition (type: reason), for progress lines."""
-    for cond in reversed(_conditions(job)):
+    for cond in reversed(conditions(job)):
         if str(cond.get("status")) == "True":
             return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
     return ""
 
 
-def _parse_ts(text: str) -> tuple[int, int] | None:
-    """RFC3339(Nano) -> (epoch seconds, nanoseconds); kubelet trims trailing zeros, so the
-    strings do not sort lexically."""
-    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$", text)
-    if not match:
-        return None
-    seconds = int(datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
-    return seconds, int((match[2] or "0").ljust(9, "0")[:9])
+def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
+    """What to do about the job of our name found before starting: ``create`` (none there),
+    ``adopt`` (ours, still running or done), ``replace`` (ours, failed in an earlier
+    attempt) or ``conflict`` (another spec under our name: not ours to touch)."""
+    if job is None:
+        return "create"
+    if stored_spec_hash(job) != want_hash:
+        return "conflict"
+    return "replace" if true_condition(job, "Failed") else "adopt"
 
 
-class _LogFollower(threading.Thread):
-    """Follows one pod's log and copies it to ``out``, keeping the last lines for errors.
+def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
+    """The spec hash an existing job was created with (None: not created by us)."""
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
-    A follow stream ends when the connection drops or the container restarts; it is reopened
-    (with ``sinceSeconds`` just before the last line seen) and lines already printed are
-    skipped by their kubelet timestamp, so each line shows once.
-    """
 
-    def __init__(
-        self,
-        core: kubernetes.client.CoreV1Api,
-        namespace: str,
-        pod: str,
-        out: TextIO,
-        tail_lines: int,
-        reconnect_s: float,
-    ) -> None:
-        super().__init__(name=f"logs-{pod}", daemon=True)
-        self.core, self.namespace, self.pod, self.out = core, namespace, pod, out
-        self.reconnect_s = reconnect_s
-        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
-        self.stop = threading.Event()
-        self._last: tuple[int, int] | None = None
-        self._count_at_last = 0
-        self._skip = 0
+@dataclass(frozen=True)
+class JobState:
+    """Where a followed job stands: ``running`` (keep polling), ``succeeded``, ``failed``,
+    ``evicted`` (a pod was; the operator may not fail the job for it), ``no-operator``
+    (nothing ever gave the job a status) or ``timeout``; ``detail`` says why."""
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self._follow_once()
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as err:
-                log.debug("log stream of %s interrupted: %s", self.pod, err)
-            self.stop.wait(self.reconnect_s)
+    outcome: str
+    detail: str = ""
 
-    def finish(self, timeout_s: float) -> None:
-        """Stop following, then read once more from the last line printed: a stream that was
-        between reconnects when the pod finished would otherwise miss the final lines."""
-        self.stop.set()
-        self.join(timeout_s)
-        if self.is_alive():  # still inside a stream: reading again would print lines twice
-            return
-        try:
-            self._follow_once()
-        except (ApiException, urllib3.exceptions.HTTPError, OSError) as err:
-            log.debug("final log read of %s failed: %s", self.pod, err)
 
-    def _follow_once(self) -> None:
-        kwargs: dict[str, Any] = {}
-        if self._last is not None:
-            kwargs["since_seconds"] = max(1, int(time.time() - self._last[0]) + 5)
-        response = self.core.read_namespaced_pod_log(
-            self.pod,
-            self.namespace,
-            container=CONTAINER,
-            follow=True,
-            timestamps=True,
-            _preload_content=False,
-            _request_timeout=(10, None),
-            **kwargs,
+def job_state(
+    job: Mapping[str, Any],
+    pods: list[Any],
+    elapsed_s: float,
+    start_timeout_s: float,
+    timeout_s: float,
+) -> JobState:
+    """Decide from one observation of the job and its pods; success only ever comes from a
+    ``Succeeded`` condition."""
+    if true_condition(job, "Succeeded"):
+        return JobState("succeeded", "Succeeded")
+    failed = true_condition(job, "Failed")
+    if failed:
+        reason = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}"
+        return JobState("failed", reason.rstrip(": "))
+    evicted = [p for p in pods if _is_evicted(p)]
+    if evicted:
+        why = evicted[0].status.message or "no message"
+        return JobState("evicted", f"pod {evicted[0].metadata.name} was evicted ({why})")
+    if not conditions(job) and elapsed_s > start_timeout_s:
+        return JobState(
+            "no-operator",
+            f"got no status in {start_timeout_s:.0f}s: is the Kubeflow training operator "
+            "installed and watching this namespace?",
         )
-        # Lines stamped exactly like the last one printed: the first few were printed already.
-        self._skip = self._count_at_last
-        buffer = b""
-        try:
-            # No early exit on stop: the stream ends by itself when the container does, and
-            # its last lines are the ones that explain a failure.
-            for chunk in response.stream(8192):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
-                    self._emit(raw.decode(errors="replace"))
-            if buffer:
-                self._emit(buffer.decode(errors="replace"))
-        finally:
-            response.release_conn()
-
-    def _emit(self, line: str) -> None:
-        stamp_text, _, text = line.partition(" ")
-        stamp = _parse_ts(stamp_text)
-        if stamp is None:  # not timestamped (should not happen with timestamps=True): show it
-            text = line
-        elif self._last is not None and stamp < self._last:
-            return
-        elif stamp == self._last:
-            if self._skip > 0:
-                self._skip -= 1
-                return
-            self._count_at_last += 1
-        else:
-            self._last, self._count_at_last, self._skip = stamp, 1, 0
-        self.tail.append(text)
-        self.out.write(text + "\n")
-        self.out.flush()
-
-
-# --------------------------------------------------------------------------- launcher
-
-
-class PyTorchJobLauncher:
-    """Runs a :class:`TrainingTask` as a PyTorchJob and waits for its outcome."""
-
-    def __init__(
-        self,
-        settings: PyTorchJobSettings,
-        api_client: kubernetes.client.ApiClient | None = None,
-        out: TextIO | None = None,
-    ) -> None:
-        if api_client is None:
-            api_client = make_api_client()
-        self.settings = settings
-        self.custom = kubernetes.client.CustomObjectsApi(api_client)
-        self.core = kubernetes.client.CoreV1Api(api_client)
-        self.host = api_client.configuration.host
-        self.out = out or sys.stdout
-        self.namespace = settings.namespace or current_namespace()
-
-    # ------------------------------------------------------------------ API calls
-
-    def _api(self, what: str, call: Callable[[], Any]) -> Any:
-        """Run one API call; turn refusals and unreachable servers into LaunchError."""
-        try:
-            return call()
-        except ApiException as err:
-            if err.status in (401, 403):
-                raise LaunchError(
-                    f"{what}: the API server refused ({err.status} {err.reason}); the pipeline's "
-                    f"service account needs the Role in manifests/base/rbac.yaml in namespace "
-                    f"{self.namespace}"
-                ) from None
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise LaunchError(
-                f"{what}: Kubernetes API at {self.host} unreachable ({type(err).__name__})"
-            ) from None
-
-    def _get_job(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self._api(
-                f"get PyTorchJob {self.namespace}/{name}",
-                lambda: self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, name
-                ),
-            )
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise LaunchError(
-                f"get PyTorchJob {self.namespace}/{name}: {err.status} {err.reason}"
-            ) from None
-
-    def _create_job(self, body: dict[str, Any]) -> dict[str, Any]:
-        name = body["metadata"]["name"]
-        body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
-        try:
-            self._api(
-                f"create PyTorchJob {self.namespace}/{name}",
-                lambda: self.custom.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, body
-                ),
-            )
-        except ApiException as err:
-            if err.status != 409:
-                raise LaunchError(
-                    f"create PyTorchJob {self.namespace}/{name}: {err.status} {err.reason}: "
-                    f"{_api_message(err)}"
-                ) from None
-            log.info("PyTorchJob %s appeared concurrently; adopting it", name)
-        # Re-read instead of trusting the create response (some servers answer without a body).
-        job = self._get_job(name)
-        if job is None:
-            raise LaunchError(f"PyTorchJob {self.namespace}/{name} vanished right after creation")
-        return job
-
-    def _delete_job(self, name: str) -> None:
-        try:
-            self._api(
-                f"delete PyTorchJob {self.namespace}/{name}",
-                lambda: self.custom.delete_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    PLURAL,
-                    name,
-                    body=kubernetes.client.V1DeleteOptions(propagation_policy="Foreground"),
-                ),
-            )
-        except ApiException as err:
-            if err.status != 404:
-                raise LaunchError(
-                    f"delete PyTorchJob {self.namespace}/{name}: {err.status} {err.reason}"
-                ) from None
-
-    def _wait_deleted(self, name: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._get_job(name) is not None:
-            if time.monotonic() > deadline:
-                raise LaunchError(
-                    f"PyTorchJob {self.namespace}/{name} is still there {timeout_s:.0f}s after "
-                    "deletion (finalizers?); delete it by hand and retry"
-                )
-            time.sleep(min(self.settings.poll_s, 2.0))
-
-    def _pods(self, name: str) -> list[Any]:
-        selector = f"{JOB_LABEL}={name}"
-        pods = self._api(
-            f"list pods of {name}",
-            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector),
-        ).items
-        # Apply the selector here too: not every API server (or emulator) honours it.
-        return [p for p in pods if (p.metadata.labels or {}).get(JOB_LABEL) == name]
-
-    @staticmethod
-    def _master(pods: list[Any]) -> Any | None:
-        for pod in pods:
-            if (pod.metadata.labels or {}).get(REPLICA_LABEL, "").lower() == "master":
-                return pod
-        return None
-
-    def _events(self, names: list[str]) -> list[str]:
-        """Recent events about the job and its pods, oldest first, one line each."""
-        found = []
-        for obj in names:
-            try:
-                items = self.core.list_namespaced_event(
-                    self.namespace, field_selector=f"involvedObject.name={obj}"
-                ).items
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as err:
-                return [f"(events unavailable: {type(err).__name__})"]
-            for ev in items:
-                if ev.involved_object is None or ev.involved_object.name != obj:
-                    continue
-                when = ev.last_timestamp or ev.event_time or ev.first_timestamp
-                found.append(
-                    (
-                        str(when or ""),
-                        f"{ev.type or ''} {ev.reason or ''} "
-                        f"{(ev.involved_object.kind or '').lower()}/{obj}: {ev.message or ''}".strip(),
-                    )
-                )
-        return [line for _, line in sorted(found)][-15:]
-
-    # ------------------------------------------------------------------ diagnostics
-
-    def _failure(
-        self, name: str, reason: str, follower: _LogFollower | None, pods: list[Any]
-    ) -> LaunchError:
-        master = self._master(pods)
-        lines: list[str] = []
-        if master is not None:  # the kubelet's copy is complete; the streamed tail may lag
-            try:
-                text = self.core.read_namespaced_pod_log(
-                    master.metadata.name,
-                    self.namespace,
-                    container=CONTAINER,
-                    tail_lines=self.settings.tail_lines,
-                )
-                lines = str(text).splitlines()
-            except (ApiException, urllib3.exceptions.HTTPError, OSError):
-                lines = []
-        if not lines and follower is not None:  # pod already cleaned up
-            lines = list(follower.tail)
-        parts = [f"PyTorchJob {self.namespace}/{name} failed: {reason}"]
-        if master is not None:
-            parts.append(f"master pod {master.metadata.name}: {_pod_state(master)}")
-        parts.append(
-            "last log lines of the master pod:\n"
-            + ("\n".join(lines) if lines else "(none captured)")
-        )
-        events = self._events([name] + [p.metadata.name for p in pods])
-        parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
-        return LaunchError("\n".join(parts))
-
-    # ------------------------------------------------------------------ run
-
-    def run(self, task: TrainingTask) -> None:
-        """Create (or adopt) the job, follow it, and return only when it Succeeded."""
-        s = self.settings
-        body = build_pytorchjob(task, s)
-        name = task.name
-        want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        job = self._get_job(name)
-        if job is not None:
-            have = ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-            if have != want_hash:
-                raise LaunchError(
-                    f"a different PyTorchJob {self.namespace}/{name} already exists (spec hash "
-                    f"{have} != {want_hash}); it was not started for this task, so it is left "
-                    "alone: delete it or use another run id"
-                )
-            if _true(job, "Failed"):
-                log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
-                self._delete_job(name)
-                self._wait_deleted(name, timeout_s=max(60.0, 10 * s.poll_s))
-                self._create_job(body)
-            else:
-                log.info(
-                    "adopting existing PyTorchJob %s/%s (%s)",
-                    self.namespace,
-                    name,
-                    _latest(job) or "no status yet",
-                )
-        else:
-            self._create_job(body)
-            log.info(
-                "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
-                self.namespace,
-                name,
-                task.nnodes,
-                task.nproc_per_node,
-                s.image,
-            )
-        self._follow(name)
-
-    def _follow(self, name: str) -> None:
-        """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
-        s = self.settings
-        start = time.monotonic()
-        timeout = (
-            s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
-        )
-        follower: _LogFollower | None = None
-        last_state = ""
-        api_failures = 0
-        try:
-            while True:
-                try:
-                    job, pods = self._get_job(name), self._pods(name)
-                    api_failures = 0
-                except LaunchError:
-                    api_failures += 1
-                    if api_failures > 5:  # not a blip: give up with the API's reason
-                        raise
-                    log.warning("API error while following %s; retrying", name, exc_info=True)
-                    time.sleep(s.poll_s)
-                    continue
-                if job is None:
-                    raise LaunchError(
-                        f"PyTorchJob {self.namespace}/{name} was deleted by someone else"
-                    )
-                state = _latest(job)
-                if state != last_state:
-                    log.info("PyTorchJob %s: %s", name, state or "waiting for the operator")
-                    last_state = state
-                if _true(job, "Succeeded"):
-                    self._drain(follower)
-                    log.info("PyTorchJob %s succeeded", name)
-                    return
-                failed = _true(job, "Failed")
-                if failed:
-                    self._drain(follower)
-                    reason = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}"
-                    raise self._failure(name, reason.rstrip(": "), follower, pods)
-                evicted = [p for p in pods if _is_evicted(p)]
-                if evicted:
-                    # The operator may not fail the job for this; we do, and clean up.
-                    self._drain(follower)
-                    why = evicted[0].status.message or "no message"
-                    err = self._failure(
-                        name, f"pod {evicted[0].metadata.name} was evicted ({why})", follower, pods
-                    )
-                    self._delete_job(name)
-                    raise err
-                master = self._master(pods)
-                if follower is None and master is not None and _started(master):
-                    follower = _LogFollower(
-                        self.core,
-                        self.namespace,
-                        master.metadata.name,
-                        self.out,
-                        s.tail_lines,
-                        s.log_reconnect_s,
-                    )
-                    follower.start()
-                elapsed = time.monotonic() - start
-                if not _conditions(job) and elapsed > s.start_timeout_s:
-                    self._delete_job(name)
-                    raise LaunchError(
-                        f"PyTorchJob {self.namespace}/{name} got no status in "
-                        f"{s.start_timeout_s:.0f}s: is the Kubeflow training operator installed "
-                        "and watching this namespace? The job was deleted."
-                    )
-                if elapsed > timeout:
-                    err = self._failure(
-                        name, f"no result after {timeout:.0f}s (timeout)", follower, pods
-                    )
-                    self._delete_job(name)
-                    raise LaunchError(f"{err}\nThe job was deleted.")
-                time.sleep(s.poll_s)
-        finally:
-            if follower is not None:
-                follower.stop.set()
-
-    def _drain(self, follower: _LogFollower | None) -> None:
-        """Print what the pod wrote last before the outcome is reported."""
-        if follower is not None:
-            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+    if elapsed_s > timeout_s:
+        return JobState("timeout", f"no result after {timeout_s:.0f}s (timeout)")
+    return JobState("running", _latest(job))
 
 
 def _started(pod: Any) -> bool:
@@ -721,6 +362,13 @@ def _started(pod: Any) -> bool:
 
 def _is_evicted(pod: Any) -> bool:
     return bool(pod.status) and pod.status.phase == "Failed" and pod.status.reason == "Evicted"
+
+
+def _master(pods: list[Any]) -> Any | None:
+    for pod in pods:
+        if (pod.metadata.labels or {}).get(REPLICA_LABEL, "").lower() == "master":
+            return pod
+    return None
 
 
 def _pod_state(pod: Any) -> str:
@@ -744,8 +392,264 @@ def _pod_state(pod: Any) -> str:
     return ", ".join(parts)
 
 
-def _api_message(err: ApiException) -> str:
+def pytorchjob_api_served(namespace: str = "") -> tuple[bool, str]:
+    """Whether the cluster of the current credentials serves PyTorchJobs (a training
+    operator is installed), and why it seems so; never raises."""
     try:
-        return str(json.loads(err.body or "{}").get("message", ""))[:300]
-    except ValueError:
-        return str(err.body or "")[:300]
+        client = make_api_client()
+    except KubeConfigError as err:
+        return False, str(err)
+    return api_served(client, RESOURCE, namespace or current_namespace())
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+class PyTorchJobLauncher:
+    """Runs a :class:`TrainingTask` as a PyTorchJob and waits for its outcome.
+
+    Args:
+        settings: how the training pods look on this cluster.
+        api_client: the API to use; default: the pod's service account or the kubeconfig.
+        out: where the master pod's log is copied (default: stdout, the component's log).
+        clock: monotonic seconds, for deadlines (tests pass a fake one).
+        sleep: waits between polls (tests pass one that advances their clock).
+    """
+
+    def __init__(
+        self,
+        settings: PyTorchJobSettings,
+        api_client: kubernetes.client.ApiClient | None = None,
+        out: TextIO | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if api_client is None:
+            api_client = make_api_client()
+        self.settings = settings
+        self.namespace = settings.namespace or current_namespace()
+        self.jobs = CustomObjects(api_client, RESOURCE, self.namespace, LaunchError)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.host = str(api_client.configuration.host)
+        self.out = out or sys.stdout
+        self.clock, self.sleep = clock, sleep
+
+    # ------------------------------------------------------------------ API calls
+
+    def _core(self, verb: str, resource: str, send: Callable[[], Any], name: str = "") -> Any:
+        call = ApiCall(verb, resource, self.namespace, name)
+        return call_api(call, send, host=self.host, error=LaunchError)
+
+    def _create(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        if self.jobs.create(body, exist_ok=True) is None:
+            log.info("PyTorchJob %s appeared concurrently; adopting it", name)
+        # Re-read instead of trusting the create response (some servers answer without a body).
+        if self.jobs.get(name) is None:
+            raise LaunchError(f"PyTorchJob {self.namespace}/{name} vanished right after creation")
+
+    def _wait_deleted(self, name: str, timeout_s: float) -> None:
+        deadline = self.clock() + timeout_s
+        while self.jobs.get(name) is not None:
+            if self.clock() > deadline:
+                raise LaunchError(
+                    f"PyTorchJob {self.namespace}/{name} is still there {timeout_s:.0f}s after "
+                    "deletion (finalizers?); delete it by hand and retry"
+                )
+            self.sleep(min(self.settings.poll_s, 2.0))
+
+    def _pods(self, name: str) -> list[Any]:
+        selector = f"{JOB_LABEL}={name}"
+        pods = self._core(
+            "list",
+            "pods",
+            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector),
+        ).items
+        # Apply the selector here too: not every API server (or emulator) honours it.
+        return [p for p in pods if (p.metadata.labels or {}).get(JOB_LABEL) == name]
+
+    def _events(self, names: list[str]) -> list[str]:
+        """Recent events about the job and its pods, oldest first, one line each."""
+        found = []
+        for obj in names:
+            selector = f"involvedObject.name={obj}"
+            try:
+                items = self._core(
+                    "list",
+                    "events",
+                    lambda s=selector: self.core.list_namespaced_event(
+                        self.namespace, field_selector=s
+                    ),
+                ).items
+            except LaunchError as err:
+                return [f"(events unavailable: {err})"]
+            for ev in items:
+                if ev.involved_object is None or ev.involved_object.name != obj:
+                    continue
+                when = ev.last_timestamp or ev.event_time or ev.first_timestamp
+                kind = (ev.involved_object.kind or "").lower()
+                line = f"{ev.type or ''} {ev.reason or ''} {kind}/{obj}: {ev.message or ''}"
+                found.append((str(when or ""), line.strip()))
+        return [line for _, line in sorted(found)][-15:]
+
+    def _master_log(self, master: Any) -> list[str]:
+        """The kubelet's last lines of the master pod (complete, unlike a streamed tail)."""
+        pod = master.metadata.name
+        try:
+            text = self._core(
+                "get",
+                "pods/log",
+                lambda: self.core.read_namespaced_pod_log(
+                    pod, self.namespace, container=CONTAINER, tail_lines=self.settings.tail_lines
+                ),
+                pod,
+            )
+        except LaunchError:
+            return []
+        return str(text).splitlines()
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def _failure(
+        self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
+    ) -> LaunchError:
+        master = _master(pods)
+        lines = self._master_log(master) if master is not None else []
+        if not lines and follower is not None:  # pod already cleaned up
+            lines = list(follower.tail)
+        parts = [f"PyTorchJob {self.namespace}/{name} failed: {reason}"]
+        if master is not None:
+            parts.append(f"master pod {master.metadata.name}: {_pod_state(master)}")
+        parts.append(
+            "last log lines of the master pod:\n"
+            + ("\n".join(lines) if lines else "(none captured)")
+        )
+        events = self._events([name] + [p.metadata.name for p in pods])
+        parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
+        return LaunchError("\n".join(parts))
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, task: TrainingTask) -> None:
+        """Create (or adopt) the job, follow it, and return only when it Succeeded."""
+        s = self.settings
+        body = build_pytorchjob(task, s)
+        name = task.name
+        want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        job = self.jobs.get(name)
+        decision = adoption(job, want_hash)
+        if decision == "conflict":
+            raise LaunchError(
+                f"a different PyTorchJob {self.namespace}/{name} already exists (spec hash "
+                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
+                "this task, so it is left alone: delete it or use another run id"
+            )
+        if decision == "replace":
+            log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
+            self.jobs.delete(name)
+            self._wait_deleted(name, timeout_s=max(60.0, 10 * s.poll_s))
+            self._create(body)
+        elif decision == "adopt":
+            log.info(
+                "adopting existing PyTorchJob %s/%s (%s)",
+                self.namespace,
+                name,
+                _latest(job or {}) or "no status yet",
+            )
+        else:
+            self._create(body)
+            log.info(
+                "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
+                self.namespace,
+                name,
+                task.nnodes,
+                task.nproc_per_node,
+                s.image,
+            )
+        self._follow(name)
+
+    def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
+        """One look at the job and its pods; None after an API blip (raised once it is
+        ``failures`` > 5 in a row: not a blip)."""
+        try:
+            job, pods = self.jobs.get(name), self._pods(name)
+        except LaunchError:
+            if failures >= 5:
+                raise
+            log.warning("API error while following %s; retrying", name, exc_info=True)
+            return None
+        if job is None:
+            raise LaunchError(f"PyTorchJob {self.namespace}/{name} was deleted by someone else")
+        return job, pods
+
+    def _follow(self, name: str) -> None:
+        """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
+        s = self.settings
+        start = self.clock()
+        timeout = (
+            s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
+        )
+        follower: PodLogFollower | None = None
+        last_state, failures = "", 0
+        try:
+            while True:
+                seen = self._observe(name, failures)
+                if seen is None:
+                    failures += 1
+                    self.sleep(s.poll_s)
+                    continue
+                failures = 0
+                job, pods = seen
+                state = job_state(job, pods, self.clock() - start, s.start_timeout_s, timeout)
+                if state.outcome != "running":
+                    self._conclude(name, state, follower, pods)
+                    return
+                if state.detail != last_state:
+                    log.info("PyTorchJob %s: %s", name, state.detail or "waiting for the operator")
+                    last_state = state.detail
+                follower = follower or self._follower(pods)
+                self.sleep(s.poll_s)
+        finally:
+            if follower is not None:
+                follower.stop.set()
+
+    def _follower(self, pods: list[Any]) -> PodLogFollower | None:
+        """Start copying the master pod's log once it runs; None until then."""
+        master = _master(pods)
+        if master is None or not _started(master):
+            return None
+        s = self.settings
+        follower = PodLogFollower(
+            self.core,
+            self.namespace,
+            master.metadata.name,
+            CONTAINER,
+            self.out,
+            s.tail_lines,
+            s.log_reconnect_s,
+        )
+        follower.start()
+        return follower
+
+    def _conclude(
+        self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]
+    ) -> None:
+        """Act on an outcome: return on success; otherwise clean up what the operator will
+        not (an evicted, ownerless or overdue job is deleted) and raise with the evidence."""
+        if state.outcome in ("succeeded", "failed", "evicted") and follower is not None:
+            # Print what the pod wrote last before the outcome is reported.
+            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+        if state.outcome == "succeeded":
+            log.info("PyTorchJob %s succeeded", name)
+            return
+        if state.outcome == "no-operator":
+            self.jobs.delete(name)
+            raise LaunchError(
+                f"PyTorchJob {self.namespace}/{name} {state.detail} The job was deleted."
+            )
+        err = self._failure(name, state.detail, follower, pods)
+        if state.outcome == "failed":
+            raise err
+        self.jobs.delete(name)
+        raise LaunchError(f"{err}\nThe job was deleted.") if state.outcome == "timeout" else err

@@ -1,0 +1,148 @@
+"""Typed access to one kind of custom resource in one namespace.
+
+The launcher and the rollout need the same four calls on their custom resources (get,
+create, merge-patch, delete) with the same conventions: a missing object is ``None``, not an
+exception; a create's answer is never trusted to carry the object (some API servers answer
+with an empty body); only JSON merge patches are sent (no PUT, no resourceVersion); and
+every failure goes through :func:`ldm_core.kube.errors.call_api`. :func:`api_served` asks
+whether a custom resource is served at all, with only the ``get`` verb the Role grants.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from ldm_core.errors import LdmError
+from ldm_core.kube.errors import ApiCall, call_api
+
+PROBE_NAME = "ldm-backend-probe"
+"""A name no object has: the probe reads it to learn whether the resource is served."""
+
+
+@dataclass(frozen=True)
+class CustomResource:
+    """Where the API server serves a custom resource, and what RBAC calls it."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+    @property
+    def rbac_name(self) -> str:
+        """``plural.group``, as RBAC rules and ``kubectl auth can-i`` name it."""
+        return f"{self.plural}.{self.group}"
+
+
+class CustomObjects:
+    """The objects of one :class:`CustomResource` in one namespace.
+
+    Args:
+        api_client: a configured client (see :func:`ldm_core.kube.client.api_client`).
+        resource: which custom resource.
+        namespace: where the objects live.
+        error: the exception type raised for a failed call (the caller's own).
+    """
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        resource: CustomResource,
+        namespace: str,
+        error: type[LdmError],
+    ) -> None:
+        self.api = kubernetes.client.CustomObjectsApi(api_client)
+        self.resource = resource
+        self.namespace = namespace
+        self.error = error
+        self.host = str(api_client.configuration.host)
+
+    def _call(self, verb: str, name: str, send: Any, absent_on: tuple[int, ...] = ()) -> Any:
+        call = ApiCall(verb, self.resource.rbac_name, self.namespace, name)
+        return call_api(call, send, host=self.host, error=self.error, absent_on=absent_on)
+
+    def _args(self) -> tuple[str, str, str, str]:
+        r = self.resource
+        return r.group, r.version, self.namespace, r.plural
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        """The object, or None when there is none of that name."""
+        return self._call(
+            "get", name, lambda: self.api.get_namespaced_custom_object(*self._args(), name), (404,)
+        )
+
+    def create(self, body: dict[str, Any], *, exist_ok: bool = False) -> dict[str, Any] | None:
+        """Create ``body`` in this namespace; return the server's answer (``{}`` when it sent
+        none). With ``exist_ok``, an object of that name already there returns None."""
+        name = body["metadata"]["name"]
+        body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
+        return self._call(
+            "create",
+            name,
+            lambda: self.api.create_namespaced_custom_object(*self._args(), body) or {},
+            (409,) if exist_ok else (),
+        )
+
+    def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """Apply a JSON merge patch (RFC 7386; None deletes a key); return the answer."""
+        return (
+            self._call(
+                "patch",
+                name,
+                lambda: self.api.patch_namespaced_custom_object(*self._args(), name, patch),
+            )
+            or {}
+        )
+
+    def delete(self, name: str) -> bool:
+        """Delete with foreground propagation (dependents, e.g. pods, go first); False when
+        there was nothing to delete."""
+        options = kubernetes.client.V1DeleteOptions(propagation_policy="Foreground")
+        answer = self._call(
+            "delete",
+            name,
+            lambda: (
+                self.api.delete_namespaced_custom_object(*self._args(), name, body=options) or {}
+            ),
+            (404,),
+        )
+        return answer is not None
+
+
+def api_served(
+    api_client: kubernetes.client.ApiClient, resource: CustomResource, namespace: str
+) -> tuple[bool, str]:
+    """Whether the API server serves ``resource``, and why it seems so.
+
+    Reads an object that does not exist. A served resource answers a ``Status`` 404 whose
+    ``details`` name the resource (``kind`` is the plural); an unserved one answers the
+    server's plain-text "404 page not found". ``get`` is a verb the pipeline's Role grants,
+    whereas listing CRDs would need a ClusterRole. Any other answer, or none, counts as not
+    served: the caller falls back to training in its own pod.
+    """
+    api = kubernetes.client.CustomObjectsApi(api_client)
+    try:
+        api.get_namespaced_custom_object(
+            resource.group, resource.version, namespace, resource.plural, PROBE_NAME
+        )
+        return True, f"{resource.kind} API served"
+    except ApiException as err:
+        try:
+            details = json.loads(err.body or "{}").get("details") or {}
+        except (ValueError, AttributeError):
+            details = {}
+        if err.status == 404 and details.get("kind") == resource.plural:
+            return True, f"{resource.kind} API served"
+        return False, f"{resource.kind} API answered {err.status} {err.reason}"
+    except (urllib3.exceptions.HTTPError, OSError) as err:
+        return False, f"Kubernetes API not reachable: {type(err).__name__}: {err}"
