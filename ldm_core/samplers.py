@@ -134,7 +134,16 @@ class Sampler(abc.ABC):
 
 
 class _PerRowSampler(Sampler):
-    """A sampler that may draw noise per step: it steps each row with that row's generator."""
+    """A sampler that may draw noise per step: it steps each row with that row's generator.
+
+    Args:
+        scheduler: a MONAI ``DDPMScheduler`` or ``DDIMScheduler``.
+        step_options: keyword arguments of the scheduler's ``step`` (DDIM's ``eta``).
+    """
+
+    def __init__(self, scheduler: Scheduler, **step_options: Any) -> None:
+        super().__init__(scheduler)
+        self.step_options = step_options
 
     def step(
         self,
@@ -150,16 +159,12 @@ class _PerRowSampler(Sampler):
                 f"{self.name} step: {len(generator)} generators for a batch of {sample.shape[0]}"
             )
         rows = [
-            self._step_row(model_output[j : j + 1], t, sample[j : j + 1], g)
+            self.scheduler.step(
+                model_output[j : j + 1], t, sample[j : j + 1], generator=g, **self.step_options
+            )[0]
             for j, g in enumerate(generator)
         ]
         return torch.cat(rows)
-
-    @abc.abstractmethod
-    def _step_row(
-        self, model_output: torch.Tensor, t: int, sample: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        """One row's step."""
 
 
 def _beta_schedule(cfg: Config) -> dict[str, Any]:
@@ -188,37 +193,19 @@ class DDPMSampler(_PerRowSampler):
 
         return cls(DDPMScheduler(**_beta_schedule(cfg)))
 
-    def _step_row(
-        self, model_output: torch.Tensor, t: int, sample: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        return self.scheduler.step(model_output, t, sample, generator=generator)[0]
-
 
 class DDIMSampler(_PerRowSampler):
-    """DDIM (Song et al. 2021) on the DDPM schedule: few steps, deterministic at ``eta=0``.
-
-    Args:
-        scheduler: a MONAI ``DDIMScheduler``.
-        eta: share of fresh noise per step, 0 (deterministic) to 1 (DDPM-like).
-    """
+    """DDIM (Song et al. 2021) on the DDPM schedule: few steps, deterministic at ``eta=0``
+    (its step option ``eta``, from 0 to 1, is the share of fresh noise per step)."""
 
     name = "ddim"
     scheduler: DDIMScheduler
-
-    def __init__(self, scheduler: Scheduler, eta: float) -> None:
-        super().__init__(scheduler)
-        self.eta = eta
 
     @classmethod
     def from_config(cls, cfg: Config, eta: float) -> DDIMSampler:
         from monai.networks.schedulers import DDIMScheduler
 
-        return cls(DDIMScheduler(**_beta_schedule(cfg)), eta)
-
-    def _step_row(
-        self, model_output: torch.Tensor, t: int, sample: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        return self.scheduler.step(model_output, t, sample, eta=self.eta, generator=generator)[0]
+        return cls(DDIMScheduler(**_beta_schedule(cfg)), eta=eta)
 
 
 class RFlowSampler(Sampler):
