@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,11 @@ def test_an_unknown_sampler_is_refused_by_argparse(capsys):
         build_parser().parse_args(["sample", "--bundle", "b", "--output", "o", "--sampler", "x"])
     assert info.value.code == 2
     assert "invalid choice: 'x'" in capsys.readouterr().err
+
+
+def test_help_and_the_sampler_table_import_neither_torch_nor_monai():
+    # ``ldm --help`` and config validation read the sampler table; MONAI's schedulers take
+    # seconds to import, so the table must not pull them in.
+    code = "import sys, ldm_core.cli; print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
