@@ -12,9 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_core.config import PRESETS, Config, load_config
+from ldm_core.samplers import ALL_SAMPLERS
 
 log = logging.getLogger("ldm")
 
@@ -103,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    """The arguments every verb takes: one config, resolved the same way everywhere."""
     p.add_argument("--config", type=Path, help="YAML config file (a full or partial Config)")
     p.add_argument(
         "--preset",
@@ -119,24 +122,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ldm",
-        description="Train and serve 3D latent diffusion models of brain MRI.",
-    )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    def verb(
-        name: str, fn: Callable[[argparse.Namespace], None], help: str
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=fn)
-        _common(p)
-        return p
-
-    p = verb(
-        "download", cmd_download, "fetch or generate a raw dataset in the Decathlon Task01 layout"
-    )
+def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
         required=True,
@@ -146,9 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, help="demo: number of subjects to generate")
     p.add_argument("--seed", type=int, default=0, help="demo: random seed (default 0)")
 
-    p = verb(
-        "preprocess", cmd_preprocess, "resample, crop/pad and scale volumes into a training cache"
-    )
+
+def _preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input", required=True, type=Path, help="raw dataset (Task01 layout or a folder of NIfTI)"
     )
@@ -159,53 +144,122 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip unreadable files (listed in the manifest) instead of failing",
     )
 
-    p = verb(
-        "train-autoencoder",
-        cmd_train_autoencoder,
-        "train the AutoencoderKL (resumes from OUTPUT if it holds checkpoints)",
-    )
+
+def _train_autoencoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="preprocessed cache directory")
     p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
 
-    p = verb(
-        "train-diffusion",
-        cmd_train_diffusion,
-        "train the latent diffusion UNet on cached latents (resumes)",
-    )
+
+def _train_diffusion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="preprocessed cache directory")
     p.add_argument("--autoencoder", required=True, help="finished autoencoder run directory")
     p.add_argument("--output", required=True, help="run directory for checkpoints and logs")
 
-    p = verb(
-        "bundle", cmd_bundle, "pack a trained autoencoder and UNet into a servable model bundle"
-    )
+
+def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", required=True, help="autoencoder run directory")
     p.add_argument("--diffusion", required=True, help="diffusion run directory")
     p.add_argument("--output", required=True, help="bundle directory to write")
 
-    p = verb("sample", cmd_sample, "generate synthetic volumes (NIfTI + PNG) from a bundle")
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="model bundle directory")
     p.add_argument("--output", required=True, type=Path, help="directory for NIfTI and PNG files")
     p.add_argument("--num", type=int, help="number of samples (default: sampling.num_samples)")
     p.add_argument("--seed", type=int, default=0, help="first seed; sample i uses seed+i")
-    p.add_argument("--sampler", choices=["ddim", "ddpm", "rflow"], help="default: sampling.sampler")
+    p.add_argument(
+        "--sampler",
+        choices=ALL_SAMPLERS,
+        help="default: sampling.sampler; the bundle's model.scheduler.objective limits the choice",
+    )
     p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
 
-    p = verb(
-        "evaluate",
-        cmd_evaluate,
-        "score generated samples against real data; write metrics and figures",
-    )
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="model bundle directory")
     p.add_argument("--data", required=True, help="preprocessed cache directory (real images)")
     p.add_argument(
         "--output", required=True, type=Path, help="directory for metrics.json and figures"
     )
 
-    p = verb("serve", cmd_serve, "serve a bundle with KServe (V1 and Open Inference Protocol V2)")
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="model bundle directory")
     p.add_argument("--http-port", type=int, default=None, help="default: serving.http_port (8080)")
     p.add_argument("--model-name", default=None, help="default: serving.model_name (brain-ldm)")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One ``ldm`` verb: what it runs, its help line, and its own arguments (the common
+    ``--config/--preset/--set/--debug`` are added to every verb by :func:`_common`)."""
+
+    name: str
+    run: Callable[[argparse.Namespace], None]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb(
+        "download",
+        cmd_download,
+        "fetch or generate a raw dataset in the Decathlon Task01 layout",
+        _download_args,
+    ),
+    Verb(
+        "preprocess",
+        cmd_preprocess,
+        "resample, crop/pad and scale volumes into a training cache",
+        _preprocess_args,
+    ),
+    Verb(
+        "train-autoencoder",
+        cmd_train_autoencoder,
+        "train the AutoencoderKL (resumes from OUTPUT if it holds checkpoints)",
+        _train_autoencoder_args,
+    ),
+    Verb(
+        "train-diffusion",
+        cmd_train_diffusion,
+        "train the latent diffusion UNet on cached latents (resumes)",
+        _train_diffusion_args,
+    ),
+    Verb(
+        "bundle",
+        cmd_bundle,
+        "pack a trained autoencoder and UNet into a servable model bundle",
+        _bundle_args,
+    ),
+    Verb(
+        "sample", cmd_sample, "generate synthetic volumes (NIfTI + PNG) from a bundle", _sample_args
+    ),
+    Verb(
+        "evaluate",
+        cmd_evaluate,
+        "score generated samples against real data; write metrics and figures",
+        _evaluate_args,
+    ),
+    Verb(
+        "serve",
+        cmd_serve,
+        "serve a bundle with KServe (V1 and Open Inference Protocol V2)",
+        _serve_args,
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm",
+        description="Train and serve 3D latent diffusion models of brain MRI.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
+        p.set_defaults(func=verb.run)
+        _common(p)
+        verb.arguments(p)
     return parser
 
 

@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 from ldm_core.errors import LdmError
+from ldm_core.io import atomic_write_text
+from ldm_core.samplers import ALL_SAMPLERS, OBJECTIVES, incompatibility
+from ldm_core.samplers import samplers_for as samplers_for  # re-exported for older callers
 
 
 class ConfigError(LdmError, ValueError):
@@ -169,7 +172,7 @@ class TrainConfig:
 @dataclass
 class SamplingConfig:
     sampler: str = "ddim"
-    """ddim | ddpm | rflow"""
+    """One of ``ldm_core.samplers.ALL_SAMPLERS`` that fits ``model.scheduler.objective``."""
     steps: int = 50
     eta: float = 0.0
     clip_sample: bool = False
@@ -249,114 +252,122 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (atomically), e.g. next to a run's outputs."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        atomic_write_text(path, self.to_yaml())
 
 
 # --------------------------------------------------------------------------- presets
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Lay ``extra`` over ``base`` in place, section by section (how presets, files and
+    overrides combine)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+_GPU_COMMON: dict[str, Any] = {
+    "model": {
+        "autoencoder": {"latent_channels": 3, "norm_num_groups": 32},
+        "unet": {
+            "attention_levels": [False, True, True],
+            "num_res_blocks": 2,
+            "num_head_channels": 32,
+            "norm_num_groups": 32,
+        },
+    },
+    "train": {
+        "device": "cuda",
+        "diffusion": {"lr": 1e-4},
+        "val_every": 500,
+        "log_every": 50,
+        "checkpoint_every": 1000,
+        "keep_checkpoints": 3,
+    },
+}
+"""What every GPU preset shares: 32-group norms, attention in the UNet's lower levels, a
+1e-4 learning rate for the larger UNets, and a cadence for runs of tens of thousands of steps."""
+
+
+def _gpu_preset(specific: dict[str, Any]) -> dict[str, Any]:
+    """A GPU preset: :data:`_GPU_COMMON`, then the settings ``specific`` to that hardware."""
+    preset = copy.deepcopy(_GPU_COMMON)
+    _deep_merge(preset, specific)
+    return preset
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains the demo cohort's AE + LDM on 2 CPU cores in minutes (4 mm, 48x64x48).
     "tiny-cpu": {},
     # One 16 GB GPU (T4, V100-16G): 2 mm, fp16 with a GradScaler (no bf16 on those
     # cards), gradient checkpointing to fit the autoencoder's activations.
-    "gpu-16g": {
-        "data": {"spacing": [2.0, 2.0, 2.0], "shape": [80, 96, 80]},
-        "model": {
-            "autoencoder": {"channels": [32, 64, 64], "latent_channels": 3, "norm_num_groups": 32},
-            "unet": {
-                "channels": [128, 256, 256],
-                "attention_levels": [False, True, True],
-                "num_res_blocks": 2,
-                "num_head_channels": 32,
-                "norm_num_groups": 32,
+    "gpu-16g": _gpu_preset(
+        {
+            "data": {"spacing": [2.0, 2.0, 2.0], "shape": [80, 96, 80]},
+            "model": {
+                "autoencoder": {"channels": [32, 64, 64]},
+                "unet": {"channels": [128, 256, 256]},
             },
-        },
-        "train": {
-            "device": "cuda",
-            "amp": "fp16",
-            "gradient_checkpointing": True,
-            "autoencoder": {
-                "steps": 20000,
-                "batch_size": 1,
-                "adv_start_step": 5000,
-                "scale_factor_batches": 0,
+            "train": {
+                "amp": "fp16",
+                "gradient_checkpointing": True,
+                "autoencoder": {
+                    "steps": 20000,
+                    "batch_size": 1,
+                    "adv_start_step": 5000,
+                    "scale_factor_batches": 0,
+                },
+                "diffusion": {"steps": 50000, "batch_size": 4},
+                "threads": 0,
             },
-            "diffusion": {"steps": 50000, "batch_size": 4, "lr": 1e-4},
-            "val_every": 500,
-            "log_every": 50,
-            "checkpoint_every": 1000,
-            "keep_checkpoints": 3,
-            "threads": 0,
-        },
-        "serving": {"max_samples": 2},
-    },
+            "serving": {"max_samples": 2},
+        }
+    ),
     # One 32 GB+ GPU (V100-32G, A100-40G): finer 1.75 mm grid, wider models.
-    "gpu-32g": {
-        "data": {"spacing": [1.75, 1.75, 1.75], "shape": [96, 112, 96]},
-        "model": {
-            "autoencoder": {"channels": [32, 64, 128], "latent_channels": 3, "norm_num_groups": 32},
-            "unet": {
-                "channels": [128, 256, 512],
-                "attention_levels": [False, True, True],
-                "num_res_blocks": 2,
-                "num_head_channels": 32,
-                "norm_num_groups": 32,
+    "gpu-32g": _gpu_preset(
+        {
+            "data": {"spacing": [1.75, 1.75, 1.75], "shape": [96, 112, 96]},
+            "model": {
+                "autoencoder": {"channels": [32, 64, 128]},
+                "unet": {"channels": [128, 256, 512]},
             },
-        },
-        "train": {
-            "device": "cuda",
-            "amp": "fp16",
-            "gradient_checkpointing": False,
-            "autoencoder": {"steps": 30000, "batch_size": 2, "adv_start_step": 8000},
-            "diffusion": {"steps": 80000, "batch_size": 8, "lr": 1e-4},
-            "val_every": 500,
-            "log_every": 50,
-            "checkpoint_every": 1000,
-            "keep_checkpoints": 3,
-        },
-        "serving": {"max_samples": 4},
-    },
+            "train": {
+                "amp": "fp16",
+                "gradient_checkpointing": False,
+                "autoencoder": {"steps": 30000, "batch_size": 2, "adv_start_step": 8000},
+                "diffusion": {"steps": 80000, "batch_size": 8},
+            },
+            "serving": {"max_samples": 4},
+        }
+    ),
     # Several A100/H100-class GPUs through torchrun / PyTorchJob: bf16, nccl with a long
     # timeout (the latent cache is built on rank 0 while others wait), torch.compile and
     # synchronized BN (the patch discriminator has BN).
-    "multi-gpu": {
-        "data": {"spacing": [1.5, 1.5, 1.5], "shape": [128, 160, 128], "num_workers": 4},
-        "model": {
-            "autoencoder": {
-                "channels": [64, 128, 128],
-                "latent_channels": 3,
-                "num_res_blocks": 2,
-                "norm_num_groups": 32,
+    "multi-gpu": _gpu_preset(
+        {
+            "data": {"spacing": [1.5, 1.5, 1.5], "shape": [128, 160, 128], "num_workers": 4},
+            "model": {
+                "autoencoder": {"channels": [64, 128, 128], "num_res_blocks": 2},
+                "unet": {"channels": [256, 512, 768], "num_head_channels": 64},
             },
-            "unet": {
-                "channels": [256, 512, 768],
-                "attention_levels": [False, True, True],
-                "num_res_blocks": 2,
-                "num_head_channels": 64,
-                "norm_num_groups": 32,
+            "train": {
+                "amp": "bf16",
+                "gradient_checkpointing": True,
+                "compile": True,
+                "sync_bn": True,
+                "ddp_backend": "nccl",
+                "ddp_timeout_s": 7200,
+                "autoencoder": {"steps": 50000, "batch_size": 2, "adv_start_step": 10000},
+                "diffusion": {"steps": 150000, "batch_size": 8},
+                "val_every": 1000,
+                "log_every": 100,
+                "checkpoint_every": 2000,
             },
-        },
-        "train": {
-            "device": "cuda",
-            "amp": "bf16",
-            "gradient_checkpointing": True,
-            "compile": True,
-            "sync_bn": True,
-            "ddp_backend": "nccl",
-            "ddp_timeout_s": 7200,
-            "autoencoder": {"steps": 50000, "batch_size": 2, "adv_start_step": 10000},
-            "diffusion": {"steps": 150000, "batch_size": 8, "lr": 1e-4},
-            "val_every": 1000,
-            "log_every": 100,
-            "checkpoint_every": 2000,
-            "keep_checkpoints": 3,
-        },
-        "serving": {"max_samples": 2},
-    },
+            "serving": {"max_samples": 2},
+        }
+    ),
 }
 
 DEFAULT_PRESET = "tiny-cpu"
@@ -479,18 +490,56 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 # --------------------------------------------------------------------------- validation
 
-_CHOICES = {
+_CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.ddp_backend": ("auto", "nccl", "gloo"),
-    "sampling.sampler": ("ddim", "ddpm", "rflow"),
-    "model.scheduler.objective": ("ddpm", "rflow"),
+    "sampling.sampler": ALL_SAMPLERS,
+    "model.scheduler.objective": OBJECTIVES,
     "model.scheduler.prediction_type": ("epsilon", "v_prediction", "sample"),
     "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
 }
 
+_POSITIVE = (
+    "train.autoencoder.steps",
+    "train.autoencoder.batch_size",
+    "train.diffusion.steps",
+    "train.diffusion.batch_size",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite",
+    "train.log_every",
+    "train.val_every",
+    "train.ddp_timeout_s",
+    "sampling.steps",
+    "sampling.num_samples",
+    "serving.max_samples",
+    "serving.max_steps",
+    "serving.max_concurrency",
+    "evaluation.num_samples",
+    "evaluation.steps",
+    "model.scheduler.num_train_timesteps",
+    "storage.part_size_mb",
+    "train.autoencoder.lr",
+    "train.diffusion.lr",
+    "train.autoencoder.disc_lr",
+)
+
 
 def validate(cfg: Config) -> None:
-    """Check cross-field rules; raise ConfigError naming the first bad field."""
+    """Check cross-field rules; raise ConfigError naming the first bad field.
+
+    The checks run in an order where each may rely on the ones before it (the networks'
+    channel lists are sound before the data shape is checked against their depth).
+    """
+    _check_choices(cfg)
+    _check_networks(cfg)
+    _check_data(cfg)
+    _check_numbers(cfg)
+    _check_sampling(cfg)
+    _check_serving(cfg)
+
+
+def _check_choices(cfg: Config) -> None:
     for dotted, choices in _CHOICES.items():
         value = _get_dotted(cfg, dotted)
         if value not in choices:
@@ -501,6 +550,9 @@ def validate(cfg: Config) -> None:
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError(f"train.device: {device!r} must be auto, cpu, cuda or cuda:N")
 
+
+def _check_networks(cfg: Config) -> None:
+    """Channel lists that GroupNorm and multi-head attention can split."""
     ae, unet = cfg.model.autoencoder, cfg.model.unet
     for name, arch in (("model.autoencoder", ae), ("model.unet", unet)):
         if not arch.channels:
@@ -527,8 +579,11 @@ def validate(cfg: Config) -> None:
                 f"model.unet.channels[{i}]={ch} at an attention level"
             )
 
+
+def _check_data(cfg: Config) -> None:
     # The image is downsampled by the autoencoder, then the latent by the UNet: each
     # spatial size must survive both without remainder.
+    ae, unet = cfg.model.autoencoder, cfg.model.unet
     need = ae.downsample_factor * unet.downsample_factor
     for axis, size in zip("DHW", cfg.data.shape):
         if size <= 0 or size % need:
@@ -549,52 +604,32 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
 
-    positive = [
-        "train.autoencoder.steps",
-        "train.autoencoder.batch_size",
-        "train.diffusion.steps",
-        "train.diffusion.batch_size",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.max_nonfinite",
-        "train.log_every",
-        "train.val_every",
-        "train.ddp_timeout_s",
-        "sampling.steps",
-        "sampling.num_samples",
-        "serving.max_samples",
-        "serving.max_steps",
-        "serving.max_concurrency",
-        "evaluation.num_samples",
-        "evaluation.steps",
-        "model.scheduler.num_train_timesteps",
-        "storage.part_size_mb",
-    ]
-    for dotted in positive:
-        if _get_dotted(cfg, dotted) <= 0:
-            raise ConfigError(f"{dotted}: must be positive, got {_get_dotted(cfg, dotted)}")
-    for dotted in ("train.autoencoder.lr", "train.diffusion.lr", "train.autoencoder.disc_lr"):
+
+def _check_numbers(cfg: Config) -> None:
+    for dotted in _POSITIVE:
         if _get_dotted(cfg, dotted) <= 0:
             raise ConfigError(f"{dotted}: must be positive, got {_get_dotted(cfg, dotted)}")
     if not 0 <= cfg.train.diffusion.ema_decay < 1:
         raise ConfigError(
             f"train.diffusion.ema_decay: must be in [0, 1), got {cfg.train.diffusion.ema_decay}"
         )
-    compatible = samplers_for(cfg.model.scheduler.objective)
-    if cfg.sampling.sampler not in compatible:
-        raise ConfigError(
-            f"sampling.sampler: {cfg.sampling.sampler!r} cannot sample a model trained with "
-            f"model.scheduler.objective={cfg.model.scheduler.objective!r}; use one of "
-            f"{', '.join(compatible)}"
-        )
-    if (
-        cfg.sampling.sampler == "ddim"
-        and cfg.sampling.steps > cfg.model.scheduler.num_train_timesteps
-    ):
+
+
+def _check_sampling(cfg: Config) -> None:
+    """The sampler fits the training objective (the table in ldm_core.samplers decides)."""
+    reason = incompatibility(cfg.model.scheduler.objective, cfg.sampling.sampler)
+    if reason is not None:
+        raise ConfigError(f"sampling.sampler: {reason}")
+    # Every sampler refuses more steps than the model was trained with.
+    total_t = cfg.model.scheduler.num_train_timesteps
+    if cfg.sampling.steps > total_t:
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "
-            f"model.scheduler.num_train_timesteps={cfg.model.scheduler.num_train_timesteps}"
+            f"model.scheduler.num_train_timesteps={total_t}"
         )
+
+
+def _check_serving(cfg: Config) -> None:
     if not 1 <= cfg.serving.http_port <= 65535:
         raise ConfigError(f"serving.http_port: {cfg.serving.http_port} is not a TCP port")
     if cfg.serving.max_queue < 0:
@@ -604,11 +639,6 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def samplers_for(objective: str) -> tuple[str, ...]:
-    """Samplers that can draw from a model trained with ``objective``."""
-    return ("rflow",) if objective == "rflow" else ("ddim", "ddpm")
-
-
 def _suggest(word: Any, options: typing.Iterable[Any]) -> str:
     match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
@@ -616,14 +646,6 @@ def _suggest(word: Any, options: typing.Iterable[Any]) -> str:
 
 def _round_to(size: int, multiple: int) -> int:
     return max(multiple, round(size / multiple) * multiple)
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,8 +1,9 @@
-"""Networks and noise schedulers of the LDM, built from the config (MONAI core modules).
+"""Networks of the LDM, built from the config (MONAI core modules), and their weights.
 
 The autoencoder compresses a volume ``[1, D, H, W]`` to a latent ``[C, D/f, H/f, W/f]``;
 the UNet learns to denoise latents (Rombach et al. 2022; Pinaya et al. 2022). Everything
-here is architecture: training loops live in ``ldm_core.train`` and sampling in
+here is architecture: training loops live in ``ldm_core.train``, the noise schedulers and
+which objective takes which sampler in ``ldm_core.samplers``, and sampling in
 ``ldm_core.sample``, so serving and evaluation can build a model without training code.
 """
 
@@ -11,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet, PatchDiscriminator
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
+from monai.networks.schedulers import RFlowScheduler, Scheduler
 
-from ldm_core.config import Config, samplers_for
+from ldm_core.config import Config
 from ldm_core.errors import LdmError
+from ldm_core.samplers import build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +73,14 @@ def build_discriminator(cfg: Config, channels: int = 32, num_layers: int = 3) ->
 
 
 def build_scheduler(cfg: Config, sampler: str = "ddpm") -> Scheduler:
-    """A scheduler for training (``ddpm`` / ``rflow``) or sampling (any sampler).
+    """The MONAI scheduler behind ``sampler`` for the model ``cfg`` describes.
 
-    Raises LdmError when the sampler does not fit the model's training objective.
+    Kept so that callers written before :mod:`ldm_core.samplers` keep working until they
+    call :func:`ldm_core.samplers.training_scheduler` (training) or
+    :func:`ldm_core.samplers.build_sampler` (sampling). Raises LdmError when the sampler
+    does not fit ``model.scheduler.objective``.
     """
-    s = cfg.model.scheduler
-    allowed = samplers_for(s.objective)
-    if sampler not in allowed:
-        raise LdmError(
-            f"sampler {sampler!r} cannot sample a model trained with the {s.objective!r} "
-            f"objective; use one of {', '.join(allowed)}"
-        )
-    if sampler == "rflow":
-        return RFlowScheduler(
-            num_train_timesteps=s.num_train_timesteps,
-            use_discrete_timesteps=True,
-            sample_method="logit-normal",
-            use_timestep_transform=True,
-            base_img_size_numel=_latent_numel(cfg),
-            spatial_dim=3,
-        )
-    common: dict[str, Any] = dict(
-        num_train_timesteps=s.num_train_timesteps,
-        schedule=s.schedule,
-        prediction_type=s.prediction_type,
-        clip_sample=cfg.sampling.clip_sample,
-    )
-    if s.schedule != "sigmoid_beta":
-        common.update(beta_start=s.beta_start, beta_end=s.beta_end)
-    if sampler == "ddim":
-        return DDIMScheduler(**common)
-    return DDPMScheduler(**common)
-
-
-def _latent_numel(cfg: Config) -> int:
-    _, d, h, w = cfg.latent_shape
-    return d * h * w
+    return build_sampler(cfg, sampler).scheduler
 
 
 def diffusion_training_example(

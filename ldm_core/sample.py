@@ -18,16 +18,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from PIL import Image
 
 from ldm_core.bundle import Bundle, load
 from ldm_core.errors import LdmError
-from ldm_core.models import build_scheduler
+from ldm_core.io import atomic_write_bytes
+from ldm_core.samplers import build_sampler
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "ddpm", "rflow")
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(step_done, total_steps)`` after every denoising step."""
 
@@ -52,58 +51,30 @@ def denoise(
     eta: float | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """Run the reverse process from seeded noise; returns scaled latents ``[N, C, d, h, w]``."""
-    if sampler not in SAMPLERS:
-        raise LdmError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    """Run the reverse process from seeded noise; returns scaled latents ``[N, C, d, h, w]``.
+
+    Which sampler runs is the adapter's business (:mod:`ldm_core.samplers`): this loop is
+    the same for all of them. ``eta`` defaults to the bundle's ``sampling.eta`` (DDIM only).
+    """
+    scheduler = build_sampler(bundle.config, sampler, eta=eta)
     if not seeds:
         raise LdmError("at least one seed is needed")
-    scheduler = build_scheduler(bundle.config, sampler)
     total_t = bundle.config.model.scheduler.num_train_timesteps
     if not 1 <= steps <= total_t:
         raise LdmError(f"steps must be between 1 and {total_t}, got {steps}")
-    eta = bundle.config.sampling.eta if eta is None else eta
     x = _initial_noise(bundle, _generators(seeds))
     # Step noise (DDPM, DDIM with eta > 0) is drawn on the model's device, from its own
     # per-seed generators; the starting noise is drawn on the CPU so a seed gives the same
     # start on any device.
     gens = [torch.Generator(device=bundle.device).manual_seed(int(s) + 1) for s in seeds]
-    n = x.shape[0]
-    if isinstance(scheduler, RFlowScheduler):
-        _, d, h, w = bundle.latent_shape
-        scheduler.set_timesteps(steps, device=bundle.device, input_img_size_numel=d * h * w)
-    else:
-        scheduler.set_timesteps(steps, device=bundle.device)
-    timesteps = list(scheduler.timesteps)
+    scheduler.set_timesteps(steps, device=bundle.device)
+    timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
-        t_batch = torch.full((n,), int(t), device=bundle.device, dtype=torch.long)
-        out = bundle.unet(x, timesteps=t_batch)
-        if isinstance(scheduler, RFlowScheduler):
-            next_t = int(timesteps[i + 1]) if i + 1 < len(timesteps) else 0
-            x, _ = scheduler.step(out, int(t), x, next_t)
-        else:
-            # Per-sample steps with per-sample generators keep each seed's noise its own.
-            x = torch.cat(
-                [
-                    _step(scheduler, out[j : j + 1], int(t), x[j : j + 1], gens[j], eta)
-                    for j in range(n)
-                ]
-            )
+        t_batch = torch.full((len(seeds),), t, device=bundle.device, dtype=torch.long)
+        x = scheduler.step(bundle.unet(x, timesteps=t_batch), t, x, gens)
         if progress is not None:
             progress(i + 1, len(timesteps))
     return x
-
-
-def _step(
-    scheduler: DDIMScheduler | DDPMScheduler,
-    out: torch.Tensor,
-    t: int,
-    x: torch.Tensor,
-    gen: torch.Generator,
-    eta: float,
-) -> torch.Tensor:
-    if isinstance(scheduler, DDIMScheduler):
-        return scheduler.step(out, t, x, eta=eta, generator=gen)[0]
-    return scheduler.step(out, t, x, generator=gen)[0]
 
 
 @torch.no_grad()
@@ -201,14 +172,8 @@ def sample_to_dir(
     for s, vol in zip(seeds, volumes):
         nii = out / f"sample_{s:04d}.nii.gz"
         png = out / f"sample_{s:04d}.png"
-        _atomic_write(nii, to_nifti_bytes(vol, bundle.affine))
-        _atomic_write(png, triptych_png(vol))
+        atomic_write_bytes(nii, to_nifti_bytes(vol, bundle.affine))
+        atomic_write_bytes(png, triptych_png(vol))
         paths += [nii, png]
     log.info("wrote %d samples to %s", num, out)
     return paths
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)

@@ -98,3 +98,37 @@ def test_unknown_preset_and_malformed_override():
         load_config(overrides=["train.amp"])
     with pytest.raises(ConfigError, match="^train.amp: expected a string"):
         load_config(overrides=["train.amp.x=1"])
+
+
+@pytest.mark.parametrize(
+    "sampler, objective", [("ddim", "ddpm"), ("ddpm", "ddpm"), ("rflow", "rflow")]
+)
+def test_no_sampler_takes_more_steps_than_training_had(sampler, objective):
+    # Sampling refuses more steps than num_train_timesteps for every sampler, so the
+    # config says so before any work starts (it used to check only for ddim).
+    with pytest.raises(ConfigError, match="^sampling.steps: 50 exceeds .*=40"):
+        load_config(
+            overrides=[
+                f"model.scheduler.objective={objective}",
+                f"sampling.sampler={sampler}",
+                "model.scheduler.num_train_timesteps=40",
+            ]
+        )
+
+
+def test_gpu_presets_keep_their_own_settings_over_the_shared_base():
+    g16, g32, multi = (load_config(preset=p) for p in ("gpu-16g", "gpu-32g", "multi-gpu"))
+    assert all(c.train.device == "cuda" and c.model.unet.norm_num_groups == 32 for c in (g16, g32))
+    assert (g16.model.unet.channels, g32.model.unet.channels) == ((128, 256, 256), (128, 256, 512))
+    assert multi.model.unet.num_head_channels == 64 and g16.model.unet.num_head_channels == 32
+    assert (multi.train.val_every, g16.train.val_every) == (1000, 500)
+    assert PRESETS["gpu-16g"] is not PRESETS["gpu-32g"]
+    assert PRESETS["gpu-16g"]["model"]["unet"] is not PRESETS["gpu-32g"]["model"]["unet"]
+
+
+def test_save_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "runs" / "config.yaml"
+    load_config(preset="gpu-16g").save(path)
+    load_config().save(path)
+    assert load_config(path, preset="tiny-cpu") == load_config()
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]

@@ -124,3 +124,12 @@ def test_cli_reports_one_line_errors(tmp_path, capsys):
     assert rc == 1
     assert err[-1] == f"ldm sample: error: {tmp_path / 'none'}: bundle directory not found"
     assert "Traceback" not in "\n".join(err)
+
+
+def test_rflow_seed_gives_the_same_volume_alone_or_batched(tmp_path):
+    cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    b = load(random_bundle(tmp_path / "rf", cfg, seed=2), device="cpu")
+    batch = generate(b, [5, 6], sampler="rflow", steps=3)
+    alone = generate(b, [6], sampler="rflow", steps=3)
+    assert torch.allclose(batch[1], alone[0], atol=1e-4)
+    assert not torch.allclose(batch[0], batch[1])

@@ -1,0 +1,173 @@
+"""The sampler table: which objective takes which sampler, decided once; uniform adapters."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+from ldm_core import samplers
+from ldm_core.bundle import load
+from ldm_core.config import ConfigError, load_config
+from ldm_core.errors import LdmError
+from ldm_core.sample import generate
+from ldm_core.samplers import (
+    ALL_SAMPLERS,
+    OBJECTIVES,
+    SAMPLERS_BY_OBJECTIVE,
+    TRAINING_SAMPLER,
+    build_sampler,
+    samplers_for,
+    training_scheduler,
+)
+from tests.harness.configs import serve_config
+from tests.harness.data import random_bundle
+
+PAIRS = list(itertools.product(OBJECTIVES, ALL_SAMPLERS))
+
+
+def _config(objective: str, *extra: str):
+    """A serve-sized config trained with ``objective``, set to sample with a sampler it fits."""
+    return serve_config(
+        f"model.scheduler.objective={objective}",
+        f"sampling.sampler={samplers_for(objective)[0]}",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        objective: load(random_bundle(root / objective, _config(objective)), device="cpu")
+        for objective in OBJECTIVES
+    }
+
+
+def test_the_table_covers_every_sampler_and_objective():
+    assert set(itertools.chain(*SAMPLERS_BY_OBJECTIVE.values())) == set(ALL_SAMPLERS)
+    assert set(TRAINING_SAMPLER) == set(OBJECTIVES)
+    for objective, sampler in TRAINING_SAMPLER.items():
+        assert sampler in samplers_for(objective)
+
+
+@pytest.mark.parametrize("objective, sampler", PAIRS)
+def test_allowed_pairs_sample_and_refused_pairs_name_the_objective(bundles, objective, sampler):
+    bundle = bundles[objective]
+    if sampler in SAMPLERS_BY_OBJECTIVE[objective]:
+        x = generate(bundle, [1, 2], sampler=sampler, steps=2)
+        assert x.shape == (2, 1, 16, 16, 16) and torch.isfinite(x).all()
+        return
+    with pytest.raises(LdmError, match=r"cannot sample .*model\.scheduler\.objective"):
+        generate(bundle, [1], sampler=sampler, steps=2)
+    with pytest.raises(ConfigError) as info:
+        _config(objective, f"sampling.sampler={sampler}")
+    message = str(info.value)
+    assert message.startswith("sampling.sampler:") and "model.scheduler.objective" in message
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_every_adapter_steps_through_the_same_calls(sampler):
+    objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
+    adapter = build_sampler(_config(objective), sampler, eta=1.0)
+    adapter.set_timesteps(3)
+    timesteps = adapter.timesteps
+    assert len(timesteps) == 3 and all(isinstance(t, int) for t in timesteps)
+    assert timesteps == sorted(timesteps, reverse=True)  # from noisiest to clean
+    x = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    for t in timesteps:
+        model_output = 0.1 * x
+        x = adapter.step(model_output, t, x, gens)
+        assert x.shape == (2, 3, 4, 4, 4) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_a_row_steps_the_same_alone_or_in_a_batch(sampler):
+    """Step noise follows each row's own generator, so a seed is its own sample."""
+    objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
+    cfg = _config(objective)
+    x = torch.randn(3, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = torch.randn(3, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def first_step(rows: slice, seeds: list[int]) -> torch.Tensor:
+        adapter = build_sampler(cfg, sampler, eta=1.0)
+        adapter.set_timesteps(4)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return adapter.step(out[rows], adapter.timesteps[0], x[rows], gens)
+
+    batch = first_step(slice(0, 3), [10, 11, 12])
+    alone = first_step(slice(1, 2), [11])
+    assert torch.equal(batch[1:2], alone)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_stochastic_steps_need_one_generator_per_row(sampler):
+    adapter = build_sampler(_config("ddpm"), sampler, eta=1.0)
+    adapter.set_timesteps(2)
+    x = torch.zeros(2, 3, 4, 4, 4)
+    with pytest.raises(LdmError, match="1 generators for a batch of 2"):
+        adapter.step(x, adapter.timesteps[0], x, [torch.Generator()])
+
+
+def test_rflow_lands_on_clean_data_even_when_rounded_timesteps_repeat():
+    """Euler steps with a constant velocity must add up to exactly t0 / T of it, which only
+    holds if each step goes to the next timestep in the list, repeats included (MONAI keeps
+    timesteps as float16, so above 2048 neighbours round to the same value)."""
+    cfg = _config("rflow", "model.scheduler.num_train_timesteps=2100")
+    adapter = build_sampler(cfg, "rflow")
+    adapter.set_timesteps(2000)
+    timesteps = adapter.timesteps
+    assert len(set(timesteps)) < len(timesteps), timesteps[:8]  # the case this test is about
+    x0 = torch.zeros(1, 1, 2, 2, 2)
+    velocity = torch.ones_like(x0)
+    x = x0
+    for t in timesteps:
+        x = adapter.step(velocity, t, x, [torch.Generator()])
+    assert torch.allclose(x, x0 + velocity * timesteps[0] / 2100, atol=1e-4)
+
+
+def test_rflow_refuses_steps_out_of_order():
+    adapter = build_sampler(_config("rflow"), "rflow")
+    adapter.set_timesteps(3)
+    x = torch.zeros(1, 3, 4, 4, 4)
+    with pytest.raises(LdmError, match="not the next"):
+        adapter.step(x, adapter.timesteps[1], x, [torch.Generator()])
+
+
+@pytest.mark.parametrize(
+    "objective, scheduler_type", [("ddpm", DDPMScheduler), ("rflow", RFlowScheduler)]
+)
+def test_training_scheduler_follows_the_objective(objective, scheduler_type):
+    assert type(training_scheduler(_config(objective))) is scheduler_type
+
+
+def test_unknown_names_are_refused_by_name():
+    with pytest.raises(LdmError, match="sampler 'euler' is not one of ddim, ddpm, rflow"):
+        build_sampler(_config("ddpm"), "euler")
+    with pytest.raises(LdmError, match="model.scheduler.objective: 'flow' is not one of"):
+        samplers_for("flow")
+
+
+def test_config_choices_come_from_the_table():
+    for dotted, names in (
+        ("sampling.sampler", ALL_SAMPLERS),
+        ("model.scheduler.objective", OBJECTIVES),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(overrides=[f"{dotted}=nothing"])
+        assert f"is not one of {', '.join(names)}" in str(info.value)
+
+
+def test_editing_the_table_is_the_only_edit_needed(monkeypatch):
+    """Which samplers fit an objective is read from the table at every use: config
+    validation and sampling follow an edit of it, with nothing else changed."""
+    monkeypatch.setitem(samplers.SAMPLERS_BY_OBJECTIVE, "ddpm", ("ddim",))
+    with pytest.raises(ConfigError, match="sampling.sampler: 'ddpm' cannot sample"):
+        _config("ddpm", "sampling.sampler=ddpm")
+    with pytest.raises(LdmError, match="use one of ddim$"):
+        build_sampler(_config("ddpm"), "ddpm")
+    monkeypatch.setitem(samplers.SAMPLERS_BY_OBJECTIVE, "rflow", ("rflow", "ddim"))
+    assert _config("rflow", "sampling.sampler=ddim").sampling.sampler == "ddim"
