@@ -404,6 +404,7 @@ def test_every_declared_dependency_is_imported_by_its_side(extra):
     used = {dist for imp, dist in third_party_imports() if side(imp.module) == extra}
     unused = declared(extra) - used - set(RUNTIME_ONLY)
     assert not unused, f"{extra or 'dependencies'} declares {sorted(unused)}, imported by none"
+    assert set(RUNTIME_ONLY) <= declared(None), "RUNTIME_ONLY lists what nothing declares"
 
 
 def closure(*extras: str) -> set[str]:
