@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, on its own: the CPU build lying on disk here (a plain 'torch' pulls CUDA).
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	# '.[dev]' is everything: the engine, the pipeline and serve extras, and the test tools.
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip check
 	@touch $(STAMP)

@@ -1,12 +1,15 @@
 """The container images' recipes (no engine here, so nothing is built): hadolint passes with
 every ignore justified, and the properties the cluster relies on hold - multi-stage with the
 runtime-only final stage, pinned bases and packages, uid 1000, a read-only root filesystem
-friendly environment, no secrets, the serving command the ServingRuntime runs."""
+friendly environment, no secrets, the serving command the ServingRuntime runs, and each image
+installs only its side of the project (serving: the serve extra, no kfp; training: the pipeline
+extra, no kserve)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -23,6 +28,8 @@ DOCKERFILES = {
     "serving": ROOT / "images" / "serving" / "Dockerfile",
 }
 RUN_AS = 1000  # the manifests' and the launcher's runAsUser
+# image -> (the extra it installs, a package that belongs to the other side and must stay out)
+SIDES = {"serving": ("serve", "kfp"), "training": ("pipeline", "kserve")}
 
 
 @dataclass
@@ -220,6 +227,59 @@ def test_oci_labels(image):
     assert (
         labels["org.opencontainers.image.base.name"] == df.resolve(df.stages[-1].base).split("@")[0]
     )
+
+
+# Options of `uv pip install` that take a value (the next word), so it is not a requirement.
+VALUE_OPTIONS = {"--python", "-p", "--index-url", "-i", "--extra-index-url", "--find-links"}
+VALUE_OPTIONS |= {"-f", "--constraint", "-c", "--requirement", "-r", "--override"}
+
+
+def pip_installs(stage: Stage) -> list[list[str]]:
+    """What each ``uv pip install`` in the stage's RUN instructions installs (its
+    requirements, options and their values left out), one list per command."""
+    installs = []
+    for run in stage.all("RUN"):
+        words = shlex.split(run)
+        starts = [i for i in range(len(words)) if words[i : i + 3] == ["uv", "pip", "install"]]
+        for start in starts:
+            requirements, rest = [], iter(words[start + 3 :])
+            for word in rest:
+                if word in {"&&", "||", ";", "|"}:
+                    break
+                if word in VALUE_OPTIONS:
+                    next(rest)
+                elif not word.startswith("-"):
+                    requirements.append(word)
+            installs.append(requirements)
+    return installs
+
+
+def test_each_image_installs_only_its_side_of_the_project(image):
+    kind, path, df = image
+    extra, other_side = SIDES[kind]
+    installed = [req for stage in df.stages for reqs in pip_installs(stage) for req in reqs]
+    # The project itself, once, as ".[extras]": the extras say which side the image runs.
+    (project,) = [req for req in installed if req.startswith(".")]
+    extras = Requirement(f"brain-ldm{project[1:]}").extras
+    assert extras == {extra}, f"{path}: installs {project}, not .[{extra}]"
+    named = {canonicalize_name(Requirement(req).name) for req in installed if req != project}
+    strays = {n for n in named if n == other_side or n.startswith(other_side + "-")}
+    assert not strays, f"{path}: installs {sorted(strays)}, which belongs to the other image"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert extra in declared["optional-dependencies"], f"pyproject.toml has no {extra} extra"
+
+
+def test_the_install_parser_reads_the_project_and_its_extras():
+    """The test above reads what it should: options and their values are not requirements."""
+    stage = Stage("base", "builder")
+    stage.instructions.append(
+        (
+            "RUN",
+            'uv pip install --python /opt/venv/bin/python -c constraints.txt ".[serve]" '
+            "torch==2.13.0 && uv pip install --no-deps kfp && echo done",
+        )
+    )
+    assert pip_installs(stage) == [[".[serve]", "torch==2.13.0"], ["kfp"]]
 
 
 def test_serving_image_runs_what_the_serving_runtime_runs():
