@@ -9,11 +9,15 @@ STAMP   := $(VENV)/.installed
 # tests/test_manifests.py runs $(TOOLS)/bin/checkov (and fails without it when CI is set).
 TOOLS   := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
+# The compiled pipeline is parsed strictly with the protos of the oldest supported KFP backend
+# (2.4) and of the newest release, each in its own venv (1.x protos need protobuf 4);
+# tests/test_kfp_backend_compat.py runs them (and fails without them when CI is set).
+KFP_PROTOS := .venv-kfp-oldest/.installed .venv-kfp-newest/.installed
 TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
 
-.PHONY: help venv tools demo test test-slow lint compile clean
+.PHONY: help venv tools kfp-protos demo test test-slow lint compile clean
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
@@ -43,13 +47,22 @@ $(TOOLS_STAMP): tools-constraints.txt
 
 tools: $(TOOLS_STAMP)
 
+# --no-deps: only the generated protobuf modules are used, not the kfp SDK.
+.venv-kfp-%/.installed: kfp-protos-%.txt
+	@test -x $(@D)/bin/python || $(PY) -m venv $(@D) || python3 -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet --upgrade pip
+	$(@D)/bin/python -m pip install --quiet --no-deps -r $<
+	@touch $@
+
+kfp-protos: $(KFP_PROTOS)
+
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --nproc $(NPROC)
 
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP) $(TOOLS_STAMP)
+test-slow: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -51,8 +51,6 @@ LAZY_CROSSINGS = {
     ("ldm_core.stages", "ldm_core.kube"): "the kubeflow backend (PyTorchJob launcher and API "
     "probe), loaded only when a training stage runs on a cluster",
     ("ldm_core.stages", "ldm_core.deploy"): "the deploy stage; no other stage loads it",
-    ("ldm_core.stages", "kubernetes"): "the raw PyTorchJob API probe in _pytorchjob_api_served; "
-    "issue #10 moves it into ldm_core.kube - delete this entry when it does",
 }
 
 # Declared requirements no module imports by name: (distribution) -> what needs it at run time.
