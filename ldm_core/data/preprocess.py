@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +32,9 @@ from tqdm import tqdm
 
 from ldm_core.config import Config, DataConfig
 from ldm_core.data import folder, msd
-from ldm_core.data.cache import FORMAT_VERSION, MANIFEST_NAME, write_manifest
-from ldm_core.data.download import sha256_file
+from ldm_core.data.cache import FORMAT_VERSION, write_manifest
 from ldm_core.errors import LdmError
+from ldm_core.io import MANIFEST_JSON, atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
         "dataset_hash": dataset_hash({**settings, "channel_index": channel_index}, entries),
         "subjects": entries,
     }
-    existing = _read_json(output / MANIFEST_NAME)
+    existing = _read_json(output / MANIFEST_JSON)
     if existing == manifest:
         log.info("%s: cache is up to date (dataset %s)", output, manifest["dataset_hash"][:12])
     else:
@@ -127,7 +126,7 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
     if not ok:
         raise LdmError(
             f"{input}: no usable subjects, all {len(entries)} were skipped "
-            f"(reasons in {output / MANIFEST_NAME})"
+            f"(reasons in {output / MANIFEST_JSON})"
         )
     skipped = len(entries) - len(ok)
     log.info(
@@ -294,7 +293,7 @@ def _previous_entries(
     The channel's index is compared too: the same file read through an edited dataset.json
     could name a different volume "FLAIR".
     """
-    old = _read_json(output / MANIFEST_NAME)
+    old = _read_json(output / MANIFEST_JSON)
     if (
         not isinstance(old, dict)
         or old.get("format") != FORMAT_VERSION
@@ -307,11 +306,8 @@ def _previous_entries(
 
 
 def _save_volume(path: Path, volume: np.ndarray) -> None:
-    """Write float16 ``[1, D, H, W]`` atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, volume.astype(np.float16))
-    os.replace(tmp, path)
+    """Write float16 ``[1, D, H, W]`` atomically and durably."""
+    atomic_write(path, lambda f: np.save(f, volume.astype(np.float16)))
 
 
 def _remove_stale_volumes(output: Path, entries: list[dict[str, Any]]) -> None:
