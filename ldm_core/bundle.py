@@ -32,17 +32,21 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from ldm_core.config import Config, ConfigError, from_dict
 from ldm_core.errors import LdmError
+from ldm_core.io import (
+    AUTOENCODER_PT,
+    BUNDLE_JSON,
+    CONFIG_YAML,
+    GEOMETRY_JSON,
+    UNET_PT,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+)
 from ldm_core.models import build_autoencoder, build_unet, load_weights
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-BUNDLE_JSON = "bundle.json"
-CONFIG_YAML = "config.yaml"
-AUTOENCODER_PT = "autoencoder.pt"
-UNET_PT = "unet.pt"
-GEOMETRY_JSON = "data_geometry.json"
-"""Written by the training stages: affine, shape, spacing and dataset hash of the cache."""
 
 
 @dataclass
@@ -105,7 +109,11 @@ def save(
     dataset_hash: str = "",
     training_steps: dict[str, int] | None = None,
 ) -> Path:
-    """Write a bundle directory atomically: built in a sibling temp dir, then renamed."""
+    """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
+
+    Each file is written durably (:mod:`ldm_core.io`), and the parent directory is fsynced
+    after the rename, so a bundle that a reader sees is whole, and stays whole after a crash.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(affine, dtype=np.float64)
@@ -127,16 +135,18 @@ def save(
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        torch.save(autoencoder_state, tmp / AUTOENCODER_PT)
-        torch.save(unet_state, tmp / UNET_PT)
-        (tmp / CONFIG_YAML).write_text(cfg.to_yaml())
-        (tmp / BUNDLE_JSON).write_text(json.dumps(info, indent=2))
+        atomic_write(tmp / AUTOENCODER_PT, lambda f: torch.save(autoencoder_state, f))
+        atomic_write(tmp / UNET_PT, lambda f: torch.save(unet_state, f))
+        atomic_write_text(tmp / CONFIG_YAML, cfg.to_yaml())
+        # No trailing newline, as before: deploy names a bundle's upload by its files' hash.
+        atomic_write_text(tmp / BUNDLE_JSON, json.dumps(info, indent=2))
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(path.parent)
     log.info("wrote model bundle %s", path)
     return path
 
@@ -230,14 +240,3 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         device=dev,
         meta=info,
     )
-
-
-def make_random_bundle(
-    path: str | Path, cfg: Config, seed: int = 0, scale_factor: float = 1.0
-) -> Path:
-    """A bundle with untrained weights and the config's geometry, for tests and smoke checks."""
-    torch.manual_seed(seed)
-    autoencoder = build_autoencoder(cfg, use_checkpoint=False)
-    unet = build_unet(cfg)
-    affine = np.diag([*cfg.data.spacing, 1.0])
-    return save(path, cfg, autoencoder.state_dict(), unet.state_dict(), scale_factor, affine)

@@ -27,10 +27,8 @@ and a Markdown report and a few NIfTI samples.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,8 +44,17 @@ from monai.networks.nets import ResNet
 
 from ldm_core import figures
 from ldm_core.config import Config, EvaluationConfig, samplers_for
-from ldm_core.data.cache import MANIFEST_NAME, read_manifest, subjects
+from ldm_core.data.cache import read_manifest, subjects
 from ldm_core.errors import LdmError
+from ldm_core.io import (
+    AUTOENCODER_PT,
+    MANIFEST_JSON,
+    METRICS_JSON,
+    METRICS_JSONL,
+    UNET_PT,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -522,14 +529,14 @@ def load_real(
     shape = tuple(int(s) for s in manifest["shape"])
     if shape != tuple(int(s) for s in expected_shape):
         raise LdmError(
-            f"{root / MANIFEST_NAME}: images are {shape} but the bundle generates {tuple(expected_shape)} "
+            f"{root / MANIFEST_JSON}: images are {shape} but the bundle generates {tuple(expected_shape)} "
             "(bundle.json image_shape); evaluate against the cache the model was trained on"
         )
     usable = subjects(manifest)
     usable = [s for s in usable if s.get("split") in ("train", "val")]
     if len(usable) < 2:
         raise LdmError(
-            f"{root / MANIFEST_NAME}: needs at least 2 usable train/val subjects to compare with, "
+            f"{root / MANIFEST_JSON}: needs at least 2 usable train/val subjects to compare with, "
             f"found {len(usable)}"
         )
     if len(usable) > limit:
@@ -561,23 +568,16 @@ def _generate(bundle: Any, num: int, sampler: str, steps: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _training_runs(training_logs: Sequence[Path]) -> dict[str, Path]:
     """Label each training log (a run dir or a metrics.jsonl file) by its stage."""
     runs: dict[str, Path] = {}
     for entry in training_logs:
         entry = Path(entry)
-        path = entry / "metrics.jsonl" if entry.is_dir() else entry
+        path = entry / METRICS_JSONL if entry.is_dir() else entry
         run_dir = path.parent
-        if (run_dir / "autoencoder.pt").exists():
+        if (run_dir / AUTOENCODER_PT).exists():
             label = "autoencoder"
-        elif (run_dir / "unet.pt").exists():
+        elif (run_dir / UNET_PT).exists():
             label = "diffusion"
         else:
             label = run_dir.name
@@ -585,6 +585,63 @@ def _training_runs(training_logs: Sequence[Path]) -> dict[str, Path]:
             label = f"{label} ({run_dir})"
         runs[label] = path
     return runs
+
+
+def _sampler(cfg: Config, bundle: Any) -> str:
+    """``sampling.sampler``, or the bundle's own when the configured one cannot sample a
+    model of the bundle's training objective (an evaluation must not fail on that)."""
+    sampler = cfg.sampling.sampler
+    objective = bundle.config.model.scheduler.objective
+    if sampler in samplers_for(objective):
+        return sampler
+    log.warning(
+        "sampling.sampler=%s cannot sample this bundle (trained with objective %s); using the "
+        "bundle's own sampler %s",
+        sampler,
+        objective,
+        bundle.config.sampling.sampler,
+    )
+    return str(bundle.config.sampling.sampler)
+
+
+def _draw_figures(
+    real: torch.Tensor,
+    generated: torch.Tensor,
+    spacing: Sequence[float],
+    training_logs: Sequence[Path],
+) -> dict[str, bytes]:
+    """The report's pictures as PNG bytes, by name; ``generated`` already clipped to [0, 1]."""
+    spacing = tuple(float(s) for s in spacing)
+    images = {
+        "samples": figures.view_grid(generated, spacing, title="Generated samples"),
+        "real_vs_generated": figures.real_vs_generated(real, generated, spacing),
+        "intensity_histograms": figures.intensity_histograms(
+            intensity_histogram(real), intensity_histogram(generated), MASK_THRESHOLD
+        ),
+    }
+    runs = _training_runs(training_logs)
+    if runs:
+        images["training_curves"] = figures.training_curves(runs)
+    return images
+
+
+def _write_files(
+    out: Path, images: dict[str, bytes], generated: torch.Tensor, affine: np.ndarray
+) -> tuple[list[Path], list[Path]]:
+    """Write ``figures/<name>.png`` and the first :data:`NUM_NIFTI` samples as
+    ``samples/sample_<seed>.nii.gz`` (with the bundle's affine); returns both lists."""
+    from ldm_core.sample import to_nifti_bytes
+
+    figure_paths = [
+        atomic_write_bytes(out / "figures" / f"{name}.png", png) for name, png in images.items()
+    ]
+    sample_paths = [
+        atomic_write_bytes(
+            out / "samples" / f"sample_{seed:04d}.nii.gz", to_nifti_bytes(volume, affine)
+        )
+        for seed, volume in list(enumerate(generated))[:NUM_NIFTI]
+    ]
+    return figure_paths, sample_paths
 
 
 def evaluate(
@@ -603,7 +660,6 @@ def evaluate(
     Returns the content of ``metrics.json`` plus ``files`` (paths written).
     """
     from ldm_core.bundle import load
-    from ldm_core.sample import to_nifti_bytes
 
     ecfg = cfg.evaluation
     if ecfg.num_samples < 2:
@@ -612,25 +668,13 @@ def evaluate(
         )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(
-        missing_ok=True
-    )  # a stale verdict must not outlive a failed re-run
+    (out / METRICS_JSON).unlink(missing_ok=True)  # a stale verdict must not outlive a failed re-run
     log.info("loading bundle %s", bundle_dir)
     bundle = load(bundle_dir, device=cfg.train.device)
     log.info("loading real volumes from %s", data_dir)
     real, real_ids = load_real(data_dir, bundle.image_shape)
     log.info("%d real volumes; generating %d samples", len(real_ids), ecfg.num_samples)
-    sampler = cfg.sampling.sampler
-    objective = bundle.config.model.scheduler.objective
-    if sampler not in samplers_for(objective):
-        log.warning(
-            "sampling.sampler=%s cannot sample this bundle (trained with objective %s); using the "
-            "bundle's own sampler %s",
-            sampler,
-            objective,
-            bundle.config.sampling.sampler,
-        )
-        sampler = bundle.config.sampling.sampler
+    sampler = _sampler(cfg, bundle)
     generated = _generate(bundle, ecfg.num_samples, sampler, ecfg.steps)
 
     extractor = None
@@ -642,28 +686,9 @@ def evaluate(
     log.info("quality gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
 
     log.info("writing figures and reports")
-    spacing = tuple(float(s) for s in bundle.spacing)
     clipped = generated.clamp(0.0, 1.0)
-    images = {
-        "samples": figures.view_grid(clipped, spacing, title="Generated samples"),
-        "real_vs_generated": figures.real_vs_generated(real, clipped, spacing),
-        "intensity_histograms": figures.intensity_histograms(
-            intensity_histogram(real), intensity_histogram(clipped), MASK_THRESHOLD
-        ),
-    }
-    runs = _training_runs(training_logs)
-    if runs:
-        images["training_curves"] = figures.training_curves(runs)
-    figure_paths = []
-    for name, png in images.items():
-        path = out / "figures" / f"{name}.png"
-        _write_atomic(path, png)
-        figure_paths.append(path)
-    sample_paths = []
-    for seed, volume in list(enumerate(clipped))[:NUM_NIFTI]:
-        path = out / "samples" / f"sample_{seed:04d}.nii.gz"
-        _write_atomic(path, to_nifti_bytes(volume, bundle.affine))
-        sample_paths.append(path)
+    images = _draw_figures(real, clipped, bundle.spacing, training_logs)
+    figure_paths, sample_paths = _write_files(out, images, clipped, bundle.affine)
     verdict = {"passed": passed, "reasons": reasons}
     context = {
         "bundle": str(bundle_dir),
@@ -675,10 +700,10 @@ def evaluate(
     html, md = figures.write_reports(out, metrics, verdict, images, context, METRIC_DOCS)
 
     result: dict[str, Any] = {**metrics, "gate": verdict}
-    _write_atomic(out / "metrics.json", json.dumps(result, indent=2).encode())
-    log.info("wrote %s", out / "metrics.json")
+    atomic_write_json(out / METRICS_JSON, result)
+    log.info("wrote %s", out / METRICS_JSON)
     result["files"] = {
-        "metrics": str(out / "metrics.json"),
+        "metrics": str(out / METRICS_JSON),
         "report_html": str(html),
         "report_md": str(md),
         "figures": [str(p) for p in figure_paths],

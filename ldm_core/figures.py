@@ -17,7 +17,6 @@ import html
 import io
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ldm_core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +206,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_reports(
     output_dir: str | Path,
     metrics: Mapping[str, float],
@@ -265,6 +260,6 @@ img {{ max-width: 100%; }} .gate {{ color: {colour}; font-weight: bold; }}
     for name, png in images.items():
         md_lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({_data_uri(png)})"]
     html_path, md_path = out / "report.html", out / "report.md"
-    _write_text(html_path, page)
-    _write_text(md_path, "\n".join(md_lines) + "\n")
+    atomic_write_text(html_path, page)
+    atomic_write_text(md_path, "\n".join(md_lines) + "\n")
     return html_path, md_path

@@ -43,8 +43,11 @@ MANIFEST_JSON = "manifest.json"
 """The preprocessed cache's manifest: subjects, splits, hashes, geometry."""
 STAGE_JSON = "stage.json"
 """What a finished pipeline stage recorded about its inputs (its reuse key)."""
+DEPLOYMENT_JSON = "deployment.json"
+"""The deploy stage's record: backend, endpoint URL, model name, smoke-test result."""
 
 _CHUNK = 1 << 20
+_TMP_SUFFIX = ".tmp"
 
 
 # --------------------------------------------------------------------------- hashing
@@ -85,7 +88,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -97,6 +100,16 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def is_temporary(path: str | Path) -> bool:
+    """Whether ``path`` is one of :func:`atomic_write`'s temporary files.
+
+    A reader that lists a directory (to upload it, say) skips them: each is a write still
+    in progress or what a killed writer left behind, never content.
+    """
+    name = Path(path).name
+    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -35,15 +35,19 @@ from typing import Any
 
 from ldm_core.config import Config, load_config
 from ldm_core.errors import LdmError
+from ldm_core.io import (
+    AUTOENCODER_PT,
+    CONFIG_YAML,
+    DEPLOYMENT_JSON,
+    STAGE_JSON,
+    UNET_PT,
+    atomic_write_json,
+    sha256_file,
+)
 from ldm_core.launcher import Launcher, LocalLauncher, TrainingTask
 
 log = logging.getLogger(__name__)
 
-CONFIG_YAML = "config.yaml"
-STAGE_JSON = "stage.json"
-"""Written last by a training stage: the key of the inputs + config it finished with."""
-AUTOENCODER_PT = "autoencoder.pt"
-UNET_PT = "unet.pt"
 BACKENDS = ("auto", "local", "kubeflow")
 LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
 SERVING_DIR_ENV = "LDM_SERVING_DIR"
@@ -78,14 +82,6 @@ def _save_config(cfg: Config, directory: Path) -> Path:
     path = directory / CONFIG_YAML
     cfg.save(path)
     return path
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _digest(*parts: str) -> str:
@@ -123,7 +119,7 @@ def download_stage(
 
     cfg = resolve_config(preset, overrides)
     out = download(source, Path(output), cfg, subjects=subjects or None, seed=seed)
-    images = sorted(Path(out).glob("imagesTr/*.nii*"))
+    images = sorted(out.glob("imagesTr/*.nii*"))
     return {"source": source, "path": str(out), "images": len(images)}
 
 
@@ -139,7 +135,7 @@ def preprocess_stage(
     from ldm_core.data.preprocess import preprocess
 
     cfg = resolve_config(preset, overrides)
-    out = Path(preprocess(Path(raw_dir), Path(output), cfg, skip_bad=skip_bad))
+    out = preprocess(Path(raw_dir), Path(output), cfg, skip_bad=skip_bad)
     manifest = read_manifest(out)
     return {
         "path": str(out),
@@ -223,9 +219,8 @@ def _finished(run_dir: Path, marker: str, key: str) -> bool:
 
 
 def _mark_finished(run_dir: Path, key: str, info: dict[str, Any]) -> None:
-    tmp = run_dir / (STAGE_JSON + ".tmp")
-    tmp.write_text(json.dumps({"key": key, **info}, indent=2))
-    tmp.replace(run_dir / STAGE_JSON)
+    """Record the run's key, written last: a run dir without it is unfinished."""
+    atomic_write_json(run_dir / STAGE_JSON, {"key": key, **info})
 
 
 def _copy_tree(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
@@ -373,7 +368,7 @@ def train_diffusion_stage(
         "diffusion",
         _training_config(cfg),
         _dataset_hash(data),
-        _sha256_file(ae_weights),
+        sha256_file(ae_weights),
         _world(nproc, cluster),
     )
     info = _train(
@@ -452,8 +447,8 @@ def evaluate_stage(
         cfg, Path(bundle_dir), Path(data_dir), out, training_logs=[Path(p) for p in training_runs]
     )
     verdict = result["gate"]
-    files = result.get("files", {})
-    if report_path is not None and files.get("report_html"):
+    files = result["files"]
+    if report_path is not None:
         Path(report_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(files["report_html"], report_path)
     metrics = {
@@ -462,8 +457,7 @@ def evaluate_stage(
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
     if metrics_path is not None:
-        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(metrics_path, metrics)
     return {
         "metrics": metrics,
         "gate_passed": bool(verdict["passed"]),
@@ -517,5 +511,5 @@ def deploy_stage(
             smoke_steps=smoke_steps,
         )
     result = {**result, "endpoint": result.get("url")}
-    (out / "deployment.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_json(out / DEPLOYMENT_JSON, result, default=str)
     return result

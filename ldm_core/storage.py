@@ -8,9 +8,10 @@ the same for every backend:
   a download is hashed while it is written and compared, and a mismatch is an error naming the
   object (the partial file is removed). Multipart ETags are not content hashes, hence our own.
 - Atomic for the reader: a file is written to a temporary name beside its target and renamed
-  into place. A directory upload writes a ``_COMPLETE`` marker object last, listing every file
-  with its hash and size; ``download_dir`` refuses (or waits for) a prefix without it, and
-  downloads exactly the files the marker lists, so a reader never sees half an upload.
+  into place, file and directory fsynced (:mod:`ldm_core.io`). A directory upload writes a
+  ``_COMPLETE`` marker object last, listing every file with its hash and size; ``download_dir``
+  refuses (or waits for) a prefix without it, and downloads exactly the files the marker
+  lists, so a reader never sees half an upload.
 - Resume: a file whose local copy already has the expected hash is not transferred again; an
   object whose stored hash equals the local file's is not uploaded again.
 - Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
@@ -26,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from ldm_core.config import StorageConfig
 from ldm_core.errors import LdmError
+from ldm_core.io import atomic_write, atomic_write_bytes, is_temporary, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -205,42 +206,28 @@ def _translated(uri: str, action: str, mc: Minio) -> Iterator[None]:
         raise StorageError(f"{action} {uri} failed: {err}") from None
 
 
-# --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------- verified writes
 
 
 def _write_atomic(
     target: Path, fill: Callable[[BinaryIO], None], expected: str | None, source: str
 ) -> str:
-    """Write ``target`` through a temporary file beside it, hash what was written, and only
-    rename it into place when the hash matches ``expected`` (if given)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as raw:
-            writer = _HashingWriter(raw, digest)
-            fill(writer)  # type: ignore[arg-type]
-            raw.flush()
-            os.fsync(raw.fileno())
+    """Write ``target`` durably through :func:`ldm_core.io.atomic_write`, hashing the bytes
+    as they pass (a multi-GB download is not read twice), and let the temporary file become
+    ``target`` only when the hash matches ``expected`` (if given). Returns the hash."""
+    digest = hashlib.sha256()
+
+    def write(raw: BinaryIO) -> None:
+        fill(_HashingWriter(raw, digest))  # type: ignore[arg-type]
         got = digest.hexdigest()
         if expected is not None and got != expected:
             raise StorageError(
                 f"checksum mismatch for {source}: expected sha256 {expected}, got {got}; "
                 "the partial download was removed"
             )
-        os.replace(tmp, target)
-        return got
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write)
+    return digest.hexdigest()
 
 
 class _HashingWriter:
@@ -417,7 +404,7 @@ def _local_files(root: Path) -> list[tuple[str, Path]]:
         if not path.is_file() or path.is_symlink():
             continue
         rel = path.relative_to(root).as_posix()
-        if rel == COMPLETE_MARKER or (path.name.startswith(".") and path.name.endswith(".part")):
+        if rel == COMPLETE_MARKER or is_temporary(path):
             continue
         out.append((rel, path))
     return out
@@ -454,7 +441,7 @@ def upload_dir(
                 "size": path.stat().st_size,
             }
         payload = _manifest_bytes(entries)
-        _write_atomic(dest / COMPLETE_MARKER, lambda out: out.write(payload), None, str(dest))
+        atomic_write_bytes(dest / COMPLETE_MARKER, payload)
         return entries
     mc = client(cfg_storage)
     bucket, prefix = parse_s3(uri)
@@ -563,6 +550,6 @@ def download_dir(
                 download_file(join(uri, rel), target, expected_sha256=entry["sha256"])
             bar.update(int(entry.get("size", 0)))
     payload = _manifest_bytes(files)
-    _write_atomic(dest / COMPLETE_MARKER, lambda out: out.write(payload), None, uri)
+    atomic_write_bytes(dest / COMPLETE_MARKER, payload)
     log.info("downloaded %s -> %s (%d files, %d already current)", uri, dest, len(files), skipped)
     return dest

@@ -25,12 +25,15 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ldm_core.config import DEFAULT_PRESET, PRESETS, load_config
 from ldm_core.errors import LdmError
+from ldm_core.io import DEPLOYMENT_JSON, METRICS_JSON
 
 STAGES = ("download", "preprocess", "train-autoencoder", "train-diffusion", "evaluate", "deploy")
 HEADLINE_METRICS = ("ms_ssim_ratio", "mmd", "hist_distance", "mask_dice", "fid")
@@ -160,33 +163,17 @@ def run_pipeline(
         "LDM_WORKDIR": str(Path(output).resolve() / "work"),
     }
     progress = _Progress()
-    root_logger = logging.getLogger()
-    level = root_logger.level
-    # kfp.local logs cache hits and skipped tasks at INFO outside its own logging context.
-    root_logger.setLevel(logging.INFO)
-    root_logger.addFilter(progress)
     started_wall, t0 = time.time(), time.monotonic()
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the stage subprocesses inherit it
-    try:
-        with warnings.catch_warnings():
-            # The tasks carry the cluster image and GPU settings; kfp.local says it ignores them.
-            warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-            warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
-            task = pipeline(**args)
-    finally:
-        root_logger.removeFilter(progress)
-        root_logger.setLevel(level)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _environment(env), _observed(progress), warnings.catch_warnings():
+        # The tasks carry the cluster image and GPU settings; kfp.local says it ignores them.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+        task = pipeline(**args)
     outputs = task.outputs
     deployment = None
     if outputs["gate_passed"]:
         deployment = _latest_deployment(root, started_wall)
-    metrics_file = Path(outputs["evaluation"].path) / "metrics.json"
+    metrics_file = Path(outputs["evaluation"].path) / METRICS_JSON
     metrics = {
         k: v for k, v in json.loads(metrics_file.read_text()).items() if isinstance(v, int | float)
     }
@@ -203,11 +190,41 @@ def run_pipeline(
     )
 
 
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` for the stage subprocesses (they inherit it), and restore it after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _observed(progress: _Progress) -> Iterator[None]:
+    """Let ``progress`` see kfp.local's task records, which it logs at INFO outside its own
+    logging context; the root logger's level is restored after."""
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.INFO)
+    root_logger.addFilter(progress)
+    try:
+        yield
+    finally:
+        root_logger.removeFilter(progress)
+        root_logger.setLevel(level)
+
+
 def _latest_deployment(root: Path, since: float) -> dict[str, Any] | None:
     """deployment.json of this run's deploy task (deploy is never cached, so it is new)."""
     found = [
         p
-        for p in root.glob("*/deploy/deployment/deployment.json")
+        for p in root.glob(f"*/deploy/deployment/{DEPLOYMENT_JSON}")
         if p.stat().st_mtime >= since - 1
     ]
     if not found:
@@ -326,7 +343,7 @@ def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
     say(
         f"Pipeline finished in {result.seconds:.0f} s  ({', '.join(f'{k}: {v}' for k, v in result.stages.items())})"
     )
-    say(f"  metrics      {result.evaluation / 'metrics.json'}")
+    say(f"  metrics      {result.evaluation / METRICS_JSON}")
     shown = [k for k in HEADLINE_METRICS if k in result.metrics]
     say("               " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in shown))
     say(
@@ -336,7 +353,7 @@ def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
     say(f"  model bundle {result.bundle}")
     if not result.gate_passed:
         reasons = (
-            json.loads((result.evaluation / "metrics.json").read_text())
+            json.loads((result.evaluation / METRICS_JSON).read_text())
             .get("gate", {})
             .get("reasons", [])
         )

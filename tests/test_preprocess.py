@@ -55,6 +55,28 @@ def save(
     return path
 
 
+def save_with_header(path: Path, data: np.ndarray, **fields) -> Path:
+    """Save ``data`` with header ``fields`` set as given. They are set after nibabel built
+    the image, as a careless writer or a damaged file leaves them: nibabel's affine API
+    would repair or refuse them, and its loader repairs some (zero or negative pixdim)."""
+    img = nib.Nifti1Image(data, None)
+    for key, value in fields.items():
+        img.header[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+    return path
+
+
+SFORM_2MM = {
+    "pixdim": [1.0, 2, 2, 2, 1, 1, 1, 1],
+    "sform_code": 1,
+    "srow_x": [2.0, 0, 0, -40],
+    "srow_y": [0, 2.0, 0, -48],
+    "srow_z": [0, 0, 2.0, -36],
+}
+"""Header fields of a plain 2 mm grid given by the sform alone (qform unset)."""
+
+
 def run(
     folder: Path, tmp_path: Path, cfg=None, skip_bad: bool = False, name: str = "cache"
 ) -> tuple[dict, Path]:
@@ -217,6 +239,19 @@ def _bad_files(root: Path) -> dict[str, str]:
     nan[20, 20, 20] = np.nan
     save(root / "nan.nii.gz", nan)
     save(root / "fived.nii.gz", good[..., None, None].repeat(2, axis=4))
+    # Geometry that nibabel or MONAI would quietly replace with a made-up grid.
+    no_affine = {"qform_code": 0, "sform_code": 0}
+    save_with_header(
+        root / "zero_pixdim.nii.gz", good, pixdim=[1.0, 0, 0, 0, 1, 1, 1, 1], **no_affine
+    )
+    save_with_header(
+        root / "negative_pixdim.nii.gz", good, pixdim=[1.0, 2, -2, 2, 1, 1, 1, 1], **no_affine
+    )
+    nan_row = {**SFORM_2MM, "srow_x": [np.nan, 0, 0, -40]}
+    save_with_header(root / "nonfinite_affine.nii.gz", good, **nan_row)
+    save_with_header(
+        root / "singular_sform.nii.gz", good, **{**SFORM_2MM, "srow_z": [0, 0, 0, -36]}
+    )
     return {
         "corrupt": "not a readable NIfTI",
         "truncated": r"(?i)(eof|compressed|truncat|end of|size)",
@@ -226,6 +261,11 @@ def _bad_files(root: Path) -> dict[str, str]:
         "rgb": "RGB",
         "nan": "NaN",
         "fived": "5D image",
+        "zero_pixdim": r"voxel sizes \(pixdim\[1:4\]\) are \[0\.0, 0\.0, 0\.0\]; they must be "
+        r"positive and finite \(and neither qform nor sform is set\)",
+        "negative_pixdim": r"voxel sizes \(pixdim\[1:4\]\) are \[2\.0, -2\.0, 2\.0\]",
+        "nonfinite_affine": r"the affine from the sform is not finite: \[\[nan",
+        "singular_sform": r"the affine from the sform is singular",
     }
 
 
@@ -250,7 +290,29 @@ def test_each_bad_file_is_named_and_skippable(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "volumes").iterdir()) == ["good.npy"]
 
 
-@pytest.mark.parametrize("name", ["corrupt", "truncated", "flat", "complex", "rgb", "nan"])
+def test_geometry_written_as_is_is_used_when_it_is_valid(tmp_path: Path) -> None:
+    """The control for the geometry refusals: the same writer, a valid sform, accepted."""
+    save_with_header(tmp_path / "in" / "sform.nii.gz", phantom(), **SFORM_2MM)
+    manifest, _ = run(tmp_path / "in", tmp_path)
+    assert manifest["subjects"][0]["status"] == "ok"
+    assert np.allclose(np.abs(np.diag(manifest["affine"])[:3]), 3.0)  # resampled 2 mm -> 3 mm
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "corrupt",
+        "truncated",
+        "flat",
+        "complex",
+        "rgb",
+        "nan",
+        "zero_pixdim",
+        "negative_pixdim",
+        "nonfinite_affine",
+        "singular_sform",
+    ],
+)
 def test_single_bad_file_error_names_it(tmp_path: Path, name: str) -> None:
     src = tmp_path / "all"
     _bad_files(src)

@@ -16,6 +16,7 @@ from moto import settings as moto_settings
 
 from ldm_core import storage
 from ldm_core.config import StorageConfig
+from ldm_core.io import sha256_file
 from tests.harness.s3 import (
     TEST_ACCESS_KEY,
     TEST_SECRET_KEY,
@@ -106,7 +107,7 @@ def test_dir_roundtrip_with_marker(bucket, endpoint, tmp_path):
     out = storage.download_dir(uri, tmp_path / "dst")
     assert _read_tree(out) == files
     assert (out / storage.COMPLETE_MARKER).is_file()  # the local copy is complete too
-    assert not list(out.rglob("*.part"))
+    assert not list(out.rglob(".*"))  # no temporary file left behind
 
 
 def test_multipart_upload_and_verified_download(bucket, endpoint, tmp_path):
@@ -117,7 +118,7 @@ def test_multipart_upload_and_verified_download(bucket, endpoint, tmp_path):
     storage.upload_file(big, uri, StorageConfig(part_size_mb=5))
     stat = raw_client(endpoint).stat_object(bucket, "ckpt/ckpt.pt")
     assert stat.etag.endswith("-3"), f"expected a 3-part upload, etag {stat.etag}"
-    assert stat.metadata["x-amz-meta-sha256"] == storage.sha256_file(big)
+    assert stat.metadata["x-amz-meta-sha256"] == sha256_file(big)
 
     got = storage.download_file(uri, tmp_path / "out" / "ckpt.pt", StorageConfig(part_size_mb=5))
     assert got.read_bytes() == data
@@ -224,6 +225,15 @@ def test_local_and_file_uris_use_the_same_calls(tmp_path):
             str(tmp_path / "src/bundle.json"), tmp_path / "f", expected_sha256="0" * 64
         )
     assert not (tmp_path / "f").exists()
+
+
+def test_upload_dir_leaves_out_what_a_killed_writer_left(tmp_path):
+    """A hidden temporary of ldm_core.io.atomic_write is a write in progress, not content."""
+    files = _tree(tmp_path / "src")
+    (tmp_path / "src" / "weights" / ".unet.pt.k1ll3d.tmp").write_bytes(b"half of a write")
+    entries = storage.upload_dir(tmp_path / "src", str(tmp_path / "store"))
+    assert set(entries) == set(files)
+    assert _read_tree(tmp_path / "store") == files
 
 
 def _free_port() -> int:

@@ -15,7 +15,6 @@ stages can tell when their own caches are stale.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,14 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm_core.errors import LdmError
+from ldm_core.io import MANIFEST_JSON, atomic_write_text
 
-MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     """Load and sanity-check ``manifest.json``; errors name the file."""
-    path = Path(cache_dir) / MANIFEST_NAME
+    path = Path(cache_dir) / MANIFEST_JSON
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
@@ -52,15 +51,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
 
 
 def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
+    """Write ``manifest.json`` atomically and durably (:func:`ldm_core.io.atomic_write`)."""
+    return atomic_write_text(Path(cache_dir) / MANIFEST_JSON, json.dumps(manifest, indent=2))
 
 
 def subjects(manifest: dict[str, Any], split: str | None = None) -> list[dict[str, Any]]:
@@ -79,7 +71,7 @@ class VolumeDataset(Dataset):
         self.manifest = read_manifest(self.root)
         self.items = subjects(self.manifest, split)
         if not self.items:
-            raise LdmError(f"{self.root / MANIFEST_NAME}: no usable subjects in split {split!r}")
+            raise LdmError(f"{self.root / MANIFEST_JSON}: no usable subjects in split {split!r}")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -23,7 +23,6 @@ CPU generations) and a larger cohort extends a smaller one with the same seed.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
+
+from ldm_core.data.msd import DATASET_JSON
+from ldm_core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ def generate_cohort(
         "training": training,
         "test": [],
     }
-    (output / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
+    atomic_write_json(output / DATASET_JSON, dataset, indent=4)
     log.info("demo cohort: %d subjects at %d mm in %s", n_subjects, resolution, output)
     return output
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
+from ldm_core.io import atomic_write_json, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def download(
         "installed": request["source"] != str(output.resolve()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json_atomic(output / MARKER, marker)
+    atomic_write_json(output / MARKER, marker)
     log.info("%s: %s", output, described)
     return output
 
@@ -480,11 +481,7 @@ def write_sums(root: Path) -> Path:
         f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n"
         for p in tqdm(files, desc="sha256", unit="file")
     ]
-    path = root / SUMS
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(root / SUMS, "".join(lines))
 
 
 def _finished(output: Path, request: dict[str, Any]) -> bool:
@@ -524,18 +521,12 @@ def _forget_previous(output: Path) -> None:
 
 
 def md5_file(path: Path) -> str:
-    return _hash_file(path, hashlib.md5(usedforsecurity=False))
-
-
-def sha256_file(path: Path) -> str:
-    return _hash_file(path, hashlib.sha256())
-
-
-def _hash_file(path: Path, digest: Any) -> str:
+    """Hex MD5 of a file: the checksum the Decathlon archive is published with."""
+    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-    return str(digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> Any:
@@ -543,9 +534,3 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

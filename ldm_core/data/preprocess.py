@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,15 +32,19 @@ from tqdm import tqdm
 
 from ldm_core.config import Config, DataConfig
 from ldm_core.data import folder, msd
-from ldm_core.data.cache import FORMAT_VERSION, MANIFEST_NAME, write_manifest
-from ldm_core.data.download import sha256_file
+from ldm_core.data.cache import FORMAT_VERSION, write_manifest
 from ldm_core.errors import LdmError
+from ldm_core.io import MANIFEST_JSON, atomic_write, sha256_file
 
 log = logging.getLogger(__name__)
 
 VOLUMES_DIR = "volumes"
 PIPELINE_VERSION = 1
 """Bump when the transform chain changes what it writes, so old caches are rebuilt."""
+SINGULAR_RATIO = 1e-6
+"""An affine whose smallest singular value is below this fraction of its largest squeezes
+the volume onto a plane or a line: no scanner geometry, and resampling it fills the grid
+with copies of a few voxels."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
         "dataset_hash": dataset_hash({**settings, "channel_index": channel_index}, entries),
         "subjects": entries,
     }
-    existing = _read_json(output / MANIFEST_NAME)
+    existing = _read_json(output / MANIFEST_JSON)
     if existing == manifest:
         log.info("%s: cache is up to date (dataset %s)", output, manifest["dataset_hash"][:12])
     else:
@@ -127,7 +130,7 @@ def preprocess(input: Path, output: Path, cfg: Config, skip_bad: bool = False) -
     if not ok:
         raise LdmError(
             f"{input}: no usable subjects, all {len(entries)} were skipped "
-            f"(reasons in {output / MANIFEST_NAME})"
+            f"(reasons in {output / MANIFEST_JSON})"
         )
     skipped = len(entries) - len(ok)
     log.info(
@@ -172,9 +175,10 @@ def _hash_input(item: Item) -> str:
 def check_header(item: Item) -> int:
     """Validate ``item``'s NIfTI header without reading the voxels; returns its volume count.
 
-    Catches what the transforms would trip over with an obscure message: unreadable or
-    non-NIfTI files, 2D images, 5D+ images, and voxel types that are not real numbers
-    (complex, RGB).
+    Catches what the transforms would trip over with an obscure message, or worse pass
+    through silently: unreadable or non-NIfTI files, 2D images, 5D+ images, voxel types
+    that are not real numbers (complex, RGB), and geometry that is no geometry
+    (:func:`check_geometry`).
     """
     path = item.path
     try:
@@ -197,7 +201,45 @@ def check_header(item: Item) -> int:
         )
     if dtype.kind not in "iuf":
         raise BadInput(f"{path}: voxel type {dtype} ({dtype.kind!r}) is not a real number type")
+    check_geometry(path, img)
     return shape[3] if len(shape) == 4 else 1
+
+
+def check_geometry(path: Path, img: nib.Nifti1Image | nib.Nifti2Image) -> None:
+    """Refuse a header whose voxel sizes or voxel-to-world affine describe no real grid.
+
+    nibabel repairs such headers as it loads them, and says so only in a log line: voxel
+    sizes of zero become 1 mm, negative ones their absolute value. MONAI then swaps a
+    non-finite or singular affine for a made-up one. Either way the volume would be
+    resampled on a grid it was never acquired on. So the header is read again as it is
+    written: its voxel sizes (``pixdim[1:4]``) must be positive and finite, and the affine
+    nibabel uses (the sform, else the qform, else the voxel sizes alone) finite and
+    invertible.
+    """
+    with img.file_map["image"].get_prepare_fileobj("rb") as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    sizes = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        unset = raw["qform_code"] == 0 and raw["sform_code"] == 0
+        raise BadInput(
+            f"{path}: voxel sizes (pixdim[1:4]) are {sizes.tolist()}; they must be positive "
+            f"and finite{' (and neither qform nor sform is set)' if unset else ''}"
+        )
+    if raw["sform_code"] > 0:
+        source = "sform"
+    elif raw["qform_code"] > 0:
+        source = "qform"
+    else:
+        source = "pixdim (qform and sform unset)"
+    affine = raw.get_best_affine()
+    if not np.isfinite(affine).all():
+        raise BadInput(f"{path}: the affine from the {source} is not finite: {affine[:3].tolist()}")
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular[-1] <= SINGULAR_RATIO * singular[0]:
+        raise BadInput(
+            f"{path}: the affine from the {source} is singular (it maps the volume onto a "
+            f"plane or a line): {affine[:3].tolist()}"
+        )
 
 
 def _process(item: Item, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -294,7 +336,7 @@ def _previous_entries(
     The channel's index is compared too: the same file read through an edited dataset.json
     could name a different volume "FLAIR".
     """
-    old = _read_json(output / MANIFEST_NAME)
+    old = _read_json(output / MANIFEST_JSON)
     if (
         not isinstance(old, dict)
         or old.get("format") != FORMAT_VERSION
@@ -307,11 +349,8 @@ def _previous_entries(
 
 
 def _save_volume(path: Path, volume: np.ndarray) -> None:
-    """Write float16 ``[1, D, H, W]`` atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, volume.astype(np.float16))
-    os.replace(tmp, path)
+    """Write float16 ``[1, D, H, W]`` atomically and durably."""
+    atomic_write(path, lambda f: np.save(f, volume.astype(np.float16)))
 
 
 def _remove_stale_volumes(output: Path, entries: list[dict[str, Any]]) -> None:
