@@ -33,10 +33,10 @@ import numpy as np
 
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
+from ldm_core.io import BUNDLE_JSON, DEPLOYMENT_JSON, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-LOCAL_STATE_FILE = "deployment.json"
 PID_FILE = "serve.pid"
 LOG_FILE = "serve.log"
 CLUSTER_BACKENDS = ("kserve", "kubeflow")
@@ -279,8 +279,7 @@ def deploy_local(
 ) -> dict[str, Any]:
     """Start (or restart) the local model server for ``bundle_dir`` and smoke-test it."""
     bundle = Path(bundle_dir).resolve()
-    if not (bundle / "bundle.json").is_file():
-        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
+    _require_bundle(bundle)
     state = Path(state_dir) if state_dir is not None else bundle.parent / f"{bundle.name}-serving"
     state.mkdir(parents=True, exist_ok=True)
     if stop_local(state):
@@ -337,7 +336,7 @@ def deploy_local(
         "ready_s": round(ready_s, 2),
         "smoke": smoke,
     }
-    (state / LOCAL_STATE_FILE).write_text(json.dumps(result, indent=2))
+    atomic_write_json(state / DEPLOYMENT_JSON, result)
     return result
 
 
@@ -438,13 +437,18 @@ def deploy_kserve(
     }
 
 
+def _require_bundle(bundle: Path) -> None:
+    """Refuse a directory that is not a model bundle before anything is started or uploaded."""
+    if not (bundle / BUNDLE_JSON).is_file():
+        raise DeployError(f"{bundle}: not a model bundle (no {BUNDLE_JSON})")
+
+
 def _upload_bundle(cfg: Config, bundle: Path, storage_prefix: str, model: str) -> tuple[str, str]:
     """Copy the bundle to a content-addressed prefix; return its URI and sha256. The same
     bundle lands on the same URI, so re-deploying it changes nothing."""
     from ldm_core import storage
 
-    if not (bundle / "bundle.json").is_file():
-        raise DeployError(f"{bundle}: not a model bundle (no bundle.json)")
+    _require_bundle(bundle)
     digest = bundle_digest(bundle)
     uri = storage.join(storage_prefix, model, digest[:16])
     storage.upload_dir(bundle, uri, cfg.storage)

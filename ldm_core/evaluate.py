@@ -43,7 +43,7 @@ from monai.metrics import MMDMetric, MultiScaleSSIMMetric
 from monai.networks.nets import ResNet
 
 from ldm_core import figures
-from ldm_core.config import Config, EvaluationConfig, samplers_for
+from ldm_core.config import Config, EvaluationConfig
 from ldm_core.data.cache import read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.io import (
@@ -55,6 +55,7 @@ from ldm_core.io import (
     atomic_write_bytes,
     atomic_write_json,
 )
+from ldm_core.samplers import samplers_for
 
 log = logging.getLogger(__name__)
 
