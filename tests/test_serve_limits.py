@@ -1,9 +1,11 @@
 """The predictor under pressure and at the edges of its life: overload, the per-request time
-limit, readiness during warm-up, a taken port, and a bundle that cannot load."""
+limit, readiness during warm-up, a generation that fails, a taken port, a bundle that
+cannot load, and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import threading
@@ -23,7 +25,7 @@ from ldm_core.serve.model import BrainLDMModel
 from ldm_core.serve.server import ModelAwareDataPlane, serve
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
-from tests.harness.serving import serve_command, v2
+from tests.harness.serving import model_server, serve_command, v2
 
 TIMEOUT_S = 3.0
 LIMITS = [
@@ -148,3 +150,35 @@ def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "failed to load" in proc.stderr and "unet.pt" in proc.stderr
     assert '"event": "model_load_failed"' in proc.stderr
+
+
+def test_a_generation_that_fails_is_a_500_logged_with_its_cause(tmp_path):
+    # A bundle that loads but whose UNet raises at its first forward: bundle.json gives the
+    # latents one channel more than the UNet takes. No warm-up, or loading would fail.
+    bundle = random_bundle(tmp_path / "bundle", serve_config())
+    info_file = Path(bundle) / "bundle.json"
+    info = json.loads(info_file.read_text())
+    info["latent_shape"][0] += 1
+    info_file.write_text(json.dumps(info))
+    config = tmp_path / "serve.yaml"
+    serve_config("serving.warmup=false").save(config)
+    with model_server(bundle, tmp_path / "serve.log", "--config", str(config)) as server:
+        r = httpx.post(
+            f"{server.url}/v2/models/{MODEL}/infer",
+            json=v2([1], steps=2),
+            headers={"x-request-id": "req-broken-unet"},
+            timeout=60,
+        )
+        assert r.status_code == 500, r.text
+        assert "req-broken-unet" in r.json()["error"] and "RuntimeError" in r.json()["error"]
+        # The server lives on, healthy, and counts the failure.
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+        assert 'ldm_requests_rejected_total{reason="error"} 1.0' in metrics
+        assert "ldm_requests_in_flight 0.0" in metrics
+        assert server.stop() == 0  # SIGTERM: a graceful shutdown, exit status 0
+    (entry,) = [e for e in server.log_events() if e.get("request_id") == "req-broken-unet"]
+    assert entry["event"] == "request" and entry["level"] == "error" and entry["status"] == 500
+    assert entry["error"].startswith("generation failed: RuntimeError: ")
+    assert "channels" in entry["error"]  # the engine's own message, not a paraphrase
+    assert "Traceback" in entry["exception"]

@@ -36,16 +36,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log ``event`` with ``fields`` as JSON keys."""
-    log.log(level, event, extra={"fields": fields})
+def log_event(
+    event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields: Any
+) -> None:
+    """Log ``event`` with ``fields`` as JSON keys (and ``exc_info``'s traceback, if given)."""
+    log.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
 
-def log_request(req: GenerationRequest, status: int, **fields: Any) -> None:
-    """The one line a parsed request leaves: what it asked for and how it ended."""
+def log_request(
+    req: GenerationRequest, status: int, exc_info: BaseException | None = None, **fields: Any
+) -> None:
+    """The one line a parsed request leaves: what it asked for and how it ended. A 500 is
+    an error of ours (logged with its traceback); other 5xx are load, logged as warnings."""
+    if status == 500:
+        level = logging.ERROR
+    elif status >= 500:
+        level = logging.WARNING
+    else:
+        level = logging.INFO
     log_event(
         "request",
-        logging.INFO if status < 500 else logging.WARNING,
+        level,
+        exc_info=exc_info,
         request_id=req.request_id,
         protocol=req.protocol,
         n=len(req.seeds),

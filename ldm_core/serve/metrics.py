@@ -21,6 +21,6 @@ IN_FLIGHT = Gauge("ldm_requests_in_flight", "Requests generating right now")
 QUEUED = Gauge("ldm_requests_queued", "Requests waiting for a generation slot")
 REJECTED = Counter(
     "ldm_requests_rejected_total",
-    "Requests refused or failed, by reason (invalid, busy, timeout, out_of_memory)",
+    "Requests refused or failed, by reason (invalid, busy, timeout, out_of_memory, error)",
     ["reason"],
 )

@@ -8,7 +8,8 @@ validate, :mod:`~ldm_core.serve.protocol`), ``predict`` (generate, under the ser
 metadata of its inputs and outputs. The server owns HTTP, admission and threads.
 
 Status codes: 400 for a bad request (the field named), 503 busy or out of device memory,
-504 past the time limit.
+504 past the time limit, and 500 when generation itself fails: an engine error is ours,
+not the client's, and is logged with its type, message and request id.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from kserve import Model
-from kserve.errors import InvalidInput
+from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from ldm_core.bundle import Bundle
 from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config
-from ldm_core.errors import LdmError
 from ldm_core.sample import generate
 from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
 from ldm_core.serve.logs import log_event, log_request
@@ -162,9 +162,11 @@ class BrainLDMModel(Model):
             raise ServerBusy(
                 f"out of device memory generating {len(req.seeds)} samples; retry with fewer seeds"
             ) from None
-        except LdmError as exc:
-            REJECTED.labels("invalid").inc()
-            raise InvalidInput(str(exc)) from None
+        except Exception as exc:
+            REJECTED.labels("error").inc()
+            cause = f"{type(exc).__name__}: {exc}"
+            log_request(req, status=500, exc_info=exc, error=f"generation failed: {cause}")
+            raise InferenceError(f"request {req.request_id}: generation failed ({cause})") from exc
         return Generated(req, volumes, seconds)
 
     def _generate(self, req: GenerationRequest, progress: Progress) -> np.ndarray:
