@@ -140,20 +140,22 @@ def serve(
     name = model_name or cfg.serving.model_name
     listener = _listen(host, port)
     admission = Admission.from_config(cfg.serving)
-    model = BrainLDMModel(name, bundle, cfg, admission, device=device)
-    kserve_server = ModelServer(http_port=port, enable_grpc=False, workers=1)
-    kserve_server.dataplane = ModelAwareDataPlane(model_registry=kserve_server.registered_models)
-    kserve_server.register_model(model)
-    http = _http_server(kserve_server, port)
-    # After uvicorn's graceful shutdown it re-raises the signal it caught; KServe's handler
-    # then unloads the models (the default one would kill the process mid-cleanup).
-    kserve_server.register_signal_handler()
-    log_event("server_starting", model=name, host=host, port=port, bundle=str(bundle))
     load_errors: list[BaseException] = []
-    threading.Thread(
-        target=_load_or_stop, args=(model, http, load_errors), name="ldm-load", daemon=True
-    ).start()
     try:
+        model = BrainLDMModel(name, bundle, cfg, admission, device=device)
+        kserve_server = ModelServer(http_port=port, enable_grpc=False, workers=1)
+        kserve_server.dataplane = ModelAwareDataPlane(
+            model_registry=kserve_server.registered_models
+        )
+        kserve_server.register_model(model)
+        http = _http_server(kserve_server, port)
+        # After uvicorn's graceful shutdown it re-raises the signal it caught; KServe's
+        # handler then unloads the models (the default one would end the process at once).
+        kserve_server.register_signal_handler()
+        log_event("server_starting", model=name, host=host, port=port, bundle=str(bundle))
+        threading.Thread(
+            target=_load_or_stop, args=(model, http, load_errors), name="ldm-load", daemon=True
+        ).start()
         asyncio.run(_serve_http(kserve_server, http, listener))
     finally:
         admission.close()
