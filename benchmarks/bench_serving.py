@@ -39,7 +39,7 @@ def _codec_seconds(shape: tuple[int, ...], binary: bool, repeat: int) -> tuple[f
     import orjson
     from kserve.protocol.infer_type import InferRequest
 
-    from ldm_core.serve import GenerationRequest, build_v2_response
+    from ldm_core.serve.protocol import GenerationRequest, build_v2_response
 
     volume = np.random.default_rng(0).random((1, 1, *shape), dtype=np.float32)
     affine = np.eye(4)

@@ -95,10 +95,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from ldm_core.serve import serve
+    from ldm_core.serve import serving_config
 
-    cfg = _config(args)
-    serve(cfg, args.bundle, http_port=args.http_port, model_name=args.model_name)
+    cfg = serving_config(args.bundle, args.config, args.preset, args.set or [])
+    # Importing kserve runs its own parser over sys.argv (kserve/__init__ imports
+    # kserve.model_server, which parses at module level), and argparse's prefix matching
+    # reads our --config as its --configure_logging. This command line is parsed already
+    # and the server passes KServe every setting itself, so KServe is left none to read.
+    del sys.argv[1:]
+    from ldm_core.serve.server import serve
+
+    serve(
+        cfg,
+        args.bundle,
+        http_port=args.http_port,
+        model_name=args.model_name,
+        host=args.host,
+        device=args.device,
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -184,9 +198,15 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="model bundle directory")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        help="model bundle directory; its config.yaml is the config unless --config is given",
+    )
     p.add_argument("--http-port", type=int, default=None, help="default: serving.http_port (8080)")
     p.add_argument("--model-name", default=None, help="default: serving.model_name (brain-ldm)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
 
 
 @dataclass(frozen=True)

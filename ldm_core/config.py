@@ -23,7 +23,6 @@ import yaml
 from ldm_core.errors import LdmError
 from ldm_core.io import atomic_write_text
 from ldm_core.samplers import ALL_SAMPLERS, OBJECTIVES, incompatibility
-from ldm_core.samplers import samplers_for as samplers_for  # re-exported for older callers
 
 
 class ConfigError(LdmError, ValueError):

@@ -477,9 +477,9 @@ def _metric_names(expr: str) -> set[str]:
 
 
 def served_metrics() -> dict[str, list[str]]:
-    """name -> label names of every prometheus metric ldm_core/serve.py defines (read from
-    the source, not imported: the dashboard test should not pay for torch and kserve)."""
-    tree = ast.parse((ROOT / "ldm_core" / "serve.py").read_text())
+    """name -> label names of every prometheus metric ldm_core/serve/metrics.py defines
+    (read from the source, not imported: the dashboard test should not pay for torch and kserve)."""
+    tree = ast.parse((ROOT / "ldm_core" / "serve" / "metrics.py").read_text())
     out: dict[str, list[str]] = {}
     for node in ast.walk(tree):
         if (

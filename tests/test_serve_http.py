@@ -65,6 +65,23 @@ def test_health_and_metadata_describe_the_bundle(served, http):
     assert outputs["nifti"]["datatype"] == outputs["png"]["datatype"] == "BYTES"
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses listening on ``port``, from the kernel's socket table."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+            out.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_a_local_server_listens_on_loopback_only(served):
+    url, _, _ = served
+    assert _listening_addresses(int(url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+
+
 def test_v2_nifti_has_shape_affine_and_matches_the_volume_output(served, http):
     url, bundle, _ = served
     affine = load_bundle(bundle, "cpu").affine

@@ -1,12 +1,13 @@
 """The predictor under pressure and at the edges of its life: overload, the per-request time
-limit, readiness during warm-up, and a bundle that cannot load."""
+limit, readiness during warm-up, a generation that fails, a taken port, a bundle that
+cannot load, and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,12 +17,15 @@ import pytest
 import torch
 from kserve.model_repository import ModelRepository
 
+from ldm_core.cli import main as ldm_main
 from ldm_core.deploy import deploy, stop_local
-from ldm_core.serve import BrainLDMModel, _ModelAwareDataPlane
-from ldm_core.serve import main as serve_main
+from ldm_core.errors import LdmError
+from ldm_core.serve.admission import Admission
+from ldm_core.serve.model import BrainLDMModel
+from ldm_core.serve.server import ModelAwareDataPlane, serve
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
-from tests.harness.serving import v2
+from tests.harness.serving import model_server, serve_command, v2
 
 TIMEOUT_S = 3.0
 LIMITS = [
@@ -105,45 +109,38 @@ def test_time_limit_gives_504_and_frees_the_slot(limited):
 def test_readiness_turns_true_only_after_warm_up(tmp_path):
     cfg = serve_config()
     bundle = random_bundle(tmp_path / "bundle", cfg)
-    model = BrainLDMModel(MODEL, bundle, cfg, device="cpu")
+    model = BrainLDMModel(MODEL, bundle, cfg, Admission.from_config(cfg.serving), device="cpu")
     repo = ModelRepository()
     repo.update(model)
-    plane = _ModelAwareDataPlane(model_registry=repo)
+    plane = ModelAwareDataPlane(model_registry=repo)
 
     async def readiness() -> tuple[bool, bool]:
         return await plane.ready(), await plane.model_ready(MODEL)
 
-    model.start()  # what ModelServer calls; must not claim readiness
     assert asyncio.run(readiness()) == (False, False)
     model.load()
     assert asyncio.run(readiness()) == (True, True)
     assert model.bundle.device == torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "ldm_core.serve",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(_free_port()),
-        *args,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(serve_command(*args), capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_refuses_a_directory_that_is_not_a_bundle(tmp_path, capsys):
-    assert serve_main(["--bundle", str(tmp_path), "--set", "serving.max_samples=2"]) == 1
+    assert ldm_main(["serve", "--bundle", str(tmp_path), "--set", "serving.max_samples=2"]) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path}" in err and "not a model bundle" in err
+
+
+def test_a_taken_port_is_refused_naming_the_setting(tmp_path):
+    bundle = random_bundle(tmp_path / "bundle", serve_config())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LdmError, match=f"serving.http_port: cannot listen on 127.0.0.1:{port}"):
+            serve(serve_config(), bundle, port, host="127.0.0.1", device="cpu")
 
 
 def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
@@ -153,3 +150,35 @@ def test_a_bundle_that_fails_to_load_stops_the_server_with_the_reason(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "failed to load" in proc.stderr and "unet.pt" in proc.stderr
     assert '"event": "model_load_failed"' in proc.stderr
+
+
+def test_a_generation_that_fails_is_a_500_logged_with_its_cause(tmp_path):
+    # A bundle that loads but whose UNet raises at its first forward: bundle.json gives the
+    # latents one channel more than the UNet takes. No warm-up, or loading would fail.
+    bundle = random_bundle(tmp_path / "bundle", serve_config())
+    info_file = Path(bundle) / "bundle.json"
+    info = json.loads(info_file.read_text())
+    info["latent_shape"][0] += 1
+    info_file.write_text(json.dumps(info))
+    config = tmp_path / "serve.yaml"
+    serve_config("serving.warmup=false").save(config)
+    with model_server(bundle, tmp_path / "serve.log", "--config", str(config)) as server:
+        r = httpx.post(
+            f"{server.url}/v2/models/{MODEL}/infer",
+            json=v2([1], steps=2),
+            headers={"x-request-id": "req-broken-unet"},
+            timeout=60,
+        )
+        assert r.status_code == 500, r.text
+        assert "req-broken-unet" in r.json()["error"] and "RuntimeError" in r.json()["error"]
+        # The server lives on, healthy, and counts the failure.
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+        assert 'ldm_requests_rejected_total{reason="error"} 1.0' in metrics
+        assert "ldm_requests_in_flight 0.0" in metrics
+        assert server.stop() == 0  # SIGTERM: a graceful shutdown, exit status 0
+    (entry,) = [e for e in server.log_events() if e.get("request_id") == "req-broken-unet"]
+    assert entry["event"] == "request" and entry["level"] == "error" and entry["status"] == 500
+    assert entry["error"].startswith("generation failed: RuntimeError: ")
+    assert "channels" in entry["error"]  # the engine's own message, not a paraphrase
+    assert "Traceback" in entry["exception"]

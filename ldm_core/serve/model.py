@@ -1,0 +1,201 @@
+"""The bundle behind KServe's protocols: a ``kserve.Model`` that loads a bundle and turns
+parsed requests into volumes.
+
+It overrides what KServe means a model to override: ``load`` (readiness turns true only
+after the bundle loaded and one tiny generation warmed it up), ``preprocess`` (parse and
+validate, :mod:`~ldm_core.serve.protocol`), ``predict`` (generate, under the server's
+:class:`~ldm_core.serve.admission.Admission`) and ``postprocess`` (encode), plus the
+metadata of its inputs and outputs. The server owns HTTP, admission and threads.
+
+Status codes: 400 for a bad request (the field named), 503 busy or out of device memory,
+504 past the time limit, and 500 when generation itself fails: an engine error is ours,
+not the client's, and is logged with its type, message and request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kserve import Model
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from ldm_core.bundle import Bundle
+from ldm_core.bundle import load as load_bundle
+from ldm_core.config import Config
+from ldm_core.sample import generate
+from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
+from ldm_core.serve.logs import log_event, log_request
+from ldm_core.serve.metrics import REJECTED, REQUEST_LATENCY, SAMPLES_GENERATED
+from ldm_core.serve.protocol import (
+    GenerationRequest,
+    Limits,
+    build_v1_response,
+    build_v2_response,
+    encode,
+    parse_v1,
+    parse_v2,
+)
+
+
+@dataclass
+class Generated:
+    """What ``predict`` hands ``postprocess``: the request and its volumes."""
+
+    request: GenerationRequest
+    volumes: np.ndarray  # [N, 1, D, H, W] float32
+    generate_s: float
+
+
+class BrainLDMModel(Model):
+    """One model bundle served under ``name``.
+
+    Args:
+        name: the model name in the URLs (``/v2/models/{name}/infer``).
+        bundle_dir: the bundle directory.
+        cfg: the server's config (``serving`` limits, ``sampling`` defaults).
+        admission: the server's limits on concurrency, queue and time, which generation
+            runs under.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bundle_dir: str | Path,
+        cfg: Config,
+        admission: Admission,
+        device: str = "auto",
+    ) -> None:
+        super().__init__(name)
+        self.bundle_dir = Path(bundle_dir)
+        self.cfg = cfg
+        self.admission = admission
+        self.device = device
+        self.bundle: Bundle | None = None
+        self.limits: Limits | None = None
+
+    def load(self) -> bool:
+        """Load the bundle, warm it up, then mark the model ready. May run in a background
+        thread while the server already answers liveness."""
+        started = time.monotonic()
+        self.bundle = load_bundle(self.bundle_dir, self.device)
+        self.limits = Limits.from_config(self.cfg, self.bundle.config)
+        if self.cfg.serving.warmup:
+            # One tiny generation touches every kernel (and, on a GPU, initialises cuDNN and
+            # the allocator) so the first real request is not the slow one.
+            generate(self.bundle, [0], self.limits.default_sampler, min(2, self.limits.max_steps))
+        self.ready = True
+        log_event(
+            "model_ready",
+            model=self.name,
+            bundle=str(self.bundle_dir),
+            device=str(self.bundle.device),
+            image_shape=list(self.bundle.image_shape),
+            samplers=list(self.limits.samplers),
+            load_s=round(time.monotonic() - started, 3),
+        )
+        return self.ready
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": "seed", "datatype": "INT64", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        d, h, w = self.bundle.image_shape if self.bundle is not None else (-1, -1, -1)
+        return [
+            {"name": "volume", "datatype": "FP32", "shape": [-1, 1, d, h, w]},
+            {"name": "affine", "datatype": "FP32", "shape": [4, 4]},
+            {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
+            {"name": "png", "datatype": "BYTES", "shape": [-1]},
+        ]
+
+    async def preprocess(
+        self, payload: InferRequest | dict[str, Any] | bytes, headers: dict[str, str] | None = None
+    ) -> GenerationRequest:
+        """Parse a V2 ``InferRequest`` or a V1 body; a bad one is a 400 naming the field.
+        The request id is the client's ``x-request-id``, else the V2 ``id``, else new."""
+        if self.limits is None:
+            raise RuntimeError(f"model {self.name}: preprocess before load")
+        v2 = isinstance(payload, InferRequest)
+        header_id = (headers or {}).get("x-request-id")
+        request_id = header_id or (payload.id if v2 else None) or uuid.uuid4().hex
+        try:
+            if v2:
+                return parse_v2(payload, self.limits, request_id)
+            return parse_v1(payload, self.limits, request_id)
+        except InvalidInput as exc:
+            REJECTED.labels("invalid").inc()
+            log_event(
+                "request",
+                request_id=request_id,
+                protocol="v2" if v2 else "v1",
+                status=400,
+                error=str(exc),
+            )
+            raise
+
+    async def predict(
+        self, req: GenerationRequest, headers: dict[str, str] | None = None
+    ) -> Generated:
+        """Generate one volume per seed, once admission lets the request in."""
+        try:
+            volumes, seconds = await self.admission.run(
+                partial(self._generate, req),
+                request_id=req.request_id,
+                started=req.started,
+                steps=req.steps,
+            )
+        except RequestRejected as exc:
+            log_request(req, status=exc.status, error=str(exc))
+            raise
+        except torch.cuda.OutOfMemoryError:
+            REJECTED.labels("out_of_memory").inc()
+            log_request(req, status=503, error="out of device memory")
+            raise ServerBusy(
+                f"out of device memory generating {len(req.seeds)} samples; retry with fewer seeds"
+            ) from None
+        except Exception as exc:
+            REJECTED.labels("error").inc()
+            cause = f"{type(exc).__name__}: {exc}"
+            log_request(req, status=500, exc_info=exc, error=f"generation failed: {cause}")
+            raise InferenceError(f"request {req.request_id}: generation failed ({cause})") from exc
+        return Generated(req, volumes, seconds)
+
+    def _generate(self, req: GenerationRequest, progress: Progress) -> np.ndarray:
+        volumes = generate(self.bundle, req.seeds, req.sampler, req.steps, progress=progress)
+        return volumes.numpy().astype(np.float32, copy=False)
+
+    async def postprocess(
+        self,
+        result: Generated,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse | dict[str, Any]:
+        """Encode the volumes as the request asked, record metrics, log the request."""
+        req = result.request
+        affine = np.asarray(self.bundle.affine)
+        payloads: list[bytes] = []
+        if req.output != "volume":
+            # gzip / PNG encoding is CPU work; keep it off the event loop.
+            payloads = await asyncio.to_thread(encode, result.volumes, affine, req.output)
+        if req.protocol == "v2":
+            response: InferResponse | dict[str, Any] = build_v2_response(
+                req, result.volumes, affine, payloads, self.name
+            )
+        else:
+            response = build_v1_response(req, result.volumes, affine, payloads)
+        latency = time.monotonic() - req.started
+        REQUEST_LATENCY.labels(req.sampler).observe(latency)
+        SAMPLES_GENERATED.labels(req.sampler).inc(len(req.seeds))
+        log_request(
+            req, status=200, latency_s=round(latency, 4), generate_s=round(result.generate_s, 4)
+        )
+        return response
