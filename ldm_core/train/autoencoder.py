@@ -32,6 +32,7 @@ from ldm_core import storage
 from ldm_core.config import Config, StorageConfig
 from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
+from ldm_core.io import AUTOENCODER_PT, CHECKPOINT_DIR
 from ldm_core.models import build_autoencoder, build_discriminator
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, loop
@@ -39,8 +40,6 @@ from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
-AUTOENCODER_PT = "autoencoder.pt"
-CHECKPOINT_DIR = "checkpoints"
 STAGE = "autoencoder"
 
 

@@ -1,11 +1,11 @@
 """Atomic, complete training checkpoints and picking the one to resume from.
 
-A checkpoint is written to a hidden temp file in the same directory, fsynced, renamed
-into place and the directory fsynced: a reader therefore sees either the whole file under
-its final name or nothing, even if the writer is killed with SIGKILL mid-write or the node
-loses power. Only files named ``ckpt-<step>.pt`` count; temp files never match. Resuming
-still loads and checks the newest candidate and falls back to the previous one if it does
-not load, so a damaged file costs one interval, never the run.
+A checkpoint is written through :func:`ldm_core.io.atomic_write` (hidden temp file in the
+same directory, fsynced, renamed into place, directory fsynced): a reader therefore sees
+either the whole file under its final name or nothing, even if the writer is killed with
+SIGKILL mid-write or the node loses power. Only files named ``ckpt-<step>.pt`` count; temp
+files never match. Resuming still loads and checks the newest candidate and falls back to
+the previous one if it does not load, so a damaged file costs one interval, never the run.
 
 Everything lives in plain types (tensors, numbers, lists, dicts) so that files load with
 ``torch.load(weights_only=True)``: a checkpoint is data, never code.
@@ -14,10 +14,8 @@ Everything lives in plain types (tensors, numbers, lists, dicts) so that files l
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm_core import io
 from ldm_core.errors import LdmError
 
 log = logging.getLogger(__name__)
@@ -32,36 +31,9 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` that never leaves a partial file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    """``torch.save`` that never leaves a partial file under ``path`` (see :mod:`ldm_core.io`)."""
+    return io.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ldm_core import io
 from ldm_core.config import Config
 from ldm_core.data.cache import read_manifest
 from ldm_core.errors import LdmError
+from ldm_core.io import AUTOENCODER_PT, CHECKPOINT_DIR, UNET_PT
 from ldm_core.models import (
     build_autoencoder,
     build_scheduler,
@@ -38,13 +40,10 @@ from ldm_core.models import (
 )
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, latents, loop
-from ldm_core.train.autoencoder import AUTOENCODER_PT
 from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
-UNET_PT = "unet.pt"
-CHECKPOINT_DIR = "checkpoints"
 STAGE = "diffusion"
 _ARCH = ("model.unet", "model.scheduler", "model.autoencoder")
 
@@ -113,7 +112,7 @@ def prepare_latents(
 ) -> dict[str, torch.Tensor]:
     """Reuse or (on rank 0) rebuild the latent cache; every rank then reads it."""
     root = out / latents.LATENT_DIR
-    ae_sha = latents.file_sha256(ae_file)
+    ae_sha = io.sha256_file(ae_file)
     key = latents.cache_key(ae_sha, manifest, cfg)
     if env.is_main:
         if latents.is_current(root, key):

@@ -26,12 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ldm_core import io
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
 
 log = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.jsonl"
 
 
 # --------------------------------------------------------------------------- process setup
@@ -320,7 +319,7 @@ class MetricsLog:
         self.start = time.time()
         self._last_time = time.perf_counter()
         self._last_step = start_step
-        self.path = run_dir / METRICS_NAME
+        self.path = run_dir / io.METRICS_JSONL
         self.writer = None
         self.bar = None
         if not enabled:
@@ -341,6 +340,8 @@ class MetricsLog:
         )
 
     def _truncate(self, start_step: int) -> None:
+        """Keep the lines up to ``start_step`` (replacing the file whole: a kill mid-way
+        must not lose the curves of the steps that stay)."""
         if not self.path.exists():
             return
         keep = []
@@ -350,7 +351,7 @@ class MetricsLog:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        self.path.write_text("".join(k + "\n" for k in keep))
+        io.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def log(self, step: int, split: str, loss: float, **scalars: float) -> None:
         if not self.enabled:
@@ -411,9 +412,6 @@ class MetricsLog:
 
 # --------------------------------------------------------------------------- run directory
 
-GEOMETRY_NAME = "data_geometry.json"
-CONFIG_NAME = "config.yaml"
-
 
 def write_run_files(cfg: Config, manifest: dict[str, Any], run_dir: Path) -> None:
     """``config.yaml`` and the cache's geometry (affine, shape, spacing, dataset hash).
@@ -421,9 +419,6 @@ def write_run_files(cfg: Config, manifest: dict[str, Any], run_dir: Path) -> Non
     The geometry travels with the models so that generated NIfTI files carry the
     orientation and voxel size of the training data, not an identity affine.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / CONFIG_NAME)
+    io.atomic_write_text(run_dir / io.CONFIG_YAML, cfg.to_yaml())
     geometry = {key: manifest[key] for key in ("affine", "shape", "spacing", "dataset_hash")}
-    tmp = run_dir / (GEOMETRY_NAME + ".tmp")
-    tmp.write_text(json.dumps(geometry, indent=2))
-    tmp.replace(run_dir / GEOMETRY_NAME)
+    io.atomic_write_json(run_dir / io.GEOMETRY_JSON, geometry)
