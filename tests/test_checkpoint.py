@@ -18,7 +18,9 @@ import torch
 from ldm_core.errors import LdmError
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train.autoencoder import train_autoencoder
-from tests.harness.configs import TINY_OVERRIDES, ae_config
+from ldm_core.train.distributed import DistEnv
+from ldm_core.train.loop import NonFiniteGuard
+from tests.harness.configs import TINY_OVERRIDES, ae_config, tiny_config
 from tests.harness.data import make_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,60 @@ def test_architecture_mismatch_names_the_fields(tmp_path):
             "model.unet",
             tmp_path / "ckpt-00000010.pt",
         )
+
+
+def _parts(seed: int) -> dict:
+    """A model, its optimizer after one step, and a guard: what trainers checkpoint."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).square().mean().backward()
+    optimizer.step()
+    return {"model": model, "optimizer": optimizer, "guard": NonFiniteGuard(3, "test")}
+
+
+def test_save_then_resume_puts_every_part_and_the_rng_stream_back(tmp_path):
+    cfg, env = tiny_config(), DistEnv()
+    manager = ckpt.CheckpointManager(tmp_path)
+    assert (
+        ckpt.resume(
+            manager, _parts(1), stage="t", total_steps=9, cfg=cfg, env=env, arch_sections=()
+        )
+        == 0
+    )
+
+    saved = _parts(0)
+    saved["guard"].record(False, 5)
+    ckpt.save(manager, 5, saved, cfg=cfg, env=env)
+    state = ckpt.load(manager.path_for(5))
+    assert list(state) == ["model", "optimizer", "guard", "rng", "config", "step"]
+    assert state["config"] == cfg.to_dict() and len(state["rng"]) == env.world_size
+    expected_draw = torch.rand(3)
+
+    fresh = _parts(1)
+    step = ckpt.resume(
+        manager, fresh, stage="t", total_steps=9, cfg=cfg, env=env, arch_sections=("model",)
+    )
+    assert step == 5
+    assert torch.equal(torch.rand(3), expected_draw)  # this rank's RNG stream continues
+    for name, value in saved["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[name], value)
+    assert fresh["optimizer"].state_dict()["state"][0]["step"] == 1
+    assert fresh["guard"].state_dict() == {"in_row": 1, "total": 1}
+
+
+def test_resume_fills_optional_parts_only_when_the_checkpoint_has_them(tmp_path):
+    cfg, env = tiny_config(), DistEnv()
+    manager = ckpt.CheckpointManager(tmp_path)
+    ckpt.save(manager, 2, _parts(0), cfg=cfg, env=env)
+    extra = torch.nn.Linear(1, 1)
+    before = {k: v.clone() for k, v in extra.state_dict().items()}
+    parts = {**_parts(1), "discriminator": extra}
+    kwargs = {"stage": "t", "total_steps": 4, "cfg": cfg, "env": env, "arch_sections": ()}
+    assert ckpt.resume(manager, parts, optional=("discriminator",), **kwargs) == 2
+    assert all(torch.equal(extra.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(LdmError, match=r"ckpt-00000002.pt: checkpoint has no 'discriminator'"):
+        ckpt.resume(manager, parts, **kwargs)
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

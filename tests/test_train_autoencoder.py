@@ -65,6 +65,18 @@ def test_scale_factor_is_one_over_std_of_all_training_latents(tmp_path):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_validation_and_scale_factor_leave_the_model_in_the_mode_they_found(tmp_path, training):
+    """Both run mid-training or after it: the caller's train/eval mode must survive them."""
+    data = make_cache(tmp_path / "data", n_train=1, n_val=1)
+    cfg = ae_config()
+    model = build_autoencoder(cfg).train(training)
+    ae_mod.validate(model, ae_mod.VolumeDataset(data, "val"), cfg, DistEnv())
+    assert {m.training for m in model.modules()} == {training}
+    ae_mod.compute_scale_factor(model, ae_mod.VolumeDataset(data, "train"), cfg, DistEnv())
+    assert {m.training for m in model.modules()} == {training}
+
+
 def test_perceptual_and_adversarial_terms_join(tmp_path):
     data = make_cache(tmp_path / "data", n_train=2, n_val=0)
     features = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())

@@ -13,8 +13,8 @@ import torch
 from ldm_core import bundle
 from ldm_core.data.cache import VolumeDataset
 from ldm_core.errors import LdmError
-from ldm_core.models import build_autoencoder, build_unet
-from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion
+from ldm_core.models import build_autoencoder, build_scheduler, build_unet
+from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion, validate
 from ldm_core.train.distributed import DistEnv
 from tests.harness.configs import tiny_config
 from tests.harness.data import fake_autoencoder_run, make_cache
@@ -122,6 +122,15 @@ def test_diffusion_refuses_an_autoencoder_of_another_architecture(tmp_path):
         train_diffusion(other, data, ae_dir, tmp_path / "dm")
     with pytest.raises(LdmError, match="train the autoencoder first"):
         train_diffusion(dm_config(), data, tmp_path / "missing", tmp_path / "dm")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_validation_leaves_the_unet_in_the_mode_it_found(training):
+    cfg = dm_config()
+    unet = build_unet(cfg).train(training)
+    val = torch.randn(2, *cfg.latent_shape)
+    validate(unet, val, build_scheduler(cfg, "ddpm"), cfg, DistEnv())
+    assert {m.training for m in unet.modules()} == {training}
 
 
 def test_block_checkpointing_keeps_gradients_and_parameter_names():

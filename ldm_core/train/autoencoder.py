@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ldm_core import storage
 from ldm_core.config import Config, StorageConfig
 from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
+from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import build_autoencoder, build_discriminator
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, loop
@@ -39,15 +41,16 @@ from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
-AUTOENCODER_PT = "autoencoder.pt"
-CHECKPOINT_DIR = "checkpoints"
 STAGE = "autoencoder"
+_ARCH = ("model.autoencoder",)
+_DISC_PARTS = ("discriminator", "disc_optimizer", "disc_scaler")
+"""Checkpoint parts of the adversarial loss: absent from a checkpoint written while it was off."""
 
 
 def train_autoencoder(cfg: Config, data_dir: str | Path, output_dir: str | Path) -> Path:
     """Train (or resume, or skip if finished) the autoencoder; returns the run directory."""
     data_dir, out = Path(data_dir), Path(output_dir)
-    if finished(cfg, out):
+    if ckpt.finished(out / AUTOENCODER_PT, cfg, _ARCH, cfg.train.autoencoder.steps):
         log.info(
             "%s: finished autoencoder run with %d steps found; nothing to do",
             out,
@@ -62,16 +65,6 @@ def train_autoencoder(cfg: Config, data_dir: str | Path, output_dir: str | Path)
     finally:
         distributed.shutdown(env)
     return out
-
-
-def finished(cfg: Config, out: Path) -> bool:
-    """True when ``out`` holds a final autoencoder of this architecture with enough steps."""
-    final = out / AUTOENCODER_PT
-    if not final.exists():
-        return False
-    saved = ckpt.load(final)
-    ckpt.check_same_architecture(saved.get("config", {}), cfg.to_dict(), "model.autoencoder", final)
-    return int(saved.get("steps", 0)) >= cfg.train.autoencoder.steps
 
 
 # --------------------------------------------------------------------------- losses
@@ -145,10 +138,9 @@ def load_perceptual(
 
 
 def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: DistEnv) -> None:
+    """One rank's part of the stage: data, models, resume, the shared loop, the final model."""
     tc = cfg.train.autoencoder
-    device = env.device
     loop.seed_everything(cfg.train.seed)
-
     train_set = VolumeDataset(data_dir, "train")
     val_set = VolumeDataset(data_dir, "val") if subjects(manifest, "val") else None
     loader = loop.make_loader(
@@ -160,14 +152,34 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
         shuffle=True,
         num_workers=cfg.data.num_workers,
     )
+    parts = _build(cfg, env)
+    perceptual = (
+        load_perceptual(tc.perceptual_weights, env.device, cfg.storage)
+        if tc.perceptual_weight > 0
+        else None
+    )
 
+    run = loop.Run(STAGE, out, cfg, env, tc.steps)
+    start = loop.begin(run, parts, manifest, arch_sections=_ARCH, optional=_DISC_PARTS)
+    step_fn = _step_fn(cfg, env, parts, perceptual)
+    validate = None if val_set is None else _validate_fn(parts["model"], val_set, cfg, env)
+    step = loop.train(run, step_fn, loader, parts, start=start, validate=validate)
+    _save_final(parts["model"], train_set, cfg, env, out, step)
+
+
+def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    """The autoencoder, its optimizer and scaler, the NaN guard and, when the adversarial
+    loss will join within this run, the discriminator with its own optimizer and scaler:
+    everything a checkpoint holds, in the order the shared seed initialises it."""
+    tc, device = cfg.train.autoencoder, env.device
     ae = loop.prepare_model(build_autoencoder(cfg), cfg, device)
-    optimizer = torch.optim.Adam(ae.parameters(), lr=tc.lr)
-    scaler = loop.make_scaler(device, cfg.train.amp)
-
-    use_adv = tc.adv_weight > 0 and tc.adv_start_step < tc.steps
-    disc = d_opt = d_scaler = None
-    if use_adv:
+    parts: dict[str, Any] = {
+        "model": ae,
+        "optimizer": torch.optim.Adam(ae.parameters(), lr=tc.lr),
+        "scaler": loop.make_scaler(device, cfg.train.amp),
+        "guard": loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
+    }
+    if tc.adv_weight > 0 and tc.adv_start_step < tc.steps:
         disc = build_discriminator(cfg)
         if cfg.train.sync_bn and env.distributed:
             if device.type == "cuda":
@@ -177,145 +189,113 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
                     "train.sync_bn: SyncBatchNorm needs CUDA; keeping per-rank BatchNorm on CPU"
                 )
         disc = loop.prepare_model(disc, cfg, device)
-        d_opt = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr)
-        d_scaler = loop.make_scaler(device, cfg.train.amp)
-    perceptual = (
-        load_perceptual(tc.perceptual_weights, device, cfg.storage)
-        if tc.perceptual_weight > 0
-        else None
-    )
-    adv_loss = PatchAdversarialLoss(criterion="least_squares")
-    guard = loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE)
+        parts |= {
+            "discriminator": disc,
+            "disc_optimizer": torch.optim.Adam(disc.parameters(), lr=tc.disc_lr),
+            "disc_scaler": loop.make_scaler(device, cfg.train.amp),
+        }
+    return parts
 
-    # Identical weights come from the shared seed above; from here on each rank draws its
-    # own noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
-    loop.seed_everything(cfg.train.seed + env.rank)
-    manager = ckpt.CheckpointManager(out / CHECKPOINT_DIR, cfg.train.keep_checkpoints)
-    step = 0
-    state = ckpt.resume(manager, env, device)
-    if state is not None:
-        parts = {"model": ae, "optimizer": optimizer, "scaler": scaler, "guard": guard}
-        if disc is not None and "discriminator" in state:
-            parts |= {"discriminator": disc, "disc_optimizer": d_opt, "disc_scaler": d_scaler}
-        step = ckpt.restore(
-            state,
-            parts,
-            cfg=cfg.to_dict(),
-            arch_sections=("model.autoencoder",),
-            env=env,
-            seed=cfg.train.seed,
-        )
-        log.info(
-            "resuming autoencoder training from %s (step %d of %d)", state["path"], step, tc.steps
-        )
-        del state
 
+def _step_fn(
+    cfg: Config,
+    env: DistEnv,
+    parts: dict[str, Any],
+    perceptual: FeaturePerceptualLoss | None,
+) -> loop.StepFn:
+    """The generator step: L1 + KL (+ perceptual) (+ adversarial, once it has joined), then,
+    with the adversarial loss on, one discriminator step on the same reconstructions."""
+    tc, device, amp = cfg.train.autoencoder, env.device, cfg.train.amp
+    ae, optimizer, scaler = parts["model"], parts["optimizer"], parts["scaler"]
+    disc = parts.get("discriminator")
     ae_train = loop.for_training(ae, cfg, env.distributed, device)
-    disc_train: nn.Module | None = None
-    if disc is not None:
-        disc_train = loop.for_training(disc, cfg, env.distributed, device, compile=False)
-
-    if env.is_main:
-        loop.write_run_files(cfg, manifest, out)
-    metrics = loop.MetricsLog(
-        out, STAGE, tc.steps, step, env.is_main, batch_size=tc.batch_size * env.world_size
-    )
-
-    def save_checkpoint(at: int) -> None:
-        rng = distributed.gather_object(env, ckpt.rng_state())
-        if env.is_main:
-            state = {
-                "model": ae.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "guard": guard.state_dict(),
-                "rng": rng,
-                "config": cfg.to_dict(),
-            }
-            if disc is not None:
-                state.update(
-                    discriminator=disc.state_dict(),
-                    disc_optimizer=d_opt.state_dict(),
-                    disc_scaler=d_scaler.state_dict(),
-                )
-            manager.save(state, at)
-        distributed.barrier(env)
-
-    data = loop.batches(loader, step)
     ae_train.train()
-    try:
-        while step < tc.steps:
-            x = loop.to_input(next(data), cfg, device)
-            adv_on = disc is not None and step >= tc.adv_start_step
-            with loop.autocast(device, cfg.train.amp):
-                recon, z_mu, z_sigma = ae_train(x)
-                recon = recon.float()
-                l1 = (recon - x).abs().mean()
-                kl = kl_divergence(z_mu, z_sigma)
-                g_loss = l1 + tc.kl_weight * kl
-                terms = {"l1": l1, "kl": kl}
-                if perceptual is not None:
-                    terms["perceptual"] = perceptual(recon, x)
-                    g_loss = g_loss + tc.perceptual_weight * terms["perceptual"]
-                if adv_on:
-                    # The generator is scored by the discriminator's current weights; the
-                    # discriminator itself learns only in its own step below.
-                    disc.requires_grad_(False)
-                    logits = disc(recon.contiguous())[-1]
-                    terms["g_adv"] = adv_loss(logits, target_is_real=True, for_discriminator=False)
-                    g_loss = g_loss + tc.adv_weight * terms["g_adv"]
-                    disc.requires_grad_(True)
-            finite = not distributed.any_rank(env, not loop.is_finite(g_loss))
-            if not guard.record(finite, step + 1):
-                metrics.log(step + 1, "train", float("nan"), nonfinite_total=guard.total)
-                guard.check(step + 1)
-                optimizer.zero_grad(set_to_none=True)
-                continue
+    adv_loss = PatchAdversarialLoss(criterion="least_squares")
+    disc_step = None if disc is None else _disc_step_fn(cfg, env, parts, adv_loss)
+
+    def step(batch: torch.Tensor, at: int) -> loop.Step:
+        x = loop.to_input(batch, cfg, device)
+        adv_on = disc_step is not None and at > tc.adv_start_step
+        with loop.autocast(device, amp):
+            recon, z_mu, z_sigma = ae_train(x)
+            recon = recon.float()
+            l1 = (recon - x).abs().mean()
+            kl = kl_divergence(z_mu, z_sigma)
+            g_loss = l1 + tc.kl_weight * kl
+            terms = {"l1": l1, "kl": kl}
+            if perceptual is not None:
+                terms["perceptual"] = perceptual(recon, x)
+                g_loss = g_loss + tc.perceptual_weight * terms["perceptual"]
+            if adv_on:
+                # The generator is scored by the discriminator's current weights; the
+                # discriminator itself learns only in its own step below.
+                disc.requires_grad_(False)
+                logits = disc(recon.contiguous())[-1]
+                terms["g_adv"] = adv_loss(logits, target_is_real=True, for_discriminator=False)
+                g_loss = g_loss + tc.adv_weight * terms["g_adv"]
+                disc.requires_grad_(True)
+
+        def update() -> loop.Scalars:
             grad_norm = loop.optimizer_step(
                 g_loss, optimizer, scaler, list(ae.parameters()), cfg.train.grad_clip
             )
             if adv_on:
-                with loop.autocast(device, cfg.train.amp):
-                    fake = disc_train(recon.detach().contiguous())[-1]
-                    real = disc_train(x.contiguous())[-1]
-                    d_loss = 0.5 * (
-                        adv_loss(fake, target_is_real=False, for_discriminator=True)
-                        + adv_loss(real, target_is_real=True, for_discriminator=True)
-                    )
-                if not distributed.any_rank(env, not loop.is_finite(d_loss)):
-                    loop.optimizer_step(
-                        d_loss, d_opt, d_scaler, list(disc.parameters()), cfg.train.grad_clip
-                    )
+                d_loss = disc_step(x, recon, at)
+                if d_loss is not None:
                     terms["d_loss"] = d_loss
-                else:
-                    log.warning(
-                        "autoencoder step %d: non-finite discriminator loss; its step skipped",
-                        step + 1,
-                    )
-            step += 1
+            return {"grad_norm": grad_norm, **terms}
 
-            if step % cfg.train.log_every == 0 or step == tc.steps:
-                speed = metrics.progress(step, g_loss.item())
-                metrics.log(
-                    step,
-                    "train",
-                    g_loss.item(),
-                    grad_norm=grad_norm,
-                    **{k: v.item() for k, v in terms.items()},
-                    **speed,
-                )
-            if val_set is not None and (step % cfg.train.val_every == 0 or step == tc.steps):
-                val_l1, example = validate(ae, val_set, cfg, env)
-                metrics.log(step, "val", val_l1, l1=val_l1)
-                if example is not None:
-                    metrics.image("val/reconstruction", example, step)
-                    metrics.image("val/input", val_set[0], step)
-                ae_train.train()
-            if step % cfg.train.checkpoint_every == 0 or step == tc.steps:
-                save_checkpoint(step)
-    finally:
-        metrics.close()
+        return loop.Step(g_loss, update)
 
+    return step
+
+
+def _disc_step_fn(
+    cfg: Config, env: DistEnv, parts: dict[str, Any], adv_loss: PatchAdversarialLoss
+) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor | None]:
+    """The discriminator's step (real ``x`` vs ``recon``); returns its loss, or None when
+    that was NaN/Inf on some rank and the step was skipped (the generator's step stands)."""
+    device, amp = env.device, cfg.train.amp
+    disc, d_opt, d_scaler = parts["discriminator"], parts["disc_optimizer"], parts["disc_scaler"]
+    disc_train = loop.for_training(disc, cfg, env.distributed, device, compile=False)
+
+    def step(x: torch.Tensor, recon: torch.Tensor, at: int) -> torch.Tensor | None:
+        with loop.autocast(device, amp):
+            fake = disc_train(recon.detach().contiguous())[-1]
+            real = disc_train(x.contiguous())[-1]
+            d_loss = 0.5 * (
+                adv_loss(fake, target_is_real=False, for_discriminator=True)
+                + adv_loss(real, target_is_real=True, for_discriminator=True)
+            )
+        if distributed.any_rank(env, not loop.is_finite(d_loss)):
+            log.warning("autoencoder step %d: non-finite discriminator loss; its step skipped", at)
+            return None
+        loop.optimizer_step(d_loss, d_opt, d_scaler, list(disc.parameters()), cfg.train.grad_clip)
+        return d_loss
+
+    return step
+
+
+def _validate_fn(
+    ae: nn.Module, val_set: VolumeDataset, cfg: Config, env: DistEnv
+) -> loop.ValidateFn:
+    """Validation L1 in the curves, and the first volume with its reconstruction in TensorBoard."""
+
+    def run(step: int, metrics: loop.MetricsLog) -> None:
+        val_l1, example = validate(ae, val_set, cfg, env)
+        metrics.log(step, "val", val_l1, l1=val_l1)
+        if example is not None:
+            metrics.image("val/reconstruction", example, step)
+            metrics.image("val/input", val_set[0], step)
+
+    return run
+
+
+def _save_final(
+    ae: nn.Module, train_set: VolumeDataset, cfg: Config, env: DistEnv, out: Path, step: int
+) -> None:
+    """``autoencoder.pt``: the weights and the latent scale factor measured over the training
+    set, once every rank has checked that the replicas still agree."""
     distributed.check_replicas(env, ae, STAGE)
     scale_factor = compute_scale_factor(ae, train_set, cfg, env)
     if env.is_main:
@@ -344,21 +324,22 @@ def validate(
     """Mean L1 reconstruction error over the validation split (sharded across ranks).
 
     Returns the loss and, on rank 0, the reconstruction of the first validation volume.
+    The model is left in the mode it was in.
     """
-    ae.eval()
     loader = loop.make_loader(
         val_set, cfg.train.autoencoder.batch_size, env.world_size, env.rank, 0, shuffle=False
     )
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     example = None
-    for x in loader:
-        x = loop.to_input(x, cfg, env.device)
-        with loop.autocast(env.device, cfg.train.amp):
-            recon = ae.reconstruct(x).float()
-        totals[0] += (recon - x).abs().flatten(1).mean(1).sum().double()
-        totals[1] += x.shape[0]
-        if example is None and env.is_main:
-            example = recon[0]
+    with loop.evaluating(ae):
+        for x in loader:
+            x = loop.to_input(x, cfg, env.device)
+            with loop.autocast(env.device, cfg.train.amp):
+                recon = ae.reconstruct(x).float()
+            totals[0] += (recon - x).abs().flatten(1).mean(1).sum().double()
+            totals[1] += x.shape[0]
+            if example is None and env.is_main:
+                example = recon[0]
     distributed.all_reduce_sum(env, totals)
     return float(totals[0] / totals[1]), example
 
@@ -370,26 +351,27 @@ def compute_scale_factor(
     """1 / std of the posterior means over the training set (or ``scale_factor_batches`` batches).
 
     Moments are accumulated in float64 and summed across ranks, so the result is the
-    same as one pass over the whole set on one process.
+    same as one pass over the whole set on one process. The model is left in the mode it
+    was in.
     """
-    ae.eval()
     limit = cfg.train.autoencoder.scale_factor_batches
     loader = loop.make_loader(
         train_set, cfg.train.autoencoder.batch_size, env.world_size, env.rank, 0, shuffle=False
     )
     moments = torch.zeros(3, dtype=torch.float64, device=env.device)
-    for i, x in enumerate(loader):
-        if limit and i >= limit:
-            break
-        z_mu, _ = ae.encode(loop.to_input(x, cfg, env.device))
-        z = z_mu.double()
-        moments += torch.stack(
-            [
-                z.sum(),
-                z.pow(2).sum(),
-                torch.tensor(float(z.numel()), dtype=torch.float64, device=z.device),
-            ]
-        )
+    with loop.evaluating(ae):
+        for i, x in enumerate(loader):
+            if limit and i >= limit:
+                break
+            z_mu, _ = ae.encode(loop.to_input(x, cfg, env.device))
+            z = z_mu.double()
+            moments += torch.stack(
+                [
+                    z.sum(),
+                    z.pow(2).sum(),
+                    torch.tensor(float(z.numel()), dtype=torch.float64, device=z.device),
+                ]
+            )
     distributed.all_reduce_sum(env, moments)
     mean = moments[0] / moments[2]
     var = moments[1] / moments[2] - mean.pow(2)

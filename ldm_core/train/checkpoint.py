@@ -1,11 +1,16 @@
-"""Atomic, complete training checkpoints and picking the one to resume from.
+"""Atomic, complete training checkpoints: saving one, and resuming from the right one.
 
-A checkpoint is written to a hidden temp file in the same directory, fsynced, renamed
-into place and the directory fsynced: a reader therefore sees either the whole file under
-its final name or nothing, even if the writer is killed with SIGKILL mid-write or the node
-loses power. Only files named ``ckpt-<step>.pt`` count; temp files never match. Resuming
-still loads and checks the newest candidate and falls back to the previous one if it does
-not load, so a damaged file costs one interval, never the run.
+A checkpoint is written through :func:`ldm_core.io.atomic_write` (hidden temp file in the
+same directory, fsynced, renamed into place, directory fsynced): a reader therefore sees
+either the whole file under its final name or nothing, even if the writer is killed with
+SIGKILL mid-write or the node loses power. Only files named ``ckpt-<step>.pt`` count; temp
+files never match. Resuming still loads and checks the newest candidate and falls back to
+the previous one if it does not load, so a damaged file costs one interval, never the run.
+
+Both trainers describe their state the same way, as a ``parts`` dict of objects with
+``state_dict`` / ``load_state_dict`` (model, optimizer, scaler, guard, EMA, discriminator,
+...): :func:`save` writes those parts plus every rank's RNG state and the config, and
+:func:`resume` puts them back.
 
 Everything lives in plain types (tensors, numbers, lists, dicts) so that files load with
 ``torch.load(weights_only=True)``: a checkpoint is data, never code.
@@ -14,54 +19,29 @@ Everything lives in plain types (tensors, numbers, lists, dicts) so that files l
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ldm_core import io
+from ldm_core.config import Config
 from ldm_core.errors import LdmError
+from ldm_core.train import distributed
+from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` that never leaves a partial file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    """``torch.save`` that never leaves a partial file under ``path`` (see :mod:`ldm_core.io`)."""
+    return io.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -232,16 +212,14 @@ def _dig(data: dict[str, Any], dotted: str) -> Any:
     return data
 
 
-def resume(
-    manager: CheckpointManager, env: Any, map_location: str | torch.device
+def load_shared(
+    manager: CheckpointManager, env: DistEnv, map_location: str | torch.device
 ) -> dict[str, Any] | None:
     """The checkpoint every rank resumes from: rank 0 picks it, all ranks load that file.
 
     Picking on one rank matters: were each rank to look for itself, a file damaged in a
     way only some ranks notice would start ranks at different steps.
     """
-    from ldm_core.train import distributed
-
     chosen = None
     if env.is_main:
         state = manager.load_latest(map_location)
@@ -260,20 +238,90 @@ def restore(
     *,
     cfg: dict[str, Any],
     arch_sections: Sequence[str],
-    env: Any,
+    env: DistEnv,
     seed: int,
+    optional: Collection[str] = (),
 ) -> int:
     """Put a resumed checkpoint back into a run; return the step to continue from.
 
     Refuses another architecture (``arch_sections`` of the saved vs current ``cfg``), loads
-    ``state[key]`` into each of ``parts`` (objects with ``load_state_dict``; every key must
-    be in the checkpoint), and gives this rank back its RNG stream.
+    ``state[key]`` into each of ``parts`` (objects with ``load_state_dict``), and gives this
+    rank back its RNG stream. Every key must be in the checkpoint except those named in
+    ``optional``, which keep their fresh state when absent (a discriminator that did not
+    exist yet when the checkpoint was written).
     """
     where = Path(state["path"])
     for section in arch_sections:
         check_same_architecture(state["config"], cfg, section, where)
     for key, part in parts.items():
+        if key not in state:
+            if key in optional:
+                continue
+            raise LdmError(f"{where}: checkpoint has no {key!r}; it was not written by this stage")
         part.load_state_dict(state[key])
     step = int(state["step"])
     restore_rank_rng(state["rng"], env.rank, env.world_size, seed + step)
     return step
+
+
+def resume(
+    manager: CheckpointManager,
+    parts: dict[str, Any],
+    *,
+    stage: str,
+    total_steps: int,
+    cfg: Config,
+    arch_sections: Sequence[str],
+    env: DistEnv,
+    optional: Collection[str] = (),
+) -> int:
+    """Restore ``parts`` from the run's newest good checkpoint; return the step to continue
+    from, 0 when there is none (a new run keeps its fresh parts and RNG).
+
+    The counterpart of :func:`save`; see :func:`restore` for ``optional``. A collective:
+    every rank calls it.
+    """
+    state = load_shared(manager, env, env.device)
+    if state is None:
+        return 0
+    step = restore(
+        state,
+        parts,
+        cfg=cfg.to_dict(),
+        arch_sections=arch_sections,
+        env=env,
+        seed=cfg.train.seed,
+        optional=optional,
+    )
+    log.info(
+        "resuming %s training from %s (step %d of %d)", stage, state["path"], step, total_steps
+    )
+    return step
+
+
+def save(
+    manager: CheckpointManager, step: int, parts: dict[str, Any], *, cfg: Config, env: DistEnv
+) -> None:
+    """Checkpoint ``parts`` (the same dict :func:`resume` takes) at ``step``.
+
+    A collective: every rank calls it. Each rank's RNG state is gathered, because every
+    rank draws its own noise and an exact resume needs all of those streams back; rank 0
+    alone writes, and the barrier lets no rank go on before the file is in place.
+    """
+    rng = distributed.gather_object(env, rng_state())
+    if env.is_main:
+        state = {key: part.state_dict() for key, part in parts.items()}
+        manager.save({**state, "rng": rng, "config": cfg.to_dict()}, step)
+    distributed.barrier(env)
+
+
+def finished(final: Path, cfg: Config, arch_sections: Sequence[str], steps: int) -> bool:
+    """True when ``final`` (a stage's finished model file) exists and was trained for at
+    least ``steps`` steps; a final model of another architecture is refused (LdmError)
+    rather than silently kept or overwritten."""
+    if not final.exists():
+        return False
+    saved = load(final)
+    for section in arch_sections:
+        check_same_architecture(saved.get("config", {}), cfg.to_dict(), section, final)
+    return int(saved.get("steps", 0)) >= steps

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ldm_core import io
 from ldm_core.config import Config
 from ldm_core.data.cache import read_manifest
 from ldm_core.errors import LdmError
+from ldm_core.io import AUTOENCODER_PT, UNET_PT
 from ldm_core.models import (
     build_autoencoder,
     build_scheduler,
@@ -38,13 +40,10 @@ from ldm_core.models import (
 )
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, latents, loop
-from ldm_core.train.autoencoder import AUTOENCODER_PT
 from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
-UNET_PT = "unet.pt"
-CHECKPOINT_DIR = "checkpoints"
 STAGE = "diffusion"
 _ARCH = ("model.unet", "model.scheduler", "model.autoencoder")
 
@@ -54,7 +53,7 @@ def train_diffusion(
 ) -> Path:
     """Train (or resume, or skip if finished) the latent UNet; returns the run directory."""
     data_dir, ae_dir, out = Path(data_dir), Path(autoencoder_dir), Path(output_dir)
-    if finished(cfg, out):
+    if ckpt.finished(out / UNET_PT, cfg, _ARCH, cfg.train.diffusion.steps):
         log.info(
             "%s: finished diffusion run with %d steps found; nothing to do",
             out,
@@ -72,17 +71,6 @@ def train_diffusion(
     finally:
         distributed.shutdown(env)
     return out
-
-
-def finished(cfg: Config, out: Path) -> bool:
-    """True when ``out`` holds a final UNet of this architecture with enough steps."""
-    final = out / UNET_PT
-    if not final.exists():
-        return False
-    saved = ckpt.load(final)
-    for section in _ARCH:
-        ckpt.check_same_architecture(saved.get("config", {}), cfg.to_dict(), section, final)
-    return int(saved.get("steps", 0)) >= cfg.train.diffusion.steps
 
 
 def load_autoencoder(path: Path, cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +101,7 @@ def prepare_latents(
 ) -> dict[str, torch.Tensor]:
     """Reuse or (on rank 0) rebuild the latent cache; every rank then reads it."""
     root = out / latents.LATENT_DIR
-    ae_sha = latents.file_sha256(ae_file)
+    ae_sha = io.sha256_file(ae_file)
     key = latents.cache_key(ae_sha, manifest, cfg)
     if env.is_main:
         if latents.is_current(root, key):
@@ -141,12 +129,11 @@ def prepare_latents(
 def _run(
     cfg: Config, manifest: dict[str, Any], data: dict[str, torch.Tensor], out: Path, env: DistEnv
 ) -> None:
+    """One rank's part of the stage: models, resume, the shared loop, the final EMA UNet."""
     tc = cfg.train.diffusion
-    device = env.device
     loop.seed_everything(cfg.train.seed)
     objective_sampler = "rflow" if cfg.model.scheduler.objective == "rflow" else "ddpm"
     scheduler = build_scheduler(cfg, objective_sampler)
-
     loader = loop.make_loader(
         TensorDataset(data["train"]),
         tc.batch_size,
@@ -155,98 +142,15 @@ def _run(
         cfg.train.seed,
         shuffle=True,
     )
-    unet = loop.prepare_model(build_unet(cfg), cfg, device)
-    if cfg.train.gradient_checkpointing:
-        loop.enable_block_checkpointing([*unet.down_blocks, unet.middle_block, *unet.up_blocks])
-    optimizer = torch.optim.Adam(unet.parameters(), lr=tc.lr)
-    scaler = loop.make_scaler(device, cfg.train.amp)
-    ema = loop.EMA(unet, tc.ema_decay)
-    guard = loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE)
+    parts = _build(cfg, env)
 
-    # Identical weights come from the shared seed above; from here on each rank draws its
-    # own noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
-    loop.seed_everything(cfg.train.seed + env.rank)
-    manager = ckpt.CheckpointManager(out / CHECKPOINT_DIR, cfg.train.keep_checkpoints)
-    step = 0
-    state = ckpt.resume(manager, env, device)
-    if state is not None:
-        parts = {
-            "model": unet,
-            "ema": ema,
-            "optimizer": optimizer,
-            "scaler": scaler,
-            "guard": guard,
-        }
-        step = ckpt.restore(
-            state, parts, cfg=cfg.to_dict(), arch_sections=_ARCH, env=env, seed=cfg.train.seed
-        )
-        log.info(
-            "resuming diffusion training from %s (step %d of %d)", state["path"], step, tc.steps
-        )
-        del state
+    run = loop.Run(STAGE, out, cfg, env, tc.steps)
+    start = loop.begin(run, parts, manifest, arch_sections=_ARCH)
+    step_fn = _step_fn(cfg, env, parts, scheduler)
+    validate = _validate_fn(parts, data["val"], scheduler, cfg, env) if "val" in data else None
+    step = loop.train(run, step_fn, loader, parts, start=start, validate=validate)
 
-    unet_train = loop.for_training(unet, cfg, env.distributed, device)
-
-    if env.is_main:
-        loop.write_run_files(cfg, manifest, out)
-    metrics = loop.MetricsLog(
-        out, STAGE, tc.steps, step, env.is_main, batch_size=tc.batch_size * env.world_size
-    )
-
-    def save_checkpoint(at: int) -> None:
-        rng = distributed.gather_object(env, ckpt.rng_state())
-        if env.is_main:
-            manager.save(
-                {
-                    "model": unet.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "guard": guard.state_dict(),
-                    "rng": rng,
-                    "config": cfg.to_dict(),
-                },
-                at,
-            )
-        distributed.barrier(env)
-
-    batches = loop.batches(loader, step)
-    unet_train.train()
-    try:
-        while step < tc.steps:
-            (z,) = next(batches)
-            z = loop.to_input(z, cfg, device)
-            with loop.autocast(device, cfg.train.amp):
-                noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
-                pred = unet_train(noisy, timesteps=timesteps)
-                loss = F.mse_loss(pred.float(), target.float())
-            finite = not distributed.any_rank(env, not loop.is_finite(loss))
-            if not guard.record(finite, step + 1):
-                metrics.log(step + 1, "train", float("nan"), nonfinite_total=guard.total)
-                guard.check(step + 1)
-                continue
-            grad_norm = loop.optimizer_step(
-                loss, optimizer, scaler, list(unet.parameters()), cfg.train.grad_clip
-            )
-            step += 1
-            if step > tc.ema_start_step:
-                ema.update(unet)
-            else:
-                ema.model.load_state_dict(unet.state_dict())
-
-            if step % cfg.train.log_every == 0 or step == tc.steps:
-                speed = metrics.progress(step, loss.item())
-                metrics.log(step, "train", loss.item(), grad_norm=grad_norm, **speed)
-            if "val" in data and (step % cfg.train.val_every == 0 or step == tc.steps):
-                val_ema = validate(ema.model, data["val"], scheduler, cfg, env)
-                val_raw = validate(unet, data["val"], scheduler, cfg, env)
-                metrics.log(step, "val", val_ema, raw=val_raw)
-                unet_train.train()
-            if step % cfg.train.checkpoint_every == 0 or step == tc.steps:
-                save_checkpoint(step)
-    finally:
-        metrics.close()
-
+    ema = parts["ema"]
     distributed.check_replicas(env, ema.model, STAGE)
     if env.is_main:
         ckpt.atomic_save(
@@ -257,6 +161,66 @@ def _run(
     distributed.barrier(env)
 
 
+def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    """The UNet, its EMA, optimizer and scaler, and the NaN guard: what a checkpoint holds."""
+    unet = loop.prepare_model(build_unet(cfg), cfg, env.device)
+    if cfg.train.gradient_checkpointing:
+        loop.enable_block_checkpointing([*unet.down_blocks, unet.middle_block, *unet.up_blocks])
+    optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.train.diffusion.lr)
+    return {
+        "model": unet,
+        "ema": loop.EMA(unet, cfg.train.diffusion.ema_decay),
+        "optimizer": optimizer,
+        "scaler": loop.make_scaler(env.device, cfg.train.amp),
+        "guard": loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
+    }
+
+
+def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -> loop.StepFn:
+    """The denoising step: noise a batch of latents at random timesteps, regress the
+    scheduler's target, then move the EMA (a plain copy until ``ema_start_step``)."""
+    tc, device = cfg.train.diffusion, env.device
+    unet, ema = parts["model"], parts["ema"]
+    optimizer, scaler = parts["optimizer"], parts["scaler"]
+    unet_train = loop.for_training(unet, cfg, env.distributed, device)
+    unet_train.train()
+
+    def step(batch: list[torch.Tensor], at: int) -> loop.Step:
+        (z,) = batch
+        z = loop.to_input(z, cfg, device)
+        with loop.autocast(device, cfg.train.amp):
+            noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
+            pred = unet_train(noisy, timesteps=timesteps)
+            loss = F.mse_loss(pred.float(), target.float())
+
+        def update() -> loop.Scalars:
+            grad_norm = loop.optimizer_step(
+                loss, optimizer, scaler, list(unet.parameters()), cfg.train.grad_clip
+            )
+            if at > tc.ema_start_step:
+                ema.update(unet)
+            else:
+                ema.model.load_state_dict(unet.state_dict())
+            return {"grad_norm": grad_norm}
+
+        return loop.Step(loss, update)
+
+    return step
+
+
+def _validate_fn(
+    parts: dict[str, Any], val: torch.Tensor, scheduler: Any, cfg: Config, env: DistEnv
+) -> loop.ValidateFn:
+    """Validation loss of the EMA weights (what ships) and, as ``raw``, of the trained ones."""
+
+    def run(step: int, metrics: loop.MetricsLog) -> None:
+        val_ema = validate(parts["ema"].model, val, scheduler, cfg, env)
+        val_raw = validate(parts["model"], val, scheduler, cfg, env)
+        metrics.log(step, "val", val_ema, raw=val_raw)
+
+    return run
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module, val: torch.Tensor, scheduler: Any, cfg: Config, env: DistEnv
@@ -264,14 +228,14 @@ def validate(
     """Denoising loss on the validation latents with fixed noise and timesteps.
 
     The RNG is forked and seeded, so successive validations compare like with like and the
-    training RNG stream is untouched (a resumed run stays on the same trajectory).
+    training RNG stream is untouched (a resumed run stays on the same trajectory). The
+    model is left in the mode it was in.
     """
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     shard = val[env.rank :: env.world_size]
     batch = cfg.train.diffusion.batch_size
-    with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+    fork = torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else [])
+    with fork, loop.evaluating(model):
         torch.manual_seed(cfg.train.seed + 1)
         for start in range(0, shard.shape[0], batch):
             z = loop.to_input(shard[start : start + batch], cfg, env.device)
@@ -286,5 +250,4 @@ def validate(
                 ]
             )
     distributed.all_reduce_sum(env, totals)
-    model.train(was_training)
     return float(totals[0] / totals[1].clamp(min=1))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +28,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ldm_core import io
 from ldm_core.config import Config
 from ldm_core.data.cache import VolumeDataset, subjects
-from ldm_core.train.checkpoint import fsync_dir
 
 log = logging.getLogger(__name__)
 
 LATENT_DIR = "latents"
 INDEX_NAME = "cache.json"
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(autoencoder_sha256: str, manifest: dict[str, Any], cfg: Config) -> str:
@@ -101,13 +92,8 @@ def encode_split(
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def _save_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    io.atomic_write(path, lambda f: np.save(f, array))
 
 
 def build(
@@ -131,7 +117,7 @@ def build(
             stale.unlink(missing_ok=True)
             continue
         array = encode_split(ae, data_dir, split, scale_factor, device, batch_size)
-        _save_npy(array, stale)
+        _write_npy(stale, array)
         splits[split] = list(array.shape)
     index = {
         "format": FORMAT_VERSION,
@@ -140,10 +126,7 @@ def build(
         "scale_factor": scale_factor,
         **provenance,
     }
-    tmp = root / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, root / INDEX_NAME)
-    fsync_dir(root)
+    io.atomic_write_json(root / INDEX_NAME, index)
     log.info("latent cache written to %s: %s", root, splits)
 
 

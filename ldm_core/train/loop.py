@@ -1,7 +1,11 @@
-"""Pieces both training stages share: threads and seeds, mixed precision, the non-finite
-loss guard, EMA weights, and the metrics log (metrics.jsonl + TensorBoard + progress bar).
+"""The training loop both stages share, and its pieces: threads and seeds, mixed precision,
+the non-finite loss guard, EMA weights, and the metrics log (metrics.jsonl + TensorBoard +
+progress bar).
 
-The trainers stay readable because every cross-cutting concern lives here once.
+A trainer writes only what is its own (models, losses, validation, final artefact) and a
+step function; :func:`train` runs the steps, as MONAI's engines run a trainer's
+``_iteration``. The trainers stay readable because every cross-cutting concern lives here
+once.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +31,14 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ldm_core import io
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
+from ldm_core.train import checkpoint as ckpt
+from ldm_core.train import distributed
+from ldm_core.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.jsonl"
 
 
 # --------------------------------------------------------------------------- process setup
@@ -147,6 +154,21 @@ def to_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     return x
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block, then back to the mode ``model`` was in.
+
+    Validation runs in the middle of training: a helper that left the model in eval mode
+    would make every caller remember to switch it back.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------- NaN guard
@@ -320,7 +342,7 @@ class MetricsLog:
         self.start = time.time()
         self._last_time = time.perf_counter()
         self._last_step = start_step
-        self.path = run_dir / METRICS_NAME
+        self.path = run_dir / io.METRICS_JSONL
         self.writer = None
         self.bar = None
         if not enabled:
@@ -341,6 +363,8 @@ class MetricsLog:
         )
 
     def _truncate(self, start_step: int) -> None:
+        """Keep the lines up to ``start_step`` (replacing the file whole: a kill mid-way
+        must not lose the curves of the steps that stay)."""
         if not self.path.exists():
             return
         keep = []
@@ -350,9 +374,9 @@ class MetricsLog:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        self.path.write_text("".join(k + "\n" for k in keep))
+        io.atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
-    def log(self, step: int, split: str, loss: float, **scalars: float) -> None:
+    def log(self, step: int, split: str, loss: float, **scalars: float | torch.Tensor) -> None:
         if not self.enabled:
             return
         # A skipped (non-finite) step is logged with "loss": null: NaN is not valid JSON.
@@ -362,7 +386,7 @@ class MetricsLog:
             "split": split,
             "loss": value if math.isfinite(value) else None,
         }
-        record.update({k: float(v) for k, v in scalars.items()})
+        record.update({k: _value(v) for k, v in scalars.items()})
         record["time"] = round(time.time() - self.start, 3)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -409,10 +433,12 @@ class MetricsLog:
         self.file.close()
 
 
-# --------------------------------------------------------------------------- run directory
+def _value(scalar: float | torch.Tensor) -> float:
+    # .item(), not float(): a loss term still attached to its graph is read without a warning.
+    return float(scalar.item() if isinstance(scalar, torch.Tensor) else scalar)
 
-GEOMETRY_NAME = "data_geometry.json"
-CONFIG_NAME = "config.yaml"
+
+# --------------------------------------------------------------------------- run directory
 
 
 def write_run_files(cfg: Config, manifest: dict[str, Any], run_dir: Path) -> None:
@@ -421,9 +447,148 @@ def write_run_files(cfg: Config, manifest: dict[str, Any], run_dir: Path) -> Non
     The geometry travels with the models so that generated NIfTI files carry the
     orientation and voxel size of the training data, not an identity affine.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / CONFIG_NAME)
+    io.atomic_write_text(run_dir / io.CONFIG_YAML, cfg.to_yaml())
     geometry = {key: manifest[key] for key in ("affine", "shape", "spacing", "dataset_hash")}
-    tmp = run_dir / (GEOMETRY_NAME + ".tmp")
-    tmp.write_text(json.dumps(geometry, indent=2))
-    tmp.replace(run_dir / GEOMETRY_NAME)
+    io.atomic_write_json(run_dir / io.GEOMETRY_JSON, geometry)
+
+
+# --------------------------------------------------------------------------- the loop
+
+Scalars = dict[str, float | torch.Tensor]
+"""Named values to log with a step (tensors are read only on the steps that are logged)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step, computed up to its loss and not further.
+
+    The loop checks ``loss`` on every rank before anything changes; only when it is finite
+    on all of them does it call ``update`` (backward, optimizer steps, EMA) and log the
+    scalars that returns, in their order. A skipped step therefore leaves weights,
+    optimizer and scaler exactly as they were.
+    """
+
+    loss: torch.Tensor
+    update: Callable[[], Scalars]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Which stage trains, where, with which config, on which rank, up to which step.
+
+    What :func:`train` needs besides the trainer's own pieces; a trainer makes one at the
+    top and reads the same fields for its final model.
+    """
+
+    stage: str
+    out: Path
+    cfg: Config
+    env: DistEnv
+    steps: int
+
+    @property
+    def checkpoints(self) -> ckpt.CheckpointManager:
+        """The run directory's ``checkpoints/`` (``train.keep_checkpoints`` kept)."""
+        return ckpt.CheckpointManager(self.out / io.CHECKPOINT_DIR, self.cfg.train.keep_checkpoints)
+
+
+StepFn = Callable[[Any, int], Step]
+"""``step_fn(batch, step)``: a trainer's step ``step`` (1-based, as logged) on ``batch``."""
+
+ValidateFn = Callable[[int, MetricsLog], None]
+"""``validate(step, metrics)``: evaluate after ``step`` and log to ``metrics``. Every rank
+calls it (validation sums over ranks); ``metrics`` writes only on rank 0."""
+
+
+def begin(
+    run: Run,
+    parts: dict[str, Any],
+    manifest: dict[str, Any],
+    *,
+    arch_sections: Sequence[str],
+    optional: Collection[str] = (),
+) -> int:
+    """Start or resume ``run`` once its models are built; return the step to start from.
+
+    Gives this rank its own RNG stream, puts ``parts`` back from the newest checkpoint if
+    there is one (:func:`checkpoint.resume`; ``arch_sections`` and ``optional`` as there),
+    and writes the run files on rank 0. Build the models before (from the shared seed, so
+    every rank starts from the same weights) and wrap them for DDP after (DDP starts from
+    the restored weights).
+    """
+    cfg, env = run.cfg, run.env
+    # Identical weights come from the shared seed; from here on each rank draws its own
+    # noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
+    seed_everything(cfg.train.seed + env.rank)
+    start = ckpt.resume(
+        run.checkpoints,
+        parts,
+        stage=run.stage,
+        total_steps=run.steps,
+        cfg=cfg,
+        arch_sections=arch_sections,
+        env=env,
+        optional=optional,
+    )
+    if env.is_main:
+        write_run_files(cfg, manifest, run.out)
+    return start
+
+
+def train(
+    run: Run,
+    step_fn: StepFn,
+    loader: DataLoader,
+    parts: dict[str, Any],
+    *,
+    start: int,
+    validate: ValidateFn | None = None,
+) -> int:
+    """Run steps ``start + 1`` to ``run.steps`` of one stage; return the last step done.
+
+    The loop owns what both trainers share: the data position (resumed at ``start``), the
+    step counter, skipping a step whose loss is NaN/Inf on any rank (logged with a null
+    loss; ``parts["guard"]``, the run's :class:`NonFiniteGuard`, stops a diverged run), and
+    the cadence of logging (``train.log_every``), validation (``train.val_every``) and
+    checkpoints of ``parts`` (``train.checkpoint_every``), each also at the last step.
+
+    Args:
+        run: the stage, run directory (``metrics.jsonl``, ``tensorboard/``, checkpoints),
+            config and rank (every rank runs the loop), and the step to train up to.
+        step_fn: the trainer's step; see :class:`Step`.
+        loader: the training batches (:func:`make_loader`).
+        parts: what a checkpoint holds, as :func:`checkpoint.save` takes it.
+        start: steps already done (a resumed checkpoint's step, else 0).
+        validate: called at the validation cadence; None when there is no validation data.
+    """
+    cfg, env, total = run.cfg, run.env, run.steps
+    guard: NonFiniteGuard = parts["guard"]
+    batch_size = (loader.batch_size or 1) * env.world_size
+    metrics = MetricsLog(run.out, run.stage, total, start, env.is_main, batch_size=batch_size)
+    data = batches(loader, start)
+    step = start
+    try:
+        while step < total:
+            taken = step_fn(next(data), step + 1)
+            finite = not distributed.any_rank(env, not is_finite(taken.loss))
+            if not guard.record(finite, step + 1):
+                metrics.log(step + 1, "train", float("nan"), nonfinite_total=guard.total)
+                guard.check(step + 1)
+                continue
+            scalars = taken.update()
+            step += 1
+            if _due(step, cfg.train.log_every, total):
+                loss = taken.loss.item()
+                speed = metrics.progress(step, loss)
+                metrics.log(step, "train", loss, **scalars, **speed)
+            if validate is not None and _due(step, cfg.train.val_every, total):
+                validate(step, metrics)
+            if _due(step, cfg.train.checkpoint_every, total):
+                ckpt.save(run.checkpoints, step, parts, cfg=cfg, env=env)
+    finally:
+        metrics.close()
+    return step
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step % every == 0 or step == total
