@@ -22,10 +22,10 @@ from benchmarks.common import record
 from ldm_core.config import load_config
 from ldm_core.models import (
     build_autoencoder,
-    build_scheduler,
     build_unet,
     diffusion_training_example,
 )
+from ldm_core.samplers import training_scheduler
 
 
 def main() -> None:
@@ -48,9 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     ae = build_autoencoder(cfg, use_checkpoint=False).to(device).eval().requires_grad_(False)
     unet = build_unet(cfg).to(device).train()
-    scheduler = build_scheduler(
-        cfg, "rflow" if cfg.model.scheduler.objective == "rflow" else "ddpm"
-    )
+    scheduler = training_scheduler(cfg)
     optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.train.diffusion.lr)
     images = torch.rand(batch, 1, *cfg.data.shape, device=device)
     with torch.no_grad():

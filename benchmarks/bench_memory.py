@@ -40,10 +40,10 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
     from ldm_core.models import (
         build_autoencoder,
         build_discriminator,
-        build_scheduler,
         build_unet,
         diffusion_training_example,
     )
+    from ldm_core.samplers import training_scheduler
     from ldm_core.train import loop
     from ldm_core.train.autoencoder import kl_divergence
 
@@ -92,9 +92,7 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
             loop.enable_block_checkpointing(
                 [*model.down_blocks, model.middle_block, *model.up_blocks]
             )
-        scheduler = build_scheduler(
-            cfg, "rflow" if cfg.model.scheduler.objective == "rflow" else "ddpm"
-        )
+        scheduler = training_scheduler(cfg)
         z = torch.randn(batch, *cfg.latent_shape, device=device)
 
         def step() -> None:

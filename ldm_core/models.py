@@ -19,7 +19,6 @@ from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
-from ldm_core.samplers import build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +69,6 @@ def build_discriminator(cfg: Config, channels: int = 32, num_layers: int = 3) ->
         in_channels=1,
         out_channels=1,
     )
-
-
-def build_scheduler(cfg: Config, sampler: str = "ddpm") -> Scheduler:
-    """The MONAI scheduler behind ``sampler`` for the model ``cfg`` describes.
-
-    Kept so that callers written before :mod:`ldm_core.samplers` keep working until they
-    call :func:`ldm_core.samplers.training_scheduler` (training) or
-    :func:`ldm_core.samplers.build_sampler` (sampling). Raises LdmError when the sampler
-    does not fit ``model.scheduler.objective``.
-    """
-    return build_sampler(cfg, sampler).scheduler
 
 
 def diffusion_training_example(

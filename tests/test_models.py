@@ -10,11 +10,11 @@ import torch
 from ldm_core.errors import LdmError
 from ldm_core.models import (
     build_autoencoder,
-    build_scheduler,
     build_unet,
     diffusion_training_example,
     load_weights,
 )
+from ldm_core.samplers import build_sampler, training_scheduler
 from tests.harness.configs import tiny_config
 
 
@@ -92,12 +92,14 @@ def test_weights_of_another_architecture_are_refused_by_name():
 def test_sampler_must_match_objective():
     ddpm_cfg = tiny_config()
     rflow_cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
-    assert type(build_scheduler(ddpm_cfg, "ddim")).__name__ == "DDIMScheduler"
-    assert type(build_scheduler(rflow_cfg, "rflow")).__name__ == "RFlowScheduler"
+    assert type(build_sampler(ddpm_cfg, "ddim").scheduler).__name__ == "DDIMScheduler"
+    assert type(build_sampler(rflow_cfg, "rflow").scheduler).__name__ == "RFlowScheduler"
+    assert type(training_scheduler(ddpm_cfg)).__name__ == "DDPMScheduler"
+    assert type(training_scheduler(rflow_cfg)).__name__ == "RFlowScheduler"
     with pytest.raises(LdmError, match="cannot sample a model trained with the 'ddpm'"):
-        build_scheduler(ddpm_cfg, "rflow")
+        build_sampler(ddpm_cfg, "rflow")
     with pytest.raises(LdmError, match="use one of rflow"):
-        build_scheduler(rflow_cfg, "ddpm")
+        build_sampler(rflow_cfg, "ddpm")
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "rflow"])
@@ -108,7 +110,7 @@ def test_training_example_targets(objective):
         else []
     )
     cfg = tiny_config(*extra)
-    sched = build_scheduler(cfg, "ddpm" if objective == "ddpm" else "rflow")
+    sched = training_scheduler(cfg)
     x0 = torch.randn(4, 3, 16, 16, 16)
     g = torch.Generator().manual_seed(0)
     noisy, t, target = diffusion_training_example(cfg, sched, x0, generator=g)

@@ -13,7 +13,8 @@ import torch
 from ldm_core import bundle
 from ldm_core.data.cache import VolumeDataset
 from ldm_core.errors import LdmError
-from ldm_core.models import build_autoencoder, build_scheduler, build_unet
+from ldm_core.models import build_autoencoder, build_unet
+from ldm_core.samplers import training_scheduler
 from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion, validate
 from ldm_core.train.distributed import DistEnv
 from tests.harness.configs import tiny_config
@@ -129,7 +130,7 @@ def test_validation_leaves_the_unet_in_the_mode_it_found(training):
     cfg = dm_config()
     unet = build_unet(cfg).train(training)
     val = torch.randn(2, *cfg.latent_shape)
-    validate(unet, val, build_scheduler(cfg, "ddpm"), cfg, DistEnv())
+    validate(unet, val, training_scheduler(cfg), cfg, DistEnv())
     assert {m.training for m in unet.modules()} == {training}
 
 

@@ -33,11 +33,11 @@ from ldm_core.errors import LdmError
 from ldm_core.io import AUTOENCODER_PT, UNET_PT
 from ldm_core.models import (
     build_autoencoder,
-    build_scheduler,
     build_unet,
     diffusion_training_example,
     load_weights,
 )
+from ldm_core.samplers import training_scheduler
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, latents, loop
 from ldm_core.train.distributed import DistEnv
@@ -132,8 +132,7 @@ def _run(
     """One rank's part of the stage: models, resume, the shared loop, the final EMA UNet."""
     tc = cfg.train.diffusion
     loop.seed_everything(cfg.train.seed)
-    objective_sampler = "rflow" if cfg.model.scheduler.objective == "rflow" else "ddpm"
-    scheduler = build_scheduler(cfg, objective_sampler)
+    scheduler = training_scheduler(cfg)
     loader = loop.make_loader(
         TensorDataset(data["train"]),
         tc.batch_size,
