@@ -52,7 +52,7 @@ CPU = torch.device("cpu")
 
 def schedule_overrides(dry_run: bool) -> list[str]:
     """The only settings changed on the GPU: how long and how often, not what."""
-    ae_steps, adv_from, diff_steps = (10, 6, 10) if dry_run else (24, 16, 30)
+    ae_steps, adv_from, diff_steps = (8, 5, 8) if dry_run else (24, 16, 30)
     return [
         f"train.autoencoder.steps={ae_steps}",
         f"train.autoencoder.adv_start_step={adv_from}",
@@ -76,12 +76,12 @@ def dry_run_overrides(preset: str) -> list[str]:
         "train.amp=none",
         "train.compile=false",
         "data.num_workers=0",
-        "data.shape=[16,16,16]",
-        "data.spacing=[12.0,12.0,12.0]",
-        "model.autoencoder.channels=[8,16,16]",
-        "model.autoencoder.norm_num_groups=8",
-        "model.unet.channels=[16,32,32]",
-        "model.unet.norm_num_groups=8",
+        "data.shape=[32,32,32]",
+        "data.spacing=[6.0,6.0,6.0]",
+        "model.autoencoder.channels=[4,8,8]",
+        "model.autoencoder.norm_num_groups=4",
+        "model.unet.channels=[8,16,16]",
+        "model.unet.norm_num_groups=4",
         "model.unet.num_head_channels=8",
     ]
     if train.get("ddp_backend") == "nccl":
