@@ -72,5 +72,6 @@ def unet_forward_flops(cfg: Config, batch: int) -> int:
 
 
 def tflops_per_s(flops: int, seconds: float) -> float:
-    """Achieved TFLOP/s; 0.0 when nothing was timed."""
-    return flops / seconds / 1e12 if seconds > 0 else 0.0
+    """Achieved TFLOP/s to 4 significant digits (a CPU dry run's figures are tiny but not
+    zero); 0.0 when nothing was timed."""
+    return float(f"{flops / seconds / 1e12:.4g}") if seconds > 0 else 0.0

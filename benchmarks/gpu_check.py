@@ -44,6 +44,8 @@ DRY_RUN_SUBJECTS = 4
 batch), and generating and preprocessing it fits the CPU's time budget."""
 SAMPLE_SEEDS = ((0,), (0, 1, 2, 3))
 DDIM_STEPS = 50
+DRY_RUN_DDIM_STEPS = 5
+"""The dry run's sampler steps: 50 UNet calls at batch 4 take about 20 s on a busy 2-core CPU."""
 CPU = torch.device("cpu")
 
 
@@ -190,7 +192,7 @@ def _train(args: argparse.Namespace, stage: str) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         **{k: v for k, v in seen.items() if k != "paths"},
         "flops_per_step": step_flops,
-        "tflops": round(flops.tflops_per_s(step_flops, seen["step_s"] or 0.0), 3),
+        "tflops": flops.tflops_per_s(step_flops, seen["step_s"] or 0.0),
         "peak_memory_gib": peak_gib(device),
         "paths": seen["paths"],
     }
@@ -204,27 +206,30 @@ def part_train_diffusion(args: argparse.Namespace) -> dict[str, Any]:
     return _train(args, "diffusion")
 
 
-def _measure_sampling(bundle: Any, device: torch.device, seeds: Sequence[int]) -> dict[str, Any]:
+def _measure_sampling(
+    bundle: Any, device: torch.device, seeds: Sequence[int], steps: int
+) -> dict[str, Any]:
     from benchmarks import flops
     from ldm_core.sample import denoise, generate
 
     reset_peak(device)
-    total, _ = timed(lambda: generate(bundle, list(seeds), "ddim", DDIM_STEPS), device)
-    denoise_s, _ = timed(lambda: denoise(bundle, list(seeds), "ddim", DDIM_STEPS), device)
-    unet_flops = DDIM_STEPS * flops.unet_forward_flops(bundle.config, len(seeds))
+    total, _ = timed(lambda: generate(bundle, list(seeds), "ddim", steps), device)
+    denoise_s, _ = timed(lambda: denoise(bundle, list(seeds), "ddim", steps), device)
+    unet_flops = steps * flops.unet_forward_flops(bundle.config, len(seeds))
     return {
         "seeds": len(seeds),
         "seconds": round(total, 3),
         "samples_per_s": round(len(seeds) / total, 4),
         "denoise_s": round(denoise_s, 3),
-        "denoise_tflops": round(flops.tflops_per_s(unet_flops, denoise_s), 3),
-        "unet_forward_flops": unet_flops // DDIM_STEPS,
+        "denoise_tflops": flops.tflops_per_s(unet_flops, denoise_s),
+        "unet_forward_flops": unet_flops // steps,
         "peak_memory_gib": peak_gib(device),
     }
 
 
 def part_sample(args: argparse.Namespace) -> dict[str, Any]:
-    """Bundle the two runs, then DDIM-50 for 1 and 4 seeds, ours and the tutorial loop."""
+    """Bundle the two runs, then DDIM-50 (dry run: 5) for 1 and 4 seeds, ours and the
+    tutorial loop."""
     from benchmarks.reference import tutorial_ddim
     from ldm_core.bundle import build_bundle, load
     from ldm_core.sample import generate
@@ -237,14 +242,15 @@ def part_sample(args: argparse.Namespace) -> dict[str, Any]:
     device = bundle.device
     for seeds in SAMPLE_SEEDS:  # warm-up: kernels, cuDNN autotuning, allocator
         generate(bundle, list(seeds), "ddim", 2)
-    ours = [_measure_sampling(bundle, device, seeds) for seeds in SAMPLE_SEEDS]
-    reference = [tutorial_ddim(path, len(seeds), DDIM_STEPS) for seeds in SAMPLE_SEEDS]
+    steps = DRY_RUN_DDIM_STEPS if args.dry_run else DDIM_STEPS
+    ours = [_measure_sampling(bundle, device, seeds, steps) for seeds in SAMPLE_SEEDS]
+    reference = [tutorial_ddim(path, len(seeds), steps) for seeds in SAMPLE_SEEDS]
     for mine, ref in zip(ours, reference):
         mine["reference_over_ours"] = round(ref["seconds"] / mine["seconds"], 3)
     return {
         "bundle_s": round(bundle_s, 2),
         "device": str(device),
-        "sampler": f"ddim-{DDIM_STEPS}",
+        "sampler": f"ddim-{steps}",
         "ours": ours,
         "reference": reference,
         "tf32": {
@@ -332,7 +338,8 @@ def report(parts: Path, names: Sequence[str], dry_run: bool) -> dict[str, Any]:
             "dry run on CPU: shapes and channels at the tiny-cpu scale, gloo instead of nccl, "
             "fp32 (CPU fp16/bf16 3D convolutions are ~25x slower than fp32), torch.compile off "
             "(compiling both networks on 2 busy CPU cores takes minutes), no data-loader "
-            f"workers, {DRY_RUN_SUBJECTS} subjects; figures here are not GPU figures"
+            f"workers, {DRY_RUN_SUBJECTS} subjects, DDIM-{DRY_RUN_DDIM_STEPS}; figures here are "
+            "not GPU figures"
         )
     return {
         "dry_run": dry_run,
