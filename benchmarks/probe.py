@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import warnings
 from types import TracebackType
 from typing import Any
 
@@ -62,7 +63,11 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _live(kind: type) -> list[Any]:
-    return [o for o in gc.get_objects() if isinstance(o, kind)]
+    """Every live object of ``kind``. ``isinstance`` on some deprecated torch aliases warns;
+    those warnings are about the scan, not the run, so they are silenced here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return [o for o in gc.get_objects() if isinstance(o, kind)]
 
 
 def owner_of(param: torch.Tensor, modules: list[nn.Module]) -> nn.Module | None:
