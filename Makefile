@@ -17,7 +17,7 @@ TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
 
-.PHONY: help venv tools kfp-protos demo test test-slow lint compile clean
+.PHONY: help venv tools kfp-protos gpu-wheels demo test test-slow lint compile clean
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
@@ -25,6 +25,7 @@ help:
 	@echo "make test-slow  the slow tests (longer training, multi-process runs)"
 	@echo "make lint       ruff"
 	@echo "make compile    recompile pipelines/brain_ldm.yaml"
+	@echo "make gpu-wheels wheels the GPU machine lacks, for benchmarks/gpu_check.sh"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -68,6 +69,14 @@ test-slow: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 lint: $(STAMP)
 	$(BIN)/ruff check ldm_core components pipelines tests benchmarks
 	$(BIN)/ruff format --check ldm_core components pipelines tests benchmarks
+
+# Wheels the GPU machine's image lacks, for benchmarks/gpu_check.sh there (benchmarks/README.md).
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+	  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux1_x86_64 -d .whl \
+	  $$(grep -iE '^(monai|nibabel|nilearn|minio|argon2-cffi|argon2-cffi-bindings|cffi|pycparser|pycryptodome)==' constraints.txt)
 
 compile: $(STAMP)
 	$(BIN)/python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml
