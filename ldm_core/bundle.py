@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from ldm_core.config import Config, ConfigError, from_dict
+from ldm_core.config import Config, ConfigError, from_dict, load_config
 from ldm_core.errors import LdmError
 from ldm_core.io import (
     AUTOENCODER_PT,
@@ -189,6 +190,30 @@ def build_bundle(
             "diffusion": int(unet.get("steps", 0)),
         },
     )
+
+
+def require(bundle_dir: str | Path) -> Path:
+    """``bundle_dir`` as a Path, or an LdmError naming it if it holds no bundle: checked
+    before a server opens its port or a sampler loads weights, so a wrong path is one clear
+    line."""
+    path = Path(bundle_dir)
+    if not (path / BUNDLE_JSON).is_file():
+        raise LdmError(f"{path}: not a model bundle (no {BUNDLE_JSON})")
+    return path
+
+
+def config_for(
+    bundle_dir: str | Path,
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """The config to sample or serve a bundle with: ``config`` if given, else the bundle's
+    own ``config.yaml`` (a KServe ServingRuntime passes only the bundle, and the bundle's
+    config knows its training objective and so its default sampler), refined by ``preset``
+    and dotted ``overrides``."""
+    path = require(bundle_dir)
+    return load_config(config or path / CONFIG_YAML, preset=preset, overrides=list(overrides))
 
 
 def _config_from(data: dict[str, Any], source: Path) -> Config:

@@ -69,9 +69,11 @@ def cmd_bundle(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from ldm_core.bundle import config_for
     from ldm_core.sample import sample_to_dir
 
-    cfg = _config(args)
+    # The bundle's own config: its objective decides the default sampler.
+    cfg = config_for(args.bundle, args.config, args.preset, args.set or [])
     paths = sample_to_dir(
         args.bundle,
         args.output,
@@ -95,9 +97,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from ldm_core.serve import serving_config
+    from ldm_core.bundle import config_for
 
-    cfg = serving_config(args.bundle, args.config, args.preset, args.set or [])
+    cfg = config_for(args.bundle, args.config, args.preset, args.set or [])
     # Importing kserve runs its own parser over sys.argv (kserve/__init__ imports
     # kserve.model_server, which parses at module level), and argparse's prefix matching
     # reads our --config as its --configure_logging. This command line is parsed already

@@ -77,3 +77,18 @@ def test_help_and_the_sampler_table_import_neither_torch_nor_monai():
     code = "import sys, ldm_core.cli; print(sorted({'torch', 'monai'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_sample_takes_the_bundles_own_config_so_an_rflow_model_samples_without_flags(tmp_path):
+    """The default sampler comes from the bundle's objective, not from the default preset
+    (whose ddim cannot sample a rectified-flow model)."""
+    cfg = serve_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    bundle = random_bundle(tmp_path / "rflow-bundle", cfg)
+    out = tmp_path / "samples"
+    assert main(["sample", "--bundle", str(bundle), "--output", str(out), "--num", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0000.nii.gz", "sample_0000.png"]
+
+
+def test_sample_names_a_directory_that_is_not_a_bundle(tmp_path, capsys):
+    assert main(["sample", "--bundle", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    assert f"{tmp_path}: not a model bundle (no bundle.json)" in capsys.readouterr().err

@@ -22,35 +22,5 @@ has read its own arguments.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
-from ldm_core.config import Config, load_config
-from ldm_core.errors import LdmError
-from ldm_core.io import BUNDLE_JSON, CONFIG_YAML
-
 DEFAULT_BUNDLE_DIR = "/mnt/models"
 """Where KServe's storage initializer puts the contents of ``storageUri``."""
-
-
-def require_bundle(bundle_dir: str | Path) -> Path:
-    """``bundle_dir`` as a Path, or an LdmError naming it if it holds no bundle: checked
-    before the port opens, so a wrong path is one clear line rather than a server that
-    starts and then fails to load."""
-    path = Path(bundle_dir)
-    if not (path / BUNDLE_JSON).is_file():
-        raise LdmError(f"{path}: not a model bundle (no {BUNDLE_JSON})")
-    return path
-
-
-def serving_config(
-    bundle_dir: str | Path,
-    config: str | Path | None = None,
-    preset: str | None = None,
-    overrides: Sequence[str] = (),
-) -> Config:
-    """The config a server runs with: ``config`` if given, else the bundle's own
-    ``config.yaml`` (what KServe's ServingRuntime relies on: it passes only the bundle),
-    refined by ``preset`` and dotted ``overrides``."""
-    path = require_bundle(bundle_dir)
-    return load_config(config or path / CONFIG_YAML, preset=preset, overrides=list(overrides))

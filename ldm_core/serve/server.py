@@ -35,9 +35,10 @@ from kserve.model_server import app as kserve_app
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
+from ldm_core.bundle import require as require_bundle
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
-from ldm_core.serve import DEFAULT_BUNDLE_DIR, require_bundle
+from ldm_core.serve import DEFAULT_BUNDLE_DIR
 from ldm_core.serve.admission import Admission, RequestRejected
 from ldm_core.serve.logs import configure_logging, log_event
 from ldm_core.serve.model import BrainLDMModel
