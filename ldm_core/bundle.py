@@ -16,6 +16,7 @@ shape error inside a request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -214,6 +215,21 @@ def config_for(
     and dotted ``overrides``."""
     path = require(bundle_dir)
     return load_config(config or path / CONFIG_YAML, preset=preset, overrides=list(overrides))
+
+
+def digest(bundle_dir: str | Path) -> str:
+    """sha256 over the bundle's files (names and contents): the bundle's identity. The same
+    bundle always gets the same storage prefix on deploy (and a different one a new
+    revision), and a server can say which bundle it answers from."""
+    root = Path(bundle_dir)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _config_from(data: dict[str, Any], source: Path) -> Config:

@@ -14,7 +14,6 @@ the endpoint they brought up, so "deployed" always means "answered a request".
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import logging
@@ -31,6 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from ldm_core import bundle as bundle_mod
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
 from ldm_core.io import BUNDLE_JSON, DEPLOYMENT_JSON, atomic_write_json
@@ -343,20 +343,6 @@ def deploy_local(
 # --------------------------------------------------------------------------- cluster backend
 
 
-def bundle_digest(bundle_dir: str | Path) -> str:
-    """sha256 over the bundle's files (names and contents): the same bundle always gets the
-    same storage prefix, and a different one a different prefix (and so a new revision)."""
-    root = Path(bundle_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def deploy_kserve(
     cfg: Config,
     bundle_dir: str | Path,
@@ -449,7 +435,7 @@ def _upload_bundle(cfg: Config, bundle: Path, storage_prefix: str, model: str) -
     from ldm_core import storage
 
     _require_bundle(bundle)
-    digest = bundle_digest(bundle)
+    digest = bundle_mod.digest(bundle)
     uri = storage.join(storage_prefix, model, digest[:16])
     storage.upload_dir(bundle, uri, cfg.storage)
     return uri, digest
