@@ -198,6 +198,8 @@ def require(bundle_dir: str | Path) -> Path:
     before a server opens its port or a sampler loads weights, so a wrong path is one clear
     line."""
     path = Path(bundle_dir)
+    if not path.is_dir():
+        raise LdmError(f"{path}: bundle directory not found")
     if not (path / BUNDLE_JSON).is_file():
         raise LdmError(f"{path}: not a model bundle (no {BUNDLE_JSON})")
     return path
