@@ -32,10 +32,12 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from ldm_core.bundle import Bundle, digest
 from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config
+from ldm_core.io import BUNDLE_JSON
 from ldm_core.sample import generate
 from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
 from ldm_core.serve.logs import log_event, log_request
 from ldm_core.serve.metrics import REJECTED, REQUEST_LATENCY, SAMPLES_GENERATED
+from ldm_core.serve.monitoring import export_reference, observe, read_reference
 from ldm_core.serve.protocol import (
     TENSORS,
     GenerationRequest,
@@ -94,6 +96,15 @@ class BrainLDMModel(Model):
         started = time.monotonic()
         self.bundle = load_bundle(self.bundle_dir, self.device)
         self.bundle_digest = digest(self.bundle_dir)
+        reference = read_reference(self.bundle.meta, str(self.bundle_dir / BUNDLE_JSON))
+        export_reference(reference)
+        if not reference:
+            log_event(
+                "no_output_reference",
+                logging.WARNING,
+                bundle=str(self.bundle_dir),
+                detail="bundle.json has no reference: output drift is exported, not compared",
+            )
         self.limits = Limits.from_config(self.cfg, self.bundle.config)
         if self.cfg.serving.warmup:
             # One tiny generation touches every kernel (and, on a GPU, initialises cuDNN and
@@ -200,7 +211,8 @@ class BrainLDMModel(Model):
         """Encode the volumes as the request asked, record metrics, log the request."""
         req = result.request
         affine = np.asarray(self.bundle.affine)
-        # gzip / PNG encoding is CPU work; keep it off the event loop.
+        # Summaries and gzip / PNG encoding are CPU work; keep them off the event loop.
+        await asyncio.to_thread(observe, result.volumes)
         files = await asyncio.to_thread(encode, result.volumes, affine, req.outputs)
         if req.protocol == "v2":
             response: InferResponse | dict[str, Any] = build_v2_response(
