@@ -19,6 +19,7 @@ import base64
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -33,6 +34,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse, 
 from PIL import Image
 
 from ldm_core.bundle import digest
+from ldm_core.config import ConfigError
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
 from tests.harness.serving import free_port, model_server, v2
@@ -218,3 +220,17 @@ def test_grpc_status_codes_say_what_rest_says(served):
         asyncio.run(grpc_infer(address, request))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "parameters.steps" in err.value.details()
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("-1", "serving.grpc_port: -1 is not a TCP port"),
+        ("70000", "serving.grpc_port: 70000 is not a TCP port"),
+        ("8080", "serving.grpc_port: 8080 is serving.http_port too"),
+    ],
+)
+def test_grpc_port_is_checked_where_the_config_loads(value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        serve_config(f"serving.grpc_port={value}")
+    assert serve_config().serving.grpc_port == 0  # off unless asked for
