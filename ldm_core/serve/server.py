@@ -26,12 +26,12 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
 from pathlib import Path
 
-import orjson
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -49,7 +49,6 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
-from pydantic import ValidationError
 
 from ldm_core.bundle import require as require_bundle
 from ldm_core.config import Config
@@ -78,10 +77,12 @@ class ModelAwareDataPlane(DataPlane):
         if not isinstance(body, bytes) or INFERENCE_CONTENT_LENGTH_HEADER in headers:
             return super().decode_inference_request(body, headers, model_name)
         try:
-            parsed = InferenceRequest.model_validate(orjson.loads(body))
-        except orjson.JSONDecodeError as exc:
+            data = json.loads(body)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             raise InvalidInput(f"request body: not JSON ({exc})") from None
-        except ValidationError as exc:
+        try:
+            parsed = InferenceRequest.model_validate(data)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise InvalidInput(f"request body: not a V2 inference request ({exc})") from None
         return InferRequest.from_inference_request(parsed, model_name)
 
