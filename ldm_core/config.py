@@ -195,6 +195,8 @@ class StorageConfig:
 class ServingConfig:
     model_name: str = "brain-ldm"
     http_port: int = 8080
+    grpc_port: int = 0
+    """KServe's gRPC V2 endpoint (same inference as REST); 0 = no gRPC server."""
     max_samples: int = 4
     """Largest number of samples one request may ask for."""
     max_steps: int = 1000
@@ -631,6 +633,15 @@ def _check_sampling(cfg: Config) -> None:
 def _check_serving(cfg: Config) -> None:
     if not 1 <= cfg.serving.http_port <= 65535:
         raise ConfigError(f"serving.http_port: {cfg.serving.http_port} is not a TCP port")
+    if not 0 <= cfg.serving.grpc_port <= 65535:
+        raise ConfigError(
+            f"serving.grpc_port: {cfg.serving.grpc_port} is not a TCP port (0 = no gRPC server)"
+        )
+    if cfg.serving.grpc_port == cfg.serving.http_port:
+        raise ConfigError(
+            f"serving.grpc_port: {cfg.serving.grpc_port} is serving.http_port too; "
+            "pick another port, or 0 for no gRPC server"
+        )
     if cfg.serving.max_queue < 0:
         raise ConfigError(f"serving.max_queue: must be >= 0, got {cfg.serving.max_queue}")
 

@@ -219,10 +219,10 @@ BAD_V2 = [
     ("unknown sampler", v2([1], sampler="euler"), 400, "parameters.sampler"),
     ("sampler of the other objective", v2([1], sampler="rflow"), 400, "parameters.sampler"),
     ("unknown output", v2([1], output="gif"), 400, "parameters.output"),
-    ("misspelt parameter", v2([1], step=3), 400, "parameters.step"),
+    # Unknown parameters are accepted (tests/test_serve_oip.py); unknown outputs are not.
     (
-        "output tensor of another kind",
-        {**v2([1], output="nifti"), "outputs": [{"name": "volume"}]},
+        "unknown output tensor",
+        {**v2([1], output="nifti"), "outputs": [{"name": "mask"}]},
         400,
         "outputs[0].name",
     ),

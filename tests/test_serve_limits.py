@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -18,7 +19,6 @@ import torch
 from kserve.model_repository import ModelRepository
 
 from ldm_core.cli import main as ldm_main
-from ldm_core.deploy import deploy, stop_local
 from ldm_core.errors import LdmError
 from ldm_core.serve.admission import Admission
 from ldm_core.serve.model import BrainLDMModel
@@ -34,20 +34,21 @@ LIMITS = [
     f"serving.request_timeout_s={TIMEOUT_S}",
     "serving.max_steps=1000",
 ]
-# A request that cannot finish inside TIMEOUT_S on a CPU: 3 samples x 1000 DDPM steps.
+STEP_S = 0.02
+"""Added to every denoising step of the limited server: whatever the hardware, SLOW takes
+at least 1000 x STEP_S = 20 s (over 6x the limit), a 2-step request under 0.1 s more."""
 SLOW = v2([1, 2, 3], sampler="ddpm", steps=1000)
 
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    cfg = serve_config(*LIMITS)
-    bundle = random_bundle(root / "bundle", cfg)
-    result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
-    try:
-        yield result["url"]
-    finally:
-        stop_local(result)
+    bundle = random_bundle(root / "bundle", serve_config(*LIMITS))
+    sets = [arg for limit in LIMITS for arg in ("--set", limit)]
+    with model_server(
+        bundle, root / "serve.log", "--device", "cpu", *sets, step_s=STEP_S
+    ) as server:
+        yield server.url
 
 
 def _post(url: str, body: dict, out: list, lock: threading.Lock) -> None:
@@ -96,6 +97,9 @@ def test_time_limit_gives_504_and_frees_the_slot(limited):
         and "generating (step" in r.json()["error"]
     )
     assert elapsed < TIMEOUT_S + 2.0
+    # The controlled step, not the hardware, bounds the progress made in time.
+    done = int(re.search(r"generating \(step (\d+) of 1000\)", r.json()["error"]).group(1))
+    assert done <= TIMEOUT_S / STEP_S
     # The abandoned generation stops at its next step, so the next request gets the slot.
     started = time.monotonic()
     r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=v2([9], steps=2), timeout=60)

@@ -10,9 +10,10 @@ split the way KServe splits the work:
 - :mod:`~ldm_core.serve.model`: the ``kserve.Model`` subclass (load, preprocess, predict,
   postprocess).
 - :mod:`~ldm_core.serve.server`: the process: KServe's ModelServer and REST application
-  under a uvicorn server it can stop, readiness, error handlers.
+  under a uvicorn server it can stop, the gRPC V2 endpoint, readiness, error handlers.
 - :mod:`~ldm_core.serve.logs`, :mod:`~ldm_core.serve.metrics`: JSON log lines and the
-  Prometheus metrics on ``/metrics``.
+  Prometheus metrics on ``/metrics``; :mod:`~ldm_core.serve.monitoring`: what the generated
+  volumes look like, beside the bundle's training reference.
 
 ``ldm serve`` (``ldm_core.cli``) is the command line; ``python -m ldm_core.serve`` is an
 alias for it. This module imports no kserve: importing ``kserve`` parses the process

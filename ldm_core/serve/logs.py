@@ -63,7 +63,7 @@ def log_request(
         n=len(req.seeds),
         sampler=req.sampler,
         steps=req.steps,
-        output=req.output,
+        outputs=list(req.outputs),
         status=status,
         **fields,
     )

@@ -24,3 +24,14 @@ REJECTED = Counter(
     "Requests refused or failed, by reason (invalid, busy, timeout, out_of_memory, error)",
     ["reason"],
 )
+OUTPUT_SUMMARY = Histogram(
+    "ldm_output_summary",
+    "Per generated volume: mean_intensity, foreground_fraction, detail ([0, 1] scale)",
+    ["measure"],
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1),
+)
+OUTPUT_REFERENCE = Gauge(
+    "ldm_output_reference",
+    "The training set's value of each output measure (from bundle.json's reference)",
+    ["measure"],
+)

@@ -15,6 +15,7 @@ not the client's, and is logged with its type, message and request id.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,14 +29,17 @@ from kserve import Model
 from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from ldm_core.bundle import Bundle
+from ldm_core.bundle import Bundle, digest
 from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config
+from ldm_core.io import BUNDLE_JSON
 from ldm_core.sample import generate
 from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
 from ldm_core.serve.logs import log_event, log_request
 from ldm_core.serve.metrics import REJECTED, REQUEST_LATENCY, SAMPLES_GENERATED
+from ldm_core.serve.monitoring import export_reference, observe, read_reference
 from ldm_core.serve.protocol import (
+    TENSORS,
     GenerationRequest,
     Limits,
     build_v1_response,
@@ -82,12 +86,25 @@ class BrainLDMModel(Model):
         self.device = device
         self.bundle: Bundle | None = None
         self.limits: Limits | None = None
+        self.bundle_digest = ""
+        """``ldm_core.bundle.digest`` of the bundle served, in every response's parameters,
+        so a deploy's smoke check can tell which bundle answered."""
 
     def load(self) -> bool:
         """Load the bundle, warm it up, then mark the model ready. May run in a background
         thread while the server already answers liveness."""
         started = time.monotonic()
         self.bundle = load_bundle(self.bundle_dir, self.device)
+        self.bundle_digest = digest(self.bundle_dir)
+        reference = read_reference(self.bundle.meta, str(self.bundle_dir / BUNDLE_JSON))
+        export_reference(reference)
+        if not reference:
+            log_event(
+                "no_output_reference",
+                logging.WARNING,
+                bundle=str(self.bundle_dir),
+                detail="bundle.json has no reference: output drift is exported, not compared",
+            )
         self.limits = Limits.from_config(self.cfg, self.bundle.config)
         if self.cfg.serving.warmup:
             # One tiny generation touches every kernel (and, on a GPU, initialises cuDNN and
@@ -101,6 +118,7 @@ class BrainLDMModel(Model):
             device=str(self.bundle.device),
             image_shape=list(self.bundle.image_shape),
             samplers=list(self.limits.samplers),
+            bundle_digest=self.bundle_digest,
             load_s=round(time.monotonic() - started, 3),
         )
         return self.ready
@@ -110,12 +128,13 @@ class BrainLDMModel(Model):
 
     def get_output_types(self) -> list[dict[str, Any]]:
         d, h, w = self.bundle.image_shape if self.bundle is not None else (-1, -1, -1)
-        return [
-            {"name": "volume", "datatype": "FP32", "shape": [-1, 1, d, h, w]},
-            {"name": "affine", "datatype": "FP32", "shape": [4, 4]},
-            {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
-            {"name": "png", "datatype": "BYTES", "shape": [-1]},
-        ]
+        types = {
+            "volume": {"name": "volume", "datatype": "FP32", "shape": [-1, 1, d, h, w]},
+            "affine": {"name": "affine", "datatype": "FP32", "shape": [4, 4]},
+            "nifti": {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
+            "png": {"name": "png", "datatype": "BYTES", "shape": [-1]},
+        }
+        return [types[name] for name in TENSORS]
 
     async def preprocess(
         self, payload: InferRequest | dict[str, Any] | bytes, headers: dict[str, str] | None = None
@@ -128,9 +147,11 @@ class BrainLDMModel(Model):
         header_id = (headers or {}).get("x-request-id")
         request_id = header_id or (payload.id if v2 else None) or uuid.uuid4().hex
         try:
-            if v2:
-                return parse_v2(payload, self.limits, request_id)
-            return parse_v1(payload, self.limits, request_id)
+            req = (
+                parse_v2(payload, self.limits, request_id)
+                if v2
+                else parse_v1(payload, self.limits, request_id)
+            )
         except InvalidInput as exc:
             REJECTED.labels("invalid").inc()
             log_event(
@@ -141,6 +162,14 @@ class BrainLDMModel(Model):
                 error=str(exc),
             )
             raise
+        if req.ignored_parameters:
+            log_event(
+                "parameters_ignored",
+                logging.DEBUG,
+                request_id=request_id,
+                parameters=list(req.ignored_parameters),
+            )
+        return req
 
     async def predict(
         self, req: GenerationRequest, headers: dict[str, str] | None = None
@@ -182,16 +211,15 @@ class BrainLDMModel(Model):
         """Encode the volumes as the request asked, record metrics, log the request."""
         req = result.request
         affine = np.asarray(self.bundle.affine)
-        payloads: list[bytes] = []
-        if req.output != "volume":
-            # gzip / PNG encoding is CPU work; keep it off the event loop.
-            payloads = await asyncio.to_thread(encode, result.volumes, affine, req.output)
+        # Summaries and gzip / PNG encoding are CPU work; keep them off the event loop.
+        await asyncio.to_thread(observe, result.volumes)
+        files = await asyncio.to_thread(encode, result.volumes, affine, req.outputs)
         if req.protocol == "v2":
             response: InferResponse | dict[str, Any] = build_v2_response(
-                req, result.volumes, affine, payloads, self.name
+                req, result.volumes, affine, files, self.name, self.bundle_digest
             )
         else:
-            response = build_v1_response(req, result.volumes, affine, payloads)
+            response = build_v1_response(req, result.volumes, affine, files, self.bundle_digest)
         latency = time.monotonic() - req.started
         REQUEST_LATENCY.labels(req.sampler).observe(latency)
         SAMPLES_GENERATED.labels(req.sampler).inc(len(req.seeds))

@@ -3,10 +3,14 @@ and V1, with nothing of the server in it.
 
 - V2 input ``seed`` INT64 ``[N]`` (one sample per seed); parameters ``sampler``
   (ddim|ddpm|rflow, limited to the ones the bundle's training objective allows), ``steps``,
-  ``output`` (volume|nifti|png). Outputs ``volume`` FP32 ``[N,1,D,H,W]`` + ``affine`` FP32
-  ``[4,4]``, or ``nifti`` / ``png`` BYTES ``[N]`` (base64 strings in JSON, raw bytes with the
+  ``output`` (volume|nifti|png). Outputs ``volume`` FP32 ``[N,1,D,H,W]``, ``affine`` FP32
+  ``[4,4]``, ``nifti`` / ``png`` BYTES ``[N]`` (base64 strings in JSON, raw bytes with the
   binary data extension, which clients ask for with ``binary_data_output`` or a per-output
-  ``binary_data`` parameter, as KServe defines them).
+  ``binary_data`` parameter, as KServe defines them). The protocol's ``outputs`` field
+  picks any combination of them, in the order asked; without it the ``output`` parameter
+  is a shortcut for one kind (``volume`` gives ``volume`` + ``affine``).
+- Unknown request parameters are accepted and ignored (logged at debug): the protocol
+  makes parameters extensible, and generic clients send their own.
 - V1 ``{"instances": [{"seed": 1}, ...], "parameters": {...}}`` -> ``{"predictions": [...]}``;
   V1 defaults to ``output: nifti`` because a JSON number list of a volume is rarely wanted.
 
@@ -24,19 +28,27 @@ from typing import Any
 
 import numpy as np
 from kserve.errors import InvalidInput
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.infer_type import (
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    to_http_parameters,
+)
 
 from ldm_core.config import Config
 from ldm_core.sample import to_nifti_bytes, triptych_png
 from ldm_core.samplers import ALL_SAMPLERS, samplers_for
 
 OUTPUTS = ("volume", "nifti", "png")
+"""Values of the ``output`` parameter, the shortcut for the ``outputs`` field."""
 OUTPUT_TENSORS: dict[str, tuple[str, ...]] = {
     "volume": ("volume", "affine"),
     "nifti": ("nifti",),
     "png": ("png",),
 }
-"""The tensors each output kind produces."""
+"""The tensors each ``output`` shortcut produces."""
+TENSORS = ("volume", "affine", "nifti", "png")
+"""Every output tensor this model can produce (its metadata lists them in this order)."""
 CONTENT_TYPES = {"nifti": "application/gzip", "png": "image/png"}
 PARAMETERS = ("sampler", "steps", "output", "binary_data_output")
 """Request parameters this model reads (``binary_data_output`` is KServe's own)."""
@@ -81,8 +93,11 @@ class GenerationRequest:
     seeds: list[int]
     sampler: str
     steps: int
-    output: str
+    outputs: tuple[str, ...]
+    """Output tensors, in the order the response lists them."""
     infer_request: InferRequest | None = None
+    ignored_parameters: tuple[str, ...] = ()
+    """Request parameters this model does not read (accepted, see the module docstring)."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -116,11 +131,6 @@ def _parse_parameters(
     params: Mapping[str, Any] | None, limits: Limits, default_output: str
 ) -> tuple[str, int, str]:
     params = dict(params or {})
-    unknown = sorted(set(params) - set(PARAMETERS))
-    if unknown:
-        raise InvalidInput(
-            f"parameters.{unknown[0]}: unknown parameter; this model reads {', '.join(PARAMETERS)}"
-        )
     sampler = params.get("sampler", limits.default_sampler)
     if not isinstance(sampler, str) or sampler not in ALL_SAMPLERS:
         raise InvalidInput(
@@ -167,6 +177,9 @@ def _seed_tensor(request: InferRequest, limits: Limits) -> list[int]:
     if not (isinstance(shape, list | tuple) and len(shape) == 1 and _is_int(shape[0])):
         raise InvalidInput(f"inputs[seed].shape: expected [N] (one seed per sample), got {shape!r}")
     values = _flatten(tensor.data if tensor.data is not None else [])
+    if not values and shape[0]:
+        # gRPC raw_input_contents: bytes already typed by the datatype, checked above.
+        values = tensor.as_numpy().reshape(-1).tolist()
     if len(values) != shape[0]:
         raise InvalidInput(
             f"inputs[seed].data: {len(values)} values do not match shape {list(shape)}"
@@ -174,28 +187,46 @@ def _seed_tensor(request: InferRequest, limits: Limits) -> list[int]:
     return _check_seeds(values, "inputs[seed].data", limits)
 
 
-def parse_v2(request: InferRequest, limits: Limits, request_id: str) -> GenerationRequest:
-    """Validate an Open Inference Protocol request, naming the field at fault."""
-    seeds = _seed_tensor(request, limits)
-    params = dict(request.parameters or {})
-    requested = [o.name for o in request.request_outputs or []]
-    if "output" not in params and requested:
-        # The client named the tensors it wants; let that pick the output kind.
-        kinds = {k for k, names in OUTPUT_TENSORS.items() if set(requested) <= set(names)}
-        if len(kinds) == 1:
-            params["output"] = kinds.pop()
-    sampler, steps, output = _parse_parameters(params, limits, default_output="volume")
-    for i, name in enumerate(requested):
-        if name not in OUTPUT_TENSORS[output]:
-            raise InvalidInput(
-                f"outputs[{i}].name: {name!r} is not produced with output={output!r} "
-                f"(it gives {', '.join(OUTPUT_TENSORS[output])})"
-            )
+def _ignored(params: Mapping[str, Any] | None) -> tuple[str, ...]:
+    return tuple(sorted(set(params or {}) - set(PARAMETERS)))
+
+
+def _requested_outputs(request: InferRequest) -> tuple[str, ...]:
+    """The tensors the ``outputs`` field names, each once, in the order given."""
+    names: list[str] = []
     for i, ro in enumerate(request.request_outputs or []):
+        if ro.name not in TENSORS:
+            raise InvalidInput(
+                f"outputs[{i}].name: unknown output {ro.name!r}; this model gives "
+                f"{', '.join(TENSORS)}"
+            )
         flag = (ro.parameters or {}).get("binary_data")
         if flag is not None and not isinstance(flag, bool):
             raise InvalidInput(f"outputs[{i}].parameters.binary_data: expected true or false")
-    return GenerationRequest(request_id, "v2", seeds, sampler, steps, output, infer_request=request)
+        if ro.name not in names:
+            names.append(ro.name)
+    return tuple(names)
+
+
+def parse_v2(request: InferRequest, limits: Limits, request_id: str) -> GenerationRequest:
+    """Validate an Open Inference Protocol request, naming the field at fault. The
+    ``outputs`` field decides what is produced; the ``output`` parameter (checked either
+    way) only when the request has no ``outputs``."""
+    seeds = _seed_tensor(request, limits)
+    # gRPC parameters arrive as typed InferParameter messages; REST ones as plain values.
+    params = to_http_parameters(request.parameters or {})
+    sampler, steps, output = _parse_parameters(params, limits, "volume")
+    outputs = _requested_outputs(request) or OUTPUT_TENSORS[output]
+    return GenerationRequest(
+        request_id,
+        "v2",
+        seeds,
+        sampler,
+        steps,
+        outputs,
+        infer_request=request,
+        ignored_parameters=_ignored(params),
+    )
 
 
 def parse_v1(body: Any, limits: Limits, request_id: str) -> GenerationRequest:
@@ -222,7 +253,15 @@ def parse_v1(body: Any, limits: Limits, request_id: str) -> GenerationRequest:
     if params is not None and not isinstance(params, dict):
         raise InvalidInput("parameters: expected a JSON object")
     sampler, steps, output = _parse_parameters(params, limits, default_output="nifti")
-    return GenerationRequest(request_id, "v1", seeds, sampler, steps, output)
+    return GenerationRequest(
+        request_id,
+        "v1",
+        seeds,
+        sampler,
+        steps,
+        OUTPUT_TENSORS[output],
+        ignored_parameters=_ignored(params),
+    )
 
 
 # --------------------------------------------------------------------------- responses
@@ -231,7 +270,10 @@ def parse_v1(body: Any, limits: Limits, request_id: str) -> GenerationRequest:
 def _binary_wanted(request: InferRequest, name: str) -> bool:
     """Whether KServe will send output ``name`` as raw bytes: the same rule as
     ``InferResponse.to_rest`` (a requested output's ``binary_data`` wins over
-    ``binary_data_output``), so BYTES payloads are base64 exactly when they travel in JSON."""
+    ``binary_data_output``), so BYTES payloads are base64 exactly when they travel in JSON.
+    gRPC carries bytes as bytes: its answers are never base64."""
+    if request.from_grpc:
+        return True
     if request.request_outputs:
         for ro in request.request_outputs:
             if ro.name == name:
@@ -240,64 +282,98 @@ def _binary_wanted(request: InferRequest, name: str) -> bool:
     return bool(request.use_binary_outputs)
 
 
-def encode(volumes: np.ndarray, affine: np.ndarray, output: str) -> list[bytes]:
-    """One file per volume for a BYTES output: gzip-NIfTI with ``affine``, or a PNG preview.
-    CPU work of tens of milliseconds per volume; callers keep it off the event loop."""
-    if output == "nifti":
-        return [to_nifti_bytes(v, affine) for v in volumes]
-    return [triptych_png(v) for v in volumes]
+def encode(
+    volumes: np.ndarray, affine: np.ndarray, outputs: Sequence[str]
+) -> dict[str, list[bytes]]:
+    """One file per volume for each BYTES output in ``outputs``: gzip-NIfTI with
+    ``affine``, or a PNG preview. CPU work of tens of milliseconds per volume; callers keep
+    it off the event loop."""
+    files: dict[str, list[bytes]] = {}
+    if "nifti" in outputs:
+        files["nifti"] = [to_nifti_bytes(v, affine) for v in volumes]
+    if "png" in outputs:
+        files["png"] = [triptych_png(v) for v in volumes]
+    return files
+
+
+def _output(
+    name: str, datatype: str, data: np.ndarray, grpc: bool, parameters: dict | None = None
+) -> InferOutput:
+    """An output tensor; for gRPC serialised here, because kserve 0.21's
+    ``InferResponse.to_grpc`` takes the truth value of a numpy array (and fails) whenever
+    the request's inputs came as raw contents."""
+    if not grpc:
+        return InferOutput(name, list(data.shape), datatype, data=data, parameters=parameters)
+    tensor = InferOutput(name, list(data.shape), datatype, parameters=parameters)
+    tensor.set_data_from_numpy(data, binary_data=True)
+    return tensor
+
+
+def _file_output(name: str, payloads: list[bytes], binary: bool, grpc: bool) -> InferOutput:
+    items = payloads if binary else [base64.b64encode(p).decode("ascii") for p in payloads]
+    data = np.empty(len(items), dtype=object)
+    data[:] = items
+    params: dict[str, Any] = {"content_type": CONTENT_TYPES[name]}
+    if not binary:
+        params["encoding"] = "base64"
+    return _output(name, "BYTES", data, grpc, params)
 
 
 def build_v2_response(
     req: GenerationRequest,
     volumes: np.ndarray,
     affine: np.ndarray,
-    payloads: list[bytes],
+    files: Mapping[str, list[bytes]],
     model_name: str,
+    bundle_digest: str,
 ) -> InferResponse:
-    """The V2 response of ``req``: the tensors of its output kind, binary where asked."""
+    """The V2 response of ``req``: the tensors it asked for, binary where asked, and the
+    parameters that say how and from which bundle (``bundle_digest``) they were made."""
     ir = req.infer_request
     if ir is None:
         raise ValueError(f"request {req.request_id}: a V2 response needs the V2 request")
     outputs: list[InferOutput] = []
-    if req.output == "volume":
-        vol = np.ascontiguousarray(volumes, dtype=np.float32)
-        outputs.append(InferOutput("volume", list(vol.shape), "FP32", data=vol))
-        aff = np.ascontiguousarray(affine, dtype=np.float32)
-        outputs.append(InferOutput("affine", [4, 4], "FP32", data=aff))
-    else:
-        binary = _binary_wanted(ir, req.output)
-        items = payloads if binary else [base64.b64encode(p).decode("ascii") for p in payloads]
-        data = np.empty(len(items), dtype=object)
-        data[:] = items
-        params: dict[str, Any] = {"content_type": CONTENT_TYPES[req.output]}
-        if not binary:
-            params["encoding"] = "base64"
-        outputs.append(InferOutput(req.output, [len(items)], "BYTES", data=data, parameters=params))
+    for name in req.outputs:
+        if name == "volume":
+            vol = np.ascontiguousarray(volumes, dtype=np.float32)
+            outputs.append(_output("volume", "FP32", vol, ir.from_grpc))
+        elif name == "affine":
+            aff = np.ascontiguousarray(affine, dtype=np.float32).reshape(4, 4)
+            outputs.append(_output("affine", "FP32", aff, ir.from_grpc))
+        else:
+            binary = _binary_wanted(ir, name)
+            outputs.append(_file_output(name, files[name], binary, ir.from_grpc))
     return InferResponse(
         response_id=req.request_id,
         model_name=model_name,
         infer_outputs=outputs,
-        parameters={"sampler": req.sampler, "steps": req.steps},
+        parameters={"sampler": req.sampler, "steps": req.steps, "bundle_digest": bundle_digest},
         use_binary_outputs=ir.use_binary_outputs,
         requested_outputs=ir.request_outputs,
     )
 
 
 def build_v1_response(
-    req: GenerationRequest, volumes: np.ndarray, affine: np.ndarray, payloads: list[bytes]
+    req: GenerationRequest,
+    volumes: np.ndarray,
+    affine: np.ndarray,
+    files: Mapping[str, list[bytes]],
+    bundle_digest: str,
 ) -> dict[str, Any]:
-    """The V1 response of ``req``: one prediction per seed, plus the affine and settings."""
+    """The V1 response of ``req``: one prediction per seed, plus the affine, the settings
+    and the bundle's digest. V1 asks for one kind (``outputs`` is one shortcut's tensors)."""
+    kind = req.outputs[0]
     predictions: list[dict[str, Any]] = []
     for i, seed in enumerate(req.seeds):
-        if req.output == "volume":
+        if kind == "volume":
             value: Any = volumes[i].tolist()
         else:
-            value = base64.b64encode(payloads[i]).decode("ascii")
-        predictions.append({"seed": seed, req.output: value})
+            value = base64.b64encode(files[kind][i]).decode("ascii")
+        predictions.append({"seed": seed, kind: value})
     return {
         "predictions": predictions,
         "affine": np.asarray(affine, dtype=float).tolist(),
         "sampler": req.sampler,
         "steps": req.steps,
+        "bundle_digest": bundle_digest,
     }

@@ -16,11 +16,17 @@ Why it looks the way it does:
 - 503 (busy) and 504 (time limit) come from :mod:`~ldm_core.serve.admission`'s
   exceptions through one FastAPI handler; KServe's own handlers give 400 for
   ``InvalidInput`` and 500 for ``InferenceError``.
+- With ``serving.grpc_port`` set, KServe's gRPC V2 servicer answers on that port, in the
+  same event loop and over the same data plane as REST, so both give the same inference.
+  Its server is built here (``GRPCServer`` binds every interface); its status codes follow
+  the REST ones: ``INVALID_ARGUMENT`` (400), ``RESOURCE_EXHAUSTED`` (503),
+  ``DEADLINE_EXCEEDED`` (504), ``INTERNAL`` (500).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -29,11 +35,20 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from grpc import ServicerContext, StatusCode, aio
 from kserve import ModelServer
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import InferenceError, InvalidInput
 from kserve.model_server import app as kserve_app
 from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import (
+    add_GRPCInferenceServiceServicer_to_server,
+)
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.server import RESTServer
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
 from ldm_core.bundle import require as require_bundle
 from ldm_core.config import Config
@@ -52,6 +67,43 @@ class ModelAwareDataPlane(DataPlane):
     async def ready(self) -> bool:
         models = list(self.model_registry.get_models().values())
         return bool(models) and all([await m.healthy() for m in models])
+
+    def decode_inference_request(
+        self, body: bytes | InferenceRequest, headers: dict, model_name: str
+    ) -> InferRequest:
+        """A V2 body without ``inference-header-content-length`` is all JSON header (the
+        binary data extension says so), whatever its Content-Type: ``curl -d`` and many
+        clients send JSON without ``application/json``, and KServe would refuse it."""
+        if not isinstance(body, bytes) or INFERENCE_CONTENT_LENGTH_HEADER in headers:
+            return super().decode_inference_request(body, headers, model_name)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise InvalidInput(f"request body: not JSON ({exc})") from None
+        try:
+            parsed = InferenceRequest.model_validate(data)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise InvalidInput(f"request body: not a V2 inference request ({exc})") from None
+        return InferRequest.from_inference_request(parsed, model_name)
+
+
+class StatusInterceptor(ExceptionToStatusInterceptor):
+    """gRPC status codes that say what the REST status codes say: KServe's interceptor
+    turns every ``InferenceError`` into ``INVALID_ARGUMENT`` and our 503/504 into
+    ``INTERNAL``."""
+
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: object, context: ServicerContext, method_name: str
+    ) -> None:
+        if isinstance(ex, RequestRejected):
+            code = (
+                StatusCode.RESOURCE_EXHAUSTED if ex.status == 503 else StatusCode.DEADLINE_EXCEEDED
+            )
+            await context.abort(code, str(ex))
+        elif isinstance(ex, InferenceError):
+            await context.abort(StatusCode.INTERNAL, str(ex))
+        else:
+            await super().handle_exception(ex, request_or_iterator, context, method_name)
 
 
 async def _rejected_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -112,13 +164,39 @@ def _load_or_stop(model: BrainLDMModel, http: uvicorn.Server, errors: list[BaseE
         http.should_exit = True
 
 
-async def _serve_http(
-    kserve_server: ModelServer, http: uvicorn.Server, listener: socket.socket
+def _grpc_server(kserve_server: ModelServer, host: str, port: int) -> aio.Server:
+    """KServe's gRPC V2 servicer on ``host:port``, over the REST server's data plane."""
+    server = aio.server(interceptors=(StatusInterceptor(),))
+    add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(kserve_server.dataplane, kserve_server.model_repository_extension),
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise LdmError(f"serving.grpc_port: cannot listen on {address} ({exc})") from None
+    return server
+
+
+async def _serve(
+    kserve_server: ModelServer,
+    http: uvicorn.Server,
+    listener: socket.socket,
+    grpc_address: tuple[str, int] | None,
 ) -> None:
     # What ModelServer.start does to its loop: a worker pool sized by max_asyncio_workers
     # for KServe's own blocking calls, and its loop exception handler.
     kserve_server.setup_event_loop()
-    await http.serve(sockets=[listener])
+    # A grpc.aio server belongs to the loop it is created in: this one.
+    grpc = _grpc_server(kserve_server, *grpc_address) if grpc_address else None
+    if grpc is not None:
+        await grpc.start()
+    try:
+        await http.serve(sockets=[listener])
+    finally:
+        if grpc is not None:
+            await grpc.stop(grace=kserve_server.grace_period)
 
 
 def serve(
@@ -132,8 +210,9 @@ def serve(
 ) -> None:
     """Serve ``bundle_dir`` on ``host:http_port`` until SIGTERM/SIGINT. Blocks.
 
-    ``http_port`` and ``model_name`` default to ``cfg.serving``'s. Raises LdmError if the
-    directory holds no bundle, the port is taken, or the bundle fails to load.
+    ``http_port`` and ``model_name`` default to ``cfg.serving``'s; gRPC answers on
+    ``cfg.serving.grpc_port`` unless it is 0. Raises LdmError if the directory holds no
+    bundle, a port is taken, or the bundle fails to load.
     """
     configure_logging()
     bundle = require_bundle(bundle_dir)
@@ -150,14 +229,23 @@ def serve(
         )
         kserve_server.register_model(model)
         http = _http_server(kserve_server, port)
+        grpc_port = cfg.serving.grpc_port
+        grpc_address = (host, grpc_port) if grpc_port else None
         # After uvicorn's graceful shutdown it re-raises the signal it caught; KServe's
         # handler then unloads the models (the default one would end the process at once).
         kserve_server.register_signal_handler()
-        log_event("server_starting", model=name, host=host, port=port, bundle=str(bundle))
+        log_event(
+            "server_starting",
+            model=name,
+            host=host,
+            port=port,
+            grpc_port=grpc_port,
+            bundle=str(bundle),
+        )
         threading.Thread(
             target=_load_or_stop, args=(model, http, load_errors), name="ldm-load", daemon=True
         ).start()
-        asyncio.run(_serve_http(kserve_server, http, listener))
+        asyncio.run(_serve(kserve_server, http, listener, grpc_address))
     finally:
         admission.close()
         listener.close()

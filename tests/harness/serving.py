@@ -1,5 +1,9 @@
 """The served model from a client's side: V2 request bodies, and a model server process
-started the way KServe's ServingRuntime starts it (``python -m ldm_core.serve``)."""
+started the way KServe's ServingRuntime starts it (``python -m ldm_core.serve``).
+
+``python -m tests.harness.serving STEP_S <ldm serve arguments>`` is the same server with
+every denoising step made at least ``STEP_S`` seconds slower: tests of time limits then
+hold on any hardware (a GPU or a fast runner cannot finish "slow" work in time)."""
 
 from __future__ import annotations
 
@@ -40,13 +44,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(*args: str, port: int | None = None) -> list[str]:
-    """``python -m ldm_core.serve`` on 127.0.0.1 (a free port unless given) with ``args``."""
+def serve_command(*args: str, port: int | None = None, step_s: float = 0.0) -> list[str]:
+    """``python -m ldm_core.serve`` on 127.0.0.1 (a free port unless given) with ``args``;
+    with ``step_s``, the slowed server of this module instead."""
     port = port or free_port()
+    entry = ["tests.harness.serving", str(step_s)] if step_s else ["ldm_core.serve"]
     return [
         sys.executable,
         "-m",
-        "ldm_core.serve",
+        *entry,
         "--host",
         "127.0.0.1",
         "--http-port",
@@ -81,14 +87,18 @@ class Server:
 
 @contextlib.contextmanager
 def model_server(
-    bundle: str | Path, log_file: Path, *args: str, ready_timeout: float = 240
+    bundle: str | Path,
+    log_file: Path,
+    *args: str,
+    ready_timeout: float = 240,
+    step_s: float = 0.0,
 ) -> Iterator[Server]:
     """A running server for ``bundle`` (extra ``args`` go to its command line), ready to
-    answer; stopped on exit."""
+    answer; stopped on exit. ``step_s`` > 0 slows every denoising step by that much."""
     port = free_port()
     with open(log_file, "wb") as out:
         process = subprocess.Popen(
-            serve_command("--bundle", str(bundle), *args, port=port),
+            serve_command("--bundle", str(bundle), *args, port=port, step_s=step_s),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -116,3 +126,31 @@ def _wait_ready(server: Server, timeout: float) -> None:
                     return
             time.sleep(0.25)
     raise RuntimeError(f"model server at {server.url} not ready after {timeout:g} s")
+
+
+def serve_with_slow_steps(step_s: float, argv: list[str]) -> int:
+    """``ldm serve argv`` whose denoising steps each sleep ``step_s`` seconds first (the
+    sampler's progress callback runs once per step, so this is a per-step cost)."""
+    # kserve parses sys.argv when imported; ldm serve clears it for the same reason.
+    del sys.argv[1:]
+    from ldm_core.cli import main
+    from ldm_core.serve import model
+
+    generate = model.generate
+
+    def slowed(bundle: Any, seeds: Any, sampler: str, steps: int, **kwargs: Any) -> Any:
+        progress = kwargs.pop("progress", None)
+
+        def step(done: int, total: int) -> None:
+            time.sleep(step_s)
+            if progress is not None:
+                progress(done, total)
+
+        return generate(bundle, seeds, sampler, steps, progress=step, **kwargs)
+
+    model.generate = slowed
+    return main(["serve", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(serve_with_slow_steps(float(sys.argv[1]), sys.argv[2:]))
