@@ -81,31 +81,36 @@ def test_decode_undoes_the_training_scale(trained):
     assert torch.allclose(decode(bundle, latent, precision="fp32"), target, atol=1e-5)
 
 
-def test_a_model_overfit_on_one_volume_samples_it(trained):
-    bundle, _, target = trained
-    samples = generate(bundle, [0, 1], steps=STEPS, precision="fp32")
+@pytest.fixture(scope="module")
+def samples(trained) -> dict[str, torch.Tensor]:
+    """Seeds 0 and 1 in one batch, and seed 1 alone, in each precision (sampled once)."""
+    bundle, _, _ = trained
+    out = {}
+    for precision in ("fp32", "bf16"):
+        out[precision] = generate(bundle, [0, 1], steps=STEPS, precision=precision)
+        out[f"{precision}-alone"] = generate(bundle, [1], steps=STEPS, precision=precision)
+    return out
+
+
+def test_a_model_overfit_on_one_volume_samples_it(trained, samples):
+    _, _, target = trained
     baseline = (target - target.mean()).abs().mean()  # the error of a flat grey volume
-    for sample in samples:
+    for sample in samples["fp32"]:
         assert (sample - target[0]).abs().mean() < 0.5 * baseline
 
 
-def test_bf16_matches_fp32_within_the_stated_tolerance(trained):
-    bundle, _, _ = trained
-    fp32 = generate(bundle, [0, 1], steps=STEPS, precision="fp32")
-    bf16 = generate(bundle, [0, 1], steps=STEPS, precision="bf16")
+def test_bf16_matches_fp32_within_the_stated_tolerance(samples):
+    fp32, bf16 = samples["fp32"], samples["bf16"]
     assert not torch.equal(fp32, bf16)  # autocast did run
     assert (fp32 - bf16).abs().mean() < BF16_TOLERANCE.mean
     assert (fp32 - bf16).abs().max() < BF16_TOLERANCE.max
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_seed_gives_the_same_volume_alone_or_in_a_batch(trained, precision):
+def test_a_seed_gives_the_same_volume_alone_or_in_a_batch(samples, precision):
     """The scheduler step is exact per row (tests/test_samplers.py); what remains is the
     UNet's batched convolutions, which round differently from single ones."""
-    bundle, _, _ = trained
-    batch = generate(bundle, [3, 4], steps=STEPS, precision=precision)
-    alone = generate(bundle, [4], steps=STEPS, precision=precision)
-    diff = (batch[1] - alone[0]).abs()
+    diff = (samples[precision][1] - samples[f"{precision}-alone"][0]).abs()
     if precision == "fp32":
         assert diff.max() < 1e-4
     else:
