@@ -232,7 +232,7 @@ def part_sample(args: argparse.Namespace) -> dict[str, Any]:
     tutorial loop."""
     from benchmarks.reference import tutorial_ddim
     from ldm_core.bundle import build_bundle, load
-    from ldm_core.sample import generate
+    from ldm_core.sample import prepare
 
     root = Path(args.work) / args.preset
     bundle_s, path = timed(
@@ -240,10 +240,11 @@ def part_sample(args: argparse.Namespace) -> dict[str, Any]:
     )
     bundle = load(path)
     device = bundle.device
-    # Warm-up (kernels, cuDNN autotuning, allocator, any compilation): timed, since a
-    # server pays it once per replica.
-    warmup_s, _ = timed(
-        lambda: [generate(bundle, list(seeds), "ddim", 2) for seeds in SAMPLE_SEEDS], device
+    # Warm-up (kernels, cuDNN autotuning, allocator, the UNet's compilation for each batch
+    # size): timed, since a server pays it once per replica. The dry run does not compile
+    # (minutes of C++ builds on a busy CPU).
+    warmup_s = prepare(
+        bundle, compile=not args.dry_run, batch_sizes=[len(seeds) for seeds in SAMPLE_SEEDS]
     )
     steps = DRY_RUN_DDIM_STEPS if args.dry_run else DDIM_STEPS
     ours = [_measure_sampling(bundle, device, seeds, steps) for seeds in SAMPLE_SEEDS]
@@ -257,10 +258,35 @@ def part_sample(args: argparse.Namespace) -> dict[str, Any]:
         "sampler": f"ddim-{steps}",
         "ours": ours,
         "reference": reference,
+        "paths": sampling_paths(bundle),
         "tf32": {
             "matmul": torch.backends.cuda.matmul.allow_tf32,
             "cudnn": torch.backends.cudnn.allow_tf32,
         },
+    }
+
+
+def sampling_paths(bundle: Any) -> dict[str, Any]:
+    """Which of the fast sampling paths ``generate`` takes on this bundle and device: the
+    autocast precision ``auto`` resolves to, whether the DDIM step is one batched call,
+    whether the UNet is compiled, and how many attention blocks use PyTorch's
+    scaled-dot-product kernels (MONAI's ``use_flash_attention``) out of all of them."""
+    from ldm_core.sample import autocast_dtype
+    from ldm_core.samplers import build_sampler
+
+    dtype = autocast_dtype("auto", bundle.device)
+    attention = [
+        m
+        for net in (bundle.unet, bundle.autoencoder)
+        for m in net.modules()
+        if hasattr(m, "use_flash_attention")
+    ]
+    return {
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "batched_step": build_sampler(bundle.config, "ddim").batched,
+        "unet_compiled": hasattr(bundle.unet, "_orig_mod"),
+        "sdpa_attention": sum(bool(m.use_flash_attention) for m in attention),
+        "attention_blocks": len(attention),
     }
 
 
@@ -296,7 +322,8 @@ TIMING = (
     "growth and one profiled iteration); the autoencoder's figure covers generator-only steps, "
     "its steps with the discriminator are reported beside it. TFLOP/s: FlopCounterMode FLOPs "
     "of one step (model FLOPs, no checkpoint recomputation) over that time. Sampling: DDIM-50 "
-    "end to end after a 2-step warm-up at each batch size."
+    "end to end after a warm-up (one step and a decode, and the UNet's compilation on a GPU) at "
+    "each batch size; reference_over_ours is the tutorial-semantics fp32 loop's seconds over ours."
 )
 
 

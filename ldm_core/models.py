@@ -5,6 +5,13 @@ the UNet learns to denoise latents (Rombach et al. 2022; Pinaya et al. 2022). Ev
 here is architecture: training loops live in ``ldm_core.train``, the noise schedulers and
 which objective takes which sampler in ``ldm_core.samplers``, and sampling in
 ``ldm_core.sample``, so serving and evaluation can build a model without training code.
+
+Attention in both networks runs through ``torch.nn.functional.scaled_dot_product_attention``
+(MONAI's ``use_flash_attention``), which dispatches to the flash or memory-efficient kernels
+on a GPU and to the fused math kernel on a CPU. MONAI allows it wherever attention weights
+are not saved and no relative position embedding is used (neither is, here). It changes no
+parameter: the state-dict keys are those of the explicit attention, so checkpoints saved
+before it load unchanged (tests/test_models.py holds that).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ def build_autoencoder(cfg: Config, use_checkpoint: bool | None = None) -> Autoen
         use_checkpoint=cfg.train.gradient_checkpointing
         if use_checkpoint is None
         else use_checkpoint,
+        use_flash_attention=True,
     )
 
 
@@ -56,6 +64,7 @@ def build_unet(cfg: Config) -> DiffusionModelUNet:
         num_res_blocks=u.num_res_blocks,
         num_head_channels=u.num_head_channels,
         norm_num_groups=u.norm_num_groups,
+        use_flash_attention=True,
     )
 
 

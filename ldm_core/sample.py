@@ -5,14 +5,23 @@ sampler step draw from a generator seeded with it, so sample ``seed=7`` is the s
 whether it is generated alone or in a batch (up to float rounding of batched convs).
 DDIM with 50 steps is the default: about 20x faster end to end than DDPM-1000 here
 (benchmarks/bench_sampling.py).
+
+Speed on a GPU comes from three switches, each measured by ``benchmarks/gpu_check.py``:
+``precision`` (the UNet and the decoder under bf16 autocast where the card has bf16, TF32 for
+the remaining float32 matmuls and convolutions), the scheduler stepping the whole batch at
+once (:mod:`ldm_core.samplers`), and :func:`prepare`, which compiles the UNet for the
+bundle's fixed latent shape and pays the compile cost at warm-up rather than on a request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +38,61 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(step_done, total_steps)`` after every denoising step."""
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+"""Choices of a sampling precision: ``auto`` is bf16 on a CUDA device that supports it and
+float32 anywhere else (CPU bf16 is slower than float32 on most CPUs, so auto never picks it)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest voxel differences (images in [0, 1]) accepted between two samples of a seed."""
+
+    mean: float
+    max: float
+
+
+BF16_TOLERANCE = Tolerance(mean=0.02, max=0.2)
+"""bf16 against float32, same seed; tests/test_sample_trained.py holds a trained tiny model
+(DDIM-10) to it. bf16 keeps 8 bits of mantissa (relative error ~4e-3 per op); on that model
+the largest voxel difference measured 0.07-0.10, at the edges of the decoded volume."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device``; None runs float32.
+
+    An explicit ``bf16`` is honoured on any device (CPU autocast supports it, which is how
+    the tests compare it with float32); ``auto`` asks the CUDA device whether it has bf16.
+    """
+    if precision not in PRECISIONS:
+        raise LdmError(f"sampling precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def _precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the block under autocast for ``precision``; on CUDA, let float32 matmuls and
+    convolutions that autocast leaves in float32 use TF32 (the previous setting is restored,
+    so a caller's own choice survives)."""
+    dtype = autocast_dtype(precision, device)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    )
+    if device.type != "cuda":
+        with autocast:
+            yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with autocast:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -50,11 +114,14 @@ def denoise(
     steps: int = 50,
     eta: float | None = None,
     progress: ProgressFn | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Run the reverse process from seeded noise; returns scaled latents ``[N, C, d, h, w]``.
 
     Which sampler runs is the adapter's business (:mod:`ldm_core.samplers`): this loop is
     the same for all of them. ``eta`` defaults to the bundle's ``sampling.eta`` (DDIM only).
+    Only the UNet runs under ``precision``'s autocast: the latents and the scheduler's update
+    stay float32, so rounding does not compound across steps.
     """
     scheduler = build_sampler(bundle.config, sampler, eta=eta)
     if not seeds:
@@ -71,17 +138,24 @@ def denoise(
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(seeds),), t, device=bundle.device, dtype=torch.long)
-        x = scheduler.step(bundle.unet(x, timesteps=t_batch), t, x, gens)
+        with _precision(precision, bundle.device):
+            model_output = bundle.unet(x, timesteps=t_batch)
+        x = scheduler.step(model_output.float(), t, x, gens)
         if progress is not None:
             progress(i + 1, len(timesteps))
     return x
 
 
 @torch.no_grad()
-def decode(bundle: Bundle, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images ``[N, 1, D, H, W]`` clipped to the training range [0, 1]."""
-    images = bundle.autoencoder.decode_stage_2_outputs(latents / bundle.scale_factor)
-    return images.clamp_(0.0, 1.0).float()
+def decode(bundle: Bundle, latents: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    """Scaled latents -> images ``[N, 1, D, H, W]`` clipped to the training range [0, 1].
+
+    Training multiplied the encoder's latents by ``scale_factor`` (unit variance for the
+    diffusion model), so decoding divides by it first.
+    """
+    with _precision(precision, bundle.device):
+        images = bundle.autoencoder.decode_stage_2_outputs(latents / bundle.scale_factor)
+    return images.float().clamp_(0.0, 1.0)
 
 
 def generate(
@@ -91,10 +165,44 @@ def generate(
     steps: int = 50,
     eta: float | None = None,
     progress: ProgressFn | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """One volume per seed: ``[N, 1, D, H, W]`` float32 on the CPU."""
-    latents = denoise(bundle, seeds, sampler=sampler, steps=steps, eta=eta, progress=progress)
-    return decode(bundle, latents).cpu()
+    latents = denoise(
+        bundle, seeds, sampler=sampler, steps=steps, eta=eta, progress=progress, precision=precision
+    )
+    return decode(bundle, latents, precision=precision).cpu()
+
+
+def prepare(
+    bundle: Bundle,
+    compile: bool = True,
+    batch_sizes: Sequence[int] = (1,),
+    sampler: str | None = None,
+    precision: str = "auto",
+    backend: str = "inductor",
+) -> float:
+    """Make ``bundle`` ready to answer fast; returns the seconds it took (the warm-up cost).
+
+    With ``compile``, ``bundle.unet`` is replaced by ``torch.compile(unet, dynamic=False)``:
+    the latent shape of a bundle never changes, so one static graph per batch size serves
+    every request. Compilation happens lazily on the first call, so a one-step sample and a
+    decode run for each of ``batch_sizes`` (the batch sizes the caller will ask for; each
+    is its own graph) to pay that cost here, not on the first request. Weights are shared
+    with the uncompiled module. Calling it again does not compile twice.
+    ``backend`` is torch.compile's (``eager`` checks the plumbing without a C++ compiler).
+    """
+    start = time.perf_counter()
+    if compile and not hasattr(bundle.unet, "_orig_mod"):  # torch.compile's wrapper has it
+        bundle.unet = torch.compile(bundle.unet, dynamic=False, backend=backend)  # type: ignore[assignment]
+    name = sampler or bundle.config.sampling.sampler
+    for n in batch_sizes:
+        generate(bundle, list(range(n)), sampler=name, steps=1, precision=precision)
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize(bundle.device)
+    seconds = time.perf_counter() - start
+    log.info("warm-up (compile=%s, batch sizes %s): %.1f s", compile, list(batch_sizes), seconds)
+    return seconds
 
 
 def to_nifti_bytes(volume: torch.Tensor | np.ndarray, affine: np.ndarray) -> bytes:
@@ -154,8 +262,14 @@ def sample_to_dir(
     seed: int = 0,
     sampler: str = "ddim",
     steps: int = 50,
+    compile: bool = False,
+    precision: str = "auto",
 ) -> list[Path]:
-    """The ``ldm sample`` verb: ``num`` samples (seeds ``seed..seed+num-1``) as NIfTI + PNG."""
+    """The ``ldm sample`` verb: ``num`` samples (seeds ``seed..seed+num-1``) as NIfTI + PNG.
+
+    ``compile`` compiles the UNet for this batch first (see :func:`prepare`); it pays off
+    from a few dozen steps on a GPU.
+    """
     from tqdm import tqdm
 
     if num < 1:
@@ -164,9 +278,17 @@ def sample_to_dir(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(seed, seed + num))
+    if compile:
+        seconds = prepare(bundle, batch_sizes=(num,), sampler=sampler, precision=precision)
+        log.info("compiled the UNet for %d seeds in %.1f s", num, seconds)
     with tqdm(total=steps, desc=f"{sampler} x{num}", unit="step") as bar:
         volumes = generate(
-            bundle, seeds, sampler=sampler, steps=steps, progress=lambda i, n: bar.update(1)
+            bundle,
+            seeds,
+            sampler=sampler,
+            steps=steps,
+            progress=lambda i, n: bar.update(1),
+            precision=precision,
         )
     paths: list[Path] = []
     for s, vol in zip(seeds, volumes):

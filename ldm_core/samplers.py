@@ -113,6 +113,12 @@ class Sampler(abc.ABC):
         self._timesteps = [int(t) for t in self.scheduler.timesteps]
 
     @property
+    def batched(self) -> bool:
+        """Whether :meth:`step` updates the whole batch in one scheduler call: true where a
+        step draws no noise, so no per-seed generator is needed (what gpu_check records)."""
+        return True
+
+    @property
     def timesteps(self) -> list[int]:
         """The timesteps chosen by :meth:`set_timesteps`, in the order to step through them."""
         return list(self._timesteps)
@@ -134,7 +140,14 @@ class Sampler(abc.ABC):
 
 
 class _PerRowSampler(Sampler):
-    """A sampler that may draw noise per step: it steps each row with that row's generator.
+    """A sampler that may draw noise per step; it steps the whole batch at once when it draws
+    none, and each row with that row's generator when it does.
+
+    MONAI's DDPM and DDIM ``step`` draw their noise inside, from one generator for the whole
+    tensor, so a stochastic step cannot take per-seed noise in one batched call; it costs
+    elementwise work only, next to a UNet call per step. A deterministic step (DDIM at
+    ``eta=0``) is elementwise over rows, so the batched call gives each row bit for bit what
+    stepping it alone gives.
 
     Args:
         scheduler: a MONAI ``DDPMScheduler`` or ``DDIMScheduler``.
@@ -144,6 +157,11 @@ class _PerRowSampler(Sampler):
     def __init__(self, scheduler: Scheduler, **step_options: Any) -> None:
         super().__init__(scheduler)
         self.step_options = step_options
+
+    @property
+    def batched(self) -> bool:
+        """Ancestral steps always draw noise; DDIM overrides this."""
+        return False
 
     def step(
         self,
@@ -158,6 +176,8 @@ class _PerRowSampler(Sampler):
             raise LdmError(
                 f"{self.name} step: {len(generator)} generators for a batch of {sample.shape[0]}"
             )
+        if self.batched:
+            return self.scheduler.step(model_output, t, sample, **self.step_options)[0]
         rows = [
             self.scheduler.step(
                 model_output[j : j + 1], t, sample[j : j + 1], generator=g, **self.step_options
@@ -206,6 +226,11 @@ class DDIMSampler(_PerRowSampler):
         from monai.networks.schedulers import DDIMScheduler
 
         return cls(DDIMScheduler(**_beta_schedule(cfg)), eta=eta)
+
+    @property
+    def batched(self) -> bool:
+        """At ``eta=0`` a DDIM step draws no noise."""
+        return self.step_options["eta"] == 0.0
 
 
 class RFlowSampler(Sampler):

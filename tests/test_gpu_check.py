@@ -15,9 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks import flops
-from benchmarks.gpu_check import GPU_PRESETS
+from benchmarks.gpu_check import GPU_PRESETS, sampling_paths
 from benchmarks.probe import WARMUP_STEPS, TrainingProbe
+from ldm_core.bundle import load
+from ldm_core.sample import generate, prepare
 from tests.harness.configs import tiny_config
+from tests.harness.data import random_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +97,26 @@ def test_probe_sees_recomputation_and_splits_off_the_second_optimizers_phase():
     assert seen["with_second_optimizer_step_s"] > 0
 
 
+def test_sampling_paths_report_what_generate_runs(tmp_path):
+    """The check records the fast sampling paths as they are on the loaded bundle; prepare()
+    compiles the UNet (torch.compile's eager backend here: the plumbing without a C++
+    build) and the compiled UNet samples what the plain one does."""
+    b = load(random_bundle(tmp_path / "b", tiny_config(), seed=3), device="cpu")
+    before = sampling_paths(b)
+    assert before == {
+        "precision": "fp32",  # auto on a CPU
+        "batched_step": True,  # DDIM at the config's eta=0
+        "unet_compiled": False,
+        "sdpa_attention": before["attention_blocks"],
+        "attention_blocks": before["attention_blocks"],
+    }
+    assert before["attention_blocks"] > 0  # tiny_config has UNet attention at level 2
+    plain = generate(b, [1, 2], steps=2)
+    assert prepare(b, batch_sizes=(2,), backend="eager") > 0
+    assert sampling_paths(b)["unet_compiled"] is True
+    assert torch.allclose(generate(b, [1, 2], steps=2), plain, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_dry_run_reports_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
@@ -139,6 +162,8 @@ def test_dry_run_reports_every_part(tmp_path):
         for run in (*sample["ours"], *sample["reference"]):
             assert run["seconds"] > 0 and run["samples_per_s"] > 0
         assert [r["seeds"] for r in sample["ours"]] == [1, 4]
+        assert sample["paths"]["batched_step"] is True and sample["paths"]["precision"] == "fp32"
+        assert sample["paths"]["unet_compiled"] is False  # the dry run does not compile
         assert all(r["denoise_tflops"] > 0 and r["reference_over_ours"] > 0 for r in sample["ours"])
     # The presets' own switches show through (dry-run shapes, CPU): checkpointing where the
     # preset asks for it, the discriminator's phase in the autoencoder runs.

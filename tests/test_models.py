@@ -121,3 +121,53 @@ def test_training_example_targets(objective):
         assert torch.equal(target, noise)  # epsilon prediction: the target is the noise drawn
     else:
         assert torch.allclose(target, x0 - noise)  # velocity from noise to data
+
+
+def test_sdpa_attention_keeps_checkpoints_loading():
+    """build_* turn on MONAI's scaled-dot-product attention; a checkpoint saved from the
+    explicit attention (MONAI's default, what bundles before it hold) has the same keys,
+    loads strictly, and computes the same function."""
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    cfg = tiny_config(
+        "model.autoencoder.attention_levels=[false,true]",
+        "model.autoencoder.with_decoder_nonlocal_attn=true",
+    )
+    u, a = cfg.model.unet, cfg.model.autoencoder
+    torch.manual_seed(5)
+    old_unet = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=3,
+        out_channels=3,
+        channels=u.channels,
+        attention_levels=u.attention_levels,
+        num_res_blocks=u.num_res_blocks,
+        num_head_channels=u.num_head_channels,
+        norm_num_groups=u.norm_num_groups,
+    ).eval()
+    old_ae = AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=a.channels,
+        latent_channels=a.latent_channels,
+        num_res_blocks=a.num_res_blocks,
+        norm_num_groups=a.norm_num_groups,
+        attention_levels=a.attention_levels,
+        with_encoder_nonlocal_attn=a.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=a.with_decoder_nonlocal_attn,
+    ).eval()
+    new_unet, new_ae = build_unet(cfg).eval(), build_autoencoder(cfg).eval()
+    attention = [m for m in new_unet.modules() if hasattr(m, "use_flash_attention")]
+    attention += [m for m in new_ae.modules() if hasattr(m, "use_flash_attention")]
+    assert attention and all(m.use_flash_attention for m in attention)
+    for old, new in ((old_unet, new_unet), (old_ae, new_ae)):
+        assert list(old.state_dict()) == list(new.state_dict())
+        new.load_state_dict(old.state_dict(), strict=True)
+    x, t = torch.randn(2, 3, 16, 16, 16), torch.tensor([10, 500])
+    z = torch.randn(1, 3, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(old_unet(x, timesteps=t), new_unet(x, timesteps=t), atol=1e-5)
+        assert torch.allclose(
+            old_ae.decode_stage_2_outputs(z), new_ae.decode_stage_2_outputs(z), atol=1e-5
+        )

@@ -103,6 +103,43 @@ def test_a_row_steps_the_same_alone_or_in_a_batch(sampler):
     assert torch.equal(batch[1:2], alone)
 
 
+@pytest.mark.parametrize(
+    "sampler, eta, batched",
+    [("ddim", 0.0, True), ("ddim", 1.0, False), ("ddpm", 0.0, False), ("rflow", 0.0, True)],
+)
+def test_steps_that_draw_no_noise_update_the_batch_in_one_call(sampler, eta, batched):
+    """A deterministic step is one scheduler call for the whole batch, and gives every row
+    bit for bit what stepping it alone gives (float32, CPU), through all timesteps."""
+    objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
+    cfg = _config(objective)
+    x0 = torch.randn(3, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(rows: slice, seeds: list[int]) -> tuple[torch.Tensor, int]:
+        adapter = build_sampler(cfg, sampler, eta=eta)
+        assert adapter.batched is batched
+        calls = 0
+        step = adapter.scheduler.step
+
+        def counted(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return step(*args, **kwargs)
+
+        adapter.scheduler.step = counted
+        adapter.set_timesteps(5)
+        x = x0[rows]
+        for t in adapter.timesteps:
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            x = adapter.step(torch.sin(3.0 * x), t, x, gens)  # a nonlinear stand-in model
+        return x, calls
+
+    batch, batch_calls = run(slice(0, 3), [10, 11, 12])
+    for j in range(3):
+        alone, _ = run(slice(j, j + 1), [10 + j])
+        assert torch.equal(batch[j : j + 1], alone)
+    assert batch_calls == 5 * (1 if batched else 3)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_stochastic_steps_need_one_generator_per_row(sampler):
     adapter = build_sampler(_config("ddpm"), sampler, eta=1.0)

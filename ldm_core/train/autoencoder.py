@@ -151,6 +151,7 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
         cfg.train.seed,
         shuffle=True,
         num_workers=cfg.data.num_workers,
+        pin_memory=env.device.type == "cuda",
     )
     parts = _build(cfg, env)
     perceptual = (
@@ -175,7 +176,7 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
     ae = loop.prepare_model(build_autoencoder(cfg), cfg, device)
     parts: dict[str, Any] = {
         "model": ae,
-        "optimizer": torch.optim.Adam(ae.parameters(), lr=tc.lr),
+        "optimizer": loop.adam(ae.parameters(), tc.lr, device),
         "scaler": loop.make_scaler(device, cfg.train.amp),
         "guard": loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
     }
@@ -191,7 +192,7 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
         disc = loop.prepare_model(disc, cfg, device)
         parts |= {
             "discriminator": disc,
-            "disc_optimizer": torch.optim.Adam(disc.parameters(), lr=tc.disc_lr),
+            "disc_optimizer": loop.adam(disc.parameters(), tc.disc_lr, device),
             "disc_scaler": loop.make_scaler(device, cfg.train.amp),
         }
     return parts

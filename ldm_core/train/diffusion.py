@@ -140,6 +140,7 @@ def _run(
         env.rank,
         cfg.train.seed,
         shuffle=True,
+        pin_memory=env.device.type == "cuda",
     )
     parts = _build(cfg, env)
 
@@ -165,7 +166,7 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
     unet = loop.prepare_model(build_unet(cfg), cfg, env.device)
     if cfg.train.gradient_checkpointing:
         loop.enable_block_checkpointing([*unet.down_blocks, unet.middle_block, *unet.up_blocks])
-    optimizer = torch.optim.Adam(unet.parameters(), lr=cfg.train.diffusion.lr)
+    optimizer = loop.adam(unet.parameters(), cfg.train.diffusion.lr, env.device)
     return {
         "model": unet,
         "ema": loop.EMA(unet, cfg.train.diffusion.ema_decay),

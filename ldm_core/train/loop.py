@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,15 @@ def maybe_compile(model: nn.Module, cfg: Config) -> nn.Module:
     return torch.compile(model)  # type: ignore[return-value]
 
 
+def adam(params: Iterable[nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """Adam, fused into one kernel per step on CUDA (PyTorch's ``fused=True``) instead of a
+    loop of elementwise kernels per parameter; the foreach/for-loop path elsewhere, which keeps
+    CPU results bit-identical to before. The flag travels in the optimizer's state dict."""
+    return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
+
+
 def to_input(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``; the copy does not block the host when the batch is pinned."""
     x = x.to(device, non_blocking=True)
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -272,11 +280,15 @@ def make_loader(
     seed: int,
     shuffle: bool,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A loader that gives each rank its own shard (DistributedSampler) in every case.
 
     Using the sampler even for one process keeps the batch order a pure function of
     (seed, epoch), which is what makes a resumed run see the same data as an uninterrupted one.
+    ``pin_memory`` (for a CUDA device) puts batches in page-locked memory, so
+    :func:`to_input`'s non-blocking copy overlaps the previous step's kernels; it changes no
+    value.
     """
     sampler = DistributedSampler(
         dataset,
@@ -294,6 +306,7 @@ def make_loader(
         num_workers=num_workers,
         drop_last=shuffle and per_rank >= batch_size,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
