@@ -81,6 +81,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         sampler=args.sampler or cfg.sampling.sampler,
         steps=args.steps or cfg.sampling.steps,
+        compile=args.compile,
+        precision=cfg.sampling.precision,
     )
     for p in paths:
         print(p)
@@ -189,6 +191,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
         help="default: sampling.sampler; the bundle's model.scheduler.objective limits the choice",
     )
     p.add_argument("--steps", type=int, help="denoising steps (default: sampling.steps)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the UNet for this batch first (pays off on a GPU)",
+    )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

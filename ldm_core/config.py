@@ -176,6 +176,9 @@ class SamplingConfig:
     eta: float = 0.0
     clip_sample: bool = False
     num_samples: int = 4
+    precision: str = "auto"
+    """auto (bf16 on a CUDA card with bf16, else fp32) | fp32 | bf16: autocast for the UNet
+    and the decode while sampling (the scheduler update stays fp32)."""
 
 
 @dataclass
@@ -495,6 +498,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.ddp_backend": ("auto", "nccl", "gloo"),
     "sampling.sampler": ALL_SAMPLERS,
+    "sampling.precision": ("auto", "fp32", "bf16"),
     "model.scheduler.objective": OBJECTIVES,
     "model.scheduler.prediction_type": ("epsilon", "v_prediction", "sample"),
     "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),

@@ -122,7 +122,7 @@ def test_cli_reports_one_line_errors(tmp_path, capsys):
     rc = main(["sample", "--bundle", str(tmp_path / "none"), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
-    assert err[-1] == f"ldm sample: error: {tmp_path / 'none'}: not a model bundle (no bundle.json)"
+    assert err[-1] == f"ldm sample: error: {tmp_path / 'none'}: bundle directory not found"
     assert "Traceback" not in "\n".join(err)
 
 

@@ -33,7 +33,7 @@ from ldm_core.bundle import Bundle, digest
 from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config
 from ldm_core.io import BUNDLE_JSON
-from ldm_core.sample import generate
+from ldm_core.sample import generate, prepare
 from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
 from ldm_core.serve.logs import log_event, log_request
 from ldm_core.serve.metrics import REJECTED, REQUEST_LATENCY, SAMPLES_GENERATED
@@ -107,9 +107,19 @@ class BrainLDMModel(Model):
             )
         self.limits = Limits.from_config(self.cfg, self.bundle.config)
         if self.cfg.serving.warmup:
-            # One tiny generation touches every kernel (and, on a GPU, initialises cuDNN and
-            # the allocator) so the first real request is not the slow one.
-            generate(self.bundle, [0], self.limits.default_sampler, min(2, self.limits.max_steps))
+            # A one-step generation touches every kernel (and, on a GPU, initialises cuDNN and
+            # the allocator) so the first real request is not the slow one. On a GPU the UNet
+            # is compiled for the bundle's fixed latent shape, one graph per batch size a
+            # request may have, and under the precision requests run with (autocast is part
+            # of the graph), so the compile cost is paid here and measured.
+            on_gpu = self.bundle.device.type == "cuda"
+            self.warmup_s = prepare(
+                self.bundle,
+                compile=on_gpu,
+                batch_sizes=range(1, self.cfg.serving.max_samples + 1) if on_gpu else (1,),
+                sampler=self.limits.default_sampler,
+                precision=self.cfg.sampling.precision,
+            )
         self.ready = True
         log_event(
             "model_ready",
@@ -199,7 +209,14 @@ class BrainLDMModel(Model):
         return Generated(req, volumes, seconds)
 
     def _generate(self, req: GenerationRequest, progress: Progress) -> np.ndarray:
-        volumes = generate(self.bundle, req.seeds, req.sampler, req.steps, progress=progress)
+        volumes = generate(
+            self.bundle,
+            req.seeds,
+            req.sampler,
+            req.steps,
+            progress=progress,
+            precision=self.cfg.sampling.precision,
+        )
         return volumes.numpy().astype(np.float32, copy=False)
 
     async def postprocess(
