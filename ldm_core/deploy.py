@@ -393,7 +393,7 @@ def deploy_local(
     base_url = f"http://127.0.0.1:{port}"
     try:
         ready_s = _wait_ready(base_url, name, proc.pid, log_file, ready_timeout_s)
-        smoke = smoke_check(base_url, name, steps=smoke_steps)
+        smoke = smoke_check(base_url, name, bundle=DeployedBundle.read(bundle), steps=smoke_steps)
     except LdmError:
         stop_local(state)
         raise
@@ -479,7 +479,7 @@ def deploy_kserve(
         rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
         isvc.build_inference_service(settings),
-        smoke=lambda url: smoke_check(url, model, steps=smoke_steps),
+        smoke=lambda url: smoke_check(url, model, bundle=deployed, steps=smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
     )

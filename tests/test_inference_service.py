@@ -275,12 +275,22 @@ class FakeKServe:
 
 
 @pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
+def served_bundle(tmp_path_factory) -> Path:
+    """The bundle the local model server answers from (deploy it to pass the smoke check)."""
+    return random_bundle(tmp_path_factory.mktemp("isvc") / "bundle", serve_config())
+
+
+@pytest.fixture(scope="module")
+def model_server(served_bundle):
     """A real local model server: where smoke inferences land."""
-    root = tmp_path_factory.mktemp("isvc")
-    cfg = serve_config()
-    bundle = random_bundle(root / "bundle", cfg)
-    result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
+    root = served_bundle.parent
+    result = deploy(
+        serve_config(),
+        served_bundle,
+        backend="local",
+        state_dir=root / "state",
+        ready_timeout_s=240,
+    )
     try:
         yield result["url"]
     finally:
@@ -528,12 +538,12 @@ def test_unchanged_spec_only_smokes(plain_api, model_server):
 
 
 def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
-    tmp_path, monkeypatch, plain_api, model_server
+    monkeypatch, plain_api, model_server, served_bundle
 ):
     from tests.harness.s3 import make_bucket, raw_client, s3_env, s3_server
 
     cfg = serve_config()
-    bundle = random_bundle(tmp_path / "bundle", cfg)
+    bundle = served_bundle  # the smoke check holds the answer to the deployed bundle's digest
     host = plain_api.url
     with s3_server() as endpoint:
         s3_env(monkeypatch, endpoint)
