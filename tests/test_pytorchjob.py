@@ -65,7 +65,16 @@ def _stamp() -> str:
 
 class FakeOperator(threading.Thread):
     """Plays the training operator for every PyTorchJob that appears, following ``outcome``:
-    succeed | fail | hang | evict | absent (never touches anything)."""
+    succeed | succeed-clean (pods deleted the moment the job Succeeded) | fail | hang |
+    evict (the master is evicted; nothing recreates it) | evict-restart (under
+    ``restartPolicy: ExitCode``: the evicted master, exit code 137, is deleted and
+    recreated, the job goes Restarting -> Running -> Succeeded) | absent (never touches
+    anything).
+
+    Conditions follow the training operator's ``UpdateJobConditions``: one condition per
+    type, a changed one moves to the end; Running and Restarting replace each other; when
+    Succeeded or Failed is set, Running stays with status "False".
+    """
 
     def __init__(self, api: KubeApi, outcome: str, step_s: float = 0.15) -> None:
         super().__init__(daemon=True)
@@ -77,6 +86,7 @@ class FakeOperator(threading.Thread):
         self.done = threading.Event()
         self.stopping = threading.Event()
         self.logged: dict[str, list[str]] = {}  # job -> log lines without stamps, in order
+        self.conditions: dict[str, list[dict[str, Any]]] = {}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -91,13 +101,35 @@ class FakeOperator(threading.Thread):
             self.stopping.wait(0.05)
 
     def _conditions(self, name: str, *types: tuple[str, str, str]) -> None:
-        conds = [
-            {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": _stamp()}
-            for t, r, m in types
-        ]
+        """Set each condition (status True) in turn, as the operator's reconciles would."""
+        for kind, reason, message in types:
+            self._set(name, kind, reason, message)
         self.custom.patch_namespaced_custom_object_status(
-            pj.GROUP, pj.VERSION, NS, pj.PLURAL, name, {"status": {"conditions": conds}}
+            pj.GROUP,
+            pj.VERSION,
+            NS,
+            pj.PLURAL,
+            name,
+            {"status": {"conditions": self.conditions[name]}},
         )
+
+    def _set(self, name: str, kind: str, reason: str, message: str) -> None:
+        current = self.conditions.setdefault(name, [])
+        if any(c["type"] == kind and c["status"] == "True" for c in current):
+            return  # unchanged: the operator does not rewrite it
+        kept = []
+        for c in current:
+            if c["type"] == kind or {c["type"], kind} == {"Running", "Restarting"}:
+                continue
+            if kind in ("Succeeded", "Failed") and c["type"] == "Running":
+                c = {**c, "status": "False"}
+            kept.append(c)
+        stamp = _stamp()
+        new = {"type": kind, "status": "True", "reason": reason, "message": message}
+        self.conditions[name] = [
+            *kept,
+            {**new, "lastUpdateTime": stamp, "lastTransitionTime": stamp},
+        ]
 
     def _log(self, job: str, pod: str, text: str) -> None:
         self.api.logs.setdefault(pod, []).append(f"{_stamp()} {text}")
@@ -114,20 +146,7 @@ class FakeOperator(threading.Thread):
             for i in range(spec.get("replicas", 1)):
                 pod = f"{name}-{rtype.lower()}-{i}"
                 pods.append(pod)
-                self.core.create_namespaced_pod(
-                    NS,
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": {
-                            "name": pod,
-                            "namespace": NS,
-                            "labels": {pj.JOB_LABEL: name, pj.REPLICA_LABEL: rtype.lower()},
-                        },
-                        "spec": spec["template"]["spec"],
-                        "status": {"phase": "Running"},
-                    },
-                )
+                self._pod(name, pod, rtype, spec)
         master = f"{name}-master-0"
         self._conditions(name, created, running)
         for step in range(3):
@@ -135,11 +154,29 @@ class FakeOperator(threading.Thread):
             # Several lines within one timestamp must neither vanish nor repeat on reconnect.
             self._log(name, master, f"step {step} lr 1e-4")
             time.sleep(self.step_s)
-        if self.outcome == "succeed":
+        if self.outcome == "evict-restart":
+            self._evict(master)
+            time.sleep(self.step_s)
+            # ExitCode policy, exit code 137 >= 128: retryable. The pod is deleted and made
+            # again under the same name; the job says Restarting until it runs.
+            self._clean([master])
+            restarting = (
+                "Restarting",
+                "PyTorchJobRestarting",
+                f"PyTorchJob {name} is restarting because 1 Master replica(s) failed.",
+            )
+            self._conditions(name, restarting)
+            time.sleep(self.step_s)
+            self._pod(name, master, "Master", replicas["Master"])
+            self._conditions(name, running)
+            self._log(name, master, "resumed from checkpoint step 2")
+            time.sleep(self.step_s)
+        if self.outcome in ("succeed", "succeed-clean", "evict-restart"):
             self._log(name, master, "saved autoencoder.pt")
             self._finish_pods(pods, "Succeeded", 0, "Completed")
-            self._conditions(name, created, running, ("Succeeded", "PyTorchJobSucceeded", "done"))
-            time.sleep(self.step_s)
+            self._conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"))
+            if self.outcome != "succeed-clean":
+                time.sleep(self.step_s)
             self._clean(pods)
         elif self.outcome == "fail":
             self._log(name, master, "Traceback (most recent call last):")
@@ -160,21 +197,45 @@ class FakeOperator(threading.Thread):
             time.sleep(3 * self.step_s)
             self._clean(pods)  # cleanPodPolicy All: the master's logs are gone from the API
         elif self.outcome == "evict":
-            self.core.patch_namespaced_pod_status(
-                master,
-                NS,
-                {
-                    "status": {
-                        "phase": "Failed",
-                        "reason": "Evicted",
-                        "message": "The node was low on resource: memory.",
-                    }
-                },
-            )
-            self._event(
-                master, "Pod", "Warning", "Evicted", "The node was low on resource: memory."
-            )
+            self._evict(master)
         self.done.set()
+
+    def _pod(self, job: str, pod: str, rtype: str, spec: dict[str, Any]) -> None:
+        self.core.create_namespaced_pod(
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod,
+                    "namespace": NS,
+                    "labels": {pj.JOB_LABEL: job, pj.REPLICA_LABEL: rtype.lower()},
+                },
+                "spec": spec["template"]["spec"],
+                "status": {"phase": "Running"},
+            },
+        )
+
+    def _evict(self, pod: str) -> None:
+        """The kubelet's eviction: the pod Failed/Evicted, its container killed (137)."""
+        killed = {"exitCode": 137, "reason": "Error"}
+        status = {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: memory.",
+            "containerStatuses": [
+                {
+                    "name": "pytorch",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {"terminated": killed},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
+        self._event(pod, "Pod", "Warning", "Evicted", "The node was low on resource: memory.")
 
     def _finish_pods(self, pods: list[str], phase: str, code: int, reason: str) -> None:
         for pod in pods:
@@ -450,10 +511,39 @@ def test_failure_raises_with_logs_and_events(cluster):
 
 
 def test_evicted_pod_fails_the_task_and_deletes_the_job(cluster):
+    """restartPolicy Never: nothing brings an evicted pod back, so the task fails at once."""
     cluster.operator("evict")
     with pytest.raises(LaunchError, match="evicted.*low on resource: memory"):
-        _launcher(cluster).run(_task())
+        _launcher(cluster, restart_policy="Never").run(_task())
     assert _jobs(cluster) == []
+
+
+def test_an_evicted_pod_restarted_under_exit_code_policy_is_followed_to_success(cluster):
+    """restartPolicy ExitCode: the eviction's 137 is retryable; the operator recreates the
+    master (Restarting, then Running) and the job succeeds. The launcher goes on with it
+    and streams the new pod's log too."""
+    op = cluster.operator("evict-restart")
+    out = io.StringIO()
+    task = _task()
+    _launcher(cluster, out).run(task)
+    assert op.done.wait(10) and _creates(cluster) == 1
+    (job,) = _jobs(cluster)
+    held = [(c["type"], c["status"]) for c in job["status"]["conditions"]]
+    assert held == [("Created", "True"), ("Running", "False"), ("Succeeded", "True")]
+    assert "resumed from checkpoint step 2" in out.getvalue()
+    assert out.getvalue().rstrip().endswith("saved autoencoder.pt")
+
+
+def test_pods_deleted_the_moment_the_job_succeeded_still_succeed(cluster):
+    """The operator may delete the pods right after Succeeded: the final log read meets a
+    404 and the task still succeeds, with every line it had seen."""
+    op = cluster.operator("succeed-clean", step_s=0.05)
+    out = io.StringIO()
+    task = _task()
+    _launcher(cluster, out).run(task)
+    printed = out.getvalue().splitlines()
+    assert printed == op.logged[task.name][: len(printed)]
+    assert any(r.subresource == "log" for r in cluster.api.requests(LAUNCHER_UA))
 
 
 def test_timeout_deletes_the_job(cluster):
@@ -683,11 +773,42 @@ def test_adoption_decision(job, want, decision):
         (_job(("Running", "True")), [_pod("Running")], 121, "timeout", "no result after 120s"),
         # A Succeeded condition wins over an overdue clock: the work is done.
         (_job(("Succeeded", "True")), [], 500, "succeeded", "Succeeded"),
+        # As the operator leaves a finished job: Running kept, with status False.
+        (
+            _job(("Created", "True"), ("Running", "False"), ("Succeeded", "True")),
+            [],
+            5,
+            "succeeded",
+            "Succeeded",
+        ),
+        # Suspended (Kueue) then resumed: Running and Suspended both stay, False, and the
+        # newest condition is one that no longer holds; progress names the newest that does.
+        (
+            _job(("Created", "True"), ("Running", "False"), ("Suspended", "False")),
+            [],
+            5,
+            "running",
+            "Created (PyTorchJobCreated)",
+        ),
     ],
 )
 def test_job_state_decision(job, pods, elapsed, outcome, detail):
     state = pj.job_state(job, pods, elapsed, start_timeout_s=60, timeout_s=120)
     assert state.outcome == outcome and state.detail.startswith(detail)
+
+
+@pytest.mark.parametrize(
+    "policy,outcome",
+    [("ExitCode", "running"), ("Never", "evicted"), ("OnFailure", "evicted")],
+)
+def test_an_eviction_is_retried_only_under_the_exit_code_policy(policy, outcome):
+    """An evicted pod exits 137; under ExitCode the operator recreates it (Restarting)."""
+    job = _job(("Created", "True"), ("Restarting", "True"))
+    evicted = [_pod("Failed", "Evicted", "low on memory")]
+    state = pj.job_state(job, evicted, 5, start_timeout_s=60, timeout_s=120, restart_policy=policy)
+    assert state.outcome == outcome
+    if outcome == "running":
+        assert state.detail == "Restarting (PyTorchJobRestarting)"
 
 
 def _closed_url() -> str:

@@ -7,8 +7,10 @@ The component that calls :meth:`PyTorchJobLauncher.run` behaves like a careful o
 - it follows the job's status conditions by polling (one GET per interval: cheap, and it
   survives API server restarts that break watch streams) and streams the master pod's log
   to its own stdout, where the pipeline UI shows it;
-- a Failed job, or an evicted pod, fails the task with the master pod's last log lines and
-  the recent events in the error; success is only ever reported on a ``Succeeded`` condition;
+- a Failed job fails the task with the master pod's last log lines and the recent events in
+  the error; so does an evicted pod, unless ``restartPolicy: ExitCode`` has the operator
+  recreate it (an eviction exits 137, a retryable code: the job shows ``Restarting`` and goes
+  on); success is only ever reported on a ``Succeeded`` condition whose status is True;
 - past the deadline, or when no training operator ever picks the job up, the job is deleted
   (foreground propagation: its pods go first) and the task fails.
 
@@ -284,20 +286,28 @@ def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list((job.get("status") or {}).get("conditions") or [])
 
 
+def _true_conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conditions that hold, oldest first. The operator keeps the others with status
+    "False" (Running once the job Succeeded or Failed or was suspended; Suspended once
+    resumed), and the newest of those is often a condition that no longer holds."""
+    return [c for c in conditions(job) if str(c.get("status")) == "True"]
+
+
 def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     """The newest condition of type ``kind`` whose status is True, if any."""
-    for cond in reversed(conditions(job)):
-        if cond.get("type") == kind and str(cond.get("status")) == "True":
+    for cond in reversed(_true_conditions(job)):
+        if cond.get("type") == kind:
             return cond
     return None
 
 
 def _latest(job: Mapping[str, Any]) -> str:
     """The newest true condition (type: reason), for progress lines."""
-    for cond in reversed(conditions(job)):
-        if str(cond.get("status")) == "True":
-            return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
-    return ""
+    held = _true_conditions(job)
+    if not held:
+        return ""
+    cond = held[-1]
+    return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
 
 
 def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
@@ -319,7 +329,7 @@ def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
 @dataclass(frozen=True)
 class JobState:
     """Where a followed job stands: ``running`` (keep polling), ``succeeded``, ``failed``,
-    ``evicted`` (a pod was; the operator may not fail the job for it), ``no-operator``
+    ``evicted`` (a pod was, and no restart policy brings it back), ``no-operator``
     (nothing ever gave the job a status) or ``timeout``; ``detail`` says why."""
 
     outcome: str
@@ -332,16 +342,22 @@ def job_state(
     elapsed_s: float,
     start_timeout_s: float,
     timeout_s: float,
+    restart_policy: str = "Never",
 ) -> JobState:
     """Decide from one observation of the job and its pods; success only ever comes from a
-    ``Succeeded`` condition."""
+    ``Succeeded`` condition.
+
+    Under ``restart_policy`` ExitCode the training operator deletes and recreates a pod that
+    exited with a retryable code (128 and above; an eviction's SIGKILL is 137) and marks the
+    job ``Restarting``: an evicted pod is then not the end, the job's conditions decide.
+    Under any other policy nothing recreates it, so the eviction fails the task at once."""
     if true_condition(job, "Succeeded"):
         return JobState("succeeded", "Succeeded")
     failed = true_condition(job, "Failed")
     if failed:
         reason = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}"
         return JobState("failed", reason.rstrip(": "))
-    evicted = [p for p in pods if _is_evicted(p)]
+    evicted = [p for p in pods if _is_evicted(p)] if restart_policy != "ExitCode" else []
     if evicted:
         why = evicted[0].status.message or "no message"
         return JobState("evicted", f"pod {evicted[0].metadata.name} was evicted ({why})")
@@ -601,7 +617,9 @@ class PyTorchJobLauncher:
                     continue
                 failures = 0
                 job, pods = seen
-                state = job_state(job, pods, self.clock() - start, s.start_timeout_s, timeout)
+                state = job_state(
+                    job, pods, self.clock() - start, s.start_timeout_s, timeout, s.restart_policy
+                )
                 if state.outcome != "running":
                     self._conclude(name, state, follower, pods)
                     return
