@@ -620,8 +620,11 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     assert pj.true_condition(job, "Succeeded")
 
 
-def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster):
-    """Success, failure and timeout together exercise every call the launcher makes."""
+def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
+    """Success, failure and timeout together exercise every call the launcher makes, run
+    from a pod as on a cluster (the runtime sets HOSTNAME to the pod's name)."""
+    monkeypatch.delenv("POD_NAME", raising=False)
+    monkeypatch.setenv("HOSTNAME", "brain-ldm-step-pod")
     for outcome, kw in (("succeed", {}), ("fail", {}), ("hang", {"timeout_s": 0.5})):
         op = cluster.operator(outcome, step_s=0.05)
         task = _task(name=pj.job_name(f"rbac-{outcome}", "train"))
@@ -815,3 +818,103 @@ def _closed_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# --------------------------------------------------------------------------- no leaked GPUs
+
+_LAUNCHER_PROCESS = """
+import logging, sys
+from ldm_core.kube import pytorchjob as pj
+from ldm_core.kube.client import api_client
+from ldm_core.errors import LdmError
+from ldm_core.launcher import TrainingTask
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+client = api_client(sys.argv[1])
+client.user_agent = sys.argv[2]
+settings = pj.PyTorchJobSettings(
+    image="registry.example/brain-ldm-training:0.1.0", namespace=sys.argv[3],
+    poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0,
+)
+task = TrainingTask(name=sys.argv[4], verb="train-autoencoder",
+                    args=["--data", "/d", "--output", "/o"], nproc_per_node=1)
+try:
+    pj.PyTorchJobLauncher(settings, api_client=client).run(task)
+except LdmError as exc:
+    print(f"launch failed: {exc}", file=sys.stderr)
+    sys.exit(143)
+"""
+
+
+def _step_pod(cluster: Cluster, name: str, uid: str) -> None:
+    """The pipeline step's own pod, as the kubelet made it (the launcher runs in it)."""
+    core = kubernetes.client.CoreV1Api(cluster.api.client(OPERATOR_UA))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "uid": uid}}
+    core.create_namespaced_pod(NS, {**pod, "metadata": {**pod["metadata"], "namespace": NS}})
+
+
+def test_sigterm_to_a_launcher_process_deletes_its_job(cluster, tmp_path):
+    """A run terminated from the Kubeflow UI: the step's pod gets SIGTERM. The launcher, a
+    real process following a job that never ends, deletes the job before it exits; the job
+    also names the step's pod (read by the downward API's POD_NAME) as its owner."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cluster.operator("hang")
+    _step_pod(cluster, "brain-ldm-run-7f3a-train-ae-driver", "0c9f7e4a-step-pod-uid")
+    task = pj.job_name("run-7f3a", "train-autoencoder")
+    root = Path(__file__).parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "POD_NAME": "brain-ldm-run-7f3a-train-ae-driver",
+    }
+    argv = [sys.executable, "-c", _LAUNCHER_PROCESS, cluster.api.url, LAUNCHER_UA, NS, task]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(argv, env=env, stderr=err, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(
+                r.method.value.upper() == "GET" and r.subresource == "log"
+                for r in cluster.api.requests(LAUNCHER_UA)
+            ):  # following the job (its master's log): past create, inside the guard
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                assert time.monotonic() < deadline, "the launcher never followed its job"
+                time.sleep(0.1)
+            (job,) = _jobs(cluster)
+            assert job["metadata"]["ownerReferences"] == [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": "brain-ldm-run-7f3a-train-ae-driver",
+                    "uid": "0c9f7e4a-step-pod-uid",
+                }
+            ]
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    stderr = (tmp_path / "stderr").read_text()
+    assert rc == 143, stderr
+    assert f"SIGTERM while PyTorchJob {NS}/{task} ran; PyTorchJob {NS}/{task} was deleted" in stderr
+    assert _jobs(cluster) == []
+    (delete,) = [r for r in cluster.api.requests(LAUNCHER_UA) if r.method.value.upper() == "DELETE"]
+    assert delete.data.get("propagationPolicy") == "Foreground"
+
+
+def test_a_launcher_outside_a_pod_creates_an_ownerless_job(cluster, monkeypatch):
+    """HOSTNAME on a laptop names no pod in the namespace: the job gets no owner, and the
+    launch goes on (the pod read answered 404)."""
+    monkeypatch.delenv("POD_NAME", raising=False)
+    monkeypatch.setenv("HOSTNAME", "a-laptop")
+    cluster.operator("succeed", step_s=0.02)
+    _launcher(cluster).run(_task())
+    (job,) = _jobs(cluster)
+    assert "ownerReferences" not in job["metadata"]
+    reads = [r for r in cluster.api.requests(LAUNCHER_UA) if r.name == "a-laptop"]
+    assert [rbac_triple(r) for r in reads] == [("", "pods", "get")]

@@ -46,6 +46,7 @@ import kubernetes
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
@@ -67,7 +68,7 @@ Service ``<job>-worker-<i>``, and a Service name must be a DNS-1035 label of at 
 
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     (GROUP, PLURAL, ("create", "delete", "get")),
-    ("", "pods", ("list",)),
+    ("", "pods", ("get", "list")),
     ("", "pods/log", ("get",)),
     ("", "events", ("list",)),
 ]
@@ -459,6 +460,10 @@ class PyTorchJobLauncher:
 
     def _create(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
+        owner = launcher_owner_reference(self.core, self.namespace, self.host)
+        if owner is not None:
+            # Deleted by the garbage collector with the launcher's pod, however it ended.
+            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
         if self.jobs.create(body, exist_ok=True) is None:
             log.info("PyTorchJob %s appeared concurrently; adopting it", name)
         # Re-read instead of trusting the create response (some servers answer without a body).
@@ -561,6 +566,17 @@ class PyTorchJobLauncher:
                 f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
                 "this task, so it is left alone: delete it or use another run id"
             )
+        what = f"PyTorchJob {self.namespace}/{name}"
+        with delete_on_sigterm(what, lambda: self.jobs.delete(name)):
+            self._start(task, body, decision, job)
+            self._follow(name)
+
+    def _start(
+        self, task: TrainingTask, body: dict[str, Any], decision: str, job: dict[str, Any] | None
+    ) -> None:
+        """Carry out ``decision`` (create, replace or adopt) for the job ``body`` describes."""
+        s = self.settings
+        name = task.name
         if decision == "replace":
             log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
             self.jobs.delete(name)
@@ -583,7 +599,6 @@ class PyTorchJobLauncher:
                 task.nproc_per_node,
                 s.image,
             )
-        self._follow(name)
 
     def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
         """One look at the job and its pods; None after an API blip (raised once it is
