@@ -63,6 +63,53 @@ def _stamp() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
+def _waiting(reason: str, message: str) -> dict[str, Any]:
+    scheduled = {"type": "PodScheduled", "status": "True"}
+    waiting = {"waiting": {"reason": reason, "message": message}}
+    container = {"name": "pytorch", "ready": False, "restartCount": 0, "image": "x"}
+    return {
+        "phase": "Pending",
+        "conditions": [scheduled],
+        "containerStatuses": [{**container, "imageID": "", "state": waiting}],
+    }
+
+
+def _unschedulable(message: str) -> dict[str, Any]:
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    return {"phase": "Pending", "conditions": [{**cond, "message": message}]}
+
+
+PENDING: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {
+    "pending-gpu": (
+        _unschedulable(
+            "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes "
+            "are available: 4 No preemption victims found for incoming pod."
+        ),
+        ("FailedScheduling", "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
+    ),
+    "pending-pvc": (
+        _unschedulable(
+            "0/4 nodes are available: pod has unbound immediate PersistentVolumeClaims. "
+            "preemption: 0/4 nodes are available: 4 Preemption is not helpful for scheduling."
+        ),
+        ("FailedScheduling", "pod has unbound immediate PersistentVolumeClaims"),
+    ),
+    "pending-image": (
+        _waiting(
+            "ImagePullBackOff",
+            'Back-off pulling image "registry.example/brain-ldm-training:0.1.0"',
+        ),
+        ("Failed", 'Failed to pull image "registry.example/brain-ldm-training:0.1.0": not found'),
+    ),
+    "pending-secret": (
+        _waiting("CreateContainerConfigError", 'secret "brain-ldm-s3" not found'),
+        ("Failed", 'Error: secret "brain-ldm-s3" not found'),
+    ),
+}
+"""Pods that never start, as the scheduler (PodScheduled=False, Unschedulable) or the
+kubelet (a container's waiting reason) marks them, with the event each writes."""
+
+
 class FakeOperator(threading.Thread):
     """Plays the training operator for every PyTorchJob that appears, following ``outcome``:
     succeed | succeed-clean (pods deleted the moment the job Succeeded) | fail | hang |
@@ -148,6 +195,10 @@ class FakeOperator(threading.Thread):
                 pods.append(pod)
                 self._pod(name, pod, rtype, spec)
         master = f"{name}-master-0"
+        if self.outcome in PENDING:
+            self._block(pods, *PENDING[self.outcome])
+            self.done.set()
+            return  # the job stays Created: no pod ever runs
         self._conditions(name, created, running)
         for step in range(3):
             self._log(name, master, f"step {step} loss {1.0 / (step + 1):.3f}")
@@ -215,6 +266,12 @@ class FakeOperator(threading.Thread):
                 "status": {"phase": "Running"},
             },
         )
+
+    def _block(self, pods: list[str], status: dict[str, Any], event: tuple[str, str]) -> None:
+        """What the scheduler or kubelet writes on pods that cannot start."""
+        for pod in pods:
+            self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
+            self._event(pod, "Pod", "Warning", *event)
 
     def _evict(self, pod: str) -> None:
         """The kubelet's eviction: the pod Failed/Evicted, its container killed (137)."""
@@ -715,6 +772,46 @@ def test_deadlines_run_on_the_injected_clock(cluster):
         launcher.run(_task())
     assert time.monotonic() - t0 < 20  # a dozen polls of real HTTP, not ten minutes
     assert clock.now - 1000.0 > 600 and set(clock.slept) == {60.0}
+    assert _jobs(cluster) == []
+
+
+@pytest.mark.parametrize(
+    "outcome,reason,change",
+    [
+        ("pending-gpu", "Insufficient nvidia.com/gpu", "ask for fewer GPUs or add GPU nodes"),
+        ("pending-pvc", "unbound immediate PersistentVolumeClaims", "storageClassName"),
+        ("pending-image", "ImagePullBackOff", "imagePullSecrets"),
+        (
+            "pending-secret",
+            'CreateContainerConfigError \\(secret "brain-ldm-s3" not found',
+            "create the Secret",
+        ),
+    ],
+)
+def test_a_job_whose_pods_cannot_start_fails_after_the_pending_timeout(
+    cluster, outcome, reason, change
+):
+    """Fifteen minutes of pods that never start, in no real time: not failed at first
+    sight (an autoscaler may add the node), failed once the pending timeout is spent, with
+    the scheduler's or kubelet's reason, what to change, and the pods' events; the job is
+    deleted so nothing waits for a node any longer."""
+    op = cluster.operator(outcome)
+    clock = FakeClock()
+    launcher = pj.PyTorchJobLauncher(
+        _settings(start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
+        api_client=cluster.api.client(LAUNCHER_UA),
+        out=io.StringIO(),
+        clock=clock,
+        sleep=lambda seconds: (op.done.wait(10), clock.sleep(seconds)),
+    )
+    with pytest.raises(LaunchError) as err:
+        launcher.run(_task())
+    text = str(err.value)
+    assert re.search(f"cannot start: .*{reason}", text), text
+    assert change in text and "(for 900s)" in text and "The job was deleted" in text
+    assert "recent events:\n" in text and PENDING[outcome][1][0] in text
+    # Blocked from the first look on: failed between 900 s and one poll later.
+    assert 900 <= clock.now - 1000.0 <= 900 + 2 * 60
     assert _jobs(cluster) == []
 
 

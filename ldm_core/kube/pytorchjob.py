@@ -11,8 +11,13 @@ The component that calls :meth:`PyTorchJobLauncher.run` behaves like a careful o
   the error; so does an evicted pod, unless ``restartPolicy: ExitCode`` has the operator
   recreate it (an eviction exits 137, a retryable code: the job shows ``Restarting`` and goes
   on); success is only ever reported on a ``Succeeded`` condition whose status is True;
-- past the deadline, or when no training operator ever picks the job up, the job is deleted
-  (foreground propagation: its pods go first) and the task fails.
+- a pod that cannot start (unschedulable, an unbound PVC, an image that does not pull, a
+  missing Secret) fails the task after ``pending_timeout_s`` with the reason and what to
+  change (:mod:`ldm_core.kube.pending`);
+- past the deadline, or when no training operator ever picks the job up, or past the
+  pending timeout, the job is deleted (foreground propagation: its pods go first) and the
+  task fails; SIGTERM deletes it too, and it is owned by the launcher's pod
+  (:mod:`ldm_core.kube.ownership`).
 
 Every pod runs ``torchrun -m ldm_core.cli VERB ...`` with no rendezvous flags: torchrun reads
 them from the ``PET_*`` variables the training operator sets (``PET_NNODES``,
@@ -47,6 +52,7 @@ from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.errors import ApiCall, call_api
 from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
+from ldm_core.kube.pending import pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
@@ -141,6 +147,11 @@ class PyTorchJobSettings:
     """How long ``run`` waits for a result; None = active_deadline_s + start_timeout_s."""
     start_timeout_s: float = 600.0
     """A job that shows no status at all this long has no training operator: fail."""
+    pending_timeout_s: float = 900.0
+    """How long a pod may stay unable to start (unschedulable, image not pulled, a missing
+    Secret, an unbound PVC) before the job is deleted and the task fails with the reason.
+    Not zero: a cluster autoscaler adds a GPU node in minutes. (A launcher setting until
+    Config has a ``cluster`` section to hold it.)"""
     poll_s: float = 10.0
     log_reconnect_s: float = 5.0
     tail_lines: int = 40
@@ -623,6 +634,7 @@ class PyTorchJobLauncher:
         )
         follower: PodLogFollower | None = None
         last_state, failures = "", 0
+        blocked_since: float | None = None  # since when a pod has been unable to start
         try:
             while True:
                 seen = self._observe(name, failures)
@@ -635,6 +647,14 @@ class PyTorchJobLauncher:
                 state = job_state(
                     job, pods, self.clock() - start, s.start_timeout_s, timeout, s.restart_policy
                 )
+                problem = pending_problem(pods) if state.outcome == "running" else None
+                if problem is None:
+                    blocked_since = None
+                elif blocked_since is None:
+                    log.warning("PyTorchJob %s: %s", name, problem)
+                    blocked_since = self.clock()
+                elif self.clock() - blocked_since >= s.pending_timeout_s:
+                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
                 if state.outcome != "running":
                     self._conclude(name, state, follower, pods)
                     return
@@ -685,4 +705,5 @@ class PyTorchJobLauncher:
         if state.outcome == "failed":
             raise err
         self.jobs.delete(name)
-        raise LaunchError(f"{err}\nThe job was deleted.") if state.outcome == "timeout" else err
+        deleted = state.outcome in ("timeout", "pending")
+        raise LaunchError(f"{err}\nThe job was deleted.") if deleted else err
