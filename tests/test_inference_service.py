@@ -110,6 +110,7 @@ class FakeKServe:
         notice_after_s: float = 0.4,
         ready_after_s: float = 0.3,
         child_ahead: int = 0,
+        raw: bool = False,
     ) -> None:
         self.api = kubernetes.client.CustomObjectsApi(api.client(KSERVE_UA))
         self.latest_url, self.address_url = latest_url, address_url
@@ -117,6 +118,7 @@ class FakeKServe:
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
+        self.raw = raw
         self._child_spec: tuple[str | None, int | None] | None = None
         self.revision_uri: dict[str, str] = {}
         self.canaries_seen: list[int] = []
@@ -260,6 +262,12 @@ class FakeKServe:
                 else None,
             },
         }
+        if self.raw:
+            # RawDeployment (KServe's PropagateRawStatus): latestCreatedRevision is the
+            # Deployment's revision annotation, observedGeneration the Deployment's; no
+            # latestReadyRevision and no traffic split are reported.
+            status["deploymentMode"] = "RawDeployment"
+            status["components"]["predictor"] = {"latestCreatedRevision": str(st["n"])}
         if obj.get("status") != status:
             self.api.patch_namespaced_custom_object_status(
                 isvc.GROUP,
@@ -478,6 +486,17 @@ def test_an_unreconciled_spec_is_never_smoke_tested_on_the_old_revision(api, mod
     assert "rolled back" in str(info.value)
     assert len(smoke.calls) == 1  # only the first deploy's
     assert stored(api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_raw_deployment_mode_reports_no_ready_revision_and_still_deploys(api, model_server):
+    """In RawDeployment mode KServe reports only the Deployment's revision number: a rollout
+    that waited for latestReadyRevision would wait forever."""
+    smoke = Smoke()
+    kserve = FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True)
+    with kserve:
+        result = rollout(api).rollout(desired(OLD_URI), smoke)
+    assert result["action"] == "created" and result["revision"] == "1"
+    assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00001"]
 
 
 def test_failed_revision_is_rolled_back_with_the_reason(api, model_server):
