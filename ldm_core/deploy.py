@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,8 @@ class SmokeTestError(DeployError):
 # --------------------------------------------------------------------------- smoke check
 
 
-def _decode_v2(response: httpx.Response) -> dict[str, Any]:
-    """V2 response (JSON or JSON + binary data extension) -> {name: np.ndarray}."""
+def _decode_v2(response: httpx.Response) -> tuple[dict[str, Any], dict[str, Any]]:
+    """V2 response (JSON or JSON + binary data extension) -> (its JSON head, {name: array})."""
     body = response.content
     header_len = response.headers.get("inference-header-content-length")
     head = json.loads(body[: int(header_len)] if header_len else body)
@@ -84,7 +85,7 @@ def _decode_v2(response: httpx.Response) -> dict[str, Any]:
             tensors[out["name"]] = np.asarray(out["data"], dtype=dtypes[out["datatype"]]).reshape(
                 shape
             )
-    return tensors
+    return head, tensors
 
 
 def _is_loopback(url: str) -> bool:
@@ -92,10 +93,85 @@ def _is_loopback(url: str) -> bool:
     return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1")
 
 
+@dataclass(frozen=True)
+class DeployedBundle:
+    """What a smoke answer must match: the bundle that was deployed, not just any model.
+
+    A server that loaded the wrong bundle (a stale storageUri, a revision that never
+    rolled) answers finite volumes too; only its geometry and digest tell it apart.
+    """
+
+    digest: str
+    """``ldm_core.bundle.digest`` of the deployed bundle."""
+    image_shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    @classmethod
+    def read(cls, bundle_dir: str | Path) -> DeployedBundle:
+        """From ``bundle.json`` and the files' digest (no model is loaded)."""
+        root = Path(bundle_dir)
+        try:
+            info = json.loads((root / BUNDLE_JSON).read_text())
+            shape = tuple(int(x) for x in info["image_shape"])
+            affine = np.asarray(info["affine"], dtype=np.float64).reshape(4, 4)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DeployError(
+                f"{root / BUNDLE_JSON}: no usable image_shape/affine ({exc})"
+            ) from None
+        return cls(bundle_mod.digest(root), shape, affine)  # type: ignore[arg-type]
+
+
+def _served_digest(meta: dict[str, Any], answer: dict[str, Any]) -> str | None:
+    """The bundle digest the server reports: the inference's own parameters (that very
+    answer's bundle) first, else the model metadata's."""
+    for source in (answer, meta):
+        value = (source.get("parameters") or {}).get("bundle_digest")
+        if value:
+            return str(value)
+    return None
+
+
+def _check_answer(
+    url: str,
+    tensors: dict[str, Any],
+    metadata_shape: list[int],
+    bundle: DeployedBundle | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The volume and affine of a smoke answer, or SmokeTestError naming what is wrong."""
+    volume, affine = tensors.get("volume"), tensors.get("affine")
+    if volume is None or affine is None:
+        raise SmokeTestError(f"{url}: response lacks 'volume' or 'affine' (got {sorted(tensors)})")
+    expected = [1, 1, *metadata_shape[2:]]
+    if list(volume.shape) != expected:
+        raise SmokeTestError(f"{url}: volume shape {list(volume.shape)}, metadata says {expected}")
+    if bundle is not None and list(volume.shape[2:]) != list(bundle.image_shape):
+        raise SmokeTestError(
+            f"{url}: volume shape {list(volume.shape)}, the deployed bundle's image_shape is "
+            f"{list(bundle.image_shape)}: the server runs another bundle"
+        )
+    if not np.isfinite(volume).all():
+        raise SmokeTestError(f"{url}: volume has non-finite values")
+    if (
+        affine.shape != (4, 4)
+        or not np.isfinite(affine).all()
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-9
+    ):
+        raise SmokeTestError(
+            f"{url}: affine is not a finite invertible 4x4 matrix: {affine.tolist()}"
+        )
+    if bundle is not None and not np.allclose(affine, bundle.affine, rtol=1e-5, atol=1e-4):
+        raise SmokeTestError(
+            f"{url}: affine {affine.tolist()} differs from the deployed bundle's "
+            f"{bundle.affine.tolist()}: the server runs another bundle"
+        )
+    return volume, affine
+
+
 def smoke_check(
     base_url: str,
     model_name: str,
     *,
+    bundle: DeployedBundle | None = None,
     steps: int = 2,
     seed: int = 0,
     timeout_s: float = 300.0,
@@ -104,7 +180,10 @@ def smoke_check(
 ) -> dict[str, Any]:
     """One real V2 inference (one seed, few steps, binary output) and sanity checks on it:
     a finite ``[1, 1, D, H, W]`` volume with D, H, W as the model's metadata says, and a
-    finite, invertible affine. Returns what it measured; raises SmokeTestError otherwise."""
+    finite, invertible affine. Given the deployed ``bundle``, the answer must also come from
+    it: its image shape, its affine, and its digest (``parameters.bundle_digest`` of the
+    answer or of ``GET /v2/models/{name}``; a server that reports none fails, since server
+    and deploy ship together). Returns what it measured; raises SmokeTestError otherwise."""
     url = base_url.rstrip("/")
     own = client is None
     http = client or httpx.Client(timeout=timeout_s, trust_env=not _is_loopback(url))
@@ -114,7 +193,8 @@ def smoke_check(
             raise SmokeTestError(
                 f"GET {url}/v2/models/{model_name}: HTTP {meta_r.status_code} {meta_r.text[:200]}"
             )
-        outputs = {o["name"]: o for o in meta_r.json().get("outputs", [])}
+        meta = meta_r.json()
+        outputs = {o["name"]: o for o in meta.get("outputs", [])}
         if "volume" not in outputs:
             raise SmokeTestError(f"{url}: model {model_name} metadata lists no 'volume' output")
         request = {
@@ -139,24 +219,16 @@ def smoke_check(
             f"POST {url}/v2/models/{model_name}/infer: HTTP {r.status_code} {r.text[:300]}"
         )
     try:
-        tensors = _decode_v2(r)
+        head, tensors = _decode_v2(r)
     except (ValueError, KeyError, struct.error) as exc:
         raise SmokeTestError(f"{url}: unreadable V2 response: {exc}") from None
-    volume, affine = tensors.get("volume"), tensors.get("affine")
-    expected = [1, 1, *outputs["volume"]["shape"][2:]]
-    if volume is None or affine is None:
-        raise SmokeTestError(f"{url}: response lacks 'volume' or 'affine' (got {sorted(tensors)})")
-    if list(volume.shape) != expected:
-        raise SmokeTestError(f"{url}: volume shape {list(volume.shape)}, metadata says {expected}")
-    if not np.isfinite(volume).all():
-        raise SmokeTestError(f"{url}: volume has non-finite values")
-    if (
-        affine.shape != (4, 4)
-        or not np.isfinite(affine).all()
-        or abs(np.linalg.det(affine[:3, :3])) < 1e-9
-    ):
+    volume, affine = _check_answer(url, tensors, outputs["volume"]["shape"], bundle)
+    served = _served_digest(meta, head)
+    if bundle is not None and served != bundle.digest:
         raise SmokeTestError(
-            f"{url}: affine is not a finite invertible 4x4 matrix: {affine.tolist()}"
+            f"{url}: parameters.bundle_digest is {served or 'missing'} (in the answer and in "
+            f"GET /v2/models/{model_name}), the deployed bundle's is {bundle.digest}"
+            + ("" if served else ": the server is older than this deploy step")
         )
     return {
         "ok": True,
@@ -165,6 +237,7 @@ def smoke_check(
         "steps": steps,
         "mean": float(volume.mean()),
         "affine": affine.tolist(),
+        "bundle_digest": served,
     }
 
 
@@ -320,7 +393,7 @@ def deploy_local(
     base_url = f"http://127.0.0.1:{port}"
     try:
         ready_s = _wait_ready(base_url, name, proc.pid, log_file, ready_timeout_s)
-        smoke = smoke_check(base_url, name, steps=smoke_steps)
+        smoke = smoke_check(base_url, name, bundle=DeployedBundle.read(bundle), steps=smoke_steps)
     except LdmError:
         stop_local(state)
         raise
@@ -377,7 +450,10 @@ def deploy_kserve(
     from ldm_core.kube.client import api_client, current_namespace
 
     model = model_name or cfg.serving.model_name
-    uri, digest = _upload_bundle(cfg, Path(bundle_dir), storage_prefix, model)
+    _require_bundle(Path(bundle_dir))
+    deployed = DeployedBundle.read(bundle_dir)
+    digest = deployed.digest
+    uri = _upload_bundle(cfg, Path(bundle_dir), digest, storage_prefix, model)
     ns = namespace or current_namespace()
     settings = isvc.PredictorSettings(
         name=name or model,
@@ -403,7 +479,7 @@ def deploy_kserve(
         rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
         isvc.build_inference_service(settings),
-        smoke=lambda url: smoke_check(url, model, steps=smoke_steps),
+        smoke=lambda url: smoke_check(url, model, bundle=deployed, steps=smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
     )
@@ -429,16 +505,14 @@ def _require_bundle(bundle: Path) -> None:
         raise DeployError(f"{bundle}: not a model bundle (no {BUNDLE_JSON})")
 
 
-def _upload_bundle(cfg: Config, bundle: Path, storage_prefix: str, model: str) -> tuple[str, str]:
-    """Copy the bundle to a content-addressed prefix; return its URI and sha256. The same
+def _upload_bundle(cfg: Config, bundle: Path, digest: str, storage_prefix: str, model: str) -> str:
+    """Copy the bundle to a prefix named by its ``digest``; return its URI. The same
     bundle lands on the same URI, so re-deploying it changes nothing."""
     from ldm_core import storage
 
-    _require_bundle(bundle)
-    digest = bundle_mod.digest(bundle)
     uri = storage.join(storage_prefix, model, digest[:16])
     storage.upload_dir(bundle, uri, cfg.storage)
-    return uri, digest
+    return uri
 
 
 # --------------------------------------------------------------------------- entry point

@@ -7,16 +7,26 @@ import gzip
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import nibabel as nib
+import numpy as np
 import pytest
 
-from ldm_core.deploy import DeployError, SmokeTestError, deploy, smoke_check, stop_local
+from ldm_core import bundle as bundle_mod
+from ldm_core.deploy import (
+    DeployedBundle,
+    DeployError,
+    SmokeTestError,
+    deploy,
+    smoke_check,
+    stop_local,
+)
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
-from tests.harness.kserve import nan_model_server
+from tests.harness.kserve import Answer, model_server, nan_model_server
 
 
 def _running(pid: int) -> bool:
@@ -108,6 +118,65 @@ def test_smoke_check_rejects_wrong_answers():
             smoke_check(url, MODEL)
     with pytest.raises(SmokeTestError, match="HTTP|ConnectError"):
         smoke_check(f"http://127.0.0.1:{_closed_port()}", MODEL, timeout_s=5)
+
+
+DEPLOYED = DeployedBundle(
+    digest="d" * 64,
+    image_shape=(6, 5, 4),
+    affine=np.array([[-2.0, 0, 0, 90], [0, 2.0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]]),
+)
+"""The bundle a deploy step just rolled out (an LPS-oriented 2 mm grid, not identity)."""
+RIGHT = Answer(shape=(6, 5, 4), affine=DEPLOYED.affine.tolist(), digest=DEPLOYED.digest)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        RIGHT,
+        replace(RIGHT, digest_in=("metadata",)),
+        replace(RIGHT, digest_in=("answer",)),
+    ],
+    ids=["digest-everywhere", "digest-in-metadata", "digest-in-answer"],
+)
+def test_smoke_check_passes_the_deployed_bundle(answer):
+    with model_server(MODEL, answer) as url:
+        result = smoke_check(url, MODEL, bundle=DEPLOYED, timeout_s=10)
+    assert result["shape"] == [1, 1, 6, 5, 4] and result["bundle_digest"] == DEPLOYED.digest
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        # Another bundle's grid, and the metadata agrees with it: only the bundle can tell.
+        (replace(RIGHT, shape=(4, 5, 6)), r"image_shape is \[6, 5, 4\]: the server runs another"),
+        # A volume that is not what the server's own metadata announces.
+        (replace(RIGHT, metadata_shape=(6, 5, 5)), r"metadata says \[1, 1, 6, 5, 5\]"),
+        # Finite, invertible, and still the wrong orientation (identity: RAS, not LPS).
+        (replace(RIGHT, affine=np.eye(4).tolist()), "differs from the deployed bundle's"),
+        # The right geometry from another bundle (the previous revision's weights).
+        (replace(RIGHT, digest="e" * 64), f"bundle_digest is {'e' * 64}.*{DEPLOYED.digest}"),
+        # A server that reports no digest is older than this deploy step: not trusted.
+        (replace(RIGHT, digest=None), "bundle_digest is missing.*older than this deploy step"),
+    ],
+    ids=["shape", "metadata-shape", "affine", "digest", "no-digest"],
+)
+def test_smoke_check_refuses_an_answer_from_another_bundle(answer, message):
+    with model_server(MODEL, answer) as url:
+        with pytest.raises(SmokeTestError, match=message):
+            smoke_check(url, MODEL, bundle=DEPLOYED, timeout_s=10)
+
+
+def test_deployed_bundle_is_read_from_the_bundle_itself(tmp_path):
+    cfg = serve_config()
+    bundle = random_bundle(tmp_path / "bundle", cfg)
+    deployed = DeployedBundle.read(bundle)
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert deployed.digest == bundle_mod.digest(bundle)
+    assert list(deployed.image_shape) == info["image_shape"] == list(cfg.data.shape)
+    assert np.array_equal(deployed.affine, np.asarray(info["affine"]))
+    (bundle / "bundle.json").write_text("{}")
+    with pytest.raises(DeployError, match="bundle.json: no usable image_shape/affine"):
+        DeployedBundle.read(bundle)
 
 
 def _closed_port() -> int:

@@ -90,7 +90,14 @@ def _storage_uri(predictor: dict[str, Any]) -> str:
 
 
 class FakeKServe:
-    """KServe's controller + Knative, reduced to what a rollout observes in status."""
+    """KServe's controller + Knative, reduced to what a rollout observes in status.
+
+    As KServe's ``PropagateStatus`` does, ``status.observedGeneration`` is the Knative
+    Service's (the child's) observedGeneration, not the InferenceService's: the child's
+    counter grows when KServe writes a new ksvc spec (a new revision, or a traffic change)
+    and starts ``child_ahead`` above the InferenceService's (a ksvc recreated, or written by
+    another controller), so it can run ahead of ``metadata.generation`` or behind it.
+    """
 
     def __init__(
         self,
@@ -102,12 +109,17 @@ class FakeKServe:
         stuck: tuple[str, ...] = (STUCK_URI,),
         notice_after_s: float = 0.4,
         ready_after_s: float = 0.3,
+        child_ahead: int = 0,
+        raw: bool = False,
     ) -> None:
         self.api = kubernetes.client.CustomObjectsApi(api.client(KSERVE_UA))
         self.latest_url, self.address_url = latest_url, address_url
         self.failing, self.stuck = failing, stuck
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
         self.ready_at: dict[str, float] = {}
+        self.child_generation = child_ahead
+        self.raw = raw
+        self._child_spec: tuple[str | None, int | None] | None = None
         self.revision_uri: dict[str, str] = {}
         self.canaries_seen: list[int] = []
         self._state: dict[str, dict[str, Any]] = {}
@@ -180,6 +192,9 @@ class FakeKServe:
             else:
                 st["prev"], st["ready"] = st["ready"], st["created"]
                 self.ready_at[st["created"]] = now
+        if (st["config"], canary) != self._child_spec:
+            self._child_spec = (st["config"], canary)
+            self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
         self._publish(obj, st, canary)
 
     def _publish(self, obj: dict[str, Any], st: dict[str, Any], canary: int | None) -> None:
@@ -216,7 +231,7 @@ class FakeKServe:
             traffic = []
         failed = st["failed"] is not None
         status = {
-            "observedGeneration": obj["metadata"].get("generation"),
+            "observedGeneration": self.child_generation,
             "url": f"http://{obj['metadata']['name']}.{NS}.example.com",
             "address": {"url": self.address_url},
             "components": {
@@ -247,6 +262,12 @@ class FakeKServe:
                 else None,
             },
         }
+        if self.raw:
+            # RawDeployment (KServe's PropagateRawStatus): latestCreatedRevision is the
+            # Deployment's revision annotation, observedGeneration the Deployment's; no
+            # latestReadyRevision and no traffic split are reported.
+            status["deploymentMode"] = "RawDeployment"
+            status["components"]["predictor"] = {"latestCreatedRevision": str(st["n"])}
         if obj.get("status") != status:
             self.api.patch_namespaced_custom_object_status(
                 isvc.GROUP,
@@ -262,12 +283,22 @@ class FakeKServe:
 
 
 @pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
+def served_bundle(tmp_path_factory) -> Path:
+    """The bundle the local model server answers from (deploy it to pass the smoke check)."""
+    return random_bundle(tmp_path_factory.mktemp("isvc") / "bundle", serve_config())
+
+
+@pytest.fixture(scope="module")
+def model_server(served_bundle):
     """A real local model server: where smoke inferences land."""
-    root = tmp_path_factory.mktemp("isvc")
-    cfg = serve_config()
-    bundle = random_bundle(root / "bundle", cfg)
-    result = deploy(cfg, bundle, backend="local", state_dir=root / "state", ready_timeout_s=240)
+    root = served_bundle.parent
+    result = deploy(
+        serve_config(),
+        served_bundle,
+        backend="local",
+        state_dir=root / "state",
+        ready_timeout_s=240,
+    )
     try:
         yield result["url"]
     finally:
@@ -420,6 +451,54 @@ def test_update_goes_through_a_canary_then_promotes(api, model_server):
     assert [(t["revisionName"], t["percent"]) for t in traffic] == [(result["revision"], 100)]
 
 
+@pytest.mark.parametrize("child_ahead", [1, -1], ids=["child-ahead", "child-behind"])
+def test_the_child_generation_counter_proves_nothing_the_new_revision_does(
+    api, model_server, child_ahead
+):
+    """KServe's observedGeneration is the Knative Service's: one ahead, it already equals the
+    patched generation while status still shows the old revision; one behind, it never
+    catches up. Either way the rollout waits for, smoke-tests and promotes the new revision."""
+    smoke = Smoke()
+    kserve = FakeKServe(
+        api, latest_url=model_server, address_url=model_server, child_ahead=child_ahead
+    )
+    with kserve:
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        kserve.notice_after_s = 1.0
+        result = rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+    assert result["revision"] == f"{NAME}-predictor-00002"
+    assert smoke.calls[-1][0] >= kserve.ready_at[result["revision"]]
+    status = stored(api)["status"]
+    assert status["observedGeneration"] != stored(api)["metadata"].get("generation", -5)
+    traffic = status["components"]["predictor"]["traffic"]
+    assert [(t["revisionName"], t["percent"]) for t in traffic] == [(result["revision"], 100)]
+
+
+def test_an_unreconciled_spec_is_never_smoke_tested_on_the_old_revision(api, model_server):
+    """Child counter one ahead and KServe never reconciles the new spec: observedGeneration
+    matches, the old revision is Ready, and still the rollout must not call that success."""
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server, child_ahead=1) as ks:
+        rollout(api).rollout(desired(OLD_URI), smoke)
+        ks.notice_after_s = 3600.0
+        with pytest.raises(isvc.RolloutTimeout, match="a new predictor revision") as info:
+            rollout(api, timeout_s=1.5).rollout(desired(NEW_URI), smoke)
+    assert "rolled back" in str(info.value)
+    assert len(smoke.calls) == 1  # only the first deploy's
+    assert stored(api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_raw_deployment_mode_reports_no_ready_revision_and_still_deploys(api, model_server):
+    """In RawDeployment mode KServe reports only the Deployment's revision number: a rollout
+    that waited for latestReadyRevision would wait forever."""
+    smoke = Smoke()
+    kserve = FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True)
+    with kserve:
+        result = rollout(api).rollout(desired(OLD_URI), smoke)
+    assert result["action"] == "created" and result["revision"] == "1"
+    assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00001"]
+
+
 def test_failed_revision_is_rolled_back_with_the_reason(api, model_server):
     smoke = Smoke()
     with FakeKServe(api, latest_url=model_server, address_url=model_server):
@@ -478,12 +557,12 @@ def test_unchanged_spec_only_smokes(plain_api, model_server):
 
 
 def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
-    tmp_path, monkeypatch, plain_api, model_server
+    monkeypatch, plain_api, model_server, served_bundle
 ):
     from tests.harness.s3 import make_bucket, raw_client, s3_env, s3_server
 
     cfg = serve_config()
-    bundle = random_bundle(tmp_path / "bundle", cfg)
+    bundle = served_bundle  # the smoke check holds the answer to the deployed bundle's digest
     host = plain_api.url
     with s3_server() as endpoint:
         s3_env(monkeypatch, endpoint)

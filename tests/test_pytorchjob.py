@@ -63,9 +63,65 @@ def _stamp() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
+def _waiting(reason: str, message: str) -> dict[str, Any]:
+    scheduled = {"type": "PodScheduled", "status": "True"}
+    waiting = {"waiting": {"reason": reason, "message": message}}
+    container = {"name": "pytorch", "ready": False, "restartCount": 0, "image": "x"}
+    return {
+        "phase": "Pending",
+        "conditions": [scheduled],
+        "containerStatuses": [{**container, "imageID": "", "state": waiting}],
+    }
+
+
+def _unschedulable(message: str) -> dict[str, Any]:
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    return {"phase": "Pending", "conditions": [{**cond, "message": message}]}
+
+
+PENDING: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {
+    "pending-gpu": (
+        _unschedulable(
+            "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes "
+            "are available: 4 No preemption victims found for incoming pod."
+        ),
+        ("FailedScheduling", "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
+    ),
+    "pending-pvc": (
+        _unschedulable(
+            "0/4 nodes are available: pod has unbound immediate PersistentVolumeClaims. "
+            "preemption: 0/4 nodes are available: 4 Preemption is not helpful for scheduling."
+        ),
+        ("FailedScheduling", "pod has unbound immediate PersistentVolumeClaims"),
+    ),
+    "pending-image": (
+        _waiting(
+            "ImagePullBackOff",
+            'Back-off pulling image "registry.example/brain-ldm-training:0.1.0"',
+        ),
+        ("Failed", 'Failed to pull image "registry.example/brain-ldm-training:0.1.0": not found'),
+    ),
+    "pending-secret": (
+        _waiting("CreateContainerConfigError", 'secret "brain-ldm-s3" not found'),
+        ("Failed", 'Error: secret "brain-ldm-s3" not found'),
+    ),
+}
+"""Pods that never start, as the scheduler (PodScheduled=False, Unschedulable) or the
+kubelet (a container's waiting reason) marks them, with the event each writes."""
+
+
 class FakeOperator(threading.Thread):
     """Plays the training operator for every PyTorchJob that appears, following ``outcome``:
-    succeed | fail | hang | evict | absent (never touches anything)."""
+    succeed | succeed-clean (pods deleted the moment the job Succeeded) | fail | hang |
+    evict (the master is evicted; nothing recreates it) | evict-restart (under
+    ``restartPolicy: ExitCode``: the evicted master, exit code 137, is deleted and
+    recreated, the job goes Restarting -> Running -> Succeeded) | absent (never touches
+    anything).
+
+    Conditions follow the training operator's ``UpdateJobConditions``: one condition per
+    type, a changed one moves to the end; Running and Restarting replace each other; when
+    Succeeded or Failed is set, Running stays with status "False".
+    """
 
     def __init__(self, api: KubeApi, outcome: str, step_s: float = 0.15) -> None:
         super().__init__(daemon=True)
@@ -77,6 +133,7 @@ class FakeOperator(threading.Thread):
         self.done = threading.Event()
         self.stopping = threading.Event()
         self.logged: dict[str, list[str]] = {}  # job -> log lines without stamps, in order
+        self.conditions: dict[str, list[dict[str, Any]]] = {}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -91,13 +148,35 @@ class FakeOperator(threading.Thread):
             self.stopping.wait(0.05)
 
     def _conditions(self, name: str, *types: tuple[str, str, str]) -> None:
-        conds = [
-            {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": _stamp()}
-            for t, r, m in types
-        ]
+        """Set each condition (status True) in turn, as the operator's reconciles would."""
+        for kind, reason, message in types:
+            self._set(name, kind, reason, message)
         self.custom.patch_namespaced_custom_object_status(
-            pj.GROUP, pj.VERSION, NS, pj.PLURAL, name, {"status": {"conditions": conds}}
+            pj.GROUP,
+            pj.VERSION,
+            NS,
+            pj.PLURAL,
+            name,
+            {"status": {"conditions": self.conditions[name]}},
         )
+
+    def _set(self, name: str, kind: str, reason: str, message: str) -> None:
+        current = self.conditions.setdefault(name, [])
+        if any(c["type"] == kind and c["status"] == "True" for c in current):
+            return  # unchanged: the operator does not rewrite it
+        kept = []
+        for c in current:
+            if c["type"] == kind or {c["type"], kind} == {"Running", "Restarting"}:
+                continue
+            if kind in ("Succeeded", "Failed") and c["type"] == "Running":
+                c = {**c, "status": "False"}
+            kept.append(c)
+        stamp = _stamp()
+        new = {"type": kind, "status": "True", "reason": reason, "message": message}
+        self.conditions[name] = [
+            *kept,
+            {**new, "lastUpdateTime": stamp, "lastTransitionTime": stamp},
+        ]
 
     def _log(self, job: str, pod: str, text: str) -> None:
         self.api.logs.setdefault(pod, []).append(f"{_stamp()} {text}")
@@ -114,32 +193,41 @@ class FakeOperator(threading.Thread):
             for i in range(spec.get("replicas", 1)):
                 pod = f"{name}-{rtype.lower()}-{i}"
                 pods.append(pod)
-                self.core.create_namespaced_pod(
-                    NS,
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "metadata": {
-                            "name": pod,
-                            "namespace": NS,
-                            "labels": {pj.JOB_LABEL: name, pj.REPLICA_LABEL: rtype.lower()},
-                        },
-                        "spec": spec["template"]["spec"],
-                        "status": {"phase": "Running"},
-                    },
-                )
+                self._pod(name, pod, rtype, spec)
         master = f"{name}-master-0"
+        if self.outcome in PENDING:
+            self._block(pods, *PENDING[self.outcome])
+            self.done.set()
+            return  # the job stays Created: no pod ever runs
         self._conditions(name, created, running)
         for step in range(3):
             self._log(name, master, f"step {step} loss {1.0 / (step + 1):.3f}")
             # Several lines within one timestamp must neither vanish nor repeat on reconnect.
             self._log(name, master, f"step {step} lr 1e-4")
             time.sleep(self.step_s)
-        if self.outcome == "succeed":
+        if self.outcome == "evict-restart":
+            self._evict(master)
+            time.sleep(self.step_s)
+            # ExitCode policy, exit code 137 >= 128: retryable. The pod is deleted and made
+            # again under the same name; the job says Restarting until it runs.
+            self._clean([master])
+            restarting = (
+                "Restarting",
+                "PyTorchJobRestarting",
+                f"PyTorchJob {name} is restarting because 1 Master replica(s) failed.",
+            )
+            self._conditions(name, restarting)
+            time.sleep(self.step_s)
+            self._pod(name, master, "Master", replicas["Master"])
+            self._conditions(name, running)
+            self._log(name, master, "resumed from checkpoint step 2")
+            time.sleep(self.step_s)
+        if self.outcome in ("succeed", "succeed-clean", "evict-restart"):
             self._log(name, master, "saved autoencoder.pt")
             self._finish_pods(pods, "Succeeded", 0, "Completed")
-            self._conditions(name, created, running, ("Succeeded", "PyTorchJobSucceeded", "done"))
-            time.sleep(self.step_s)
+            self._conditions(name, ("Succeeded", "PyTorchJobSucceeded", "done"))
+            if self.outcome != "succeed-clean":
+                time.sleep(self.step_s)
             self._clean(pods)
         elif self.outcome == "fail":
             self._log(name, master, "Traceback (most recent call last):")
@@ -160,21 +248,51 @@ class FakeOperator(threading.Thread):
             time.sleep(3 * self.step_s)
             self._clean(pods)  # cleanPodPolicy All: the master's logs are gone from the API
         elif self.outcome == "evict":
-            self.core.patch_namespaced_pod_status(
-                master,
-                NS,
-                {
-                    "status": {
-                        "phase": "Failed",
-                        "reason": "Evicted",
-                        "message": "The node was low on resource: memory.",
-                    }
-                },
-            )
-            self._event(
-                master, "Pod", "Warning", "Evicted", "The node was low on resource: memory."
-            )
+            self._evict(master)
         self.done.set()
+
+    def _pod(self, job: str, pod: str, rtype: str, spec: dict[str, Any]) -> None:
+        self.core.create_namespaced_pod(
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod,
+                    "namespace": NS,
+                    "labels": {pj.JOB_LABEL: job, pj.REPLICA_LABEL: rtype.lower()},
+                },
+                "spec": spec["template"]["spec"],
+                "status": {"phase": "Running"},
+            },
+        )
+
+    def _block(self, pods: list[str], status: dict[str, Any], event: tuple[str, str]) -> None:
+        """What the scheduler or kubelet writes on pods that cannot start."""
+        for pod in pods:
+            self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
+            self._event(pod, "Pod", "Warning", *event)
+
+    def _evict(self, pod: str) -> None:
+        """The kubelet's eviction: the pod Failed/Evicted, its container killed (137)."""
+        killed = {"exitCode": 137, "reason": "Error"}
+        status = {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: memory.",
+            "containerStatuses": [
+                {
+                    "name": "pytorch",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {"terminated": killed},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
+        self._event(pod, "Pod", "Warning", "Evicted", "The node was low on resource: memory.")
 
     def _finish_pods(self, pods: list[str], phase: str, code: int, reason: str) -> None:
         for pod in pods:
@@ -450,10 +568,39 @@ def test_failure_raises_with_logs_and_events(cluster):
 
 
 def test_evicted_pod_fails_the_task_and_deletes_the_job(cluster):
+    """restartPolicy Never: nothing brings an evicted pod back, so the task fails at once."""
     cluster.operator("evict")
     with pytest.raises(LaunchError, match="evicted.*low on resource: memory"):
-        _launcher(cluster).run(_task())
+        _launcher(cluster, restart_policy="Never").run(_task())
     assert _jobs(cluster) == []
+
+
+def test_an_evicted_pod_restarted_under_exit_code_policy_is_followed_to_success(cluster):
+    """restartPolicy ExitCode: the eviction's 137 is retryable; the operator recreates the
+    master (Restarting, then Running) and the job succeeds. The launcher goes on with it
+    and streams the new pod's log too."""
+    op = cluster.operator("evict-restart")
+    out = io.StringIO()
+    task = _task()
+    _launcher(cluster, out).run(task)
+    assert op.done.wait(10) and _creates(cluster) == 1
+    (job,) = _jobs(cluster)
+    held = [(c["type"], c["status"]) for c in job["status"]["conditions"]]
+    assert held == [("Created", "True"), ("Running", "False"), ("Succeeded", "True")]
+    assert "resumed from checkpoint step 2" in out.getvalue()
+    assert out.getvalue().rstrip().endswith("saved autoencoder.pt")
+
+
+def test_pods_deleted_the_moment_the_job_succeeded_still_succeed(cluster):
+    """The operator may delete the pods right after Succeeded: the final log read meets a
+    404 and the task still succeeds, with every line it had seen."""
+    op = cluster.operator("succeed-clean", step_s=0.05)
+    out = io.StringIO()
+    task = _task()
+    _launcher(cluster, out).run(task)
+    printed = out.getvalue().splitlines()
+    assert printed == op.logged[task.name][: len(printed)]
+    assert any(r.subresource == "log" for r in cluster.api.requests(LAUNCHER_UA))
 
 
 def test_timeout_deletes_the_job(cluster):
@@ -530,8 +677,11 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     assert pj.true_condition(job, "Succeeded")
 
 
-def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster):
-    """Success, failure and timeout together exercise every call the launcher makes."""
+def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
+    """Success, failure and timeout together exercise every call the launcher makes, run
+    from a pod as on a cluster (the runtime sets HOSTNAME to the pod's name)."""
+    monkeypatch.delenv("POD_NAME", raising=False)
+    monkeypatch.setenv("HOSTNAME", "brain-ldm-step-pod")
     for outcome, kw in (("succeed", {}), ("fail", {}), ("hang", {"timeout_s": 0.5})):
         op = cluster.operator(outcome, step_s=0.05)
         task = _task(name=pj.job_name(f"rbac-{outcome}", "train"))
@@ -625,6 +775,46 @@ def test_deadlines_run_on_the_injected_clock(cluster):
     assert _jobs(cluster) == []
 
 
+@pytest.mark.parametrize(
+    "outcome,reason,change",
+    [
+        ("pending-gpu", "Insufficient nvidia.com/gpu", "ask for fewer GPUs or add GPU nodes"),
+        ("pending-pvc", "unbound immediate PersistentVolumeClaims", "storageClassName"),
+        ("pending-image", "ImagePullBackOff", "imagePullSecrets"),
+        (
+            "pending-secret",
+            'CreateContainerConfigError \\(secret "brain-ldm-s3" not found',
+            "create the Secret",
+        ),
+    ],
+)
+def test_a_job_whose_pods_cannot_start_fails_after_the_pending_timeout(
+    cluster, outcome, reason, change
+):
+    """Fifteen minutes of pods that never start, in no real time: not failed at first
+    sight (an autoscaler may add the node), failed once the pending timeout is spent, with
+    the scheduler's or kubelet's reason, what to change, and the pods' events; the job is
+    deleted so nothing waits for a node any longer."""
+    op = cluster.operator(outcome)
+    clock = FakeClock()
+    launcher = pj.PyTorchJobLauncher(
+        _settings(start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
+        api_client=cluster.api.client(LAUNCHER_UA),
+        out=io.StringIO(),
+        clock=clock,
+        sleep=lambda seconds: (op.done.wait(10), clock.sleep(seconds)),
+    )
+    with pytest.raises(LaunchError) as err:
+        launcher.run(_task())
+    text = str(err.value)
+    assert re.search(f"cannot start: .*{reason}", text), text
+    assert change in text and "(for 900s)" in text and "The job was deleted" in text
+    assert "recent events:\n" in text and PENDING[outcome][1][0] in text
+    # Blocked from the first look on: failed between 900 s and one poll later.
+    assert 900 <= clock.now - 1000.0 <= 900 + 2 * 60
+    assert _jobs(cluster) == []
+
+
 # --------------------------------------------------------------------------- decisions (pure)
 
 
@@ -683,6 +873,23 @@ def test_adoption_decision(job, want, decision):
         (_job(("Running", "True")), [_pod("Running")], 121, "timeout", "no result after 120s"),
         # A Succeeded condition wins over an overdue clock: the work is done.
         (_job(("Succeeded", "True")), [], 500, "succeeded", "Succeeded"),
+        # As the operator leaves a finished job: Running kept, with status False.
+        (
+            _job(("Created", "True"), ("Running", "False"), ("Succeeded", "True")),
+            [],
+            5,
+            "succeeded",
+            "Succeeded",
+        ),
+        # Suspended (Kueue) then resumed: Running and Suspended both stay, False, and the
+        # newest condition is one that no longer holds; progress names the newest that does.
+        (
+            _job(("Created", "True"), ("Running", "False"), ("Suspended", "False")),
+            [],
+            5,
+            "running",
+            "Created (PyTorchJobCreated)",
+        ),
     ],
 )
 def test_job_state_decision(job, pods, elapsed, outcome, detail):
@@ -690,7 +897,121 @@ def test_job_state_decision(job, pods, elapsed, outcome, detail):
     assert state.outcome == outcome and state.detail.startswith(detail)
 
 
+@pytest.mark.parametrize(
+    "policy,outcome",
+    [("ExitCode", "running"), ("Never", "evicted"), ("OnFailure", "evicted")],
+)
+def test_an_eviction_is_retried_only_under_the_exit_code_policy(policy, outcome):
+    """An evicted pod exits 137; under ExitCode the operator recreates it (Restarting)."""
+    job = _job(("Created", "True"), ("Restarting", "True"))
+    evicted = [_pod("Failed", "Evicted", "low on memory")]
+    state = pj.job_state(job, evicted, 5, start_timeout_s=60, timeout_s=120, restart_policy=policy)
+    assert state.outcome == outcome
+    if outcome == "running":
+        assert state.detail == "Restarting (PyTorchJobRestarting)"
+
+
 def _closed_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# --------------------------------------------------------------------------- no leaked GPUs
+
+_LAUNCHER_PROCESS = """
+import logging, sys
+from ldm_core.kube import pytorchjob as pj
+from ldm_core.kube.client import api_client
+from ldm_core.errors import LdmError
+from ldm_core.launcher import TrainingTask
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+client = api_client(sys.argv[1])
+client.user_agent = sys.argv[2]
+settings = pj.PyTorchJobSettings(
+    image="registry.example/brain-ldm-training:0.1.0", namespace=sys.argv[3],
+    poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0,
+)
+task = TrainingTask(name=sys.argv[4], verb="train-autoencoder",
+                    args=["--data", "/d", "--output", "/o"], nproc_per_node=1)
+try:
+    pj.PyTorchJobLauncher(settings, api_client=client).run(task)
+except LdmError as exc:
+    print(f"launch failed: {exc}", file=sys.stderr)
+    sys.exit(143)
+"""
+
+
+def _step_pod(cluster: Cluster, name: str, uid: str) -> None:
+    """The pipeline step's own pod, as the kubelet made it (the launcher runs in it)."""
+    core = kubernetes.client.CoreV1Api(cluster.api.client(OPERATOR_UA))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "uid": uid}}
+    core.create_namespaced_pod(NS, {**pod, "metadata": {**pod["metadata"], "namespace": NS}})
+
+
+def test_sigterm_to_a_launcher_process_deletes_its_job(cluster, tmp_path):
+    """A run terminated from the Kubeflow UI: the step's pod gets SIGTERM. The launcher, a
+    real process following a job that never ends, deletes the job before it exits; the job
+    also names the step's pod (read by the downward API's POD_NAME) as its owner."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cluster.operator("hang")
+    _step_pod(cluster, "brain-ldm-run-7f3a-train-ae-driver", "0c9f7e4a-step-pod-uid")
+    task = pj.job_name("run-7f3a", "train-autoencoder")
+    root = Path(__file__).parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "POD_NAME": "brain-ldm-run-7f3a-train-ae-driver",
+    }
+    argv = [sys.executable, "-c", _LAUNCHER_PROCESS, cluster.api.url, LAUNCHER_UA, NS, task]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(argv, env=env, stderr=err, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(
+                r.method.value.upper() == "GET" and r.subresource == "log"
+                for r in cluster.api.requests(LAUNCHER_UA)
+            ):  # following the job (its master's log): past create, inside the guard
+                assert proc.poll() is None, (tmp_path / "stderr").read_text()
+                assert time.monotonic() < deadline, "the launcher never followed its job"
+                time.sleep(0.1)
+            (job,) = _jobs(cluster)
+            assert job["metadata"]["ownerReferences"] == [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": "brain-ldm-run-7f3a-train-ae-driver",
+                    "uid": "0c9f7e4a-step-pod-uid",
+                }
+            ]
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    stderr = (tmp_path / "stderr").read_text()
+    assert rc == 143, stderr
+    assert f"SIGTERM while PyTorchJob {NS}/{task} ran; PyTorchJob {NS}/{task} was deleted" in stderr
+    assert _jobs(cluster) == []
+    (delete,) = [r for r in cluster.api.requests(LAUNCHER_UA) if r.method.value.upper() == "DELETE"]
+    assert delete.data.get("propagationPolicy") == "Foreground"
+
+
+def test_a_launcher_outside_a_pod_creates_an_ownerless_job(cluster, monkeypatch):
+    """HOSTNAME on a laptop names no pod in the namespace: the job gets no owner, and the
+    launch goes on (the pod read answered 404)."""
+    monkeypatch.delenv("POD_NAME", raising=False)
+    monkeypatch.setenv("HOSTNAME", "a-laptop")
+    cluster.operator("succeed", step_s=0.02)
+    _launcher(cluster).run(_task())
+    (job,) = _jobs(cluster)
+    assert "ownerReferences" not in job["metadata"]
+    reads = [r for r in cluster.api.requests(LAUNCHER_UA) if r.name == "a-laptop"]
+    assert [rbac_triple(r) for r in reads] == [("", "pods", "get")]

@@ -10,11 +10,12 @@ The rollout is a small state machine over the Kubernetes API:
                revision -> smoke inference through it -> promote (drop the canary, 100%)
                or, on failure or timeout, roll back (restore the previous predictor spec)
 
-"Ready" is only believed for the spec we wrote: ``status.observedGeneration`` must have
-caught up with ``metadata.generation`` and the predictor's ``latestReadyRevision`` must equal
-its ``latestCreatedRevision``; a Ready condition left over from the previous revision is
-not success. Where the API server keeps no generation (test emulators), a new
-``latestCreatedRevision`` stands in for it.
+"Ready" is only believed for the revision our write created: the predictor's
+``latestCreatedRevision`` must be newer than the one before the write and (Serverless mode)
+equal its ``latestReadyRevision``; a Ready condition left over from the previous revision is
+not success. ``status.observedGeneration`` is not used: KServe copies it from the Knative
+Service or Deployment, whose counter is not the InferenceService's generation. The revision
+promoted is the one smoke-tested, or the rollout fails.
 
 Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
 is never relied on, so the code works against API servers with partial bookkeeping. API
@@ -314,28 +315,39 @@ class RevisionState:
     revision: str | None = None
 
 
-def revision_state(
-    obj: Mapping[str, Any], target_generation: int | None, previous_revision: str | None
-) -> RevisionState:
-    """Where the revision for the spec we last wrote stands; ``detail`` names what is awaited."""
-    meta_gen = (obj.get("metadata") or {}).get("generation")
+def _raw_mode(obj: Mapping[str, Any]) -> bool:
+    """RawDeployment mode: KServe reports the Deployment's revision number as
+    latestCreatedRevision and keeps no latestReadyRevision or traffic."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    mode = (obj.get("status") or {}).get("deploymentMode") or annotations.get(
+        "serving.kserve.io/deploymentMode"
+    )
+    return mode == "RawDeployment"
+
+
+def revision_state(obj: Mapping[str, Any], previous_revision: str | None) -> RevisionState:
+    """Where the predictor revision for the spec we last wrote stands; ``detail`` names what
+    is awaited.
+
+    ``status.observedGeneration`` proves nothing here: KServe copies it from its child (the
+    Knative Service, or the Deployment in RawDeployment mode), whose counter is not the
+    InferenceService's and runs ahead of or behind ``metadata.generation``. What does prove
+    it is the revision: after a spec change the predictor's ``latestCreatedRevision`` must be
+    a new one (not ``previous_revision``, what served before our write), and in Serverless
+    mode it must also be the ``latestReadyRevision``; then the Ready condition counts.
+    """
     status = obj.get("status") or {}
-    observed = status.get("observedGeneration")
-    known = [g for g in (meta_gen, target_generation) if g is not None]
-    want = max(known) if known else None
-    if want is not None and (observed is None or observed < want):
-        return RevisionState("waiting", f"status.observedGeneration >= {want} (now {observed})")
     pred = _predictor_status(obj)
     created = pred.get("latestCreatedRevision")
-    failure = _failure(status)
-    if failure:
-        return RevisionState("failed", failure, created)
-    if want is None and previous_revision is not None and created in (None, previous_revision):
+    if created is None or created == previous_revision:
         return RevisionState(
             "waiting",
             f"a new predictor revision (latestCreatedRevision still {created or 'unset'})",
         )
-    if created is not None and pred.get("latestReadyRevision") != created:
+    failure = _failure(status)
+    if failure:
+        return RevisionState("failed", failure, created)
+    if not _raw_mode(obj) and pred.get("latestReadyRevision") != created:
         return RevisionState(
             "waiting",
             f"latestReadyRevision == latestCreatedRevision {created} (now {pred.get('latestReadyRevision')})",
@@ -354,22 +366,27 @@ def revision_state(
     return RevisionState("ready", "ready", created)
 
 
-def _promoted(
-    obj: Mapping[str, Any], revision: str | None, target_generation: int | None
-) -> RevisionState:
-    """After dropping the canary: the new revision takes all traffic."""
-    state = revision_state(obj, target_generation, None)
+def _promoted(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
+    """After dropping the canary: the revision that was smoke-tested takes all traffic.
+
+    Dropping the canary changes traffic only, so no new revision may appear; one that does
+    (someone else changed the spec meanwhile) was never smoke-tested and is not promoted.
+    """
+    state = revision_state(obj, None)
     if state.phase != "ready":
         return state
+    if revision is not None and state.revision != revision:
+        return RevisionState(
+            "failed",
+            f"latestCreatedRevision is {state.revision}, not the smoke-tested {revision}: "
+            "the spec changed during the rollout",
+            state.revision,
+        )
     traffic = _predictor_status(obj).get("traffic") or []
     if not traffic:
-        return state  # no traffic report (e.g. raw deployment): Ready on the new generation is all there is
+        return state  # RawDeployment reports no traffic: Ready on our revision is all there is
     full = [t for t in traffic if t.get("percent") == 100]
-    if full and (
-        revision is None
-        or full[0].get("revisionName") in (revision, None)
-        or full[0].get("latestRevision")
-    ):
+    if full and full[0].get("revisionName") in (revision, None):
         return state
     split = ", ".join(
         f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic
@@ -497,7 +514,7 @@ class InferenceServiceRollout:
         current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         leftover_canary = current.pop("canaryTrafficPercent", None)
         if current == predictor:
-            state = revision_state(existing, None, None)
+            state = revision_state(existing, None)
             if state.phase == "ready":
                 # Same spec and serving: verify it. A canary left by an interrupted earlier
                 # rollout of this very spec is verified through its own URL and promoted.
@@ -516,21 +533,19 @@ class InferenceServiceRollout:
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
         """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
-        promoted = self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
-        target = (promoted.get("metadata") or {}).get("generation")
-        self._wait(ns, name, lambda o: _promoted(o, revision, target), "promotion to 100%")
+        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+        state, _ = self._wait(ns, name, lambda o: _promoted(o, revision), "promotion to 100%")
+        if state.phase == "failed":
+            raise RolloutFailed(f"InferenceService {ns}/{name}: not promoted: {state.detail}")
         log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
 
     def _first_deploy(
         self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        created = self._create(desired)
-        target = (created.get("metadata") or {}).get("generation")
+        self._create(desired)
         log.info("created InferenceService %s/%s", ns, name)
-        state, obj = self._wait(
-            ns, name, lambda o: revision_state(o, target, None), "first revision ready"
-        )
+        state, obj = self._wait(ns, name, lambda o: revision_state(o, None), "first revision ready")
         if state.phase == "failed":
             raise RolloutFailed(
                 f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
@@ -556,9 +571,10 @@ class InferenceServiceRollout:
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         previous_spec = copy.deepcopy(existing.get("spec") or {})
-        previous_revision = _predictor_status(existing).get(
-            "latestReadyRevision"
-        ) or _predictor_status(existing).get("latestCreatedRevision")
+        before = _predictor_status(existing)
+        # The newest revision before our write, ready or not: ours must come after it.
+        newest_before = before.get("latestCreatedRevision")
+        previous_revision = before.get("latestReadyRevision") or newest_before
         canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
         new_predictor = copy.deepcopy(desired["spec"]["predictor"])
         if canary is not None:
@@ -570,8 +586,7 @@ class InferenceServiceRollout:
             },
             "spec": {"predictor": merge_patch(previous_spec.get("predictor") or {}, new_predictor)},
         }
-        patched = self._patch(ns, name, body)
-        target = (patched.get("metadata") or {}).get("generation")
+        self._patch(ns, name, body)
         log.info(
             "patched InferenceService %s/%s (canary %s%%)",
             ns,
@@ -593,7 +608,7 @@ class InferenceServiceRollout:
             state, obj = self._wait(
                 ns,
                 name,
-                lambda o: revision_state(o, target, previous_revision),
+                lambda o: revision_state(o, newest_before),
                 "new revision ready",
             )
         except RolloutTimeout as exc:

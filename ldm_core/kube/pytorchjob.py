@@ -7,10 +7,17 @@ The component that calls :meth:`PyTorchJobLauncher.run` behaves like a careful o
 - it follows the job's status conditions by polling (one GET per interval: cheap, and it
   survives API server restarts that break watch streams) and streams the master pod's log
   to its own stdout, where the pipeline UI shows it;
-- a Failed job, or an evicted pod, fails the task with the master pod's last log lines and
-  the recent events in the error; success is only ever reported on a ``Succeeded`` condition;
-- past the deadline, or when no training operator ever picks the job up, the job is deleted
-  (foreground propagation: its pods go first) and the task fails.
+- a Failed job fails the task with the master pod's last log lines and the recent events in
+  the error; so does an evicted pod, unless ``restartPolicy: ExitCode`` has the operator
+  recreate it (an eviction exits 137, a retryable code: the job shows ``Restarting`` and goes
+  on); success is only ever reported on a ``Succeeded`` condition whose status is True;
+- a pod that cannot start (unschedulable, an unbound PVC, an image that does not pull, a
+  missing Secret) fails the task after ``pending_timeout_s`` with the reason and what to
+  change (:mod:`ldm_core.kube.pending`);
+- past the deadline, or when no training operator ever picks the job up, or past the
+  pending timeout, the job is deleted (foreground propagation: its pods go first) and the
+  task fails; SIGTERM deletes it too, and it is owned by the launcher's pod
+  (:mod:`ldm_core.kube.ownership`).
 
 Every pod runs ``torchrun -m ldm_core.cli VERB ...`` with no rendezvous flags: torchrun reads
 them from the ``PET_*`` variables the training operator sets (``PET_NNODES``,
@@ -44,6 +51,8 @@ import kubernetes
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
+from ldm_core.kube.pending import pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
@@ -65,7 +74,7 @@ Service ``<job>-worker-<i>``, and a Service name must be a DNS-1035 label of at 
 
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     (GROUP, PLURAL, ("create", "delete", "get")),
-    ("", "pods", ("list",)),
+    ("", "pods", ("get", "list")),
     ("", "pods/log", ("get",)),
     ("", "events", ("list",)),
 ]
@@ -138,6 +147,11 @@ class PyTorchJobSettings:
     """How long ``run`` waits for a result; None = active_deadline_s + start_timeout_s."""
     start_timeout_s: float = 600.0
     """A job that shows no status at all this long has no training operator: fail."""
+    pending_timeout_s: float = 900.0
+    """How long a pod may stay unable to start (unschedulable, image not pulled, a missing
+    Secret, an unbound PVC) before the job is deleted and the task fails with the reason.
+    Not zero: a cluster autoscaler adds a GPU node in minutes. (A launcher setting until
+    Config has a ``cluster`` section to hold it.)"""
     poll_s: float = 10.0
     log_reconnect_s: float = 5.0
     tail_lines: int = 40
@@ -284,20 +298,28 @@ def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list((job.get("status") or {}).get("conditions") or [])
 
 
+def _true_conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conditions that hold, oldest first. The operator keeps the others with status
+    "False" (Running once the job Succeeded or Failed or was suspended; Suspended once
+    resumed), and the newest of those is often a condition that no longer holds."""
+    return [c for c in conditions(job) if str(c.get("status")) == "True"]
+
+
 def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     """The newest condition of type ``kind`` whose status is True, if any."""
-    for cond in reversed(conditions(job)):
-        if cond.get("type") == kind and str(cond.get("status")) == "True":
+    for cond in reversed(_true_conditions(job)):
+        if cond.get("type") == kind:
             return cond
     return None
 
 
 def _latest(job: Mapping[str, Any]) -> str:
     """The newest true condition (type: reason), for progress lines."""
-    for cond in reversed(conditions(job)):
-        if str(cond.get("status")) == "True":
-            return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
-    return ""
+    held = _true_conditions(job)
+    if not held:
+        return ""
+    cond = held[-1]
+    return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
 
 
 def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
@@ -319,7 +341,7 @@ def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
 @dataclass(frozen=True)
 class JobState:
     """Where a followed job stands: ``running`` (keep polling), ``succeeded``, ``failed``,
-    ``evicted`` (a pod was; the operator may not fail the job for it), ``no-operator``
+    ``evicted`` (a pod was, and no restart policy brings it back), ``no-operator``
     (nothing ever gave the job a status) or ``timeout``; ``detail`` says why."""
 
     outcome: str
@@ -332,16 +354,22 @@ def job_state(
     elapsed_s: float,
     start_timeout_s: float,
     timeout_s: float,
+    restart_policy: str = "Never",
 ) -> JobState:
     """Decide from one observation of the job and its pods; success only ever comes from a
-    ``Succeeded`` condition."""
+    ``Succeeded`` condition.
+
+    Under ``restart_policy`` ExitCode the training operator deletes and recreates a pod that
+    exited with a retryable code (128 and above; an eviction's SIGKILL is 137) and marks the
+    job ``Restarting``: an evicted pod is then not the end, the job's conditions decide.
+    Under any other policy nothing recreates it, so the eviction fails the task at once."""
     if true_condition(job, "Succeeded"):
         return JobState("succeeded", "Succeeded")
     failed = true_condition(job, "Failed")
     if failed:
         reason = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}"
         return JobState("failed", reason.rstrip(": "))
-    evicted = [p for p in pods if _is_evicted(p)]
+    evicted = [p for p in pods if _is_evicted(p)] if restart_policy != "ExitCode" else []
     if evicted:
         why = evicted[0].status.message or "no message"
         return JobState("evicted", f"pod {evicted[0].metadata.name} was evicted ({why})")
@@ -443,6 +471,10 @@ class PyTorchJobLauncher:
 
     def _create(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
+        owner = launcher_owner_reference(self.core, self.namespace, self.host)
+        if owner is not None:
+            # Deleted by the garbage collector with the launcher's pod, however it ended.
+            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
         if self.jobs.create(body, exist_ok=True) is None:
             log.info("PyTorchJob %s appeared concurrently; adopting it", name)
         # Re-read instead of trusting the create response (some servers answer without a body).
@@ -545,6 +577,17 @@ class PyTorchJobLauncher:
                 f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
                 "this task, so it is left alone: delete it or use another run id"
             )
+        what = f"PyTorchJob {self.namespace}/{name}"
+        with delete_on_sigterm(what, lambda: self.jobs.delete(name)):
+            self._start(task, body, decision, job)
+            self._follow(name)
+
+    def _start(
+        self, task: TrainingTask, body: dict[str, Any], decision: str, job: dict[str, Any] | None
+    ) -> None:
+        """Carry out ``decision`` (create, replace or adopt) for the job ``body`` describes."""
+        s = self.settings
+        name = task.name
         if decision == "replace":
             log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
             self.jobs.delete(name)
@@ -567,7 +610,6 @@ class PyTorchJobLauncher:
                 task.nproc_per_node,
                 s.image,
             )
-        self._follow(name)
 
     def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
         """One look at the job and its pods; None after an API blip (raised once it is
@@ -592,6 +634,7 @@ class PyTorchJobLauncher:
         )
         follower: PodLogFollower | None = None
         last_state, failures = "", 0
+        blocked_since: float | None = None  # since when a pod has been unable to start
         try:
             while True:
                 seen = self._observe(name, failures)
@@ -601,7 +644,17 @@ class PyTorchJobLauncher:
                     continue
                 failures = 0
                 job, pods = seen
-                state = job_state(job, pods, self.clock() - start, s.start_timeout_s, timeout)
+                state = job_state(
+                    job, pods, self.clock() - start, s.start_timeout_s, timeout, s.restart_policy
+                )
+                problem = pending_problem(pods) if state.outcome == "running" else None
+                if problem is None:
+                    blocked_since = None
+                elif blocked_since is None:
+                    log.warning("PyTorchJob %s: %s", name, problem)
+                    blocked_since = self.clock()
+                elif self.clock() - blocked_since >= s.pending_timeout_s:
+                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
                 if state.outcome != "running":
                     self._conclude(name, state, follower, pods)
                     return
@@ -652,4 +705,5 @@ class PyTorchJobLauncher:
         if state.outcome == "failed":
             raise err
         self.jobs.delete(name)
-        raise LaunchError(f"{err}\nThe job was deleted.") if state.outcome == "timeout" else err
+        deleted = state.outcome in ("timeout", "pending")
+        raise LaunchError(f"{err}\nThe job was deleted.") if deleted else err
