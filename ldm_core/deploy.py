@@ -452,8 +452,7 @@ def deploy_kserve(
     model = model_name or cfg.serving.model_name
     _require_bundle(Path(bundle_dir))
     deployed = DeployedBundle.read(bundle_dir)
-    digest = deployed.digest
-    uri = _upload_bundle(cfg, Path(bundle_dir), digest, storage_prefix, model)
+    uri = _upload_bundle(cfg, Path(bundle_dir), deployed.digest, storage_prefix, model)
     ns = namespace or current_namespace()
     settings = isvc.PredictorSettings(
         name=name or model,
@@ -471,7 +470,7 @@ def deploy_kserve(
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         timeout_s=predictor_timeout_s,
-        bundle_digest=digest,
+        bundle_digest=deployed.digest,
     )
     client = api_client(api_host, api_token)
     rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)
@@ -490,7 +489,7 @@ def deploy_kserve(
         "namespace": ns,
         "model_name": model,
         "storage_uri": uri,
-        "bundle_sha256": digest,
+        "bundle_sha256": deployed.digest,
         "url": url,
         "infer_url": f"{str(url).rstrip('/')}/v2/models/{model}/infer" if url else None,
         "action": result["action"],
