@@ -110,6 +110,20 @@ PENDING: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {
 kubelet (a container's waiting reason) marks them, with the event each writes."""
 
 
+def _terminated(phase: str, code: int, reason: str) -> dict[str, Any]:
+    """A pod status whose one container ended with ``code``, as the kubelet reports it."""
+    terminated = {"exitCode": code, "reason": reason}
+    container = {
+        "name": "pytorch",
+        "ready": False,
+        "restartCount": 0,
+        "image": "x",
+        "imageID": "",
+        "state": {"terminated": terminated},
+    }
+    return {"phase": phase, "containerStatuses": [container]}
+
+
 class FakeOperator(threading.Thread):
     """Plays the training operator for every PyTorchJob that appears, following ``outcome``:
     succeed | succeed-clean (pods deleted the moment the job Succeeded) | fail | hang |
@@ -275,41 +289,17 @@ class FakeOperator(threading.Thread):
 
     def _evict(self, pod: str) -> None:
         """The kubelet's eviction: the pod Failed/Evicted, its container killed (137)."""
-        killed = {"exitCode": 137, "reason": "Error"}
         status = {
-            "phase": "Failed",
+            **_terminated("Failed", 137, "Error"),
             "reason": "Evicted",
             "message": "The node was low on resource: memory.",
-            "containerStatuses": [
-                {
-                    "name": "pytorch",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {"terminated": killed},
-                }
-            ],
         }
         self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
         self._event(pod, "Pod", "Warning", "Evicted", "The node was low on resource: memory.")
 
     def _finish_pods(self, pods: list[str], phase: str, code: int, reason: str) -> None:
         for pod in pods:
-            terminated = {"exitCode": code, "reason": reason}
-            status = {
-                "phase": phase,
-                "containerStatuses": [
-                    {
-                        "name": "pytorch",
-                        "ready": False,
-                        "restartCount": 0,
-                        "image": "x",
-                        "imageID": "",
-                        "state": {"terminated": terminated},
-                    }
-                ],
-            }
+            status = _terminated(phase, code, reason)
             self.core.patch_namespaced_pod_status(pod, NS, {"status": status})
 
     def _clean(self, pods: list[str]) -> None:
