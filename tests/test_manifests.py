@@ -11,6 +11,7 @@ prune. Then the security properties that matter are asserted, and checkov scans 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from referencing import Registry, Resource
 
 from ldm_core.config import PRESETS
 from tests.harness import crdcheck
+from tests.harness.netpol import Address, Pod, admits
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -40,9 +42,10 @@ PRESET_OF = {"local": "tiny-cpu", "gpu-16g": "gpu-16g", "multi-gpu": "multi-gpu"
 GPU_OVERLAYS = ("gpu-16g", "multi-gpu")
 SECRET_TEMPLATE = MANIFESTS / "base" / "s3-secret.template.yaml"
 
-# Every object the base must produce: (kind, name).
+# Every object an overlay's default build produces: (kind, name). No Namespace: on Kubeflow a
+# Profile owns it (its labels are what Kubeflow's NetworkPolicies admit), and no Pod Security
+# labels or NetworkPolicies: those are opt-in components.
 EXPECTED = {
-    ("Namespace", "brain-ldm"),
     ("ServiceAccount", "pipeline-runner"),
     ("ServiceAccount", "training"),
     ("ServiceAccount", "serving"),
@@ -50,18 +53,46 @@ EXPECTED = {
     ("Role", "kfp-runtime"),
     ("RoleBinding", "brain-ldm-pipeline-runner"),
     ("RoleBinding", "kfp-runtime"),
+    ("RoleBinding", "brain-ldm-default-editor"),
     ("PersistentVolumeClaim", "brain-ldm-data"),
     ("ServingRuntime", "brain-ldm"),
     ("PodMonitor", "brain-ldm-predictor"),
     ("ConfigMap", "brain-ldm-settings"),
     ("ConfigMap", "brain-ldm-serving-dashboard"),
-    ("NetworkPolicy", "default-deny-all"),
-    ("NetworkPolicy", "allow-dns-egress"),
-    ("NetworkPolicy", "allow-training-ddp"),
-    ("NetworkPolicy", "allow-object-storage-egress"),
-    ("NetworkPolicy", "allow-pipeline-egress"),
-    ("NetworkPolicy", "allow-predictor-ingress"),
 }
+# What each opt-in component adds to a build.
+COMPONENT_OBJECTS = {
+    "namespace": {("Namespace", "brain-ldm")},
+    "pod-security": set(),  # labels on that Namespace
+    "network-policies": {
+        ("NetworkPolicy", name)
+        for name in (
+            "default-deny-all",
+            "allow-dns-egress",
+            "allow-istio-control-plane-egress",
+            "allow-training-ddp",
+            "allow-object-storage-egress",
+            "allow-pipeline-egress",
+            "allow-predictor-ingress",
+            "allow-kfp-artifact-viewer-ingress",
+        )
+    },
+}
+# Every way to combine them (pod-security patches the Namespace components/namespace adds).
+COMBOS = [
+    combo
+    for n in range(1, len(COMPONENT_OBJECTS) + 1)
+    for combo in itertools.combinations(COMPONENT_OBJECTS, n)
+    if "pod-security" not in combo or "namespace" in combo
+]
+# Who may run each RoleBinding's Role: our own account, and the account Kubeflow runs UI-started
+# runs as in a profile namespace (manifests/base/default-editor.yaml).
+BINDING_SUBJECTS = {
+    "brain-ldm-pipeline-runner": "pipeline-runner",
+    "kfp-runtime": "pipeline-runner",
+    "brain-ldm-default-editor": "default-editor",
+}
+PROFILE = MANIFESTS / "kubeflow-profile.yaml"
 CLUSTER_SCOPED = {"Namespace"}
 
 
@@ -88,6 +119,46 @@ def build(overlay: str) -> str:
 @pytest.fixture(scope="module")
 def builds() -> dict[str, list[dict[str, Any]]]:
     return {o: [d for d in yaml.safe_load_all(build(o)) if d] for o in OVERLAYS}
+
+
+def layered(tree: Path, overlay: str, components: tuple[str, ...]) -> Path:
+    """A kustomization of the user's own on top of ``overlay``, adding ``components``: the
+    way manifests/README.md tells platform engineers to opt in (nothing of ours edited)."""
+    directory = tree / "overlays" / f"with-{overlay}-{'-'.join(components)}"
+    directory.mkdir()
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [f"../{overlay}"],
+                "components": [f"../../components/{c}" for c in components],
+            }
+        )
+    )
+    return directory
+
+
+def kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return Path(shutil.copytree(MANIFESTS, tmp_path_factory.mktemp("kz") / "manifests"))
+
+
+@pytest.fixture(scope="module")
+def combos(tree) -> dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]]:
+    """Every overlay with every combination of the opt-in components, built by kustomize."""
+    out = {}
+    for overlay, components in itertools.product(OVERLAYS, COMBOS):
+        proc = kustomize(layered(tree, overlay, components))
+        assert proc.returncode == 0, f"{overlay} + {components}: {proc.stderr}"
+        out[(overlay, components)] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
 
 
 def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -228,6 +299,92 @@ def test_every_object_is_valid(builds, overlay):
     validate_builtin(predictor_pod(runtime))
 
 
+@pytest.mark.parametrize("combo", COMBOS, ids="+".join)
+def test_every_component_combination_builds_valid_objects(combos, combo):
+    """Each opt-in component, alone and combined, on every overlay: kustomize builds it,
+    it adds exactly its objects, and every object validates (built-in kinds strictly,
+    custom resources against their CRDs)."""
+    custom = crdcheck.known_kinds()
+    for overlay in OVERLAYS:
+        objs = combos[(overlay, combo)]
+        want = EXPECTED.union(*(COMPONENT_OBJECTS[c] for c in combo))
+        got = {(o["kind"], o["metadata"]["name"]) for o in objs}
+        assert got == want, f"{overlay}+{combo}: missing {want - got}, unexpected {got - want}"
+        for obj in objs:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+            labels = obj["metadata"].get("labels", {})
+            assert labels.get("app.kubernetes.io/part-of") == "brain-ldm", obj["metadata"]
+            if (obj["apiVersion"], obj["kind"]) in custom:
+                validate_custom(obj)
+            else:
+                validate_builtin(obj)
+
+
+def _labels_in(path: Path) -> dict[str, str]:
+    return yaml.safe_load(path.read_text())["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_default_build_leaves_a_profile_namespace_alone(builds, overlay):
+    """On Kubeflow a Profile owns the namespace. `kubectl apply` of a Namespace object would
+    overwrite the labels the profile controller set (and it only adds a default label whose
+    key is absent, kubeflow/dashboard profile_controller.go setNamespaceLabelsAndServiceMesh),
+    e.g. turn `app.kubernetes.io/part-of: kubeflow-profile` - what Kubeflow's NetworkPolicies
+    for MinIO and the KFP API admit (kubeflow/manifests common/networkpolicies) - into ours.
+    Applied before the Profile, it makes the controller refuse the Profile. So: none."""
+    objs = builds[overlay]
+    assert not [o for o in objs if o["kind"] == "Namespace"]
+    assert not [o for o in objs if o["kind"] == "NetworkPolicy"]
+    for obj in objs:
+        assert not any(
+            k.startswith("pod-security.kubernetes.io/") for k in obj["metadata"].get("labels", {})
+        )
+
+
+def test_the_plain_namespace_carries_exactly_its_own_labels(combos):
+    """No `labels` transformer of ours runs over the Namespace: layered as documented, it has
+    the labels components/namespace and components/pod-security spell out, nothing else."""
+    own = _labels_in(MANIFESTS / "components" / "namespace" / "namespace.yaml")
+    pss = _labels_in(MANIFESTS / "components" / "pod-security" / "namespace-labels.yaml")
+    # What KFP's profile controller looks for before it provisions the launcher's
+    # artifact-store Secret (sync.py, kubeflow/pipelines).
+    assert own["pipelines.kubeflow.org/enabled"] == "true"
+    assert pss["pod-security.kubernetes.io/enforce"] in {"baseline", "restricted"}
+    for overlay in OVERLAYS:
+        (ns,) = [o for o in combos[(overlay, ("namespace",))] if o["kind"] == "Namespace"]
+        assert ns["metadata"] == {"name": NAMESPACE, "labels": own}
+        (ns,) = [
+            o for o in combos[(overlay, ("namespace", "pod-security"))] if o["kind"] == "Namespace"
+        ]
+        assert ns["metadata"] == {"name": NAMESPACE, "labels": {**own, **pss}}
+
+
+def test_pod_security_without_the_namespace_fails_the_build(tree):
+    """Used alone (a Profile's namespace), the patch has nothing to label: kustomize must say
+    so instead of building something that silently enforces nothing."""
+    proc = kustomize(layered(tree, "local", ("pod-security",)))
+    assert proc.returncode != 0
+    assert "no resource matches strategic merge patch" in proc.stderr
+    assert "Namespace" in proc.stderr
+
+
+def test_the_profile_example_is_a_valid_profile_for_our_namespace(builds, combos):
+    """manifests/kubeflow-profile.yaml validates against the Profile CRD the profile
+    controller serves (tests/crds/kubeflow.org_profiles.yaml), names our namespace, and stays
+    out of every build (a cluster-scoped object naming a person)."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    validate_custom(profile)
+    assert profile["apiVersion"] == "kubeflow.org/v1" and profile["kind"] == "Profile"
+    assert profile["metadata"]["name"] == NAMESPACE
+    assert profile["spec"]["owner"]["kind"] == "User" and profile["spec"]["owner"]["name"]
+    for objs in [*builds.values(), *combos.values()]:
+        assert "Profile" not in {o["kind"] for o in objs}
+    broken = {**profile, "spec": {"owner": {"kind": "User", "name": 7}}}
+    with pytest.raises(AssertionError):
+        validate_custom(broken)
+
+
 def test_builtin_validation_is_strict():
     pvc = yaml.safe_load((MANIFESTS / "base" / "pvc.yaml").read_text())
     validate_builtin(pvc)
@@ -253,11 +410,16 @@ def test_rbac_is_namespaced_and_has_no_wildcards(builds, overlay):
             assert "secrets" not in rule["resources"] or rule.get("resourceNames"), (
                 "secrets only by name"
             )
-    for binding in (o for o in builds[overlay] if o["kind"] == "RoleBinding"):
+    bindings = {o["metadata"]["name"]: o for o in builds[overlay] if o["kind"] == "RoleBinding"}
+    assert set(bindings) == set(BINDING_SUBJECTS)
+    for name, binding in bindings.items():
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}
+            {"kind": "ServiceAccount", "name": BINDING_SUBJECTS[name], "namespace": NAMESPACE}
         ]
+    # UI-started runs (default-editor) get our stages' Role, not the KFP-runtime one that
+    # Kubeflow already grants them through kubeflow-edit.
+    assert bindings["brain-ldm-default-editor"]["roleRef"]["name"] == "brain-ldm-pipeline-runner"
 
 
 def test_only_the_pipeline_runner_gets_an_api_token(builds):
@@ -411,8 +573,12 @@ def _allows_port(rules, port):
     return any(p.get("port") == port for r in rules for p in r.get("ports", []))
 
 
-def test_network_default_deny_and_the_allowed_flows(builds):
-    policies = _policies(builds["gpu-16g"])
+# A build with the NetworkPolicies on (they are the same in every overlay).
+WITH_POLICIES = ("gpu-16g", ("network-policies",))
+
+
+def test_network_default_deny_and_the_allowed_flows(combos):
+    policies = _policies(combos[WITH_POLICIES])
     deny = policies["default-deny-all"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     dns = policies["allow-dns-egress"]
@@ -449,17 +615,219 @@ def test_network_default_deny_and_the_allowed_flows(builds):
     assert _allows_port(policies["allow-object-storage-egress"]["egress"], 9000)
 
 
+# The labels a Kubeflow profile namespace carries (profile controller defaults plus Istio
+# injection; kubeflow/dashboard profile-controller namespace-labels-kubeflow.yaml).
+PROFILE_NS = {
+    "app.kubernetes.io/part-of": "kubeflow-profile",
+    "pipelines.kubeflow.org/enabled": "true",
+    "serving.kubeflow.org/inferenceservice": "enabled",
+    "katib.kubeflow.org/metrics-collector-injection": "enabled",
+    "istio-injection": "enabled",
+}
+# Pods as their controllers label them: Argo (pipeline steps), the training operator
+# (PyTorchJob replicas), KServe (predictor), KFP's profile controller (artifact viewer), and
+# the usual install labels of the cluster services.
+STEP = Pod(NAMESPACE, {"workflows.argoproj.io/workflow": "brain-ldm-7x2kq"}, PROFILE_NS)
+MASTER = Pod(
+    NAMESPACE,
+    {"training.kubeflow.org/job-name": "ae-1f2e", "training.kubeflow.org/replica-type": "master"},
+    PROFILE_NS,
+)
+WORKER = Pod(
+    NAMESPACE,
+    {"training.kubeflow.org/job-name": "ae-1f2e", "training.kubeflow.org/replica-type": "worker"},
+    PROFILE_NS,
+)
+PREDICTOR = Pod(
+    NAMESPACE,
+    {"serving.kserve.io/inferenceservice": "brain-ldm", "component": "predictor"},
+    PROFILE_NS,
+    {"http1": 8080},
+)
+VIEWER = Pod(NAMESPACE, {"app": "ml-pipeline-ui-artifact"}, PROFILE_NS)
+KUBE_DNS = Pod("kube-system", {"k8s-app": "kube-dns"})
+METRICS_SERVER = Pod("kube-system", {"k8s-app": "metrics-server"})
+ISTIOD = Pod("istio-system", {"app": "istiod", "istio": "pilot"})
+GATEWAY = Pod("istio-system", {"app": "istio-ingressgateway", "istio": "ingressgateway"})
+MINIO = Pod("kubeflow", {"app": "minio"})
+KFP_API = Pod("kubeflow", {"app": "ml-pipeline"})
+KFP_UI = Pod("kubeflow", {"app": "ml-pipeline-ui"})
+MLMD = Pod("kubeflow", {"component": "metadata-grpc-server"})
+ACTIVATOR = Pod("knative-serving", {"app": "activator"})
+PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+OTHER_PROFILE = Pod("kubeflow-user-example-com", {"app": "notebook"}, PROFILE_NS)
+API_SERVER = Address("172.18.0.2")  # after the kubernetes Service's DNAT
+NODE_LOCAL_DNS = Address("169.254.20.10")
+INTERNET = Address("93.184.215.14")
+
+# (why, source, destination, port, protocol): what a run needs, with the policies on.
+NEEDED = [
+    ("DNS", STEP, KUBE_DNS, 53, "UDP"),
+    ("DNS over TCP", MASTER, KUBE_DNS, 53, "TCP"),
+    ("node-local DNS", PREDICTOR, NODE_LOCAL_DNS, 53, "UDP"),
+    ("node-local DNS over TCP", WORKER, NODE_LOCAL_DNS, 53, "TCP"),
+    ("sidecar xDS + certificates", STEP, ISTIOD, 15012, "TCP"),
+    ("sidecar xDS + certificates", PREDICTOR, ISTIOD, 15012, "TCP"),
+    ("sidecar xDS + certificates", VIEWER, ISTIOD, 15012, "TCP"),
+    ("launcher: PyTorchJob / ISVC", STEP, API_SERVER, 6443, "TCP"),
+    ("managed control plane", STEP, API_SERVER, 443, "TCP"),
+    ("artifacts", STEP, MINIO, 9000, "TCP"),
+    ("checkpoints", MASTER, MINIO, 9000, "TCP"),
+    ("storage initializer", PREDICTOR, MINIO, 9000, "TCP"),
+    ("artifact viewer", VIEWER, MINIO, 9000, "TCP"),
+    ("KFP API (gRPC)", STEP, KFP_API, 8887, "TCP"),
+    ("KFP API (HTTP)", STEP, KFP_API, 8888, "TCP"),
+    ("ML metadata", STEP, MLMD, 8080, "TCP"),
+    ("smoke inference, raw mode", STEP, PREDICTOR, 8080, "TCP"),
+    ("smoke inference, queue-proxy", STEP, PREDICTOR, 8012, "TCP"),
+    ("ingress gateway", GATEWAY, PREDICTOR, 8080, "TCP"),
+    ("Knative activator", ACTIVATOR, PREDICTOR, 8012, "TCP"),
+    ("Knative autoscaler stats", ACTIVATOR, PREDICTOR, 9090, "TCP"),
+    ("Prometheus via queue-proxy", PROMETHEUS, PREDICTOR, 9091, "TCP"),
+    ("Prometheus, raw mode", PROMETHEUS, PREDICTOR, 8080, "TCP"),
+    ("torchrun rendezvous", WORKER, MASTER, 29500, "TCP"),
+    ("NCCL/gloo", MASTER, WORKER, 41234, "TCP"),
+    ("KFP UI reads artifacts", KFP_UI, VIEWER, 3000, "TCP"),
+]
+# ...and what stays closed.
+CLOSED = [
+    ("training has no business with the API", MASTER, API_SERVER, 6443, "TCP"),
+    ("nor the predictor", PREDICTOR, API_SERVER, 443, "TCP"),
+    ("no internet from training", WORKER, INTERNET, 443, "TCP"),
+    ("no internet from the predictor", PREDICTOR, INTERNET, 443, "TCP"),
+    ("no plain HTTP out of pipeline steps", STEP, INTERNET, 80, "TCP"),
+    ("DNS only from kube-dns", MASTER, METRICS_SERVER, 53, "UDP"),
+    ("istiod plaintext xDS", MASTER, ISTIOD, 15010, "TCP"),
+    ("istiod webhook is the API server's", STEP, ISTIOD, 15017, "TCP"),
+    ("MinIO console", STEP, MINIO, 9001, "TCP"),
+    ("another profile's pods", OTHER_PROFILE, PREDICTOR, 8080, "TCP"),
+    ("another profile into DDP", OTHER_PROFILE, MASTER, 29500, "TCP"),
+    ("pipeline steps into DDP", STEP, MASTER, 29500, "TCP"),
+    ("training into the predictor", MASTER, PREDICTOR, 8080, "TCP"),
+    ("predictor into the KFP API", PREDICTOR, KFP_API, 8888, "TCP"),
+    ("gateway on a non-serving port", GATEWAY, PREDICTOR, 22, "TCP"),
+]
+
+
+def _flow_id(flow):
+    return flow[0]
+
+
+@pytest.mark.parametrize("flow", NEEDED, ids=_flow_id)
+def test_network_policies_admit_what_a_run_needs(combos, flow):
+    _, src, dst, port, protocol = flow
+    for overlay in OVERLAYS:
+        assert admits(combos[(overlay, ("network-policies",))], src, dst, port, protocol)
+
+
+@pytest.mark.parametrize("flow", CLOSED, ids=_flow_id)
+def test_network_policies_keep_other_flows_closed(combos, flow):
+    _, src, dst, port, protocol = flow
+    assert not admits(combos[WITH_POLICIES], src, dst, port, protocol)
+    # Without the component, nothing is isolated: the closed flows were open.
+    assert admits(combos[WITH_POLICIES][:0], src, dst, port, protocol)
+
+
+def test_each_allow_policy_is_needed(combos):
+    """Drop any one allow policy and some needed flow closes: none is dead weight, and the
+    flow table above really exercises each of them."""
+    objs = combos[WITH_POLICIES]
+    names = {o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"}
+    for name in names - {"default-deny-all"}:
+        rest = [o for o in objs if o["metadata"]["name"] != name]
+        closed = [why for why, *flow in NEEDED if not admits(rest, *flow)]
+        assert closed, f"no needed flow depends on {name}"
+
+
+def test_the_policy_model_follows_kubernetes_semantics():
+    """The evaluator's own rules, on the cases that trip people up."""
+    ns = {"kind": "NetworkPolicy", "metadata": {"namespace": NAMESPACE}}
+    peer_and = {
+        **ns,
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                            },
+                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    # namespaceSelector AND podSelector in one peer ...
+    assert admits([peer_and], STEP, KUBE_DNS, 53, "UDP")
+    assert not admits([peer_and], STEP, METRICS_SERVER, 53, "UDP")
+    # ... but OR as two peers.
+    (rule,) = peer_and["spec"]["egress"]
+    (peer,) = rule["to"]
+    split = {
+        **ns,
+        "spec": {
+            **peer_and["spec"],
+            "egress": [
+                {
+                    "to": [
+                        {"namespaceSelector": peer["namespaceSelector"]},
+                        {"podSelector": peer["podSelector"]},
+                    ]
+                }
+            ],
+        },
+    }
+    assert admits([split], STEP, METRICS_SERVER, 53, "UDP")
+    # A podSelector alone means the policy's own namespace.
+    same_ns = {
+        **ns,
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"podSelector": {}}]}],
+        },
+    }
+    assert admits([same_ns], STEP, PREDICTOR, 8080) and not admits([same_ns], STEP, KFP_API, 8888)
+    # A named port resolves on the destination pod; protocol defaults to TCP.
+    named = {
+        **ns,
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": "http1"}]}],
+        },
+    }
+    assert admits([named], STEP, PREDICTOR, 8080) and not admits(
+        [named], STEP, PREDICTOR, 8080, "UDP"
+    )
+    assert not admits([named], STEP, MINIO, 8080)
+    # An ingress-only policy leaves egress open; policyTypes defaults from the sections present.
+    ingress_only = {**ns, "spec": {"podSelector": {}, "ingress": [{}]}}
+    assert admits([ingress_only], STEP, INTERNET, 443)
+    # A policy of another namespace isolates nothing here.
+    elsewhere = {
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": "kubeflow"},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"]},
+    }
+    assert admits([elsewhere], STEP, INTERNET, 443)
+
+
 # --------------------------------------------------------------------------- monitoring
 
 
-def test_pod_monitor_scrapes_the_predictor_metrics_port(builds):
+def test_pod_monitor_scrapes_the_predictor_metrics_port(builds, combos):
     monitor = one(builds["local"], "PodMonitor", "brain-ldm-predictor")["spec"]
     runtime = one(builds["local"], "ServingRuntime", "brain-ldm")["spec"]
     (endpoint,) = monitor["podMetricsEndpoints"]
     ports = {p["name"]: p["containerPort"] for p in runtime["containers"][0]["ports"]}
     assert ports[endpoint["port"]] == 8080 and endpoint["path"] == "/metrics"
     # The same selector as the NetworkPolicy that admits Prometheus.
-    ingress = _policies(builds["local"])["allow-predictor-ingress"]
+    ingress = _policies(combos[("local", ("network-policies",))])["allow-predictor-ingress"]
     assert monitor["selector"] == ingress["podSelector"]
 
 
@@ -570,12 +938,20 @@ def checkov_scan(directory: Path) -> tuple[dict[str, Any], int]:
     return json.loads(proc.stdout), proc.returncode
 
 
-def test_checkov_passes_on_every_overlay(builds, tmp_path):
+def test_checkov_passes_on_every_overlay(builds, combos, tmp_path):
+    everything = tuple(COMPONENT_OBJECTS)
     for overlay in OVERLAYS:
         objs = builds[overlay] + [
             predictor_pod(one(builds[overlay], "ServingRuntime", "brain-ldm"))
         ]
         (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objs))
+        # With every opt-in component: the Namespace and the NetworkPolicies too.
+        extra = [
+            o
+            for o in combos[(overlay, everything)]
+            if o["kind"] in CLUSTER_SCOPED | {"NetworkPolicy"}
+        ]
+        (tmp_path / f"{overlay}-components.yaml").write_text(yaml.safe_dump_all(extra))
     (tmp_path / "s3-secret.template.yaml").write_text(SECRET_TEMPLATE.read_text())
     report, returncode = checkov_scan(tmp_path)
     results = report["results"]
