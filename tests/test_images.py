@@ -48,8 +48,17 @@ class Dockerfile:
     stages: list[Stage]
     comments: list[tuple[int, str]]
 
-    def resolve(self, text: str) -> str:
-        return re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)
+    def resolve(self, text: str, stage: Stage | None = None) -> str:
+        """``${NAME}`` replaced by the default a build would use. As in Docker: FROM lines see
+        the global ARGs; inside a stage only the ARGs that stage declares, where a bare
+        ``ARG NAME`` takes the global default (docs.docker.com, "Understand how ARG and FROM
+        interact")."""
+        scope = self.args if stage is None else self.stage_args(stage)
+        return re.sub(r"\$\{(\w+)\}", lambda m: scope.get(m.group(1), m.group(0)), text)
+
+    def stage_args(self, stage: Stage) -> dict[str, str]:
+        declared = (arg.partition("=") for arg in stage.all("ARG"))
+        return {name: value if eq else self.args.get(name, "") for name, eq, value in declared}
 
 
 def parse(path: Path) -> Dockerfile:
@@ -148,9 +157,9 @@ def test_multi_stage_with_a_runtime_only_final_stage(image):
     *earlier, final = df.stages
     builder = next(s for s in earlier if s.name == "builder")
     # The builder makes the venv from the pinned constraints; the final stage only copies it.
-    installs = " ".join(builder.all("RUN"))
+    installs = df.resolve(" ".join(builder.all("RUN")), builder)
     assert "--constraint constraints.txt" in installs
-    torch_pin = re.search(r"torch==(\S+)", installs)
+    torch_pin = re.search(r"torch==([^\s\"]+)", installs)
     assert torch_pin and torch_pin.group(1) == constraint("torch")
     assert "uv pip install" not in " ".join(final.all("RUN")) and "pip install" not in " ".join(
         final.all("RUN")
@@ -179,6 +188,25 @@ def test_bases_are_pinned_and_gpu_capable(image):
     assert re.fullmatch(
         r"nvidia/cuda:\d+\.\d+\.\d+-(base|runtime|cudnn-runtime)-ubuntu24\.04(@sha256:\w+)?", final
     )
+
+
+def test_the_torch_build_is_a_build_argument_defaulting_to_the_tested_one(image):
+    """PyPI's torch 2.13.0 is the CUDA 13.0 build (NVIDIA driver >= 580); clusters with older
+    drivers build with another index and spec (images/README.md). Defaults stay what the test
+    suite ran with, and any other spec must still satisfy the project's pin, which a local
+    build label (+cu128) does under PEP 440 and one of another release does not."""
+    _, path, df = image
+    builder = next(s for s in df.stages if s.name == "builder")
+    args = df.stage_args(builder)
+    assert args["TORCH_SPEC"] == f"torch=={constraint('torch')}"
+    assert args["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    (torch_run,) = [run for run in builder.all("RUN") if "${TORCH_SPEC}" in run]
+    assert '--index-url "${TORCH_INDEX_URL}"' in torch_run, path
+    assert "--constraint constraints.txt" in torch_run
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (pin,) = [Requirement(d) for d in project["dependencies"] if d.startswith("torch")]
+    assert Requirement(args["TORCH_SPEC"]).specifier == pin.specifier
+    assert pin.specifier.contains("2.13.0+cu128") and not pin.specifier.contains("2.12.0+cu128")
 
 
 def test_python_matches_the_project(image):
@@ -224,9 +252,10 @@ def test_oci_labels(image):
     assert labels["org.opencontainers.image.title"] == f"brain-ldm-{kind}"
     for key in ("version", "revision", "description", "licenses", "base.name"):
         assert labels[f"org.opencontainers.image.{key}"], key
-    assert (
-        labels["org.opencontainers.image.base.name"] == df.resolve(df.stages[-1].base).split("@")[0]
-    )
+    # The label names the base the image was really built on: the build argument, which the
+    # final stage must redeclare or it would be empty there.
+    base_name = df.resolve(labels["org.opencontainers.image.base.name"], df.stages[-1])
+    assert base_name == df.resolve(df.stages[-1].base).split("@")[0]
 
 
 # Options of `uv pip install` that take a value (the next word), so it is not a requirement.
@@ -234,12 +263,13 @@ VALUE_OPTIONS = {"--python", "-p", "--index-url", "-i", "--extra-index-url", "--
 VALUE_OPTIONS |= {"-f", "--constraint", "-c", "--requirement", "-r", "--override"}
 
 
-def pip_installs(stage: Stage) -> list[list[str]]:
+def pip_installs(stage: Stage, df: Dockerfile | None = None) -> list[list[str]]:
     """What each ``uv pip install`` in the stage's RUN instructions installs (its
-    requirements, options and their values left out), one list per command."""
+    requirements, options and their values left out), one list per command; build
+    arguments resolved to their defaults when ``df`` is given."""
     installs = []
     for run in stage.all("RUN"):
-        words = shlex.split(run)
+        words = shlex.split(df.resolve(run, stage) if df else run)
         starts = [i for i in range(len(words)) if words[i : i + 3] == ["uv", "pip", "install"]]
         for start in starts:
             requirements, rest = [], iter(words[start + 3 :])
@@ -257,7 +287,7 @@ def pip_installs(stage: Stage) -> list[list[str]]:
 def test_each_image_installs_only_its_side_of_the_project(image):
     kind, path, df = image
     extra, other_side = SIDES[kind]
-    installed = [req for stage in df.stages for reqs in pip_installs(stage) for req in reqs]
+    installed = [req for stage in df.stages for reqs in pip_installs(stage, df) for req in reqs]
     # The project itself, once, as ".[extras]": the extras say which side the image runs.
     (project,) = [req for req in installed if req.startswith(".")]
     extras = Requirement(f"brain-ldm{project[1:]}").extras
