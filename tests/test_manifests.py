@@ -895,6 +895,68 @@ def test_dashboard_shows_the_serving_metrics(builds):
     assert all('namespace="$namespace"' in e for e in exprs)
 
 
+# --------------------------------------------------------------------------- the walk-through
+
+
+def _walk_through() -> str:
+    """The cluster route as users read it: manifests/README.md and the README's cluster
+    section, shell continuation lines joined."""
+    readme = (ROOT / "README.md").read_text()
+    cluster = readme[readme.index("### On a Kubeflow cluster") :]
+    return ((MANIFESTS / "README.md").read_text() + cluster).replace("\\\n", " ")
+
+
+# The platform engineer's own kustomization, which the walk-through has them write.
+THEIRS = "overlays/my-cluster"
+
+
+def test_the_walk_through_names_only_paths_that_exist():
+    text = _walk_through()
+    paths = re.findall(r"\b((?:manifests|pipelines|images|tests)/[\w./-]*\w)", text)
+    relative = re.findall(r"`((?:base|components|overlays)/[\w./-]*\w)`", text)
+    assert paths and relative
+    for path in paths:
+        if THEIRS not in path:
+            assert (ROOT / path).exists(), path
+    for path in relative:
+        if THEIRS not in path:
+            assert (MANIFESTS / path).exists(), f"manifests/{path}"
+
+
+def test_the_walk_through_commands_use_real_flags_parameters_and_names():
+    """Every `pipelines.submit` flag exists, every `--param` is a pipeline input (with a real
+    preset), and the InferenceService it tells people to look for is the one deploy names."""
+    from ldm_core.config import Config
+
+    text = _walk_through()
+    # The compiled package: the PipelineSpec, then the kubernetes platform spec.
+    spec = next(yaml.safe_load_all((ROOT / "pipelines" / "brain_ldm.yaml").read_text()))
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    params = re.findall(r"--param (\w+)=([^\s`]+)", text)
+    assert {"preset", "backend", "image"} <= {name for name, _ in params}
+    for name, value in params:
+        assert name in inputs, f"--param {name}: not a parameter of pipelines/brain_ldm.yaml"
+        if name == "preset":
+            assert value in PRESETS, value
+    usage = subprocess.run(
+        [sys.executable, "-m", "pipelines.submit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert usage.returncode == 0, usage.stderr
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage.stdout))
+    commands = re.findall(r"pipelines\.submit([^\n`]*)", text)
+    assert commands and "--namespace" in flags
+    for command in commands:
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z-]*)", command):
+            assert flag in flags, f"pipelines.submit has no {flag}"
+    names = re.findall(r"get (?:inferenceservice|isvc) ([\w-]+)", text)
+    assert names and set(names) == {Config().serving.model_name}
+    assert f"inferenceservice={Config().serving.model_name}" in text
+
+
 # --------------------------------------------------------------------------- checkov
 
 
