@@ -7,6 +7,7 @@ extra, no kserve)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -297,6 +298,29 @@ def test_each_image_installs_only_its_side_of_the_project(image):
     assert not strays, f"{path}: installs {sorted(strays)}, which belongs to the other image"
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert extra in declared["optional-dependencies"], f"pyproject.toml has no {extra} extra"
+
+
+def _installed_size():
+    """images/installed_size.py (a script, not a package), loaded by path."""
+    path = ROOT / "images" / "installed_size.py"
+    spec = importlib.util.spec_from_file_location("installed_size", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", sorted(SIDES))
+def test_what_an_image_installs_holds_nothing_of_the_other_side(kind):
+    """The extra each Dockerfile installs, followed through every dependency's metadata (what
+    `uv pip install '.[extra]'` resolves), brings its own side and nothing of the other: the
+    serving image no kfp, the training image no kserve. The same closure is what
+    images/installed_size.py measures for images/README.md."""
+    extra, other_side = SIDES[kind]
+    own_side = SIDES["training" if kind == "serving" else "serving"][1]
+    names = set(_installed_size().closure(extra))
+    assert own_side in names and "torch" in names, sorted(names)
+    strays = {n for n in names if n == other_side or n.startswith(other_side + "-")}
+    assert not strays, f"{kind} image would install {sorted(strays)}"
 
 
 def test_the_install_parser_reads_the_project_and_its_extras():
