@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,6 +249,46 @@ def test_a_pod_field_the_trainjob_cannot_carry_is_an_error_not_dropped(monkeypat
     monkeypatch.setattr(tj, "pod_template", with_priority)
     with pytest.raises(LaunchError, match="pod field.s. priorityClassName cannot be set"):
         tj.build_trainjob(_task(), _settings())
+
+
+def _node_patch(job: dict[str, Any]) -> dict[str, Any]:
+    (patch,) = job["spec"]["runtimePatches"]
+    return patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+
+
+def _node_container(job: dict[str, Any]) -> dict[str, Any]:
+    return _node_patch(job)["template"]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "status", "match"),
+    [
+        (
+            lambda j: j["spec"]["trainer"]["env"].append({"name": "PET_NODE_RANK", "value": "0"}),
+            403,
+            "must not have reserved envs",
+        ),
+        (lambda j: j["spec"]["runtimePatches"][0].update(manager="brain-ldm"), 403, "manager"),
+        (lambda j: _node_patch(j).update(name="worker"), 403, "replicated job that doesn't"),
+        (
+            lambda j: _node_container(j).update(env=[{"name": "A", "value": "1"}]),
+            403,
+            "must not have envs for the",
+        ),
+        (lambda j: j["spec"]["trainer"].update(numProcPerNode="2"), 422, "is not of type"),
+        (lambda j: j["metadata"].update(name="A_B"), 422, "DNS-1035"),
+    ],
+)
+def test_the_emulated_admission_refuses_what_the_trainer_refuses(cluster, spoil, status, match):
+    """The admission chain the launcher's TrainJobs pass in the other tests is not vacuous:
+    it refuses, as the Trainer's webhooks and the CRD schema do, what a TrainJob may not be."""
+    job = tj.build_trainjob(_task(), _settings())
+    spoil(job)
+    custom = kubernetes.client.CustomObjectsApi(cluster.api.client("someone"))
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom.create_namespaced_custom_object(tj.GROUP, tj.VERSION, NS, tj.PLURAL, job)
+    assert err.value.status == status and re.search(match, err.value.body)
+    assert cluster.jobs() == []
 
 
 # --------------------------------------------------------------------------- status (pure)
