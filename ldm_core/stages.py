@@ -10,14 +10,15 @@ resolved ``config.yaml`` next to what it writes, so a stage's outputs say how th
 made.
 
 Training stages start their work through a :class:`~ldm_core.launcher.Launcher`:
-``local`` runs torchrun here, ``kubeflow`` creates a PyTorchJob whose pods share a PVC
-with the component pod (input copied in, result copied out), ``auto`` picks kubeflow
-inside a cluster that serves the PyTorchJob API. Training is restart-safe: a finished run
-whose inputs and config match is reused (``stage.json`` records what it was made from),
-and an unfinished one resumes from its checkpoints.
+``local`` runs torchrun here, ``kubeflow`` creates a PyTorchJob and ``trainjob`` a Kubeflow
+Trainer v2 TrainJob whose pods share a PVC with the component pod (input copied in, result
+copied out), ``auto`` picks the job API the cluster serves (and never trains in the pipeline
+pod itself). Training is restart-safe: a finished run whose inputs and config match is
+reused (``stage.json`` records what it was made from), and an unfinished one resumes from
+its checkpoints.
 
-This module imports neither kfp nor kubernetes; the cluster launcher is imported only on
-the kubeflow path.
+This module imports neither kfp nor kubernetes; the cluster launchers are imported only on
+the cluster paths.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ from ldm_core.launcher import Launcher, LocalLauncher, TrainingTask
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "local", "kubeflow")
+BACKENDS = ("auto", "local", "kubeflow", "trainjob")
+"""Where training runs: ``local`` (torchrun in this process's machine or pod), ``kubeflow``
+(a PyTorchJob, Training Operator v1), ``trainjob`` (a TrainJob, Kubeflow Trainer v2), or
+``auto`` (see :func:`choose_backend`)."""
 LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
 SERVING_DIR_ENV = "LDM_SERVING_DIR"
 RESUME_STATE = ("checkpoints", "latents")
@@ -168,26 +172,45 @@ def in_cluster() -> bool:
 
 
 def choose_backend(backend: str) -> str:
-    """Resolve ``auto`` to ``kubeflow`` inside a cluster that serves PyTorchJobs, else
-    ``local``; reject unknown names."""
+    """Resolve ``auto``: ``local`` outside a cluster; inside one, ``kubeflow`` when the
+    PyTorchJob API is served, else ``trainjob`` when the TrainJob API is; reject unknown names.
+
+    In a cluster, ``auto`` never falls back to training in the pipeline's own pod (one CPU,
+    no GPU): with neither API served to this pod's service account it fails, naming both
+    APIs and the grant they need. ``local`` there must be asked for by name.
+    """
     if backend not in BACKENDS:
         raise StageError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     if not in_cluster():
         return "local"
+    from ldm_core.kube.errors import PIPELINE_ROLE, RBAC_MANIFEST
     from ldm_core.kube.pytorchjob import pytorchjob_api_served
+    from ldm_core.kube.trainjob import trainjob_api_served
 
-    served, why = pytorchjob_api_served()
-    if not served:
-        log.warning("backend auto: training here, not as a PyTorchJob (%s)", why)
-    return "kubeflow" if served else "local"
+    pytorchjob, why_not_pytorchjob = pytorchjob_api_served()
+    if pytorchjob:
+        return "kubeflow"
+    trainjob, why_not_trainjob = trainjob_api_served()
+    if trainjob:
+        return "trainjob"
+    raise StageError(
+        "backend auto: running in a cluster, but this pod can run no training job: "
+        f"PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator): {why_not_pytorchjob}; "
+        f"TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2): {why_not_trainjob}. "
+        "Install one of them, and bind the pipeline's service account to the Role "
+        f"{PIPELINE_ROLE} ({RBAC_MANIFEST}: get, create and delete on pytorchjobs.kubeflow.org "
+        "or trainjobs.trainer.kubeflow.org); or set backend=local to train inside this "
+        "pipeline pod"
+    )
 
 
 def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:
     if backend == "local":
         return LocalLauncher()
     from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
+    from ldm_core.kube.trainjob import TrainJobLauncher
 
     if not cluster.image:
         raise StageError(
@@ -202,7 +225,7 @@ def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:
         workdir=cluster.workdir,
         gpu=cfg.train.device != "cpu",
     )
-    return PyTorchJobLauncher(settings)
+    return TrainJobLauncher(settings) if backend == "trainjob" else PyTorchJobLauncher(settings)
 
 
 def _job_name(kind: str, key: str) -> str:

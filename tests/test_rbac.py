@@ -18,7 +18,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RBAC = ROOT / "manifests" / "base" / "rbac.yaml"
 PIPELINE_ROLE = "brain-ldm-pipeline-runner"
-KUBE_MODULES = ("ldm_core.kube.pytorchjob", "ldm_core.kube.inference_service")
+KUBE_MODULES = (
+    "ldm_core.kube.pytorchjob",
+    "ldm_core.kube.trainjob",
+    "ldm_core.kube.inference_service",
+)
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 Triple = tuple[str, str, str]

@@ -76,28 +76,63 @@ def test_auto_in_a_cluster_uses_pytorchjobs_when_the_api_is_served(tmp_path, mon
         assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH]
 
 
-def test_auto_in_a_cluster_without_the_training_operator_trains_locally(tmp_path, monkeypatch):
-    with KubeApi() as api:  # no PyTorchJob CRD: the path is "404 page not found"
+TRAINJOB_PROBE_PATH = (
+    "/apis/trainer.kubeflow.org/v1alpha1/namespaces/team-a/trainjobs/ldm-backend-probe"
+)
+
+
+def test_auto_in_a_cluster_with_only_trainer_v2_uses_trainjobs(tmp_path, monkeypatch):
+    with KubeApi({"trainer.kubeflow.org/v1alpha1/trainjobs": "TrainJob"}) as api:
         _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
-        assert stages.choose_backend("auto") == "local"
-        assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH]
+        assert stages.choose_backend("auto") == "trainjob"
+        assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH, TRAINJOB_PROBE_PATH]
 
 
-def test_auto_in_a_cluster_whose_api_refuses_the_probe_trains_locally(tmp_path, monkeypatch):
-    """No permission to read PyTorchJobs is no way to run them: train here, say why."""
-    with KubeApi({"kubeflow.org/v1/pytorchjobs": "PyTorchJob"}) as api:
+def test_auto_in_a_cluster_without_a_training_job_api_fails_naming_both(tmp_path, monkeypatch):
+    """Never train inside the 1-CPU pipeline pod by surprise (issue 11.5): neither CRD
+    installed, each path answers the apiserver's plain-text "404 page not found"."""
+    with KubeApi() as api:
+        _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
+        with pytest.raises(stages.StageError) as err:
+            stages.choose_backend("auto")
+        assert [str(r.url.path) for r in api.requests()] == [PROBE_PATH, TRAINJOB_PROBE_PATH]
+    text = str(err.value)
+    assert "PyTorchJob (kubeflow.org/v1" in text and "API answered 404" in text
+    assert "TrainJob (trainer.kubeflow.org/v1alpha1" in text
+    assert "brain-ldm-pipeline-runner" in text and "backend=local" in text
+
+
+def test_auto_in_a_cluster_whose_api_refuses_the_probes_fails_naming_the_rbac(
+    tmp_path, monkeypatch
+):
+    """No permission to read either job kind is no way to run them: fail, say which grant."""
+    with KubeApi(
+        {
+            "kubeflow.org/v1/pytorchjobs": "PyTorchJob",
+            "trainer.kubeflow.org/v1alpha1/trainjobs": "TrainJob",
+        }
+    ) as api:
         api.emulator["get", PROBE_PATH] << 403
+        api.emulator["get", TRAINJOB_PROBE_PATH] << 403
         _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)
-        assert stages.choose_backend("auto") == "local"
+        with pytest.raises(stages.StageError, match="answered 403.*answered 403.*Role"):
+            stages.choose_backend("auto")
 
 
-def test_auto_in_a_pod_without_any_credentials_trains_locally(tmp_path, monkeypatch):
+def test_auto_in_a_pod_without_any_credentials_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.setattr(
         "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "missing")
     )
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
-    assert stages.choose_backend("auto") == "local"
+    with pytest.raises(stages.StageError, match="no Kubernetes configuration"):
+        stages.choose_backend("auto")
+
+
+def test_backends_named_explicitly_are_used_without_probing(monkeypatch):
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")  # probing would fail here
+    for backend in ("local", "kubeflow", "trainjob"):
+        assert stages.choose_backend(backend) == backend
 
 
 # --------------------------------------------------------------------------- training
@@ -175,6 +210,15 @@ def test_kubeflow_backend_needs_an_image_and_a_volume(tmp_path):
         stages._launcher("kubeflow", stages.ClusterSettings(pvc_name="p"), cfg)
     with pytest.raises(stages.StageError, match="pvc_name"):
         stages._launcher("kubeflow", stages.ClusterSettings(image="i"), cfg)
+
+
+def test_trainjob_backend_runs_training_as_a_trainjob(tmp_path, monkeypatch):
+    from ldm_core.kube.trainjob import TrainJobLauncher
+
+    _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, "http://127.0.0.1:9")
+    cluster = stages.ClusterSettings(image="i", pvc_name="p")
+    launcher = stages._launcher("trainjob", cluster, tiny_config())
+    assert isinstance(launcher, TrainJobLauncher) and launcher.namespace == "team-a"
 
 
 class _Launched(Exception):

@@ -7,6 +7,8 @@
 - ``security``: the securityContext every pod runs under;
 - ``podlog``: a pod's log copied to the component's stdout;
 - ``pytorchjob``: a training stage as a PyTorchJob (launcher);
+- ``trainjob``: a training stage as a Kubeflow Trainer v2 TrainJob (launcher);
+- ``diagnostics``: a failed job's pod state, last log lines and events;
 - ``pending``: why a pod cannot start (scheduler and kubelet marks), with what to change;
 - ``ownership``: a job's lifetime tied to its launcher's (ownerReference to the step's pod,
   deletion on SIGTERM): no leaked GPUs;

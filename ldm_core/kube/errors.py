@@ -46,24 +46,30 @@ class ApiCall:
         return f"{self.verb} {self.resource} {where}"
 
 
-def api_message(err: ApiException) -> str:
-    """The server's own explanation (a Status object's ``message``), else its raw body."""
+def api_message(err: ApiException, limit: int = 300) -> str:
+    """The server's own explanation (a Status object's ``message``), else its raw body;
+    at most ``limit`` characters."""
     try:
-        return str(json.loads(err.body or "{}").get("message", ""))[:300]
+        return str(json.loads(err.body or "{}").get("message", ""))[:limit]
     except (ValueError, AttributeError):
-        return str(err.body or "")[:300]
+        return str(err.body or "")[:limit]
 
 
 def api_error(call: ApiCall, err: Exception, host: str, error: type[E]) -> E:
     """The ``error`` that explains why ``call`` failed with ``err``."""
     if isinstance(err, ApiException):
+        detail = api_message(err)
+        if err.status == 403 and detail.startswith("admission webhook"):
+            # A validating webhook's refusal (controller-runtime answers 403 for any plain
+            # error, kubernetes-sigs/controller-runtime#1046): its whole message is the
+            # reason, not RBAC.
+            return error(f"{call}: refused: {api_message(err, limit=1000)}")
         if err.status in (401, 403):
             return error(
                 f"{call}: the API server refused ({err.status} {err.reason}); the pipeline's "
                 f"service account needs the Role {PIPELINE_ROLE} ({RBAC_MANIFEST}) to allow "
                 f"{call.verb!r} on {call.resource} in namespace {call.namespace}"
             )
-        detail = api_message(err)
         return error(f"{call}: {err.status} {err.reason}" + (f": {detail}" if detail else ""))
     return error(f"{call}: Kubernetes API at {host} unreachable ({type(err).__name__}: {err})")
 

@@ -2,7 +2,7 @@
 (files in tests/crds/, unmodified upstream copies, see SOURCES.md there) plus the
 admission rules the operators' webhooks enforce that the schema does not express.
 
-Used by every test that emits a PyTorchJob, InferenceService, ServingRuntime,
+Used by every test that emits a PyTorchJob, TrainJob, InferenceService, ServingRuntime,
 ServiceMonitor or PodMonitor.
 """
 
@@ -134,6 +134,13 @@ def _isvc_rules(obj: dict[str, Any], name: str) -> None:
             )
 
 
+def _trainjob_rules(obj: dict[str, Any], name: str) -> None:
+    # The CRD's own CEL rules (x-kubernetes-validations, which jsonschema does not run):
+    # metadata.name is an RFC 1035 label of at most 63 characters. The Trainer webhook's
+    # rules, which depend on the runtime, are the emulator's (tests/harness/trainer.py).
+    _check_name("TrainJob", name)
+
+
 def _generic_name(kind: str):
     def rule(obj: dict[str, Any], name: str) -> None:
         _check_name(kind, name, _DNS1123, 253)
@@ -143,6 +150,7 @@ def _generic_name(kind: str):
 
 _ADMISSION = {
     "PyTorchJob": _pytorchjob_rules,
+    "TrainJob": _trainjob_rules,
     "InferenceService": _isvc_rules,
     "ServingRuntime": _generic_name("ServingRuntime"),
     "ServiceMonitor": _generic_name("ServiceMonitor"),
