@@ -71,6 +71,7 @@ COMPONENT_OBJECTS = {
             "allow-dns-egress",
             "allow-istio-control-plane-egress",
             "allow-training-ddp",
+            "allow-trainjob-ddp",
             "allow-object-storage-egress",
             "allow-pipeline-egress",
             "allow-predictor-ingress",
@@ -644,6 +645,25 @@ PREDICTOR = Pod(
     PROFILE_NS,
     {"http1": 8080},
 )
+# TrainJob (Trainer v2) nodes, labelled by the JobSet controller (kubernetes-sigs/jobset).
+NODE_0 = Pod(
+    NAMESPACE,
+    {
+        "jobset.sigs.k8s.io/jobset-name": "ae-1f2e",
+        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+        "batch.kubernetes.io/job-completion-index": "0",
+    },
+    PROFILE_NS,
+)
+NODE_1 = Pod(
+    NAMESPACE,
+    {
+        "jobset.sigs.k8s.io/jobset-name": "ae-1f2e",
+        "jobset.sigs.k8s.io/replicatedjob-name": "node",
+        "batch.kubernetes.io/job-completion-index": "1",
+    },
+    PROFILE_NS,
+)
 VIEWER = Pod(NAMESPACE, {"app": "ml-pipeline-ui-artifact"}, PROFILE_NS)
 KUBE_DNS = Pod("kube-system", {"k8s-app": "kube-dns"})
 METRICS_SERVER = Pod("kube-system", {"k8s-app": "metrics-server"})
@@ -687,6 +707,10 @@ NEEDED = [
     ("Prometheus, raw mode", PROMETHEUS, PREDICTOR, 8080, "TCP"),
     ("torchrun rendezvous", WORKER, MASTER, 29500, "TCP"),
     ("NCCL/gloo", MASTER, WORKER, 41234, "TCP"),
+    ("TrainJob torchrun rendezvous", NODE_1, NODE_0, 29500, "TCP"),
+    ("TrainJob NCCL/gloo", NODE_0, NODE_1, 41234, "TCP"),
+    ("TrainJob checkpoints", NODE_0, MINIO, 9000, "TCP"),
+    ("TrainJob DNS", NODE_1, KUBE_DNS, 53, "UDP"),
     ("KFP UI reads artifacts", KFP_UI, VIEWER, 3000, "TCP"),
 ]
 # ...and what stays closed.
@@ -703,6 +727,9 @@ CLOSED = [
     ("another profile's pods", OTHER_PROFILE, PREDICTOR, 8080, "TCP"),
     ("another profile into DDP", OTHER_PROFILE, MASTER, 29500, "TCP"),
     ("pipeline steps into DDP", STEP, MASTER, 29500, "TCP"),
+    ("pipeline steps into TrainJob DDP", STEP, NODE_0, 29500, "TCP"),
+    ("PyTorchJob replicas into TrainJob nodes", MASTER, NODE_0, 29500, "TCP"),
+    ("no internet from TrainJob nodes", NODE_0, INTERNET, 443, "TCP"),
     ("training into the predictor", MASTER, PREDICTOR, 8080, "TCP"),
     ("predictor into the KFP API", PREDICTOR, KFP_API, 8888, "TCP"),
     ("gateway on a non-serving port", GATEWAY, PREDICTOR, 22, "TCP"),
