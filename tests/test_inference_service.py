@@ -1,18 +1,14 @@
 """InferenceService objects and rollout against an in-memory Kubernetes API on loopback.
 
 kmock's KubernetesEmulator plays the API server (optionally with the generation
-bookkeeping a real one does); ``FakeKServe`` plays KServe's controller and Knative by
-patching status from a background thread: it notices a new predictor spec after a while
-(until then the previous revision's Ready is all there is - the stale state a rollout must
-not trust), creates a revision, and makes it ready, failed, or never ready. Smoke
-inferences go over real HTTP to a real local model server.
+bookkeeping a real one does); ``FakeKServe`` (tests/harness/fake_kserve.py) plays KServe's
+controller with Knative (Serverless) or the Deployment controller (RawDeployment), and
+``NETWORK`` the cluster's DNS and the profile's Istio policy. Smoke inferences go over real
+HTTP to a real local model server, reached by the names a pipeline pod would use.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,34 +17,35 @@ import kubernetes
 import pytest
 import yaml
 
-from ldm_core.deploy import deploy, deploy_kserve, smoke_check, stop_local
+from ldm_core.deploy import deploy, deploy_kserve, smoke_check, smoke_headers, stop_local
 from ldm_core.kube import inference_service as isvc
+from ldm_core.kube import knative
 from ldm_core.kube.client import api_client
 from tests.harness import crdcheck
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
+from tests.harness.fake_kserve import (
+    BAD_URI,
+    KSERVE_UA,
+    NAME,
+    NETWORK,
+    NEW_URI,
+    NS,
+    OLD_URI,
+    SERVED,
+    STUCK_URI,
+    FakeKServe,
+    closed_url,
+)
 from tests.harness.kube import KubeApi, declared, rbac_triple
-
-NS = "brain-ldm"
-NAME = "brain-ldm"
-OLD_URI = "s3://models/brain-ldm/aaaa"
-NEW_URI = "s3://models/brain-ldm/bbbb"
-BAD_URI = "s3://models/brain-ldm/broken"
-STUCK_URI = "s3://models/brain-ldm/stuck"
-
 
 # --------------------------------------------------------------------------- API server
 
 ROLLOUT_UA = "ldm-rollout-under-test"
-KSERVE_UA = "fake-kserve"
 INSPECTOR_UA = "test-inspector"
 INTERRUPTED_UA = "interrupted-rollout"
 HELPERS = {KSERVE_UA, INSPECTOR_UA, INTERRUPTED_UA}
 """Clients of the test itself; every other request comes from the code under test."""
-SERVED = {
-    f"{isvc.GROUP}/{isvc.ISVC_VERSION}/{isvc.ISVC_PLURAL}": "InferenceService",
-    f"{isvc.GROUP}/{isvc.RUNTIME_VERSION}/{isvc.RUNTIME_PLURAL}": "ServingRuntime",
-}
 
 
 def _served_api(generations: bool):
@@ -58,7 +55,8 @@ def _served_api(generations: bool):
         yield api
         sent = [r for r in api.requests() if r.headers.get("User-Agent") not in HELPERS]
         used = {rbac_triple(r) for r in sent}
-        rules = declared(isvc.RBAC_RULES)
+        # Knative's flags are read only where the opt-in component grants it.
+        rules = declared(isvc.RBAC_RULES) | declared(knative.RBAC_RULES)
         assert used <= rules, f"calls outside RBAC_RULES: {sorted(used - rules)}"
 
 
@@ -71,212 +69,6 @@ def api(request):
 @pytest.fixture
 def plain_api():
     yield from _served_api(generations=False)
-
-
-# --------------------------------------------------------------------------- KServe stand-in
-
-
-def _closed_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def _storage_uri(predictor: dict[str, Any]) -> str:
-    if "model" in predictor:
-        return predictor["model"]["storageUri"]
-    env = {e["name"]: e["value"] for e in predictor["containers"][0].get("env", [])}
-    return env["STORAGE_URI"]
-
-
-class FakeKServe:
-    """KServe's controller + Knative, reduced to what a rollout observes in status.
-
-    As KServe's ``PropagateStatus`` does, ``status.observedGeneration`` is the Knative
-    Service's (the child's) observedGeneration, not the InferenceService's: the child's
-    counter grows when KServe writes a new ksvc spec (a new revision, or a traffic change)
-    and starts ``child_ahead`` above the InferenceService's (a ksvc recreated, or written by
-    another controller), so it can run ahead of ``metadata.generation`` or behind it.
-    """
-
-    def __init__(
-        self,
-        api: KubeApi,
-        *,
-        latest_url: str,
-        address_url: str,
-        failing: tuple[str, ...] = (BAD_URI,),
-        stuck: tuple[str, ...] = (STUCK_URI,),
-        notice_after_s: float = 0.4,
-        ready_after_s: float = 0.3,
-        child_ahead: int = 0,
-        raw: bool = False,
-    ) -> None:
-        self.api = kubernetes.client.CustomObjectsApi(api.client(KSERVE_UA))
-        self.latest_url, self.address_url = latest_url, address_url
-        self.failing, self.stuck = failing, stuck
-        self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
-        self.ready_at: dict[str, float] = {}
-        self.child_generation = child_ahead
-        self.raw = raw
-        self._child_spec: tuple[str | None, int | None] | None = None
-        self.revision_uri: dict[str, str] = {}
-        self.canaries_seen: list[int] = []
-        self._state: dict[str, dict[str, Any]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.errors: list[BaseException] = []
-
-    def __enter__(self) -> FakeKServe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self.errors, self.errors
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for obj in self._list():
-                    self._reconcile(obj)
-            except BaseException as exc:  # surfaced by __exit__
-                self.errors.append(exc)
-                return
-            time.sleep(0.03)
-
-    def _list(self) -> list[dict[str, Any]]:
-        items = self.api.list_namespaced_custom_object(
-            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
-        )
-        return items.get("items", [])
-
-    def _reconcile(self, obj: dict[str, Any]) -> None:
-        name = obj["metadata"]["name"]
-        predictor = obj["spec"]["predictor"]
-        config = json.dumps(
-            {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True
-        )
-        canary = predictor.get("canaryTrafficPercent")
-        if canary is not None and canary not in self.canaries_seen:
-            self.canaries_seen.append(canary)
-        st = self._state.setdefault(
-            name,
-            {
-                "config": None,
-                "since": None,
-                "n": 0,
-                "created": None,
-                "ready": None,
-                "prev": None,
-                "failed": None,
-                "due": None,
-            },
-        )
-        now = time.monotonic()
-        if config != st["config"]:
-            if st["since"] is None or st["since"][0] != config:
-                st["since"] = (config, now)
-            if now - st["since"][1] < self.notice_after_s:
-                return  # not reconciled yet: status still describes the previous revision
-            st["config"], st["n"] = config, st["n"] + 1
-            st["created"] = f"{name}-predictor-{st['n']:05d}"
-            st["failed"], st["due"] = None, now + self.ready_after_s
-            self.revision_uri[st["created"]] = _storage_uri(predictor)
-        uri = self.revision_uri.get(st["created"] or "", "")
-        if st["due"] is not None and now >= st["due"] and uri not in self.stuck:
-            st["due"] = None
-            if uri in self.failing:
-                st["failed"] = st["created"]
-            else:
-                st["prev"], st["ready"] = st["ready"], st["created"]
-                self.ready_at[st["created"]] = now
-        if (st["config"], canary) != self._child_spec:
-            self._child_spec = (st["config"], canary)
-            self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
-        self._publish(obj, st, canary)
-
-    def _publish(self, obj: dict[str, Any], st: dict[str, Any], canary: int | None) -> None:
-        if st["ready"] is None and st["created"] is None:
-            return
-        if st["ready"] == st["created"] and canary is not None and st["prev"]:
-            traffic = [
-                {
-                    "tag": "latest",
-                    "revisionName": st["ready"],
-                    "percent": canary,
-                    "latestRevision": True,
-                    "url": self.latest_url,
-                },
-                {
-                    "tag": "prev",
-                    "revisionName": st["prev"],
-                    "percent": 100 - canary,
-                    "latestRevision": False,
-                    "url": _closed_url(),
-                },
-            ]
-        elif st["ready"]:
-            traffic = [
-                {
-                    "tag": "latest",
-                    "revisionName": st["ready"],
-                    "percent": 100,
-                    "latestRevision": st["ready"] == st["created"],
-                    "url": self.latest_url,
-                }
-            ]
-        else:
-            traffic = []
-        failed = st["failed"] is not None
-        status = {
-            "observedGeneration": self.child_generation,
-            "url": f"http://{obj['metadata']['name']}.{NS}.example.com",
-            "address": {"url": self.address_url},
-            "components": {
-                "predictor": {
-                    "latestCreatedRevision": st["created"],
-                    "latestReadyRevision": st["ready"],
-                    "traffic": traffic,
-                }
-            },
-            "conditions": [
-                {"type": "Ready", "status": "True" if st["ready"] else "Unknown"},
-                {
-                    "type": "PredictorConfigurationReady",
-                    "status": "False" if failed else "True",
-                    **(
-                        {"reason": "RevisionFailed", "message": f"Revision {st['failed']} failed"}
-                        if failed
-                        else {}
-                    ),
-                },
-            ],
-            "modelStatus": {
-                "transitionStatus": "BlockedByFailedLoad"
-                if failed
-                else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
-                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"}
-                if failed
-                else None,
-            },
-        }
-        if self.raw:
-            # RawDeployment (KServe's PropagateRawStatus): latestCreatedRevision is the
-            # Deployment's revision annotation, observedGeneration the Deployment's; no
-            # latestReadyRevision and no traffic split are reported.
-            status["deploymentMode"] = "RawDeployment"
-            status["components"]["predictor"] = {"latestCreatedRevision": str(st["n"])}
-        if obj.get("status") != status:
-            self.api.patch_namespaced_custom_object_status(
-                isvc.GROUP,
-                isvc.ISVC_VERSION,
-                NS,
-                isvc.ISVC_PLURAL,
-                obj["metadata"]["name"],
-                {"status": status},
-            )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -306,14 +98,23 @@ def model_server(served_bundle):
 
 
 class Smoke:
-    """The real smoke check, with a record of when and where it was called."""
+    """The real smoke check sent from a pipeline pod: the rollout's URL goes through the
+    cluster's names (``NETWORK``) with the pod's credentials (``smoke_headers``).
 
-    def __init__(self) -> None:
+    ``calls`` records when, and which server answered; ``requested`` the URLs asked for.
+    """
+
+    def __init__(self, token_file: Path | None = None) -> None:
         self.calls: list[tuple[float, str]] = []
+        self.requested: list[str] = []
+        self.token_file = token_file
 
     def __call__(self, url: str) -> dict[str, Any]:
-        self.calls.append((time.monotonic(), url))
-        return smoke_check(url, MODEL, steps=2, timeout_s=60)
+        self.requested.append(url)
+        headers = smoke_headers(url, self.token_file)
+        server = NETWORK.route(url, headers)
+        self.calls.append((time.monotonic(), server))
+        return smoke_check(server, MODEL, steps=2, timeout_s=60, headers=headers)
 
 
 def desired(uri: str, **kw: Any) -> dict[str, Any]:
@@ -432,7 +233,7 @@ def test_update_goes_through_a_canary_then_promotes(api, model_server):
         rollout(api).rollout(desired(OLD_URI), smoke)
         # From here on only the new revision's own URL answers: a smoke inference sent
         # anywhere else (the service address, the previous revision) fails.
-        kserve.address_url = _closed_url()
+        kserve.address_url = closed_url()
         result = rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20)
     assert result["action"] == "updated" and result["canary_percent"] == 20
     assert (result["previous_revision"], result["revision"]) == (
@@ -539,7 +340,7 @@ def test_failed_smoke_inference_rolls_back(plain_api, model_server):
     smoke = Smoke()
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
-        dead = _closed_url()
+        dead = closed_url()
         with pytest.raises(
             isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"
         ):
@@ -691,7 +492,7 @@ def test_forbidden_create_names_the_missing_rbac(plain_api):
 
 
 def test_unreachable_api_is_a_rollout_error_naming_the_host():
-    closed = _closed_url()
+    closed = closed_url()
     with pytest.raises(isvc.RolloutError, match=f"Kubernetes API at {closed} unreachable"):
         isvc.InferenceServiceRollout(api_client(closed)).rollout(desired(OLD_URI), Smoke())
 
