@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -479,13 +480,9 @@ def deploy_kserve(
     api_host: str | None = None,
     api_token: str | None = None,
     create_runtime: bool = False,
-    smoke_token_file: str | None = SERVICE_ACCOUNT_TOKEN,
 ) -> dict[str, Any]:
     """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
-    InferenceService serving it (canary + smoke + promote / roll back).
-
-    The smoke inference goes to the new revision's cluster-local address with the bearer
-    token in ``smoke_token_file`` (see :func:`smoke_headers`; None sends none)."""
+    InferenceService serving it (canary + smoke + promote / roll back)."""
     from ldm_core.kube import inference_service as isvc
     from ldm_core.kube.client import api_client, current_namespace
 
@@ -518,13 +515,7 @@ def deploy_kserve(
         rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
         isvc.build_inference_service(settings),
-        smoke=lambda url: smoke_check(
-            url,
-            model,
-            bundle=deployed,
-            steps=smoke_steps,
-            headers=smoke_headers(url, smoke_token_file),
-        ),
+        smoke=_cluster_smoke(model, deployed, smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
     )
@@ -542,6 +533,18 @@ def deploy_kserve(
         "revision": result["revision"],
         "smoke": result["smoke"],
     }
+
+
+def _cluster_smoke(
+    model: str, bundle: DeployedBundle, steps: int
+) -> Callable[[str], dict[str, Any]]:
+    """The rollout's smoke check: :func:`smoke_check` against the deployed ``bundle``, with
+    the pod's credentials for the URL it is sent to (:func:`smoke_headers`)."""
+
+    def smoke(url: str) -> dict[str, Any]:
+        return smoke_check(url, model, bundle=bundle, steps=steps, headers=smoke_headers(url))
+
+    return smoke
 
 
 def _require_bundle(bundle: Path) -> None:
