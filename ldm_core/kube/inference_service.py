@@ -679,6 +679,7 @@ class InferenceServiceRollout:
             raise RolloutError(
                 "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
             )
+        self._advice = []  # said again in a timeout's message; this rollout's only
         existing = self.get(ns, name)
         if existing is None:
             self._advice = self._knative_advice(desired, None)
