@@ -91,6 +91,9 @@ tests/test_inference_service.py holds the rollout's real requests to this list."
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 RAW_MODES = ("RawDeployment", "Standard")
 """KServe's raw Kubernetes Deployment mode, by its old and its >= 0.15 name."""
+EVENTS_EVERY_S = 2.0
+"""How often, at most, a wait lists the InferenceService's events for a webhook's refusal
+(a list weighs more than a get, and KServe repeats the event on every retry anyway)."""
 CANARY_TAG = "latest"
 """Knative's traffic tag for the newest revision (KServe's tag routing)."""
 
@@ -534,6 +537,7 @@ class InferenceServiceRollout:
         self.clock = clock
         self.sleep = sleep
         self._advice: list[str] = []
+        self._events_due = 0.0
 
     # ---- API calls (merge patches only; responses of create are not relied on)
 
@@ -630,7 +634,8 @@ class InferenceServiceRollout:
             state = raw_revision_state(obj, dep, before.deployment_revision)
         else:
             state = revision_state(obj, before.revision)
-        if state.phase == "waiting" and state.revision is None:
+        if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
+            self._events_due = self.clock() + max(self.poll_s, EVENTS_EVERY_S)
             refused = self._refusal(ns, name, before.written_at)
             if refused:
                 return RevisionState("failed", f"no new revision; KServe reported {refused}")
@@ -680,6 +685,7 @@ class InferenceServiceRollout:
                 "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
             )
         self._advice = []  # said again in a timeout's message; this rollout's only
+        self._events_due = self.clock()
         existing = self.get(ns, name)
         if existing is None:
             self._advice = self._knative_advice(desired, None)
