@@ -145,6 +145,8 @@ class FakeKServe:
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
         self.raw, self.features, self.token = raw, features, token
+        self.bookkeeping: bool | None = None
+        """Whether the emulated API bumps metadata.generation itself (found on first update)."""
         self._child_spec: tuple[str | None, int | None] | None = None
         self.revision_uri: dict[str, str] = {}
         self.canaries_seen: list[int] = []
@@ -380,8 +382,9 @@ class FakeKServe:
         return self.api, ("apps", "v1", NS, "deployments")
 
     def _write_deployment(self, name: str, st: dict[str, Any]) -> None:
-        """KServe writes the new pod template; the API server bumps the generation and the
-        Deployment controller gives the template the next rollout revision."""
+        """KServe writes the new pod template (the API server bumps the generation with it);
+        then the Deployment controller gives the template the next rollout revision, and
+        only later reports status for it (``_publish_raw``): three writes, as on a cluster."""
         api, where = self._deployments()
         dep_name = deployment_status.predictor_deployment(name)
         spec = {
@@ -392,27 +395,30 @@ class FakeKServe:
                 "spec": {"containers": [{"name": "kserve-container", "image": st["config"]}]},
             },
         }
-        annotations = {deployment_status.REVISION_ANNOTATION: str(st["n"])}
         if st["n"] == 1:
-            api.create_namespaced_custom_object(
-                *where,
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": {"name": dep_name, "namespace": NS, "annotations": annotations},
-                    "spec": spec,
-                },
-            )
+            meta = {"name": dep_name, "namespace": NS, "generation": 1}
+            body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+            api.create_namespaced_custom_object(*where, body)
         else:
-            api.patch_namespaced_custom_object(
-                *where, dep_name, {"metadata": {"annotations": annotations}, "spec": spec}
-            )
-        stored = api.get_namespaced_custom_object(*where, dep_name)
-        if stored["metadata"].get("generation", 0) < st["n"]:
-            # An emulator without generation bookkeeping: do what the API server does.
-            api.patch_namespaced_custom_object(
-                *where, dep_name, {"metadata": {"generation": st["n"]}}
-            )
+            stored = api.get_namespaced_custom_object(*where, dep_name)
+            patch: dict[str, Any] = {"spec": spec}
+            if self.bookkeeping is False:
+                # An emulator without generation bookkeeping: bump it in the same write,
+                # as the API server does.
+                patch["metadata"] = {"generation": stored["metadata"]["generation"] + 1}
+            api.patch_namespaced_custom_object(*where, dep_name, patch)
+            if self.bookkeeping is None:
+                after = api.get_namespaced_custom_object(*where, dep_name)
+                self.bookkeeping = (
+                    after["metadata"]["generation"] > stored["metadata"]["generation"]
+                )
+                if not self.bookkeeping:  # only the first update can find out
+                    bump = {"metadata": {"generation": stored["metadata"]["generation"] + 1}}
+                    api.patch_namespaced_custom_object(*where, dep_name, bump)
+        revision = {deployment_status.REVISION_ANNOTATION: str(st["n"])}
+        api.patch_namespaced_custom_object(
+            *where, dep_name, {"metadata": {"annotations": revision}}
+        )
 
     def _publish_raw(self, obj: dict[str, Any], st: dict[str, Any]) -> None:
         if st["created"] is None:
