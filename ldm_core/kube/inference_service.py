@@ -3,19 +3,34 @@
 Builders return plain dicts (what ``kubectl apply`` would take), so tests validate them
 against the real CRD schema and the manifests can be compared with them.
 
-The rollout is a small state machine over the Kubernetes API:
+The rollout is a small state machine over the Kubernetes API, in the deployment mode KServe
+reports (``status.deploymentMode``, else the ``serving.kserve.io/deploymentMode``
+annotation):
 
     absent  -> create -> wait for the revision -> smoke inference -> done
-    present -> patch the predictor with ``canaryTrafficPercent`` -> wait for the NEW
-               revision -> smoke inference through it -> promote (drop the canary, 100%)
-               or, on failure or timeout, roll back (restore the previous predictor spec)
+    Serverless (Knative), present -> patch the predictor with ``canaryTrafficPercent`` ->
+               wait for the NEW revision -> smoke inference through the canary's own
+               cluster-local tag address -> promote (drop the canary, 100%) or, on failure
+               or timeout, roll back (restore the previous predictor spec)
+    RawDeployment (``Standard``), present -> no canary (a Deployment has no traffic split):
+               patch -> wait until the Deployment rolled out the new pod template -> smoke
+               inference through the predictor's Service -> done, or roll back by
+               re-applying the previous predictor spec
 
-"Ready" is only believed for the revision our write created: the predictor's
-``latestCreatedRevision`` must be newer than the one before the write and (Serverless mode)
-equal its ``latestReadyRevision``; a Ready condition left over from the previous revision is
-not success. ``status.observedGeneration`` is not used: KServe copies it from the Knative
-Service or Deployment, whose counter is not the InferenceService's generation. The revision
-promoted is the one smoke-tested, or the rollout fails.
+"Ready" is only believed for the revision our write created: in Serverless mode the
+predictor's ``latestCreatedRevision`` must be newer than the one before the write and equal
+its ``latestReadyRevision``; in RawDeployment mode, where KServe reports no revision at all,
+the Deployment's own rollout revision must be newer and fully rolled out
+(:mod:`ldm_core.kube.deployment_status`). A Ready condition left over from the previous
+revision is not success. ``status.observedGeneration`` is not used: KServe copies it from
+the Knative Service or Deployment, whose counter is not the InferenceService's generation.
+The revision promoted is the one smoke-tested, or the rollout fails.
+
+A revision that fails, a Knative Configuration or Route that turns False, or a webhook that
+refuses what KServe writes (a Warning event on the InferenceService, see
+:mod:`ldm_core.kube.knative`) ends the wait at once with that message. Before an update in
+Serverless mode, Knative's podspec feature flags are read (when RBAC allows) and a spec
+that needs one that is off is warned about up front.
 
 Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
 is never relied on, so the code works against API servers with partial bookkeeping. API
@@ -26,15 +41,19 @@ missing RBAC grant as the PyTorchJob launcher's do; the clock and sleep are inje
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kubernetes
 
 from ldm_core.errors import LdmError
+from ldm_core.kube import deployment_status, knative
+from ldm_core.kube.errors import ApiCall, call_api
 from ldm_core.kube.resources import CustomObjects, CustomResource
 from ldm_core.kube.security import container_security_context
 
@@ -62,18 +81,32 @@ even when it is uploaded to the same storageUri."""
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
     (GROUP, ISVC_PLURAL, ("create", "get", "patch")),
     (GROUP, RUNTIME_PLURAL, ("create", "get")),
+    *deployment_status.RBAC_RULES,
+    ("", "events", ("list",)),
 ]
 """Every (apiGroup, resource, verbs) this module calls; the pipeline runner's Role in
 manifests/ grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
 tests/test_inference_service.py holds the rollout's real requests to this list."""
 
+DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+RAW_MODES = ("RawDeployment", "Standard")
+"""KServe's raw Kubernetes Deployment mode, by its old and its >= 0.15 name."""
+EVENTS_EVERY_S = 2.0
+"""How often, at most, a wait lists the InferenceService's events for a webhook's refusal
+(a list weighs more than a get, and KServe repeats the event on every retry anyway)."""
+CANARY_TAG = "latest"
+"""Knative's traffic tag for the newest revision (KServe's tag routing)."""
+
 _FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
-_FAILED_REASONS = ("RevisionFailed",)
-_WATCHED_CONDITIONS = (
-    "Ready",
-    "PredictorReady",
+_FAILED_REASONS = ("RevisionFailed", "ProgressDeadlineExceeded")
+_WATCHED_CONDITIONS = ("Ready", "PredictorReady")
+_FALSE_MEANS_FAILED = (
+    # Knative's ConfigurationsReady and RoutesReady, as KServe propagates them: False only
+    # when the latest revision failed or its route cannot be programmed (Unknown while busy).
     "PredictorConfigurationReady",
     "LatestDeploymentReady",
+    "PredictorRouteReady",
+    "RoutesReady",
 )
 
 
@@ -299,12 +332,13 @@ def _failure(status: Mapping[str, Any]) -> str | None:
     if transition in _FAILED_TRANSITIONS:
         detail = ": ".join(str(x) for x in (info.get("reason"), info.get("message")) if x)
         return f"modelStatus.transitionStatus={transition}" + (f" ({detail})" if detail else "")
-    for kind in _WATCHED_CONDITIONS:
+    for kind in (*_FALSE_MEANS_FAILED, *_WATCHED_CONDITIONS):
         cond = _condition(status, kind)
-        if cond and cond.get("status") == "False" and cond.get("reason") in _FAILED_REASONS:
-            return f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}".rstrip(
-                ": "
-            )
+        if not cond or cond.get("status") != "False":
+            continue
+        if kind in _FALSE_MEANS_FAILED or cond.get("reason") in _FAILED_REASONS:
+            text = f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}"
+            return text.rstrip(": ")
     return None
 
 
@@ -315,26 +349,27 @@ class RevisionState:
     revision: str | None = None
 
 
-def _raw_mode(obj: Mapping[str, Any]) -> bool:
-    """RawDeployment mode: KServe reports the Deployment's revision number as
-    latestCreatedRevision and keeps no latestReadyRevision or traffic."""
+def is_raw(obj: Mapping[str, Any]) -> bool:
+    """RawDeployment (``Standard``) mode, as KServe decides it: the mode it recorded in
+    ``status.deploymentMode`` first, else the object's annotation. False when neither says
+    (the cluster default is not known before KServe's first status)."""
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
     mode = (obj.get("status") or {}).get("deploymentMode") or annotations.get(
-        "serving.kserve.io/deploymentMode"
+        DEPLOYMENT_MODE_ANNOTATION
     )
-    return mode == "RawDeployment"
+    return mode in RAW_MODES
 
 
 def revision_state(obj: Mapping[str, Any], previous_revision: str | None) -> RevisionState:
-    """Where the predictor revision for the spec we last wrote stands; ``detail`` names what
-    is awaited.
+    """Where the Serverless predictor revision for the spec we last wrote stands; ``detail``
+    names what is awaited.
 
     ``status.observedGeneration`` proves nothing here: KServe copies it from its child (the
-    Knative Service, or the Deployment in RawDeployment mode), whose counter is not the
-    InferenceService's and runs ahead of or behind ``metadata.generation``. What does prove
-    it is the revision: after a spec change the predictor's ``latestCreatedRevision`` must be
-    a new one (not ``previous_revision``, what served before our write), and in Serverless
-    mode it must also be the ``latestReadyRevision``; then the Ready condition counts.
+    Knative Service), whose counter is not the InferenceService's and runs ahead of or
+    behind ``metadata.generation``. What does prove it is the revision: after a spec change
+    the predictor's ``latestCreatedRevision`` must be a new one (not ``previous_revision``,
+    what served before our write) and also the ``latestReadyRevision``; then the Ready
+    condition counts.
     """
     status = obj.get("status") or {}
     pred = _predictor_status(obj)
@@ -347,12 +382,16 @@ def revision_state(obj: Mapping[str, Any], previous_revision: str | None) -> Rev
     failure = _failure(status)
     if failure:
         return RevisionState("failed", failure, created)
-    if not _raw_mode(obj) and pred.get("latestReadyRevision") != created:
+    if pred.get("latestReadyRevision") != created:
         return RevisionState(
             "waiting",
             f"latestReadyRevision == latestCreatedRevision {created} (now {pred.get('latestReadyRevision')})",
             created,
         )
+    return _ready_condition(status, created)
+
+
+def _ready_condition(status: Mapping[str, Any], revision: str | None) -> RevisionState:
     ready = _condition(status, "Ready")
     if not ready or ready.get("status") != "True":
         why = (
@@ -361,9 +400,29 @@ def revision_state(obj: Mapping[str, Any], previous_revision: str | None) -> Rev
             else "no Ready condition yet"
         )
         return RevisionState(
-            "waiting", f"condition Ready=True (now: {why or ready.get('status')})", created
+            "waiting", f"condition Ready=True (now: {why or ready.get('status')})", revision
         )
-    return RevisionState("ready", "ready", created)
+    return RevisionState("ready", "ready", revision)
+
+
+def raw_revision_state(
+    obj: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    previous_revision: str | None,
+) -> RevisionState:
+    """Where a RawDeployment predictor stands: its Deployment must have rolled out a pod
+    template newer than ``previous_revision`` (its rollout revision before our write), and
+    then the InferenceService must be Ready. KServe's own failure reports (a crash-looping
+    model, ProgressDeadlineExceeded) count once the new template is out."""
+    progress = deployment_status.deployment_progress(deployment, previous_revision)
+    if progress.revision is None or progress.revision == previous_revision:
+        return RevisionState("waiting", progress.detail)
+    failure = _failure(obj.get("status") or {})
+    if progress.phase == "failed" or failure:
+        return RevisionState("failed", failure or progress.detail, progress.revision)
+    if progress.phase == "waiting":
+        return RevisionState("waiting", progress.detail, progress.revision)
+    return _ready_condition(obj.get("status") or {}, progress.revision)
 
 
 def _promoted(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
@@ -383,8 +442,6 @@ def _promoted(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
             state.revision,
         )
     traffic = _predictor_status(obj).get("traffic") or []
-    if not traffic:
-        return state  # RawDeployment reports no traffic: Ready on our revision is all there is
     full = [t for t in traffic if t.get("percent") == 100]
     if full and full[0].get("revisionName") in (revision, None):
         return state
@@ -392,27 +449,66 @@ def _promoted(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
         f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic
     )
     return RevisionState(
-        "waiting", f"100% of traffic on revision {revision} (now {split})", revision
+        "waiting", f"100% of traffic on revision {revision} (now {split or 'none'})", revision
     )
 
 
-def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:
-    """Where to send a smoke inference: the ``latest`` tag URL when checking a canary (it
-    reaches the new revision only), else the cluster-local address, else the public URL."""
+def _host(url: str | None) -> str:
+    return (url or "").split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+
+
+def canary_url(obj: Mapping[str, Any]) -> str | None:
+    """The cluster-local address of the newest revision's ``latest`` tag, or None.
+
+    Knative gives a tagged traffic target two names: ``status.traffic[].url`` is the
+    external one (``http://latest-<isvc>-predictor.<ns>.<domain>``), which on Kubeflow sits
+    behind the auth proxy or does not resolve inside the cluster; and a cluster-local
+    Service ``<tag name>.<ns>.svc.<cluster domain>`` (an ExternalName to the local
+    gateway). The tag name is the first label of the external host (Knative's
+    ``tag-template``, default ``{{.Tag}}-{{.Name}}``); namespace and cluster domain come
+    from the predictor's own cluster-local address, KServe's copy of the Knative
+    Service's ``status.address.url``.
+    """
     pred = _predictor_status(obj)
+    tagged = [t for t in pred.get("traffic") or [] if t.get("tag") == CANARY_TAG and t.get("url")]
+    meta = obj.get("metadata") or {}
+    local = _host((pred.get("address") or {}).get("url")) or (
+        f"{deployment_status.predictor_deployment(meta.get('name', ''))}."
+        f"{meta.get('namespace', '')}.svc.cluster.local"
+    )
+    if not tagged:
+        return None
+    tag_name = _host(tagged[0]["url"]).split(".", 1)[0]
+    return f"http://{tag_name}.{local.split('.', 1)[1]}"
+
+
+def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:
+    """Where to send a smoke inference: the canary's cluster-local tag address when
+    checking a canary (it reaches the new revision only), else the InferenceService's
+    cluster-local address, else its public URL."""
     if canary:
-        for t in pred.get("traffic") or []:
-            if t.get("tag") == "latest" and t.get("url"):
-                return str(t["url"])
+        return canary_url(obj)
     status = obj.get("status") or {}
     address = (status.get("address") or {}).get("url")
-    return address or status.get("url") or pred.get("url")
+    return address or status.get("url") or _predictor_status(obj).get("url")
 
 
 # --------------------------------------------------------------------------- rollout
 
 
 SmokeFn = Callable[[str], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What served before our write: the new revision must differ from these, and only
+    events after ``written_at`` are about our write."""
+
+    revision: str | None
+    """Serverless: the predictor's latestCreatedRevision."""
+    deployment_revision: str | None
+    """RawDeployment: the predictor Deployment's rollout revision."""
+    written_at: datetime
 
 
 class InferenceServiceRollout:
@@ -440,6 +536,8 @@ class InferenceServiceRollout:
         self.poll_s = poll_s
         self.clock = clock
         self.sleep = sleep
+        self._advice: list[str] = []
+        self._events_due = 0.0
 
     # ---- API calls (merge patches only; responses of create are not relied on)
 
@@ -456,6 +554,31 @@ class InferenceServiceRollout:
     def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._objects(ISVC, namespace).patch(name, body)
 
+    def _deployment(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The predictor's Deployment (RawDeployment mode), or None before KServe made it."""
+        apps = kubernetes.client.AppsV1Api(self.api_client)
+        dep = deployment_status.predictor_deployment(name)
+        answer = call_api(
+            ApiCall("get", "deployments.apps", ns, dep),
+            lambda: apps.read_namespaced_deployment(dep, ns, _preload_content=False),
+            host=str(self.api_client.configuration.host),
+            error=RolloutError,
+            absent_on=(404,),
+        )
+        return None if answer is None else json.loads(answer.data)
+
+    def _refusal(self, ns: str, name: str, since: datetime) -> str | None:
+        """A webhook's refusal of what KServe wrote for our spec, from the Warning events
+        KServe records on the InferenceService (its status never shows it)."""
+        core = kubernetes.client.CoreV1Api(self.api_client)
+        events = call_api(
+            ApiCall("list", "events", ns),
+            lambda: core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}"),
+            host=str(self.api_client.configuration.host),
+            error=RolloutError,
+        )
+        return knative.reconcile_failure(events.items or [], name, since)
+
     def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
         """Create the ServingRuntime if the namespace has none of that name (never overwrite
         one a platform engineer applied from manifests). Returns "created" or "exists"."""
@@ -465,7 +588,58 @@ class InferenceServiceRollout:
         runtimes.create(runtime)
         return "created"
 
+    # ---- before writing
+
+    def _knative_advice(
+        self, desired: dict[str, Any], existing: dict[str, Any] | None
+    ) -> list[str]:
+        """Podspec feature flags the spec needs and Knative has off (Serverless mode only),
+        logged as warnings before the write; [] when none, or when they cannot be read."""
+        if is_raw(existing or desired):
+            return []
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        predictor = desired["spec"]["predictor"]
+        runtime_name = (predictor.get("model") or {}).get("runtime")
+        runtime = self._objects(RUNTIME, ns).get(runtime_name) if runtime_name else None
+        needed = knative.needed_flags(predictor, (runtime or {}).get("spec"))
+        if not needed:
+            return []
+        features, source = knative.read_features(self.api_client)
+        if features is None:
+            log.info("Knative podspec feature flags not checked: %s", source)
+            return []
+        advice = knative.missing_flags(features, needed)
+        for line in advice:
+            log.warning("InferenceService %s/%s: %s", ns, name, line)
+        return advice
+
     # ---- waiting
+
+    def _before(self, obj: dict[str, Any] | None) -> _Before:
+        """The identities our write must replace, read from ``obj`` (None: a first deploy)."""
+        revision = deployment_revision = None
+        if obj is not None:
+            revision = _predictor_status(obj).get("latestCreatedRevision")
+            if is_raw(obj):
+                ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                deployment_revision = deployment_status.revision(self._deployment(ns, name))
+        # Event times have whole seconds: a margin keeps an event of this very second.
+        now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        return _Before(revision, deployment_revision, now)
+
+    def _state(self, obj: dict[str, Any], before: _Before) -> RevisionState:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if is_raw(obj):
+            dep = self._deployment(ns, name)
+            state = raw_revision_state(obj, dep, before.deployment_revision)
+        else:
+            state = revision_state(obj, before.revision)
+        if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
+            self._events_due = self.clock() + max(self.poll_s, EVENTS_EVERY_S)
+            refused = self._refusal(ns, name, before.written_at)
+            if refused:
+                return RevisionState("failed", f"no new revision; KServe reported {refused}")
+        return state
 
     def _wait(
         self, ns: str, name: str, check: Callable[[dict[str, Any]], RevisionState], what: str
@@ -479,9 +653,10 @@ class InferenceServiceRollout:
                 if state.phase != "waiting":
                     return state, obj
             if self.clock() >= deadline:
+                advice = "".join(f"; note: {line}" for line in self._advice)
                 raise RolloutTimeout(
                     f"InferenceService {ns}/{name}: {what} not done after {self.timeout_s:g} s; "
-                    f"still waiting for {state.detail}"
+                    f"still waiting for {state.detail}{advice}"
                 )
             self.sleep(self.poll_s)
 
@@ -498,8 +673,9 @@ class InferenceServiceRollout:
         """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
 
         Returns a dict with ``action`` (created | updated | unchanged | promoted: the same
-        spec was left as a canary by an interrupted rollout), ``url``,
-        ``revision``, ``smoke`` (what ``smoke(url)`` returned) and ``canary_percent``.
+        spec was left as a canary by an interrupted rollout), ``url``, ``revision``,
+        ``smoke`` (what ``smoke(url)`` returned), ``canary_percent`` (None in RawDeployment
+        mode, which has no canary) and ``mode`` (Serverless | RawDeployment).
         Raises RolloutFailed / RolloutTimeout; an update that fails is rolled back first.
         """
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
@@ -508,13 +684,16 @@ class InferenceServiceRollout:
             raise RolloutError(
                 "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
             )
+        self._advice = []  # said again in a timeout's message; this rollout's only
+        self._events_due = self.clock()
         existing = self.get(ns, name)
         if existing is None:
+            self._advice = self._knative_advice(desired, None)
             return self._first_deploy(desired, smoke, url_override)
         current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         leftover_canary = current.pop("canaryTrafficPercent", None)
         if current == predictor:
-            state = revision_state(existing, None)
+            state = self._state(existing, _Before(None, None, datetime.now(UTC)))
             if state.phase == "ready":
                 # Same spec and serving: verify it. A canary left by an interrupted earlier
                 # rollout of this very spec is verified through its own URL and promoted.
@@ -528,7 +707,9 @@ class InferenceServiceRollout:
                     "revision": state.revision,
                     "smoke": result,
                     "canary_percent": leftover_canary,
+                    "mode": _mode(existing),
                 }
+        self._advice = self._knative_advice(desired, existing)
         return self._update(existing, desired, smoke, canary_percent, url_override)
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
@@ -543,9 +724,10 @@ class InferenceServiceRollout:
         self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        before = self._before(None)
         self._create(desired)
         log.info("created InferenceService %s/%s", ns, name)
-        state, obj = self._wait(ns, name, lambda o: revision_state(o, None), "first revision ready")
+        state, obj = self._wait(ns, name, lambda o: self._state(o, before), "first revision ready")
         if state.phase == "failed":
             raise RolloutFailed(
                 f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
@@ -559,7 +741,31 @@ class InferenceServiceRollout:
             "revision": state.revision,
             "smoke": result,
             "canary_percent": None,
+            "mode": _mode(obj),
         }
+
+    def _rollback(
+        self, ns: str, name: str, previous: dict[str, Any], raw: bool
+    ) -> Callable[[str], str]:
+        """A function that restores the ``previous`` predictor spec and says so."""
+
+        def rollback(reason: str) -> str:
+            current = self.get(ns, name) or {}
+            undo = merge_patch(
+                (current.get("spec") or {}).get("predictor") or {},
+                previous.get("predictor") or {},
+            )
+            self._patch(ns, name, {"spec": {"predictor": undo}})
+            how = (
+                "re-applied the previous predictor spec: the Deployment rolls back to its pod "
+                "template (RawDeployment mode has no canary to drop)"
+                if raw
+                else "restored the previous predictor spec"
+            )
+            log.warning("rolled back InferenceService %s/%s (%s): %s", ns, name, how, reason)
+            return f"rolled back: {how}"
+
+        return rollback
 
     def _update(
         self,
@@ -571,11 +777,23 @@ class InferenceServiceRollout:
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         previous_spec = copy.deepcopy(existing.get("spec") or {})
-        before = _predictor_status(existing)
-        # The newest revision before our write, ready or not: ours must come after it.
-        newest_before = before.get("latestCreatedRevision")
-        previous_revision = before.get("latestReadyRevision") or newest_before
+        raw = is_raw(existing)
+        before = self._before(existing)
+        pred_before = _predictor_status(existing)
+        previous_revision = (
+            before.deployment_revision
+            if raw
+            else pred_before.get("latestReadyRevision") or before.revision
+        )
         canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
+        if raw and canary is not None:
+            log.info(
+                "InferenceService %s/%s runs in RawDeployment mode: no canary (a Deployment "
+                "has no traffic split); rolling update, smoke inference, roll back on failure",
+                ns,
+                name,
+            )
+            canary = None
         new_predictor = copy.deepcopy(desired["spec"]["predictor"])
         if canary is not None:
             new_predictor["canaryTrafficPercent"] = canary
@@ -588,35 +806,25 @@ class InferenceServiceRollout:
         }
         self._patch(ns, name, body)
         log.info(
-            "patched InferenceService %s/%s (canary %s%%)",
+            "patched InferenceService %s/%s (%s, canary %s%%)",
             ns,
             name,
+            _mode(existing),
             canary if canary is not None else 100,
         )
-
-        def rollback(reason: str) -> str:
-            current = self.get(ns, name) or {}
-            undo = merge_patch(
-                (current.get("spec") or {}).get("predictor") or {},
-                previous_spec.get("predictor") or {},
-            )
-            self._patch(ns, name, {"spec": {"predictor": undo}})
-            log.warning("rolled back InferenceService %s/%s: %s", ns, name, reason)
-            return f"rolled back to the previous predictor spec (revision {previous_revision or 'unknown'})"
-
+        rollback = self._rollback(ns, name, previous_spec, raw)
         try:
             state, obj = self._wait(
-                ns,
-                name,
-                lambda o: revision_state(o, newest_before),
-                "new revision ready",
+                ns, name, lambda o: self._state(o, before), "new revision ready"
             )
         except RolloutTimeout as exc:
-            raise RolloutTimeout(f"{exc}; {rollback(str(exc))}") from None
+            raise RolloutTimeout(
+                f"{exc}; {rollback(str(exc))} (revision {previous_revision or 'unknown'})"
+            ) from None
         if state.phase == "failed":
             raise RolloutFailed(
                 f"InferenceService {ns}/{name}: new revision {state.revision or ''} failed: {state.detail}; "
-                f"{rollback(state.detail)}"
+                f"{rollback(state.detail)} (revision {previous_revision or 'unknown'})"
             )
         url = url_override or service_url(obj, canary=canary is not None)
         result = self._smoke(ns, name, smoke, url, rollback=rollback)
@@ -629,6 +837,7 @@ class InferenceServiceRollout:
             "previous_revision": previous_revision,
             "smoke": result,
             "canary_percent": canary,
+            "mode": _mode(obj),
         }
 
     def _smoke(
@@ -641,7 +850,8 @@ class InferenceServiceRollout:
     ) -> dict[str, Any]:
         if not url:
             reason = (
-                "no URL in status (status.address.url / status.url) to send a smoke inference to"
+                "no URL in status (status.address.url / status.url, or the canary's "
+                "traffic tag) to send a smoke inference to"
             )
         else:
             try:
@@ -651,3 +861,7 @@ class InferenceServiceRollout:
         if rollback is None:
             raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}")
         raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason)}")
+
+
+def _mode(obj: Mapping[str, Any]) -> str:
+    return "RawDeployment" if is_raw(obj) else "Serverless"
