@@ -881,19 +881,22 @@ def test_optional_manifest_components_grant_and_admit_exactly_what_the_code_uses
     }
     assert granted == declared(knative.RBAC_RULES)
     assert [rule["resourceNames"] for rule in role["rules"]] == [[knative.FEATURES_CONFIGMAP]]
-    runner = docs[("RoleBinding", "brain-ldm-pipeline-runner")]["subjects"][0]
+    # The accounts deploy steps run as: pipeline-runner (submit) and the profile's
+    # default-editor (runs started from the UI), each bound to the pipeline Role in base.
+    runners = [
+        docs[("RoleBinding", binding)]["subjects"][0]
+        for binding in ("brain-ldm-pipeline-runner", "brain-ldm-default-editor")
+    ]
     binding = docs[("RoleBinding", "brain-ldm-knative-features-reader")]
-    assert (
-        binding["subjects"] == [runner] and binding["roleRef"]["name"] == role["metadata"]["name"]
-    )
+    assert binding["subjects"] == runners and binding["roleRef"]["name"] == role["metadata"]["name"]
 
     authn = docs[("RequestAuthentication", "brain-ldm-predictor-sa-token")]
     policy = docs[("AuthorizationPolicy", "brain-ldm-predictor-smoke")]
     (issuer,) = [rule["issuer"] for rule in authn["spec"]["jwtRules"]]
-    account = f"system:serviceaccount:{runner['namespace']}:{runner['name']}"
+    principals = [f"{issuer}/system:serviceaccount:{r['namespace']}:{r['name']}" for r in runners]
     (rule,) = policy["spec"]["rules"]
     assert policy["spec"]["action"] == "ALLOW"
-    assert rule["from"] == [{"source": {"requestPrincipals": [f"{issuer}/{account}"]}}]
+    assert rule["from"] == [{"source": {"requestPrincipals": principals}}]
     pods = {"serving.kserve.io/inferenceservice": desired(OLD_URI)["metadata"]["name"]}
     for obj in (authn, policy):
         assert obj["metadata"]["namespace"] == NS and obj["spec"]["selector"]["matchLabels"] == pods
