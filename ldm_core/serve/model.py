@@ -113,8 +113,9 @@ class BrainLDMModel(Model):
             # A one-step generation touches every kernel (and, on a GPU, initialises cuDNN and
             # the allocator) so the first real request is not the slow one. On a GPU the UNet
             # is compiled for the bundle's fixed latent shape, one graph per batch size a
-            # loop may have (a request alone, or requests batched together), and under the precision requests run with (autocast is part
-            # of the graph), so the compile cost is paid here and measured.
+            # loop may have (a request alone, or requests batched together), and under the
+            # precision requests run with (autocast is part of the graph), so the compile
+            # cost is paid here and measured.
             on_gpu = self.bundle.device.type == "cuda"
             self.warmup_s = prepare(
                 self.bundle,
