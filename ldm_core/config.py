@@ -205,10 +205,17 @@ class ServingConfig:
     max_steps: int = 1000
     request_timeout_s: float = 300.0
     max_concurrency: int = 1
-    """Requests generating at the same time."""
+    """Denoising loops running at the same time (each one request, or a batch of requests
+    that share it, see max_batch_size)."""
     max_queue: int = 8
     """Requests waiting beyond max_concurrency before new ones are refused (503)."""
     warmup: bool = True
+    max_batch_size: int = 8
+    """Samples that concurrent requests may denoise together in one loop (a request's own
+    samples count; a larger request runs alone). 1 = no batching across requests. Requests
+    in a batch still count against max_concurrency + max_queue."""
+    max_batch_wait_ms: float = 20.0
+    """How long a request waits for others to share its loop when a generation slot is free."""
 
 
 @dataclass
@@ -520,6 +527,7 @@ _POSITIVE = (
     "serving.max_samples",
     "serving.max_steps",
     "serving.max_concurrency",
+    "serving.max_batch_size",
     "evaluation.num_samples",
     "evaluation.steps",
     "model.scheduler.num_train_timesteps",
@@ -648,6 +656,10 @@ def _check_serving(cfg: Config) -> None:
         )
     if cfg.serving.max_queue < 0:
         raise ConfigError(f"serving.max_queue: must be >= 0, got {cfg.serving.max_queue}")
+    if cfg.serving.max_batch_wait_ms < 0:
+        raise ConfigError(
+            f"serving.max_batch_wait_ms: must be >= 0, got {cfg.serving.max_batch_wait_ms}"
+        )
 
 
 # --------------------------------------------------------------------------- helpers

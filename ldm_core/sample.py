@@ -166,12 +166,25 @@ def generate(
     eta: float | None = None,
     progress: ProgressFn | None = None,
     precision: str = "auto",
+    decode_groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """One volume per seed: ``[N, 1, D, H, W]`` float32 on the CPU."""
+    """One volume per seed: ``[N, 1, D, H, W]`` float32 on the CPU.
+
+    ``decode_groups`` (sizes of consecutive runs of ``seeds``, summing to N) decodes each run
+    as its own batch after one shared denoising loop. Serving batches several requests into
+    one loop this way: each request's latents then reach the decoder as they would if it had
+    run alone, and the decoder's full-resolution activations stay the size of one request's
+    (on the 2-core CPU, demo bundle, one noisy measurement: 0.4 s per volume at batch 1,
+    0.9 s at batch 8).
+    """
+    groups = [len(seeds)] if decode_groups is None else [int(n) for n in decode_groups]
+    if decode_groups is not None and (sum(groups) != len(seeds) or min(groups, default=0) < 1):
+        raise LdmError(f"decode_groups {groups} do not split {len(seeds)} seeds into runs")
     latents = denoise(
         bundle, seeds, sampler=sampler, steps=steps, eta=eta, progress=progress, precision=precision
     )
-    return decode(bundle, latents, precision=precision).cpu()
+    parts = [decode(bundle, part, precision=precision).cpu() for part in latents.split(groups)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def prepare(

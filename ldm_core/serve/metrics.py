@@ -24,6 +24,16 @@ REJECTED = Counter(
     "Requests refused or failed, by reason (invalid, busy, timeout, out_of_memory, error)",
     ["reason"],
 )
+BATCH_SAMPLES = Histogram(
+    "ldm_batch_samples",
+    "Samples denoised together in one loop (serving.max_batch_size caps it)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
+BATCH_REQUESTS = Histogram(
+    "ldm_batch_requests",
+    "Requests sharing one denoising loop (1 = a request ran alone)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+)
 OUTPUT_SUMMARY = Histogram(
     "ldm_output_summary",
     "Per generated volume: mean_intensity, foreground_fraction, detail ([0, 1] scale)",

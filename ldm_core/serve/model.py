@@ -4,12 +4,15 @@ parsed requests into volumes.
 It overrides what KServe means a model to override: ``load`` (readiness turns true only
 after the bundle loaded and one tiny generation warmed it up), ``preprocess`` (parse and
 validate, :mod:`~ldm_core.serve.protocol`), ``predict`` (generate, under the server's
-:class:`~ldm_core.serve.admission.Admission`) and ``postprocess`` (encode), plus the
-metadata of its inputs and outputs. The server owns HTTP, admission and threads.
+:class:`~ldm_core.serve.admission.Admission`, which may denoise it in one loop with other
+requests that ask for the same :class:`~ldm_core.serve.batching.LoopKey`) and
+``postprocess`` (encode), plus the metadata of its inputs and outputs. The server owns
+HTTP, admission and threads.
 
 Status codes: 400 for a bad request (the field named), 503 busy or out of device memory,
 504 past the time limit, and 500 when generation itself fails: an engine error is ours,
-not the client's, and is logged with its type, message and request id.
+not the client's, and is logged with its type, message and request id (for each request
+of a batch that failed).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from ldm_core.bundle import load as load_bundle
 from ldm_core.config import Config
 from ldm_core.io import BUNDLE_JSON
 from ldm_core.sample import generate, prepare
-from ldm_core.serve.admission import Admission, Progress, RequestRejected, ServerBusy
+from ldm_core.serve.admission import Admission, Outcome, Progress, RequestRejected, ServerBusy
+from ldm_core.serve.batching import LoopKey
 from ldm_core.serve.logs import log_event, log_request
 from ldm_core.serve.metrics import REJECTED, REQUEST_LATENCY, SAMPLES_GENERATED
 from ldm_core.serve.monitoring import export_reference, observe, read_reference
@@ -52,11 +55,11 @@ from ldm_core.serve.protocol import (
 
 @dataclass
 class Generated:
-    """What ``predict`` hands ``postprocess``: the request and its volumes."""
+    """What ``predict`` hands ``postprocess``: the request, its volumes and its batch."""
 
     request: GenerationRequest
-    volumes: np.ndarray  # [N, 1, D, H, W] float32
-    generate_s: float
+    outcome: Outcome[np.ndarray]
+    """``result``: the volumes, ``[N, 1, D, H, W]`` float32."""
 
 
 class BrainLDMModel(Model):
@@ -110,13 +113,14 @@ class BrainLDMModel(Model):
             # A one-step generation touches every kernel (and, on a GPU, initialises cuDNN and
             # the allocator) so the first real request is not the slow one. On a GPU the UNet
             # is compiled for the bundle's fixed latent shape, one graph per batch size a
-            # request may have, and under the precision requests run with (autocast is part
-            # of the graph), so the compile cost is paid here and measured.
+            # loop may have (a request alone, or requests batched together), and under the
+            # precision requests run with (autocast is part of the graph), so the compile
+            # cost is paid here and measured.
             on_gpu = self.bundle.device.type == "cuda"
             self.warmup_s = prepare(
                 self.bundle,
                 compile=on_gpu,
-                batch_sizes=range(1, self.cfg.serving.max_samples + 1) if on_gpu else (1,),
+                batch_sizes=range(1, self._largest_batch() + 1) if on_gpu else (1,),
                 sampler=self.limits.default_sampler,
                 precision=self.cfg.sampling.precision,
             )
@@ -132,6 +136,11 @@ class BrainLDMModel(Model):
             load_s=round(time.monotonic() - started, 3),
         )
         return self.ready
+
+    def _largest_batch(self) -> int:
+        """Most samples one denoising loop may hold: a request alone (``max_samples``) or
+        requests batched together (``max_batch_size``)."""
+        return max(self.cfg.serving.max_samples, self.cfg.serving.max_batch_size)
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return [{"name": "seed", "datatype": "INT64", "shape": [-1]}]
@@ -184,10 +193,14 @@ class BrainLDMModel(Model):
     async def predict(
         self, req: GenerationRequest, headers: dict[str, str] | None = None
     ) -> Generated:
-        """Generate one volume per seed, once admission lets the request in."""
+        """Generate one volume per seed, once admission lets the request in (alone or in a
+        batch with requests that share its loop)."""
         try:
-            volumes, seconds = await self.admission.run(
-                partial(self._generate, req),
+            outcome = await self.admission.run(
+                self._generate,
+                req.seeds,
+                key=self.loop_key(req),
+                size=len(req.seeds),
                 request_id=req.request_id,
                 started=req.started,
                 steps=req.steps,
@@ -199,25 +212,41 @@ class BrainLDMModel(Model):
             REJECTED.labels("out_of_memory").inc()
             log_request(req, status=503, error="out of device memory")
             raise ServerBusy(
-                f"out of device memory generating {len(req.seeds)} samples; retry with fewer seeds"
+                f"out of device memory generating {len(req.seeds)} samples (with any requests "
+                "batched with them); retry with fewer seeds"
             ) from None
         except Exception as exc:
             REJECTED.labels("error").inc()
             cause = f"{type(exc).__name__}: {exc}"
             log_request(req, status=500, exc_info=exc, error=f"generation failed: {cause}")
             raise InferenceError(f"request {req.request_id}: generation failed ({cause})") from exc
-        return Generated(req, volumes, seconds)
+        return Generated(req, outcome)
 
-    def _generate(self, req: GenerationRequest, progress: Progress) -> np.ndarray:
+    def loop_key(self, req: GenerationRequest) -> LoopKey:
+        """The loop ``req`` runs in: the request's sampler and steps, the bundle's eta and the
+        server's precision (requests cannot choose those yet, but a loop is defined by them)."""
+        return LoopKey(
+            req.sampler, req.steps, self.bundle.config.sampling.eta, self.cfg.sampling.precision
+        )
+
+    def _generate(
+        self, key: LoopKey, seeds: list[list[int]], progress: Progress
+    ) -> list[np.ndarray]:
+        """One denoising loop over the seeds of every request in a batch; each request's
+        volumes decoded on their own, as if it had run alone."""
+        sizes = [len(s) for s in seeds]
         volumes = generate(
             self.bundle,
-            req.seeds,
-            req.sampler,
-            req.steps,
+            [seed for group in seeds for seed in group],
+            key.sampler,
+            key.steps,
+            eta=key.eta,
             progress=progress,
-            precision=self.cfg.sampling.precision,
+            precision=key.precision,
+            decode_groups=sizes,
         )
-        return volumes.numpy().astype(np.float32, copy=False)
+        volumes = volumes.numpy().astype(np.float32, copy=False)
+        return np.split(volumes, np.cumsum(sizes)[:-1])
 
     async def postprocess(
         self,
@@ -226,21 +255,27 @@ class BrainLDMModel(Model):
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse | dict[str, Any]:
         """Encode the volumes as the request asked, record metrics, log the request."""
-        req = result.request
+        req, outcome, volumes = result.request, result.outcome, result.outcome.result
         affine = np.asarray(self.bundle.affine)
         # Summaries and gzip / PNG encoding are CPU work; keep them off the event loop.
-        await asyncio.to_thread(observe, result.volumes)
-        files = await asyncio.to_thread(encode, result.volumes, affine, req.outputs)
+        await asyncio.to_thread(observe, volumes)
+        files = await asyncio.to_thread(encode, volumes, affine, req.outputs)
         if req.protocol == "v2":
             response: InferResponse | dict[str, Any] = build_v2_response(
-                req, result.volumes, affine, files, self.name, self.bundle_digest
+                req, volumes, affine, files, self.name, self.bundle_digest
             )
         else:
-            response = build_v1_response(req, result.volumes, affine, files, self.bundle_digest)
+            response = build_v1_response(req, volumes, affine, files, self.bundle_digest)
         latency = time.monotonic() - req.started
         REQUEST_LATENCY.labels(req.sampler).observe(latency)
         SAMPLES_GENERATED.labels(req.sampler).inc(len(req.seeds))
         log_request(
-            req, status=200, latency_s=round(latency, 4), generate_s=round(result.generate_s, 4)
+            req,
+            status=200,
+            latency_s=round(latency, 4),
+            generate_s=round(outcome.seconds, 4),
+            batch_id=outcome.batch_id,
+            batch_samples=outcome.batch_samples,
+            batch_requests=outcome.batch_requests,
         )
         return response
