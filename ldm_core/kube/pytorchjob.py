@@ -175,7 +175,7 @@ def build_pytorchjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[s
         )
     if not settings.image:
         raise LaunchError(f"{task.name}: no training image configured")
-    template = _pod_template(task, settings)
+    template = pod_template(task, settings)
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": settings.restart_policy, "template": template}
     }
@@ -226,7 +226,13 @@ def _labels(task: TrainingTask) -> dict[str, str]:
     }
 
 
-def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
+def pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
+    """The pod every replica of ``task`` runs: ``torchrun`` over the task's command, the
+    shared PVC at ``s.workdir``, the resources and scheduling of ``s``, locked down.
+
+    Public because every training-job backend (PyTorchJob here, Trainer v2's TrainJob)
+    runs the same pod; only the object around it differs.
+    """
     env = {
         "PYTHONUNBUFFERED": "1",  # log lines reach the component as they are printed
         "HOME": "/tmp",  # read-only root filesystem: caches go to the /tmp emptyDir
