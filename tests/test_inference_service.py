@@ -561,7 +561,7 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
 ):
     from tests.harness.s3 import make_bucket, raw_client, s3_env, s3_server
 
-    cfg = serve_config()
+    cfg = serve_config(f"cluster.namespace={NS}")
     bundle = served_bundle  # the smoke check holds the answer to the deployed bundle's digest
     host = plain_api.url
     with s3_server() as endpoint:
@@ -573,7 +573,6 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
                 bundle,
                 backend="kserve",
                 storage_prefix=f"s3://{bucket}/bundles",
-                namespace=NS,
                 api_host=host,
                 timeout_s=30,
                 poll_s=0.05,
@@ -584,7 +583,6 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
                 cfg,
                 bundle,
                 storage_prefix=f"s3://{bucket}/bundles",
-                namespace=NS,
                 api_host=host,
                 timeout_s=30,
                 poll_s=0.05,
