@@ -217,7 +217,12 @@ class ServingConfig:
     RawDeployment (a Deployment and an HPA: no Knative, never below one replica)."""
     min_replicas: int = 1
     """0 scales to zero when idle (Serverless only); the first request then waits for a cold
-    start: scheduling, the bundle download, load and warm-up (README: cold start)."""
+    start: scheduling, the image pull, the bundle download, then the server's start, load and
+    warm-up. Measured for a real ``ldm serve`` of the demo bundle on this project's 2 shared
+    CPU cores while they were heavily contended (load average 17-18, 2026-11-30): imports to
+    live 190-242 s, bundle load 12 s, warm-up (one 1-step generation) 53-76 s, the first request
+    at steps=10 another 290 s. An idle core is many times faster (a UNet step is 34 ms there,
+    see FACTS); measure on the predictor's node before choosing 0 for interactive use."""
     max_replicas: int = 1
     scale_metric: str = "concurrency"
     """What the autoscaler watches: concurrency | rps (Knative, Serverless) | cpu | memory."""
@@ -902,7 +907,7 @@ def _check_cluster(cfg: Config) -> None:
         _check_quantity(f"{where}.memory", res.memory, "16Gi")
         if isinstance(res, TrainingResources):
             _check_quantity(f"{where}.shm", res.shm, "2Gi")
-    for stage in ONE_DEVICE_STAGES[:2]:
+    for stage in ONE_DEVICE_STAGES:  # evaluate samples on train.device too
         if cfg.train.device.startswith("cuda") and getattr(c, stage).gpus == 0:
             raise ConfigError(
                 f"cluster.{stage}.gpus: 0, but train.device is {cfg.train.device}: the pod "

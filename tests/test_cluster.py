@@ -267,6 +267,11 @@ def test_what_kserve_cannot_do_in_raw_deployment_is_refused():
 def test_a_gpu_training_device_needs_a_gpu_pod():
     with pytest.raises(ConfigError, match="cluster.train_autoencoder.gpus: 0, but train.device"):
         load_config(preset="gpu-16g", overrides=["cluster.train_autoencoder.gpus=0"])
+    # Evaluate samples on train.device: a CPU evaluate pod needs a device that can be a CPU.
+    with pytest.raises(ConfigError, match="cluster.evaluate.gpus: 0, but train.device is cuda"):
+        load_config(preset="gpu-16g", overrides=["cluster.evaluate.gpus=0"])
+    cpu_eval = ["cluster.evaluate.gpus=0", "train.device=auto"]
+    assert load_config(preset="gpu-16g", overrides=cpu_eval).cluster.evaluate.gpus == 0
 
 
 # --------------------------------------------------------------------------- pipeline parameters
@@ -283,7 +288,7 @@ def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
     )
     out = stages.configure_stage(
         "gpu-16g",
-        ["serving.max_replicas=2", "cluster.evaluate.memory=20Gi"],
+        ["serving.max_replicas=2", "cluster.evaluate.memory=20Gi", "train.device=auto"],
         params,
         tmp_path / "config",
     )
@@ -296,6 +301,7 @@ def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
         "serving.max_replicas=4",
         "serving.max_replicas=2",
         "cluster.evaluate.memory=20Gi",
+        "train.device=auto",
     ]
     assert (out.evaluate_cpu, out.evaluate_memory, out.evaluate_gpus) == ("4", "20Gi", 0)
     cfg = stages.resolve_config("gpu-16g", out.overrides)

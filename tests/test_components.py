@@ -113,7 +113,7 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
     config = dsl.Artifact(name="config", uri=str(tmp_path / "config"))
     out = components.configure.python_func(
         preset="gpu-16g",
-        overrides=["cluster.evaluate.cpu=3"],
+        overrides=["cluster.evaluate.cpu=3", "train.device=auto"],
         image="registry.example/ldm:1",
         pvc_name="brain-ldm-data",
         eval_gpus=0,
@@ -130,6 +130,7 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
             "cluster.pvc_name=brain-ldm-data",
             "cluster.evaluate.gpus=0",
             "cluster.evaluate.cpu=3",
+            "train.device=auto",
         ],
         "evaluate_cpu": "3",
         "evaluate_memory": "16Gi",

@@ -127,7 +127,7 @@ class PyTorchJobSettings:
     s3_secret: str = ""
     """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and S3_ENDPOINT for s3:// URIs,
     passed as envFrom so its values never appear in the job object; empty = none."""
-    resources: TrainingResources = field(default_factory=lambda: _CLUSTER.train_autoencoder)
+    resources: TrainingResources = field(default_factory=lambda: ClusterConfig().train_autoencoder)
     """Per training process: a pod of ``nproc_per_node`` processes asks that many times
     each figure (one GPU per process)."""
     gpu_resource: str = "nvidia.com/gpu"
