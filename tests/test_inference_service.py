@@ -389,7 +389,13 @@ def test_the_predictor_identity_in_manifests_finds_s3_and_carries_no_credentials
         ann["serving.kserve.io/s3-usehttps"] == "0"
         and ann["serving.kserve.io/s3-region"] == "us-east-1"
     )
-    assert all(v.startswith("REPLACE_WITH_") for v in secret["stringData"].values())
+    data = secret["stringData"]
+    assert all(
+        data[k].startswith("REPLACE_WITH_") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    )
+    # The one key that is no credential: Kubeflow's in-cluster MinIO, plain HTTP.
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
+    assert data["S3_ENDPOINT"] == "http://" + ann["serving.kserve.io/s3-endpoint"]
     sa = accounts[isvc.DEFAULT_SERVICE_ACCOUNT]
     assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
     assert sa["automountServiceAccountToken"] is False
