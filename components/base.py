@@ -11,5 +11,8 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_IMAGE = "ghcr.io/brain-ldm/brain-ldm-training:0.1.0"
+from ldm_core.config import ClusterConfig
+
+DEFAULT_IMAGE = ClusterConfig().image
+"""The config's ``cluster.image``: one default for the step pods and the training pods."""
 BASE_IMAGE = os.environ.get("LDM_IMAGE", DEFAULT_IMAGE)

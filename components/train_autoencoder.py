@@ -15,8 +15,6 @@ def train_autoencoder(
     nproc: int,
     nnodes: int,
     backend: str,
-    image: str,
-    pvc_name: str,
     workdir: str,
     autoencoder: Output[Model],
 ):
@@ -31,6 +29,6 @@ def train_autoencoder(
             overrides,
             nproc,
             backend,
-            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir, nnodes=nnodes),
+            ClusterSettings(workdir=workdir, nnodes=nnodes),
         )
     )

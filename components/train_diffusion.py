@@ -16,8 +16,6 @@ def train_diffusion(
     nproc: int,
     nnodes: int,
     backend: str,
-    image: str,
-    pvc_name: str,
     workdir: str,
     diffusion: Output[Model],
     bundle: Output[Model],
@@ -36,6 +34,6 @@ def train_diffusion(
             overrides,
             nproc,
             backend,
-            ClusterSettings(image=image, pvc_name=pvc_name, workdir=workdir, nnodes=nnodes),
+            ClusterSettings(workdir=workdir, nnodes=nnodes),
         )
     )

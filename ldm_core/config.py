@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,6 +218,143 @@ class ServingConfig:
     in a batch still count against max_concurrency + max_queue."""
     max_batch_wait_ms: float = 20.0
     """How long a request waits for others to share its loop when a generation slot is free."""
+    # -- capacity on a cluster (the InferenceService's predictor; cluster.predictor sizes a pod)
+    deployment_mode: str = "Serverless"
+    """Serverless (Knative: scale to zero, concurrency/rps autoscaling, canary traffic) or
+    RawDeployment (a Deployment and an HPA: no Knative, never below one replica)."""
+    min_replicas: int = 1
+    """0 scales to zero when idle (Serverless only); the first request then waits for a cold
+    start: scheduling, the image pull, the bundle download, then the server's start, load and
+    warm-up. Measured for a real ``ldm serve`` of the demo bundle on this project's 2 shared
+    CPU cores while they were heavily contended (load average 17-18, 2026-11-30): imports to
+    live 190-242 s, bundle load 12 s, warm-up (one 1-step generation) 53-76 s, the first request
+    at steps=10 another 290 s. An idle core is many times faster (a UNet step is 34 ms there,
+    see FACTS); measure on the predictor's node before choosing 0 for interactive use."""
+    max_replicas: int = 1
+    scale_metric: str = "concurrency"
+    """What the autoscaler watches: concurrency | rps (Knative, Serverless) | cpu | memory."""
+    scale_target: int = 1
+    """Target per replica of scale_metric (in-flight requests, requests/s, or % utilisation).
+    One generating request keeps a replica busy, so concurrency 1 adds a replica per request."""
+
+
+# --------------------------------------------------------------------------- cluster
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+"""A Kubernetes resource quantity in the forms people write (``2``, ``500m``, ``16Gi``)."""
+
+
+@dataclass
+class StageResources:
+    """What the pod of one stage asks the scheduler for (evaluate, the predictor)."""
+
+    gpus: int = 0
+    """GPUs (``nvidia.com/gpu``); 0 = CPU only."""
+    cpu: str = "2"
+    """CPU request (Kubernetes quantity: ``2``, ``500m``)."""
+    memory: str = "4Gi"
+    """Memory request and limit (``16Gi``): equal, so the pod is never OOM-killed for
+    using what it was promised."""
+
+
+@dataclass
+class TrainingResources(StageResources):
+    """What a training job's pods ask for, per training process.
+
+    A pod runs ``nproc`` processes (pipeline parameter ``nproc``, torchrun's
+    ``--nproc-per-node``) and asks ``nproc`` times each figure, so one setting fits a pod of
+    1 or 8 GPUs. ``gpus`` is 0 or 1: one process drives one GPU. No CPU limit is set, so
+    torch's threads are not throttled below what the node has free.
+    """
+
+    shm: str = "1Gi"
+    """/dev/shm per process (a memory-backed emptyDir) for DataLoader workers and NCCL: the
+    container runtime's default of 64 MiB is too small for either."""
+
+    def times(self, n: int) -> TrainingResources:
+        """What a pod of ``n`` training processes asks for: each figure ``n`` times."""
+        return TrainingResources(
+            self.gpus * n, _times(self.cpu, n), _times(self.memory, n), _times(self.shm, n)
+        )
+
+
+def _times(quantity: str, n: int) -> str:
+    """``n`` times a Kubernetes quantity, in its own unit (``"500m"`` x 3 = ``"1500m"``)."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ConfigError(f"{quantity!r} is not a Kubernetes quantity (e.g. 16Gi)")
+    number = decimal.Decimal(match.group(1)) * n
+    return f"{format(number.normalize(), 'f')}{match.group(2) or ''}"
+
+
+@dataclass
+class Toleration:
+    """A Kubernetes toleration (``key``/``operator``/``value``/``effect``), e.g. for the
+    ``nvidia.com/gpu:NoSchedule`` taint GPU node pools carry."""
+
+    key: str = ""
+    operator: str = "Exists"
+    """Exists (any value) | Equal (``value`` must match)."""
+    value: str = ""
+    effect: str = ""
+    """NoSchedule | PreferNoSchedule | NoExecute; empty = every effect."""
+
+    def to_k8s(self) -> dict[str, str]:
+        """The toleration as a pod spec takes it (empty fields left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass
+class ClusterConfig:
+    """How the pipeline's pods look on a Kubernetes cluster: the one place for their sizes,
+    placement, identities, volumes and deadlines. Training jobs (PyTorchJob / TrainJob),
+    the evaluate step and the InferenceService's predictor are all built from it; pipeline
+    parameters (image, pvc_name, ...) are folded in as ``cluster.*`` overrides
+    (``ldm_core.stages.pipeline_overrides``). Ignored without a cluster."""
+
+    image: str = "ghcr.io/brain-ldm/brain-ldm-training:0.1.0"
+    """Image of the pipeline steps and the training pods (images/training)."""
+    serving_image: str = "brain-ldm-serving:0.1.0"
+    """Image of the predictor (images/serving); used when the deploy creates the
+    ServingRuntime or runs the predictor without one."""
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets (names, in the run's namespace) to pull images from a private registry."""
+    namespace: str = ""
+    """Namespace of training jobs and the InferenceService; empty = the pipeline step's own
+    (a training job must run where the run's PVC is)."""
+    service_account: str = "training"
+    """Identity of the training pods (manifests: no API token)."""
+    serving_service_account: str = "serving"
+    """Identity of the predictor; it lists s3_secret for KServe's storage initializer."""
+    pvc_name: str = "brain-ldm-data"
+    """The run's PVC, shared by the training steps and their job pods (manifests/base/pvc.yaml;
+    its storageClassName and access mode are set there, see manifests/README.md)."""
+    s3_secret: str = "brain-ldm-s3"
+    """Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and S3_ENDPOINT, given to the
+    training pods as environment (manifests/base/s3-secret.template.yaml); empty = none."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    """Node labels every training and predictor pod requires (the GPU presets: a GPU node)."""
+    tolerations: tuple[Toleration, ...] = ()
+    """Taints training and predictor pods tolerate (the GPU presets: ``nvidia.com/gpu``)."""
+    priority_class: str = ""
+    """priorityClassName of training and predictor pods; empty = the cluster's default."""
+    pending_timeout_s: int = 900
+    """How long a training pod may stay unable to start (unschedulable, image not pulled, a
+    missing Secret, an unbound PVC) before the job is deleted and the step fails with the
+    reason. Not zero: a cluster autoscaler adds a GPU node in minutes."""
+    run_timeout_s: int = 86400
+    """Deadline of one training job (activeDeadlineSeconds); past it the job is stopped."""
+    train_autoencoder: TrainingResources = field(
+        default_factory=lambda: TrainingResources(cpu="2", memory="6Gi", shm="1Gi")
+    )
+    train_diffusion: TrainingResources = field(
+        default_factory=lambda: TrainingResources(cpu="2", memory="6Gi", shm="1Gi")
+    )
+    evaluate: StageResources = field(default_factory=lambda: StageResources(cpu="2", memory="8Gi"))
+    """The evaluate step's pod (the pipeline step itself: it samples and scores in-process)."""
+    predictor: StageResources = field(default_factory=lambda: StageResources(cpu="1", memory="4Gi"))
+    """One predictor replica (serving.min_replicas .. max_replicas of them)."""
 
 
 @dataclass
@@ -247,6 +386,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -297,6 +437,12 @@ _GPU_COMMON: dict[str, Any] = {
         "checkpoint_every": 1000,
         "keep_checkpoints": 3,
     },
+    "cluster": {
+        # The label NVIDIA's GPU feature discovery / GPU operator puts on GPU nodes, and the
+        # taint GPU node pools commonly carry to keep other work off them.
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
 }
 """What every GPU preset shares: 32-group norms, attention in the UNet's lower levels, a
 1e-4 learning rate for the larger UNets, and a cadence for runs of tens of thousands of steps."""
@@ -310,7 +456,8 @@ def _gpu_preset(specific: dict[str, Any]) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains the demo cohort's AE + LDM on 2 CPU cores in minutes (4 mm, 48x64x48).
+    # Trains the demo cohort's AE + LDM on 2 CPU cores in minutes (4 mm, 48x64x48); on a
+    # cluster its pods ask for no GPU and a couple of cores (ClusterConfig's defaults).
     "tiny-cpu": {},
     # One 16 GB GPU (T4, V100-16G): 2 mm, fp16 with a GradScaler (no bf16 on those
     # cards), gradient checkpointing to fit the autoencoder's activations.
@@ -334,6 +481,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "threads": 0,
             },
             "serving": {"max_samples": 2},
+            # A node with one T4/V100-16G and 8 vCPU / 30-60 GiB (n1-standard-8 + T4,
+            # p3.2xlarge): training leaves room for the kubelet and daemonsets.
+            "cluster": {
+                "train_autoencoder": {"gpus": 1, "cpu": "6", "memory": "24Gi", "shm": "4Gi"},
+                "train_diffusion": {"gpus": 1, "cpu": "6", "memory": "24Gi", "shm": "4Gi"},
+                "evaluate": {"gpus": 1, "cpu": "4", "memory": "16Gi"},
+                "predictor": {"gpus": 1, "cpu": "2", "memory": "12Gi"},
+            },
         }
     ),
     # One 32 GB+ GPU (V100-32G, A100-40G): finer 1.75 mm grid, wider models.
@@ -351,6 +506,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "diffusion": {"steps": 80000, "batch_size": 8},
             },
             "serving": {"max_samples": 4},
+            # A node with one 32-40 GB GPU and 8-12 vCPU / 60-85 GiB (p3dn slice, a2-highgpu-1g).
+            "cluster": {
+                "train_autoencoder": {"gpus": 1, "cpu": "8", "memory": "48Gi", "shm": "8Gi"},
+                "train_diffusion": {"gpus": 1, "cpu": "8", "memory": "48Gi", "shm": "8Gi"},
+                "evaluate": {"gpus": 1, "cpu": "4", "memory": "24Gi"},
+                "predictor": {"gpus": 1, "cpu": "4", "memory": "16Gi"},
+            },
         }
     ),
     # Several A100/H100-class GPUs through torchrun / PyTorchJob: bf16, nccl with a long
@@ -377,6 +539,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "checkpoint_every": 2000,
             },
             "serving": {"max_samples": 2},
+            # Per training process (a pod of nproc processes asks nproc times this): one GPU,
+            # the loader's 4 workers and the cached latents, as on an 8-GPU A100/H100 node
+            # (96+ vCPU, 1 TiB+). The run's PVC must be ReadWriteMany for nnodes > 1.
+            "cluster": {
+                "train_autoencoder": {"gpus": 1, "cpu": "10", "memory": "96Gi", "shm": "8Gi"},
+                "train_diffusion": {"gpus": 1, "cpu": "10", "memory": "96Gi", "shm": "8Gi"},
+                "evaluate": {"gpus": 1, "cpu": "8", "memory": "64Gi"},
+                "predictor": {"gpus": 1, "cpu": "4", "memory": "32Gi"},
+            },
         }
     ),
 }
@@ -476,6 +647,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {
+            _coerce(key_type, k, f"{where} key {k!r}"): _coerce(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: union types are not supported in config")
     if tp is bool:
@@ -550,6 +729,8 @@ def validate(cfg: Config) -> None:
     _check_numbers(cfg)
     _check_sampling(cfg)
     _check_serving(cfg)
+    _check_capacity(cfg)
+    _check_cluster(cfg)
 
 
 def _check_choices(cfg: Config) -> None:
@@ -660,6 +841,120 @@ def _check_serving(cfg: Config) -> None:
         raise ConfigError(
             f"serving.max_batch_wait_ms: must be >= 0, got {cfg.serving.max_batch_wait_ms}"
         )
+
+
+# --------------------------------------------------------------------------- cluster checks
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+STAGES = ("train_autoencoder", "train_diffusion", "evaluate", "predictor")
+"""The stages ``cluster`` sizes, each a :class:`StageResources`."""
+ONE_DEVICE_STAGES = ("train_autoencoder", "train_diffusion", "evaluate")
+"""Stages whose process drives one device: more GPUs per training pod come from ``nproc``."""
+_MODES = ("Serverless", "RawDeployment")
+_KNATIVE_METRICS = ("concurrency", "rps")
+_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+def _check_quantity(where: str, value: str, example: str) -> None:
+    if not _QUANTITY.match(value):
+        raise ConfigError(f"{where}: {value!r} is not a Kubernetes quantity (e.g. {example})")
+
+
+def _check_capacity(cfg: Config) -> None:
+    """The predictor's autoscaling as KServe can carry it out in the chosen mode."""
+    s = cfg.serving
+    if s.deployment_mode not in _MODES:
+        raise ConfigError(
+            f"serving.deployment_mode: {s.deployment_mode!r} is not one of {', '.join(_MODES)}"
+            f"{_suggest(s.deployment_mode, _MODES)}"
+        )
+    metrics = (*_KNATIVE_METRICS, "cpu", "memory")
+    if s.scale_metric not in metrics:
+        raise ConfigError(
+            f"serving.scale_metric: {s.scale_metric!r} is not one of {', '.join(metrics)}"
+        )
+    raw = s.deployment_mode == "RawDeployment"
+    # KServe docs, "Autoscaling with Kubernetes HPA": RawDeployment scales with an HPA on cpu
+    # or memory and never down to zero; concurrency and rps need Knative's autoscaler.
+    if raw and s.scale_metric in _KNATIVE_METRICS:
+        raise ConfigError(
+            f"serving.scale_metric: {s.scale_metric} needs Knative (deployment_mode "
+            "Serverless); RawDeployment's HPA scales on cpu or memory"
+        )
+    if s.min_replicas < (1 if raw else 0):
+        raise ConfigError(
+            f"serving.min_replicas: {s.min_replicas} is not possible in {s.deployment_mode} mode "
+            + (
+                "(no scale to zero without Knative: use 1, or deployment_mode Serverless)"
+                if raw
+                else "(0 = scale to zero)"
+            )
+        )
+    if s.max_replicas < max(1, s.min_replicas):
+        raise ConfigError(
+            f"serving.max_replicas: {s.max_replicas} is below max(1, serving.min_replicas="
+            f"{s.min_replicas})"
+        )
+    if s.scale_target <= 0:
+        raise ConfigError(f"serving.scale_target: must be positive, got {s.scale_target}")
+
+
+def _check_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    for stage in STAGES:
+        res: StageResources = getattr(c, stage)
+        where = f"cluster.{stage}"
+        if res.gpus < 0 or (stage in ONE_DEVICE_STAGES and res.gpus > 1):
+            limit = "0 or 1" if stage in ONE_DEVICE_STAGES else ">= 0"
+            more = (
+                " (one per process; more GPUs per pod come from nproc)"
+                if stage.startswith("train")
+                else ""
+            )
+            raise ConfigError(f"{where}.gpus: {res.gpus} must be {limit}{more}")
+        _check_quantity(f"{where}.cpu", res.cpu, "2 or 500m")
+        _check_quantity(f"{where}.memory", res.memory, "16Gi")
+        if isinstance(res, TrainingResources):
+            _check_quantity(f"{where}.shm", res.shm, "2Gi")
+    for stage in ONE_DEVICE_STAGES:  # evaluate samples on train.device too
+        if cfg.train.device.startswith("cuda") and getattr(c, stage).gpus == 0:
+            raise ConfigError(
+                f"cluster.{stage}.gpus: 0, but train.device is {cfg.train.device}: the pod "
+                "would have no GPU; set it to 1, or train.device to cpu or auto"
+            )
+    if not c.image:
+        raise ConfigError("cluster.image: must name the training image (images/training)")
+    if c.namespace and not _DNS1123_LABEL.match(c.namespace):
+        raise ConfigError(f"cluster.namespace: {c.namespace!r} is not a namespace name")
+    names = {
+        "pvc_name": c.pvc_name,
+        "s3_secret": c.s3_secret,
+        "priority_class": c.priority_class,
+        "service_account": c.service_account,
+        "serving_service_account": c.serving_service_account,
+    }
+    for key, value in names.items():
+        if value and not _DNS1123_SUBDOMAIN.match(value):
+            raise ConfigError(f"cluster.{key}: {value!r} is not a Kubernetes object name")
+    if not c.pvc_name:
+        raise ConfigError("cluster.pvc_name: the training steps and their pods share a PVC")
+    for i, tol in enumerate(c.tolerations):
+        where = f"cluster.tolerations[{i}]"
+        if tol.operator not in ("Exists", "Equal"):
+            raise ConfigError(f"{where}.operator: {tol.operator!r} is not Exists or Equal")
+        if tol.operator == "Exists" and tol.value:
+            raise ConfigError(f"{where}.value: must be empty with operator Exists")
+        if tol.effect not in _EFFECTS:
+            raise ConfigError(
+                f"{where}.effect: {tol.effect!r} is not one of NoSchedule, PreferNoSchedule, "
+                "NoExecute (or empty for all)"
+            )
+    for key in ("pending_timeout_s", "run_timeout_s"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"cluster.{key}: must be positive, got {getattr(c, key)}")
 
 
 # --------------------------------------------------------------------------- helpers

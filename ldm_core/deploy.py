@@ -16,6 +16,7 @@ the endpoint they brought up, so "deployed" always means "answered a request".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -459,19 +460,7 @@ def deploy_kserve(
     *,
     storage_prefix: str,
     name: str | None = None,
-    namespace: str | None = None,
-    model_name: str | None = None,
     runtime: str | None = "brain-ldm",
-    image: str | None = None,
-    service_account: str = "serving",
-    gpus: int = 0,
-    cpu: str = "2",
-    memory: str = "8Gi",
-    cpu_limit: str = "4",
-    memory_limit: str = "16Gi",
-    min_replicas: int = 1,
-    max_replicas: int = 1,
-    predictor_timeout_s: int = 600,
     canary_percent: int = 10,
     timeout_s: float = 900.0,
     poll_s: float = 5.0,
@@ -482,32 +471,25 @@ def deploy_kserve(
     create_runtime: bool = False,
 ) -> dict[str, Any]:
     """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
-    InferenceService serving it (canary + smoke + promote / roll back)."""
+    InferenceService serving it (canary + smoke + promote / roll back).
+
+    The predictor is what ``cfg`` says (``PredictorSettings.from_config``: namespace, image,
+    identity, placement from ``cfg.cluster``, its pod from ``cfg.cluster.predictor``,
+    replicas, autoscaling and deployment mode from ``cfg.serving``); the arguments here are
+    about the rollout itself. ``name`` defaults to ``serving.model_name``."""
     from ldm_core.kube import inference_service as isvc
     from ldm_core.kube.client import api_client, current_namespace
 
-    model = model_name or cfg.serving.model_name
+    model = cfg.serving.model_name
     _require_bundle(Path(bundle_dir))
     deployed = DeployedBundle.read(bundle_dir)
     uri = _upload_bundle(cfg, Path(bundle_dir), deployed.digest, storage_prefix, model)
-    ns = namespace or current_namespace()
-    settings = isvc.PredictorSettings(
-        name=name or model,
-        namespace=ns,
-        storage_uri=uri,
-        model_name=model,
+    ns = cfg.cluster.namespace or current_namespace()
+    settings = dataclasses.replace(
+        isvc.PredictorSettings.from_config(
+            cfg, name=name or model, namespace=ns, storage_uri=uri, bundle_digest=deployed.digest
+        ),
         runtime=runtime,
-        image=image or isvc.DEFAULT_IMAGE,
-        service_account=service_account,
-        cpu=cpu,
-        memory=memory,
-        cpu_limit=cpu_limit,
-        memory_limit=memory_limit,
-        gpus=gpus,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        timeout_s=predictor_timeout_s,
-        bundle_digest=deployed.digest,
     )
     client = api_client(api_host, api_token)
     rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)

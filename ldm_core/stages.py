@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ldm_core.config import Config, load_config
 from ldm_core.errors import LdmError
@@ -107,6 +107,81 @@ def _dataset_hash(cache_dir: Path) -> str:
     return str(read_manifest(cache_dir)["dataset_hash"])
 
 
+@dataclass(frozen=True)
+class PipelineParameters:
+    """The cluster settings the pipeline shows as parameters, so the Kubeflow UI offers the
+    common ones; ``overrides`` reaches every other field (``cluster.*``, ``serving.*``).
+
+    A negative number or an empty string means "as the config says" (0 is a real value of
+    each: no GPU, scale to zero).
+    """
+
+    image: str = ""
+    pvc_name: str = ""
+    eval_gpus: int = -1
+    deployment_mode: str = ""
+    min_replicas: int = -1
+    max_replicas: int = -1
+
+    def overrides(self) -> list[str]:
+        """The parameters as ``key=value`` config overrides (only those that are set)."""
+        fields = {
+            "cluster.image": self.image,
+            "cluster.pvc_name": self.pvc_name,
+            "cluster.evaluate.gpus": self.eval_gpus,
+            "serving.deployment_mode": self.deployment_mode,
+            "serving.min_replicas": self.min_replicas,
+            "serving.max_replicas": self.max_replicas,
+        }
+        return [
+            f"{key}={value}"
+            for key, value in fields.items()
+            if value != "" and not (isinstance(value, int) and value < 0)
+        ]
+
+
+class Configured(NamedTuple):
+    """What the configure step hands the rest of the run: the overrides every step resolves
+    its config with, and the evaluate pod's size (a pod's size is known before it starts,
+    so it travels as pipeline values the KFP driver puts into the pod spec)."""
+
+    overrides: list[str]
+    evaluate_cpu: str
+    evaluate_memory: str
+    evaluate_gpus: int
+
+
+def configure_stage(
+    preset: str,
+    overrides: Sequence[str],
+    params: PipelineParameters,
+    output: str | Path | None = None,
+) -> Configured:
+    """Fold the pipeline's parameters into the run's overrides, validate the result, and
+    size the steps that follow: the one place where pipeline parameters meet the config.
+
+    The user's ``overrides`` come after the parameters, so they win (as ``--set`` does on
+    the CLI). A config that does not validate fails the run here, naming the field, before
+    any data is downloaded. ``output`` receives the resolved ``config.yaml``.
+
+    Raises:
+        StageError: ``cluster.pvc_name`` overridden away from the ``pvc_name`` parameter:
+            the step pods mount the parameter's PVC, so the two must agree.
+    """
+    folded = [*params.overrides(), *overrides]
+    cfg = resolve_config(preset, folded)
+    if params.pvc_name and cfg.cluster.pvc_name != params.pvc_name:
+        raise StageError(
+            f"cluster.pvc_name: {cfg.cluster.pvc_name!r} differs from the pipeline parameter "
+            f"pvc_name={params.pvc_name!r}, the PVC the training steps mount; set the "
+            "parameter instead of the override"
+        )
+    if output is not None:
+        _save_config(cfg, Path(output))
+    ev = cfg.cluster.evaluate
+    return Configured(folded, ev.cpu, ev.memory, ev.gpus)
+
+
 # --------------------------------------------------------------------------- data stages
 
 
@@ -155,15 +230,13 @@ def preprocess_stage(
 
 @dataclass
 class ClusterSettings:
-    """Where the kubeflow backend runs training: the image of the job pods and the PVC
-    that the component pod and the job pods both mount at ``workdir``."""
+    """Where a training step runs, beyond what the config says: the mount path of the PVC
+    it shares with its job pods (the PVC itself, the image and the pods' sizes are
+    ``cfg.cluster``'s) and how many pods the job has."""
 
-    image: str = ""
-    pvc_name: str = ""
     workdir: str = "/workspace"
-    namespace: str = ""
     nnodes: int = 1
-    """Pods of the PyTorchJob (Master + nnodes-1 Workers); the local backend runs one node."""
+    """Pods of the training job (Master + nnodes-1 Workers); the local backend runs one node."""
 
 
 def in_cluster() -> bool:
@@ -206,25 +279,15 @@ def choose_backend(backend: str) -> str:
     )
 
 
-def _launcher(backend: str, cluster: ClusterSettings, cfg: Config) -> Launcher:
+def _launcher(backend: str, cluster: ClusterSettings, cfg: Config, stage: str) -> Launcher:
+    """How training stage ``stage`` (``train_autoencoder`` / ``train_diffusion``, its
+    ``cfg.cluster`` section) starts on ``backend``."""
     if backend == "local":
         return LocalLauncher()
     from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
     from ldm_core.kube.trainjob import TrainJobLauncher
 
-    if not cluster.image:
-        raise StageError(
-            "image: the kubeflow backend needs the training image (pipeline parameter 'image')"
-        )
-    if not cluster.pvc_name:
-        raise StageError("pvc_name: the kubeflow backend needs a PVC shared with the job pods")
-    settings = PyTorchJobSettings(
-        image=cluster.image,
-        namespace=cluster.namespace,
-        pvc_name=cluster.pvc_name,
-        workdir=cluster.workdir,
-        gpu=cfg.train.device != "cpu",
-    )
+    settings = PyTorchJobSettings.from_config(cfg, stage, cluster.workdir)
     return TrainJobLauncher(settings) if backend == "trainjob" else PyTorchJobLauncher(settings)
 
 
@@ -267,6 +330,7 @@ def _world(nproc: int, cluster: ClusterSettings) -> str:
 def _train(
     *,
     kind: str,
+    stage: str,
     verb: str,
     marker: str,
     key: str,
@@ -325,7 +389,7 @@ def _train(
         task = TrainingTask(
             name=name, verb=verb, args=args, nproc_per_node=nproc, nnodes=cluster.nnodes
         )
-        _launcher(chosen, cluster, cfg).run(task)
+        _launcher(chosen, cluster, cfg, stage).run(task)
         if not (run_dir / marker).is_file():
             raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
         _mark_finished(run_dir, key, info)
@@ -354,6 +418,7 @@ def train_autoencoder_stage(
     key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), _world(nproc, cluster))
     info = _train(
         kind="ae",
+        stage="train_autoencoder",
         verb="train-autoencoder",
         marker=AUTOENCODER_PT,
         key=key,
@@ -396,6 +461,7 @@ def train_diffusion_stage(
     )
     info = _train(
         kind="ldm",
+        stage="train_diffusion",
         verb="train-diffusion",
         marker=UNET_PT,
         key=key,

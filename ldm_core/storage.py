@@ -14,6 +14,11 @@ the same for every backend:
   lists, so a reader never sees half an upload.
 - Resume: a file whose local copy already has the expected hash is not transferred again; an
   object whose stored hash equals the local file's is not uploaded again.
+- Buckets: an upload creates its bucket when it is missing (Kubeflow's MinIO starts with
+  only ``mlpipeline``); credentials that may not create it get an error saying so.
+- The endpoint (``storage.endpoint`` or ``S3_ENDPOINT``) decides TLS by its scheme:
+  ``http://minio-service.kubeflow:9000`` (Kubeflow's MinIO, plain HTTP inside the cluster)
+  or ``https://…``; a bare ``host:port`` falls back to ``storage.secure``.
 - Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
   or ``MINIO_ACCESS_KEY``/``MINIO_SECRET_KEY``, filled from a Secret on a cluster). They are
   handed to the SDK and never logged, never put in an error message or a repr.
@@ -198,6 +203,12 @@ def _translated(uri: str, action: str, mc: Minio) -> Iterator[None]:
             reason = f"{err.code}: {err.message}"
         raise StorageError(f"{action} {uri} failed: {reason}") from None
     except (urllib3.exceptions.HTTPError, ConnectionError) as err:
+        if isinstance(getattr(err, "reason", err), urllib3.exceptions.SSLError):
+            raise StorageError(
+                f"{action} {uri} failed: TLS handshake with {_where(mc)} failed; if the server "
+                "speaks plain HTTP (Kubeflow's MinIO does), give the endpoint as "
+                "http://HOST:PORT (a bare HOST:PORT uses TLS when storage.secure is true)"
+            ) from None
         raise StorageError(
             f"{action} {uri} failed: S3 endpoint {_where(mc)} unreachable "
             f"({type(err).__name__}); check storage.endpoint / S3_ENDPOINT and the network"
@@ -242,6 +253,44 @@ class _HashingWriter:
         return self._raw.write(data)
 
 
+# --------------------------------------------------------------------------- buckets
+
+_BUCKET_TAKEN = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
+
+
+def _ensure_bucket(mc: Minio, bucket: str, uri: str) -> None:
+    """Create ``bucket`` if it is missing, before the first write of an upload to ``uri``.
+
+    Credentials that may not create a bucket known to be missing get an error saying so.
+    Credentials that may not even look (HeadBucket refused) get a creation attempt, and if
+    that is refused too the write itself decides (a missing bucket is then named by it).
+    """
+    with _translated(uri, "upload to", mc):
+        try:
+            if mc.bucket_exists(bucket):
+                return
+            missing = True
+        except S3Error as err:
+            if err.code not in _AUTH_CODES:
+                raise
+            missing = False
+        try:
+            mc.make_bucket(bucket)
+        except S3Error as err:
+            if err.code in _BUCKET_TAKEN:  # another writer created it meanwhile
+                return
+            if err.code not in _AUTH_CODES:
+                raise
+            if missing:
+                raise StorageError(
+                    f"upload to {uri} failed: bucket {bucket!r} does not exist and these "
+                    f"credentials may not create it ({err.code}); create it (e.g. "
+                    f"`mc mb <alias>/{bucket}`) or name a bucket they may write to"
+                ) from None
+            return
+    log.info("created bucket %s at %s", bucket, _where(mc))
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -281,7 +330,9 @@ def upload_file(
         return digest
     cfg = cfg_storage or StorageConfig()
     bucket, key = _object_key(uri, src)
-    _put_file(client(cfg), cfg, src, bucket, key, digest)
+    mc = client(cfg)
+    _ensure_bucket(mc, bucket, uri)
+    _put_file(mc, cfg, src, bucket, key, digest)
     log.info("uploaded %s -> s3://%s/%s (%d bytes)", src, bucket, key, src.stat().st_size)
     return digest
 
@@ -343,7 +394,7 @@ def _get_file(mc: Minio, uri: str, dst: Path, expected_sha256: str | None) -> Pa
     if not key or key.endswith("/"):
         raise StorageError(f"download {uri} failed: the URI names a folder; use download_dir")
     with _translated(uri, "download", mc):
-        stat = mc.stat_object(bucket, key)
+        stat = _stat(mc, bucket, key)
         expected = expected_sha256 or _stored_sha256(stat)
         if expected is None:
             log.warning("%s carries no sha256 metadata; downloading without verification", uri)
@@ -358,6 +409,19 @@ def _get_file(mc: Minio, uri: str, dst: Path, expected_sha256: str | None) -> Pa
             response.release_conn()
     log.debug("downloaded %s -> %s (%d bytes)", uri, dst, dst.stat().st_size)
     return dst
+
+
+def _stat(mc: Minio, bucket: str, key: str) -> Any:
+    """An object's stat; a missing bucket is told apart from a missing object (a HEAD on
+    either answers a bare 404, which the SDK reads as NoSuchKey)."""
+    try:
+        return mc.stat_object(bucket, key)
+    except S3Error as err:
+        if err.code == "NoSuchKey" and not mc.bucket_exists(bucket):
+            raise StorageError(
+                f"download s3://{bucket}/{key} failed: bucket {bucket!r} does not exist"
+            ) from None
+        raise
 
 
 def _copy_response(response: Any, out: BinaryIO) -> None:
@@ -447,6 +511,7 @@ def upload_dir(
     bucket, prefix = parse_s3(uri)
     prefix = prefix.rstrip("/")
     marker_key = join(prefix, COMPLETE_MARKER).lstrip("/")
+    _ensure_bucket(mc, bucket, uri)
     with _translated(f"s3://{bucket}/{marker_key}", "remove stale marker of", mc):
         mc.remove_object(bucket, marker_key)
     cfg = cfg_storage or StorageConfig()

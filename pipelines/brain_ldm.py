@@ -6,10 +6,16 @@ Kubeflow cluster runs::
 
     python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml
 
-Cluster-only settings (resources, GPUs, tolerations, the shared PVC, the S3 secret) are
-task settings here, not hand-written YAML; ``kfp.local`` ignores them. Training tasks need
-little themselves: with the kubeflow backend they create a PyTorchJob that holds the GPUs,
-and they mount the PVC that job shares with them.
+The run's config (preset + ``overrides``) is the one source of truth for sizes and
+placement: the first step, ``configure``, folds the parameters the UI shows (image,
+pvc_name, eval_gpus, deployment_mode, min/max_replicas) into the overrides as ``cluster.*``
+and ``serving.*`` keys, validates the result, and hands every later step that list; the
+training jobs and the InferenceService are built from it (``ldm_core.config.ClusterConfig``)
+and the evaluate pod is sized from configure's outputs (resource placeholders, resolved by
+the KFP driver: backend 2.4.1+, as Kubeflow 1.10 ships). Task settings that KFP takes only
+at compile time stay here: the shared PVC mount and the S3 Secret; ``kfp.local`` ignores them.
+Training steps need little themselves: with the kubeflow backend they create a PyTorchJob
+that holds the GPUs, and they mount the PVC that job shares with them.
 
 The compiled YAML loads on every KFP backend from 2.4 on (``pipelines.kfp_compat``): task
 settings that backend 2.4 can take only as constants (the S3 Secret's name, node selectors)
@@ -23,19 +29,29 @@ from typing import NamedTuple
 
 from kfp import compiler, dsl, kubernetes
 
-from components import deploy, download, evaluate, preprocess, train_autoencoder, train_diffusion
+from components import (
+    configure,
+    deploy,
+    download,
+    evaluate,
+    preprocess,
+    train_autoencoder,
+    train_diffusion,
+)
 from components.base import BASE_IMAGE
-from ldm_core.config import DEFAULT_PRESET, EvaluationConfig
+from ldm_core.config import DEFAULT_PRESET, ClusterConfig, EvaluationConfig
 from pipelines import kfp_compat
 
 PIPELINE_NAME = "brain-ldm"
 WORKDIR = "/workspace"
 """Where the shared PVC is mounted, in the training component pods and the job pods alike."""
 GPU_RESOURCE = "nvidia.com/gpu"
-S3_SECRET = "brain-ldm-s3"
-"""The Secret with the S3 credentials, in the run's namespace (manifests/README.md creates it).
-A constant, and required with every key below: KFP backends before 2.5 take no Secret name
-from a pipeline parameter, and before 2.15 no optional Secret."""
+_CLUSTER = ClusterConfig()
+S3_SECRET = _CLUSTER.s3_secret
+"""The Secret with the S3 credentials, in the run's namespace (manifests/README.md creates it):
+``cluster.s3_secret``'s default, compiled in. A constant, and required with every key below:
+KFP backends before 2.5 take no Secret name from a pipeline parameter, and before 2.15 no
+optional Secret. (The training pods take ``cluster.s3_secret`` as the config says.)"""
 S3_SECRET_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -74,50 +90,72 @@ def brain_ldm(
     nnodes: int = 1,
     backend: str = "auto",
     image: str = BASE_IMAGE,
-    pvc_name: str = "brain-ldm-data",
+    pvc_name: str = _CLUSTER.pvc_name,
     eval_samples: int = 0,
     eval_steps: int = 0,
-    eval_gpus: int = 1,
+    eval_gpus: int = -1,
     storage_prefix: str = "s3://brain-ldm/models",
     smoke_steps: int = 2,
+    deployment_mode: str = "",
+    min_replicas: int = -1,
+    max_replicas: int = -1,
     gate_min_ms_ssim_ratio: float = _GATE.gate_min_ms_ssim_ratio,
     gate_max_mmd: float = _GATE.gate_max_mmd,
     gate_min_mask_dice: float = _GATE.gate_min_mask_dice,
     gate_max_hist_distance: float = _GATE.gate_max_hist_distance,
 ) -> Outputs:
-    """Parameters (0 means "as the config says" for counts):
+    """Parameters (0 for counts, -1 or empty otherwise, mean "as the config says"):
 
     source: demo | msd | http(s)://archive | s3://bucket/prefix | a directory.
     subjects: demo cohort size. seed: demo generator seed.
-    preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value`` refinements.
+    preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value``
+    refinements; any ``cluster.*`` / ``serving.*`` field too (``cluster.predictor.gpus=1``).
     nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +
     Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob).
-    image: container image of every task and of the training job pods.
-    pvc_name: PVC shared by training tasks and their PyTorchJob pods.
+    image: container image of every task and of the training job pods (cluster.image).
+    pvc_name: PVC shared by training tasks and their PyTorchJob pods (cluster.pvc_name).
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
-    eval_gpus: GPUs of the evaluation pod (the request alone places it on a GPU node).
+    eval_gpus: GPUs of the evaluation pod (cluster.evaluate.gpus; the request alone places
+    it on a GPU node).
     storage_prefix: s3:// prefix the cluster deploy uploads the bundle to (InferenceService storageUri).
     smoke_steps: sampling steps of the smoke inference after deploying.
+    deployment_mode, min_replicas, max_replicas: the InferenceService's (serving.*):
+    Serverless | RawDeployment, and 0 replicas = scale to zero (Serverless).
     gate_*: quality-gate thresholds; deploy runs only when all hold.
     """
-    dl = download(source=source, preset=preset, overrides=overrides, subjects=subjects, seed=seed)
+    conf = configure(
+        preset=preset,
+        overrides=overrides,
+        image=image,
+        pvc_name=pvc_name,
+        eval_gpus=eval_gpus,
+        deployment_mode=deployment_mode,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+    )
+    conf.set_display_name("configure")
+    _resources(conf, "500m", "1Gi")
+    # Every later step resolves its config from the preset and this list, nothing else.
+    run_overrides = conf.outputs["overrides"]
+
+    dl = download(
+        source=source, preset=preset, overrides=run_overrides, subjects=subjects, seed=seed
+    )
     dl.set_display_name("download")
     kubernetes.use_secret_as_env(dl, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
     _resources(dl, "1", "2Gi")
 
-    pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=overrides)
+    pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=run_overrides)
     pre.set_display_name("preprocess")
     _resources(pre, "2", "8Gi")
 
     ae = train_autoencoder(
         cache=pre.outputs["cache"],
         preset=preset,
-        overrides=overrides,
+        overrides=run_overrides,
         nproc=nproc,
         nnodes=nnodes,
         backend=backend,
-        image=image,
-        pvc_name=pvc_name,
         workdir=WORKDIR,
     )
     ae.set_display_name("train autoencoder")
@@ -126,12 +164,10 @@ def brain_ldm(
         cache=pre.outputs["cache"],
         autoencoder=ae.outputs["autoencoder"],
         preset=preset,
-        overrides=overrides,
+        overrides=run_overrides,
         nproc=nproc,
         nnodes=nnodes,
         backend=backend,
-        image=image,
-        pvc_name=pvc_name,
         workdir=WORKDIR,
     )
     ldm.set_display_name("train diffusion")
@@ -147,7 +183,7 @@ def brain_ldm(
         autoencoder=ae.outputs["autoencoder"],
         diffusion=ldm.outputs["diffusion"],
         preset=preset,
-        overrides=overrides,
+        overrides=run_overrides,
         num_samples=eval_samples,
         steps=eval_steps,
         gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
@@ -156,15 +192,18 @@ def brain_ldm(
         gate_max_hist_distance=gate_max_hist_distance,
     )
     ev.set_display_name("evaluate")
-    _resources(ev, "2", "16Gi")
-    ev.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(eval_gpus)
+    # Sized by the config (cluster.evaluate), through configure's outputs.
+    ev.set_cpu_request(conf.outputs["evaluate_cpu"])
+    ev.set_memory_request(conf.outputs["evaluate_memory"])
+    ev.set_memory_limit(conf.outputs["evaluate_memory"])
+    ev.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(conf.outputs["evaluate_gpus"])
     kubernetes.add_toleration(ev, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
 
     with dsl.If(ev.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         dep = deploy(
             bundle=ldm.outputs["bundle"],
             preset=preset,
-            overrides=overrides,
+            overrides=run_overrides,
             backend=backend,
             storage_prefix=storage_prefix,
             smoke_steps=smoke_steps,
@@ -175,7 +214,7 @@ def brain_ldm(
         # Rolling out twice is harmless but must not be skipped: the endpoint is live state.
         dep.set_caching_options(enable_caching=False)
 
-    for task in (dl, pre, ae, ldm, ev):
+    for task in (conf, dl, pre, ae, ldm, ev):
         task.set_container_image(image)
     dep.set_container_image(image)
     return Outputs(

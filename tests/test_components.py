@@ -14,6 +14,7 @@ from tests.harness.configs import TINY_OVERRIDES, tiny_config
 from tests.harness.data import random_bundle, tiny_cache
 
 ALL = {
+    "configure": components.configure,
     "download": components.download,
     "preprocess": components.preprocess,
     "train_autoencoder": components.train_autoencoder,
@@ -50,6 +51,14 @@ def test_typed_inputs_and_outputs():
         "Output": "Boolean",
     }
     assert out["deploy"] == {"deployment": "system.Artifact@0.0.1", "Output": "String"}
+    # configure hands every later step its overrides and sizes the evaluate pod.
+    assert out["configure"] == {
+        "config": "system.Artifact@0.0.1",
+        "overrides": "List",
+        "evaluate_cpu": "String",
+        "evaluate_memory": "String",
+        "evaluate_gpus": "Integer",
+    }
     assert spec["train_diffusion"].inputs["autoencoder"].type == "system.Model@0.0.1"
     for name in ALL:
         assert spec[name].inputs["overrides"].type == "List", name
@@ -96,3 +105,35 @@ def test_evaluate_body_fills_metrics_report_and_returns_the_gate(tmp_path, stric
     assert evaluation.metadata["gate_passed"] is (not strict)
     assert ("gate_min_mask_dice" in evaluation.metadata["gate_reason"]) is strict
     assert (Path(evaluation.path) / "metrics.json").is_file()
+
+
+def test_configure_body_returns_what_the_executor_reads(tmp_path):
+    """The component function as the executor calls it: its return value is read field by
+    field (the NamedTuple's names), and the resolved config lands in the artifact."""
+    config = dsl.Artifact(name="config", uri=str(tmp_path / "config"))
+    out = components.configure.python_func(
+        preset="gpu-16g",
+        overrides=["cluster.evaluate.cpu=3", "train.device=auto"],
+        image="registry.example/ldm:1",
+        pvc_name="brain-ldm-data",
+        eval_gpus=0,
+        deployment_mode="",
+        min_replicas=-1,
+        max_replicas=-1,
+        config=config,
+    )
+    fields = ("overrides", "evaluate_cpu", "evaluate_memory", "evaluate_gpus")
+    got = {name: getattr(out, name) for name in fields}
+    assert got == {
+        "overrides": [
+            "cluster.image=registry.example/ldm:1",
+            "cluster.pvc_name=brain-ldm-data",
+            "cluster.evaluate.gpus=0",
+            "cluster.evaluate.cpu=3",
+            "train.device=auto",
+        ],
+        "evaluate_cpu": "3",
+        "evaluate_memory": "16Gi",
+        "evaluate_gpus": 0,
+    }
+    assert "registry.example/ldm:1" in (Path(config.path) / "config.yaml").read_text()

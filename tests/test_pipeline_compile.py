@@ -1,5 +1,5 @@
-"""The compiled pipeline: checked in and current, six tasks wired as designed, deploy gated,
-and the cluster settings (PVC, secret, GPU) present in the platform spec."""
+"""The compiled pipeline: checked in and current, configure then six tasks wired as designed,
+deploy gated, and the cluster settings (PVC, secret, GPU) present in the platform spec."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_checked_in_yaml_is_current(compiled):
     )
 
 
-def test_six_tasks_and_their_dependencies(docs):
+def test_configure_then_six_tasks_and_their_dependencies(docs):
     spec, _ = docs
     root = spec["root"]["dag"]["tasks"]
     gate = [name for name, t in root.items() if "triggerPolicy" in t]
@@ -54,15 +54,17 @@ def test_six_tasks_and_their_dependencies(docs):
         for name, t in {**root, **inner}.items()
         if name not in gate
     }
+    # Every step takes its overrides from configure (the one place parameters meet the config).
     assert deps == {
-        "download": [],
-        "preprocess": ["download"],
-        "train-autoencoder": ["preprocess"],
-        "train-diffusion": ["preprocess", "train-autoencoder"],
-        "evaluate": ["preprocess", "train-autoencoder", "train-diffusion"],
+        "configure": [],
+        "download": ["configure"],
+        "preprocess": ["configure", "download"],
+        "train-autoencoder": ["configure", "preprocess"],
+        "train-diffusion": ["configure", "preprocess", "train-autoencoder"],
+        "evaluate": ["configure", "preprocess", "train-autoencoder", "train-diffusion"],
         "deploy": [],  # inside the gate; the gate itself waits for evaluate
     }
-    assert sorted(root[gate[0]]["dependentTasks"]) == ["evaluate", "train-diffusion"]
+    assert sorted(root[gate[0]]["dependentTasks"]) == ["configure", "evaluate", "train-diffusion"]
     condition = root[gate[0]]["triggerPolicy"]["condition"]
     assert "pipelinechannel--evaluate-Output" in condition and condition.endswith("== true")
     # Artifacts flow along the edges: bundle from train-diffusion to evaluate and deploy.

@@ -19,6 +19,7 @@ from typing import Any
 import kubernetes
 import pytest
 
+from ldm_core.config import TrainingResources, load_config
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.launcher import LaunchError, TrainingTask
@@ -344,10 +345,15 @@ def cluster():
 
 
 def _settings(**kw: Any) -> pj.PyTorchJobSettings:
+    """A GPU job as the gpu-16g preset sizes it, fast polling for the emulated API."""
+    gpu = load_config(preset="gpu-16g").cluster
     base = dict(
         image="registry.example/brain-ldm-training:0.1.0",
         namespace=NS,
         s3_secret="brain-ldm-s3",
+        resources=gpu.train_autoencoder,
+        node_selector=dict(gpu.node_selector),
+        tolerations=[t.to_k8s() for t in gpu.tolerations],
         poll_s=0.05,
         log_reconnect_s=0.05,
         start_timeout_s=30.0,
@@ -482,7 +488,10 @@ def test_multi_node_job_has_master_and_workers():
 
 
 def test_cpu_job_has_no_gpu_scheduling():
-    job = pj.build_pytorchjob(_task(), _settings(gpu=False, s3_secret=""))
+    job = pj.build_pytorchjob(
+        _task(),
+        _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""),
+    )
     crdcheck.validate(job)
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
@@ -911,6 +920,7 @@ def _closed_url() -> str:
 
 _LAUNCHER_PROCESS = """
 import logging, sys
+from ldm_core.config import TrainingResources, load_config
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.errors import LdmError

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ldm_core import stages
+from ldm_core.config import ConfigError
 from ldm_core.launcher import LaunchError, LocalLauncher
 from tests.harness.configs import TINY_OVERRIDES, tiny_config
 from tests.harness.data import tiny_cache
@@ -160,9 +161,9 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     launcher = CountingLauncher()
     # On the kubeflow path the PyTorchJob launcher is replaced by torchrun on this machine;
     # everything around it (staging, run dir on the volume, copy out) is the real path.
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg: launcher)
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: launcher)
     monkeypatch.setenv(stages.LOCAL_WORKDIR_ENV, str(workdir))
-    cluster = stages.ClusterSettings(image="img", pvc_name="pvc", workdir=str(workdir))
+    cluster = stages.ClusterSettings(workdir=str(workdir))
 
     def train(out: str, overrides: list[str]) -> dict:
         return stages.train_autoencoder_stage(
@@ -203,13 +204,12 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
 
 
 def test_kubeflow_backend_needs_an_image_and_a_volume(tmp_path):
-    cfg = tiny_config()
-    with pytest.raises(
-        stages.StageError, match="image: the kubeflow backend needs the training image"
-    ):
-        stages._launcher("kubeflow", stages.ClusterSettings(pvc_name="p"), cfg)
-    with pytest.raises(stages.StageError, match="pvc_name"):
-        stages._launcher("kubeflow", stages.ClusterSettings(image="i"), cfg)
+    """The training image and the shared PVC are config (cluster.image, cluster.pvc_name):
+    a run without them fails while its config resolves, naming the field."""
+    with pytest.raises(ConfigError, match="cluster.image: must name the training image"):
+        tiny_config("cluster.image=")
+    with pytest.raises(ConfigError, match="cluster.pvc_name"):
+        tiny_config("cluster.pvc_name=")
 
 
 def test_trainjob_backend_runs_training_as_a_trainjob(tmp_path, monkeypatch):
@@ -236,11 +236,9 @@ def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch
             tasks.append(task)
             raise _Launched
 
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg: Recording())
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: Recording())
     for nnodes in (1, 2):
-        cluster = stages.ClusterSettings(
-            image="img", pvc_name="pvc", workdir=str(tmp_path / "pvc"), nnodes=nnodes
-        )
+        cluster = stages.ClusterSettings(workdir=str(tmp_path / "pvc"), nnodes=nnodes)
         with pytest.raises(_Launched):
             stages.train_autoencoder_stage(
                 cache,

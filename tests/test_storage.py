@@ -257,8 +257,8 @@ def test_errors_name_the_uri_and_never_a_secret(
 
     storage.upload_file(src, f"s3://{bucket}/ok/a.bin")
     storage.download_file(f"s3://{bucket}/ok/a.bin", tmp_path / "b.bin")
-    expect(
-        lambda: storage.upload_file(src, "s3://no-such-bucket-ldm/a.bin"),
+    expect(  # an upload would create it (test_an_upload_creates_its_missing_bucket)
+        lambda: storage.download_file("s3://no-such-bucket-ldm/a.bin", tmp_path / "nb"),
         "s3://no-such-bucket-ldm/a.bin failed: bucket 'no-such-bucket-ldm' does not exist",
     )
     expect(
@@ -304,3 +304,88 @@ def test_object_without_hash_metadata_downloads_with_a_warning(bucket, endpoint,
         out = storage.download_file(f"s3://{bucket}/other/x.txt", tmp_path / "x.txt")
     assert out.read_bytes() == data
     assert "no sha256 metadata" in caplog.text
+
+
+# --------------------------------------------------------------------------- Kubeflow's MinIO
+
+
+def test_an_upload_creates_its_missing_bucket(endpoint, monkeypatch, tmp_path):
+    """Kubeflow's MinIO starts with only the ``mlpipeline`` bucket: the first upload to the
+    bucket of ``storage_prefix`` creates it; the next finds it (and a read of a missing
+    bucket still says it is missing)."""
+    s3_env(monkeypatch, endpoint)
+    name = f"ldm-new-{os.urandom(4).hex()}"
+    assert not raw_client(endpoint).bucket_exists(name)
+    files = _tree(tmp_path / "src")
+    storage.upload_dir(tmp_path / "src", f"s3://{name}/models/m1")
+    assert raw_client(endpoint).bucket_exists(name)
+    storage.upload_file(tmp_path / "src" / "bundle.json", f"s3://{name}/again/bundle.json")
+    storage.download_dir(f"s3://{name}/models/m1", tmp_path / "out")
+    assert _read_tree(tmp_path / "out") == files
+
+
+def _restricted_keys(endpoint: str) -> tuple[str, str]:
+    """An IAM user of the moto server that may read and write objects of any bucket but not
+    create one (as a MinIO user with a readwrite policy scoped to existing buckets). Looking
+    a bucket up (HeadBucket) needs s3:ListBucket on AWS and MinIO; moto checks s3:HeadBucket."""
+    import boto3
+
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=TEST_ACCESS_KEY,
+        aws_secret_access_key=TEST_SECRET_KEY,
+    )
+    user = f"writer-{os.urandom(3).hex()}"
+    iam.create_user(UserName=user)
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:HeadBucket"],
+                "Resource": "*",
+            },
+            {"Effect": "Deny", "Action": "s3:CreateBucket", "Resource": "*"},
+        ],
+    }
+    iam.put_user_policy(UserName=user, PolicyName="rw", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_credentials_that_may_not_create_the_bucket_get_a_clear_error(
+    endpoint, monkeypatch, tmp_path
+):
+    s3_env(monkeypatch, endpoint)
+    access, secret = _restricted_keys(endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    # moto checks signatures and IAM policies only from now on (as MinIO always does).
+    monkeypatch.setattr(moto_settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"payload")
+    with pytest.raises(storage.StorageError) as err:
+        storage.upload_file(src, "s3://ldm-not-mine/models/a.bin")
+    assert str(err.value) == (
+        "upload to s3://ldm-not-mine/models/a.bin failed: bucket 'ldm-not-mine' does not exist "
+        "and these credentials may not create it (AccessDenied); create it (e.g. "
+        "`mc mb <alias>/ldm-not-mine`) or name a bucket they may write to"
+    )
+    assert secret not in str(err.value)
+
+
+def test_a_bare_endpoint_against_plain_http_says_to_write_the_scheme(
+    endpoint, monkeypatch, tmp_path
+):
+    """``minio-service.kubeflow:9000`` with storage.secure (the default) speaks TLS to a
+    plain-HTTP server: the error says what to write instead."""
+    s3_env(monkeypatch, endpoint)
+    monkeypatch.setenv("S3_ENDPOINT", endpoint.removeprefix("http://"))
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match="give the endpoint as http://HOST:PORT"):
+        storage.download_file("s3://any/a.bin", tmp_path / "a", StorageConfig(secure=True))
+    assert time.monotonic() - t0 < 20
+    monkeypatch.setenv("S3_ENDPOINT", endpoint)  # the scheme wins over storage.secure
+    assert not storage.exists("s3://any/a.bin", StorageConfig(secure=True))

@@ -51,11 +51,12 @@ from typing import Any
 
 import kubernetes
 
+from ldm_core.config import Config
 from ldm_core.errors import LdmError
 from ldm_core.kube import deployment_status, knative
 from ldm_core.kube.errors import ApiCall, call_api
 from ldm_core.kube.resources import CustomObjects, CustomResource
-from ldm_core.kube.security import container_security_context
+from ldm_core.kube.security import container_security_context, pod_security_context
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,12 @@ class RolloutFailed(RolloutError):
 
 @dataclass
 class PredictorSettings:
-    """What the deploy stage chooses for the predictor; everything else is derived."""
+    """What the deploy stage chooses for the predictor; everything else is derived.
+
+    Built from the run's config with :meth:`from_config` (``cluster.predictor`` for the pod,
+    ``serving`` for replicas, autoscaling and mode); the defaults here are for tests and
+    hand-made objects.
+    """
 
     name: str
     namespace: str
@@ -140,25 +146,110 @@ class PredictorSettings:
     service_account: str = DEFAULT_SERVICE_ACCOUNT
     cpu: str = "2"
     memory: str = "8Gi"
-    cpu_limit: str = "4"
-    memory_limit: str = "16Gi"
     gpus: int = 0
     min_replicas: int = 1
     max_replicas: int = 1
+    scale_metric: str = ""
+    """concurrency | rps | cpu | memory; empty = KServe's default."""
+    scale_target: int = 0
+    """Target per replica of scale_metric; 0 = KServe's default."""
+    container_concurrency: int = 0
+    """Requests one replica takes at once (what its server generates at once:
+    ``serving.max_concurrency`` loops of up to ``serving.max_batch_size`` requests); 0 =
+    unlimited."""
+    deployment_mode: str = ""
+    """Serverless | RawDeployment; empty = the cluster's default (KServe's inferenceservice
+    ConfigMap)."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+    priority_class: str = ""
+    image_pull_secrets: list[str] = field(default_factory=list)
     timeout_s: int = 600
     """Predictor request timeout (the ingress's, above serving.request_timeout_s)."""
     bundle_digest: str = ""
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_config(
+        cls, cfg: Config, *, name: str, namespace: str, storage_uri: str, bundle_digest: str
+    ) -> PredictorSettings:
+        """The predictor of ``cfg``: one replica sized by ``cluster.predictor``, as many as
+        ``serving`` allows, each taking as many requests as its server generates at once
+        (``serving.max_concurrency`` denoising loops, each a batch of up to
+        ``serving.max_batch_size`` requests): fewer would starve the batching, more would
+        queue in the pod where Knative's autoscaler cannot see them."""
+        c, s = cfg.cluster, cfg.serving
+        return cls(
+            name=name,
+            namespace=namespace,
+            storage_uri=storage_uri,
+            model_name=s.model_name,
+            image=c.serving_image,
+            service_account=c.serving_service_account,
+            cpu=c.predictor.cpu,
+            memory=c.predictor.memory,
+            gpus=c.predictor.gpus,
+            min_replicas=s.min_replicas,
+            max_replicas=s.max_replicas,
+            scale_metric=s.scale_metric,
+            scale_target=s.scale_target,
+            container_concurrency=s.max_concurrency * s.max_batch_size,
+            deployment_mode=s.deployment_mode,
+            node_selector=dict(c.node_selector),
+            tolerations=[t.to_k8s() for t in c.tolerations],
+            priority_class=c.priority_class,
+            image_pull_secrets=list(c.image_pull_secrets),
+            # The ingress waits a little longer than the server's own limit, so a slow
+            # request gets the server's 504 with its reason rather than the gateway's.
+            timeout_s=int(s.request_timeout_s) + 30,
+            bundle_digest=bundle_digest,
+        )
+
 
 def _resources(s: PredictorSettings) -> dict[str, Any]:
-    requests: dict[str, Any] = {"cpu": s.cpu, "memory": s.memory}
-    limits: dict[str, Any] = {"cpu": s.cpu_limit, "memory": s.memory_limit}
+    """Requests = limits for CPU and memory (Guaranteed QoS: a latency-bound server is not
+    throttled below its request nor evicted first), plus the GPUs. These win over the
+    ServingRuntime's container resources, key by key: KServe merges the predictor's
+    container over the runtime's (strategic merge), so the config sizes the predictor and
+    the manifests do not patch the runtime's resources."""
+    cpu_memory = {"cpu": s.cpu, "memory": s.memory}
+    limits: dict[str, Any] = dict(cpu_memory)
     if s.gpus:
         # Extended resources must have request == limit; giving the limit is enough.
         limits["nvidia.com/gpu"] = str(s.gpus)
-    return {"requests": requests, "limits": limits}
+    return {"requests": dict(cpu_memory), "limits": limits}
+
+
+def _placement(s: PredictorSettings) -> dict[str, Any]:
+    """Pod-level predictor fields: scheduling, pull secrets, and (RawDeployment only) the
+    pod securityContext. Knative refuses a pod-level securityContext beyond its defaults
+    unless the cluster enables ``kubernetes.podspec-securitycontext``; the container's own
+    securityContext holds the same restrictions either way, and the predictor mounts no
+    PVC (the bundle is copied to an emptyDir), so it needs no fsGroup in Serverless mode."""
+    out: dict[str, Any] = {}
+    if s.node_selector:
+        out["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        out["tolerations"] = [dict(t) for t in s.tolerations]
+    if s.priority_class:
+        out["priorityClassName"] = s.priority_class
+    if s.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
+    if s.deployment_mode == "RawDeployment":
+        out["securityContext"] = pod_security_context()
+    return out
+
+
+def _autoscaling(s: PredictorSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {"minReplicas": s.min_replicas, "maxReplicas": s.max_replicas}
+    if s.scale_metric:
+        out["scaleMetric"] = s.scale_metric
+    if s.scale_target:
+        out["scaleTarget"] = s.scale_target
+    if s.container_concurrency:
+        out["containerConcurrency"] = s.container_concurrency
+    return out
 
 
 def _env(s: PredictorSettings) -> list[dict[str, str]]:
@@ -203,9 +294,9 @@ def build_inference_service(
     """
     predictor: dict[str, Any] = {
         "serviceAccountName": s.service_account,
-        "minReplicas": s.min_replicas,
-        "maxReplicas": s.max_replicas,
+        **_autoscaling(s),
         "timeout": s.timeout_s,
+        **_placement(s),
     }
     if canary_percent is not None:
         predictor["canaryTrafficPercent"] = canary_percent
@@ -250,10 +341,16 @@ def build_inference_service(
                 # inference of a canary reaches the canary and not the old revision.
                 "serving.kserve.io/enable-tag-routing": "true",
                 "serving.kserve.io/enable-prometheus-scraping": "true",
+                **_mode(s),
             },
         },
         "spec": {"predictor": predictor},
     }
+
+
+def _mode(s: PredictorSettings) -> dict[str, str]:
+    """The deployment mode annotation KServe reads (none: the cluster's default mode)."""
+    return {"serving.kserve.io/deploymentMode": s.deployment_mode} if s.deployment_mode else {}
 
 
 def build_serving_runtime(

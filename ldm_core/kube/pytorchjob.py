@@ -48,6 +48,7 @@ from typing import Any, TextIO
 
 import kubernetes
 
+from ldm_core.config import ClusterConfig, Config, TrainingResources
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.errors import ApiCall, call_api
@@ -99,41 +100,40 @@ def job_name(run_id: str, task_name: str) -> str:
     return f"{slug}-{digest}"
 
 
+_CLUSTER = ClusterConfig()
+
+
 @dataclass
 class PyTorchJobSettings:
-    """How training pods look on this cluster; overlays/pipeline parameters fill these."""
+    """How the training pods of one stage look on this cluster.
+
+    Built from the run's config with :meth:`from_config` (``cluster`` section: the one source
+    of truth); the defaults of the cluster-facing fields are ``ClusterConfig``'s, the rest
+    are the launcher's own mechanics (polling, log streaming, restart policy).
+    """
 
     image: str
     """The training image (``images/training``); carries ldm_core and torchrun."""
     namespace: str = ""
     """Where the job goes; empty = the component pod's own namespace."""
-    image_pull_policy: str = "IfNotPresent"
+    image_pull_policy: str = _CLUSTER.image_pull_policy
     image_pull_secrets: list[str] = field(default_factory=list)
-    service_account: str = "training"
+    service_account: str = _CLUSTER.service_account
     """Training pods never call the API; their token is not mounted either."""
-    pvc_name: str = "brain-ldm-data"
+    pvc_name: str = _CLUSTER.pvc_name
     workdir: str = "/workspace"
     """Mount path of the PVC; data and checkpoints live here, at the same path as in the
     component pod, so the task's arguments are valid paths in both."""
     s3_secret: str = ""
-    """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and S3_ENDPOINT) for s3:// URIs,
+    """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and S3_ENDPOINT for s3:// URIs,
     passed as envFrom so its values never appear in the job object; empty = none."""
-    gpu: bool = True
-    """One GPU per process (``nvidia.com/gpu`` = nproc_per_node), GPU node selector and
-    toleration; False runs on CPU nodes (gloo)."""
+    resources: TrainingResources = field(default_factory=lambda: ClusterConfig().train_autoencoder)
+    """Per training process: a pod of ``nproc_per_node`` processes asks that many times
+    each figure (one GPU per process)."""
     gpu_resource: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = field(
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
-    )
-    tolerations: list[dict[str, str]] = field(
-        default_factory=lambda: [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-        ]
-    )
-    cpu: str = "8"
-    memory: str = "48Gi"
-    shm_size: str = "16Gi"
-    """/dev/shm for DataLoader workers and NCCL; the container default (64 MiB) is too small."""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, str]] = field(default_factory=list)
+    priority_class: str = ""
     tmp_size: str = "8Gi"
     env: dict[str, str] = field(default_factory=dict)
     """Extra non-secret environment for every replica (added after the task's)."""
@@ -141,21 +141,41 @@ class PyTorchJobSettings:
     restart_policy: str = "ExitCode"
     """Restart on signals/preemption (exit code > 128), fail at once on an error in our code."""
     backoff_limit: int = 3
-    active_deadline_s: int = 24 * 3600
+    active_deadline_s: int = _CLUSTER.run_timeout_s
     ttl_seconds_after_finished: int = 3600
     timeout_s: float | None = None
     """How long ``run`` waits for a result; None = active_deadline_s + start_timeout_s."""
     start_timeout_s: float = 600.0
     """A job that shows no status at all this long has no training operator: fail."""
-    pending_timeout_s: float = 900.0
-    """How long a pod may stay unable to start (unschedulable, image not pulled, a missing
-    Secret, an unbound PVC) before the job is deleted and the task fails with the reason.
-    Not zero: a cluster autoscaler adds a GPU node in minutes. (A launcher setting until
-    Config has a ``cluster`` section to hold it.)"""
+    pending_timeout_s: float = _CLUSTER.pending_timeout_s
+    """How long a pod may stay unable to start before the job is deleted and the task fails
+    with the reason (``cluster.pending_timeout_s``)."""
     poll_s: float = 10.0
     log_reconnect_s: float = 5.0
     tail_lines: int = 40
     run_as_user: int = RUN_AS
+
+    @classmethod
+    def from_config(cls, cfg: Config, stage: str, workdir: str) -> PyTorchJobSettings:
+        """The settings of training stage ``stage`` (``train_autoencoder`` or
+        ``train_diffusion``) from ``cfg.cluster``, with the PVC mounted at ``workdir``."""
+        c = cfg.cluster
+        return cls(
+            image=c.image,
+            namespace=c.namespace,
+            image_pull_policy=c.image_pull_policy,
+            image_pull_secrets=list(c.image_pull_secrets),
+            service_account=c.service_account,
+            pvc_name=c.pvc_name,
+            workdir=workdir,
+            s3_secret=c.s3_secret,
+            resources=getattr(c, stage),
+            node_selector=dict(c.node_selector),
+            tolerations=[t.to_k8s() for t in c.tolerations],
+            priority_class=c.priority_class,
+            active_deadline_s=c.run_timeout_s,
+            pending_timeout_s=float(c.pending_timeout_s),
+        )
 
 
 # --------------------------------------------------------------------------- build
@@ -175,7 +195,7 @@ def build_pytorchjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[s
         )
     if not settings.image:
         raise LaunchError(f"{task.name}: no training image configured")
-    template = _pod_template(task, settings)
+    template = pod_template(task, settings)
     replicas: dict[str, Any] = {
         "Master": {"replicas": 1, "restartPolicy": settings.restart_policy, "template": template}
     }
@@ -226,7 +246,13 @@ def _labels(task: TrainingTask) -> dict[str, str]:
     }
 
 
-def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
+def pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
+    """The pod every replica of ``task`` runs: ``torchrun`` over the task's command, the
+    shared PVC at ``s.workdir``, the resources and scheduling of ``s``, locked down.
+
+    Public because every training-job backend (PyTorchJob here, Trainer v2's TrainJob)
+    runs the same pod; only the object around it differs.
+    """
     env = {
         "PYTHONUNBUFFERED": "1",  # log lines reach the component as they are printed
         "HOME": "/tmp",  # read-only root filesystem: caches go to the /tmp emptyDir
@@ -238,10 +264,11 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
         **task.env,
         **s.env,
     }
-    requests: dict[str, str] = {"cpu": s.cpu, "memory": s.memory}
-    limits: dict[str, str] = {"memory": s.memory}
-    if s.gpu:
-        requests[s.gpu_resource] = limits[s.gpu_resource] = str(task.nproc_per_node)
+    pod = s.resources.times(task.nproc_per_node)
+    requests: dict[str, str] = {"cpu": pod.cpu, "memory": pod.memory}
+    limits: dict[str, str] = {"memory": pod.memory}
+    if pod.gpus:
+        requests[s.gpu_resource] = limits[s.gpu_resource] = str(pod.gpus)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": s.image,
@@ -268,7 +295,7 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
         "securityContext": pod_security_context(s.run_as_user),
         "volumes": [
             {"name": "workdir", "persistentVolumeClaim": {"claimName": s.pvc_name}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.shm_size}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm}},
             {"name": "tmp", "emptyDir": {"sizeLimit": s.tmp_size}},
         ],
     }
@@ -276,11 +303,12 @@ def _pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
         pod_spec["serviceAccountName"] = s.service_account
     if s.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
-    if s.gpu:
-        if s.node_selector:
-            pod_spec["nodeSelector"] = dict(s.node_selector)
-        if s.tolerations:
-            pod_spec["tolerations"] = [dict(t) for t in s.tolerations]
+    if s.node_selector:
+        pod_spec["nodeSelector"] = dict(s.node_selector)
+    if s.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in s.tolerations]
+    if s.priority_class:
+        pod_spec["priorityClassName"] = s.priority_class
     return {
         "metadata": {
             "labels": _labels(task),

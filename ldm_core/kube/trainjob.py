@@ -65,7 +65,7 @@ from ldm_core.kube.pytorchjob import (
     stored_spec_hash,
     true_condition,
 )
-from ldm_core.kube.pytorchjob import _pod_template as pod_template
+from ldm_core.kube.pytorchjob import pod_template
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.launcher import LaunchError, TrainingTask
 
