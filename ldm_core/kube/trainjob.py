@@ -61,11 +61,11 @@ from ldm_core.kube.pytorchjob import (
     PyTorchJobSettings,
     adoption,
     conditions,
+    pod_template,
     spec_hash,
     stored_spec_hash,
     true_condition,
 )
-from ldm_core.kube.pytorchjob import pod_template
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.launcher import LaunchError, TrainingTask
 
