@@ -21,6 +21,7 @@ import kubernetes
 import pytest
 import yaml
 
+from ldm_core.config import TrainingResources, load_config
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube import trainjob as tj
 from ldm_core.launcher import LaunchError, TrainingTask
@@ -90,10 +91,15 @@ def cluster():
 
 
 def _settings(**kw: Any) -> pj.PyTorchJobSettings:
+    """A GPU job as the gpu-16g preset sizes it, fast polling for the emulated API."""
+    gpu = load_config(preset="gpu-16g").cluster
     base = dict(
         image="registry.example/brain-ldm-training:0.1.0",
         namespace=NS,
         s3_secret="brain-ldm-s3",
+        resources=gpu.train_autoencoder,
+        node_selector=dict(gpu.node_selector),
+        tolerations=[t.to_k8s() for t in gpu.tolerations],
         poll_s=0.05,
         log_reconnect_s=0.05,
         start_timeout_s=30.0,
@@ -187,7 +193,7 @@ def test_every_key_the_s3_secret_template_documents_reaches_the_training_pod():
 
 
 def test_cpu_job_has_no_gpu_scheduling():
-    job = tj.build_trainjob(_task(), _settings(gpu=False, s3_secret=""))
+    job = tj.build_trainjob(_task(), _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""))
     crdcheck.validate(job)
     (patch,) = job["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -240,15 +246,11 @@ def test_invalid_tasks_are_refused_before_any_api_call(change, match):
         tj.build_trainjob(task, _settings())
 
 
-def test_a_pod_field_the_trainjob_cannot_carry_is_an_error_not_dropped(monkeypatch):
-    def with_priority(task: TrainingTask, settings: pj.PyTorchJobSettings) -> dict[str, Any]:
-        pod = pj._pod_template(task, settings)
-        pod["spec"]["priorityClassName"] = "training-high"
-        return pod
-
-    monkeypatch.setattr(tj, "pod_template", with_priority)
+def test_a_pod_field_the_trainjob_cannot_carry_is_an_error_not_dropped():
+    """cluster.priority_class reaches a PyTorchJob's pods; a TrainJob's patches cannot set
+    it, so the launcher refuses rather than silently dropping it."""
     with pytest.raises(LaunchError, match="pod field.s. priorityClassName cannot be set"):
-        tj.build_trainjob(_task(), _settings())
+        tj.build_trainjob(_task(), _settings(priority_class="training-high"))
 
 
 def _node_patch(job: dict[str, Any]) -> dict[str, Any]:
