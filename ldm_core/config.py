@@ -29,6 +29,9 @@ class ConfigError(LdmError, ValueError):
     """A configuration value is wrong; the message names the dotted field and why."""
 
 
+LR_DECAYS = ("constant", "cosine")
+"""What a learning rate does after its warm-up (``ldm_core.train.loop.LrSchedule``)."""
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -115,6 +118,9 @@ class AutoencoderTrainConfig:
     batch_size: int = 2
     lr: float = 1e-4
     kl_weight: float = 1e-6
+    gradient_weight: float = 0.0
+    """Weight of the gradient difference loss (sharp edges; ``train.autoencoder``'s
+    ``gradient_difference``); 0 disables it."""
     perceptual_weight: float = 0.0
     perceptual_weights: str = ""
     """Path or URI of a feature-network weights file; empty disables the perceptual loss."""
@@ -122,6 +128,10 @@ class AutoencoderTrainConfig:
     adv_start_step: int = 90
     """Steps of warm-up before the patch discriminator joins (>= steps disables it)."""
     disc_lr: float = 5e-4
+    lr_warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly from 0 to ``lr``."""
+    lr_decay: str = "constant"
+    """After the warm-up: ``constant``, or ``cosine`` (half-cosine down to 0 at the last step)."""
     scale_factor_batches: int = 0
     """Batches used to estimate the latent std; 0 = the whole training set."""
 
@@ -137,6 +147,10 @@ class DiffusionTrainConfig:
     the GPU presets use 1e-4 for their larger UNets and longer schedules."""
     ema_decay: float = 0.999
     ema_start_step: int = 0
+    lr_warmup_steps: int = 0
+    """Steps over which the learning rate rises linearly from 0 to ``lr``."""
+    lr_decay: str = "constant"
+    """After the warm-up: ``constant``, or ``cosine`` (half-cosine down to 0 at the last step)."""
 
 
 @dataclass
@@ -502,6 +516,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.scheduler.objective": OBJECTIVES,
     "model.scheduler.prediction_type": ("epsilon", "v_prediction", "sample"),
     "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
+    "train.autoencoder.lr_decay": LR_DECAYS,
+    "train.diffusion.lr_decay": LR_DECAYS,
 }
 
 _POSITIVE = (
@@ -614,6 +630,10 @@ def _check_numbers(cfg: Config) -> None:
     for dotted in _POSITIVE:
         if _get_dotted(cfg, dotted) <= 0:
             raise ConfigError(f"{dotted}: must be positive, got {_get_dotted(cfg, dotted)}")
+    for stage in ("autoencoder", "diffusion"):
+        warmup = getattr(cfg.train, stage).lr_warmup_steps
+        if warmup < 0:
+            raise ConfigError(f"train.{stage}.lr_warmup_steps: must be >= 0, got {warmup}")
     if not 0 <= cfg.train.diffusion.ema_decay < 1:
         raise ConfigError(
             f"train.diffusion.ema_decay: must be in [0, 1), got {cfg.train.diffusion.ema_decay}"

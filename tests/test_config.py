@@ -62,6 +62,12 @@ def test_tuples_come_back_as_tuples():
         ("data.shape=[48,64]", "data.shape", "expected 3 values"),
         ("train.compile=maybe", "train.compile", "expected true or false"),
         ("train.device=tpu", "train.device", "must be auto"),
+        ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
+        (
+            "train.autoencoder.lr_warmup_steps=-1",
+            "train.autoencoder.lr_warmup_steps",
+            "must be >= 0",
+        ),
     ],
 )
 def test_bad_values_name_the_field(override, field, words):
