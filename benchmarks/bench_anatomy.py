@@ -252,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--label", default="candidate")
     parser.add_argument("--time-only", action="store_true", help="only the step-cost ratio")
     parser.add_argument("--time-steps", type=int, default=3, help="timed steps per model")
+    parser.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="skip the step-cost ratio (same shapes as a run that has it)",
+    )
     args = parser.parse_args(argv)
 
     cfg = load_config(overrides=args.set)
@@ -268,15 +273,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         result |= scores
         if args.png:
             axial_png(generated, real, args.png)
-    result |= compare_cost(cfg, args.time_steps)
+    summary = f"{args.label}: "
+    if not args.no_cost:
+        result |= compare_cost(cfg, args.time_steps)
+        summary += (
+            f"train cost {result['candidate_over_reference']:.2f}x the pre-issue-14 preset's; "
+        )
     result["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    summary = (
-        f"{args.label}: train cost {result['candidate_over_reference']:.2f}x the pre-issue-14 "
-        "preset's"
-    )
     if not args.time_only:
         summary += (
-            f"; recon SSIM {result['recon_ssim']:.3f}, PSNR {result['recon_psnr']:.1f}, detail "
+            f"recon SSIM {result['recon_ssim']:.3f}, PSNR {result['recon_psnr']:.1f}, detail "
             f"{result['recon_detail_ratio']:.2f}; samples detail {result['sample_detail_ratio']:.2f},"
             f" Dice {result['mask_dice']:.3f}"
         )
