@@ -105,8 +105,8 @@ class SchedulerConfig:
     beta_end: float = 0.0195
     prediction_type: str = "v_prediction"
     """tiny-cpu: ``v_prediction``. With 8 latent channels and 600 steps, noise prediction
-    sampled shapeless fragments (mask Dice 0.61); velocity gave brain-shaped volumes (0.91).
-    The GPU presets keep ``epsilon``."""
+    sampled shapeless fragments (mask Dice 0.61); velocity gave brain-shaped volumes (0.92;
+    benchmarks/README.md). The GPU presets keep ``epsilon``."""
 
 
 @dataclass
