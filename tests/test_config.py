@@ -39,7 +39,7 @@ def test_layers_file_then_overrides(tmp_path):
 def test_tuples_come_back_as_tuples():
     cfg = load_config(overrides=["data.shape=[64,64,64]"])
     assert cfg.data.shape == (64, 64, 64)
-    assert cfg.latent_shape == (3, 16, 16, 16)
+    assert cfg.latent_shape == (8, 16, 16, 16)
 
 
 @pytest.mark.parametrize(
@@ -62,6 +62,12 @@ def test_tuples_come_back_as_tuples():
         ("data.shape=[48,64]", "data.shape", "expected 3 values"),
         ("train.compile=maybe", "train.compile", "expected true or false"),
         ("train.device=tpu", "train.device", "must be auto"),
+        ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
+        (
+            "train.autoencoder.lr_warmup_steps=-1",
+            "train.autoencoder.lr_warmup_steps",
+            "must be >= 0",
+        ),
     ],
 )
 def test_bad_values_name_the_field(override, field, words):
@@ -132,3 +138,18 @@ def test_save_replaces_the_file_whole(tmp_path):
     load_config().save(path)
     assert load_config(path, preset="tiny-cpu") == load_config()
     assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+
+
+@pytest.mark.parametrize("preset", ["gpu-16g", "gpu-32g", "multi-gpu"])
+def test_gpu_presets_keep_the_training_recipe_they_had_before_the_tiny_cpu_retune(preset):
+    # Issue 14 retuned the tiny-cpu defaults for a 7-minute CPU run; the GPU presets'
+    # schedules are tens of thousands of steps and keep their own recipe.
+    cfg = load_config(preset=preset)
+    ae, dm = cfg.train.autoencoder, cfg.train.diffusion
+    assert cfg.model.autoencoder.latent_channels == 3
+    assert cfg.model.scheduler.prediction_type == "epsilon"
+    assert (ae.lr, ae.lr_warmup_steps, ae.lr_decay) == (1e-4, 0, "constant")
+    assert (ae.adv_weight, ae.gradient_weight, ae.kl_weight) == (0.01, 0.0, 1e-6)
+    assert ae.adv_start_step < ae.steps
+    assert (dm.lr, dm.lr_warmup_steps, dm.lr_decay, dm.ema_decay) == (1e-4, 0, "constant", 0.999)
+    assert (cfg.sampling.sampler, cfg.sampling.steps) == ("ddim", 50)

@@ -123,3 +123,26 @@ def test_too_many_non_finite_steps_stop_the_run_and_the_log_is_closed(tmp_path, 
         run(tmp_path, toy, start=0, total=5)
     assert toy.updates == [1] and closed == [None]
     assert [m["nonfinite_total"] for m in metrics(tmp_path) if m["loss"] is None] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "warmup, decay, expected",
+    [
+        # Linear warm-up to the base rate, then flat.
+        (2, "constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        # After the warm-up: the full rate once, then a half cosine over the 4 remaining
+        # steps, ending above zero (the last step still learns).
+        (2, "cosine", [0.5, 1.0, 1.0, 0.8535534, 0.5, 0.1464466]),
+        (0, "cosine", [1.0, 0.9330127, 0.75, 0.5, 0.25, 0.0669873]),
+        # A warm-up as long as the run only warms up.
+        (10, "cosine", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
+    ],
+)
+def test_learning_rate_schedule_is_a_function_of_the_step(warmup, decay, expected):
+    schedule = loop.LrSchedule(base=1.0, total=6, warmup=warmup, decay=decay)
+    assert [schedule.at(step) for step in range(1, 7)] == pytest.approx(expected, abs=1e-6)
+    optimizer = torch.optim.SGD(
+        [{"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1)]}], lr=9.0
+    )
+    assert schedule.apply(optimizer, 1) == pytest.approx(expected[0])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected[0]] * 2)

@@ -171,3 +171,17 @@ def test_sdpa_attention_keeps_checkpoints_loading():
         assert torch.allclose(
             old_ae.decode_stage_2_outputs(z), new_ae.decode_stage_2_outputs(z), atol=1e-5
         )
+
+
+def test_v_prediction_targets_the_velocity_of_the_noise_schedule():
+    # Salimans & Ho 2022: v = sqrt(abar_t) * noise - sqrt(1 - abar_t) * x0 (tiny-cpu's default).
+    cfg = tiny_config("model.scheduler.prediction_type=v_prediction")
+    sched = training_scheduler(cfg)
+    x0 = torch.randn(4, 3, 16, 16, 16)
+    noisy, t, target = diffusion_training_example(
+        cfg, sched, x0, generator=torch.Generator().manual_seed(0)
+    )
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(target, abar.sqrt() * noise - (1 - abar).sqrt() * x0)
+    torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)

@@ -129,3 +129,43 @@ def test_finished_run_is_idempotent_and_other_architecture_is_refused(tmp_path):
     wider = ae_config("train.autoencoder.steps=2", "model.autoencoder.channels=[16,16]")
     with pytest.raises(LdmError, match=r"different architecture.*model.autoencoder.channels"):
         train_autoencoder(wider, data, run)
+
+
+def test_the_generator_follows_the_schedule_and_the_discriminator_keeps_its_rate(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    cfg = ae_config(
+        "train.autoencoder.steps=4",
+        "train.autoencoder.lr=0.002",
+        "train.autoencoder.lr_warmup_steps=2",
+        "train.autoencoder.lr_decay=cosine",
+        "train.autoencoder.adv_start_step=1",
+        "train.autoencoder.adv_weight=0.01",
+        "train.autoencoder.disc_lr=0.0005",
+    )
+    run = train_autoencoder(cfg, data, tmp_path / "ae")
+    assert [m["lr"] for m in read_metrics(run)] == pytest.approx([0.001, 0.002, 0.002, 0.001])
+    state = torch.load(run / "checkpoints" / "ckpt-00000004.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
+    assert state["disc_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
+
+
+def test_gradient_difference_tells_a_softened_edge_from_an_error_l1_scores_the_same():
+    edge = torch.zeros(1, 1, 8, 8, 8)
+    edge[..., 4:] = 1.0
+    ramp = edge.clone()
+    ramp[..., 3], ramp[..., 4] = 1 / 3, 2 / 3  # the same edge spread over three voxels
+    offset = edge + 1 / 12  # every voxel a little off, the edge intact
+    l1 = [(v - edge).abs().mean() for v in (ramp, offset)]
+    assert l1[0] == pytest.approx(l1[1])
+    assert ae_mod.gradient_difference(offset, edge) == pytest.approx(0.0, abs=1e-7)
+    # Along the edge's normal the step of 1 became three steps of 1/3: |1/3| + |1/3 - 1| +
+    # |1/3| over 7 differences, averaged with the two axes along which nothing changed.
+    assert ae_mod.gradient_difference(ramp, edge) == pytest.approx(4 / 21 / 3)
+
+
+def test_gradient_term_is_logged_and_trains_when_weighted(tmp_path):
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    cfg = ae_config("train.autoencoder.steps=2", "train.autoencoder.gradient_weight=1.0")
+    train = [m for m in read_metrics(train_autoencoder(cfg, data, tmp_path / "ae"))]
+    assert all(m["gradient"] > 0 for m in train)
+    assert all(m["loss"] > m["l1"] + m["gradient"] * 0.99 for m in train)

@@ -177,3 +177,19 @@ def test_bf16_autocast_with_checkpointing_and_channels_last_trains(tmp_path):
     assert {"model", "ema", "optimizer", "scaler", "guard", "rng", "config", "step"} <= set(state)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(loss is not None and np.isfinite(loss) for loss in losses)
+
+
+def test_each_step_runs_at_the_scheduled_learning_rate(tmp_path):
+    # Warm-up over 2 steps, then the full rate once and a half cosine over the last 2.
+    data = make_cache(tmp_path / "data", n_train=3, n_val=0)
+    cfg = dm_config(
+        "train.diffusion.steps=4",
+        "train.diffusion.lr=0.001",
+        "train.diffusion.lr_warmup_steps=2",
+        "train.diffusion.lr_decay=cosine",
+    )
+    run = train_diffusion(cfg, data, fake_autoencoder_run(tmp_path / "ae", cfg), tmp_path / "dm")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0005, 0.001, 0.001, 0.0005])
+    state = torch.load(run / "checkpoints" / "ckpt-00000004.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)

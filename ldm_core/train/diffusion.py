@@ -178,12 +178,14 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
 
 def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -> loop.StepFn:
     """The denoising step: noise a batch of latents at random timesteps, regress the
-    scheduler's target, then move the EMA (a plain copy until ``ema_start_step``)."""
+    scheduler's target at the scheduled learning rate, then move the EMA (a plain copy until
+    ``ema_start_step``)."""
     tc, device = cfg.train.diffusion, env.device
     unet, ema = parts["model"], parts["ema"]
     optimizer, scaler = parts["optimizer"], parts["scaler"]
     unet_train = loop.for_training(unet, cfg, env.distributed, device)
     unet_train.train()
+    schedule = loop.LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
 
     def step(batch: list[torch.Tensor], at: int) -> loop.Step:
         (z,) = batch
@@ -194,6 +196,7 @@ def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -
             loss = F.mse_loss(pred.float(), target.float())
 
         def update() -> loop.Scalars:
+            lr = schedule.apply(optimizer, at)
             grad_norm = loop.optimizer_step(
                 loss, optimizer, scaler, list(unet.parameters()), cfg.train.grad_clip
             )
@@ -201,7 +204,7 @@ def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -
                 ema.update(unet)
             else:
                 ema.model.load_state_dict(unet.state_dict())
-            return {"grad_norm": grad_norm}
+            return {"grad_norm": grad_norm, "lr": lr}
 
         return loop.Step(loss, update)
 

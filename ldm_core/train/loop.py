@@ -99,6 +99,45 @@ def optimizer_step(
     return float(norm)
 
 
+# --------------------------------------------------------------------------- learning rate
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning rate as a pure function of the step: linear warm-up, then constant or
+    half-cosine decay to zero at ``total``.
+
+    A short run from scratch needs both ends: a warm-up, because Adam's first updates (its
+    second-moment estimate still tiny) are the largest and at a high rate would scatter a
+    freshly initialised network; and a decay, because the last steps at the full rate leave
+    the weights bouncing around the minimum instead of settling in it. Being a function of
+    the step alone, it needs no state in a checkpoint: a resumed run sets the same rates. A
+    warm-up as long as the run (a smoke test's few steps) only warms up.
+    """
+
+    base: float
+    total: int
+    warmup: int = 0
+    decay: str = "constant"
+
+    def at(self, step: int) -> float:
+        """Rate for optimizer step ``step`` (1-based, as the loop counts)."""
+        if step <= self.warmup:
+            return self.base * step / self.warmup
+        if self.decay == "constant" or self.total <= self.warmup:
+            return self.base
+        # The first step after the warm-up runs at the full rate, the last one just above zero.
+        progress = min(1.0, (step - self.warmup - 1) / (self.total - self.warmup))
+        return self.base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every parameter group of ``optimizer`` to the rate of ``step``; return it."""
+        lr = self.at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
 # --------------------------------------------------------------------------- model options
 
 

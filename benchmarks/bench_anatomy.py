@@ -1,0 +1,293 @@
+"""Does the demo model learn anatomy, and what does its training cost? (issue 14)
+
+Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preprocessed demo
+cache with the project's own trainers, then measures where blur comes from:
+
+- the autoencoder's reconstructions of the validation volumes: SSIM, PSNR and the detail
+  ratio (``ldm_core.quality.detail_ratio`` against those volumes), the ceiling of any sample;
+- samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
+  of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
+  and foreground Dice with its majority mask (``ldm_core.evaluate.mask_dice``);
+- training cost: wall seconds of each stage (noisy on a shared machine) and, the figure to
+  compare, the per-step time of the candidate's and of the reference (pre-issue-14) preset's
+  model shapes, measured back to back in this process and multiplied by their step counts.
+
+Usage::
+
+    .venv/bin/python -m benchmarks.bench_anatomy --data CACHE --work DIR [--set key=value ...]
+        [--autoencoder DIR] [--png FILE] [--label NAME]
+    .venv/bin/python -m benchmarks.bench_anatomy --time-only [--set key=value ...]
+
+``--autoencoder`` reuses a finished autoencoder run (diffusion-only experiments); ``--png``
+writes the axial mid-slices of the samples (top) over those of real volumes (bottom).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+
+from benchmarks.common import record
+from ldm_core import bundle as bundles
+from ldm_core import evaluate, quality
+from ldm_core.config import Config, load_config
+from ldm_core.data.cache import VolumeDataset
+from ldm_core.models import (
+    build_autoencoder,
+    build_discriminator,
+    build_unet,
+    diffusion_training_example,
+)
+from ldm_core.sample import generate
+from ldm_core.samplers import training_scheduler
+from ldm_core.train.autoencoder import train_autoencoder
+from ldm_core.train.diffusion import train_diffusion
+
+REFERENCE = [
+    "model.autoencoder.latent_channels=3",
+    "model.autoencoder.channels=[16,32,32]",
+    "model.autoencoder.num_res_blocks=1",
+    "model.unet.channels=[32,64,64]",
+    "model.unet.num_res_blocks=1",
+    "model.scheduler.prediction_type=epsilon",
+    "train.autoencoder.steps=120",
+    "train.autoencoder.batch_size=2",
+    "train.autoencoder.adv_start_step=90",
+    "train.autoencoder.adv_weight=0.01",
+    "train.diffusion.steps=700",
+    "train.diffusion.batch_size=8",
+]
+"""The tiny-cpu preset before issue 14 (AE 120 steps with the discriminator from step 90,
+UNet 700 steps at batch 8): the training cost the candidate must not exceed."""
+
+GENERATE_BATCH = 4
+"""Seeds per generate call, as ``ldm evaluate`` draws them."""
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def _median_seconds(fn: Callable[[], None], steps: int) -> float:
+    fn()  # warm-up: allocator, kernels
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_costs(cfg: Config, steps: int) -> dict[str, float]:
+    """Seconds per autoencoder step without and with the discriminator, and per UNet step,
+    at ``cfg``'s shapes and batch sizes (random data: the cost does not depend on it)."""
+    tc = cfg.train
+    torch.manual_seed(0)
+    x = torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape)
+    ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
+    opt, d_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(disc.parameters())
+    adv = PatchAdversarialLoss(criterion="least_squares")
+
+    def ae_step(with_disc: bool) -> None:
+        recon, _, _ = ae(x)
+        loss = (recon - x).abs().mean()
+        if with_disc:
+            loss = loss + adv(disc(recon)[-1], target_is_real=True, for_discriminator=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if with_disc:
+            d_loss = adv(disc(recon.detach())[-1], target_is_real=False, for_discriminator=True)
+            d_loss = d_loss + adv(disc(x)[-1], target_is_real=True, for_discriminator=True)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+
+    unet = build_unet(cfg)
+    u_opt = torch.optim.Adam(unet.parameters())
+    scheduler = training_scheduler(cfg)
+    z = torch.randn(tc.diffusion.batch_size, *cfg.latent_shape)
+
+    def unet_step() -> None:
+        noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
+        loss = F.mse_loss(unet(noisy, timesteps=timesteps), target)
+        u_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        u_opt.step()
+
+    return {
+        "ae": _median_seconds(lambda: ae_step(False), steps),
+        "ae_disc": _median_seconds(lambda: ae_step(True), steps),
+        "unet": _median_seconds(unet_step, steps),
+    }
+
+
+def training_seconds(cfg: Config, cost: dict[str, float]) -> float:
+    """Both stages' steps priced at ``cost`` (validation and the latent cache left out)."""
+    ae = cfg.train.autoencoder
+    with_disc = max(0, ae.steps - ae.adv_start_step) if ae.adv_weight > 0 else 0
+    return (
+        (ae.steps - with_disc) * cost["ae"]
+        + with_disc * cost["ae_disc"]
+        + cfg.train.diffusion.steps * cost["unet"]
+    )
+
+
+def compare_cost(candidate: Config, steps: int) -> dict[str, Any]:
+    """Reference and candidate step costs, interleaved (a load change on a shared machine
+    then hits both alike), each the better of two measurements."""
+    reference = load_config(overrides=REFERENCE)
+    costs: dict[str, list[dict[str, float]]] = {"reference": [], "candidate": []}
+    for _ in range(2):
+        costs["reference"].append(step_costs(reference, steps))
+        costs["candidate"].append(step_costs(candidate, steps))
+    best = {name: {k: min(c[k] for c in runs) for k in runs[0]} for name, runs in costs.items()}
+    ref_s = training_seconds(reference, best["reference"])
+    cand_s = training_seconds(candidate, best["candidate"])
+    return {
+        "step_seconds": {n: {k: round(v, 4) for k, v in c.items()} for n, c in best.items()},
+        "reference_train_seconds": round(ref_s, 1),
+        "candidate_train_seconds": round(cand_s, 1),
+        "candidate_over_reference": round(cand_s / ref_s, 3),
+    }
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def reconstruction_quality(b: bundles.Bundle, data: Path) -> dict[str, float]:
+    """SSIM, PSNR and detail ratio of the autoencoder's reconstructions of the val volumes."""
+    volumes = VolumeDataset(data, "val")
+    x = torch.stack([volumes[i] for i in range(len(volumes))]).float()
+    recon = b.autoencoder.reconstruct(x).float().clamp(0.0, 1.0)
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(recon, x)
+    psnr = PSNRMetric(max_val=1.0)(recon, x)
+    return {
+        "recon_ssim": round(float(ssim.mean()), 4),
+        "recon_psnr": round(float(psnr.mean()), 2),
+        "recon_detail_ratio": round(quality.detail_ratio(recon.numpy(), x.numpy()), 4),
+        "recon_l1": round(float((recon - x).abs().mean()), 4),
+    }
+
+
+def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """Detail ratio and mask Dice of samples drawn as ``ldm evaluate`` draws them."""
+    cfg = b.config
+    seeds = list(range(cfg.evaluation.num_samples))
+    generated = torch.cat(
+        [
+            generate(b, seeds[i : i + GENERATE_BATCH], cfg.sampling.sampler, cfg.evaluation.steps)
+            for i in range(0, len(seeds), GENERATE_BATCH)
+        ]
+    )
+    dice = evaluate.mask_dice(generated, evaluate.reference_mask(real))
+    return {
+        "sample_detail_ratio": round(quality.detail_ratio(generated.numpy(), real.numpy()), 4),
+        "mask_dice": round(float(dice.mean()), 4),
+        "mask_dice_min": round(float(dice.min()), 4),
+    }, generated
+
+
+def axial_png(generated: torch.Tensor, real: torch.Tensor, path: Path) -> None:
+    """Axial mid-slices: samples in the top row, real volumes below, both rotated as
+    ``ldm_core.figures`` shows them."""
+    from matplotlib.figure import Figure
+
+    rows = (("generated", generated), ("real", real[: len(generated)]))
+    n = len(generated)
+    fig = Figure(figsize=(1.3 * n, 3.0))
+    axes = fig.subplots(2, n, squeeze=False)
+    for r, (name, volumes) in enumerate(rows):
+        for c in range(n):
+            v = volumes[c, 0].numpy() if c < len(volumes) else np.zeros_like(real[0, 0].numpy())
+            axes[r, c].imshow(np.rot90(v[:, :, v.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+
+
+# --------------------------------------------------------------------------- main
+
+
+def train(cfg: Config, data: Path, work: Path, autoencoder: Path | None) -> dict[str, Any]:
+    """Both stages with the project's trainers; returns the bundle directory and seconds."""
+    ae_dir = autoencoder or work / "autoencoder"
+    t0 = time.perf_counter()
+    if autoencoder is None:
+        train_autoencoder(cfg, data, ae_dir)
+    t1 = time.perf_counter()
+    train_diffusion(cfg, data, ae_dir, work / "diffusion")
+    t2 = time.perf_counter()
+    bundle_dir = bundles.build_bundle(ae_dir, work / "diffusion", work / "bundle")
+    return {
+        "bundle": bundle_dir,
+        "autoencoder_wall_seconds": None if autoencoder else round(t1 - t0, 1),
+        "diffusion_wall_seconds": round(t2 - t1, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="preprocessed demo cache (ldm preprocess)")
+    parser.add_argument("--work", type=Path, help="directory for the runs and the bundle")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--autoencoder", type=Path, help="reuse this finished autoencoder run")
+    parser.add_argument("--png", type=Path, help="write axial mid-slices here")
+    parser.add_argument("--label", default="candidate")
+    parser.add_argument("--time-only", action="store_true", help="only the step-cost ratio")
+    parser.add_argument("--time-steps", type=int, default=3, help="timed steps per model")
+    parser.add_argument(
+        "--no-cost",
+        action="store_true",
+        help="skip the step-cost ratio (same shapes as a run that has it)",
+    )
+    args = parser.parse_args(argv)
+
+    cfg = load_config(overrides=args.set)
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    result: dict[str, Any] = {"label": args.label, "overrides": args.set}
+    if not args.time_only:
+        if args.data is None or args.work is None:
+            parser.error("--data and --work are needed unless --time-only")
+        run = train(cfg, args.data, args.work, args.autoencoder)
+        b = bundles.load(run.pop("bundle"), "cpu")
+        real, _ = evaluate.load_real(args.data, b.config.data.shape)
+        result |= run | reconstruction_quality(b, args.data)
+        scores, generated = sample_quality(b, real)
+        result |= scores
+        if args.png:
+            axial_png(generated, real, args.png)
+    summary = f"{args.label}: "
+    if not args.no_cost:
+        result |= compare_cost(cfg, args.time_steps)
+        summary += (
+            f"train cost {result['candidate_over_reference']:.2f}x the pre-issue-14 preset's; "
+        )
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    if not args.time_only:
+        summary += (
+            f"recon SSIM {result['recon_ssim']:.3f}, PSNR {result['recon_psnr']:.1f}, detail "
+            f"{result['recon_detail_ratio']:.2f}; samples detail {result['sample_detail_ratio']:.2f},"
+            f" Dice {result['mask_dice']:.3f}"
+        )
+    record("anatomy", result, summary=summary)
+
+
+if __name__ == "__main__":
+    main()
