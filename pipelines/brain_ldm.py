@@ -14,8 +14,8 @@ training jobs and the InferenceService are built from it (``ldm_core.config.Clus
 and the evaluate pod is sized from configure's outputs (resource placeholders, resolved by
 the KFP driver: backend 2.4.1+, as Kubeflow 1.10 ships). Task settings that KFP takes only
 at compile time stay here: the shared PVC mount and the S3 Secret; ``kfp.local`` ignores them.
-Training steps need little themselves: with the kubeflow backend they create a PyTorchJob
-that holds the GPUs, and they mount the PVC that job shares with them.
+Training steps need little themselves: with the kubeflow (trainjob) backend they create a PyTorchJob
+(TrainJob) that holds the GPUs, and they mount the PVC that job shares with them.
 
 The compiled YAML loads on every KFP backend from 2.4 on (``pipelines.kfp_compat``): task
 settings that backend 2.4 can take only as constants (the S3 Secret's name, node selectors)
@@ -111,7 +111,8 @@ def brain_ldm(
     preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value``
     refinements; any ``cluster.*`` / ``serving.*`` field too (``cluster.predictor.gpus=1``).
     nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +
-    Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob).
+    Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob) |
+    trainjob (Kubeflow Trainer v2); auto picks the training-job API the cluster serves.
     image: container image of every task and of the training job pods (cluster.image).
     pvc_name: PVC shared by training tasks and their PyTorchJob pods (cluster.pvc_name).
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
