@@ -92,11 +92,15 @@ def parse_params(items: list[str], inputs: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def check_reachable(host: str, timeout: float = 10.0) -> None:
-    """Fail fast, in one line, when the endpoint does not answer its healthz."""
+def check_reachable(host: str, token: str | None = None, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when the endpoint does not answer its healthz. ``token`` is
+    sent as the KFP client sends it (behind Kubeflow's auth proxy every call needs it)."""
     url = host.rstrip("/") + HEALTHZ
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as resp:
             resp.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
@@ -125,7 +129,7 @@ def submit(
     spec = read_package(package)
     name = spec["pipelineInfo"]["name"]
     version_name = f"{name}-{hashlib.sha256(Path(package).read_bytes()).hexdigest()[:12]}"
-    check_reachable(host)
+    check_reachable(host, token)
     try:
         client = kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
         pipeline_id = client.get_pipeline_id(name)

@@ -24,6 +24,9 @@ class FakeKfp:
     """The v2beta1 endpoints ``kfp.Client`` calls for upload + run, with in-memory state."""
 
     def __init__(self) -> None:
+        self.token: str | None = None
+        """When set, every request without ``Authorization: Bearer <token>`` gets 401, as
+        behind Kubeflow's auth proxy (oauth2-proxy in front of the KFP API)."""
         self.pipelines: dict[str, dict] = {}
         self.versions: dict[str, list[dict]] = {}
         self.experiments: list[dict] = []
@@ -31,10 +34,14 @@ class FakeKfp:
         self.uploads: list[bytes] = []
         self.calls: list[str] = []
 
-    def handle(self, method: str, url: str, body: bytes, ctype: str) -> tuple[int, dict]:
+    def handle(
+        self, method: str, url: str, body: bytes, ctype: str, auth: str = ""
+    ) -> tuple[int, dict]:
         parsed = urlparse(url)
         path, query = parsed.path, parse_qs(parsed.query)
         self.calls.append(f"{method} {path}")
+        if self.token is not None and auth != f"Bearer {self.token}":
+            return 401, {"error": "Unauthorized"}
         if method == "GET" and path == "/apis/v2beta1/healthz":
             return 200, {"multi_user": False}
         if method == "GET" and path == "/apis/v2beta1/pipelines":
@@ -99,7 +106,11 @@ def kfp_server():
         def _serve(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             status, payload = state.handle(
-                self.command, self.path, body, self.headers.get("Content-Type", "")
+                self.command,
+                self.path,
+                body,
+                self.headers.get("Content-Type", ""),
+                self.headers.get("Authorization", ""),
             )
             data = json.dumps(payload).encode()
             self.send_response(status)
@@ -215,3 +226,16 @@ def test_upload_and_run_then_resubmit_reuses_the_pipeline(kfp_server, capsys):
         state.runs[2]["pipeline_version_reference"]["pipeline_version_id"]
         == state.versions[result["pipeline_id"]][1]["pipeline_version_id"]
     )
+
+
+def test_behind_the_auth_proxy_the_token_reaches_every_call(kfp_server, capsys):
+    """Kubeflow's auth proxy answers 401 to a call without the bearer token: the health
+    check before the upload must send it too, or a run could never be submitted."""
+    host, state = kfp_server
+    state.token = "s3cr3t-token"
+    assert submit.main(["--host", host]) == 1
+    assert "HTTP 401; pass --token" in capsys.readouterr().err
+    assert submit.main(["--host", host, "--token", "s3cr3t-token"]) == 0
+    out = capsys.readouterr()
+    assert len(state.runs) == 1
+    assert "s3cr3t-token" not in out.out + out.err
