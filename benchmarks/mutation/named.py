@@ -218,12 +218,14 @@ def check(mutation: Mutation, timeout_s: float) -> dict[str, Any]:
     source = (ROOT / mutation.path).read_text()
     mutated = mutation.apply(source)
     if mutated is None:
+        print(f"named: {mutation.name}: stale", file=sys.stderr)
         return {**report, "status": "stale", "detail": f"{mutation.path}: text not found"}
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         tree = copy_tree(Path(tmp))
         (tree / mutation.path).write_text(mutated)
         run = run_tests(tree, mutation.tests, timeout_s)
     status = {"failed": "killed", "passed": "survived"}.get(run["outcome"], run["outcome"])
+    print(f"named: {mutation.name}: {status} ({run['seconds']:.0f} s)", file=sys.stderr)
     return {**report, "status": status, **run}
 
 
@@ -238,6 +240,7 @@ def run_named(jobs: int, timeout_s: float) -> dict[str, Any]:
     """The baseline, then every case (``jobs`` at a time): one JSON-ready dict."""
     started = time.monotonic()
     clean = baseline(timeout_s)
+    print(f"named: baseline {clean['outcome']} ({clean['seconds']:.0f} s)", file=sys.stderr)
     if clean["outcome"] != "passed":
         return {"baseline": clean, "cases": [], "ok": False}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
