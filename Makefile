@@ -13,16 +13,22 @@ TOOLS_STAMP := $(TOOLS)/.installed
 # (2.4) and of the newest release, each in its own venv (1.x protos need protobuf 4);
 # tests/test_kfp_backend_compat.py runs them (and fails without them when CI is set).
 KFP_PROTOS := .venv-kfp-oldest/.installed .venv-kfp-newest/.installed
+# mutmut runs pytest in its own process, so its venv reaches .venv's packages through a .pth
+# file (behind its own); make mutation (benchmarks/mutation/) uses it.
+MUTMUT  := .venv-mutmut
+MUTMUT_STAMP := $(MUTMUT)/.installed
+MUTMUT_PTH = $(MUTMUT)/lib/python3.11/site-packages/brain-ldm-venv.pth
 TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
 
-.PHONY: help venv tools kfp-protos gpu-wheels demo test test-slow lint compile clean
+.PHONY: help venv tools kfp-protos gpu-wheels demo test test-slow mutation lint compile clean
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
 	@echo "make test       fast test suite (CPU, no cluster, < 20 min)"
 	@echo "make test-slow  the slow tests (longer training, multi-process runs)"
+	@echo "make mutation   named mutations + mutmut scores of the rollout, launcher, gate, smoke check, samplers (slow)"
 	@echo "make lint       ruff"
 	@echo "make compile    recompile pipelines/brain_ldm.yaml"
 	@echo "make gpu-wheels wheels the GPU machine lacks, for benchmarks/gpu_check.sh"
@@ -57,6 +63,16 @@ tools: $(TOOLS_STAMP)
 
 kfp-protos: $(KFP_PROTOS)
 
+$(MUTMUT_STAMP): mutmut-constraints.txt $(STAMP)
+	@test -x $(MUTMUT)/bin/python || $(PY) -m venv $(MUTMUT) || python3 -m venv $(MUTMUT)
+	# pip installs and checks mutmut's own tree first, without .venv's packages in sight.
+	rm -f $(MUTMUT_PTH)
+	$(MUTMUT)/bin/python -m pip install --quiet --upgrade pip
+	$(MUTMUT)/bin/python -m pip install --quiet -c mutmut-constraints.txt mutmut==3.8.1
+	$(MUTMUT)/bin/python -m pip check
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > $(MUTMUT_PTH)
+	@touch $(MUTMUT_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --nproc $(NPROC)
 
@@ -65,6 +81,10 @@ test: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 
 test-slow: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 	$(BIN)/python -m pytest -q -m slow
+
+# Slow (hours on 2 shared cores; benchmarks/README.md): not part of make test.
+mutation: $(STAMP) $(MUTMUT_STAMP)
+	$(BIN)/python -m benchmarks.mutation
 
 lint: $(STAMP)
 	$(BIN)/ruff check ldm_core components pipelines tests benchmarks
