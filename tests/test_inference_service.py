@@ -913,3 +913,29 @@ def test_optional_manifest_components_grant_and_admit_exactly_what_the_code_uses
 
     assert admitted("GET", f"/v2/models/{MODEL}") and admitted("POST", f"/v2/models/{MODEL}/infer")
     assert not admitted("GET", "/metrics") and not admitted("DELETE", f"/v2/models/{MODEL}")
+
+
+def test_promotion_refuses_a_revision_that_was_never_smoke_tested():
+    """Someone changed the spec while the canary was being promoted: Knative created and
+    readied a third revision and routed all traffic to it. The rollout smoke-tested 00002,
+    so it must not report 00003 as promoted (fail at once, not wait out the timeout)."""
+    smoked, sneaked_in = f"{NAME}-predictor-00002", f"{NAME}-predictor-00003"
+    status = {
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "components": {
+            "predictor": {
+                "latestCreatedRevision": sneaked_in,
+                "latestReadyRevision": sneaked_in,
+                "traffic": [{"revisionName": sneaked_in, "percent": 100, "latestRevision": True}],
+            }
+        },
+    }
+    state = isvc._promoted({"status": status}, smoked)
+    assert state.phase == "failed" and "spec changed during the rollout" in state.detail
+    # The smoke-tested revision with all the traffic is what promotion waits for.
+    status["components"]["predictor"].update(
+        latestCreatedRevision=smoked,
+        latestReadyRevision=smoked,
+        traffic=[{"revisionName": smoked, "percent": 100, "latestRevision": True}],
+    )
+    assert isvc._promoted({"status": status}, smoked).phase == "ready"
