@@ -3,7 +3,9 @@
 Layout (also what an InferenceService's ``storageUri`` points at)::
 
     bundle.json       format version, scale factor, latent/image shape, spacing, affine,
-                      dataset hash, training steps, objective, package versions
+                      dataset hash, training steps, objective, package versions, and
+                      (when built with the training data) ``reference``: the training
+                      volumes' mean output measures, for the served-output drift alert
     config.yaml       the full run config
     autoencoder.pt    AutoencoderKL state dict
     unet.pt           DiffusionModelUNet state dict (EMA weights)
@@ -21,7 +23,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +34,9 @@ import torch
 import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from ldm_core import quality
 from ldm_core.config import Config, ConfigError, from_dict, load_config
+from ldm_core.data.cache import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.io import (
     AUTOENCODER_PT,
@@ -110,6 +114,7 @@ def save(
     spacing: tuple[float, float, float] | None = None,
     dataset_hash: str = "",
     training_steps: dict[str, int] | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
 
@@ -135,6 +140,8 @@ def save(
         "training_steps": training_steps or {},
         "package_versions": _package_versions(),
     }
+    if reference is not None:
+        info["reference"] = {k: float(v) for k, v in reference.items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         atomic_write(tmp / AUTOENCODER_PT, lambda f: torch.save(autoencoder_state, f))
@@ -154,9 +161,16 @@ def save(
 
 
 def build_bundle(
-    autoencoder_dir: str | Path, diffusion_dir: str | Path, output_dir: str | Path
+    autoencoder_dir: str | Path,
+    diffusion_dir: str | Path,
+    output_dir: str | Path,
+    data_dir: str | Path | None = None,
 ) -> Path:
-    """Pack finished training runs into a bundle (the ``ldm bundle`` verb)."""
+    """Pack finished training runs into a bundle (the ``ldm bundle`` verb).
+
+    With ``data_dir`` (the preprocessed cache the models were trained on), ``bundle.json``
+    also gets the training reference of the served-output monitor (:func:`training_reference`).
+    """
     ae_dir, diff_dir = Path(autoencoder_dir), Path(diffusion_dir)
     ae = _torch_load(ae_dir / AUTOENCODER_PT)
     unet = _torch_load(diff_dir / UNET_PT)
@@ -177,6 +191,9 @@ def build_bundle(
             f"{ae_dir} (model.autoencoder differs); retrain the diffusion stage"
         )
     geometry = _read_json(diff_dir / GEOMETRY_JSON)
+    reference = None
+    if data_dir is not None:
+        reference = training_reference(data_dir, geometry.get("dataset_hash", ""))
     return save(
         output_dir,
         cfg,
@@ -190,7 +207,26 @@ def build_bundle(
             "autoencoder": int(ae.get("steps", 0)),
             "diffusion": int(unet.get("steps", 0)),
         },
+        reference=reference,
     )
+
+
+def training_reference(data_dir: str | Path, dataset_hash: str = "") -> dict[str, float]:
+    """Mean :func:`ldm_core.quality.summarise` over the training volumes of the cache at
+    ``data_dir``: the values the served-output drift alert compares generated volumes with.
+
+    Raises:
+        LdmError: the cache has no training subjects, or its ``dataset_hash`` is not
+            ``dataset_hash`` (the data the models were trained on), when one is given.
+    """
+    dataset = VolumeDataset(data_dir, "train")
+    found = str(dataset.manifest.get("dataset_hash", ""))
+    if dataset_hash and found != dataset_hash:
+        raise LdmError(
+            f"{Path(data_dir)}: dataset_hash {found!r} is not the {dataset_hash!r} the models "
+            "were trained on (data_geometry.json); pass the training cache"
+        )
+    return quality.reference(dataset[i].numpy() for i in range(len(dataset)))
 
 
 def require(bundle_dir: str | Path) -> Path:

@@ -65,7 +65,7 @@ def cmd_train_diffusion(args: argparse.Namespace) -> None:
 def cmd_bundle(args: argparse.Namespace) -> None:
     from ldm_core.bundle import build_bundle
 
-    print(build_bundle(args.autoencoder, args.diffusion, args.output))
+    print(build_bundle(args.autoencoder, args.diffusion, args.output, args.data))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -178,6 +178,11 @@ def _bundle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoencoder", required=True, help="autoencoder run directory")
     p.add_argument("--diffusion", required=True, help="diffusion run directory")
     p.add_argument("--output", required=True, help="bundle directory to write")
+    p.add_argument(
+        "--data",
+        help="the preprocessed cache the models were trained on: stores its output reference "
+        "(mean intensity, foreground fraction, detail) in bundle.json for drift monitoring",
+    )
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """Per-volume image measures shared by evaluation and serving.
 
-One definition of "how much anatomical detail does this volume carry", so the quality gate
-(``ldm_core.evaluate``) and the served-output monitor (``ldm_core.serve.monitoring``)
-measure the same thing.
+One definition of "how much anatomical detail does this volume carry" and of the per-volume
+summary that the served-output monitor exports, so the quality gate (``ldm_core.evaluate``),
+the bundle's training reference (``ldm_core.bundle``) and the monitor
+(``ldm_core.serve.monitoring``) measure the same thing.
 
 The detail measure: the volume scaled to [0, 1] by its own minimum and maximum (so it does
 not depend on the intensity scale), its foreground taken by Otsu's threshold (so the flat
@@ -14,9 +15,17 @@ which is why the gate reads it beside the distribution metrics rather than alone
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 OTSU_BINS = 256
+FOREGROUND_THRESHOLD = 0.1
+"""Brain/background rule on the cache's [0, 1] intensity scale: preprocessing maps the
+background to 0 and tissue well above 0.1. The gate's masks and the monitor's foreground
+fraction both use it."""
+MEASURES = ("mean_intensity", "foreground_fraction", "detail")
+"""What :func:`summarise` reports for one volume (the served-output monitor's measures)."""
 
 
 def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
@@ -62,3 +71,32 @@ def detail_ratio(generated: np.ndarray, real: np.ndarray) -> float:
     gen = float(np.mean([detail(v) for v in np.asarray(generated)]))
     ref = float(np.mean([detail(v) for v in np.asarray(real)]))
     return gen / max(ref, 1e-12)
+
+
+def summarise(volume: np.ndarray) -> dict[str, float]:
+    """The :data:`MEASURES` of one volume (``[1, D, H, W]`` or ``[D, H, W]``, [0, 1] scale).
+
+    ``mean_intensity`` moves first when a model drifts to blank or saturated volumes,
+    ``foreground_fraction`` (share of voxels above :data:`FOREGROUND_THRESHOLD`) when the
+    anatomy shrinks, swells or vanishes, and :func:`detail` when outputs blur or turn noisy
+    while the other two hold still.
+    """
+    v = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
+    return {
+        "mean_intensity": float(v.mean()),
+        "foreground_fraction": float((v > FOREGROUND_THRESHOLD).mean()),
+        "detail": detail(v),
+    }
+
+
+def reference(volumes: Iterable[np.ndarray]) -> dict[str, float]:
+    """Mean :func:`summarise` over ``volumes``: the training set's values that served outputs
+    are compared with (``bundle.json``'s ``reference``).
+
+    Raises:
+        ValueError: ``volumes`` is empty.
+    """
+    rows = [summarise(v) for v in volumes]
+    if not rows:
+        raise ValueError("reference: no volumes to summarise")
+    return {m: float(np.mean([r[m] for r in rows])) for m in MEASURES}

@@ -472,7 +472,7 @@ def train_diffusion_stage(
         backend=backend,
         cluster=cluster,
     )
-    bundle = build_bundle(ae_dir, Path(output), Path(bundle_output))
+    bundle = build_bundle(ae_dir, Path(output), Path(bundle_output), data_dir=data_dir)
     return {**info, "steps": cfg.train.diffusion.steps, "bundle": str(bundle)}
 
 

@@ -10,7 +10,7 @@ import pytest
 from kfp import dsl
 
 import components
-from tests.harness.configs import TINY_OVERRIDES, tiny_config
+from tests.harness.configs import GATE_OFF_OVERRIDES, TINY_OVERRIDES, tiny_config
 from tests.harness.data import random_bundle, tiny_cache
 
 ALL = {
@@ -85,7 +85,7 @@ def test_evaluate_body_fills_metrics_report_and_returns_the_gate(tmp_path, stric
         autoencoder=dsl.Model(name="ae", uri=str(tmp_path / "no-run")),
         diffusion=dsl.Model(name="ldm", uri=str(tmp_path / "no-run")),
         preset="",
-        overrides=[*TINY_OVERRIDES, "sampling.steps=2"],
+        overrides=[*TINY_OVERRIDES, *GATE_OFF_OVERRIDES, "sampling.steps=2"],
         num_samples=2,
         steps=2,
         gate_min_ms_ssim_ratio=-1.0,

@@ -17,6 +17,7 @@ from ldm_core.config import EvaluationConfig
 from ldm_core.data.cache import write_manifest
 from ldm_core.errors import LdmError
 from ldm_core.evaluate import (
+    METRIC_DOCS,
     _chunk_starts,
     compute_metrics,
     evaluate,
@@ -31,6 +32,7 @@ from ldm_core.evaluate import (
     mmd,
     ms_ssim_settings,
     pairwise_ms_ssim,
+    reconstruction_quality,
     reference_mask,
 )
 from tests.harness.configs import tiny_config
@@ -166,6 +168,32 @@ def test_mmd_uses_every_volume_when_set_sizes_differ():
     assert mmd(real[:7], generated) != mmd(real[:6], generated)
 
 
+# --------------------------------------------------------------------------- reconstructions
+
+
+class _Halving(torch.nn.Module):
+    """An "autoencoder" whose reconstruction is the input at half intensity."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x
+
+
+class _Exact(torch.nn.Module):
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-4
+
+
+def test_reconstruction_quality_uses_the_unit_data_range():
+    vols = phantoms(3)
+    half = reconstruction_quality(_Halving(), vols, torch.device("cpu"))
+    mse = float(((0.5 * vols) ** 2).flatten(1).mean(1).log10().mean())
+    assert half["recon_psnr"] == pytest.approx(-10 * mse, rel=1e-4)  # 10 log10(1 / MSE)
+    assert half["recon_detail_ratio"] == pytest.approx(1.0)  # detail ignores the scale
+    assert half["recon_ssim"] < 0.9 and half["num_reconstructed"] == 3.0
+    exact = reconstruction_quality(_Exact(), vols, torch.device("cpu"))
+    assert exact["recon_ssim"] == pytest.approx(1.0, abs=1e-3) and exact["recon_psnr"] > 60
+
+
 # --------------------------------------------------------------------------- FID
 
 
@@ -272,6 +300,7 @@ def test_gate_passes_an_ideal_model_and_fails_noise_and_blank(scored, ecfg):
 
 def test_gate_fails_when_a_metric_is_missing_or_nan():
     base = {"ms_ssim_ratio": 1.0, "mmd": 0.0, "mask_dice": 0.9, "hist_distance": 0.01}
+    base |= {"detail_ratio": 1.0, "nn_correlation": 0.3}
     assert gate(base, EvaluationConfig()) == (True, [])
     passed, reasons = gate({**base, "mmd": float("nan")}, EvaluationConfig())
     assert not passed and reasons[0].startswith("mmd is nan")
@@ -321,6 +350,12 @@ def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
     floats = {k: v for k, v in written.items() if k != "gate"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in floats.values())
     assert {"ms_ssim_ratio", "mmd", "hist_distance", "mask_dice"} <= set(floats)
+    assert {"detail_ratio", "nn_correlation", "nn_correlation_real"} <= set(floats)
+    # the demo cache of 4 subjects holds one validation subject: the autoencoder's ceiling
+    assert floats["num_reconstructed"] == 1.0 and 0 < floats["recon_ssim"] < 1
+    assert {"recon_psnr", "recon_detail_ratio"} <= set(floats)
+    assert set(floats) - {"fid"} <= set(METRIC_DOCS)
+    assert all(f"| `{k}` |" in (out / "report.md").read_text() for k in floats)
     assert "fid" not in floats and floats["num_generated"] == 3.0 and floats["num_real"] == 4.0
     names = sorted(p.name for p in (out / "figures").iterdir())
     assert names == [

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipelines.run_local import infer_v2, main, run_pipeline
-from tests.harness.configs import TINY_OVERRIDES
+from tests.harness.configs import GATE_OFF_OVERRIDES, TINY_OVERRIDES
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipelines" / "brain_ldm.yaml"
 OVERRIDES = [
@@ -34,6 +34,7 @@ OVERRIDES = [
     "train.checkpoint_every=2",
     "sampling.steps=2",
     "serving.warmup=false",
+    *GATE_OFF_OVERRIDES,
 ]
 PERMISSIVE = {
     "gate_min_ms_ssim_ratio": -1.0,

@@ -1,6 +1,8 @@
-"""The detail measure shared by the quality gate and the served-output monitor."""
+"""The detail measure and volume summary shared by the quality gate, the bundle's training
+reference and the served-output monitor."""
 
 import numpy as np
+import pytest
 from scipy.ndimage import gaussian_filter
 
 from ldm_core import quality
@@ -36,3 +38,14 @@ def test_detail_ratio_is_one_for_the_same_set_and_zero_for_constant_volumes() ->
     assert np.isclose(quality.detail_ratio(real, real), 1.0)
     assert quality.detail_ratio(np.full_like(real, 0.5), real) == 0.0
     assert quality.detail(np.zeros((4, 4, 4))) == 0.0
+
+
+def test_summarise_uses_the_one_detail_measure_and_reference_averages_it() -> None:
+    vols = [_phantom(s) for s in range(3)]
+    rows = [quality.summarise(v[None]) for v in vols]
+    assert [r["detail"] for r in rows] == [quality.detail(v) for v in vols]
+    assert rows[0]["foreground_fraction"] == pytest.approx((vols[0] > 0.1).mean())
+    ref = quality.reference(vols)
+    assert ref == pytest.approx({m: np.mean([r[m] for r in rows]) for m in quality.MEASURES})
+    with pytest.raises(ValueError, match="no volumes"):
+        quality.reference([])

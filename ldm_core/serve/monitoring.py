@@ -2,17 +2,12 @@
 next to the training set's values, so an alert can say "served outputs drift from what the
 model was trained on" (``manifests/components/output-drift-alert``).
 
-Why these three:
+The measures are :func:`ldm_core.quality.summarise`'s (mean intensity, foreground fraction
+and the quality gate's detail measure), defined there once so that the monitor, the gate and
+the bundle's reference agree.
 
-- ``mean_intensity``: the volume's mean on the [0, 1] scale preprocessing produces; a model
-  drifting to blank or saturated volumes moves it first.
-- ``foreground_fraction``: share of voxels above :data:`FOREGROUND_THRESHOLD` (the brain);
-  shrunk, swollen or missing anatomy moves it.
-- ``detail``: mean absolute difference between neighbouring voxels along each axis; blur
-  lowers it and noise raises it while the other two may hold still.
-
-The reference values come from ``bundle.json``'s optional ``reference`` dict (the same
-:func:`summarise` over the training volumes, stored by ``ldm bundle``). A bundle without one
+The reference values come from ``bundle.json``'s optional ``reference`` dict (the mean of
+the same :func:`summarise` over the training volumes, stored by ``ldm bundle --data``). A bundle without one
 exports no reference series, so the drift rule has nothing to compare with and stays quiet;
 the server logs that once at load.
 """
@@ -24,23 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from ldm_core.quality import FOREGROUND_THRESHOLD, MEASURES, summarise
 from ldm_core.serve.metrics import OUTPUT_REFERENCE, OUTPUT_SUMMARY
 
-FOREGROUND_THRESHOLD = 0.1
-"""The brain/background rule of ``ldm_core.evaluate.MASK_THRESHOLD``, so served outputs
-and the quality gate call the same voxels brain (a test holds the two equal)."""
-MEASURES = ("mean_intensity", "foreground_fraction", "detail")
-
-
-def summarise(volume: np.ndarray) -> dict[str, float]:
-    """The :data:`MEASURES` of one volume (``[1, D, H, W]`` or ``[D, H, W]``, [0, 1] scale)."""
-    v = np.asarray(volume, dtype=np.float64).reshape(np.shape(volume)[-3:])
-    diffs = [np.abs(np.diff(v, axis=a)).mean() for a in range(3)]
-    return {
-        "mean_intensity": float(v.mean()),
-        "foreground_fraction": float((v > FOREGROUND_THRESHOLD).mean()),
-        "detail": float(np.mean(diffs)),
-    }
+__all__ = [
+    "FOREGROUND_THRESHOLD",
+    "MEASURES",
+    "export_reference",
+    "observe",
+    "read_reference",
+    "summarise",
+]
 
 
 def observe(volumes: np.ndarray) -> None:

@@ -24,6 +24,16 @@ TINY_OVERRIDES = [
 ]
 
 
+GATE_OFF_OVERRIDES = [
+    "evaluation.gate_max_ms_ssim_ratio=1e9",
+    "evaluation.gate_min_detail_ratio=0",
+    "evaluation.gate_max_detail_ratio=1e9",
+    "evaluation.gate_max_nn_correlation=1e9",
+]
+"""The gate checks that are not pipeline parameters, switched off: with these and permissive
+``gate_*`` parameters, an untrained model passes (what plumbing tests of the DAG need)."""
+
+
 def tiny_config(*extra: str) -> Config:
     return load_config(overrides=[*TINY_OVERRIDES, *extra])
 

@@ -1,0 +1,138 @@
+"""The quality gate's calibration, both sides measured on the demo population (issue 15).
+
+Unseen subjects of the population the model was trained on are what an ideal model
+generates; they must pass with the default thresholds. Each failure a generative model of
+brains is known for, built from the same subjects (``tests/harness/gate_cases.py``), must
+fail; each threshold must be able to fail on its own, so removing any check fails a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from ldm_core.config import EvaluationConfig
+from ldm_core.evaluate import compute_metrics, gate, nearest_real_correlation
+from tests.harness.gate_cases import NEGATIVES, demo_cohorts
+
+DEFAULTS = EvaluationConfig()
+
+# (metric, direction, config field): every check the gate makes.
+CHECKS = [
+    ("ms_ssim_ratio", "min", "gate_min_ms_ssim_ratio"),
+    ("ms_ssim_ratio", "max", "gate_max_ms_ssim_ratio"),
+    ("mmd", "max", "gate_max_mmd"),
+    ("mask_dice", "min", "gate_min_mask_dice"),
+    ("hist_distance", "max", "gate_max_hist_distance"),
+    ("detail_ratio", "min", "gate_min_detail_ratio"),
+    ("detail_ratio", "max", "gate_max_detail_ratio"),
+    ("nn_correlation", "max", "gate_max_nn_correlation"),
+]
+
+
+def failed_fields(metrics: dict[str, float], ecfg: EvaluationConfig = DEFAULTS) -> set[str]:
+    """The config fields named by the gate's reasons (each reason names one field)."""
+    passed, reasons = gate(metrics, ecfg)
+    fields = {r.split("evaluation.")[1].split(" ")[0] for r in reasons}
+    assert passed == (not reasons) and len(fields) == len(reasons), reasons
+    return fields
+
+
+@pytest.fixture(scope="module")
+def cohorts() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.set_num_threads(2)
+    return demo_cohorts()
+
+
+@pytest.fixture(scope="module")
+def scored(cohorts) -> Callable[[str], dict[str, float]]:
+    """The metrics of a case ("unseen" or a negative), computed once, when first asked for
+    (so no single test pays for all of them)."""
+    real, unseen = cohorts
+    done: dict[str, dict[str, float]] = {}
+
+    def score(case: str) -> dict[str, float]:
+        if case not in done:
+            volumes = unseen if case == "unseen" else NEGATIVES[case](real, unseen)
+            done[case] = compute_metrics(real, volumes)
+        return done[case]
+
+    return score
+
+
+def test_unseen_subjects_of_the_population_pass_with_margin(scored):
+    """The ideal model passes, and not by a hair: with each threshold moved 10 % of the way
+    towards the ideal value, it still passes (a trained model is noisier than this)."""
+    ideal = scored("unseen")
+    assert failed_fields(ideal) == set()
+    perfect = {"ms_ssim_ratio": 1.0, "mmd": 0.0, "mask_dice": 1.0, "hist_distance": 0.0}
+    perfect |= {"detail_ratio": 1.0, "nn_correlation": 0.0}
+    tighter = EvaluationConfig(
+        **{
+            f: getattr(DEFAULTS, f) + 0.1 * (perfect[m] - getattr(DEFAULTS, f))
+            for m, _, f in CHECKS
+        }
+    )
+    assert failed_fields(ideal, tighter) == set()
+
+
+# Which checks each negative fails with the default thresholds (measured on this cohort at
+# 32^3; the values are in the report of the commit that calibrated them).
+EXPECTED = {
+    "collapse": {"gate_max_ms_ssim_ratio"},
+    "mean_image": {"gate_max_ms_ssim_ratio"},
+    "uniform_blob": {"gate_max_ms_ssim_ratio"},
+    "shuffled": {"gate_max_detail_ratio"},
+    "blurred": {"gate_max_ms_ssim_ratio", "gate_min_detail_ratio"},
+    "copies": {"gate_max_nn_correlation"},
+    "noise": {
+        "gate_min_ms_ssim_ratio",
+        "gate_max_mmd",
+        "gate_min_mask_dice",
+        "gate_max_detail_ratio",
+    },
+    "blank": {
+        "gate_max_ms_ssim_ratio",
+        "gate_max_mmd",
+        "gate_min_mask_dice",
+        "gate_max_hist_distance",
+        "gate_min_detail_ratio",
+    },
+    "shifted": {"gate_max_mmd", "gate_min_mask_dice"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEGATIVES))
+def test_each_known_failure_fails_the_gate(scored, case):
+    assert failed_fields(scored(case)) == EXPECTED[case]
+
+
+@pytest.mark.parametrize("metric, direction, field", CHECKS, ids=[c[2] for c in CHECKS])
+def test_each_threshold_fails_on_its_own(scored, metric, direction, field):
+    """The ideal model's measured metrics with one value just past one threshold: exactly
+    that check fails (so deleting any check, or flipping its direction, fails here)."""
+    threshold = getattr(DEFAULTS, field)
+    past = threshold - 0.01 if direction == "min" else threshold + 0.01
+    assert failed_fields({**scored("unseen"), metric: past}) == {field}
+    at = {**scored("unseen"), metric: threshold}
+    assert failed_fields(at) == set()  # the limit itself is allowed
+
+
+def test_distinct_subjects_stay_far_below_the_memorisation_threshold(cohorts, scored):
+    """Distinct subjects' deviations from the mean image correlate well below the threshold
+    (held-out real ones and unseen ones alike), a copy exactly 1, and a lightly degraded copy
+    (sigma-1 smoothing plus noise) still above it. A copy that went through a blurry
+    autoencoder is another matter: the first demo model's round trip scores 0.40-0.57."""
+    real, unseen = cohorts
+    assert scored("unseen")["nn_correlation_real"] < DEFAULTS.gate_max_nn_correlation - 0.1
+    assert scored("unseen")["nn_correlation"] < DEFAULTS.gate_max_nn_correlation - 0.1
+    assert scored("copies")["nn_correlation"] == pytest.approx(1.0, abs=1e-3)  # float32
+    g = torch.Generator().manual_seed(0)
+    smoothed = torch.from_numpy(gaussian_filter(real[:3].numpy(), sigma=(0, 0, 1, 1, 1)))
+    near_copies = (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
+    assert nearest_real_correlation(near_copies, real).min() > DEFAULTS.gate_max_nn_correlation
+    assert math.isclose(float(nearest_real_correlation(real.mean(0, keepdim=True), real)), 0.0)
