@@ -193,7 +193,10 @@ def test_every_key_the_s3_secret_template_documents_reaches_the_training_pod():
 
 
 def test_cpu_job_has_no_gpu_scheduling():
-    job = tj.build_trainjob(_task(), _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""))
+    job = tj.build_trainjob(
+        _task(),
+        _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""),
+    )
     crdcheck.validate(job)
     (patch,) = job["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
