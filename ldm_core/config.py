@@ -260,6 +260,8 @@ class ServingConfig:
 
 # --------------------------------------------------------------------------- cluster
 
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+"""A number in exponent notation, which PyYAML (YAML 1.1) reads as a string without a dot."""
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 """A Kubernetes resource quantity in the forms people write (``2``, ``500m``, ``16Gi``)."""
 
@@ -711,6 +713,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+            value = float(value)  # YAML 1.1 reads 1e9 and 3e-4 (no dot) as strings
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -153,3 +153,11 @@ def test_gpu_presets_keep_the_training_recipe_they_had_before_the_tiny_cpu_retun
     assert ae.adv_start_step < ae.steps
     assert (dm.lr, dm.lr_warmup_steps, dm.lr_decay, dm.ema_decay) == (1e-4, 0, "constant", 0.999)
     assert (cfg.sampling.sampler, cfg.sampling.steps) == ("ddim", 50)
+
+
+def test_exponent_notation_is_a_number_although_yaml_1_1_reads_it_as_a_string():
+    """PyYAML reads ``3e-4`` (no dot) as a string; a float field takes it as the number."""
+    cfg = load_config(overrides=["train.autoencoder.lr=3e-4", "evaluation.gate_max_mmd=1e9"])
+    assert cfg.train.autoencoder.lr == 3e-4 and cfg.evaluation.gate_max_mmd == 1e9
+    with pytest.raises(ConfigError, match="train.autoencoder.steps: expected an integer"):
+        load_config(overrides=["train.autoencoder.steps=1e3"])

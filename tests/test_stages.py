@@ -216,8 +216,8 @@ def test_trainjob_backend_runs_training_as_a_trainjob(tmp_path, monkeypatch):
     from ldm_core.kube.trainjob import TrainJobLauncher
 
     _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, "http://127.0.0.1:9")
-    cluster = stages.ClusterSettings(image="i", pvc_name="p")
-    launcher = stages._launcher("trainjob", cluster, tiny_config())
+    cluster = stages.ClusterSettings()
+    launcher = stages._launcher("trainjob", cluster, tiny_config(), "train_autoencoder")
     assert isinstance(launcher, TrainJobLauncher) and launcher.namespace == "team-a"
 
 

@@ -341,14 +341,14 @@ def build_inference_service(
                 # inference of a canary reaches the canary and not the old revision.
                 "serving.kserve.io/enable-tag-routing": "true",
                 "serving.kserve.io/enable-prometheus-scraping": "true",
-                **_mode(s),
+                **_mode_annotation(s),
             },
         },
         "spec": {"predictor": predictor},
     }
 
 
-def _mode(s: PredictorSettings) -> dict[str, str]:
+def _mode_annotation(s: PredictorSettings) -> dict[str, str]:
     """The deployment mode annotation KServe reads (none: the cluster's default mode)."""
     return {"serving.kserve.io/deploymentMode": s.deployment_mode} if s.deployment_mode else {}
 
@@ -961,4 +961,5 @@ class InferenceServiceRollout:
 
 
 def _mode(obj: Mapping[str, Any]) -> str:
+    """The mode KServe runs ``obj`` in, for logs and the rollout's result."""
     return "RawDeployment" if is_raw(obj) else "Serverless"
