@@ -87,7 +87,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         # every check of the ratio (a lower bound, and an upper one where there is one)
         r'^[ \t]*\("ms_ssim_ratio",[^\n]*\n',
         "",
-        ("tests/test_evaluate.py",),
+        ("tests/test_evaluate.py", "tests/test_evaluate_gate.py"),
         regex=True,
     ),
     Mutation(
