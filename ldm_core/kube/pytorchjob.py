@@ -51,6 +51,7 @@ import kubernetes
 from ldm_core.config import ClusterConfig, Config, TrainingResources
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
+from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
 from ldm_core.kube.errors import ApiCall, call_api
 from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
 from ldm_core.kube.pending import pending_problem
@@ -427,27 +428,6 @@ def _master(pods: list[Any]) -> Any | None:
     return None
 
 
-def _pod_state(pod: Any) -> str:
-    status = pod.status
-    if status is None:
-        return "no status"
-    parts = [status.phase or "Unknown"]
-    if status.reason:
-        parts.append(status.reason)
-    for cs in status.container_statuses or []:
-        if cs.name != CONTAINER or cs.state is None:
-            continue
-        term = cs.state.terminated or (cs.last_state.terminated if cs.last_state else None)
-        if term is not None:
-            parts.append(
-                f"container exited with code {term.exit_code} ({term.reason or 'no reason'})"
-            )
-        elif cs.state.waiting is not None:
-            parts.append(f"container waiting: {cs.state.waiting.reason}")
-        parts.append(f"restarts {cs.restart_count}")
-    return ", ".join(parts)
-
-
 def pytorchjob_api_served(namespace: str = "") -> tuple[bool, str]:
     """Whether the cluster of the current credentials serves PyTorchJobs (a training
     operator is installed), and why it seems so; never raises."""
@@ -529,63 +509,35 @@ class PyTorchJobLauncher:
         # Apply the selector here too: not every API server (or emulator) honours it.
         return [p for p in pods if (p.metadata.labels or {}).get(JOB_LABEL) == name]
 
-    def _events(self, names: list[str]) -> list[str]:
-        """Recent events about the job and its pods, oldest first, one line each."""
-        found = []
-        for obj in names:
-            selector = f"involvedObject.name={obj}"
-            try:
-                items = self._core(
-                    "list",
-                    "events",
-                    lambda s=selector: self.core.list_namespaced_event(
-                        self.namespace, field_selector=s
-                    ),
-                ).items
-            except LaunchError as err:
-                return [f"(events unavailable: {err})"]
-            for ev in items:
-                if ev.involved_object is None or ev.involved_object.name != obj:
-                    continue
-                when = ev.last_timestamp or ev.event_time or ev.first_timestamp
-                kind = (ev.involved_object.kind or "").lower()
-                line = f"{ev.type or ''} {ev.reason or ''} {kind}/{obj}: {ev.message or ''}"
-                found.append((str(when or ""), line.strip()))
-        return [line for _, line in sorted(found)][-15:]
-
-    def _master_log(self, master: Any) -> list[str]:
-        """The kubelet's last lines of the master pod (complete, unlike a streamed tail)."""
-        pod = master.metadata.name
-        try:
-            text = self._core(
-                "get",
-                "pods/log",
-                lambda: self.core.read_namespaced_pod_log(
-                    pod, self.namespace, container=CONTAINER, tail_lines=self.settings.tail_lines
-                ),
-                pod,
-            )
-        except LaunchError:
-            return []
-        return str(text).splitlines()
-
     # ------------------------------------------------------------------ diagnostics
 
     def _failure(
         self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
     ) -> LaunchError:
         master = _master(pods)
-        lines = self._master_log(master) if master is not None else []
+        lines = (
+            log_tail(
+                self.core,
+                self.namespace,
+                self.host,
+                master.metadata.name,
+                CONTAINER,
+                self.settings.tail_lines,
+            )
+            if master is not None
+            else []
+        )
         if not lines and follower is not None:  # pod already cleaned up
             lines = list(follower.tail)
         parts = [f"PyTorchJob {self.namespace}/{name} failed: {reason}"]
         if master is not None:
-            parts.append(f"master pod {master.metadata.name}: {_pod_state(master)}")
+            parts.append(f"master pod {master.metadata.name}: {pod_state(master, CONTAINER)}")
         parts.append(
             "last log lines of the master pod:\n"
             + ("\n".join(lines) if lines else "(none captured)")
         )
-        events = self._events([name] + [p.metadata.name for p in pods])
+        names = [name] + [p.metadata.name for p in pods]
+        events = recent_events(self.core, self.namespace, self.host, names)
         parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
         return LaunchError("\n".join(parts))
 
