@@ -329,30 +329,32 @@ def real_nearest_correlation(real: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def reconstruction_quality(
+def reconstruct(
     autoencoder: torch.nn.Module, volumes: torch.Tensor, device: torch.device
-) -> dict[str, float]:
-    """SSIM, PSNR (MONAI's metrics, data range 1) and detail ratio of the autoencoder's
-    reconstructions (from the latent means, as training's latents are) of ``volumes``.
+) -> torch.Tensor:
+    """The autoencoder's reconstructions of ``volumes`` (from the latent means, as training's
+    latents are), clipped to [0, 1], on the CPU.
 
     Samples are decoded by this autoencoder, so its reconstructions bound what sampling can
     reach: a blurry reconstruction means a detail ratio the diffusion model cannot fix.
     """
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, reduction="mean")
-    psnr = PSNRMetric(max_val=1.0, reduction="mean")
     recons = []
     for start in range(0, volumes.shape[0], GENERATE_BATCH):
         batch = volumes[start : start + GENERATE_BATCH].to(device)
-        recon = autoencoder.reconstruct(batch).float().clamp(0.0, 1.0)
-        ssim(recon, batch)
-        psnr(recon, batch)
-        recons.append(recon.cpu())
+        recons.append(autoencoder.reconstruct(batch).float().clamp(0.0, 1.0).cpu())
+    return torch.cat(recons)
+
+
+def reconstruction_quality(volumes: torch.Tensor, recons: torch.Tensor) -> dict[str, float]:
+    """SSIM, PSNR (MONAI's metrics, data range 1) and detail ratio of reconstructions
+    ``recons`` of ``volumes`` (both ``[N, 1, D, H, W]`` in [0, 1])."""
+    volumes = volumes.float().cpu()
+    ssim = SSIMMetric(spatial_dims=3, data_range=1.0, reduction="mean")(recons, volumes)
+    psnr = PSNRMetric(max_val=1.0, reduction="mean")(recons, volumes)
     return {
-        "recon_ssim": float(ssim.aggregate()),
-        "recon_psnr": float(psnr.aggregate()),
-        "recon_detail_ratio": quality.detail_ratio(
-            torch.cat(recons).numpy(), volumes.cpu().numpy()
-        ),
+        "recon_ssim": float(ssim.mean()),
+        "recon_psnr": float(psnr.mean()),
+        "recon_detail_ratio": quality.detail_ratio(recons.numpy(), volumes.numpy()),
         "num_reconstructed": float(volumes.shape[0]),
     }
 
@@ -729,8 +731,10 @@ def _draw_figures(
     generated: torch.Tensor,
     spacing: Sequence[float],
     training_logs: Sequence[Path],
+    reconstructed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, bytes]:
-    """The report's pictures as PNG bytes, by name; ``generated`` already clipped to [0, 1]."""
+    """The report's pictures as PNG bytes, by name; ``generated`` already clipped to [0, 1].
+    ``reconstructed`` is (validation volumes, the autoencoder's reconstructions of them)."""
     spacing = tuple(float(s) for s in spacing)
     images = {
         "samples": figures.view_grid(generated, spacing, title="Generated samples"),
@@ -739,6 +743,10 @@ def _draw_figures(
             intensity_histogram(real), intensity_histogram(generated), MASK_THRESHOLD
         ),
     }
+    if reconstructed is not None:
+        images["real_vs_reconstructed"] = figures.real_vs_generated(
+            *reconstructed, spacing, right="reconstructed"
+        )
     runs = _training_runs(training_logs)
     if runs:
         images["training_curves"] = figures.training_curves(runs)
@@ -803,17 +811,20 @@ def evaluate(
         extractor = load_feature_extractor(ecfg.fid_weights, cfg, bundle.device)
     metrics = compute_metrics(real, generated, extractor, bundle.device)
     validation = load_validation(data_dir)
+    recons = None
     if validation is None:
         log.warning("%s has no validation subjects: reconstruction quality not measured", data_dir)
     else:
         with _timed(f"reconstruction quality ({validation.shape[0]} validation volumes)"):
-            metrics.update(reconstruction_quality(bundle.autoencoder, validation, bundle.device))
+            recons = reconstruct(bundle.autoencoder, validation, bundle.device)
+            metrics.update(reconstruction_quality(validation, recons))
     passed, reasons = gate(metrics, ecfg)
     log.info("quality gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
 
     log.info("writing figures and reports")
     clipped = generated.clamp(0.0, 1.0)
-    images = _draw_figures(real, clipped, bundle.spacing, training_logs)
+    reconstructed = None if recons is None else (validation, recons)
+    images = _draw_figures(real, clipped, bundle.spacing, training_logs, reconstructed)
     figure_paths, sample_paths = _write_files(out, images, clipped, bundle.affine)
     verdict = {"passed": passed, "reasons": reasons}
     context = {

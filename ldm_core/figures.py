@@ -95,20 +95,24 @@ def real_vs_generated(
     generated: torch.Tensor | np.ndarray,
     spacing: Sequence[float],
     rows: int = 3,
+    right: str = "generated",
 ) -> bytes:
-    """Real volumes (left three columns) beside generated ones (right three), row by row."""
+    """Real volumes (left three columns) beside generated ones (right three), row by row.
+
+    ``right`` names the right-hand volumes: ``reconstructed`` shows each real volume beside
+    the autoencoder's reconstruction of it (same subject per row), the ceiling of sampling."""
     real_np, gen_np = _as_numpy(real), _as_numpy(generated)
     rows = max(1, min(rows, real_np.shape[0], gen_np.shape[0]))
     fig = Figure(figsize=(11.0, 2.1 * rows))
     axes = fig.subplots(rows, 6, squeeze=False)
     for r in range(rows):
-        for block, (name, volume) in enumerate((("real", real_np[r]), ("generated", gen_np[r]))):
+        for block, (name, volume) in enumerate((("real", real_np[r]), (right, gen_np[r]))):
             for c, (image, aspect) in enumerate(mid_slices(volume, spacing)):
                 ax = axes[r, 3 * block + c]
                 _show(ax, image, aspect)
                 if r == 0:
                     ax.set_title(f"{name} · {VIEWS[c]}", fontsize=9)
-    fig.suptitle("Real (left) vs generated (right)")
+    fig.suptitle(f"Real (left) vs {right} (right)")
     return _png(fig)
 
 

@@ -32,6 +32,7 @@ from ldm_core.evaluate import (
     mmd,
     ms_ssim_settings,
     pairwise_ms_ssim,
+    reconstruct,
     reconstruction_quality,
     reference_mask,
 )
@@ -185,12 +186,12 @@ class _Exact(torch.nn.Module):
 
 def test_reconstruction_quality_uses_the_unit_data_range():
     vols = phantoms(3)
-    half = reconstruction_quality(_Halving(), vols, torch.device("cpu"))
+    half = reconstruction_quality(vols, reconstruct(_Halving(), vols, torch.device("cpu")))
     mse = float(((0.5 * vols) ** 2).flatten(1).mean(1).log10().mean())
     assert half["recon_psnr"] == pytest.approx(-10 * mse, rel=1e-4)  # 10 log10(1 / MSE)
     assert half["recon_detail_ratio"] == pytest.approx(1.0)  # detail ignores the scale
     assert half["recon_ssim"] < 0.9 and half["num_reconstructed"] == 3.0
-    exact = reconstruction_quality(_Exact(), vols, torch.device("cpu"))
+    exact = reconstruction_quality(vols, reconstruct(_Exact(), vols, torch.device("cpu")))
     assert exact["recon_ssim"] == pytest.approx(1.0, abs=1e-3) and exact["recon_psnr"] > 60
 
 
@@ -361,12 +362,13 @@ def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
     assert names == [
         "intensity_histograms.png",
         "real_vs_generated.png",
+        "real_vs_reconstructed.png",
         "samples.png",
         "training_curves.png",
     ]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "Quality gate" in html
-    assert (out / "report.md").read_text().count("](data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5 and "Quality gate" in html
+    assert (out / "report.md").read_text().count("](data:image/png;base64,") == 5
     samples = sorted((out / "samples").glob("*.nii.gz"))
     assert len(samples) == 3
     img = nib.load(samples[0])
