@@ -3,8 +3,10 @@
 Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preprocessed demo
 cache with the project's own trainers, then measures where blur comes from:
 
-- the autoencoder's reconstructions of the validation volumes: SSIM, PSNR and the detail
-  ratio (``ldm_core.quality.detail_ratio`` against those volumes), the ceiling of any sample;
+- the autoencoder's reconstructions, scored as ``ldm evaluate`` scores them (SSIM, PSNR and
+  the detail ratio, ``ldm_core.quality.detail_ratio``, against the same volumes): of the
+  validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
+  ceiling of any sample, since samples are decoded by this autoencoder);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
   and foreground Dice with its majority mask (``ldm_core.evaluate.mask_dice``);
@@ -15,11 +17,12 @@ cache with the project's own trainers, then measures where blur comes from:
 Usage::
 
     .venv/bin/python -m benchmarks.bench_anatomy --data CACHE --work DIR [--set key=value ...]
-        [--autoencoder DIR] [--png FILE] [--label NAME]
+        [--autoencoder DIR | --autoencoder-only] [--png FILE] [--label NAME]
     .venv/bin/python -m benchmarks.bench_anatomy --time-only [--set key=value ...]
 
-``--autoencoder`` reuses a finished autoencoder run (diffusion-only experiments); ``--png``
-writes the axial mid-slices of the samples (top) over those of real volumes (bottom).
+``--autoencoder`` reuses a finished autoencoder run (diffusion-only experiments);
+``--autoencoder-only`` trains and scores the autoencoder alone. ``--png`` writes axial
+mid-slices: training volumes, their reconstructions, then the samples.
 """
 
 from __future__ import annotations
@@ -37,18 +40,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
-from monai.metrics import PSNRMetric, SSIMMetric
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
 from ldm_core import evaluate, quality
-from ldm_core.config import Config, load_config
+from ldm_core.config import Config, from_dict, load_config
 from ldm_core.data.cache import VolumeDataset
+from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import (
     build_autoencoder,
     build_discriminator,
     build_unet,
     diffusion_training_example,
+    load_weights,
 )
 from ldm_core.sample import generate
 from ldm_core.samplers import training_scheduler
@@ -166,20 +170,34 @@ def compare_cost(candidate: Config, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- quality
 
 
-@torch.no_grad()
-def reconstruction_quality(b: bundles.Bundle, data: Path) -> dict[str, float]:
-    """SSIM, PSNR and detail ratio of the autoencoder's reconstructions of the val volumes."""
-    volumes = VolumeDataset(data, "val")
-    x = torch.stack([volumes[i] for i in range(len(volumes))]).float()
-    recon = b.autoencoder.reconstruct(x).float().clamp(0.0, 1.0)
-    ssim = SSIMMetric(spatial_dims=3, data_range=1.0)(recon, x)
-    psnr = PSNRMetric(max_val=1.0)(recon, x)
-    return {
-        "recon_ssim": round(float(ssim.mean()), 4),
-        "recon_psnr": round(float(psnr.mean()), 2),
-        "recon_detail_ratio": round(quality.detail_ratio(recon.numpy(), x.numpy()), 4),
-        "recon_l1": round(float((recon - x).abs().mean()), 4),
-    }
+def split_volumes(data: Path, split: str) -> torch.Tensor:
+    """Every volume of one split of the cache, ``[N, 1, D, H, W]``."""
+    volumes = VolumeDataset(data, split)
+    return torch.stack([volumes[i] for i in range(len(volumes))]).float()
+
+
+def reconstruction_quality(
+    autoencoder: torch.nn.Module, data: Path
+) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """SSIM, PSNR and detail ratio of the autoencoder's reconstructions, scored as ``ldm
+    evaluate`` scores them: ``recon_*`` on the validation volumes (unseen anatomy),
+    ``recon_train_*`` on the training volumes (what a diffusion model that learned the
+    training latents could at best decode). Also returns (training volumes, their
+    reconstructions) for the figure."""
+    scores: dict[str, float] = {}
+    shown: tuple[torch.Tensor, torch.Tensor] | None = None
+    for split, prefix in (("val", "recon"), ("train", "recon_train")):
+        x = split_volumes(data, split)
+        recon = evaluate.reconstruct(autoencoder, x, torch.device("cpu"))
+        q = evaluate.reconstruction_quality(x, recon)
+        scores |= {
+            f"{prefix}_ssim": round(q["recon_ssim"], 4),
+            f"{prefix}_psnr": round(q["recon_psnr"], 2),
+            f"{prefix}_detail_ratio": round(q["recon_detail_ratio"], 4),
+        }
+        shown = (x, recon)
+    assert shown is not None
+    return scores, shown
 
 
 def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
@@ -200,21 +218,21 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, flo
     }, generated
 
 
-def axial_png(generated: torch.Tensor, real: torch.Tensor, path: Path) -> None:
-    """Axial mid-slices: samples in the top row, real volumes below, both rotated as
+def axial_png(rows: Sequence[tuple[str, torch.Tensor]], path: Path) -> None:
+    """Axial mid-slices, one named row of volumes each (``[N, 1, D, H, W]``), rotated as
     ``ldm_core.figures`` shows them."""
     from matplotlib.figure import Figure
 
-    rows = (("generated", generated), ("real", real[: len(generated)]))
-    n = len(generated)
-    fig = Figure(figsize=(1.3 * n, 3.0))
-    axes = fig.subplots(2, n, squeeze=False)
+    n = max(len(volumes) for _, volumes in rows)
+    fig = Figure(figsize=(1.3 * n, 1.5 * len(rows)))
+    axes = fig.subplots(len(rows), n, squeeze=False)
     for r, (name, volumes) in enumerate(rows):
         for c in range(n):
-            v = volumes[c, 0].numpy() if c < len(volumes) else np.zeros_like(real[0, 0].numpy())
-            axes[r, c].imshow(np.rot90(v[:, :, v.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
+            if c < len(volumes):
+                v = volumes[c, 0].numpy()
+                axes[r, c].imshow(np.rot90(v[:, :, v.shape[2] // 2]), cmap="gray", vmin=0, vmax=1)
         axes[r, 0].set_ylabel(name, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -225,21 +243,33 @@ def axial_png(generated: torch.Tensor, real: torch.Tensor, path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def train(cfg: Config, data: Path, work: Path, autoencoder: Path | None) -> dict[str, Any]:
-    """Both stages with the project's trainers; returns the bundle directory and seconds."""
+def train(
+    cfg: Config, data: Path, work: Path, autoencoder: Path | None, autoencoder_only: bool
+) -> dict[str, Any]:
+    """The stages with the project's trainers; returns the run directories and seconds."""
     ae_dir = autoencoder or work / "autoencoder"
     t0 = time.perf_counter()
     if autoencoder is None:
         train_autoencoder(cfg, data, ae_dir)
+    run: dict[str, Any] = {
+        "autoencoder_dir": ae_dir,
+        "autoencoder_wall_seconds": None if autoencoder else round(time.perf_counter() - t0, 1),
+    }
+    if autoencoder_only:
+        return run
     t1 = time.perf_counter()
     train_diffusion(cfg, data, ae_dir, work / "diffusion")
-    t2 = time.perf_counter()
-    bundle_dir = bundles.build_bundle(ae_dir, work / "diffusion", work / "bundle")
-    return {
-        "bundle": bundle_dir,
-        "autoencoder_wall_seconds": None if autoencoder else round(t1 - t0, 1),
-        "diffusion_wall_seconds": round(t2 - t1, 1),
-    }
+    run["diffusion_wall_seconds"] = round(time.perf_counter() - t1, 1)
+    run["bundle"] = bundles.build_bundle(ae_dir, work / "diffusion", work / "bundle")
+    return run
+
+
+def trained_autoencoder(run_dir: Path) -> torch.nn.Module:
+    """The finished autoencoder of a training run, on the CPU, in eval mode."""
+    state = torch.load(run_dir / AUTOENCODER_PT, map_location="cpu", weights_only=False)
+    ae = build_autoencoder(from_dict(state["config"]), use_checkpoint=False)
+    load_weights(ae, state["state_dict"], str(run_dir / AUTOENCODER_PT))
+    return ae.eval()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -248,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="directory for the runs and the bundle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--autoencoder", type=Path, help="reuse this finished autoencoder run")
+    parser.add_argument(
+        "--autoencoder-only",
+        action="store_true",
+        help="train and score the autoencoder alone (no diffusion model, no samples)",
+    )
     parser.add_argument("--png", type=Path, help="write axial mid-slices here")
     parser.add_argument("--label", default="candidate")
     parser.add_argument("--time-only", action="store_true", help="only the step-cost ratio")
@@ -262,18 +297,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(overrides=args.set)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     result: dict[str, Any] = {"label": args.label, "overrides": args.set}
+    summary = f"{args.label}: "
     if not args.time_only:
         if args.data is None or args.work is None:
             parser.error("--data and --work are needed unless --time-only")
-        run = train(cfg, args.data, args.work, args.autoencoder)
-        b = bundles.load(run.pop("bundle"), "cpu")
-        real, _ = evaluate.load_real(args.data, b.config.data.shape)
-        result |= run | reconstruction_quality(b, args.data)
-        scores, generated = sample_quality(b, real)
+        run = train(cfg, args.data, args.work, args.autoencoder, args.autoencoder_only)
+        scores, (train_x, train_recon) = reconstruction_quality(
+            trained_autoencoder(run.pop("autoencoder_dir")), args.data
+        )
         result |= scores
+        rows = [("real (train)", train_x[:8]), ("reconstructed", train_recon[:8])]
+        if "bundle" in run:
+            b = bundles.load(run.pop("bundle"), "cpu")
+            real, _ = evaluate.load_real(args.data, b.config.data.shape)
+            samples, generated = sample_quality(b, real)
+            result |= samples
+            rows.append(("generated", generated))
+        result |= run
         if args.png:
-            axial_png(generated, real, args.png)
-    summary = f"{args.label}: "
+            axial_png(rows, args.png)
     if not args.no_cost:
         result |= compare_cost(cfg, args.time_steps)
         summary += (
@@ -283,9 +325,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.time_only:
         summary += (
             f"recon SSIM {result['recon_ssim']:.3f}, PSNR {result['recon_psnr']:.1f}, detail "
-            f"{result['recon_detail_ratio']:.2f}; samples detail {result['sample_detail_ratio']:.2f},"
-            f" Dice {result['mask_dice']:.3f}"
+            f"{result['recon_detail_ratio']:.2f} (train {result['recon_train_detail_ratio']:.2f})"
         )
+        if "sample_detail_ratio" in result:
+            summary += (
+                f"; samples detail {result['sample_detail_ratio']:.2f},"
+                f" Dice {result['mask_dice']:.3f}"
+            )
     record("anatomy", result, summary=summary)
 
 
