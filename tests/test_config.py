@@ -152,7 +152,9 @@ def test_gpu_presets_keep_the_training_recipe_they_had_before_the_tiny_cpu_retun
     assert (ae.adv_weight, ae.gradient_weight, ae.kl_weight) == (0.01, 0.0, 1e-6)
     assert ae.adv_start_step < ae.steps
     assert (dm.lr, dm.lr_warmup_steps, dm.lr_decay, dm.ema_decay) == (1e-4, 0, "constant", 0.999)
-    assert (cfg.sampling.sampler, cfg.sampling.steps) == ("ddim", 50)
+    assert (cfg.sampling.sampler, cfg.sampling.steps, cfg.sampling.eta) == ("ddim", 50, 0.0)
+    assert cfg.evaluation.steps == 50
+    assert ae.batch_size >= 1 and cfg.model.autoencoder.channels[0] >= 32
 
 
 def test_exponent_notation_is_a_number_although_yaml_1_1_reads_it_as_a_string():

@@ -17,7 +17,8 @@ from scipy.ndimage import gaussian_filter
 
 from ldm_core.config import EvaluationConfig
 from ldm_core.evaluate import compute_metrics, gate, nearest_real_correlation
-from tests.harness.gate_cases import NEGATIVES, demo_cohorts
+from ldm_core.quality import detail_ratio
+from tests.harness.gate_cases import NEGATIVES, demo_cohorts, smooth_interior
 
 DEFAULTS = EvaluationConfig()
 
@@ -87,7 +88,7 @@ EXPECTED = {
     "mean_image": {"gate_max_ms_ssim_ratio"},
     "uniform_blob": {"gate_max_ms_ssim_ratio"},
     "shuffled": {"gate_max_detail_ratio"},
-    "blurred": {"gate_max_ms_ssim_ratio"},  # detail 0.68 at 32^3; 0.53 at the demo's size
+    "blurred": {"gate_max_ms_ssim_ratio", "gate_min_detail_ratio"},  # detail 0.68 (demo size 0.53)
     "copies": {"gate_max_nn_correlation"},
     "noise": {
         "gate_min_ms_ssim_ratio",
@@ -136,3 +137,18 @@ def test_distinct_subjects_stay_far_below_the_memorisation_threshold(cohorts, sc
     near_copies = (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
     assert nearest_real_correlation(near_copies, real).min() > DEFAULTS.gate_max_nn_correlation
     assert math.isclose(float(nearest_real_correlation(real.mean(0, keepdim=True), real)), 0.0)
+
+
+def test_detail_threshold_refuses_brains_without_inner_anatomy_at_the_demo_size():
+    """gate_min_detail_ratio's calibration at the demo's own 48x64x48 (issue 14), both sides
+    measured: unseen subjects pass with margin; the same subjects with a sharp outline but
+    their inside smoothed (no ventricles, no cortical rim: what the first demo model drew;
+    its samples measured 0.71) fail. At the 32^3 of the other cases the outline dominates
+    the measure, so this case is scored here."""
+    real, unseen = demo_cohorts((48, 64, 48))
+
+    def ratio(volumes: torch.Tensor) -> float:
+        return detail_ratio(volumes.numpy(), real.numpy())
+
+    assert ratio(unseen) > DEFAULTS.gate_min_detail_ratio + 0.15
+    assert ratio(smooth_interior(unseen)) < DEFAULTS.gate_min_detail_ratio - 0.02
