@@ -426,7 +426,7 @@ class EvaluationConfig:
     inner anatomy. Unseen demo subjects score 0.94-0.97; at the demo's 48x64x48 the same
     subjects with a sharp outline but a smoothed inside score 0.69, a sigma-2 blur 0.53, and
     the first demo model's smooth brains without ventricles 0.71, all refused; the retuned
-    demo model (issue 14) scores 0.80-0.82. The measure is dominated by the brain's outline
+    demo model (issue 14) scores 0.79-0.82. The measure is dominated by the brain's outline
     at small sizes (the smoothed-inside case scores 0.92 at 32^3), so recalibrate it for
     another volume size."""
     gate_max_detail_ratio: float = 1.2

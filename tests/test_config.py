@@ -112,7 +112,7 @@ def test_unknown_preset_and_malformed_override():
 def test_no_sampler_takes_more_steps_than_training_had(sampler, objective):
     # Sampling refuses more steps than num_train_timesteps for every sampler, so the
     # config says so before any work starts (it used to check only for ddim).
-    with pytest.raises(ConfigError, match="^sampling.steps: 50 exceeds .*=40"):
+    with pytest.raises(ConfigError, match="^sampling.steps: 100 exceeds .*=40"):
         load_config(
             overrides=[
                 f"model.scheduler.objective={objective}",
