@@ -62,9 +62,9 @@ class AutoencoderConfig:
 
     channels: tuple[int, ...] = (8, 8, 16)
     """Narrow full-resolution levels: on a CPU the autoencoder's cost is its full-resolution
-    convolutions, so tiny-cpu's (8, 8, 16) takes 5.6x cheaper steps than (16, 32, 32) did and
-    learns more in the same minutes (validation SSIM 0.672 vs 0.601, benchmarks/README.md,
-    "Demo anatomy")."""
+    convolutions, so tiny-cpu's (8, 8, 16) at batch 1 takes steps 5-6x cheaper than
+    (16, 32, 32) at batch 2 did, and learns more in the same minutes (validation SSIM 0.672
+    vs 0.601, benchmarks/README.md, "Demo anatomy")."""
     latent_channels: int = 3
     """8 reconstructs a little better in tiny-cpu's budget (validation SSIM 0.690 vs 0.672),
     but the demo's diffusion model then samples shapeless fragments (mask Dice 0.67) or, with
