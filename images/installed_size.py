@@ -35,9 +35,11 @@ def declared(extra: str | None) -> list[Requirement]:
     return [Requirement(line) for line in lines]
 
 
-def closure(extra: str) -> dict[str, md.Distribution]:
-    """Every distribution ``pip install '.[extra]'`` brings in, by canonical name."""
-    todo = declared(None) + declared(extra)
+def closure(*extras: str) -> dict[str, md.Distribution]:
+    """Every distribution ``pip install '.[extra,...]'`` brings in (the base dependencies
+    always), by canonical name. tests/test_boundaries.py and tests/test_images.py hold the
+    images' and the extras' boundaries with this same walk."""
+    todo = [r for extra in (None, *extras) for r in declared(extra)]
     seen: set[tuple[str, frozenset[str]]] = set()
     found: dict[str, md.Distribution] = {}
     while todo:
@@ -52,7 +54,10 @@ def closure(extra: str) -> dict[str, md.Distribution]:
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
-            sys.exit(f"{name} (needed by .[{extra}]) is not installed here: install the dev extras")
+            needed_by = ",".join(extras) or "the base dependencies"
+            sys.exit(
+                f"{name} (needed by .[{needed_by}]) is not installed here: install the dev extras"
+            )
         found[name] = dist
         for line in dist.requires or []:
             sub = Requirement(line)

@@ -24,15 +24,15 @@ import json
 import pkgutil
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.harness.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "brain-ldm"
@@ -316,19 +316,16 @@ def test_component_body_only_calls_one_stage(component):
 # ---------------------------------------------------------------- declared dependencies
 
 
-def _project() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-
-
-def requirements(extra: str | None) -> list[Requirement]:
-    """The base dependencies (``extra=None``) or one extra's, as declared in pyproject.toml."""
-    project = _project()
-    lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
-    return [Requirement(line) for line in lines]
+@functools.cache
+def _installed_size():
+    """images/installed_size.py: pyproject.toml's declarations and their dependency walk."""
+    return load_script("images/installed_size.py")
 
 
 def declared(extra: str | None) -> set[str]:
-    return {canonicalize_name(r.name) for r in requirements(extra)} - {PROJECT}
+    """The names pyproject.toml declares for the base (``extra=None``) or one extra."""
+    requirements = _installed_size().declared(extra)
+    return {canonicalize_name(r.name) for r in requirements} - {PROJECT}
 
 
 @functools.cache
@@ -407,26 +404,10 @@ def test_every_declared_dependency_is_imported_by_its_side(extra):
 
 def closure(*extras: str) -> set[str]:
     """The distributions installing this project with ``extras`` brings in (the base
-    dependencies always), resolved from the installed metadata: the dev environment holds the
-    exact versions constraints.txt pins."""
-    todo = [r for extra in (None, *extras) for r in requirements(extra)]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if (name, frozenset(req.extras)) in seen:
-            continue
-        seen.add((name, frozenset(req.extras)))
-        if name == PROJECT:  # dev names the other extras: read them from pyproject.toml
-            todo += [r for extra in req.extras for r in requirements(extra)]
-            continue
-        for line in metadata.requires(name) or ():
-            sub = Requirement(line)
-            if sub.marker is None or any(
-                sub.marker.evaluate({"extra": e}) for e in {"", *req.extras}
-            ):
-                todo.append(sub)
-    return {name for name, _ in seen}
+    dependencies always), resolved from the installed metadata by the walk that
+    images/installed_size.py measures: the dev environment holds the exact versions
+    constraints.txt pins."""
+    return set(_installed_size().closure(*extras))
 
 
 KFP = {"kfp", "kfp-kubernetes", "kfp-pipeline-spec", "kfp-server-api"}

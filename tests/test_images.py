@@ -7,7 +7,6 @@ extra, no kserve)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -22,6 +21,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.harness.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -301,12 +302,8 @@ def test_each_image_installs_only_its_side_of_the_project(image):
 
 
 def _installed_size():
-    """images/installed_size.py (a script, not a package), loaded by path."""
-    path = ROOT / "images" / "installed_size.py"
-    spec = importlib.util.spec_from_file_location("installed_size", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """images/installed_size.py (a script, not a package)."""
+    return load_script("images/installed_size.py")
 
 
 @pytest.mark.parametrize("kind", sorted(SIDES))
