@@ -148,8 +148,8 @@ class AutoencoderTrainConfig:
     gives it the last 210 of 560 steps (a step with it costs about 1.5x one without): the
     reconstructions of an L1-trained autoencoder converge to smooth blobs (validation detail
     0.67 after 300 steps, 0.58 after 1200), and the adversarial loss is what puts edges back
-    (reconstructions of the training volumes: detail 0.83-0.90 over three runs against
-    0.78-0.80 with 650 plain steps at the same cost; benchmarks/README.md, "Demo anatomy")."""
+    (reconstructions of the training volumes: detail 0.83-0.90 in three runs, against
+    0.78-0.80 in two with 650 plain steps at the same cost; benchmarks/README.md, "Demo anatomy")."""
     disc_lr: float = 5e-4
     lr_warmup_steps: int = 10
     """Steps over which the learning rate rises linearly from 0 to ``lr``."""

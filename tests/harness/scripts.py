@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script(relative: str) -> ModuleType:
-    """The script at ``ROOT / relative``, executed once as a module of its file's stem."""
+    """The script at ``ROOT / relative``, run as a fresh module named after its file."""
     path = ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
