@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from tests.harness.scripts import load_script
+from tests.harness.scripts import installed_size
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "brain-ldm"
@@ -316,15 +316,9 @@ def test_component_body_only_calls_one_stage(component):
 # ---------------------------------------------------------------- declared dependencies
 
 
-@functools.cache
-def _installed_size():
-    """images/installed_size.py: pyproject.toml's declarations and their dependency walk."""
-    return load_script("images/installed_size.py")
-
-
 def declared(extra: str | None) -> set[str]:
     """The names pyproject.toml declares for the base (``extra=None``) or one extra."""
-    requirements = _installed_size().declared(extra)
+    requirements = installed_size().declared(extra)
     return {canonicalize_name(r.name) for r in requirements} - {PROJECT}
 
 
@@ -407,7 +401,7 @@ def closure(*extras: str) -> set[str]:
     dependencies always), resolved from the installed metadata by the walk that
     images/installed_size.py measures: the dev environment holds the exact versions
     constraints.txt pins."""
-    return set(_installed_size().closure(*extras))
+    return set(installed_size().closure(*extras))
 
 
 KFP = {"kfp", "kfp-kubernetes", "kfp-pipeline-spec", "kfp-server-api"}

@@ -22,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.harness.scripts import load_script
+from tests.harness.scripts import installed_size
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -301,11 +301,6 @@ def test_each_image_installs_only_its_side_of_the_project(image):
     assert extra in declared["optional-dependencies"], f"pyproject.toml has no {extra} extra"
 
 
-def _installed_size():
-    """images/installed_size.py (a script, not a package)."""
-    return load_script("images/installed_size.py")
-
-
 @pytest.mark.parametrize("kind", sorted(SIDES))
 def test_what_an_image_installs_holds_nothing_of_the_other_side(kind):
     """The extra each Dockerfile installs, followed through every dependency's metadata (what
@@ -314,7 +309,7 @@ def test_what_an_image_installs_holds_nothing_of_the_other_side(kind):
     images/installed_size.py measures for images/README.md."""
     extra, other_side = SIDES[kind]
     own_side = SIDES["training" if kind == "serving" else "serving"][1]
-    names = set(_installed_size().closure(extra))
+    names = set(installed_size().closure(extra))
     assert own_side in names and "torch" in names, sorted(names)
     strays = {n for n in names if n == other_side or n.startswith(other_side + "-")}
     assert not strays, f"{kind} image would install {sorted(strays)}"

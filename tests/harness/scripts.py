@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -16,3 +17,10 @@ def load_script(relative: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def installed_size() -> ModuleType:
+    """images/installed_size.py: pyproject.toml's declarations and the dependency walk the
+    image-size figures, the image boundaries and the extras' boundaries all use."""
+    return load_script("images/installed_size.py")
