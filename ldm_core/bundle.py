@@ -2,7 +2,8 @@
 
 Layout (also what an InferenceService's ``storageUri`` points at)::
 
-    bundle.json       format version, scale factor, latent/image shape, spacing, affine,
+    bundle.json       format version, scale factor, latent/image shape, the training
+                      latents' per-channel range, spacing, affine,
                       dataset hash, training steps, objective, package versions, and
                       (when built with the training data) ``reference``: the training
                       volumes' mean output measures, for the served-output drift alert
@@ -69,6 +70,9 @@ class Bundle:
     spacing: tuple[float, float, float]
     device: torch.device
     meta: dict[str, Any] = field(default_factory=dict)
+    latent_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Per-channel low and high of the training latents, each ``[1, C, 1, 1, 1]`` on
+    ``device``; None for a bundle built before the range was recorded."""
 
 
 def _package_versions() -> dict[str, str]:
@@ -115,6 +119,7 @@ def save(
     dataset_hash: str = "",
     training_steps: dict[str, int] | None = None,
     reference: Mapping[str, float] | None = None,
+    latent_range: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
 
@@ -142,6 +147,8 @@ def save(
     }
     if reference is not None:
         info["reference"] = {k: float(v) for k, v in reference.items()}
+    if latent_range is not None:
+        info["latent_range"] = _checked_range(latent_range, cfg, "latent_range")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         atomic_write(tmp / AUTOENCODER_PT, lambda f: torch.save(autoencoder_state, f))
@@ -208,7 +215,25 @@ def build_bundle(
             "diffusion": int(unet.get("steps", 0)),
         },
         reference=reference,
+        latent_range=unet.get("latent_range"),
     )
+
+
+def _checked_range(value: Any, cfg: Config, where: str) -> list[list[float]]:
+    """``value`` as ``[low, high]`` lists of one finite float per latent channel, low <= high."""
+    channels = cfg.model.autoencoder.latent_channels
+    try:
+        low, high = ([float(x) for x in row] for row in value)
+    except (TypeError, ValueError):
+        raise LdmError(f"{where}: expected [low, high] lists of numbers, got {value!r}") from None
+    if len(low) != channels or len(high) != channels:
+        raise LdmError(
+            f"{where}: expected {channels} values per bound (model.autoencoder.latent_channels), "
+            f"got {len(low)} and {len(high)}"
+        )
+    if not all(np.isfinite(low + high)) or any(lo > hi for lo, hi in zip(low, high, strict=True)):
+        raise LdmError(f"{where}: bounds must be finite with low <= high, got {[low, high]}")
+    return [low, high]
 
 
 def training_reference(data_dir: str | Path, dataset_hash: str = "") -> dict[str, float]:
@@ -307,6 +332,16 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
     load_weights(unet, _torch_load(path / UNET_PT), str(path / UNET_PT))
     autoencoder.to(dev).eval().requires_grad_(False)
     unet.to(dev).eval().requires_grad_(False)
+    latent_range = None
+    if "latent_range" in info:
+        low, high = _checked_range(info["latent_range"], cfg, f"{path / BUNDLE_JSON}: latent_range")
+        latent_range = tuple(torch.tensor(v, device=dev).view(1, -1, 1, 1, 1) for v in (low, high))
+    elif cfg.sampling.clamp_to_latent_range:
+        log.warning(
+            "%s has no latent_range (built before it was recorded): sampling.clamp_to_latent_range "
+            "is ignored, samples are drawn unclamped",
+            path / BUNDLE_JSON,
+        )
     return Bundle(
         config=cfg,
         autoencoder=autoencoder,
@@ -318,4 +353,5 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         spacing=tuple(info["spacing"]),
         device=dev,
         meta=info,
+        latent_range=latent_range,
     )

@@ -121,7 +121,9 @@ def denoise(
     Which sampler runs is the adapter's business (:mod:`ldm_core.samplers`): this loop is
     the same for all of them. ``eta`` defaults to the bundle's ``sampling.eta`` (DDIM only).
     Only the UNet runs under ``precision``'s autocast: the latents and the scheduler's update
-    stay float32, so rounding does not compound across steps.
+    stay float32, so rounding does not compound across steps. With the bundle's
+    ``sampling.clamp_to_latent_range`` and a recorded ``latent_range``, each step's
+    clean-latent estimate is clamped to the training latents' range first.
     """
     scheduler = build_sampler(bundle.config, sampler, eta=eta)
     if not seeds:
@@ -136,11 +138,14 @@ def denoise(
     gens = [torch.Generator(device=bundle.device).manual_seed(int(s) + 1) for s in seeds]
     scheduler.set_timesteps(steps, device=bundle.device)
     timesteps = scheduler.timesteps
+    bounds = bundle.latent_range if bundle.config.sampling.clamp_to_latent_range else None
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(seeds),), t, device=bundle.device, dtype=torch.long)
         with _precision(precision, bundle.device):
-            model_output = bundle.unet(x, timesteps=t_batch)
-        x = scheduler.step(model_output.float(), t, x, gens)
+            model_output = bundle.unet(x, timesteps=t_batch).float()
+        if bounds is not None:
+            model_output = scheduler.clamp_clean(model_output, t, x, *bounds)
+        x = scheduler.step(model_output, t, x, gens)
         if progress is not None:
             progress(i + 1, len(timesteps))
     return x

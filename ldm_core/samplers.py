@@ -123,6 +123,37 @@ class Sampler(abc.ABC):
         """The timesteps chosen by :meth:`set_timesteps`, in the order to step through them."""
         return list(self._timesteps)
 
+    def clamp_clean(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        sample: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+    ) -> torch.Tensor:
+        """``model_output`` changed so that the clean latent it implies lies in ``[low, high]``.
+
+        A short-trained model can predict clean latents far outside anything it was trained
+        on at the noisy end, and the error compounds over the steps into a volume that is no
+        brain (static thresholding, Saharia et al. 2022, with per-channel bounds). The model's
+        output is converted to its clean-latent estimate, clamped, and converted back, so the
+        scheduler's update is untouched and every later quantity (DDIM's noise direction too)
+        agrees with the clamped estimate. ``low`` and ``high`` broadcast against ``sample``.
+        """
+        import torch
+
+        clean = self.to_clean(model_output, t, sample)
+        return self.from_clean(torch.clamp(clean, low, high), t, sample)
+
+    @abc.abstractmethod
+    def to_clean(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The clean latent that ``model_output`` at timestep ``t`` predicts for ``sample``."""
+
+    @abc.abstractmethod
+    def from_clean(self, clean: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The model output that predicts ``clean`` for ``sample`` at ``t``: the inverse of
+        :meth:`to_clean`."""
+
     @abc.abstractmethod
     def step(
         self,
@@ -185,6 +216,31 @@ class _PerRowSampler(Sampler):
             for j, g in enumerate(generator)
         ]
         return torch.cat(rows)
+
+    def _signal_noise(self, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(alpha_bar_t)`` and ``sqrt(1 - alpha_bar_t)``: the weights of the clean latent
+        and of the noise in a sample at ``t``."""
+        alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(like.device, like.dtype)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def to_clean(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        a, s = self._signal_noise(t, sample)
+        kind = self.scheduler.prediction_type
+        if kind == "epsilon":
+            return (sample - s * model_output) / a
+        if kind == "v_prediction":
+            return a * sample - s * model_output
+        return model_output
+
+    def from_clean(self, clean: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        a, s = self._signal_noise(t, sample)
+        kind = self.scheduler.prediction_type
+        noise = (sample - a * clean) / s
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return a * noise - s * clean
+        return clean
 
 
 def _beta_schedule(cfg: Config) -> dict[str, Any]:
@@ -269,6 +325,18 @@ class RFlowSampler(Sampler):
         self.scheduler.set_timesteps(steps, device=device, input_img_size_numel=self.latent_numel)
         self._timesteps = [int(t) for t in self.scheduler.timesteps]
         self._next = 0
+
+    def to_clean(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        # MONAI's rectified flow: x_t = (1 - t/T) x_0 + (t/T) noise, velocity = x_0 - noise.
+        return sample + model_output * (int(t) / self.scheduler.num_train_timesteps)
+
+    def from_clean(self, clean: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        fraction = int(t) / self.scheduler.num_train_timesteps
+        if fraction == 0:  # nothing is left to move (sampling never steps from t = 0)
+            return torch.zeros_like(sample)
+        return (clean - sample) / fraction
 
     def step(
         self,

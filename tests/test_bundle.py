@@ -114,3 +114,38 @@ def test_save_replaces_atomically(tmp_path):
     random_bundle(tmp_path / "b", cfg, scale_factor=2.0)
     assert bundle_mod.load(path).scale_factor == 2.0
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temp dirs left behind
+
+
+@pytest.mark.parametrize(
+    "value, fault",
+    [
+        ([[0.0, 0.0], [1.0, 1.0]], "expected 3 values per bound"),
+        ([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0]], "low <= high"),
+        ([[0.0, 0.0, "x"], [1.0, 1.0, 1.0]], "lists of numbers"),
+        ([[0.0, 0.0, 0.0], [1.0, 1.0, float("inf")]], "finite"),
+    ],
+)
+def test_a_bad_latent_range_names_the_file_and_field(tmp_path, value, fault):
+    path = random_bundle(tmp_path / "b", tiny_config(), latent_range=[[-1] * 3, [1] * 3])
+    info = json.loads((path / "bundle.json").read_text())
+    info["latent_range"] = value
+    (path / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(LdmError, match=r"bundle.json: latent_range: .*" + fault):
+        bundle_mod.load(path)
+    with pytest.raises(LdmError, match=r"^latent_range: .*" + fault):
+        random_bundle(tmp_path / "c", tiny_config(), latent_range=value)
+
+
+def test_a_bundle_without_a_latent_range_loads_and_says_it_samples_unclamped(tmp_path, caplog):
+    """Bundles built before the range was recorded keep working."""
+    path = random_bundle(tmp_path / "b", tiny_config())
+    assert "latent_range" not in json.loads((path / "bundle.json").read_text())
+    with caplog.at_level("WARNING", logger="ldm_core.bundle"):
+        b = bundle_mod.load(path, device="cpu")
+    assert b.latent_range is None
+    assert "no latent_range" in caplog.text and "unclamped" in caplog.text
+    caplog.clear()
+    off = random_bundle(tmp_path / "off", tiny_config("sampling.clamp_to_latent_range=false"))
+    with caplog.at_level("WARNING", logger="ldm_core.bundle"):
+        bundle_mod.load(off, device="cpu")
+    assert "latent_range" not in caplog.text

@@ -14,7 +14,7 @@ from PIL import Image
 from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
-from ldm_core.sample import generate, to_nifti_bytes, triptych
+from ldm_core.sample import denoise, generate, to_nifti_bytes, triptych
 from tests.harness.configs import tiny_config
 from tests.harness.data import random_bundle
 
@@ -133,3 +133,18 @@ def test_rflow_seed_gives_the_same_volume_alone_or_batched(tmp_path):
     alone = generate(b, [6], sampler="rflow", steps=3)
     assert torch.allclose(batch[1], alone[0], atol=1e-4)
     assert not torch.allclose(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samples_end_inside_the_training_latents_range_when_clamped(tmp_path, sampler):
+    """The last step lands on the clean estimate, so clamped samples stay in the recorded
+    per-channel range; the same untrained UNet unclamped leaves it."""
+    bounds = [[-0.05, -0.02, 0.0], [0.05, 0.02, 0.01]]
+    low, high = (torch.tensor(b).view(1, 3, 1, 1, 1) for b in bounds)
+    drawn = {}
+    for clamp in (True, False):
+        cfg = tiny_config(f"sampling.clamp_to_latent_range={str(clamp).lower()}")
+        b = load(random_bundle(tmp_path / str(clamp), cfg, seed=2, latent_range=bounds), "cpu")
+        drawn[clamp] = denoise(b, [0, 1], sampler=sampler, steps=4, eta=1.0)
+    assert ((drawn[True] >= low - 1e-5) & (drawn[True] <= high + 1e-5)).all()
+    assert ((drawn[False] < low) | (drawn[False] > high)).float().mean() > 0.5

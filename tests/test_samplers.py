@@ -208,3 +208,61 @@ def test_editing_the_table_is_the_only_edit_needed(monkeypatch):
         build_sampler(_config("ddpm"), "ddpm")
     monkeypatch.setitem(samplers.SAMPLERS_BY_OBJECTIVE, "rflow", ("rflow", "ddim"))
     assert _config("rflow", "sampling.sampler=ddim").sampling.sampler == "ddim"
+
+
+CLEAN_CASES = [
+    ("ddim", "epsilon"),
+    ("ddim", "v_prediction"),
+    ("ddim", "sample"),
+    ("ddpm", "epsilon"),
+    ("ddpm", "v_prediction"),
+    ("rflow", "epsilon"),  # rectified flow predicts a velocity whatever prediction_type says
+]
+
+
+def _adapter(sampler: str, prediction: str):
+    objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
+    cfg = _config(objective, f"model.scheduler.prediction_type={prediction}")
+    adapter = build_sampler(cfg, sampler, eta=0.0)
+    adapter.set_timesteps(5)
+    return adapter
+
+
+def _reported_clean(adapter, model_output, t, sample):
+    """The clean-latent estimate MONAI's own step returns next to the new sample."""
+    if adapter.name == "rflow":
+        return adapter.scheduler.step(model_output, t, sample)[1]
+    if adapter.name == "ddim":
+        return adapter.scheduler.step(model_output, t, sample, eta=0.0)[1]
+    return adapter.scheduler.step(model_output, t, sample, generator=torch.Generator())[1]
+
+
+@pytest.mark.parametrize("sampler, prediction", CLEAN_CASES)
+def test_the_clean_estimate_is_the_schedulers_own_and_inverts(sampler, prediction):
+    adapter = _adapter(sampler, prediction)
+    gen = torch.Generator().manual_seed(3)
+    for t in adapter.timesteps:
+        x = 2 * torch.randn(2, 3, 4, 4, 4, generator=gen)
+        out = torch.randn(2, 3, 4, 4, 4, generator=gen)
+        clean = adapter.to_clean(out, t, x)
+        torch.testing.assert_close(clean, _reported_clean(adapter, out, t, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(adapter.from_clean(clean, t, x), out, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler, prediction", CLEAN_CASES)
+def test_clamping_bounds_the_clean_estimate_per_channel_and_leaves_the_rest(sampler, prediction):
+    adapter = _adapter(sampler, prediction)
+    low = torch.tensor([-1.0, -0.5, 0.0]).view(1, 3, 1, 1, 1)
+    high = torch.tensor([1.0, 0.5, 2.0]).view(1, 3, 1, 1, 1)
+    gen = torch.Generator().manual_seed(4)
+    t = adapter.timesteps[1]
+    x = torch.randn(2, 3, 4, 4, 4, generator=gen)
+    out = 3 * torch.randn(2, 3, 4, 4, 4, generator=gen)
+    before = adapter.to_clean(out, t, x)
+    outside = (before < low) | (before > high)
+    assert outside.any() and (~outside).any()
+    clamped = adapter.clamp_clean(out, t, x, low, high)
+    after = adapter.to_clean(clamped, t, x)
+    assert (after >= low - 1e-4).all() and (after <= high + 1e-4).all()
+    torch.testing.assert_close(after[~outside], before[~outside], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(clamped[~outside], out[~outside], rtol=1e-3, atol=1e-3)

@@ -56,9 +56,15 @@ def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):
         torch.testing.assert_close(value, last["ema"]["model"][name])
     assert any(not torch.equal(v, last["model"][k]) for k, v in final["state_dict"].items())
     build_unet(cfg).load_state_dict(final["state_dict"])
+    latents = np.load(run / "latents" / "train.npy")  # the scaled latents it trained on
+    low, high = latents.min(axis=(0, 2, 3, 4)), latents.max(axis=(0, 2, 3, 4))
+    assert (low < high).all()
+    np.testing.assert_allclose(final["latent_range"], [low, high], rtol=1e-6)
 
     b = bundle.load(bundle.build_bundle(ae_dir, run, tmp_path / "bundle"), device="cpu")
     assert b.scale_factor == pytest.approx(1.7)
+    assert b.meta["latent_range"] == final["latent_range"]
+    np.testing.assert_allclose(b.latent_range[1].flatten(), high, rtol=1e-6)
     np.testing.assert_allclose(b.affine, json.loads((data / "manifest.json").read_text())["affine"])
 
     stamp = (run / "unet.pt").stat().st_mtime_ns

@@ -154,11 +154,24 @@ def _run(
     distributed.check_replicas(env, ema.model, STAGE)
     if env.is_main:
         ckpt.atomic_save(
-            {"state_dict": ema.model.state_dict(), "config": cfg.to_dict(), "steps": step},
+            {
+                "state_dict": ema.model.state_dict(),
+                "config": cfg.to_dict(),
+                "steps": step,
+                "latent_range": latent_range(data["train"]),
+            },
             out / UNET_PT,
         )
         log.info("diffusion finished: %d steps -> %s", step, out / UNET_PT)
     distributed.barrier(env)
+
+
+def latent_range(train: torch.Tensor) -> list[list[float]]:
+    """Per channel, the lowest and highest value of the (scaled) training latents
+    ``[N, C, d, h, w]``: the bounds that sampling may clamp its clean-latent estimates to
+    (``sampling.clamp_to_latent_range``). Returns ``[low, high]``, one list of C floats each."""
+    per_channel = train.float().transpose(0, 1).flatten(1)
+    return [per_channel.amin(1).tolist(), per_channel.amax(1).tolist()]
 
 
 def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:

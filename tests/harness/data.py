@@ -164,11 +164,25 @@ def fake_autoencoder_run(out: Path, cfg, seed: int = 0, scale_factor: float = 1.
     return out
 
 
-def random_bundle(path: str | Path, cfg: Config, seed: int = 0, scale_factor: float = 1.0) -> Path:
+def random_bundle(
+    path: str | Path,
+    cfg: Config,
+    seed: int = 0,
+    scale_factor: float = 1.0,
+    latent_range: list[list[float]] | None = None,
+) -> Path:
     """A bundle with untrained weights and the config's geometry: what serving and sampling
     tests need when the weights' quality does not matter."""
     torch.manual_seed(seed)
     autoencoder = build_autoencoder(cfg, use_checkpoint=False)
     unet = build_unet(cfg)
     affine = np.diag([*cfg.data.spacing, 1.0])
-    return bundle.save(path, cfg, autoencoder.state_dict(), unet.state_dict(), scale_factor, affine)
+    return bundle.save(
+        path,
+        cfg,
+        autoencoder.state_dict(),
+        unet.state_dict(),
+        scale_factor,
+        affine,
+        latent_range=latent_range,
+    )
