@@ -68,6 +68,26 @@ def build_unet(cfg: Config) -> DiffusionModelUNet:
     )
 
 
+def min_snr_weight(
+    scheduler: Scheduler, timesteps: torch.Tensor, prediction_type: str, gamma: float
+) -> torch.Tensor:
+    """Per-example loss weights of min-SNR-gamma (Hang et al. 2023), one per timestep.
+
+    The weight caps each timestep's signal-to-noise ratio at ``gamma`` in the loss on the
+    clean latent, then converts to the target the UNet regresses: divided by SNR for noise
+    prediction, by SNR + 1 for v-prediction, unchanged for the clean latent itself. Nearly
+    clean timesteps, easy and numerous, then stop dominating the gradient.
+    """
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return capped / snr
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    return capped
+
+
 def build_discriminator(cfg: Config, channels: int = 32, num_layers: int = 3) -> PatchDiscriminator:
     """Patch discriminator for the autoencoder's adversarial loss (it has BatchNorm, which is
     why ``train.sync_bn`` exists)."""

@@ -266,3 +266,26 @@ def test_clamping_bounds_the_clean_estimate_per_channel_and_leaves_the_rest(samp
     assert (after >= low - 1e-4).all() and (after <= high + 1e-4).all()
     torch.testing.assert_close(after[~outside], before[~outside], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(clamped[~outside], out[~outside], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_caps_the_clean_latent_loss_at_gamma_times_its_error(prediction):
+    """Whatever the UNet regresses, the weighted loss equals min(SNR, gamma) times the squared
+    error of the clean latent it implies (Hang et al. 2023, eq. 7)."""
+    from ldm_core.models import min_snr_weight
+
+    adapter = _adapter("ddpm", prediction)
+    gen = torch.Generator().manual_seed(5)
+    timesteps = torch.tensor([1, 50, 300, 700, 999])
+    weight = min_snr_weight(adapter.scheduler, timesteps, prediction, gamma=5.0)
+    alpha_bar = adapter.scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > 5 > snr[-1]  # both sides of the cap are exercised
+    for i, t in enumerate(timesteps.tolist()):
+        x = torch.randn(1, 3, 4, 4, 4, generator=gen)
+        target, pred = (torch.randn(1, 3, 4, 4, 4, generator=gen) for _ in range(2))
+        clean_error = (adapter.to_clean(pred, t, x) - adapter.to_clean(target, t, x)).pow(2).mean()
+        weighted = weight[i] * (pred - target).pow(2).mean()
+        torch.testing.assert_close(
+            weighted, snr[i].clamp(max=5.0) * clean_error, rtol=1e-4, atol=1e-6
+        )

@@ -199,3 +199,26 @@ def test_each_step_runs_at_the_scheduled_learning_rate(tmp_path):
     assert [m["lr"] for m in metrics] == pytest.approx([0.0005, 0.001, 0.001, 0.0005])
     state = torch.load(run / "checkpoints" / "ckpt-00000004.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
+
+
+def test_min_snr_weighting_trains_and_is_refused_where_undefined(tmp_path):
+    from ldm_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.diffusion.snr_gamma: .*ddpm objective"):
+        dm_config(
+            "model.scheduler.objective=rflow",
+            "sampling.sampler=rflow",
+            "train.diffusion.snr_gamma=5",
+        )
+    with pytest.raises(ConfigError, match=r"train.diffusion.snr_gamma: must be >= 0"):
+        dm_config("train.diffusion.snr_gamma=-1")
+    data = make_cache(tmp_path / "data", n_train=3, n_val=1)
+    losses = {}
+    for gamma in (0.0, 5.0):
+        cfg = dm_config("train.diffusion.steps=3", f"train.diffusion.snr_gamma={gamma}")
+        ae_dir = fake_autoencoder_run(tmp_path / f"ae{gamma}", cfg)
+        run = train_diffusion(cfg, data, ae_dir, tmp_path / f"dm{gamma}")
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[gamma] = [m["loss"] for m in metrics if m["split"] == "train"]
+    assert all(np.isfinite(losses[5.0])) and len(losses[5.0]) == 3
+    assert losses[5.0][0] < losses[0.0][0]  # same batch and noise: capped weights only lower it

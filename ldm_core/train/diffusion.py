@@ -36,6 +36,7 @@ from ldm_core.models import (
     build_unet,
     diffusion_training_example,
     load_weights,
+    min_snr_weight,
 )
 from ldm_core.samplers import training_scheduler
 from ldm_core.train import checkpoint as ckpt
@@ -206,7 +207,14 @@ def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -
         with loop.autocast(device, cfg.train.amp):
             noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
             pred = unet_train(noisy, timesteps=timesteps)
-            loss = F.mse_loss(pred.float(), target.float())
+            if tc.snr_gamma > 0:
+                per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+                weight = min_snr_weight(
+                    scheduler, timesteps, cfg.model.scheduler.prediction_type, tc.snr_gamma
+                )
+                loss = (weight * per_example).mean()
+            else:
+                loss = F.mse_loss(pred.float(), target.float())
 
         def update() -> loop.Scalars:
             lr = schedule.apply(optimizer, at)
