@@ -175,8 +175,9 @@ class DiffusionTrainConfig:
     timesteps whose signal-to-noise ratio exceeds gamma (the nearly clean ones) count as if it
     were gamma; 0 disables it. ``ddpm`` objective only. On one demo autoencoder, 700 steps with
     gamma 5 gave samples' detail 0.82-0.83 where 700 steps without gave 0.75-0.76 and 1400
-    steps 0.81-0.82 (one training seed each; benchmarks/README.md, "Demo anatomy", fourth
-    round). Not yet in tiny-cpu: it has not been run through ``make demo``."""
+    steps 0.81-0.82; on another it gave 0.90 where the trainer without it had given 0.91-0.94
+    (one run each; benchmarks/README.md, "Demo anatomy", fourth round). Not in tiny-cpu until
+    more seeds and a ``make demo`` run decide."""
     lr_warmup_steps: int = 0
     """Steps over which the learning rate rises linearly from 0 to ``lr``."""
     lr_decay: str = "constant"
