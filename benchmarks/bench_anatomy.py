@@ -56,6 +56,7 @@ from ldm_core.models import (
 )
 from ldm_core.sample import generate
 from ldm_core.samplers import training_scheduler
+from ldm_core.train import loop
 from ldm_core.train.autoencoder import train_autoencoder
 from ldm_core.train.diffusion import train_diffusion
 
@@ -72,6 +73,7 @@ REFERENCE = [
     "train.autoencoder.adv_weight=0.01",
     "train.diffusion.steps=700",
     "train.diffusion.batch_size=8",
+    "train.channels_last=false",
 ]
 """The tiny-cpu preset before issue 14 (AE 120 steps with the discriminator from step 90,
 UNet 700 steps at batch 8): the training cost the candidate must not exceed."""
@@ -95,11 +97,13 @@ def _median_seconds(fn: Callable[[], None], steps: int) -> float:
 
 def step_costs(cfg: Config, steps: int) -> dict[str, float]:
     """Seconds per autoencoder step without and with the discriminator, and per UNet step,
-    at ``cfg``'s shapes and batch sizes (random data: the cost does not depend on it)."""
-    tc = cfg.train
+    at ``cfg``'s shapes, batch sizes and memory layout (random data: the cost does not
+    depend on it)."""
+    tc, cpu = cfg.train, torch.device("cpu")
     torch.manual_seed(0)
-    x = torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape)
-    ae, disc = build_autoencoder(cfg), build_discriminator(cfg)
+    x = loop.to_input(torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape), cfg, cpu)
+    ae = loop.prepare_model(build_autoencoder(cfg), cfg, cpu)
+    disc = loop.prepare_model(build_discriminator(cfg), cfg, cpu)
     opt, d_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(disc.parameters())
     adv = PatchAdversarialLoss(criterion="least_squares")
 
@@ -118,10 +122,10 @@ def step_costs(cfg: Config, steps: int) -> dict[str, float]:
             d_loss.backward()
             d_opt.step()
 
-    unet = build_unet(cfg)
+    unet = loop.prepare_model(build_unet(cfg), cfg, cpu)
     u_opt = torch.optim.Adam(unet.parameters())
     scheduler = training_scheduler(cfg)
-    z = torch.randn(tc.diffusion.batch_size, *cfg.latent_shape)
+    z = loop.to_input(torch.randn(tc.diffusion.batch_size, *cfg.latent_shape), cfg, cpu)
 
     def unet_step() -> None:
         noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)

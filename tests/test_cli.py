@@ -10,7 +10,7 @@ import pytest
 
 from ldm_core.cli import VERBS, build_parser, main
 from ldm_core.samplers import ALL_SAMPLERS
-from tests.harness.configs import serve_config
+from tests.harness.configs import NO_SNR, serve_config
 from tests.harness.data import random_bundle
 
 CONTRACT_VERBS = (
@@ -82,7 +82,7 @@ def test_help_and_the_sampler_table_import_neither_torch_nor_monai():
 def test_sample_takes_the_bundles_own_config_so_an_rflow_model_samples_without_flags(tmp_path):
     """The default sampler comes from the bundle's objective, not from the default preset
     (whose ddim cannot sample a rectified-flow model)."""
-    cfg = serve_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    cfg = serve_config("model.scheduler.objective=rflow", "sampling.sampler=rflow", NO_SNR)
     bundle = random_bundle(tmp_path / "rflow-bundle", cfg)
     out = tmp_path / "samples"
     assert main(["sample", "--bundle", str(bundle), "--output", str(out), "--num", "1"]) == 0

@@ -117,6 +117,7 @@ def test_no_sampler_takes_more_steps_than_training_had(sampler, objective):
             overrides=[
                 f"model.scheduler.objective={objective}",
                 f"sampling.sampler={sampler}",
+                "train.diffusion.snr_gamma=0",
                 "model.scheduler.num_train_timesteps=40",
             ]
         )

@@ -15,7 +15,7 @@ from ldm_core.models import (
     load_weights,
 )
 from ldm_core.samplers import build_sampler, training_scheduler
-from tests.harness.configs import tiny_config
+from tests.harness.configs import NO_SNR, tiny_config
 
 
 def _legacy_modules():
@@ -91,7 +91,7 @@ def test_weights_of_another_architecture_are_refused_by_name():
 
 def test_sampler_must_match_objective():
     ddpm_cfg = tiny_config()
-    rflow_cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    rflow_cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow", NO_SNR)
     assert type(build_sampler(ddpm_cfg, "ddim").scheduler).__name__ == "DDIMScheduler"
     assert type(build_sampler(rflow_cfg, "rflow").scheduler).__name__ == "RFlowScheduler"
     assert type(training_scheduler(ddpm_cfg)).__name__ == "DDPMScheduler"
@@ -105,7 +105,7 @@ def test_sampler_must_match_objective():
 @pytest.mark.parametrize("objective", ["ddpm", "rflow"])
 def test_training_example_targets(objective):
     extra = (
-        ["model.scheduler.objective=rflow", "sampling.sampler=rflow"]
+        ["model.scheduler.objective=rflow", "sampling.sampler=rflow", NO_SNR]
         if objective == "rflow"
         else []
     )

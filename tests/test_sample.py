@@ -15,7 +15,7 @@ from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
 from ldm_core.sample import denoise, generate, to_nifti_bytes, triptych
-from tests.harness.configs import tiny_config
+from tests.harness.configs import NO_SNR, tiny_config
 from tests.harness.data import random_bundle
 
 
@@ -58,7 +58,7 @@ def test_progress_and_bad_arguments(tiny_bundle):
 
 
 def test_rflow_model_samples(tmp_path):
-    cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow", NO_SNR)
     b = load(random_bundle(tmp_path / "rf", cfg), device="cpu")
     x = generate(b, [1], sampler="rflow", steps=3)
     assert x.shape == (1, 1, 32, 32, 32) and torch.isfinite(x).all()
@@ -127,7 +127,7 @@ def test_cli_reports_one_line_errors(tmp_path, capsys):
 
 
 def test_rflow_seed_gives_the_same_volume_alone_or_batched(tmp_path):
-    cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow")
+    cfg = tiny_config("model.scheduler.objective=rflow", "sampling.sampler=rflow", NO_SNR)
     b = load(random_bundle(tmp_path / "rf", cfg, seed=2), device="cpu")
     batch = generate(b, [5, 6], sampler="rflow", steps=3)
     alone = generate(b, [6], sampler="rflow", steps=3)

@@ -149,6 +149,36 @@ def test_the_generator_follows_the_schedule_and_the_discriminator_keeps_its_rate
     assert state["disc_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
 
 
+def test_channels_last_changes_the_memory_layout_not_the_training(tmp_path):
+    """tiny-cpu trains channels-last for speed; the same seed must give the same losses and
+    model as the default layout, discriminator included, and the weights must load into a
+    model of the default layout (what the bundle and the server build)."""
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    common = ("train.autoencoder.steps=3", "train.autoencoder.adv_start_step=1")
+    runs = {
+        layout: train_autoencoder(
+            ae_config(*common, f"train.channels_last={layout}"), data, tmp_path / layout
+        )
+        for layout in ("true", "false")
+    }
+    losses = {k: [m["loss"] for m in read_metrics(run)] for k, run in runs.items()}
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    finals = {k: torch.load(run / "autoencoder.pt", weights_only=True) for k, run in runs.items()}
+    conv = next(v for v in finals["true"]["state_dict"].values() if v.dim() == 5)
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d)
+    # Adam turns rounding-level gradient differences of near-zero gradients into whole
+    # steps of single weights, so the models are compared by what they compute.
+    x = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    recon = {}
+    for layout, final in finals.items():
+        model = build_autoencoder(ae_config()).eval()
+        model.load_state_dict(final["state_dict"])
+        assert next(p for p in model.parameters() if p.dim() == 5).is_contiguous()
+        with torch.no_grad():
+            recon[layout] = model.decode(model.encode(x)[0])
+    torch.testing.assert_close(recon["true"], recon["false"], rtol=0, atol=1e-3)
+
+
 def test_gradient_difference_tells_a_softened_edge_from_an_error_l1_scores_the_same():
     edge = torch.zeros(1, 1, 8, 8, 8)
     edge[..., 4:] = 1.0

@@ -33,6 +33,9 @@ GATE_OFF_OVERRIDES = [
 """The gate checks that are not pipeline parameters, switched off: with these and permissive
 ``gate_*`` parameters, an untrained model passes (what plumbing tests of the DAG need)."""
 
+NO_SNR = "train.diffusion.snr_gamma=0"
+"""Min-SNR weighting off: tiny-cpu has it on, and the rflow objective refuses it."""
+
 
 def tiny_config(*extra: str) -> Config:
     return load_config(overrides=[*TINY_OVERRIDES, *extra])
