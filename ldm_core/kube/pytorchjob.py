@@ -53,8 +53,8 @@ from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
 from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.follow import JobState, follow_job
 from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
-from ldm_core.kube.pending import pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
 from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
@@ -367,16 +367,6 @@ def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
     return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
 
-@dataclass(frozen=True)
-class JobState:
-    """Where a followed job stands: ``running`` (keep polling), ``succeeded``, ``failed``,
-    ``evicted`` (a pod was, and no restart policy brings it back), ``no-operator``
-    (nothing ever gave the job a status) or ``timeout``; ``detail`` says why."""
-
-    outcome: str
-    detail: str = ""
-
-
 def job_state(
     job: Mapping[str, Any],
     pods: list[Any],
@@ -608,44 +598,24 @@ class PyTorchJobLauncher:
     def _follow(self, name: str) -> None:
         """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
         s = self.settings
-        start = self.clock()
         timeout = (
             s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
         )
-        follower: PodLogFollower | None = None
-        last_state, failures = "", 0
-        blocked_since: float | None = None  # since when a pod has been unable to start
-        try:
-            while True:
-                seen = self._observe(name, failures)
-                if seen is None:
-                    failures += 1
-                    self.sleep(s.poll_s)
-                    continue
-                failures = 0
-                job, pods = seen
-                state = job_state(
-                    job, pods, self.clock() - start, s.start_timeout_s, timeout, s.restart_policy
-                )
-                problem = pending_problem(pods) if state.outcome == "running" else None
-                if problem is None:
-                    blocked_since = None
-                elif blocked_since is None:
-                    log.warning("PyTorchJob %s: %s", name, problem)
-                    blocked_since = self.clock()
-                elif self.clock() - blocked_since >= s.pending_timeout_s:
-                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
-                if state.outcome != "running":
-                    self._conclude(name, state, follower, pods)
-                    return
-                if state.detail != last_state:
-                    log.info("PyTorchJob %s: %s", name, state.detail or "waiting for the operator")
-                    last_state = state.detail
-                follower = follower or self._follower(pods)
-                self.sleep(s.poll_s)
-        finally:
-            if follower is not None:
-                follower.stop.set()
+        follow_job(
+            f"PyTorchJob {name}",
+            observe=lambda failures: self._observe(name, failures),
+            state_of=lambda job, pods, elapsed: job_state(
+                job, pods, elapsed, s.start_timeout_s, timeout, s.restart_policy
+            ),
+            refollow=lambda follower, pods: follower or self._follower(pods),
+            conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),
+            poll_s=s.poll_s,
+            pending_timeout_s=s.pending_timeout_s,
+            clock=self.clock,
+            sleep=self.sleep,
+            log=log,
+            waiting="waiting for the operator",
+        )
 
     def _follower(self, pods: list[Any]) -> PodLogFollower | None:
         """Start copying the master pod's log once it runs; None until then."""

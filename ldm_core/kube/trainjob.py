@@ -52,12 +52,11 @@ from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
 from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.follow import JobState, follow_job
 from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
-from ldm_core.kube.pending import pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.pytorchjob import (
     SPEC_HASH_ANNOTATION,
-    JobState,
     PyTorchJobSettings,
     adoption,
     conditions,
@@ -431,42 +430,24 @@ class TrainJobLauncher:
     def _follow(self, name: str) -> None:
         """Poll the TrainJob and its pods until an outcome; stream rank 0's log meanwhile."""
         s = self.settings
-        start = self.clock()
         timeout = (
             s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
         )
-        follower: PodLogFollower | None = None
-        last, failures = "", 0
-        blocked_since: float | None = None  # since when a pod has been unable to start
-        try:
-            while True:
-                seen = self._observe(name, failures)
-                if seen is None:
-                    failures += 1
-                    self.sleep(s.poll_s)
-                    continue
-                failures = 0
-                job, pods = seen
-                state = job_state(job, pods, self.clock() - start, s.start_timeout_s, timeout)
-                problem = pending_problem(pods) if state.outcome == "running" else None
-                if problem is None:
-                    blocked_since = None
-                elif blocked_since is None:
-                    log.warning("%s: %s", self._what(name), problem)
-                    blocked_since = self.clock()
-                elif self.clock() - blocked_since >= s.pending_timeout_s:
-                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
-                if state.outcome != "running":
-                    self._conclude(name, state, follower, pods)
-                    return
-                if state.detail != last:
-                    log.info("%s: %s", self._what(name), state.detail or "waiting for pods")
-                    last = state.detail
-                follower = self._refollow(follower, pods)
-                self.sleep(s.poll_s)
-        finally:
-            if follower is not None:
-                follower.stop.set()
+        follow_job(
+            self._what(name),
+            observe=lambda failures: self._observe(name, failures),
+            state_of=lambda job, pods, elapsed: job_state(
+                job, pods, elapsed, s.start_timeout_s, timeout
+            ),
+            refollow=self._refollow,
+            conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),
+            poll_s=s.poll_s,
+            pending_timeout_s=s.pending_timeout_s,
+            clock=self.clock,
+            sleep=self.sleep,
+            log=log,
+            waiting="waiting for pods",
+        )
 
     def _refollow(self, follower: PodLogFollower | None, pods: list[Any]) -> PodLogFollower | None:
         """Keep following rank 0's pod; when the Job replaced it (an eviction), finish the
