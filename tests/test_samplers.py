@@ -22,7 +22,7 @@ from ldm_core.samplers import (
     samplers_for,
     training_scheduler,
 )
-from tests.harness.configs import serve_config
+from tests.harness.configs import NO_SNR, serve_config
 from tests.harness.data import random_bundle
 
 PAIRS = list(itertools.product(OBJECTIVES, ALL_SAMPLERS))
@@ -33,6 +33,7 @@ def _config(objective: str, *extra: str):
     return serve_config(
         f"model.scheduler.objective={objective}",
         f"sampling.sampler={samplers_for(objective)[0]}",
+        NO_SNR,
         *extra,
     )
 
