@@ -208,20 +208,24 @@ class FakeKServe:
                 st["refused"] = config
                 self._warn(obj, refusal)
         uri = self.revision_uri.get(st["created"] or "", "")
+        became_ready = None
         if st.get("due") is not None and now >= st["due"] and uri not in self.stuck:
             st["due"] = None
             if uri in (*self.failing, *self.unpullable):
                 st["failed"] = st["created"]
             else:
                 st["prev"], st["ready"] = st["ready"], st["created"]
-                self.ready_at[st["created"]] = now
+                became_ready = st["created"]
         if self.raw:
             self._publish_raw(obj, st)
-            return
-        if (st["config"], canary) != self._child_spec:
-            self._child_spec = (st["config"], canary)
-            self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
-        self._publish(obj, st, canary)
+        else:
+            if (st["config"], canary) != self._child_spec:
+                self._child_spec = (st["config"], canary)
+                self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
+            self._publish(obj, st, canary)
+        if became_ready is not None:
+            # Only once the status says so: a test that waits for ready_at then reads it.
+            self.ready_at[became_ready] = now
 
     def _noticed(self, st: dict[str, Any], config: str, now: float) -> bool:
         if st["since"] is None or st["since"][0] != config:
