@@ -156,6 +156,16 @@ class PyTorchJobSettings:
     tail_lines: int = 40
     run_as_user: int = RUN_AS
 
+    @property
+    def wait_s(self) -> float:
+        """How long ``run`` waits for a result: ``timeout_s``, else the job's deadline plus
+        the time its pods may take to start."""
+        return (
+            self.timeout_s
+            if self.timeout_s is not None
+            else (self.active_deadline_s + self.start_timeout_s)
+        )
+
     @classmethod
     def from_config(cls, cfg: Config, stage: str, workdir: str) -> PyTorchJobSettings:
         """The settings of training stage ``stage`` (``train_autoencoder`` or
@@ -598,14 +608,11 @@ class PyTorchJobLauncher:
     def _follow(self, name: str) -> None:
         """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
         s = self.settings
-        timeout = (
-            s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
-        )
         follow_job(
             f"PyTorchJob {name}",
             observe=lambda failures: self._observe(name, failures),
             state_of=lambda job, pods, elapsed: job_state(
-                job, pods, elapsed, s.start_timeout_s, timeout, s.restart_policy
+                job, pods, elapsed, s.start_timeout_s, s.wait_s, s.restart_policy
             ),
             refollow=lambda follower, pods: follower or self._follower(pods),
             conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),

@@ -430,14 +430,11 @@ class TrainJobLauncher:
     def _follow(self, name: str) -> None:
         """Poll the TrainJob and its pods until an outcome; stream rank 0's log meanwhile."""
         s = self.settings
-        timeout = (
-            s.timeout_s if s.timeout_s is not None else s.active_deadline_s + s.start_timeout_s
-        )
         follow_job(
             self._what(name),
             observe=lambda failures: self._observe(name, failures),
             state_of=lambda job, pods, elapsed: job_state(
-                job, pods, elapsed, s.start_timeout_s, timeout
+                job, pods, elapsed, s.start_timeout_s, s.wait_s
             ),
             refollow=self._refollow,
             conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),
