@@ -426,34 +426,84 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
     assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
 
 
-def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(api, model_server):
+def _interrupt_with_canary(api: KubeApi, uri: str, percent: int | None) -> None:
+    """What a deploy step killed mid-rollout leaves: the spec of ``uri`` written, at a
+    ``percent`` canary (None: none), never verified nor promoted."""
+    left = desired(uri)["spec"]["predictor"]
+    if percent is not None:
+        left["canaryTrafficPercent"] = percent
+    patch = isvc.merge_patch(stored(api)["spec"]["predictor"], left)
+    kubernetes.client.CustomObjectsApi(api.client(INTERRUPTED_UA)).patch_namespaced_custom_object(
+        isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME, {"spec": {"predictor": patch}}
+    )
+
+
+def _spec_writes(api: KubeApi) -> list[Any]:
+    return [
+        r
+        for r in api.requests(ROLLOUT_UA)
+        if r.method.value.upper() in ("PATCH", "PUT") and "/status" not in str(r.url)
+    ]
+
+
+@pytest.mark.parametrize("canary_state", ["ready", "starting"])
+def test_a_canary_left_by_an_interrupted_rollout_is_verified_and_promoted(
+    api, model_server, canary_state
+):
+    """The rerun finds its own spec stored at a 30% canary. "starting": it begins before
+    KServe has even noticed that spec (the status still shows the old revision, ready, at
+    100%), so it must wait for the canary's revision rather than smoke-test the old one or
+    re-patch a spec that makes no new revision."""
     smoke = Smoke()
+    canary = f"{NAME}-predictor-00002"
     with FakeKServe(api, latest_url=model_server, address_url=model_server) as kserve:
         rollout(api).rollout(desired(OLD_URI), smoke)
-        # A deploy step killed mid-rollout: new spec at 30% canary, never promoted.
-        left = desired(NEW_URI)["spec"]["predictor"]
-        patch = isvc.merge_patch(
-            stored(api)["spec"]["predictor"], {**left, "canaryTrafficPercent": 30}
-        )
-        interrupted = kubernetes.client.CustomObjectsApi(api.client(INTERRUPTED_UA))
-        interrupted.patch_namespaced_custom_object(
-            isvc.GROUP,
-            isvc.ISVC_VERSION,
-            NS,
-            isvc.ISVC_PLURAL,
-            NAME,
-            {"spec": {"predictor": patch}},
-        )
-        deadline = time.monotonic() + 20
-        while f"{NAME}-predictor-00002" not in kserve.ready_at:
-            assert time.monotonic() < deadline, "fake controller never made the canary ready"
-            time.sleep(0.05)
+        _interrupt_with_canary(api, NEW_URI, 30)
+        if canary_state == "ready":
+            deadline = time.monotonic() + 20
+            while canary not in kserve.ready_at:
+                assert time.monotonic() < deadline, "fake controller never made the canary ready"
+                time.sleep(0.05)
+        writes_before = len(_spec_writes(api))
         result = rollout(api).rollout(desired(NEW_URI), smoke)
     assert result["action"] == "promoted" and result["canary_percent"] == 30
-    assert smoke.calls[-1][1] == model_server
+    assert result["revision"] == canary
+    assert smoke.calls[-1][1] == model_server and smoke.calls[-1][0] >= kserve.ready_at[canary]
+    assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001", canary]
+    assert len(_spec_writes(api)) == writes_before + 1  # the promotion, nothing else
     obj = stored(api)
     assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
     assert [t["percent"] for t in obj["status"]["components"]["predictor"]["traffic"]] == [100]
+
+
+@pytest.mark.parametrize("percent", [30, None])
+def test_a_failed_revision_of_the_unchanged_spec_fails_at_once_and_writes_nothing(
+    plain_api, model_server, percent
+):
+    """Re-running a deploy whose spec made a revision that cannot load: the same spec again
+    makes no new revision, so waiting for one would only time out. With a canary the rerun
+    starts before KServe noticed the spec; without one nothing in the status tells that
+    moment from a settled one, so it starts once the revision exists."""
+    smoke = Smoke()
+    bad = f"{NAME}-predictor-00002"
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        _interrupt_with_canary(plain_api, BAD_URI, percent)
+        deadline = time.monotonic() + 20
+        while percent is None and bad not in kserve.revision_uri:
+            assert time.monotonic() < deadline, "fake controller never noticed the spec"
+            time.sleep(0.05)
+        writes_before = len(_spec_writes(plain_api))
+        with pytest.raises(isvc.RolloutFailed) as info:
+            rollout(plain_api, timeout_s=20).rollout(desired(BAD_URI), smoke)
+    message = str(info.value)
+    assert f"revision {bad} of the unchanged spec failed" in message
+    assert "bundle.json missing" in message and "Nothing was written" in message
+    assert ("canary share" in message) == (percent is not None)
+    assert len(_spec_writes(plain_api)) == writes_before
+    assert len(smoke.calls) == 1  # the first deploy's only
+    pred = stored(plain_api)["spec"]["predictor"]
+    assert pred["model"]["storageUri"] == BAD_URI and pred.get("canaryTrafficPercent") == percent
 
 
 def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):

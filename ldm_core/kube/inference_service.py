@@ -542,12 +542,41 @@ def _promoted(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
     full = [t for t in traffic if t.get("percent") == 100]
     if full and full[0].get("revisionName") in (revision, None):
         return state
-    split = ", ".join(
+    return RevisionState(
+        "waiting", f"100% of traffic on revision {revision} (now {_split(traffic)})", revision
+    )
+
+
+def _canary_in_place(obj: Mapping[str, Any], state: RevisionState, percent: int) -> RevisionState:
+    """A canary the stored spec asks for (``percent``), seen through a ready ``state``: ready
+    only once the status shows the latest revision, ``state.revision``, at ``percent``.
+
+    Until KServe has reconciled a spec written moments ago (by a rollout that was then
+    interrupted), the status still describes the revision before that write: ready, at
+    100%, and never the canary. KServe writes the canary's split with the new revision, so
+    the split tells the two apart.
+    """
+    traffic = _predictor_status(obj).get("traffic") or []
+    for target in traffic:
+        if (
+            target.get("latestRevision")
+            and target.get("revisionName") == state.revision
+            and target.get("percent") == percent
+        ):
+            return state
+    return RevisionState(
+        "waiting",
+        f"the canary split: {percent}% to revision {state.revision} (now {_split(traffic)})",
+        state.revision,
+    )
+
+
+def _split(traffic: list[Mapping[str, Any]]) -> str:
+    """Traffic targets as ``revision=percent%`` for messages."""
+    text = ", ".join(
         f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic
     )
-    return RevisionState(
-        "waiting", f"100% of traffic on revision {revision} (now {split or 'none'})", revision
-    )
+    return text or "none"
 
 
 def _host(url: str | None) -> str:
@@ -790,24 +819,64 @@ class InferenceServiceRollout:
         current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         leftover_canary = current.pop("canaryTrafficPercent", None)
         if current == predictor:
-            state = self._state(existing, _Before(None, None, datetime.now(UTC)))
-            if state.phase == "ready":
-                # Same spec and serving: verify it. A canary left by an interrupted earlier
-                # rollout of this very spec is verified through its own URL and promoted.
-                url = url_override or service_url(existing, canary=leftover_canary is not None)
-                result = self._smoke(ns, name, smoke, url, rollback=None)
-                if leftover_canary is not None:
-                    self._promote(ns, name, state.revision)
-                return {
-                    "action": "unchanged" if leftover_canary is None else "promoted",
-                    "url": url_override or service_url(self.get(ns, name) or existing),
-                    "revision": state.revision,
-                    "smoke": result,
-                    "canary_percent": leftover_canary,
-                    "mode": _mode(existing),
-                }
+            return self._resume(existing, leftover_canary, smoke, url_override)
         self._advice = self._knative_advice(desired, existing)
         return self._update(existing, desired, smoke, canary_percent, url_override)
+
+    def _resume(
+        self,
+        existing: dict[str, Any],
+        canary: int | None,
+        smoke: SmokeFn,
+        url_override: str | None,
+    ) -> dict[str, Any]:
+        """The stored spec is the desired one: verify what KServe made of it, writing no spec.
+
+        Writing the same spec again would make no new revision to wait for. The stored spec's
+        revision may still be starting (an earlier deploy was interrupted, or runs now), or be
+        a ``canary`` percent left by an interrupted rollout of this very spec: wait for it,
+        smoke-test it (a canary through its own address) and promote a canary.
+
+        A canary's split shows when KServe has reconciled the spec. Without a canary nothing
+        in the status does: in the moment between another writer's spec change and KServe's
+        first reconcile of it, the previous revision is verified (KServe's
+        ``status.observedGeneration`` is its child's, see :func:`revision_state`).
+        """
+        ns, name = existing["metadata"]["namespace"], existing["metadata"]["name"]
+        canary = None if is_raw(existing) else canary
+        before = _Before(None, None, datetime.now(UTC))
+
+        def check(obj: dict[str, Any]) -> RevisionState:
+            state = self._state(obj, before)
+            if state.phase != "ready" or canary is None:
+                return state
+            return _canary_in_place(obj, state, canary)
+
+        state, obj = self._wait(ns, name, check, "the unchanged spec's revision ready")
+        if state.phase == "failed":
+            where = (
+                f"; its {canary}% canary share goes to the last ready revision meanwhile"
+                if canary is not None
+                else ""
+            )
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: revision {state.revision or ''} of the unchanged "
+                f"spec failed: {state.detail}{where}. Nothing was written: the same spec again "
+                "would not retry it; deploy a fixed bundle, or delete the InferenceService "
+                f"(kubectl -n {ns} delete inferenceservice {name}) and deploy again"
+            )
+        url = url_override or service_url(obj, canary=canary is not None)
+        result = self._smoke(ns, name, smoke, url, rollback=None)
+        if canary is not None:
+            self._promote(ns, name, state.revision)
+        return {
+            "action": "unchanged" if canary is None else "promoted",
+            "url": url_override or service_url(self.get(ns, name) or obj),
+            "revision": state.revision,
+            "smoke": result,
+            "canary_percent": canary,
+            "mode": _mode(obj),
+        }
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
         """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
