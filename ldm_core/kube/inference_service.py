@@ -865,13 +865,28 @@ class InferenceServiceRollout:
                 "would not retry it; deploy a fixed bundle, or delete the InferenceService "
                 f"(kubectl -n {ns} delete inferenceservice {name}) and deploy again"
             )
+        action = "unchanged" if canary is None else "promoted"
+        return {"action": action, **self._verify(obj, state, smoke, canary, url_override, None)}
+
+    def _verify(
+        self,
+        obj: dict[str, Any],
+        state: RevisionState,
+        smoke: SmokeFn,
+        canary: int | None,
+        url_override: str | None,
+        rollback: Callable[[str], str] | None,
+    ) -> dict[str, Any]:
+        """Smoke-test the ready revision of ``state`` (a canary through its own address),
+        promote a canary, and return the rollout result's keys but ``action``."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         url = url_override or service_url(obj, canary=canary is not None)
-        result = self._smoke(ns, name, smoke, url, rollback=None)
+        result = self._smoke(ns, name, smoke, url, rollback=rollback)
         if canary is not None:
             self._promote(ns, name, state.revision)
+            obj = self.get(ns, name) or obj
         return {
-            "action": "unchanged" if canary is None else "promoted",
-            "url": url_override or service_url(self.get(ns, name) or obj),
+            "url": url_override or service_url(obj),
             "revision": state.revision,
             "smoke": result,
             "canary_percent": canary,
@@ -899,16 +914,7 @@ class InferenceServiceRollout:
                 f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
                 f"for inspection (kubectl -n {ns} describe inferenceservice {name})"
             )
-        url = url_override or service_url(obj)
-        result = self._smoke(ns, name, smoke, url, rollback=None)
-        return {
-            "action": "created",
-            "url": url,
-            "revision": state.revision,
-            "smoke": result,
-            "canary_percent": None,
-            "mode": _mode(obj),
-        }
+        return {"action": "created", **self._verify(obj, state, smoke, None, url_override, None)}
 
     def _rollback(
         self, ns: str, name: str, previous: dict[str, Any], raw: bool
@@ -992,18 +998,10 @@ class InferenceServiceRollout:
                 f"InferenceService {ns}/{name}: new revision {state.revision or ''} failed: {state.detail}; "
                 f"{rollback(state.detail)} (revision {previous_revision or 'unknown'})"
             )
-        url = url_override or service_url(obj, canary=canary is not None)
-        result = self._smoke(ns, name, smoke, url, rollback=rollback)
-        if canary is not None:
-            self._promote(ns, name, state.revision)
         return {
             "action": "updated",
-            "url": url_override or service_url(self.get(ns, name) or obj),
-            "revision": state.revision,
             "previous_revision": previous_revision,
-            "smoke": result,
-            "canary_percent": canary,
-            "mode": _mode(obj),
+            **self._verify(obj, state, smoke, canary, url_override, rollback),
         }
 
     def _smoke(
