@@ -20,6 +20,7 @@ import kubernetes
 import pytest
 
 from ldm_core.config import TrainingResources, load_config
+from ldm_core.kube import job_launcher
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.launcher import LaunchError, TrainingTask
@@ -850,7 +851,7 @@ def _pod(phase: str, reason: str | None = None, message: str | None = None) -> A
     ],
 )
 def test_adoption_decision(job, want, decision):
-    assert pj.adoption(job, want) == decision
+    assert job_launcher.adoption(job, want) == decision
 
 
 @pytest.mark.parametrize(
@@ -921,6 +922,7 @@ def _closed_url() -> str:
 _LAUNCHER_PROCESS = """
 import logging, sys
 from ldm_core.config import TrainingResources, load_config
+from ldm_core.kube import job_launcher
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
 from ldm_core.errors import LdmError

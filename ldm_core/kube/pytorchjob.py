@@ -24,9 +24,10 @@ them from the ``PET_*`` variables the training operator sets (``PET_NNODES``,
 ``PET_NPROC_PER_NODE`` from ``spec.nprocPerNode``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
 ``PET_MASTER_PORT``), so the command line is the same on every replica and as ``LocalLauncher``'s.
 
-What to do is decided by pure functions over what the API shows (:func:`adoption` before
-starting, :func:`job_state` on every poll); the launcher only carries it out. The clock and
-sleep are injected, and API failures read as the InferenceService rollout's do
+What to do is decided by pure functions over what the API shows
+(:func:`~ldm_core.kube.job_launcher.adoption` before starting, :func:`job_state` on every
+poll); the launcher (:class:`~ldm_core.kube.job_launcher.JobLauncher`) only carries it out.
+The clock and sleep are injected, and API failures read as the InferenceService rollout's do
 (:mod:`ldm_core.kube.errors`).
 
 Tolerated gaps of in-memory API servers (kmock): a create answered with an empty body is
@@ -37,26 +38,26 @@ honoured server-side (selectors are re-applied here).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TextIO
-
-import kubernetes
+from typing import Any
 
 from ldm_core.config import ClusterConfig, Config, TrainingResources
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
-from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
-from ldm_core.kube.errors import ApiCall, call_api
-from ldm_core.kube.follow import JobState, follow_job
-from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
+from ldm_core.kube.job_launcher import (
+    SPEC_HASH_ANNOTATION,
+    JobLauncher,
+    JobState,
+    conditions,
+    spec_hash,
+    true_condition,
+    true_conditions,
+)
 from ldm_core.kube.podlog import PodLogFollower
-from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
+from ldm_core.kube.resources import CustomResource, api_served
 from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
 from ldm_core.launcher import LaunchError, TrainingTask
 
@@ -68,7 +69,6 @@ CONTAINER = "pytorch"
 """The training operator only treats the container with this name as the training process."""
 JOB_LABEL = "training.kubeflow.org/job-name"
 REPLICA_LABEL = "training.kubeflow.org/replica-type"
-SPEC_HASH_ANNOTATION = "brain-ldm.kubeflow.org/spec-hash"
 MANAGED_BY = "ldm-core"
 MAX_NAME = 52
 """Job names stay at or below 52 characters: the operator names each replica's pod and headless
@@ -242,11 +242,6 @@ def build_pytorchjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[s
     return job
 
 
-def spec_hash(job: dict[str, Any]) -> str:
-    """Hash of what the job runs, so an adopted job can be checked to be the same job."""
-    return hashlib.sha256(json.dumps(job["spec"], sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _labels(task: TrainingTask) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "brain-ldm",
@@ -333,48 +328,13 @@ def pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- status (pure)
 
 
-def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return list((job.get("status") or {}).get("conditions") or [])
-
-
-def _true_conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The conditions that hold, oldest first. The operator keeps the others with status
-    "False" (Running once the job Succeeded or Failed or was suspended; Suspended once
-    resumed), and the newest of those is often a condition that no longer holds."""
-    return [c for c in conditions(job) if str(c.get("status")) == "True"]
-
-
-def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
-    """The newest condition of type ``kind`` whose status is True, if any."""
-    for cond in reversed(_true_conditions(job)):
-        if cond.get("type") == kind:
-            return cond
-    return None
-
-
 def _latest(job: Mapping[str, Any]) -> str:
     """The newest true condition (type: reason), for progress lines."""
-    held = _true_conditions(job)
+    held = true_conditions(job)
     if not held:
         return ""
     cond = held[-1]
     return f"{cond.get('type')}" + (f" ({cond['reason']})" if cond.get("reason") else "")
-
-
-def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
-    """What to do about the job of our name found before starting: ``create`` (none there),
-    ``adopt`` (ours, still running or done), ``replace`` (ours, failed in an earlier
-    attempt) or ``conflict`` (another spec under our name: not ours to touch)."""
-    if job is None:
-        return "create"
-    if stored_spec_hash(job) != want_hash:
-        return "conflict"
-    return "replace" if true_condition(job, "Failed") else "adopt"
-
-
-def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
-    """The spec hash an existing job was created with (None: not created by us)."""
-    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
 
 
 def job_state(
@@ -441,191 +401,33 @@ def pytorchjob_api_served(namespace: str = "") -> tuple[bool, str]:
 # --------------------------------------------------------------------------- launcher
 
 
-class PyTorchJobLauncher:
-    """Runs a :class:`TrainingTask` as a PyTorchJob and waits for its outcome.
+class PyTorchJobLauncher(JobLauncher):
+    """Runs a :class:`TrainingTask` as a PyTorchJob and waits for its outcome (arguments:
+    :class:`~ldm_core.kube.job_launcher.JobLauncher`)."""
 
-    Args:
-        settings: how the training pods look on this cluster.
-        api_client: the API to use; default: the pod's service account or the kubeconfig.
-        out: where the master pod's log is copied (default: stdout, the component's log).
-        clock: monotonic seconds, for deadlines (tests pass a fake one).
-        sleep: waits between polls (tests pass one that advances their clock).
-    """
+    resource = RESOURCE
+    pod_label = JOB_LABEL
+    container = CONTAINER
+    pod_role = "master"
+    waiting = "waiting for the operator"
 
-    def __init__(
-        self,
-        settings: PyTorchJobSettings,
-        api_client: kubernetes.client.ApiClient | None = None,
-        out: TextIO | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if api_client is None:
-            api_client = make_api_client()
-        self.settings = settings
-        self.namespace = settings.namespace or current_namespace()
-        self.jobs = CustomObjects(api_client, RESOURCE, self.namespace, LaunchError)
-        self.core = kubernetes.client.CoreV1Api(api_client)
-        self.host = str(api_client.configuration.host)
-        self.out = out or sys.stdout
-        self.clock, self.sleep = clock, sleep
+    def build(self, task: TrainingTask) -> dict[str, Any]:
+        return build_pytorchjob(task, self.settings)
 
-    # ------------------------------------------------------------------ API calls
+    def progress(self, job: Mapping[str, Any]) -> str:
+        return _latest(job)
 
-    def _core(self, verb: str, resource: str, send: Callable[[], Any], name: str = "") -> Any:
-        call = ApiCall(verb, resource, self.namespace, name)
-        return call_api(call, send, host=self.host, error=LaunchError)
-
-    def _create(self, body: dict[str, Any]) -> None:
-        name = body["metadata"]["name"]
-        owner = launcher_owner_reference(self.core, self.namespace, self.host)
-        if owner is not None:
-            # Deleted by the garbage collector with the launcher's pod, however it ended.
-            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
-        if self.jobs.create(body, exist_ok=True) is None:
-            log.info("PyTorchJob %s appeared concurrently; adopting it", name)
-        # Re-read instead of trusting the create response (some servers answer without a body).
-        if self.jobs.get(name) is None:
-            raise LaunchError(f"PyTorchJob {self.namespace}/{name} vanished right after creation")
-
-    def _wait_deleted(self, name: str, timeout_s: float) -> None:
-        deadline = self.clock() + timeout_s
-        while self.jobs.get(name) is not None:
-            if self.clock() > deadline:
-                raise LaunchError(
-                    f"PyTorchJob {self.namespace}/{name} is still there {timeout_s:.0f}s after "
-                    "deletion (finalizers?); delete it by hand and retry"
-                )
-            self.sleep(min(self.settings.poll_s, 2.0))
-
-    def _pods(self, name: str) -> list[Any]:
-        selector = f"{JOB_LABEL}={name}"
-        pods = self._core(
-            "list",
-            "pods",
-            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector),
-        ).items
-        # Apply the selector here too: not every API server (or emulator) honours it.
-        return [p for p in pods if (p.metadata.labels or {}).get(JOB_LABEL) == name]
-
-    # ------------------------------------------------------------------ diagnostics
-
-    def _failure(
-        self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
-    ) -> LaunchError:
-        master = _master(pods)
-        lines = (
-            log_tail(
-                self.core,
-                self.namespace,
-                self.host,
-                master.metadata.name,
-                CONTAINER,
-                self.settings.tail_lines,
-            )
-            if master is not None
-            else []
-        )
-        if not lines and follower is not None:  # pod already cleaned up
-            lines = list(follower.tail)
-        parts = [f"PyTorchJob {self.namespace}/{name} failed: {reason}"]
-        if master is not None:
-            parts.append(f"master pod {master.metadata.name}: {pod_state(master, CONTAINER)}")
-        parts.append(
-            "last log lines of the master pod:\n"
-            + ("\n".join(lines) if lines else "(none captured)")
-        )
-        names = [name] + [p.metadata.name for p in pods]
-        events = recent_events(self.core, self.namespace, self.host, names)
-        parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
-        return LaunchError("\n".join(parts))
-
-    # ------------------------------------------------------------------ run
-
-    def run(self, task: TrainingTask) -> None:
-        """Create (or adopt) the job, follow it, and return only when it Succeeded."""
+    def state(self, job: Mapping[str, Any], pods: list[Any], elapsed_s: float) -> JobState:
         s = self.settings
-        body = build_pytorchjob(task, s)
-        name = task.name
-        want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        job = self.jobs.get(name)
-        decision = adoption(job, want_hash)
-        if decision == "conflict":
-            raise LaunchError(
-                f"a different PyTorchJob {self.namespace}/{name} already exists (spec hash "
-                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
-                "this task, so it is left alone: delete it or use another run id"
-            )
-        what = f"PyTorchJob {self.namespace}/{name}"
-        with delete_on_sigterm(what, lambda: self.jobs.delete(name)):
-            self._start(task, body, decision, job)
-            self._follow(name)
+        return job_state(job, pods, elapsed_s, s.start_timeout_s, s.wait_s, s.restart_policy)
 
-    def _start(
-        self, task: TrainingTask, body: dict[str, Any], decision: str, job: dict[str, Any] | None
-    ) -> None:
-        """Carry out ``decision`` (create, replace or adopt) for the job ``body`` describes."""
-        s = self.settings
-        name = task.name
-        if decision == "replace":
-            log.warning("PyTorchJob %s failed in an earlier attempt; starting it again", name)
-            self.jobs.delete(name)
-            self._wait_deleted(name, timeout_s=max(60.0, 10 * s.poll_s))
-            self._create(body)
-        elif decision == "adopt":
-            log.info(
-                "adopting existing PyTorchJob %s/%s (%s)",
-                self.namespace,
-                name,
-                _latest(job or {}) or "no status yet",
-            )
-        else:
-            self._create(body)
-            log.info(
-                "created PyTorchJob %s/%s: %d node(s) x %d process(es), image %s",
-                self.namespace,
-                name,
-                task.nnodes,
-                task.nproc_per_node,
-                s.image,
-            )
+    def log_pod(self, pods: list[Any]) -> Any | None:
+        return _master(pods)
 
-    def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
-        """One look at the job and its pods; None after an API blip (raised once it is
-        ``failures`` > 5 in a row: not a blip)."""
-        try:
-            job, pods = self.jobs.get(name), self._pods(name)
-        except LaunchError:
-            if failures >= 5:
-                raise
-            log.warning("API error while following %s; retrying", name, exc_info=True)
-            return None
-        if job is None:
-            raise LaunchError(f"PyTorchJob {self.namespace}/{name} was deleted by someone else")
-        return job, pods
-
-    def _follow(self, name: str) -> None:
-        """Poll the job and its pods until an outcome; stream the master's log meanwhile."""
-        s = self.settings
-        follow_job(
-            f"PyTorchJob {name}",
-            observe=lambda failures: self._observe(name, failures),
-            state_of=lambda job, pods, elapsed: job_state(
-                job, pods, elapsed, s.start_timeout_s, s.wait_s, s.restart_policy
-            ),
-            refollow=lambda follower, pods: follower or self._follower(pods),
-            conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),
-            poll_s=s.poll_s,
-            pending_timeout_s=s.pending_timeout_s,
-            clock=self.clock,
-            sleep=self.sleep,
-            log=log,
-            waiting="waiting for the operator",
-        )
-
-    def _follower(self, pods: list[Any]) -> PodLogFollower | None:
-        """Start copying the master pod's log once it runs; None until then."""
+    def refollow(self, follower: PodLogFollower | None, pods: list[Any]) -> PodLogFollower | None:
+        """Start copying the master pod's log once it runs."""
+        if follower is not None:
+            return follower
         master = _master(pods)
         if master is None or not _started(master):
             return None
@@ -642,23 +444,20 @@ class PyTorchJobLauncher:
         follower.start()
         return follower
 
-    def _conclude(
+    def conclude(
         self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]
     ) -> None:
-        """Act on an outcome: return on success; otherwise clean up what the operator will
-        not (an evicted, ownerless or overdue job is deleted) and raise with the evidence."""
-        if state.outcome in ("succeeded", "failed", "evicted") and follower is not None:
-            # Print what the pod wrote last before the outcome is reported.
-            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+        """Return on success; otherwise clean up what the operator will not (an evicted,
+        ownerless or overdue job is deleted) and raise with the evidence."""
+        if state.outcome in ("succeeded", "failed", "evicted"):
+            self.finish_log(follower)
         if state.outcome == "succeeded":
-            log.info("PyTorchJob %s succeeded", name)
+            log.info("%s succeeded", self.what(name))
             return
         if state.outcome == "no-operator":
             self.jobs.delete(name)
-            raise LaunchError(
-                f"PyTorchJob {self.namespace}/{name} {state.detail} The job was deleted."
-            )
-        err = self._failure(name, state.detail, follower, pods)
+            raise LaunchError(f"{self.what(name)} {state.detail} The job was deleted.")
+        err = self.failure(name, state.detail, follower, pods)
         if state.outcome == "failed":
             raise err
         self.jobs.delete(name)

@@ -41,31 +41,22 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
-import time
-from collections.abc import Callable, Mapping
-from typing import Any, TextIO
-
-import kubernetes
+from collections.abc import Mapping
+from typing import Any
 
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
-from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
-from ldm_core.kube.errors import ApiCall, call_api
-from ldm_core.kube.follow import JobState, follow_job
-from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
-from ldm_core.kube.podlog import PodLogFollower
-from ldm_core.kube.pytorchjob import (
+from ldm_core.kube.job_launcher import (
     SPEC_HASH_ANNOTATION,
-    PyTorchJobSettings,
-    adoption,
+    JobLauncher,
+    JobState,
     conditions,
-    pod_template,
     spec_hash,
-    stored_spec_hash,
     true_condition,
 )
-from ldm_core.kube.resources import CustomObjects, CustomResource, api_served
+from ldm_core.kube.podlog import PodLogFollower
+from ldm_core.kube.pytorchjob import PyTorchJobSettings, pod_template
+from ldm_core.kube.resources import CustomResource, api_served
 from ldm_core.launcher import LaunchError, TrainingTask
 
 log = logging.getLogger(__name__)
@@ -311,152 +302,44 @@ def trainjob_api_served(namespace: str = "") -> tuple[bool, str]:
 # --------------------------------------------------------------------------- launcher
 
 
-class TrainJobLauncher:
-    """Runs a :class:`TrainingTask` as a TrainJob and waits for its outcome.
+class TrainJobLauncher(JobLauncher):
+    """Runs a :class:`TrainingTask` as a TrainJob and waits for its outcome (arguments:
+    :class:`~ldm_core.kube.job_launcher.JobLauncher`; the settings are the PyTorchJob
+    launcher's)."""
 
-    Args:
-        settings: how the training pods look on this cluster (the PyTorchJob launcher's).
-        api_client: the API to use; default: the pod's service account or the kubeconfig.
-        out: where the rank-0 pod's log is copied (default: stdout, the component's log).
-        clock: monotonic seconds, for deadlines (tests pass a fake one).
-        sleep: waits between polls (tests pass one that advances their clock).
-    """
+    resource = RESOURCE
+    pod_label = JOBSET_LABEL
+    container = NODE
+    pod_role = "rank-0"
+    created_on = f" on runtime {RUNTIME}"
+    waiting = "waiting for pods"
 
-    def __init__(
-        self,
-        settings: PyTorchJobSettings,
-        api_client: kubernetes.client.ApiClient | None = None,
-        out: TextIO | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if api_client is None:
-            api_client = make_api_client()
-        self.settings = settings
-        self.namespace = settings.namespace or current_namespace()
-        self.jobs = CustomObjects(api_client, RESOURCE, self.namespace, LaunchError)
-        self.core = kubernetes.client.CoreV1Api(api_client)
-        self.host = str(api_client.configuration.host)
-        self.out = out or sys.stdout
-        self.clock, self.sleep = clock, sleep
+    def build(self, task: TrainingTask) -> dict[str, Any]:
+        return build_trainjob(task, self.settings)
 
-    def _what(self, name: str) -> str:
-        return f"TrainJob {self.namespace}/{name}"
+    def progress(self, job: Mapping[str, Any]) -> str:
+        return _progress(job)
 
-    def run(self, task: TrainingTask) -> None:
-        """Create (or adopt) the TrainJob, follow it, and return only when it is Complete."""
-        body = build_trainjob(task, self.settings)
-        name = task.name
-        want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-        job = self.jobs.get(name)
-        decision = adoption(job, want_hash)
-        if decision == "conflict":
-            raise LaunchError(
-                f"a different {self._what(name)} already exists (spec hash "
-                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
-                "this task, so it is left alone: delete it or use another run id"
-            )
-        with delete_on_sigterm(self._what(name), lambda: self.jobs.delete(name)):
-            if decision == "replace":
-                log.warning("%s failed in an earlier attempt; starting it again", self._what(name))
-                self.jobs.delete(name)
-                self._wait_deleted(name, timeout_s=max(60.0, 10 * self.settings.poll_s))
-            if decision == "adopt":
-                log.info("adopting existing %s (%s)", self._what(name), _progress(job or {}))
-            else:
-                self._create(body)
-                log.info(
-                    "created %s on runtime %s: %d node(s) x %d process(es), image %s",
-                    self._what(name),
-                    RUNTIME,
-                    task.nnodes,
-                    task.nproc_per_node,
-                    self.settings.image,
-                )
-            self._follow(name)
-
-    # ------------------------------------------------------------------ API calls
-
-    def _create(self, body: dict[str, Any]) -> None:
-        name = body["metadata"]["name"]
-        owner = launcher_owner_reference(self.core, self.namespace, self.host)
-        if owner is not None:
-            # Deleted by the garbage collector with the launcher's pod, however it ended
-            # (and the JobSet and its pods with it: the TrainJob owns them).
-            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
-        if self.jobs.create(body, exist_ok=True) is None:
-            log.info("%s appeared concurrently; adopting it", self._what(name))
-        if self.jobs.get(name) is None:
-            raise LaunchError(f"{self._what(name)} vanished right after creation")
-
-    def _wait_deleted(self, name: str, timeout_s: float) -> None:
-        deadline = self.clock() + timeout_s
-        while self.jobs.get(name) is not None:
-            if self.clock() > deadline:
-                raise LaunchError(
-                    f"{self._what(name)} is still there {timeout_s:.0f}s after deletion "
-                    "(finalizers?); delete it by hand and retry"
-                )
-            self.sleep(min(self.settings.poll_s, 2.0))
-
-    def _pods(self, name: str) -> list[Any]:
-        selector = f"{JOBSET_LABEL}={name}"
-        pods = call_api(
-            ApiCall("list", "pods", self.namespace),
-            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector),
-            host=self.host,
-            error=LaunchError,
-        ).items
-        # Apply the selector here too: not every API server (or emulator) honours it.
-        return [p for p in pods if (p.metadata.labels or {}).get(JOBSET_LABEL) == name]
-
-    def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
-        """One look at the TrainJob and its pods; None after an API blip (raised once it
-        is the sixth in a row: not a blip)."""
-        try:
-            job, pods = self.jobs.get(name), self._pods(name)
-        except LaunchError:
-            if failures >= 5:
-                raise
-            log.warning("API error while following %s; retrying", name, exc_info=True)
-            return None
-        if job is None:
-            raise LaunchError(f"{self._what(name)} was deleted by someone else")
-        return job, pods
-
-    # ------------------------------------------------------------------ follow
-
-    def _follow(self, name: str) -> None:
-        """Poll the TrainJob and its pods until an outcome; stream rank 0's log meanwhile."""
+    def state(self, job: Mapping[str, Any], pods: list[Any], elapsed_s: float) -> JobState:
         s = self.settings
-        follow_job(
-            self._what(name),
-            observe=lambda failures: self._observe(name, failures),
-            state_of=lambda job, pods, elapsed: job_state(
-                job, pods, elapsed, s.start_timeout_s, s.wait_s
-            ),
-            refollow=self._refollow,
-            conclude=lambda state, follower, pods: self._conclude(name, state, follower, pods),
-            poll_s=s.poll_s,
-            pending_timeout_s=s.pending_timeout_s,
-            clock=self.clock,
-            sleep=self.sleep,
-            log=log,
-            waiting="waiting for pods",
-        )
+        return job_state(job, pods, elapsed_s, s.start_timeout_s, s.wait_s)
 
-    def _refollow(self, follower: PodLogFollower | None, pods: list[Any]) -> PodLogFollower | None:
+    def log_pod(self, pods: list[Any]) -> Any | None:
+        return rank0(pods)
+
+    def event_names(self, name: str) -> list[str]:
+        # The TrainJob, its JobSet (same name) and the JobSet's Job.
+        return [name, f"{name}-{NODE}-0"]
+
+    def refollow(self, follower: PodLogFollower | None, pods: list[Any]) -> PodLogFollower | None:
         """Keep following rank 0's pod; when the Job replaced it (an eviction), finish the
         old pod's log and follow the new pod."""
         pod = rank0(pods)
         if follower is not None and pod is not None and follower.pod != pod.metadata.name:
-            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+            self.finish_log(follower)
             follower = None
-        return follower or self._follower(pod)
-
-    def _follower(self, pod: Any | None) -> PodLogFollower | None:
-        """Start copying ``pod``'s log once it runs; None until then."""
+        if follower is not None:
+            return follower
         if pod is None or (pod.status.phase if pod.status else None) not in (
             "Running",
             "Succeeded",
@@ -476,44 +359,18 @@ class TrainJobLauncher:
         follower.start()
         return follower
 
-    def _conclude(
+    def conclude(
         self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]
     ) -> None:
-        """Act on an outcome: return on success; otherwise delete what should not run on
-        (an overdue, blocked or uncontrolled job) and raise with the evidence."""
-        if state.outcome in ("succeeded", "failed") and follower is not None:
-            # Print what the pod wrote last before the outcome is reported.
-            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+        """Return on success; otherwise delete what should not run on (an overdue, blocked or
+        uncontrolled job) and raise with the evidence."""
+        if state.outcome in ("succeeded", "failed"):
+            self.finish_log(follower)
         if state.outcome == "succeeded":
-            log.info("%s is Complete", self._what(name))
+            log.info("%s is Complete", self.what(name))
             return
-        err = self._failure(name, state.detail, follower, pods)
+        err = self.failure(name, state.detail, follower, pods)
         if state.outcome == "failed":
             raise err
         self.jobs.delete(name)
         raise LaunchError(f"{err}\nThe TrainJob was deleted.")
-
-    def _failure(
-        self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
-    ) -> LaunchError:
-        pod = rank0(pods)
-        s = self.settings
-        lines = (
-            log_tail(self.core, self.namespace, self.host, pod.metadata.name, NODE, s.tail_lines)
-            if pod is not None
-            else []
-        )
-        if not lines and follower is not None:  # pod already gone
-            lines = list(follower.tail)
-        parts = [f"{self._what(name)} failed: {reason}"]
-        if pod is not None:
-            parts.append(f"rank-0 pod {pod.metadata.name}: {pod_state(pod, NODE)}")
-        parts.append(
-            "last log lines of the rank-0 pod:\n"
-            + ("\n".join(lines) if lines else "(none captured)")
-        )
-        # The TrainJob, its JobSet (same name), the JobSet's Job and the pods.
-        names = [name, f"{name}-{NODE}-0", *(p.metadata.name for p in pods)]
-        events = recent_events(self.core, self.namespace, self.host, names)
-        parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
-        return LaunchError("\n".join(parts))

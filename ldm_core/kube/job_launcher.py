@@ -1,0 +1,351 @@
+"""What the two training-job launchers share (PyTorchJob and Trainer v2 TrainJob).
+
+The two custom resources differ in how they are built, how their status reads and which pod
+carries rank 0's log. The rest is :class:`JobLauncher`: a job's identity is its
+deterministic name plus the hash of its spec (:func:`adoption` decides, before starting,
+whether a job found under that name is ours to adopt, ours to replace, or someone else's);
+the job is created owned by the launcher's pod and deleted on SIGTERM; and it is followed by
+polling: an API that does not answer is retried, a pod that cannot start is warned about once
+and fails the job when the problem lasts ``pending_timeout_s`` (an autoscaler may still add
+the node), and every other outcome than ``running`` ends the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
+
+import kubernetes
+
+from ldm_core.kube.client import api_client as make_api_client
+from ldm_core.kube.client import current_namespace
+from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
+from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
+from ldm_core.kube.pending import pending_problem
+from ldm_core.kube.podlog import PodLogFollower
+from ldm_core.kube.resources import CustomObjects, CustomResource
+from ldm_core.launcher import LaunchError, TrainingTask
+
+if TYPE_CHECKING:
+    from ldm_core.kube.pytorchjob import PyTorchJobSettings
+
+SPEC_HASH_ANNOTATION = "brain-ldm.kubeflow.org/spec-hash"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where a followed job stands: ``running`` (keep polling), ``succeeded``, ``failed``,
+    ``evicted`` (a pod was, and no restart policy brings it back), ``no-operator``
+    (nothing ever gave the job a status), ``pending`` (a pod could not start for too long)
+    or ``timeout``; ``detail`` says why."""
+
+    outcome: str
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------- identity (pure)
+
+
+def spec_hash(job: dict[str, Any]) -> str:
+    """Hash of what the job runs, so an adopted job can be checked to be the same job."""
+    return hashlib.sha256(json.dumps(job["spec"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
+    """The spec hash an existing job was created with (None: not created by us)."""
+    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+
+
+def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return list((job.get("status") or {}).get("conditions") or [])
+
+
+def true_conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conditions that hold, oldest first. The operators keep the others with status
+    "False" (Running once the job Succeeded or Failed or was suspended; Suspended once
+    resumed), and the newest of those is often a condition that no longer holds."""
+    return [c for c in conditions(job) if str(c.get("status")) == "True"]
+
+
+def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    """The newest condition of type ``kind`` whose status is True, if any."""
+    for cond in reversed(true_conditions(job)):
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
+    """What to do about the job of our name found before starting: ``create`` (none there),
+    ``adopt`` (ours, still running or done), ``replace`` (ours, failed in an earlier
+    attempt) or ``conflict`` (another spec under our name: not ours to touch)."""
+    if job is None:
+        return "create"
+    if stored_spec_hash(job) != want_hash:
+        return "conflict"
+    return "replace" if true_condition(job, "Failed") else "adopt"
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+class JobLauncher:
+    """Runs a :class:`TrainingTask` as one training job and waits for its outcome.
+
+    A subclass names the custom resource, the label its pods carry and the container that
+    trains, and fills in the hooks below: how the job is built, how one look at it reads,
+    which pod's log to follow, and what each outcome does.
+
+    Args:
+        settings: how the training pods look on this cluster.
+        api_client: the API to use; default: the pod's service account or the kubeconfig.
+        out: where rank 0's pod log is copied (default: stdout, the component's log).
+        clock: monotonic seconds, for deadlines (tests pass a fake one).
+        sleep: waits between polls (tests pass one that advances their clock).
+    """
+
+    resource: ClassVar[CustomResource]
+    pod_label: ClassVar[str]
+    """The label whose value is the job's name on every pod of the job."""
+    container: ClassVar[str]
+    """The training container, whose log is followed and quoted."""
+    pod_role: ClassVar[str]
+    """How messages call the pod whose log is followed."""
+    created_on: ClassVar[str] = ""
+    """Said after the job's name when it is created (e.g. the runtime it runs on)."""
+    waiting: ClassVar[str]
+    """Logged while the job has no progress to report yet."""
+
+    def __init__(
+        self,
+        settings: PyTorchJobSettings,
+        api_client: kubernetes.client.ApiClient | None = None,
+        out: TextIO | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if api_client is None:
+            api_client = make_api_client()
+        self.settings = settings
+        self.namespace = settings.namespace or current_namespace()
+        self.jobs = CustomObjects(api_client, self.resource, self.namespace, LaunchError)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.host = str(api_client.configuration.host)
+        self.out = out or sys.stdout
+        self.clock, self.sleep = clock, sleep
+        self.log = logging.getLogger(type(self).__module__)
+        """The subclass's module logger, so that records keep their origin."""
+
+    # ------------------------------------------------------------------ hooks
+
+    def build(self, task: TrainingTask) -> dict[str, Any]:
+        """The job object for ``task``, its spec hash annotated."""
+        raise NotImplementedError
+
+    def progress(self, job: Mapping[str, Any]) -> str:
+        """One line on how far the job is, for logs."""
+        raise NotImplementedError
+
+    def state(self, job: Mapping[str, Any], pods: list[Any], elapsed_s: float) -> JobState:
+        """The job's state from one look and the seconds since following began."""
+        raise NotImplementedError
+
+    def log_pod(self, pods: list[Any]) -> Any | None:
+        """The pod whose log shows progress (rank 0), if it exists."""
+        raise NotImplementedError
+
+    def refollow(self, follower: PodLogFollower | None, pods: list[Any]) -> PodLogFollower | None:
+        """The log follower for these pods: the one passed in, or a new one once the log pod
+        runs (or a replacement of it)."""
+        raise NotImplementedError
+
+    def conclude(
+        self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]
+    ) -> None:
+        """Act on an outcome other than ``running``: return on success, else raise."""
+        raise NotImplementedError
+
+    def event_names(self, name: str) -> list[str]:
+        """The objects whose events explain a failure, besides the pods."""
+        return [name]
+
+    # ------------------------------------------------------------------ run
+
+    def what(self, name: str) -> str:
+        """The job as messages name it."""
+        return f"{self.resource.kind} {self.namespace}/{name}"
+
+    def run(self, task: TrainingTask) -> None:
+        """Create (or adopt) the job, follow it, and return only when it succeeded."""
+        body = self.build(task)
+        name = task.name
+        want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        job = self.jobs.get(name)
+        decision = adoption(job, want_hash)
+        if decision == "conflict":
+            raise LaunchError(
+                f"a different {self.what(name)} already exists (spec hash "
+                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
+                "this task, so it is left alone: delete it or use another run id"
+            )
+        with delete_on_sigterm(self.what(name), lambda: self.jobs.delete(name)):
+            if decision == "replace":
+                self.log.warning(
+                    "%s failed in an earlier attempt; starting it again", self.what(name)
+                )
+                self.jobs.delete(name)
+                self._wait_deleted(name, timeout_s=max(60.0, 10 * self.settings.poll_s))
+            if decision == "adopt":
+                self.log.info(
+                    "adopting existing %s (%s)",
+                    self.what(name),
+                    self.progress(job or {}) or "no status yet",
+                )
+            else:
+                self._create(body)
+                self.log.info(
+                    "created %s%s: %d node(s) x %d process(es), image %s",
+                    self.what(name),
+                    self.created_on,
+                    task.nnodes,
+                    task.nproc_per_node,
+                    self.settings.image,
+                )
+            self._follow(name)
+
+    # ------------------------------------------------------------------ API calls
+
+    def _create(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        owner = launcher_owner_reference(self.core, self.namespace, self.host)
+        if owner is not None:
+            # Deleted by the garbage collector with the launcher's pod, however it ended
+            # (and whatever the job owns with it).
+            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
+        if self.jobs.create(body, exist_ok=True) is None:
+            self.log.info("%s appeared concurrently; adopting it", self.what(name))
+        # Re-read instead of trusting the create response (some servers answer without a body).
+        if self.jobs.get(name) is None:
+            raise LaunchError(f"{self.what(name)} vanished right after creation")
+
+    def _wait_deleted(self, name: str, timeout_s: float) -> None:
+        deadline = self.clock() + timeout_s
+        while self.jobs.get(name) is not None:
+            if self.clock() > deadline:
+                raise LaunchError(
+                    f"{self.what(name)} is still there {timeout_s:.0f}s after deletion "
+                    "(finalizers?); delete it by hand and retry"
+                )
+            self.sleep(min(self.settings.poll_s, 2.0))
+
+    def _pods(self, name: str) -> list[Any]:
+        selector = f"{self.pod_label}={name}"
+        pods = call_api(
+            ApiCall("list", "pods", self.namespace),
+            lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector),
+            host=self.host,
+            error=LaunchError,
+        ).items
+        # Apply the selector here too: not every API server (or emulator) honours it.
+        return [p for p in pods if (p.metadata.labels or {}).get(self.pod_label) == name]
+
+    def _observe(self, name: str, failures: int) -> tuple[dict[str, Any], list[Any]] | None:
+        """One look at the job and its pods; None after an API blip (raised once it is the
+        sixth in a row: not a blip)."""
+        try:
+            job, pods = self.jobs.get(name), self._pods(name)
+        except LaunchError:
+            if failures >= 5:
+                raise
+            self.log.warning("API error while following %s; retrying", name, exc_info=True)
+            return None
+        if job is None:
+            raise LaunchError(f"{self.what(name)} was deleted by someone else")
+        return job, pods
+
+    # ------------------------------------------------------------------ follow
+
+    def _follow(self, name: str) -> None:
+        """Poll the job and its pods until an outcome, streaming the log pod's log meanwhile."""
+        what, s = self.what(name), self.settings
+        start = self.clock()
+        follower: PodLogFollower | None = None
+        last, failures = "", 0
+        blocked_since: float | None = None  # since when a pod has been unable to start
+        try:
+            while True:
+                seen = self._observe(name, failures)
+                if seen is None:
+                    failures += 1
+                    self.sleep(s.poll_s)
+                    continue
+                failures = 0
+                job, pods = seen
+                state = self.state(job, pods, self.clock() - start)
+                problem = pending_problem(pods) if state.outcome == "running" else None
+                if problem is None:
+                    blocked_since = None
+                elif blocked_since is None:
+                    self.log.warning("%s: %s", what, problem)
+                    blocked_since = self.clock()
+                elif self.clock() - blocked_since >= s.pending_timeout_s:
+                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
+                if state.outcome != "running":
+                    self.conclude(name, state, follower, pods)
+                    return
+                if state.detail != last:
+                    self.log.info("%s: %s", what, state.detail or self.waiting)
+                    last = state.detail
+                follower = self.refollow(follower, pods)
+                self.sleep(s.poll_s)
+        finally:
+            if follower is not None:
+                follower.stop.set()
+
+    def finish_log(self, follower: PodLogFollower | None) -> None:
+        """Print what the log pod wrote last, before an outcome is reported."""
+        if follower is not None:
+            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+
+    def failure(
+        self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
+    ) -> LaunchError:
+        """The error for a job that did not succeed: ``reason``, the log pod's state and
+        last log lines, and the recent events of the job and its pods."""
+        pod = self.log_pod(pods)
+        s = self.settings
+        lines = (
+            log_tail(
+                self.core,
+                self.namespace,
+                self.host,
+                pod.metadata.name,
+                self.container,
+                s.tail_lines,
+            )
+            if pod is not None
+            else []
+        )
+        if not lines and follower is not None:  # pod already gone
+            lines = list(follower.tail)
+        parts = [f"{self.what(name)} failed: {reason}"]
+        if pod is not None:
+            parts.append(
+                f"{self.pod_role} pod {pod.metadata.name}: {pod_state(pod, self.container)}"
+            )
+        parts.append(
+            f"last log lines of the {self.pod_role} pod:\n"
+            + ("\n".join(lines) if lines else "(none captured)")
+        )
+        names = [*self.event_names(name), *(p.metadata.name for p in pods)]
+        events = recent_events(self.core, self.namespace, self.host, names)
+        parts.append("recent events:\n" + ("\n".join(events) if events else "(none)"))
+        return LaunchError("\n".join(parts))
