@@ -149,7 +149,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "d-launcher-without-condition-status-true",
         "d",
-        "ldm_core/kube/pytorchjob.py",
+        "ldm_core/kube/job_launcher.py",
         '    return [c for c in conditions(job) if str(c.get("status")) == "True"]\n',
         "    return conditions(job)\n",
         _LAUNCHER_TESTS,
