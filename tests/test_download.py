@@ -82,8 +82,10 @@ def server() -> Iterator[Server]:
                 state.cut_first -= 1
                 payload = payload[: state.cut_at]
                 self.close_connection = True
-            self.wfile.write(payload)
+            # Counted before the write: the client may have read it all (and the test
+            # asserted the count) before this thread runs again.
             state.sent += len(payload)
+            self.wfile.write(payload)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state.port = httpd.server_address[1]
