@@ -310,6 +310,21 @@ class JobLauncher:
             if follower is not None:
                 follower.stop.set()
 
+    def start_log(self, pod: Any) -> PodLogFollower:
+        """Start copying the training container's log of ``pod`` to ``out``."""
+        s = self.settings
+        follower = PodLogFollower(
+            self.core,
+            self.namespace,
+            pod.metadata.name,
+            self.container,
+            self.out,
+            s.tail_lines,
+            s.log_reconnect_s,
+        )
+        follower.start()
+        return follower
+
     def finish_log(self, follower: PodLogFollower | None) -> None:
         """Print what the log pod wrote last, before an outcome is reported."""
         if follower is not None:

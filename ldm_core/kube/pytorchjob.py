@@ -431,18 +431,7 @@ class PyTorchJobLauncher(JobLauncher):
         master = _master(pods)
         if master is None or not _started(master):
             return None
-        s = self.settings
-        follower = PodLogFollower(
-            self.core,
-            self.namespace,
-            master.metadata.name,
-            CONTAINER,
-            self.out,
-            s.tail_lines,
-            s.log_reconnect_s,
-        )
-        follower.start()
-        return follower
+        return self.start_log(master)
 
     def conclude(
         self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]

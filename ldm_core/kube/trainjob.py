@@ -346,18 +346,7 @@ class TrainJobLauncher(JobLauncher):
             "Failed",
         ):
             return None
-        s = self.settings
-        follower = PodLogFollower(
-            self.core,
-            self.namespace,
-            pod.metadata.name,
-            NODE,
-            self.out,
-            s.tail_lines,
-            s.log_reconnect_s,
-        )
-        follower.start()
-        return follower
+        return self.start_log(pod)
 
     def conclude(
         self, name: str, state: JobState, follower: PodLogFollower | None, pods: list[Any]
