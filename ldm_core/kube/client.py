@@ -9,14 +9,12 @@ instead of in each launcher or rollout.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import kubernetes
 from kubernetes.config.config_exception import ConfigException
 
 from ldm_core.errors import LdmError
-
-_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+from ldm_core.pod import SERVICE_ACCOUNT_DIR, has_token, in_cluster
 
 
 class KubeConfigError(LdmError):
@@ -26,11 +24,6 @@ class KubeConfigError(LdmError):
 def _kubeconfig() -> str | None:
     # Read at call time: the kubernetes package reads KUBECONFIG once, at import.
     return os.environ.get("KUBECONFIG") or None
-
-
-def _in_cluster() -> bool:
-    # The kubelet sets these for every pod; load_incluster_config needs both.
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (_SA_DIR / "token").is_file()
 
 
 def api_client(host: str | None = None, token: str | None = None) -> kubernetes.client.ApiClient:
@@ -48,7 +41,7 @@ def api_client(host: str | None = None, token: str | None = None) -> kubernetes.
             configuration.api_key_prefix = {"authorization": "Bearer"}
         return kubernetes.client.ApiClient(configuration)
     try:
-        if _in_cluster():
+        if in_cluster() and has_token():
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         else:
             kubernetes.config.load_kube_config(
@@ -73,7 +66,7 @@ def current_namespace(default: str = "kubeflow") -> str:
     Kubeflow runs pipeline pods in the profile namespace, so resources created next to the
     pod land where the user can see them.
     """
-    ns_file = _SA_DIR / "namespace"
+    ns_file = SERVICE_ACCOUNT_DIR / "namespace"
     try:
         namespace = ns_file.read_text().strip()
         if namespace:
