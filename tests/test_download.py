@@ -264,28 +264,30 @@ def test_url_source_extracts_verifies_and_is_idempotent(server: Server, tmp_path
     assert len(server.requests) == hits  # verified marker: nothing fetched the second time
 
 
-def test_msd_source_uses_monai_constants_and_env_override(
-    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_msd_source_is_monais_archive_and_a_mirror_is_a_url_with_its_md5(
+    server: Server, tmp_path: Path
 ) -> None:
+    """``msd`` fetches the archive MONAI's DecathlonDataset fetches, verified by its MD5; a
+    mirror of it (a hospital without internet) is the same archive under another URL, given
+    as a source of its own with the MD5 pinned in the fragment, and refused when it differs."""
     from monai.apps import DecathlonDataset
 
     assert dl.MSD_URL == DecathlonDataset.resource["Task01_BrainTumour"]
     assert dl.MSD_MD5 == DecathlonDataset.md5["Task01_BrainTumour"]
+    assert dl._request("msd", None, 0) == {"source": "msd", "url": dl.MSD_URL, "md5": dl.MSD_MD5}
 
     archive = _task_tar()
     server.files["Task01_BrainTumour.tar"] = archive
-    monkeypatch.setenv(dl.ENV_MSD_URL, server.url("Task01_BrainTumour.tar"))
-    monkeypatch.setenv(dl.ENV_MSD_MD5, _md5(archive))
-    out = dl.download("msd", tmp_path / "msd", Config())
+    mirror = server.url("Task01_BrainTumour.tar")
+    out = dl.download(f"{mirror}#md5={_md5(archive)}", tmp_path / "msd", Config())
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [
         "._BRATS_001.nii",
         "BRATS_001.nii",
         "BRATS_002.nii",
     ]
 
-    monkeypatch.setenv(dl.ENV_MSD_MD5, "f" * 32)
     with pytest.raises(LdmError, match="MD5 mismatch"):
-        dl.download("msd", tmp_path / "msd2", Config())
+        dl.download(f"{mirror}#md5={'f' * 32}", tmp_path / "msd2", Config())
     assert not (tmp_path / "msd2" / dl.MARKER).exists()
 
 

@@ -53,10 +53,8 @@ log = logging.getLogger(__name__)
 # (monai.apps.datasets.DecathlonDataset.resource / .md5).
 MSD_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com/Task01_BrainTumour.tar"
 MSD_MD5 = "240a19d752f0d9e9101544901065d872"
-ENV_MSD_URL = "LDM_MSD_URL"
-"""Overrides MSD_URL: a local mirror (hospitals without internet) or a test server."""
-ENV_MSD_MD5 = "LDM_MSD_MD5"
-"""The MD5 of the archive at LDM_MSD_URL (defaults to MSD_MD5)."""
+"""A local mirror of the archive (hospitals without internet) is a source of its own:
+``https://mirror/Task01_BrainTumour.tar#md5=240a19d752f0d9e9101544901065d872``."""
 
 MARKER = ".ldm-download.json"
 SUMS = "SHA256SUMS"
@@ -137,13 +135,7 @@ def _request(source: str, subjects: int | None, seed: int) -> dict[str, Any]:
             "resolution": demo.DEFAULT_RESOLUTION,
         }
     if source == "msd":
-        url = os.environ.get(ENV_MSD_URL) or MSD_URL
-        md5 = os.environ.get(ENV_MSD_MD5) or (MSD_MD5 if url == MSD_URL else None)
-        if url != MSD_URL and md5 is None:
-            log.warning(
-                "%s is set but %s is not: the archive cannot be verified", ENV_MSD_URL, ENV_MSD_MD5
-            )
-        return {"source": "msd", "url": url, "md5": _check_md5(md5, ENV_MSD_MD5)}
+        return {"source": "msd", "url": MSD_URL, "md5": MSD_MD5}
     if source.startswith(("http://", "https://")):
         url, md5 = split_md5(source)
         return {"source": "url", "url": url, "md5": md5}
