@@ -13,25 +13,56 @@ from components.base import BASE_IMAGE
 def configure(
     preset: str,
     overrides: list,
+    mount_path: str,
     image: str,
     pvc_name: str,
+    nproc: int,
+    nnodes: int,
+    eval_samples: int,
+    eval_steps: int,
     eval_gpus: int,
+    gate_min_ms_ssim_ratio: float,
+    gate_max_mmd: float,
+    gate_min_mask_dice: float,
+    gate_max_hist_distance: float,
     deployment_mode: str,
     min_replicas: int,
     max_replicas: int,
     config: Output[Artifact],
 ) -> NamedTuple(
     "Configured",
-    [("overrides", list), ("evaluate_cpu", str), ("evaluate_memory", str), ("evaluate_gpus", int)],
+    [
+        ("overrides", list),
+        ("data_overrides", list),
+        ("training_overrides", list),
+        ("evaluate_cpu", str),
+        ("evaluate_memory", str),
+        ("evaluate_gpus", int),
+    ],
 ):
-    """Fold the pipeline parameters into ``overrides`` (the list every later step resolves
-    its config with), fail on an invalid config before any work, write the resolved
-    ``config.yaml`` to ``config``, and return the evaluate pod's size."""
-    from ldm_core.stages import PipelineParameters, configure_stage
+    """Fold the pipeline parameters into ``overrides`` (the list later steps resolve their
+    config with; the data and training steps get the part of it their sections read), fail
+    on an invalid config before any work, write the resolved ``config.yaml`` to ``config``,
+    and return the evaluate pod's size."""
+    from ldm_core.stages import configure_stage
 
     return configure_stage(
         preset,
         overrides,
-        PipelineParameters(image, pvc_name, eval_gpus, deployment_mode, min_replicas, max_replicas),
         config.path,
+        mount_path=mount_path,
+        image=image,
+        pvc_name=pvc_name,
+        nproc=nproc,
+        nnodes=nnodes,
+        eval_samples=eval_samples,
+        eval_steps=eval_steps,
+        eval_gpus=eval_gpus,
+        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
+        gate_max_mmd=gate_max_mmd,
+        gate_min_mask_dice=gate_min_mask_dice,
+        gate_max_hist_distance=gate_max_hist_distance,
+        deployment_mode=deployment_mode,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
     )

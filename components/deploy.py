@@ -15,14 +15,23 @@ def deploy(
     backend: str,
     storage_prefix: str,
     smoke_steps: int,
+    serving_dir: str,
     deployment: Output[Artifact],
 ) -> str:
     """Roll the bundle out, run one inference through it, and record where it is served
-    (``deployment.json`` in ``deployment``); returns the endpoint URL."""
+    (``deployment.json`` in ``deployment``); returns the endpoint URL. ``serving_dir``: where
+    a local model server keeps its pid and log (empty: in ``deployment``)."""
     from ldm_core.stages import deploy_stage
 
     result = deploy_stage(
-        bundle.path, deployment.path, preset, overrides, backend, storage_prefix, smoke_steps
+        bundle.path,
+        deployment.path,
+        preset,
+        overrides,
+        backend,
+        storage_prefix,
+        smoke_steps,
+        serving_dir,
     )
     deployment.metadata.update(
         {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}

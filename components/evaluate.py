@@ -15,12 +15,6 @@ def evaluate(
     diffusion: Input[Model],
     preset: str,
     overrides: list,
-    num_samples: int,
-    steps: int,
-    gate_min_ms_ssim_ratio: float,
-    gate_max_mmd: float,
-    gate_min_mask_dice: float,
-    gate_max_hist_distance: float,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
@@ -33,7 +27,7 @@ def evaluate(
     because kfp.local 2.17 cannot resolve a NamedTuple field in a ``dsl.If`` condition;
     the reasons go to ``evaluation``'s metadata and metrics.json.
     """
-    from ldm_core.stages import GateThresholds, evaluate_stage
+    from ldm_core.stages import evaluate_stage
 
     result = evaluate_stage(
         bundle.path,
@@ -41,11 +35,6 @@ def evaluate(
         evaluation.path,
         preset,
         overrides,
-        num_samples,
-        steps,
-        GateThresholds(
-            gate_min_ms_ssim_ratio, gate_max_mmd, gate_min_mask_dice, gate_max_hist_distance
-        ),
         training_runs=[autoencoder.path, diffusion.path],
         report_path=report.path,
         metrics_path=metrics.path,

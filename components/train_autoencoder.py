@@ -12,14 +12,14 @@ def train_autoencoder(
     cache: Input[Dataset],
     preset: str,
     overrides: list,
-    nproc: int,
-    nnodes: int,
     backend: str,
-    workdir: str,
+    local_workdir: str,
     autoencoder: Output[Model],
 ):
-    """Train on ``cache``; ``autoencoder`` receives the run dir (weights + scale factor)."""
-    from ldm_core.stages import ClusterSettings, train_autoencoder_stage
+    """Train on ``cache``; ``autoencoder`` receives the run dir (weights + scale factor).
+    ``local_workdir``: where the local backend keeps training runs by key (empty: in
+    ``autoencoder``)."""
+    from ldm_core.stages import train_autoencoder_stage
 
     autoencoder.metadata.update(
         train_autoencoder_stage(
@@ -27,8 +27,7 @@ def train_autoencoder(
             autoencoder.path,
             preset,
             overrides,
-            nproc,
             backend,
-            ClusterSettings(workdir=workdir, nnodes=nnodes),
+            local_workdir,
         )
     )

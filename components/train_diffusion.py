@@ -13,16 +13,15 @@ def train_diffusion(
     autoencoder: Input[Model],
     preset: str,
     overrides: list,
-    nproc: int,
-    nnodes: int,
     backend: str,
-    workdir: str,
+    local_workdir: str,
     diffusion: Output[Model],
     bundle: Output[Model],
 ):
     """Train on the cached latents; ``diffusion`` receives the run dir, ``bundle`` the
-    servable model bundle (config + autoencoder + EMA UNet + scale factor)."""
-    from ldm_core.stages import ClusterSettings, train_diffusion_stage
+    servable model bundle (config + autoencoder + EMA UNet + scale factor). ``local_workdir``:
+    where the local backend keeps training runs by key (empty: in ``diffusion``)."""
+    from ldm_core.stages import train_diffusion_stage
 
     diffusion.metadata.update(
         train_diffusion_stage(
@@ -32,8 +31,7 @@ def train_diffusion(
             bundle.path,
             preset,
             overrides,
-            nproc,
             backend,
-            ClusterSettings(workdir=workdir, nnodes=nnodes),
+            local_workdir,
         )
     )

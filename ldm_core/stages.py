@@ -27,10 +27,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,6 +44,7 @@ from ldm_core.io import (
     sha256_file,
 )
 from ldm_core.launcher import Launcher, LocalLauncher, TrainingTask
+from ldm_core.pod import in_cluster
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ BACKENDS = ("auto", "local", "kubeflow", "trainjob")
 """Where training runs: ``local`` (torchrun in this process's machine or pod), ``kubeflow``
 (a PyTorchJob, Training Operator v1), ``trainjob`` (a TrainJob, Kubeflow Trainer v2), or
 ``auto`` (see :func:`choose_backend`)."""
-LOCAL_WORKDIR_ENV = "LDM_WORKDIR"
-SERVING_DIR_ENV = "LDM_SERVING_DIR"
 RESUME_STATE = ("checkpoints", "latents")
 """Run-dir entries that only serve resuming (and can be large); they stay in the run dir
 and are left out of the copy that becomes the pipeline artifact."""
@@ -70,15 +67,10 @@ class StageError(LdmError):
 # --------------------------------------------------------------------------- config
 
 
-def resolve_config(
-    preset: str, overrides: Sequence[str] = (), stage_params: Sequence[str] = ()
-) -> Config:
-    """Preset, then a stage's own parameters (as ``key=value``), then the user's overrides.
-
-    Overrides come last so that ``--set`` always wins, as on the CLI: a pipeline parameter
-    with a default (a gate threshold, say) never silently undoes an explicit override.
-    """
-    return load_config(None, preset=preset or None, overrides=[*stage_params, *overrides])
+def resolve_config(preset: str, overrides: Sequence[str] = ()) -> Config:
+    """The preset, then the run's overrides (configure put the pipeline parameters first in
+    that list, so the user's own overrides win, as ``--set`` does on the CLI)."""
+    return load_config(None, preset=preset or None, overrides=overrides)
 
 
 def _save_config(cfg: Config, directory: Path) -> Path:
@@ -107,45 +99,73 @@ def _dataset_hash(cache_dir: Path) -> str:
     return str(read_manifest(cache_dir)["dataset_hash"])
 
 
-@dataclass(frozen=True)
-class PipelineParameters:
-    """The cluster settings the pipeline shows as parameters, so the Kubeflow UI offers the
-    common ones; ``overrides`` reaches every other field (``cluster.*``, ``serving.*``).
+PIPELINE_PARAMETERS: dict[str, tuple[str, Any]] = {
+    "image": ("cluster.image", ""),
+    "pvc_name": ("cluster.pvc_name", ""),
+    "nproc": ("train.nproc", 0),
+    "nnodes": ("train.nnodes", 0),
+    "eval_samples": ("evaluation.num_samples", 0),
+    "eval_steps": ("evaluation.steps", 0),
+    "eval_gpus": ("cluster.evaluate.gpus", -1),
+    "gate_min_ms_ssim_ratio": ("evaluation.gate_min_ms_ssim_ratio", -1.0),
+    "gate_max_mmd": ("evaluation.gate_max_mmd", -1.0),
+    "gate_min_mask_dice": ("evaluation.gate_min_mask_dice", -1.0),
+    "gate_max_hist_distance": ("evaluation.gate_max_hist_distance", -1.0),
+    "deployment_mode": ("serving.deployment_mode", ""),
+    "min_replicas": ("serving.min_replicas", -1),
+    "max_replicas": ("serving.max_replicas", -1),
+}
+"""The config fields the pipeline shows as parameters, so the Kubeflow UI offers the common
+ones: parameter -> (config field, the value that means "as the config says"). Every other
+field is reached through ``overrides``; a new field needs no new plumbing, only an entry
+here if the UI should show it. "Unset" is 0 for counts that cannot be 0, and -1 or the
+empty string where 0 is a real value (no GPU, scale to zero)."""
 
-    A negative number or an empty string means "as the config says" (0 is a real value of
-    each: no GPU, scale to zero).
+
+def parameter_overrides(params: Mapping[str, Any]) -> list[str]:
+    """The pipeline parameters that are set, as ``key=value`` config overrides.
+
+    Raises:
+        StageError: a parameter that is not in :data:`PIPELINE_PARAMETERS`.
     """
+    unknown = sorted(set(params) - set(PIPELINE_PARAMETERS))
+    if unknown:
+        raise StageError(
+            f"pipeline parameters {', '.join(unknown)}: not config parameters "
+            f"(known: {', '.join(PIPELINE_PARAMETERS)})"
+        )
+    return [
+        f"{key}={params[name]}"
+        for name, (key, unset) in PIPELINE_PARAMETERS.items()
+        if name in params and params[name] != unset
+    ]
 
-    image: str = ""
-    pvc_name: str = ""
-    eval_gpus: int = -1
-    deployment_mode: str = ""
-    min_replicas: int = -1
-    max_replicas: int = -1
 
-    def overrides(self) -> list[str]:
-        """The parameters as ``key=value`` config overrides (only those that are set)."""
-        fields = {
-            "cluster.image": self.image,
-            "cluster.pvc_name": self.pvc_name,
-            "cluster.evaluate.gpus": self.eval_gpus,
-            "serving.deployment_mode": self.deployment_mode,
-            "serving.min_replicas": self.min_replicas,
-            "serving.max_replicas": self.max_replicas,
-        }
-        return [
-            f"{key}={value}"
-            for key, value in fields.items()
-            if value != "" and not (isinstance(value, int) and value < 0)
-        ]
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("data", "storage"),
+    "training": ("data", "model", "train", "storage", "cluster"),
+}
+"""The config sections the data steps (download, preprocess) and the training steps read.
+Configure hands them only the overrides of those sections: a step's inputs are its KFP
+cache key, so a change that cannot alter its output (a gate threshold, a serving setting)
+leaves it cached instead of downloading and preprocessing the data again."""
+
+
+def overrides_of(overrides: Sequence[str], sections: Sequence[str]) -> list[str]:
+    """The ``key=value`` overrides whose key is in one of ``sections``, in order."""
+    return [item for item in overrides if item.split("=", 1)[0].split(".")[0] in sections]
 
 
 class Configured(NamedTuple):
-    """What the configure step hands the rest of the run: the overrides every step resolves
-    its config with, and the evaluate pod's size (a pod's size is known before it starts,
-    so it travels as pipeline values the KFP driver puts into the pod spec)."""
+    """What the configure step hands the rest of the run: the overrides each step resolves
+    its config with (every override for evaluate and deploy, those of
+    :data:`STEP_SECTIONS` for the data and training steps), and the evaluate pod's size (a
+    pod's size is known before it starts, so it travels as pipeline values the KFP driver
+    puts into the pod spec)."""
 
     overrides: list[str]
+    data_overrides: list[str]
+    training_overrides: list[str]
     evaluate_cpu: str
     evaluate_memory: str
     evaluate_gpus: int
@@ -154,32 +174,50 @@ class Configured(NamedTuple):
 def configure_stage(
     preset: str,
     overrides: Sequence[str],
-    params: PipelineParameters,
     output: str | Path | None = None,
+    *,
+    mount_path: str = "",
+    **params: Any,
 ) -> Configured:
     """Fold the pipeline's parameters into the run's overrides, validate the result, and
     size the steps that follow: the one place where pipeline parameters meet the config.
 
-    The user's ``overrides`` come after the parameters, so they win (as ``--set`` does on
-    the CLI). A config that does not validate fails the run here, naming the field, before
-    any data is downloaded. ``output`` receives the resolved ``config.yaml``.
+    ``params`` are the pipeline parameters of :data:`PIPELINE_PARAMETERS`. The user's
+    ``overrides`` come after them, so they win (as ``--set`` does on the CLI). A config that
+    does not validate fails the run here, naming the field, before any data is downloaded.
+    ``output`` receives the resolved ``config.yaml``; ``mount_path`` is where the compiled
+    pipeline mounts the PVC in the training steps (empty: no PVC, e.g. a local run).
 
     Raises:
-        StageError: ``cluster.pvc_name`` overridden away from the ``pvc_name`` parameter:
-            the step pods mount the parameter's PVC, so the two must agree.
+        StageError: ``cluster.pvc_name`` overridden away from the ``pvc_name`` parameter, or
+            ``cluster.workdir`` away from where the compiled pipeline mounts the PVC: the
+            step pods mount what the pipeline says, so the config must agree.
     """
-    folded = [*params.overrides(), *overrides]
+    folded = [*parameter_overrides(params), *overrides]
     cfg = resolve_config(preset, folded)
-    if params.pvc_name and cfg.cluster.pvc_name != params.pvc_name:
+    pvc_name = params.get("pvc_name")
+    if pvc_name and cfg.cluster.pvc_name != pvc_name:
         raise StageError(
             f"cluster.pvc_name: {cfg.cluster.pvc_name!r} differs from the pipeline parameter "
-            f"pvc_name={params.pvc_name!r}, the PVC the training steps mount; set the "
+            f"pvc_name={pvc_name!r}, the PVC the training steps mount; set the "
             "parameter instead of the override"
+        )
+    if mount_path and cfg.cluster.workdir != mount_path:
+        raise StageError(
+            f"cluster.workdir: {cfg.cluster.workdir!r} differs from {mount_path!r}, where the "
+            "compiled pipeline mounts the PVC in the training steps; leave it as it is"
         )
     if output is not None:
         _save_config(cfg, Path(output))
     ev = cfg.cluster.evaluate
-    return Configured(folded, ev.cpu, ev.memory, ev.gpus)
+    return Configured(
+        folded,
+        overrides_of(folded, STEP_SECTIONS["data"]),
+        overrides_of(folded, STEP_SECTIONS["training"]),
+        ev.cpu,
+        ev.memory,
+        ev.gpus,
+    )
 
 
 # --------------------------------------------------------------------------- data stages
@@ -228,22 +266,6 @@ def preprocess_stage(
 # --------------------------------------------------------------------------- launching
 
 
-@dataclass
-class ClusterSettings:
-    """Where a training step runs, beyond what the config says: the mount path of the PVC
-    it shares with its job pods (the PVC itself, the image and the pods' sizes are
-    ``cfg.cluster``'s) and how many pods the job has."""
-
-    workdir: str = "/workspace"
-    nnodes: int = 1
-    """Pods of the training job (Master + nnodes-1 Workers); the local backend runs one node."""
-
-
-def in_cluster() -> bool:
-    """True inside a Kubernetes pod (the kubelet sets KUBERNETES_SERVICE_HOST)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-
-
 def choose_backend(backend: str) -> str:
     """Resolve ``auto``: ``local`` outside a cluster; inside one, ``kubeflow`` when the
     PyTorchJob API is served, else ``trainjob`` when the TrainJob API is; reject unknown names.
@@ -279,7 +301,7 @@ def choose_backend(backend: str) -> str:
     )
 
 
-def _launcher(backend: str, cluster: ClusterSettings, cfg: Config, stage: str) -> Launcher:
+def _launcher(backend: str, cfg: Config, stage: str) -> Launcher:
     """How training stage ``stage`` (``train_autoencoder`` / ``train_diffusion``, its
     ``cfg.cluster`` section) starts on ``backend``."""
     if backend == "local":
@@ -287,7 +309,7 @@ def _launcher(backend: str, cluster: ClusterSettings, cfg: Config, stage: str) -
     from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
     from ldm_core.kube.trainjob import TrainJobLauncher
 
-    settings = PyTorchJobSettings.from_config(cfg, stage, cluster.workdir)
+    settings = PyTorchJobSettings.from_config(cfg, stage, cfg.cluster.workdir)
     return TrainJobLauncher(settings) if backend == "trainjob" else PyTorchJobLauncher(settings)
 
 
@@ -321,12 +343,6 @@ def _copy_tree(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
     tmp.rename(dst)
 
 
-def _world(nproc: int, cluster: ClusterSettings) -> str:
-    """Training processes per node x nodes: part of a run's key, since it sets the
-    effective batch size."""
-    return f"{nproc}x{cluster.nnodes}"
-
-
 def _train(
     *,
     kind: str,
@@ -337,28 +353,28 @@ def _train(
     cfg: Config,
     inputs: dict[str, Path],
     output: Path,
-    nproc: int,
     backend: str,
-    cluster: ClusterSettings,
+    local_workdir: str,
 ) -> dict[str, Any]:
     """Run one training verb so that ``output`` ends up holding the finished run dir.
 
-    On the kubeflow backend the job pods cannot see the component's artifact paths, so
-    inputs are staged on the shared PVC under names derived from the key, the job trains
-    into a run dir there (which outlives a killed component, so a retry resumes or reuses
-    it), and the result is copied to ``output``. Locally the run dir is ``output`` itself,
-    or, when ``$LDM_WORKDIR`` is set (``run_local`` sets it), a run dir under it named by
-    the key: then a pipeline re-run whose training inputs did not change (say, only an
-    evaluation override did) copies the finished run instead of training again.
+    On a cluster backend the job pods cannot see the component's artifact paths, so
+    inputs are staged on the shared PVC (``cluster.workdir``) under names derived from the
+    key, the job trains into a run dir there (which outlives a killed component, so a retry
+    resumes or reuses it), and the result is copied to ``output``. Locally the run dir is
+    ``output`` itself, or, when ``local_workdir`` is given (``run_local`` gives one), a run
+    dir under it named by the key: then a pipeline re-run whose training inputs did not
+    change (say, only an evaluation override did) copies the finished run instead of
+    training again.
     """
     chosen = choose_backend(backend)
     name = _job_name(kind, key)
+    nproc, nnodes = cfg.train.nproc, cfg.train.nnodes
     if chosen == "local":
         staged = inputs
-        workdir = os.environ.get(LOCAL_WORKDIR_ENV)
-        run_dir = Path(workdir) / "runs" / name if workdir else output
+        run_dir = Path(local_workdir) / "runs" / name if local_workdir else output
     else:
-        root = Path(cluster.workdir) / "brain-ldm"
+        root = Path(cfg.cluster.workdir) / "brain-ldm"
         run_dir = root / "runs" / name
         staged = {}
         for flag, src in inputs.items():
@@ -370,7 +386,7 @@ def _train(
         "job": name,
         "backend": chosen,
         "nproc": nproc,
-        "nnodes": cluster.nnodes,
+        "nnodes": nnodes,
         "run_dir": str(run_dir),
     }
     if _finished(run_dir, marker, key):
@@ -386,10 +402,8 @@ def _train(
         for flag, path in staged.items():
             args += [flag, str(path)]
         args += ["--output", str(run_dir), "--config", str(config_path)]
-        task = TrainingTask(
-            name=name, verb=verb, args=args, nproc_per_node=nproc, nnodes=cluster.nnodes
-        )
-        _launcher(chosen, cluster, cfg, stage).run(task)
+        task = TrainingTask(name=name, verb=verb, args=args, nproc_per_node=nproc, nnodes=nnodes)
+        _launcher(chosen, cfg, stage).run(task)
         if not (run_dir / marker).is_file():
             raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
         _mark_finished(run_dir, key, info)
@@ -407,15 +421,15 @@ def train_autoencoder_stage(
     output: str | Path,
     preset: str = "",
     overrides: Sequence[str] = (),
-    nproc: int = 1,
     backend: str = "local",
-    cluster: ClusterSettings | None = None,
+    local_workdir: str = "",
 ) -> dict[str, Any]:
-    """Train the AutoencoderKL on the cache; ``output`` becomes the AE run dir."""
+    """Train the AutoencoderKL on the cache; ``output`` becomes the AE run dir.
+
+    ``local_workdir``: where the local backend keeps runs by key (see :func:`_train`)."""
     cfg = resolve_config(preset, overrides)
     data = Path(data_dir)
-    cluster = cluster or ClusterSettings()
-    key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data), _world(nproc, cluster))
+    key = _digest("autoencoder", _training_config(cfg), _dataset_hash(data))
     info = _train(
         kind="ae",
         stage="train_autoencoder",
@@ -425,9 +439,8 @@ def train_autoencoder_stage(
         cfg=cfg,
         inputs={"--data": data},
         output=Path(output),
-        nproc=nproc,
         backend=backend,
-        cluster=cluster,
+        local_workdir=local_workdir,
     )
     return {**info, "steps": cfg.train.autoencoder.steps}
 
@@ -439,14 +452,12 @@ def train_diffusion_stage(
     bundle_output: str | Path,
     preset: str = "",
     overrides: Sequence[str] = (),
-    nproc: int = 1,
     backend: str = "local",
-    cluster: ClusterSettings | None = None,
+    local_workdir: str = "",
 ) -> dict[str, Any]:
     """Train the latent UNet, then pack AE + UNet into the model bundle at ``bundle_output``."""
     from ldm_core.bundle import build_bundle
 
-    cluster = cluster or ClusterSettings()
     cfg = resolve_config(preset, overrides)
     data, ae_dir = Path(data_dir), Path(autoencoder_dir)
     ae_weights = ae_dir / AUTOENCODER_PT
@@ -457,7 +468,6 @@ def train_diffusion_stage(
         _training_config(cfg),
         _dataset_hash(data),
         sha256_file(ae_weights),
-        _world(nproc, cluster),
     )
     info = _train(
         kind="ldm",
@@ -468,9 +478,8 @@ def train_diffusion_stage(
         cfg=cfg,
         inputs={"--data": data, "--autoencoder": ae_dir},
         output=Path(output),
-        nproc=nproc,
         backend=backend,
-        cluster=cluster,
+        local_workdir=local_workdir,
     )
     bundle = build_bundle(ae_dir, Path(output), Path(bundle_output), data_dir=data_dir)
     return {**info, "steps": cfg.train.diffusion.steps, "bundle": str(bundle)}
@@ -479,34 +488,12 @@ def train_diffusion_stage(
 # --------------------------------------------------------------------------- evaluate
 
 
-@dataclass
-class GateThresholds:
-    """Quality-gate limits given as pipeline parameters: they replace the preset's values,
-    and ``evaluation.gate_*`` overrides (applied last) replace them."""
-
-    min_ms_ssim_ratio: float
-    max_mmd: float
-    min_mask_dice: float
-    max_hist_distance: float
-
-    def overrides(self) -> list[str]:
-        return [
-            f"evaluation.gate_min_ms_ssim_ratio={self.min_ms_ssim_ratio}",
-            f"evaluation.gate_max_mmd={self.max_mmd}",
-            f"evaluation.gate_min_mask_dice={self.min_mask_dice}",
-            f"evaluation.gate_max_hist_distance={self.max_hist_distance}",
-        ]
-
-
 def evaluate_stage(
     bundle_dir: str | Path,
     data_dir: str | Path,
     output: str | Path,
     preset: str = "",
     overrides: Sequence[str] = (),
-    num_samples: int = 0,
-    steps: int = 0,
-    gate: GateThresholds | None = None,
     training_runs: Sequence[str | Path] = (),
     report_path: str | Path | None = None,
     metrics_path: str | Path | None = None,
@@ -522,14 +509,7 @@ def evaluate_stage(
     """
     from ldm_core.evaluate import evaluate
 
-    params = []
-    if num_samples:
-        params.append(f"evaluation.num_samples={num_samples}")
-    if steps:
-        params.append(f"evaluation.steps={steps}")
-    if gate is not None:
-        params += gate.overrides()
-    cfg = resolve_config(preset, overrides, params)
+    cfg = resolve_config(preset, overrides)
     out = Path(output)
     _save_config(cfg, out)
     result = evaluate(
@@ -566,12 +546,13 @@ def deploy_stage(
     backend: str = "local",
     storage_prefix: str = "",
     smoke_steps: int = 2,
+    serving_dir: str = "",
 ) -> dict[str, Any]:
     """Serve the bundle (a local model server, or an InferenceService on a cluster), run
     one real inference through it, and write ``deployment.json`` into ``output``.
 
-    The local server keeps its pid and log in ``$LDM_SERVING_DIR`` when set (``run_local``
-    sets one per output directory, so a new deploy replaces the previous server), else in
+    The local server keeps its pid and log in ``serving_dir`` when given (``run_local``
+    gives one per output directory, so a new deploy replaces the previous server), else in
     ``output``. Returns the deploy record with ``endpoint`` (base URL) added.
     """
     from ldm_core.deploy import deploy
@@ -583,7 +564,7 @@ def deploy_stage(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if chosen == "local":
-        state_dir = Path(os.environ.get(SERVING_DIR_ENV) or out)
+        state_dir = Path(serving_dir or out)
         result = deploy(
             cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps
         )

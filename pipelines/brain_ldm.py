@@ -6,10 +6,11 @@ Kubeflow cluster runs::
 
     python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml
 
-The run's config (preset + ``overrides``) is the one source of truth for sizes and
-placement: the first step, ``configure``, folds the parameters the UI shows (image,
-pvc_name, eval_gpus, deployment_mode, min/max_replicas) into the overrides as ``cluster.*``
-and ``serving.*`` keys, validates the result, and hands every later step that list; the
+The run's config (preset + ``overrides``) is the one source of truth for sizes, placement
+and settings: the first step, ``configure``, folds the parameters the UI shows (image,
+pvc_name, nproc, nnodes, eval_*, gate_*, deployment_mode, min/max_replicas) into the
+overrides as config keys (``ldm_core.stages.PIPELINE_PARAMETERS``), validates the result,
+and hands every later step that list; the
 training jobs and the InferenceService are built from it (``ldm_core.config.ClusterConfig``)
 and the evaluate pod is sized from configure's outputs (resource placeholders, resolved by
 the KFP driver: backend 2.4.1+, as Kubeflow 1.10 ships). Task settings that KFP takes only
@@ -39,14 +40,15 @@ from components import (
     train_diffusion,
 )
 from components.base import BASE_IMAGE
-from ldm_core.config import DEFAULT_PRESET, ClusterConfig, EvaluationConfig
+from ldm_core.config import DEFAULT_PRESET, ClusterConfig
 from pipelines import kfp_compat
 
 PIPELINE_NAME = "brain-ldm"
-WORKDIR = "/workspace"
-"""Where the shared PVC is mounted, in the training component pods and the job pods alike."""
 GPU_RESOURCE = "nvidia.com/gpu"
 _CLUSTER = ClusterConfig()
+WORKDIR = _CLUSTER.workdir
+"""Where the shared PVC is mounted in the training steps (``cluster.workdir``, compiled in:
+KFP takes a mount path only at compile time; configure refuses a run that moves it)."""
 S3_SECRET = _CLUSTER.s3_secret
 """The Secret with the S3 credentials, in the run's namespace (manifests/README.md creates it):
 ``cluster.s3_secret``'s default, compiled in. A constant, and required with every key below:
@@ -57,7 +59,6 @@ S3_SECRET_KEYS = {
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
     "S3_ENDPOINT": "S3_ENDPOINT",
 }
-_GATE = EvaluationConfig()
 
 
 class Outputs(NamedTuple):
@@ -99,10 +100,12 @@ def brain_ldm(
     deployment_mode: str = "",
     min_replicas: int = -1,
     max_replicas: int = -1,
-    gate_min_ms_ssim_ratio: float = _GATE.gate_min_ms_ssim_ratio,
-    gate_max_mmd: float = _GATE.gate_max_mmd,
-    gate_min_mask_dice: float = _GATE.gate_min_mask_dice,
-    gate_max_hist_distance: float = _GATE.gate_max_hist_distance,
+    gate_min_ms_ssim_ratio: float = -1.0,
+    gate_max_mmd: float = -1.0,
+    gate_min_mask_dice: float = -1.0,
+    gate_max_hist_distance: float = -1.0,
+    local_workdir: str = "",
+    serving_dir: str = "",
 ) -> Outputs:
     """Parameters (0 for counts, -1 or empty otherwise, mean "as the config says"):
 
@@ -122,42 +125,56 @@ def brain_ldm(
     smoke_steps: sampling steps of the smoke inference after deploying.
     deployment_mode, min_replicas, max_replicas: the InferenceService's (serving.*):
     Serverless | RawDeployment, and 0 replicas = scale to zero (Serverless).
-    gate_*: quality-gate thresholds; deploy runs only when all hold.
+    gate_*: quality-gate thresholds (evaluation.gate_*); deploy runs only when all hold.
+    local_workdir, serving_dir: for runs on this machine (kfp.local): where the local backend
+    keeps training runs by key, so a re-run reuses them, and where the local model server
+    keeps its pid and log; empty = inside each step's own output.
     """
     conf = configure(
         preset=preset,
         overrides=overrides,
+        mount_path=WORKDIR,
         image=image,
         pvc_name=pvc_name,
+        nproc=nproc,
+        nnodes=nnodes,
+        eval_samples=eval_samples,
+        eval_steps=eval_steps,
         eval_gpus=eval_gpus,
+        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
+        gate_max_mmd=gate_max_mmd,
+        gate_min_mask_dice=gate_min_mask_dice,
+        gate_max_hist_distance=gate_max_hist_distance,
         deployment_mode=deployment_mode,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
     )
     conf.set_display_name("configure")
     _resources(conf, "500m", "1Gi")
-    # Every later step resolves its config from the preset and this list, nothing else.
+    # Every later step resolves its config from the preset and configure's overrides (the
+    # data and training steps get those of the sections they read, so that changing, say,
+    # a gate threshold leaves them cached), nothing else.
     run_overrides = conf.outputs["overrides"]
+    data_overrides = conf.outputs["data_overrides"]
+    training_overrides = conf.outputs["training_overrides"]
 
     dl = download(
-        source=source, preset=preset, overrides=run_overrides, subjects=subjects, seed=seed
+        source=source, preset=preset, overrides=data_overrides, subjects=subjects, seed=seed
     )
     dl.set_display_name("download")
     kubernetes.use_secret_as_env(dl, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
     _resources(dl, "1", "2Gi")
 
-    pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=run_overrides)
+    pre = preprocess(raw_data=dl.outputs["raw_data"], preset=preset, overrides=data_overrides)
     pre.set_display_name("preprocess")
     _resources(pre, "2", "8Gi")
 
     ae = train_autoencoder(
         cache=pre.outputs["cache"],
         preset=preset,
-        overrides=run_overrides,
-        nproc=nproc,
-        nnodes=nnodes,
+        overrides=training_overrides,
         backend=backend,
-        workdir=WORKDIR,
+        local_workdir=local_workdir,
     )
     ae.set_display_name("train autoencoder")
 
@@ -165,11 +182,9 @@ def brain_ldm(
         cache=pre.outputs["cache"],
         autoencoder=ae.outputs["autoencoder"],
         preset=preset,
-        overrides=run_overrides,
-        nproc=nproc,
-        nnodes=nnodes,
+        overrides=training_overrides,
         backend=backend,
-        workdir=WORKDIR,
+        local_workdir=local_workdir,
     )
     ldm.set_display_name("train diffusion")
     for task in (ae, ldm):
@@ -185,12 +200,6 @@ def brain_ldm(
         diffusion=ldm.outputs["diffusion"],
         preset=preset,
         overrides=run_overrides,
-        num_samples=eval_samples,
-        steps=eval_steps,
-        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
-        gate_max_mmd=gate_max_mmd,
-        gate_min_mask_dice=gate_min_mask_dice,
-        gate_max_hist_distance=gate_max_hist_distance,
     )
     ev.set_display_name("evaluate")
     # Sized by the config (cluster.evaluate), through configure's outputs.
@@ -208,6 +217,7 @@ def brain_ldm(
             backend=backend,
             storage_prefix=storage_prefix,
             smoke_steps=smoke_steps,
+            serving_dir=serving_dir,
         )
         dep.set_display_name("deploy")
         kubernetes.use_secret_as_env(dep, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
@@ -227,19 +237,29 @@ def brain_ldm(
     )
 
 
-def compile_pipeline(output: str | Path) -> Path:
-    """Compile the pipeline to ``output`` (YAML) and return its path."""
+def compile_pipeline(output: str | Path, image: str = "") -> Path:
+    """Compile the pipeline to ``output`` (YAML) and return its path; ``image`` replaces the
+    default of the ``image`` parameter (the image of every step and training pod)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(brain_ldm, package_path=str(output))
+    compiler.Compiler().compile(
+        brain_ldm,
+        package_path=str(output),
+        pipeline_parameters={"image": image} if image else None,
+    )
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile the brain-ldm pipeline to YAML.")
     parser.add_argument("--output", default="pipelines/brain_ldm.yaml", help="YAML file to write")
+    parser.add_argument(
+        "--image",
+        default="",
+        help=f"default of the pipeline's image parameter (default: {BASE_IMAGE}, cluster.image)",
+    )
     args = parser.parse_args(argv)
-    print(compile_pipeline(args.output))
+    print(compile_pipeline(args.output, args.image))
     return 0
 
 

@@ -18,7 +18,6 @@ import argparse
 import base64
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -154,17 +153,15 @@ def run_pipeline(
         "eval_samples": eval_samples,
         "eval_steps": eval_steps,
         **(gate or {}),
-    }
-    env = {
-        # One serving state dir per output dir: a new deploy replaces the last one's server.
-        "LDM_SERVING_DIR": str(Path(output).resolve() / "serving"),
         # Training runs kept by the key of what they depend on, so a re-run that changed
         # only, say, an evaluation override reuses them.
-        "LDM_WORKDIR": str(Path(output).resolve() / "work"),
+        "local_workdir": str(Path(output).resolve() / "work"),
+        # One serving state dir per output dir: a new deploy replaces the last one's server.
+        "serving_dir": str(Path(output).resolve() / "serving"),
     }
     progress = _Progress()
     started_wall, t0 = time.time(), time.monotonic()
-    with _environment(env), _observed(progress), warnings.catch_warnings():
+    with _observed(progress), warnings.catch_warnings():
         # The tasks carry the cluster image and GPU settings; kfp.local says it ignores them.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
@@ -188,21 +185,6 @@ def run_pipeline(
         seconds=time.monotonic() - t0,
         stages=dict(progress.states),
     )
-
-
-@contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    """Set ``env`` for the stage subprocesses (they inherit it), and restore it after."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextmanager

@@ -66,7 +66,7 @@ def test_tiny_cpu_asks_for_no_gpu_anywhere():
     (container,) = pod["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
-    assert stages.configure_stage("tiny-cpu", [], stages.PipelineParameters()).evaluate_gpus == 0
+    assert stages.configure_stage("tiny-cpu", []).evaluate_gpus == 0
 
 
 @pytest.mark.parametrize(
@@ -280,23 +280,25 @@ def test_a_gpu_training_device_needs_a_gpu_pod():
 
 
 def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
-    params = stages.PipelineParameters(
-        image="registry.example/ldm:3",
-        pvc_name="brain-ldm-data",
-        eval_gpus=0,
-        deployment_mode="Serverless",
-        min_replicas=0,
-        max_replicas=4,
-    )
+    params = {
+        "image": "registry.example/ldm:3",
+        "pvc_name": "brain-ldm-data",
+        "nproc": 2,
+        "eval_gpus": 0,
+        "deployment_mode": "Serverless",
+        "min_replicas": 0,
+        "max_replicas": 4,
+    }
     out = stages.configure_stage(
         "gpu-16g",
         ["serving.max_replicas=2", "cluster.evaluate.memory=20Gi", "train.device=auto"],
-        params,
         tmp_path / "config",
+        **params,
     )
     assert out.overrides == [
         "cluster.image=registry.example/ldm:3",
         "cluster.pvc_name=brain-ldm-data",
+        "train.nproc=2",
         "cluster.evaluate.gpus=0",
         "serving.deployment_mode=Serverless",
         "serving.min_replicas=0",
@@ -311,15 +313,88 @@ def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
     assert (cfg.serving.min_replicas, cfg.serving.max_replicas) == (0, 2)
     saved = load_config(tmp_path / "config" / "config.yaml")
     assert saved.cluster == cfg.cluster and saved.serving == cfg.serving
-    # Unset parameters leave the preset's values alone.
-    assert stages.PipelineParameters().overrides() == []
-    assert stages.configure_stage("gpu-16g", [], stages.PipelineParameters()).evaluate_gpus == 1
+    assert cfg.train.nproc == 2
+    # The data and training steps get the overrides of the sections they read, in order.
+    assert out.data_overrides == []
+    assert out.training_overrides == [
+        "cluster.image=registry.example/ldm:3",
+        "cluster.pvc_name=brain-ldm-data",
+        "train.nproc=2",
+        "cluster.evaluate.gpus=0",
+        "cluster.evaluate.memory=20Gi",
+        "train.device=auto",
+    ]
+    # Unset parameters (each field's own "as the config says" value) leave the preset alone.
+    unset = {name: unset for name, (_, unset) in stages.PIPELINE_PARAMETERS.items()}
+    assert stages.parameter_overrides(unset) == []
+    assert stages.configure_stage("gpu-16g", [], **unset).evaluate_gpus == 1
+
+
+def test_every_pipeline_parameter_reaches_the_config_field_it_names():
+    """Each parameter set to a valid value lands in its field, and only there: the table is
+    the one route from the Kubeflow UI to the config."""
+    values = {
+        "image": "registry.example/ldm:4",
+        "pvc_name": "other-pvc",
+        "nproc": 3,
+        "nnodes": 2,
+        "eval_samples": 5,
+        "eval_steps": 7,
+        "eval_gpus": 1,
+        "gate_min_ms_ssim_ratio": 0.4,
+        "gate_max_mmd": 0.25,
+        "gate_min_mask_dice": 0.65,
+        "gate_max_hist_distance": 0.2,
+        "deployment_mode": "RawDeployment",
+        "min_replicas": 2,
+        "max_replicas": 3,
+    }
+    assert set(values) == set(stages.PIPELINE_PARAMETERS)
+    default = load_config(preset="tiny-cpu")
+    # RawDeployment's HPA scales on cpu or memory (ldm_core.config.validation).
+    cfg = stages.resolve_config(
+        "tiny-cpu",
+        [*stages.parameter_overrides(values), "serving.scale_metric=cpu", "serving.scale_target=80"],
+    )
+    for name, (key, _) in stages.PIPELINE_PARAMETERS.items():
+        section, *rest = key.split(".")
+        got, was = getattr(cfg, section), getattr(default, section)
+        for part in rest:
+            got, was = getattr(got, part), getattr(was, part)
+        assert got == values[name] and got != was, name
+
+
+def test_each_step_reads_its_sections_as_the_full_config_says():
+    """The data and training steps resolve their config from part of the overrides: the
+    sections each reads must come out exactly as the whole run's config has them, and
+    what they do not read (here the gate, serving) must be left out, or a gate change
+    would re-run them (their inputs are their KFP cache key)."""
+    user = [
+        "data.val_fraction=0.25",
+        "storage.part_size_mb=32",
+        "model.unet.num_res_blocks=2",
+        "train.seed=7",
+        "cluster.train_diffusion.memory=12Gi",
+        "evaluation.gate_min_detail_ratio=0.8",
+        "serving.max_queue=3",
+        "sampling.steps=20",
+    ]
+    out = stages.configure_stage("tiny-cpu", user, nproc=2, gate_max_mmd=0.2)
+    full = stages.resolve_config("tiny-cpu", out.overrides)
+    for step, overrides in (("data", out.data_overrides), ("training", out.training_overrides)):
+        part = stages.resolve_config("tiny-cpu", overrides)
+        for section in stages.STEP_SECTIONS[step]:
+            assert getattr(part, section) == getattr(full, section), (step, section)
+        assert part.evaluation != full.evaluation and part.serving != full.serving, step
+        assert part.sampling != full.sampling, step
 
 
 def test_configure_fails_the_run_on_a_bad_config_or_a_pvc_it_cannot_mount():
     with pytest.raises(ConfigError, match="cluster.predictor.memory"):
-        stages.configure_stage("", ["cluster.predictor.memory=lots"], stages.PipelineParameters())
+        stages.configure_stage("", ["cluster.predictor.memory=lots"])
     with pytest.raises(stages.StageError, match="cluster.pvc_name: 'other' differs"):
-        stages.configure_stage(
-            "", ["cluster.pvc_name=other"], stages.PipelineParameters(pvc_name="brain-ldm-data")
-        )
+        stages.configure_stage("", ["cluster.pvc_name=other"], pvc_name="brain-ldm-data")
+    with pytest.raises(stages.StageError, match="cluster.workdir: '/data' differs"):
+        stages.configure_stage("", ["cluster.workdir=/data"], mount_path="/workspace")
+    with pytest.raises(stages.StageError, match="pipeline parameters nprocs: not config"):
+        stages.configure_stage("", [], nprocs=2)

@@ -55,6 +55,8 @@ def test_typed_inputs_and_outputs():
     assert out["configure"] == {
         "config": "system.Artifact@0.0.1",
         "overrides": "List",
+        "data_overrides": "List",
+        "training_overrides": "List",
         "evaluate_cpu": "String",
         "evaluate_memory": "String",
         "evaluate_gpus": "Integer",
@@ -85,13 +87,17 @@ def test_evaluate_body_fills_metrics_report_and_returns_the_gate(tmp_path, stric
         autoencoder=dsl.Model(name="ae", uri=str(tmp_path / "no-run")),
         diffusion=dsl.Model(name="ldm", uri=str(tmp_path / "no-run")),
         preset="",
-        overrides=[*TINY_OVERRIDES, *GATE_OFF_OVERRIDES, "sampling.steps=2"],
-        num_samples=2,
-        steps=2,
-        gate_min_ms_ssim_ratio=-1.0,
-        gate_max_mmd=1e9,
-        gate_min_mask_dice=1.01 if strict else 0.0,
-        gate_max_hist_distance=1e9,
+        overrides=[
+            *TINY_OVERRIDES,
+            *GATE_OFF_OVERRIDES,
+            "sampling.steps=2",
+            "evaluation.num_samples=2",
+            "evaluation.steps=2",
+            "evaluation.gate_min_ms_ssim_ratio=0",
+            "evaluation.gate_max_mmd=1e9",
+            "evaluation.gate_max_hist_distance=1e9",
+            f"evaluation.gate_min_mask_dice={1.01 if strict else 0.0}",
+        ],
         evaluation=evaluation,
         metrics=metrics,
         report=report,
@@ -114,9 +120,18 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
     out = components.configure.python_func(
         preset="gpu-16g",
         overrides=["cluster.evaluate.cpu=3", "train.device=auto"],
+        mount_path="/workspace",
         image="registry.example/ldm:1",
         pvc_name="brain-ldm-data",
+        nproc=1,
+        nnodes=1,
+        eval_samples=0,
+        eval_steps=0,
         eval_gpus=0,
+        gate_min_ms_ssim_ratio=-1.0,
+        gate_max_mmd=-1.0,
+        gate_min_mask_dice=0.6,
+        gate_max_hist_distance=-1.0,
         deployment_mode="",
         min_replicas=-1,
         max_replicas=-1,
@@ -124,11 +139,24 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
     )
     fields = ("overrides", "evaluate_cpu", "evaluate_memory", "evaluate_gpus")
     got = {name: getattr(out, name) for name in fields}
+    assert out.data_overrides == []
+    assert out.training_overrides == [
+        "cluster.image=registry.example/ldm:1",
+        "cluster.pvc_name=brain-ldm-data",
+        "train.nproc=1",
+        "train.nnodes=1",
+        "cluster.evaluate.gpus=0",
+        "cluster.evaluate.cpu=3",
+        "train.device=auto",
+    ]
     assert got == {
         "overrides": [
             "cluster.image=registry.example/ldm:1",
             "cluster.pvc_name=brain-ldm-data",
+            "train.nproc=1",
+            "train.nnodes=1",
             "cluster.evaluate.gpus=0",
+            "evaluation.gate_min_mask_dice=0.6",
             "cluster.evaluate.cpu=3",
             "train.device=auto",
         ],

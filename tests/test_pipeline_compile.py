@@ -3,7 +3,6 @@ deploy gated, and the cluster settings (PVC, secret, GPU) present in the platfor
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +16,11 @@ CHECKED_IN = ROOT / "pipelines" / "brain_ldm.yaml"
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> Path:
-    """Compile exactly as ``make compile`` does, in a clean process (no LDM_IMAGE)."""
+    """Compile exactly as ``make compile`` does, in a clean process."""
     out = tmp_path_factory.mktemp("compile") / "brain_ldm.yaml"
-    env = {k: v for k, v in os.environ.items() if k != "LDM_IMAGE"}
     subprocess.run(
         [sys.executable, "-m", "pipelines.brain_ldm", "--output", str(out)],
         cwd=ROOT,
-        env=env,
         check=True,
         capture_output=True,
         text=True,
@@ -94,6 +91,30 @@ def test_parameters_users_set(docs):
         assert name in params, name
     assert params["preset"]["defaultValue"] == "tiny-cpu"
     assert params["backend"]["defaultValue"] == "auto"
+
+
+def test_image_given_at_compile_time_is_the_image_parameters_default(tmp_path):
+    """``--image`` (``make compile IMAGE=...``) replaces the default every task and training
+    pod runs, in the compiled parameter itself: no environment variable decides it."""
+    out = tmp_path / "brain_ldm.yaml"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.brain_ldm",
+            "--output",
+            str(out),
+            "--image",
+            "registry.example/brain-ldm-training:2.0",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    spec, _ = yaml.safe_load_all(out.read_text())
+    image = spec["root"]["inputDefinitions"]["parameters"]["image"]
+    assert image["defaultValue"] == "registry.example/brain-ldm-training:2.0"
 
 
 def test_cluster_settings_are_in_the_platform_spec(docs):

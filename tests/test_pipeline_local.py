@@ -37,7 +37,7 @@ OVERRIDES = [
     *GATE_OFF_OVERRIDES,
 ]
 PERMISSIVE = {
-    "gate_min_ms_ssim_ratio": -1.0,
+    "gate_min_ms_ssim_ratio": 0.0,
     "gate_max_mmd": 1e9,
     "gate_min_mask_dice": 0.0,
     "gate_max_hist_distance": 1e9,

@@ -153,21 +153,24 @@ class CountingLauncher(LocalLauncher):
 
 @pytest.mark.parametrize("backend", ["kubeflow", "local"])
 def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypatch, backend):
-    """kubeflow: inputs staged on the PVC, run dir there. local with $LDM_WORKDIR: run dir
-    under it. Either way a retry with the same inputs copies the finished run, and only a
+    """kubeflow: inputs staged on the PVC (cluster.workdir), run dir there. local with a
+    local_workdir: run dir under it. Either way a retry with the same inputs copies the finished run, and only a
     change that matters to training starts a new one."""
     cache = tiny_cache(tmp_path / "cache")
     workdir = tmp_path / ("pvc" if backend == "kubeflow" else "work")
     launcher = CountingLauncher()
     # On the kubeflow path the PyTorchJob launcher is replaced by torchrun on this machine;
     # everything around it (staging, run dir on the volume, copy out) is the real path.
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: launcher)
-    monkeypatch.setenv(stages.LOCAL_WORKDIR_ENV, str(workdir))
-    cluster = stages.ClusterSettings(workdir=str(workdir))
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cfg, stage: launcher)
 
     def train(out: str, overrides: list[str]) -> dict:
         return stages.train_autoencoder_stage(
-            cache, tmp_path / out, "", overrides, nproc=1, backend=backend, cluster=cluster
+            cache,
+            tmp_path / out,
+            "",
+            [*overrides, f"cluster.workdir={workdir}"],
+            backend=backend,
+            local_workdir=str(workdir),
         )
 
     info = train("artifact1", TRAIN)
@@ -216,8 +219,7 @@ def test_trainjob_backend_runs_training_as_a_trainjob(tmp_path, monkeypatch):
     from ldm_core.kube.trainjob import TrainJobLauncher
 
     _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, "http://127.0.0.1:9")
-    cluster = stages.ClusterSettings()
-    launcher = stages._launcher("trainjob", cluster, tiny_config(), "train_autoencoder")
+    launcher = stages._launcher("trainjob", tiny_config(), "train_autoencoder")
     assert isinstance(launcher, TrainJobLauncher) and launcher.namespace == "team-a"
 
 
@@ -225,9 +227,10 @@ class _Launched(Exception):
     pass
 
 
-def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch):
-    """Nodes change the world size (and so the effective batch): they are part of the task
-    the PyTorchJob launcher gets and of the run's key; the local backend refuses them."""
+def test_nproc_and_nnodes_reach_the_training_task_and_key_the_run(tmp_path, monkeypatch):
+    """Processes and nodes (train.nproc, train.nnodes) change the world size and so the
+    effective batch: they are part of the task the launcher gets and of the run's key; the
+    local backend refuses more than one node."""
     cache = tiny_cache(tmp_path / "cache")
     tasks = []
 
@@ -236,21 +239,24 @@ def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch
             tasks.append(task)
             raise _Launched
 
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: Recording())
-    for nnodes in (1, 2):
-        cluster = stages.ClusterSettings(workdir=str(tmp_path / "pvc"), nnodes=nnodes)
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cfg, stage: Recording())
+    worlds = [(4, 1), (4, 2), (2, 2)]
+    for nproc, nnodes in worlds:
         with pytest.raises(_Launched):
             stages.train_autoencoder_stage(
                 cache,
-                tmp_path / f"out{nnodes}",
+                tmp_path / f"out{nproc}x{nnodes}",
                 "",
-                TRAIN,
-                nproc=4,
+                [
+                    *TRAIN,
+                    f"cluster.workdir={tmp_path / 'pvc'}",
+                    f"train.nproc={nproc}",
+                    f"train.nnodes={nnodes}",
+                ],
                 backend="kubeflow",
-                cluster=cluster,
             )
-    assert [(t.nproc_per_node, t.nnodes) for t in tasks] == [(4, 1), (4, 2)]
-    assert tasks[0].name != tasks[1].name
+    assert [(t.nproc_per_node, t.nnodes) for t in tasks] == worlds
+    assert len({t.name for t in tasks}) == len(worlds)
 
     monkeypatch.undo()
     with pytest.raises(LaunchError, match="the local launcher runs on one node; got nnodes=2"):
@@ -258,8 +264,6 @@ def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch
             cache,
             tmp_path / "local",
             "",
-            TRAIN,
-            nproc=1,
+            [*TRAIN, "train.nnodes=2"],
             backend="local",
-            cluster=stages.ClusterSettings(nnodes=2),
         )
