@@ -7,16 +7,16 @@ the endpoint they brought up, so "deployed" always means "answered a request".
   (log and pid files in a state directory), so it outlives the pipeline step that started
   it; ``stop_local(state_dir)`` stops it.
 - ``kserve`` (alias ``kubeflow``): upload the bundle to S3 under a content-addressed prefix,
-  then roll out an InferenceService (``ldm_core.kube.inference_service``): canary for an
-  update, smoke inference through the new revision, promote or roll back. Inside a
-  Kubeflow profile the predictor only answers callers its Istio AuthorizationPolicy admits,
-  so the smoke inference carries the step's service account token (``smoke_headers``).
+  then roll out an InferenceService built from the config (``ldm_core.kube.isvc_build``,
+  rolled out by ``ldm_core.kube.isvc_rollout``): canary for an update, smoke inference
+  through the new revision, promote or roll back. Inside a Kubeflow profile the predictor
+  only answers callers its Istio AuthorizationPolicy admits, so the smoke inference carries
+  the step's service account token (``smoke_headers``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -473,30 +473,38 @@ def deploy_kserve(
     """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
     InferenceService serving it (canary + smoke + promote / roll back).
 
-    The predictor is what ``cfg`` says (``PredictorSettings.from_config``: namespace, image,
-    identity, placement from ``cfg.cluster``, its pod from ``cfg.cluster.predictor``,
-    replicas, autoscaling and deployment mode from ``cfg.serving``); the arguments here are
-    about the rollout itself. ``name`` defaults to ``serving.model_name``."""
-    from ldm_core.kube import inference_service as isvc
+    The InferenceService is what ``cfg`` says: it lives in ``cluster.namespace`` (else the
+    step's own namespace), and :func:`ldm_core.kube.isvc_build.build_inference_service`
+    reads the predictor's image, identity and placement from ``cfg.cluster``, its pod from
+    ``cfg.cluster.predictor``, replicas, autoscaling and deployment mode from
+    ``cfg.serving``. The arguments here are about this deploy and the rollout itself:
+    ``name`` defaults to ``serving.model_name``; ``runtime`` is the ServingRuntime to use
+    (the one manifests/base ships), None runs a custom container."""
     from ldm_core.kube.client import api_client, current_namespace
+    from ldm_core.kube.isvc_build import build_inference_service, build_serving_runtime
+    from ldm_core.kube.isvc_rollout import InferenceServiceRollout
 
     model = cfg.serving.model_name
     _require_bundle(Path(bundle_dir))
     deployed = DeployedBundle.read(bundle_dir)
     uri = _upload_bundle(cfg, Path(bundle_dir), deployed.digest, storage_prefix, model)
     ns = cfg.cluster.namespace or current_namespace()
-    settings = dataclasses.replace(
-        isvc.PredictorSettings.from_config(
-            cfg, name=name or model, namespace=ns, storage_uri=uri, bundle_digest=deployed.digest
-        ),
+    isvc_name = name or model
+    rollout = InferenceServiceRollout(
+        api_client(api_host, api_token), timeout_s=timeout_s, poll_s=poll_s
+    )
+    if create_runtime and runtime:
+        rollout.ensure_serving_runtime(build_serving_runtime(cfg, runtime, ns))
+    desired = build_inference_service(
+        cfg,
+        name=isvc_name,
+        namespace=ns,
+        storage_uri=uri,
+        bundle_digest=deployed.digest,
         runtime=runtime,
     )
-    client = api_client(api_host, api_token)
-    rollout = isvc.InferenceServiceRollout(client, timeout_s=timeout_s, poll_s=poll_s)
-    if create_runtime and runtime:
-        rollout.ensure_serving_runtime(isvc.build_serving_runtime(runtime, ns, settings.image))
     result = rollout.rollout(
-        isvc.build_inference_service(settings),
+        desired,
         smoke=_cluster_smoke(model, deployed, smoke_steps),
         canary_percent=canary_percent,
         url_override=smoke_url,
@@ -504,7 +512,7 @@ def deploy_kserve(
     url = result["url"]
     return {
         "backend": "kserve",
-        "name": settings.name,
+        "name": isvc_name,
         "namespace": ns,
         "model_name": model,
         "storage_uri": uri,

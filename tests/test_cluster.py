@@ -16,7 +16,7 @@ import pytest
 from ldm_core import stages
 from ldm_core.config import PRESETS, ConfigError, TrainingResources, load_config
 from ldm_core.deploy import deploy, deploy_kserve
-from ldm_core.kube import inference_service as isvc
+from ldm_core.kube import isvc_build
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.launcher import TrainingTask
 from tests.harness import crdcheck
@@ -162,10 +162,9 @@ def test_no_s3_secret_means_no_env_from():
 
 def _isvc(preset: str, *extra: str) -> dict[str, Any]:
     cfg = load_config(preset=preset, overrides=list(extra))
-    settings = isvc.PredictorSettings.from_config(
+    obj = isvc_build.build_inference_service(
         cfg, name="brain-ldm", namespace="ns", storage_uri="s3://b/m/1", bundle_digest="ab" * 32
     )
-    obj = isvc.build_inference_service(settings)
     crdcheck.validate(obj)
     return obj
 

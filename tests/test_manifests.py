@@ -28,7 +28,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from ldm_core.config import PRESETS, ClusterConfig, load_config
-from ldm_core.kube import inference_service as isvc
+from ldm_core.kube import isvc_build
 from tests.harness import crdcheck
 from tests.harness.netpol import Address, Pod, admits
 
@@ -506,11 +506,9 @@ def test_serving_runtime_runs_the_predictor_locked_down(builds, overlay):
 
 def test_serving_runtime_matches_the_one_the_deploy_code_builds(builds):
     """The deploy stage can create the runtime itself where the manifests were not applied
-    (ldm_core.kube.inference_service.build_serving_runtime); both must run the same thing."""
-    from ldm_core.kube.inference_service import build_serving_runtime
-
+    (ldm_core.kube.isvc_build.build_serving_runtime); both must run the same thing."""
     ours = one(builds["local"], "ServingRuntime", "brain-ldm")["spec"]
-    theirs = build_serving_runtime(namespace=NAMESPACE)["spec"]
+    theirs = isvc_build.build_serving_runtime(load_config(), namespace=NAMESPACE)["spec"]
     for key in ("supportedModelFormats", "protocolVersions", "volumes"):
         assert ours[key] == theirs[key], key
     (mine,), (code,) = ours["containers"], theirs["containers"]
@@ -543,10 +541,8 @@ def test_the_config_sizes_the_predictor_not_the_overlays(builds, overlay):
     assert "nvidia.com/gpu" not in {**resources["requests"], **resources["limits"]}
     assert PRESET_OF[overlay] in PRESETS
     cfg = load_config(preset=PRESET_OF[overlay])
-    pred = isvc.build_inference_service(
-        isvc.PredictorSettings.from_config(
-            cfg, name="brain-ldm", namespace=NAMESPACE, storage_uri="s3://b/m", bundle_digest=""
-        )
+    pred = isvc_build.build_inference_service(
+        cfg, name="brain-ldm", namespace=NAMESPACE, storage_uri="s3://b/m"
     )["spec"]["predictor"]
     merged = _strategic_merge(resources, pred["model"]["resources"])
     want = cfg.cluster.predictor

@@ -58,7 +58,7 @@ def test_mutant_globs_use_mutmuts_names():
     assert "ldm_core.deploy.x_smoke_check__mutmut_*" in smoke.mutant_globs()
     assert "ldm_core.deploy.x\u01c1DeployedBundle\u01c1read__mutmut_*" in smoke.mutant_globs()
     rollout = next(t for t in TARGETS if t.name == "rollout")
-    assert rollout.mutant_globs() == ["ldm_core.kube.inference_service.*"]
+    assert rollout.mutant_globs() == ["ldm_core.kube.isvc_rollout.*"]
 
 
 @pytest.mark.parametrize("mutation", named.MUTATIONS, ids=lambda m: m.name)

@@ -21,7 +21,7 @@ PIPELINE_ROLE = "brain-ldm-pipeline-runner"
 KUBE_MODULES = (
     "ldm_core.kube.pytorchjob",
     "ldm_core.kube.trainjob",
-    "ldm_core.kube.inference_service",
+    "ldm_core.kube.isvc_rollout",
 )
 VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 

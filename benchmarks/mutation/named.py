@@ -75,8 +75,8 @@ class Mutation:
         return source.replace(self.old, self.new)
 
 
-_ROLLOUT_TESTS = ("tests/test_inference_service.py",)
-_SMOKE_TESTS = ("tests/test_deploy_local.py", "tests/test_inference_service.py")
+_ROLLOUT_TESTS = ("tests/test_isvc_status.py", "tests/test_isvc_rollout.py")
+_SMOKE_TESTS = ("tests/test_deploy_local.py", "tests/test_isvc_rollout.py")
 _LAUNCHER_TESTS = ("tests/test_pytorchjob.py",)
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -93,7 +93,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "b-rollout-trusts-observed-generation",
         "b",
-        "ldm_core/kube/inference_service.py",
+        "ldm_core/kube/isvc_status.py",
         "    if created is None or created == previous_revision:\n",
         '    if status.get("observedGeneration") != (obj.get("metadata") or {}).get("generation"):\n',
         _ROLLOUT_TESTS,
@@ -101,7 +101,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "b-rollout-without-new-revision-check",
         "b",
-        "ldm_core/kube/inference_service.py",
+        "ldm_core/kube/isvc_status.py",
         "    if created is None or created == previous_revision:\n",
         "    if created is None:\n",
         _ROLLOUT_TESTS,
@@ -109,7 +109,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "b-promotion-without-revision-identity",
         "b",
-        "ldm_core/kube/inference_service.py",
+        "ldm_core/kube/isvc_status.py",
         "    if revision is not None and state.revision != revision:\n",
         "    if False:\n",
         _ROLLOUT_TESTS,

@@ -51,11 +51,18 @@ def _mangled(function: str) -> str:
 
 TARGETS: tuple[Target, ...] = (
     Target(
-        "rollout",
-        "ldm_core/kube/inference_service.py",
+        "InferenceService objects",
+        "ldm_core/kube/isvc_build.py",
         (),
-        ("tests/test_inference_service.py",),
+        ("tests/test_isvc_build.py", "tests/test_isvc_rollout.py"),
     ),
+    Target(
+        "revision state",
+        "ldm_core/kube/isvc_status.py",
+        (),
+        ("tests/test_isvc_status.py", "tests/test_isvc_rollout.py"),
+    ),
+    Target("rollout", "ldm_core/kube/isvc_rollout.py", (), ("tests/test_isvc_rollout.py",)),
     Target("launcher", "ldm_core/kube/pytorchjob.py", (), ("tests/test_pytorchjob.py",)),
     Target("gate", "ldm_core/evaluate.py", ("gate",), ("tests/test_evaluate.py",)),
     Target(
@@ -69,7 +76,7 @@ TARGETS: tuple[Target, ...] = (
             "_is_loopback",
             "DeployedBundle.read",
         ),
-        ("tests/test_deploy_local.py", "tests/test_inference_service.py"),
+        ("tests/test_deploy_local.py", "tests/test_isvc_rollout.py"),
     ),
     Target(
         "samplers",

@@ -12,5 +12,8 @@
 - ``pending``: why a pod cannot start (scheduler and kubelet marks), with what to change;
 - ``ownership``: a job's lifetime tied to its launcher's (ownerReference to the step's pod,
   deletion on SIGTERM): no leaked GPUs;
-- ``inference_service``: a model bundle as a KServe InferenceService (rollout).
+- ``isvc_build``: a model bundle as a KServe InferenceService (and its ServingRuntime),
+  built from the config;
+- ``isvc_status``: where an InferenceService's revision stands, read from its status;
+- ``isvc_rollout``: the rollout (create or canary, smoke inference, promote or roll back).
 """

@@ -38,7 +38,13 @@ from kubernetes.client.exceptions import ApiException
 
 from ldm_core.deploy import SmokeTestError
 from ldm_core.kube import deployment_status, knative
-from ldm_core.kube import inference_service as isvc
+from ldm_core.kube.isvc_build import (
+    GROUP,
+    ISVC_PLURAL,
+    ISVC_VERSION,
+    RUNTIME_PLURAL,
+    RUNTIME_VERSION,
+)
 from tests.harness.kube import KubeApi
 
 NS = "brain-ldm"
@@ -53,8 +59,8 @@ DOMAIN = "example.com"
 CANARY_LOCAL_HOST = f"latest-{NAME}-predictor.{NS}.svc.cluster.local"
 """The cluster-local name Knative gives the ``latest`` tag of the predictor's route."""
 SERVED = {
-    f"{isvc.GROUP}/{isvc.ISVC_VERSION}/{isvc.ISVC_PLURAL}": "InferenceService",
-    f"{isvc.GROUP}/{isvc.RUNTIME_VERSION}/{isvc.RUNTIME_PLURAL}": "ServingRuntime",
+    f"{GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}": "InferenceService",
+    f"{GROUP}/{RUNTIME_VERSION}/{RUNTIME_PLURAL}": "ServingRuntime",
     "apps/v1/deployments": "Deployment",
     "v1/configmaps": "ConfigMap",
 }
@@ -178,9 +184,7 @@ class FakeKServe:
             time.sleep(0.03)
 
     def _list(self) -> list[dict[str, Any]]:
-        items = self.api.list_namespaced_custom_object(
-            isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL
-        )
+        items = self.api.list_namespaced_custom_object(GROUP, ISVC_VERSION, NS, ISVC_PLURAL)
         return items.get("items", [])
 
     # ------------------------------------------------------------------ reconcile
@@ -253,7 +257,7 @@ class FakeKServe:
         if runtime:
             try:
                 runtime_spec = self.api.get_namespaced_custom_object(
-                    isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL, runtime
+                    GROUP, RUNTIME_VERSION, NS, RUNTIME_PLURAL, runtime
                 )["spec"]
             except ApiException as err:
                 if err.status != 404:
@@ -282,7 +286,7 @@ class FakeKServe:
                 "kind": "Event",
                 "metadata": {"name": f"{meta['name']}.{len(self.refusals):x}", "namespace": NS},
                 "involvedObject": {
-                    "apiVersion": f"{isvc.GROUP}/{isvc.ISVC_VERSION}",
+                    "apiVersion": f"{GROUP}/{ISVC_VERSION}",
                     "kind": "InferenceService",
                     "name": meta["name"],
                     "namespace": NS,
@@ -372,10 +376,10 @@ class FakeKServe:
     def _patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
         if obj.get("status") != status:
             self.api.patch_namespaced_custom_object_status(
-                isvc.GROUP,
-                isvc.ISVC_VERSION,
+                GROUP,
+                ISVC_VERSION,
                 NS,
-                isvc.ISVC_PLURAL,
+                ISVC_PLURAL,
                 obj["metadata"]["name"],
                 {"status": status},
             )

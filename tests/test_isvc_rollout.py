@@ -1,4 +1,4 @@
-"""InferenceService objects and rollout against an in-memory Kubernetes API on loopback.
+"""The InferenceService rollout against an in-memory Kubernetes API on loopback.
 
 kmock's KubernetesEmulator plays the API server (optionally with the generation
 bookkeeping a real one does); ``FakeKServe`` (tests/harness/fake_kserve.py) plays KServe's
@@ -18,6 +18,7 @@ import kubernetes
 import pytest
 import yaml
 
+from ldm_core.config import Config, load_config
 from ldm_core.deploy import (
     SmokeTestError,
     deploy,
@@ -26,8 +27,7 @@ from ldm_core.deploy import (
     smoke_headers,
     stop_local,
 )
-from ldm_core.kube import inference_service as isvc
-from ldm_core.kube import knative
+from ldm_core.kube import isvc_build, isvc_rollout, knative
 from ldm_core.kube.client import api_client
 from tests.harness import crdcheck
 from tests.harness.configs import MODEL, serve_config
@@ -66,7 +66,7 @@ def _served_api(generations: bool):
         sent = [r for r in api.requests() if r.headers.get("User-Agent") not in HELPERS]
         used = {rbac_triple(r) for r in sent}
         # Knative's flags are read only where the opt-in component grants it.
-        rules = declared(isvc.RBAC_RULES) | declared(knative.RBAC_RULES)
+        rules = declared(isvc_rollout.RBAC_RULES) | declared(knative.RBAC_RULES)
         assert used <= rules, f"calls outside RBAC_RULES: {sorted(used - rules)}"
 
 
@@ -127,105 +127,39 @@ class Smoke:
         return smoke_check(server, MODEL, steps=2, timeout_s=60, headers=headers)
 
 
-def desired(uri: str, **kw: Any) -> dict[str, Any]:
-    return isvc.build_inference_service(
-        isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=uri, **kw)
-    )
+SERVERLESS = load_config()
+RAW = load_config(
+    overrides=[
+        "serving.deployment_mode=RawDeployment",
+        "serving.scale_metric=cpu",
+        "serving.scale_target=70",
+    ]
+)
+"""The default config, and the same in RawDeployment mode (whose HPA scales on cpu)."""
+
+
+def desired(uri: str, cfg: Config = SERVERLESS) -> dict[str, Any]:
+    """The InferenceService the deploy stage builds from ``cfg`` for the bundle at ``uri``."""
+    return isvc_build.build_inference_service(cfg, name=NAME, namespace=NS, storage_uri=uri)
+
+
+def raw(uri: str) -> dict[str, Any]:
+    """The same in RawDeployment mode."""
+    return desired(uri, RAW)
 
 
 def stored(api: KubeApi) -> dict[str, Any]:
     return kubernetes.client.CustomObjectsApi(
         api.client(INSPECTOR_UA)
-    ).get_namespaced_custom_object(isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME)
-
-
-def rollout(api: KubeApi, timeout_s: float = 30.0) -> isvc.InferenceServiceRollout:
-    return isvc.InferenceServiceRollout(api.client(ROLLOUT_UA), timeout_s=timeout_s, poll_s=0.05)
-
-
-# --------------------------------------------------------------------------- builders
-
-
-def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
-    runtime_mode = desired(
-        OLD_URI, gpus=1, min_replicas=1, max_replicas=3, timeout_s=900, bundle_digest="ab" * 32
+    ).get_namespaced_custom_object(
+        isvc_build.GROUP, isvc_build.ISVC_VERSION, NS, isvc_build.ISVC_PLURAL, NAME
     )
-    custom = desired(
-        OLD_URI, runtime=None, image="registry.local/brain-ldm-serving:1", model_name="brain-ldm-x"
-    )
-    canary = isvc.build_inference_service(
-        isvc.PredictorSettings(name=NAME, namespace=NS, storage_uri=NEW_URI), canary_percent=10
-    )
-    runtime = isvc.build_serving_runtime(namespace=NS)
-    for obj in (runtime_mode, custom, canary, runtime):
-        crdcheck.validate(obj)
-
-    pred = runtime_mode["spec"]["predictor"]
-    assert pred["serviceAccountName"] == "serving" and pred["timeout"] == 900
-    assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3)
-    assert (
-        pred["model"]["modelFormat"]["name"] == "brain-ldm"
-        and pred["model"]["runtime"] == "brain-ldm"
-    )
-    assert pred["model"]["storageUri"] == OLD_URI
-    assert pred["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": "ab" * 32} in pred["model"]["env"]
-    assert "args" not in pred["model"]  # the default model name needs no extra args
-    assert runtime_mode["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
-    container = custom["spec"]["predictor"]["containers"][0]
-    assert container["name"] == "kserve-container"
-    assert {"name": "STORAGE_URI", "value": OLD_URI} in container["env"]
-    assert container["args"][container["args"].index("--model-name") + 1] == "brain-ldm-x"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10
-
-    with pytest.raises(crdcheck.InvalidResource):  # the validator does catch bad objects
-        crdcheck.validate(desired(OLD_URI, min_replicas=3, max_replicas=1))
 
 
-def test_the_predictor_identity_in_manifests_finds_s3_and_carries_no_credentials():
-    """The predictor runs as PredictorSettings' default ServiceAccount; the manifests ship it
-    listing the S3 secret whose serving.kserve.io/s3-* annotations tell KServe's storage
-    initializer where the bundle is, and the secret's template holds placeholders only."""
-    base = Path(__file__).parents[1] / "manifests" / "base"
-    secret = yaml.safe_load((base / "s3-secret.template.yaml").read_text())
-    accounts = {
-        d["metadata"]["name"]: d
-        for d in yaml.safe_load_all((base / "serviceaccounts.yaml").read_text())
-        if d
-    }
-    ann = secret["metadata"]["annotations"]
-    assert ann["serving.kserve.io/s3-endpoint"] == "minio-service.kubeflow:9000"
-    assert (
-        ann["serving.kserve.io/s3-usehttps"] == "0"
-        and ann["serving.kserve.io/s3-region"] == "us-east-1"
+def rollout(api: KubeApi, timeout_s: float = 30.0) -> isvc_rollout.InferenceServiceRollout:
+    return isvc_rollout.InferenceServiceRollout(
+        api.client(ROLLOUT_UA), timeout_s=timeout_s, poll_s=0.05
     )
-    data = secret["stringData"]
-    assert all(
-        data[k].startswith("REPLACE_WITH_") for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    )
-    # The one key that is no credential: Kubeflow's in-cluster MinIO, plain HTTP.
-    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT"}
-    assert data["S3_ENDPOINT"] == "http://" + ann["serving.kserve.io/s3-endpoint"]
-    sa = accounts[isvc.DEFAULT_SERVICE_ACCOUNT]
-    assert sa["secrets"] == [{"name": secret["metadata"]["name"]}]
-    assert sa["automountServiceAccountToken"] is False
-
-
-def test_runtime_builder_agrees_with_the_checked_in_manifest():
-    manifest = Path(__file__).parents[1] / "manifests" / "base" / "servingruntime.yaml"
-    if not manifest.exists():
-        pytest.skip("manifests/base/servingruntime.yaml not present")
-    shipped = yaml.safe_load(manifest.read_text())
-    built = isvc.build_serving_runtime()
-    assert built["metadata"]["name"] == shipped["metadata"]["name"]
-    assert (
-        built["spec"]["supportedModelFormats"][0]["name"]
-        == shipped["spec"]["supportedModelFormats"][0]["name"]
-    )
-    a, b = built["spec"]["containers"][0], shipped["spec"]["containers"][0]
-    for key in ("name", "image", "command", "args", "ports", "readinessProbe"):
-        assert a[key] == b[key], key
 
 
 # --------------------------------------------------------------------------- rollout
@@ -298,7 +232,7 @@ def test_an_unreconciled_spec_is_never_smoke_tested_on_the_old_revision(api, mod
     with FakeKServe(api, latest_url=model_server, address_url=model_server, child_ahead=1) as ks:
         rollout(api).rollout(desired(OLD_URI), smoke)
         ks.notice_after_s = 3600.0
-        with pytest.raises(isvc.RolloutTimeout, match="a new predictor revision") as info:
+        with pytest.raises(isvc_rollout.RolloutTimeout, match="a new predictor revision") as info:
             rollout(api, timeout_s=1.5).rollout(desired(NEW_URI), smoke)
     assert "rolled back" in str(info.value)
     assert len(smoke.calls) == 1  # only the first deploy's
@@ -311,7 +245,7 @@ def test_raw_deployment_mode_reports_no_ready_revision_and_still_deploys(api, mo
     smoke = Smoke()
     kserve = FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True)
     with kserve:
-        result = rollout(api).rollout(desired(OLD_URI), smoke)
+        result = rollout(api).rollout(raw(OLD_URI), smoke)
     assert result["action"] == "created" and result["revision"] == "1"
     assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00001"]
 
@@ -320,7 +254,7 @@ def test_failed_revision_is_rolled_back_with_the_reason(api, model_server):
     smoke = Smoke()
     with FakeKServe(api, latest_url=model_server, address_url=model_server):
         rollout(api).rollout(desired(OLD_URI), smoke)
-        with pytest.raises(isvc.RolloutFailed) as info:
+        with pytest.raises(isvc_rollout.RolloutFailed) as info:
             rollout(api).rollout(desired(BAD_URI), smoke)
     message = str(info.value)
     assert "BlockedByFailedLoad" in message and "bundle.json missing" in message
@@ -334,7 +268,7 @@ def test_timeout_names_what_it_waited_for_and_rolls_back(api, model_server):
     smoke = Smoke()
     with FakeKServe(api, latest_url=model_server, address_url=model_server):
         rollout(api).rollout(desired(OLD_URI), smoke)
-        with pytest.raises(isvc.RolloutTimeout) as info:
+        with pytest.raises(isvc_rollout.RolloutTimeout) as info:
             rollout(api, timeout_s=2.0).rollout(desired(STUCK_URI), smoke)
     message = str(info.value)
     assert "not done after 2 s" in message and "still waiting for latestReadyRevision" in message
@@ -345,7 +279,7 @@ def test_timeout_names_what_it_waited_for_and_rolls_back(api, model_server):
 def test_first_deploy_timeout_is_reported_and_left_for_inspection(plain_api, model_server):
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
         with pytest.raises(
-            isvc.RolloutTimeout,
+            isvc_rollout.RolloutTimeout,
             match="first revision ready not done after 1.5 s; still waiting for latestReadyRevision",
         ):
             rollout(plain_api, timeout_s=1.5).rollout(desired(STUCK_URI), Smoke())
@@ -358,7 +292,7 @@ def test_failed_smoke_inference_rolls_back(plain_api, model_server):
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
         dead = closed_url()
         with pytest.raises(
-            isvc.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"
+            isvc_rollout.RolloutFailed, match=f"smoke inference through {dead} failed.*rolled back"
         ):
             rollout(plain_api).rollout(desired(NEW_URI), smoke, url_override=dead)
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
@@ -417,10 +351,14 @@ def test_deploy_kserve_uploads_the_bundle_and_rolls_out(
     crdcheck.validate(obj)
     model = obj["spec"]["predictor"]["model"]
     assert model["storageUri"] == result["storage_uri"]
-    assert {"name": isvc.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
+    assert {"name": isvc_build.BUNDLE_DIGEST_ENV, "value": digest} in model["env"]
     inspector = kubernetes.client.CustomObjectsApi(plain_api.client(INSPECTOR_UA))
     runtime = inspector.get_namespaced_custom_object(
-        isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL, model["runtime"]
+        isvc_build.GROUP,
+        isvc_build.RUNTIME_VERSION,
+        NS,
+        isvc_build.RUNTIME_PLURAL,
+        model["runtime"],
     )
     crdcheck.validate(runtime)
     assert runtime["spec"]["supportedModelFormats"][0]["name"] == model["modelFormat"]["name"]
@@ -432,9 +370,14 @@ def _interrupt_with_canary(api: KubeApi, uri: str, percent: int | None) -> None:
     left = desired(uri)["spec"]["predictor"]
     if percent is not None:
         left["canaryTrafficPercent"] = percent
-    patch = isvc.merge_patch(stored(api)["spec"]["predictor"], left)
+    patch = isvc_rollout.merge_patch(stored(api)["spec"]["predictor"], left)
     kubernetes.client.CustomObjectsApi(api.client(INTERRUPTED_UA)).patch_namespaced_custom_object(
-        isvc.GROUP, isvc.ISVC_VERSION, NS, isvc.ISVC_PLURAL, NAME, {"spec": {"predictor": patch}}
+        isvc_build.GROUP,
+        isvc_build.ISVC_VERSION,
+        NS,
+        isvc_build.ISVC_PLURAL,
+        NAME,
+        {"spec": {"predictor": patch}},
     )
 
 
@@ -494,7 +437,7 @@ def test_a_failed_revision_of_the_unchanged_spec_fails_at_once_and_writes_nothin
             assert time.monotonic() < deadline, "fake controller never noticed the spec"
             time.sleep(0.05)
         writes_before = len(_spec_writes(plain_api))
-        with pytest.raises(isvc.RolloutFailed) as info:
+        with pytest.raises(isvc_rollout.RolloutFailed) as info:
             rollout(plain_api, timeout_s=20).rollout(desired(BAD_URI), smoke)
     message = str(info.value)
     assert f"revision {bad} of the unchanged spec failed" in message
@@ -544,9 +487,9 @@ def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):
 
 def test_forbidden_create_names_the_missing_rbac(plain_api):
     """A refusal reads as the PyTorchJob launcher's: verb, resource, namespace, Role."""
-    path = f"/apis/{isvc.GROUP}/{isvc.ISVC_VERSION}/namespaces/{NS}/{isvc.ISVC_PLURAL}"
+    path = f"/apis/{isvc_build.GROUP}/{isvc_build.ISVC_VERSION}/namespaces/{NS}/{isvc_build.ISVC_PLURAL}"
     plain_api.emulator["post", path] << 403
-    with pytest.raises(isvc.RolloutError) as err:
+    with pytest.raises(isvc_rollout.RolloutError) as err:
         rollout(plain_api).rollout(desired(OLD_URI), Smoke())
     message = str(err.value)
     assert f"create inferenceservices.serving.kserve.io {NS}/{NAME}" in message
@@ -557,8 +500,8 @@ def test_forbidden_create_names_the_missing_rbac(plain_api):
 
 def test_unreachable_api_is_a_rollout_error_naming_the_host():
     closed = closed_url()
-    with pytest.raises(isvc.RolloutError, match=f"Kubernetes API at {closed} unreachable"):
-        isvc.InferenceServiceRollout(api_client(closed)).rollout(desired(OLD_URI), Smoke())
+    with pytest.raises(isvc_rollout.RolloutError, match=f"Kubernetes API at {closed} unreachable"):
+        isvc_rollout.InferenceServiceRollout(api_client(closed)).rollout(desired(OLD_URI), Smoke())
 
 
 def test_waiting_runs_on_the_injected_clock(plain_api):
@@ -568,11 +511,11 @@ def test_waiting_runs_on_the_injected_clock(plain_api):
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    slow = isvc.InferenceServiceRollout(
+    slow = isvc_rollout.InferenceServiceRollout(
         plain_api.client(ROLLOUT_UA), timeout_s=900, poll_s=60, clock=lambda: now[0], sleep=sleep
     )
     t0 = time.monotonic()
-    with pytest.raises(isvc.RolloutTimeout, match="not done after 900 s"):
+    with pytest.raises(isvc_rollout.RolloutTimeout, match="not done after 900 s"):
         slow.rollout(desired(STUCK_URI), Smoke())  # no controller: no status ever
     assert time.monotonic() - t0 < 20 and now[0] >= 900
 
@@ -617,7 +560,9 @@ def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_roll
     )
     with kserve:
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
-        with pytest.raises(isvc.RolloutFailed, match="403 RBAC: access denied.*rolled back"):
+        with pytest.raises(
+            isvc_rollout.RolloutFailed, match="403 RBAC: access denied.*rolled back"
+        ):
             rollout(plain_api).rollout(desired(NEW_URI), smoke)
     assert smoke.requested[-1] == f"http://{CANARY_LOCAL_HOST}"
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
@@ -639,40 +584,7 @@ def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
     assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", None) == {}
 
 
-def test_the_canary_address_follows_the_tag_template_namespace_and_cluster_domain():
-    obj = {
-        "metadata": {"name": "brain", "namespace": "team-a"},
-        "status": {
-            "components": {
-                "predictor": {
-                    "address": {"url": "http://brain-predictor.team-a.svc.corp.local"},
-                    "traffic": [
-                        {"tag": "prev", "url": "http://prev-brain-predictor.team-a.ml.example.org"},
-                        {
-                            "tag": "latest",
-                            "url": "https://latest-brain-predictor.team-a.ml.example.org",
-                        },
-                    ],
-                }
-            }
-        },
-    }
-    assert (
-        isvc.service_url(obj, canary=True) == "http://latest-brain-predictor.team-a.svc.corp.local"
-    )
-    del obj["status"]["components"]["predictor"]["address"]  # not Ready: KServe copies none
-    assert isvc.canary_url(obj) == "http://latest-brain-predictor.team-a.svc.cluster.local"
-    obj["status"]["components"]["predictor"]["traffic"] = []
-    assert isvc.canary_url(obj) is None
-
-
 # --------------------------------------------------------------------------- RawDeployment
-
-
-def raw(uri: str) -> dict[str, Any]:
-    obj = desired(uri)
-    obj["metadata"]["annotations"][isvc.DEPLOYMENT_MODE_ANNOTATION] = "RawDeployment"
-    return obj
 
 
 def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
@@ -686,7 +598,7 @@ def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
     with kserve:
         rollout(api).rollout(raw(OLD_URI), smoke)
         kserve.notice_after_s = 1.0
-        with caplog.at_level(logging.INFO, logger=isvc.__name__):
+        with caplog.at_level(logging.INFO, logger=isvc_rollout.__name__):
             result = rollout(api).rollout(raw(NEW_URI), smoke, canary_percent=20)
     assert (result["action"], result["mode"], result["canary_percent"]) == (
         "updated",
@@ -711,8 +623,8 @@ def test_raw_deployment_pods_that_crash_are_rolled_back_by_reapplying_the_spec(
     with FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True) as kserve:
         rollout(api).rollout(raw(OLD_URI), smoke)
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger=isvc.__name__):
-            with pytest.raises(isvc.RolloutFailed) as info:
+        with caplog.at_level(logging.WARNING, logger=isvc_rollout.__name__):
+            with pytest.raises(isvc_rollout.RolloutFailed) as info:
                 rollout(api, timeout_s=60).rollout(raw(BAD_URI), smoke)
         waited = time.monotonic() - started
         deadline = time.monotonic() + 20
@@ -728,74 +640,15 @@ def test_raw_deployment_pods_that_crash_are_rolled_back_by_reapplying_the_spec(
     assert list(kserve.revision_uri.values()) == [OLD_URI, BAD_URI, OLD_URI]
 
 
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [
-        (
-            {
-                "conditions": [
-                    {
-                        "type": "Progressing",
-                        "status": "False",
-                        "reason": "ProgressDeadlineExceeded",
-                        "message": "timed out",
-                    }
-                ]
-            },
-            ("failed", "ProgressDeadlineExceeded: timed out"),
-        ),
-        (
-            {
-                "conditions": [
-                    {
-                        "type": "ReplicaFailure",
-                        "status": "True",
-                        "reason": "FailedCreate",
-                        "message": "exceeded quota",
-                    }
-                ]
-            },
-            ("failed", "FailedCreate: exceeded quota"),
-        ),
-        ({"observedGeneration": 1}, ("waiting", "observe generation 2")),
-        (
-            {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2},
-            ("waiting", "1 old replicas to terminate"),
-        ),
-        (
-            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0},
-            ("waiting", "0 of 1 updated replicas available"),
-        ),
-        (
-            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
-            ("ready", "ready"),
-        ),
-    ],
-    ids=["deadline", "replica-failure", "unobserved", "old-pods", "unavailable", "rolled-out"],
-)
-def test_deployment_progress_reads_the_rollout_as_kubectl_rollout_status_does(status, expected):
-    from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_progress
-
-    dep = {
-        "metadata": {"generation": 2, "annotations": {REVISION_ANNOTATION: "3"}},
-        "spec": {"replicas": 1},
-        "status": status,
-    }
-    progress = deployment_progress(dep, "2")
-    assert progress.phase == expected[0] and expected[1] in progress.detail
-    assert progress.revision == "3"
-    assert deployment_progress(dep, "3").detail == "a new Deployment revision (still 3)"
-
-
 # --------------------------------------------------------------------------- Knative specifics
 
 
 def _apply_runtime(api: KubeApi, **scheduling: Any) -> None:
     """The ServingRuntime as manifests/ ship it, with the GPU overlay's scheduling fields."""
-    runtime = isvc.build_serving_runtime(namespace=NS)
+    runtime = isvc_build.build_serving_runtime(SERVERLESS, namespace=NS)
     runtime["spec"].update(scheduling)
     objects = kubernetes.client.CustomObjectsApi(api.client(INSPECTOR_UA))
-    args = (isvc.GROUP, isvc.RUNTIME_VERSION, NS, isvc.RUNTIME_PLURAL)
+    args = (isvc_build.GROUP, isvc_build.RUNTIME_VERSION, NS, isvc_build.RUNTIME_PLURAL)
     try:
         objects.patch_namespaced_custom_object(*args, runtime["metadata"]["name"], runtime)
     except kubernetes.client.exceptions.ApiException:
@@ -838,8 +691,8 @@ def test_a_gpu_runtime_without_knatives_podspec_flags_fails_fast_with_the_webhoo
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
         _apply_runtime(plain_api, **GPU)  # kubectl apply -k manifests/overlays/gpu-16g
         started = time.monotonic()
-        with caplog.at_level(logging.INFO, logger=isvc.__name__):
-            with pytest.raises(isvc.RolloutFailed) as info:
+        with caplog.at_level(logging.INFO, logger=isvc_rollout.__name__):
+            with pytest.raises(isvc_rollout.RolloutFailed) as info:
                 rollout(plain_api, timeout_s=60).rollout(desired(NEW_URI), smoke)
         waited = time.monotonic() - started
     message = str(info.value)
@@ -878,7 +731,7 @@ def test_with_knatives_podspec_flags_on_a_gpu_runtime_rolls_out_without_warnings
     with FakeKServe(
         plain_api, latest_url=model_server, address_url=model_server, features=FLAGS_ON
     ) as kserve:
-        with caplog.at_level(logging.WARNING, logger=isvc.__name__):
+        with caplog.at_level(logging.WARNING, logger=isvc_rollout.__name__):
             result = rollout(plain_api).rollout(desired(OLD_URI), smoke)
     assert result["action"] == "created" and kserve.refusals == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -892,7 +745,7 @@ def test_a_configuration_that_turns_false_ends_the_wait_with_its_message(plain_a
     with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
         started = time.monotonic()
-        with pytest.raises(isvc.RolloutFailed) as info:
+        with pytest.raises(isvc_rollout.RolloutFailed) as info:
             rollout(plain_api, timeout_s=60).rollout(desired(UNPULLABLE_URI), smoke)
     message = str(info.value)
     assert "condition PredictorConfigurationReady=False reason=RevisionFailed" in message
@@ -963,29 +816,3 @@ def test_optional_manifest_components_grant_and_admit_exactly_what_the_code_uses
 
     assert admitted("GET", f"/v2/models/{MODEL}") and admitted("POST", f"/v2/models/{MODEL}/infer")
     assert not admitted("GET", "/metrics") and not admitted("DELETE", f"/v2/models/{MODEL}")
-
-
-def test_promotion_refuses_a_revision_that_was_never_smoke_tested():
-    """Someone changed the spec while the canary was being promoted: Knative created and
-    readied a third revision and routed all traffic to it. The rollout smoke-tested 00002,
-    so it must not report 00003 as promoted (fail at once, not wait out the timeout)."""
-    smoked, sneaked_in = f"{NAME}-predictor-00002", f"{NAME}-predictor-00003"
-    status = {
-        "conditions": [{"type": "Ready", "status": "True"}],
-        "components": {
-            "predictor": {
-                "latestCreatedRevision": sneaked_in,
-                "latestReadyRevision": sneaked_in,
-                "traffic": [{"revisionName": sneaked_in, "percent": 100, "latestRevision": True}],
-            }
-        },
-    }
-    state = isvc._promoted({"status": status}, smoked)
-    assert state.phase == "failed" and "spec changed during the rollout" in state.detail
-    # The smoke-tested revision with all the traffic is what promotion waits for.
-    status["components"]["predictor"].update(
-        latestCreatedRevision=smoked,
-        latestReadyRevision=smoked,
-        traffic=[{"revisionName": smoked, "percent": 100, "latestRevision": True}],
-    )
-    assert isvc._promoted({"status": status}, smoked).phase == "ready"

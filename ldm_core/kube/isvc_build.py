@@ -1,0 +1,266 @@
+"""The KServe objects of a deploy, built from the run's config: the InferenceService that
+serves a model bundle and the ServingRuntime it names.
+
+The config is their one source: ``cluster`` sizes, places and identifies the predictor pod
+(``cluster.predictor``, ``serving_image``, ``serving_service_account``, node selector,
+tolerations, priority class, pull secrets), ``serving`` gives its name, replicas,
+autoscaling, deployment mode and the limits the derived values come from. The arguments of
+the builders are what belongs to one deploy only: where the bundle is and which digest it
+has, the object's name and namespace, and whether a ServingRuntime or a custom container
+runs it.
+
+Builders return plain dicts (what ``kubectl apply`` would take), so tests validate them
+against the real CRD schemas and compare them with the manifests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ldm_core.config import Config, ServingConfig
+from ldm_core.kube.resources import CustomResource
+from ldm_core.kube.security import container_security_context, pod_security_context
+
+GROUP = "serving.kserve.io"
+ISVC_VERSION = "v1beta1"
+ISVC_PLURAL = "inferenceservices"
+RUNTIME_VERSION = "v1alpha1"
+RUNTIME_PLURAL = "servingruntimes"
+ISVC = CustomResource(GROUP, ISVC_VERSION, ISVC_PLURAL, "InferenceService")
+RUNTIME = CustomResource(GROUP, RUNTIME_VERSION, RUNTIME_PLURAL, "ServingRuntime")
+MODEL_FORMAT = "brain-ldm"
+RUNTIME_NAME = "brain-ldm"
+"""The ServingRuntime manifests/base ships (servingruntime.yaml)."""
+MODEL_DIR = "/mnt/models"
+HTTP_PORT = 8080
+LABELS = {"app.kubernetes.io/name": "brain-ldm", "app.kubernetes.io/part-of": "brain-ldm"}
+BUNDLE_DIGEST_ENV = "LDM_BUNDLE_SHA256"
+"""Set on the predictor so a new bundle always changes the pod template (a new revision),
+even when it is uploaded to the same storageUri."""
+DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+
+
+def container_concurrency(cfg: Config) -> int:
+    """Requests one predictor replica takes at once: as many as its server generates at once
+    (``serving.max_concurrency`` denoising loops, each a batch of up to
+    ``serving.max_batch_size`` requests). Fewer would starve the batching; more would queue
+    in the pod, where Knative's autoscaler cannot see them."""
+    return cfg.serving.max_concurrency * cfg.serving.max_batch_size
+
+
+def ingress_timeout_s(cfg: Config) -> int:
+    """The predictor's request timeout: the ingress waits a little longer than the server's
+    own limit (``serving.request_timeout_s``), so a slow request gets the server's 504 with
+    its reason rather than the gateway's."""
+    return int(cfg.serving.request_timeout_s) + 30
+
+
+def _resources(cfg: Config) -> dict[str, Any]:
+    """Requests = limits for CPU and memory (Guaranteed QoS: a latency-bound server is not
+    throttled below its request nor evicted first), plus the GPUs. These win over the
+    ServingRuntime's container resources, key by key: KServe merges the predictor's
+    container over the runtime's (strategic merge), so the config sizes the predictor and
+    the manifests do not patch the runtime's resources."""
+    pod = cfg.cluster.predictor
+    cpu_memory = {"cpu": pod.cpu, "memory": pod.memory}
+    limits: dict[str, Any] = dict(cpu_memory)
+    if pod.gpus:
+        # Extended resources must have request == limit; giving the limit is enough.
+        limits["nvidia.com/gpu"] = str(pod.gpus)
+    return {"requests": dict(cpu_memory), "limits": limits}
+
+
+def _placement(cfg: Config) -> dict[str, Any]:
+    """Pod-level predictor fields: scheduling, pull secrets, and (RawDeployment only) the
+    pod securityContext. Knative refuses a pod-level securityContext beyond its defaults
+    unless the cluster enables ``kubernetes.podspec-securitycontext``; the container's own
+    securityContext holds the same restrictions either way, and the predictor mounts no
+    PVC (the bundle is copied to an emptyDir), so it needs no fsGroup in Serverless mode."""
+    c = cfg.cluster
+    out: dict[str, Any] = {}
+    if c.node_selector:
+        out["nodeSelector"] = dict(c.node_selector)
+    if c.tolerations:
+        out["tolerations"] = [t.to_k8s() for t in c.tolerations]
+    if c.priority_class:
+        out["priorityClassName"] = c.priority_class
+    if c.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in c.image_pull_secrets]
+    if cfg.serving.deployment_mode == "RawDeployment":
+        out["securityContext"] = pod_security_context()
+    return out
+
+
+def _autoscaling(cfg: Config) -> dict[str, Any]:
+    """Replicas and what the autoscaler watches (``serving``); :func:`container_concurrency`
+    caps what one replica takes."""
+    s = cfg.serving
+    return {
+        "minReplicas": s.min_replicas,
+        "maxReplicas": s.max_replicas,
+        "scaleMetric": s.scale_metric,
+        "scaleTarget": s.scale_target,
+        "containerConcurrency": container_concurrency(cfg),
+    }
+
+
+def _env(bundle_digest: str) -> list[dict[str, str]]:
+    return [{"name": BUNDLE_DIGEST_ENV, "value": bundle_digest}] if bundle_digest else []
+
+
+def _probes() -> dict[str, Any]:
+    return {
+        # The server's readiness turns true only after the bundle loaded and warmed up.
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
+            "initialDelaySeconds": 120,
+            "periodSeconds": 20,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+
+
+def _runtime_model(
+    cfg: Config, runtime: str, storage_uri: str, bundle_digest: str
+) -> dict[str, Any]:
+    """The predictor's ``model``: format ``brain-ldm`` served by ServingRuntime ``runtime``,
+    whose storage initializer copies ``storage_uri`` to /mnt/models using the S3 endpoint
+    annotations of the secret attached to the predictor's service account."""
+    model: dict[str, Any] = {
+        "modelFormat": {"name": MODEL_FORMAT, "version": "1"},
+        "runtime": runtime,
+        "protocolVersion": "v2",
+        "storageUri": storage_uri,
+        "resources": _resources(cfg),
+    }
+    if cfg.serving.model_name != ServingConfig.model_name:
+        # KServe appends these to the runtime's args. The runtime's server takes its name
+        # from the bundle's config, whose default name needs none.
+        model["args"] = ["--model-name", cfg.serving.model_name]
+    env = _env(bundle_digest)
+    if env:
+        model["env"] = env
+    return model
+
+
+def _custom_container(cfg: Config, storage_uri: str, bundle_digest: str) -> dict[str, Any]:
+    """A ``kserve-container`` running the same server as the runtime from
+    ``cluster.serving_image``; KServe reads the bundle location from its STORAGE_URI."""
+    return {
+        "name": "kserve-container",
+        "image": cfg.cluster.serving_image,
+        "command": ["python", "-m", "ldm_core.serve"],
+        "args": [
+            *["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT)],
+            *["--model-name", cfg.serving.model_name],
+        ],
+        "env": [{"name": "STORAGE_URI", "value": storage_uri}, *_env(bundle_digest)],
+        "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "resources": _resources(cfg),
+        "securityContext": container_security_context(),
+        **_probes(),
+    }
+
+
+def build_inference_service(
+    cfg: Config,
+    *,
+    name: str,
+    namespace: str,
+    storage_uri: str,
+    bundle_digest: str = "",
+    runtime: str | None = RUNTIME_NAME,
+    canary_percent: int | None = None,
+) -> dict[str, Any]:
+    """The InferenceService serving the bundle at ``storage_uri`` as ``cfg`` says.
+
+    Args:
+        cfg: the run's config; ``cluster`` and ``serving`` make the predictor.
+        name: the InferenceService's name.
+        namespace: where it lives.
+        storage_uri: the bundle's location (``s3://...``).
+        bundle_digest: the bundle's digest, set as ``LDM_BUNDLE_SHA256`` so a new bundle
+            makes a new revision; empty: none.
+        runtime: the ServingRuntime that serves model format ``brain-ldm``; None: a custom
+            container from ``cluster.serving_image``.
+        canary_percent: ``canaryTrafficPercent`` to ask for; None: none.
+    """
+    predictor: dict[str, Any] = {
+        "serviceAccountName": cfg.cluster.serving_service_account,
+        **_autoscaling(cfg),
+        "timeout": ingress_timeout_s(cfg),
+        **_placement(cfg),
+    }
+    if canary_percent is not None:
+        predictor["canaryTrafficPercent"] = canary_percent
+    if runtime:
+        predictor["model"] = _runtime_model(cfg, runtime, storage_uri, bundle_digest)
+    else:
+        predictor["containers"] = [_custom_container(cfg, storage_uri, bundle_digest)]
+    return {
+        "apiVersion": f"{GROUP}/{ISVC_VERSION}",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**LABELS, "app.kubernetes.io/component": "serving"},
+            "annotations": {
+                # Gives the newest revision its own URL ("latest" tag), so the smoke
+                # inference of a canary reaches the canary and not the old revision.
+                "serving.kserve.io/enable-tag-routing": "true",
+                "serving.kserve.io/enable-prometheus-scraping": "true",
+                DEPLOYMENT_MODE_ANNOTATION: cfg.serving.deployment_mode,
+            },
+        },
+        "spec": {"predictor": predictor},
+    }
+
+
+def build_serving_runtime(
+    cfg: Config, name: str = RUNTIME_NAME, namespace: str | None = None
+) -> dict[str, Any]:
+    """A ServingRuntime that serves the ``brain-ldm`` model format with ``ldm_core.serve``
+    from ``cluster.serving_image``, as manifests/base/servingruntime.yaml does. Its
+    resources are only the defaults of a hand-written InferenceService: the deploy's
+    predictor carries the config's (see :func:`_resources`)."""
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {**LABELS, "app.kubernetes.io/component": "serving"},
+    }
+    if namespace:
+        metadata["namespace"] = namespace
+    return {
+        "apiVersion": f"{GROUP}/{RUNTIME_VERSION}",
+        "kind": "ServingRuntime",
+        "metadata": metadata,
+        "spec": {
+            "supportedModelFormats": [{"name": MODEL_FORMAT, "version": "1", "autoSelect": True}],
+            "protocolVersions": ["v2", "v1"],
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": cfg.cluster.serving_image,
+                    "imagePullPolicy": cfg.cluster.image_pull_policy,
+                    "command": ["python", "-m", "ldm_core.serve"],
+                    "args": ["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT)],
+                    "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+                    "env": [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}],
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "8Gi"},
+                        "limits": {"cpu": "4", "memory": "16Gi"},
+                    },
+                    "securityContext": container_security_context(),
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    **_probes(),
+                }
+            ],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
+        },
+    }

@@ -1,0 +1,505 @@
+"""A safe rollout of one KServe InferenceService: a small state machine over the
+Kubernetes API, in the deployment mode KServe reports (:func:`isvc_status.is_raw`):
+
+    absent  -> create -> wait for the revision -> smoke inference -> done
+    Serverless (Knative), present -> patch the predictor with ``canaryTrafficPercent`` ->
+               wait for the NEW revision -> smoke inference through the canary's own
+               cluster-local tag address -> promote (drop the canary, 100%) or, on failure
+               or timeout, roll back (restore the previous predictor spec)
+    RawDeployment (``Standard``), present -> no canary (a Deployment has no traffic split):
+               patch -> wait until the Deployment rolled out the new pod template -> smoke
+               inference through the predictor's Service -> done, or roll back by
+               re-applying the previous predictor spec
+
+What counts as the new revision being ready, failed or awaited is read by the pure
+functions of :mod:`ldm_core.kube.isvc_status`; the revision promoted is the one
+smoke-tested, or the rollout fails. A webhook that refuses what KServe writes (a Warning
+event on the InferenceService, see :mod:`ldm_core.kube.knative`) ends the wait at once with
+that message. Before an update in Serverless mode, Knative's podspec feature flags are read
+(when RBAC allows) and a spec that needs one that is off is warned about up front.
+
+Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
+is never relied on, so the code works against API servers with partial bookkeeping. API
+calls go through :class:`ldm_core.kube.resources.CustomObjects`, so a refusal names the
+missing RBAC grant as the PyTorchJob launcher's do; the clock and sleep are injected.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kubernetes
+
+from ldm_core.errors import LdmError
+from ldm_core.kube import deployment_status, knative
+from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.isvc_build import GROUP, ISVC, ISVC_PLURAL, RUNTIME, RUNTIME_PLURAL
+from ldm_core.kube.isvc_status import (
+    RevisionState,
+    canary_split_state,
+    deployment_mode,
+    is_raw,
+    predictor_status,
+    promotion_state,
+    raw_revision_state,
+    revision_state,
+    service_url,
+)
+from ldm_core.kube.resources import CustomObjects, CustomResource
+
+log = logging.getLogger(__name__)
+
+RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
+    (GROUP, ISVC_PLURAL, ("create", "get", "patch")),
+    (GROUP, RUNTIME_PLURAL, ("create", "get")),
+    *deployment_status.RBAC_RULES,
+    ("", "events", ("list",)),
+]
+"""Every (apiGroup, resource, verbs) this module calls; the pipeline runner's Role in
+manifests/ grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
+tests/test_isvc_rollout.py holds the rollout's real requests to this list."""
+
+EVENTS_EVERY_S = 2.0
+"""How often, at most, a wait lists the InferenceService's events for a webhook's refusal
+(a list weighs more than a get, and KServe repeats the event on every retry anyway)."""
+
+
+class RolloutError(LdmError):
+    """The InferenceService did not become a verified, serving revision."""
+
+
+class RolloutTimeout(RolloutError):
+    """Waited longer than allowed; the message says for what."""
+
+
+class RolloutFailed(RolloutError):
+    """KServe reported the revision failed, or the smoke inference through it failed."""
+
+
+def merge_patch(current: Any, desired: Any) -> Any:
+    """RFC 7386 merge patch turning ``current`` into ``desired`` (None deletes a key)."""
+    if not isinstance(current, Mapping) or not isinstance(desired, Mapping):
+        return copy.deepcopy(desired)
+    patch: dict[str, Any] = {}
+    for key in current.keys() - desired.keys():
+        patch[key] = None
+    for key, value in desired.items():
+        if key not in current:
+            patch[key] = copy.deepcopy(value)
+        elif current[key] != value:
+            patch[key] = merge_patch(current[key], value)
+    return patch
+
+
+SmokeFn = Callable[[str], dict[str, Any]]
+"""The smoke inference: called with the URL to send it to, it returns what it measured, or
+raises LdmError when the answer is wrong (see :func:`ldm_core.deploy.smoke_check`)."""
+
+
+@dataclass(frozen=True)
+class _Before:
+    """What served before our write: the new revision must differ from these, and only
+    events after ``written_at`` are about our write."""
+
+    revision: str | None
+    """Serverless: the predictor's latestCreatedRevision."""
+    deployment_revision: str | None
+    """RawDeployment: the predictor Deployment's rollout revision."""
+    written_at: datetime
+
+
+class InferenceServiceRollout:
+    """Create or update one InferenceService and verify it serves before trusting it.
+
+    Args:
+        api_client: the API to use (see :func:`ldm_core.kube.client.api_client`).
+        timeout_s: how long each wait (first revision, new revision, promotion) may take.
+        poll_s: seconds between two reads of the InferenceService.
+        clock: monotonic seconds, for deadlines (tests pass a fake one).
+        sleep: waits between polls (tests pass one that advances their clock).
+    """
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        timeout_s: float = 900.0,
+        poll_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.api_client = api_client
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.clock = clock
+        self.sleep = sleep
+        self._advice: list[str] = []
+        self._events_due = 0.0
+
+    # ---- API calls (merge patches only; responses of create are not relied on)
+
+    def _objects(self, resource: CustomResource, namespace: str) -> CustomObjects:
+        return CustomObjects(self.api_client, resource, namespace, RolloutError)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The InferenceService as stored, or None when there is none of that name."""
+        return self._objects(ISVC, namespace).get(name)
+
+    def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._objects(ISVC, obj["metadata"]["namespace"]).create(obj) or {}
+
+    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._objects(ISVC, namespace).patch(name, body)
+
+    def _deployment(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The predictor's Deployment (RawDeployment mode), or None before KServe made it."""
+        apps = kubernetes.client.AppsV1Api(self.api_client)
+        dep = deployment_status.predictor_deployment(name)
+        answer = call_api(
+            ApiCall("get", "deployments.apps", ns, dep),
+            lambda: apps.read_namespaced_deployment(dep, ns, _preload_content=False),
+            host=str(self.api_client.configuration.host),
+            error=RolloutError,
+            absent_on=(404,),
+        )
+        return None if answer is None else json.loads(answer.data)
+
+    def _refusal(self, ns: str, name: str, since: datetime) -> str | None:
+        """A webhook's refusal of what KServe wrote for our spec, from the Warning events
+        KServe records on the InferenceService (its status never shows it)."""
+        core = kubernetes.client.CoreV1Api(self.api_client)
+        events = call_api(
+            ApiCall("list", "events", ns),
+            lambda: core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}"),
+            host=str(self.api_client.configuration.host),
+            error=RolloutError,
+        )
+        return knative.reconcile_failure(events.items or [], name, since)
+
+    def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
+        """Create the ServingRuntime if the namespace has none of that name (never overwrite
+        one a platform engineer applied from manifests). Returns "created" or "exists"."""
+        runtimes = self._objects(RUNTIME, runtime["metadata"]["namespace"])
+        if runtimes.get(runtime["metadata"]["name"]) is not None:
+            return "exists"
+        runtimes.create(runtime)
+        return "created"
+
+    # ---- before writing
+
+    def _knative_advice(
+        self, desired: dict[str, Any], existing: dict[str, Any] | None
+    ) -> list[str]:
+        """Podspec feature flags the spec needs and Knative has off (Serverless mode only),
+        logged as warnings before the write; [] when none, or when they cannot be read."""
+        if is_raw(existing or desired):
+            return []
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        predictor = desired["spec"]["predictor"]
+        runtime_name = (predictor.get("model") or {}).get("runtime")
+        runtime = self._objects(RUNTIME, ns).get(runtime_name) if runtime_name else None
+        needed = knative.needed_flags(predictor, (runtime or {}).get("spec"))
+        if not needed:
+            return []
+        features, source = knative.read_features(self.api_client)
+        if features is None:
+            log.info("Knative podspec feature flags not checked: %s", source)
+            return []
+        advice = knative.missing_flags(features, needed)
+        for line in advice:
+            log.warning("InferenceService %s/%s: %s", ns, name, line)
+        return advice
+
+    # ---- waiting
+
+    def _before(self, obj: dict[str, Any] | None) -> _Before:
+        """The identities our write must replace, read from ``obj`` (None: a first deploy)."""
+        revision = deployment_revision = None
+        if obj is not None:
+            revision = predictor_status(obj).get("latestCreatedRevision")
+            if is_raw(obj):
+                ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                deployment_revision = deployment_status.revision(self._deployment(ns, name))
+        # Event times have whole seconds: a margin keeps an event of this very second.
+        now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
+        return _Before(revision, deployment_revision, now)
+
+    def _state(self, obj: dict[str, Any], before: _Before) -> RevisionState:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if is_raw(obj):
+            dep = self._deployment(ns, name)
+            state = raw_revision_state(obj, dep, before.deployment_revision)
+        else:
+            state = revision_state(obj, before.revision)
+        if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
+            self._events_due = self.clock() + max(self.poll_s, EVENTS_EVERY_S)
+            refused = self._refusal(ns, name, before.written_at)
+            if refused:
+                return RevisionState("failed", f"no new revision; KServe reported {refused}")
+        return state
+
+    def _wait(
+        self, ns: str, name: str, check: Callable[[dict[str, Any]], RevisionState], what: str
+    ) -> tuple[RevisionState, dict[str, Any]]:
+        deadline = self.clock() + self.timeout_s
+        state = RevisionState("waiting", "the InferenceService to exist")
+        while True:
+            obj = self.get(ns, name)
+            if obj is not None:
+                state = check(obj)
+                if state.phase != "waiting":
+                    return state, obj
+            if self.clock() >= deadline:
+                advice = "".join(f"; note: {line}" for line in self._advice)
+                raise RolloutTimeout(
+                    f"InferenceService {ns}/{name}: {what} not done after {self.timeout_s:g} s; "
+                    f"still waiting for {state.detail}{advice}"
+                )
+            self.sleep(self.poll_s)
+
+    # ---- the state machine
+
+    def rollout(
+        self,
+        desired: dict[str, Any],
+        smoke: SmokeFn,
+        *,
+        canary_percent: int | None = 10,
+        url_override: str | None = None,
+    ) -> dict[str, Any]:
+        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
+
+        Returns a dict with ``action`` (created | updated | unchanged | promoted: the same
+        spec was left as a canary by an interrupted rollout), ``url``, ``revision``,
+        ``smoke`` (what ``smoke(url)`` returned), ``canary_percent`` (None in RawDeployment
+        mode, which has no canary) and ``mode`` (Serverless | RawDeployment).
+        Raises RolloutFailed / RolloutTimeout; an update that fails is rolled back first.
+        """
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        predictor = desired["spec"]["predictor"]
+        if "canaryTrafficPercent" in predictor:
+            raise RolloutError(
+                "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
+            )
+        self._advice = []  # said again in a timeout's message; this rollout's only
+        self._events_due = self.clock()
+        existing = self.get(ns, name)
+        if existing is None:
+            self._advice = self._knative_advice(desired, None)
+            return self._first_deploy(desired, smoke, url_override)
+        current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
+        leftover_canary = current.pop("canaryTrafficPercent", None)
+        if current == predictor:
+            return self._resume(existing, leftover_canary, smoke, url_override)
+        self._advice = self._knative_advice(desired, existing)
+        return self._update(existing, desired, smoke, canary_percent, url_override)
+
+    def _resume(
+        self,
+        existing: dict[str, Any],
+        canary: int | None,
+        smoke: SmokeFn,
+        url_override: str | None,
+    ) -> dict[str, Any]:
+        """The stored spec is the desired one: verify what KServe made of it, writing no spec.
+
+        Writing the same spec again would make no new revision to wait for. The stored spec's
+        revision may still be starting (an earlier deploy was interrupted, or runs now), or be
+        a ``canary`` percent left by an interrupted rollout of this very spec: wait for it,
+        smoke-test it (a canary through its own address) and promote a canary.
+
+        A canary's split shows when KServe has reconciled the spec. Without a canary nothing
+        in the status does: in the moment between another writer's spec change and KServe's
+        first reconcile of it, the previous revision is verified (KServe's
+        ``status.observedGeneration`` is its child's, see :func:`revision_state`).
+        """
+        ns, name = existing["metadata"]["namespace"], existing["metadata"]["name"]
+        canary = None if is_raw(existing) else canary
+        before = _Before(None, None, datetime.now(UTC))
+
+        def check(obj: dict[str, Any]) -> RevisionState:
+            state = self._state(obj, before)
+            if state.phase != "ready" or canary is None:
+                return state
+            return canary_split_state(obj, state, canary)
+
+        state, obj = self._wait(ns, name, check, "the unchanged spec's revision ready")
+        if state.phase == "failed":
+            where = (
+                f"; its {canary}% canary share goes to the last ready revision meanwhile"
+                if canary is not None
+                else ""
+            )
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: revision {state.revision or ''} of the unchanged "
+                f"spec failed: {state.detail}{where}. Nothing was written: the same spec again "
+                "would not retry it; deploy a fixed bundle, or delete the InferenceService "
+                f"(kubectl -n {ns} delete inferenceservice {name}) and deploy again"
+            )
+        action = "unchanged" if canary is None else "promoted"
+        return {"action": action, **self._verify(obj, state, smoke, canary, url_override, None)}
+
+    def _verify(
+        self,
+        obj: dict[str, Any],
+        state: RevisionState,
+        smoke: SmokeFn,
+        canary: int | None,
+        url_override: str | None,
+        rollback: Callable[[str], str] | None,
+    ) -> dict[str, Any]:
+        """Smoke-test the ready revision of ``state`` (a canary through its own address),
+        promote a canary, and return the rollout result's keys but ``action``."""
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        url = url_override or service_url(obj, canary=canary is not None)
+        result = self._smoke(ns, name, smoke, url, rollback=rollback)
+        if canary is not None:
+            self._promote(ns, name, state.revision)
+            obj = self.get(ns, name) or obj
+        return {
+            "url": url_override or service_url(obj),
+            "revision": state.revision,
+            "smoke": result,
+            "canary_percent": canary,
+            "mode": deployment_mode(obj),
+        }
+
+    def _promote(self, ns: str, name: str, revision: str | None) -> None:
+        """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
+        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+        state, _ = self._wait(ns, name, lambda o: promotion_state(o, revision), "promotion to 100%")
+        if state.phase == "failed":
+            raise RolloutFailed(f"InferenceService {ns}/{name}: not promoted: {state.detail}")
+        log.info("promoted InferenceService %s/%s revision %s to 100%%", ns, name, revision)
+
+    def _first_deploy(
+        self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
+    ) -> dict[str, Any]:
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        before = self._before(None)
+        self._create(desired)
+        log.info("created InferenceService %s/%s", ns, name)
+        state, obj = self._wait(ns, name, lambda o: self._state(o, before), "first revision ready")
+        if state.phase == "failed":
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: first revision failed: {state.detail}; left in place "
+                f"for inspection (kubectl -n {ns} describe inferenceservice {name})"
+            )
+        return {"action": "created", **self._verify(obj, state, smoke, None, url_override, None)}
+
+    def _rollback(
+        self, ns: str, name: str, previous: dict[str, Any], raw: bool
+    ) -> Callable[[str], str]:
+        """A function that restores the ``previous`` predictor spec and says so."""
+
+        def rollback(reason: str) -> str:
+            current = self.get(ns, name) or {}
+            undo = merge_patch(
+                (current.get("spec") or {}).get("predictor") or {},
+                previous.get("predictor") or {},
+            )
+            self._patch(ns, name, {"spec": {"predictor": undo}})
+            how = (
+                "re-applied the previous predictor spec: the Deployment rolls back to its pod "
+                "template (RawDeployment mode has no canary to drop)"
+                if raw
+                else "restored the previous predictor spec"
+            )
+            log.warning("rolled back InferenceService %s/%s (%s): %s", ns, name, how, reason)
+            return f"rolled back: {how}"
+
+        return rollback
+
+    def _update(
+        self,
+        existing: dict[str, Any],
+        desired: dict[str, Any],
+        smoke: SmokeFn,
+        canary_percent: int | None,
+        url_override: str | None,
+    ) -> dict[str, Any]:
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        previous_spec = copy.deepcopy(existing.get("spec") or {})
+        raw = is_raw(existing)
+        before = self._before(existing)
+        pred_before = predictor_status(existing)
+        previous_revision = (
+            before.deployment_revision
+            if raw
+            else pred_before.get("latestReadyRevision") or before.revision
+        )
+        canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
+        if raw and canary is not None:
+            log.info(
+                "InferenceService %s/%s runs in RawDeployment mode: no canary (a Deployment "
+                "has no traffic split); rolling update, smoke inference, roll back on failure",
+                ns,
+                name,
+            )
+            canary = None
+        new_predictor = copy.deepcopy(desired["spec"]["predictor"])
+        if canary is not None:
+            new_predictor["canaryTrafficPercent"] = canary
+        body = {
+            "metadata": {
+                "labels": desired["metadata"].get("labels", {}),
+                "annotations": desired["metadata"].get("annotations", {}),
+            },
+            "spec": {"predictor": merge_patch(previous_spec.get("predictor") or {}, new_predictor)},
+        }
+        self._patch(ns, name, body)
+        log.info(
+            "patched InferenceService %s/%s (%s, canary %s%%)",
+            ns,
+            name,
+            deployment_mode(existing),
+            canary if canary is not None else 100,
+        )
+        rollback = self._rollback(ns, name, previous_spec, raw)
+        try:
+            state, obj = self._wait(
+                ns, name, lambda o: self._state(o, before), "new revision ready"
+            )
+        except RolloutTimeout as exc:
+            raise RolloutTimeout(
+                f"{exc}; {rollback(str(exc))} (revision {previous_revision or 'unknown'})"
+            ) from None
+        if state.phase == "failed":
+            raise RolloutFailed(
+                f"InferenceService {ns}/{name}: new revision {state.revision or ''} failed: {state.detail}; "
+                f"{rollback(state.detail)} (revision {previous_revision or 'unknown'})"
+            )
+        return {
+            "action": "updated",
+            "previous_revision": previous_revision,
+            **self._verify(obj, state, smoke, canary, url_override, rollback),
+        }
+
+    def _smoke(
+        self,
+        ns: str,
+        name: str,
+        smoke: SmokeFn,
+        url: str | None,
+        rollback: Callable[[str], str] | None,
+    ) -> dict[str, Any]:
+        if not url:
+            reason = (
+                "no URL in status (status.address.url / status.url, or the canary's "
+                "traffic tag) to send a smoke inference to"
+            )
+        else:
+            try:
+                return smoke(url)
+            except LdmError as exc:
+                reason = f"smoke inference through {url} failed: {exc}"
+        if rollback is None:
+            raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}")
+        raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason)}")

@@ -1,0 +1,262 @@
+"""Where an InferenceService's predictor stands, read from its status: pure functions over
+the dicts the API returns, so the rollout's decisions are tested without a server.
+
+"Ready" is only believed for the revision our write created: in Serverless mode the
+predictor's ``latestCreatedRevision`` must be newer than the one before the write and equal
+its ``latestReadyRevision``; in RawDeployment mode, where KServe reports no revision at all,
+the Deployment's own rollout revision must be newer and fully rolled out
+(:mod:`ldm_core.kube.deployment_status`). A Ready condition left over from the previous
+revision is not success. ``status.observedGeneration`` is not used: KServe copies it from
+the Knative Service or Deployment, whose counter is not the InferenceService's generation.
+
+A revision that fails, or a Knative Configuration or Route that turns False, is read here as
+failed with KServe's own message. The deployment mode is the one KServe reports
+(``status.deploymentMode``, else the ``serving.kserve.io/deploymentMode`` annotation).
+Also here: where to send a smoke inference (the service's address, or a canary's own
+cluster-local tag address).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ldm_core.kube import deployment_status
+from ldm_core.kube.isvc_build import DEPLOYMENT_MODE_ANNOTATION
+
+RAW_MODES = ("RawDeployment", "Standard")
+"""KServe's raw Kubernetes Deployment mode, by its old and its >= 0.15 name."""
+CANARY_TAG = "latest"
+"""Knative's traffic tag for the newest revision (KServe's tag routing)."""
+
+_FAILED_TRANSITIONS = ("BlockedByFailedLoad", "InvalidSpec")
+_FAILED_REASONS = ("RevisionFailed", "ProgressDeadlineExceeded")
+_WATCHED_CONDITIONS = ("Ready", "PredictorReady")
+_FALSE_MEANS_FAILED = (
+    # Knative's ConfigurationsReady and RoutesReady, as KServe propagates them: False only
+    # when the latest revision failed or its route cannot be programmed (Unknown while busy).
+    "PredictorConfigurationReady",
+    "LatestDeploymentReady",
+    "PredictorRouteReady",
+    "RoutesReady",
+)
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def predictor_status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``status.components.predictor``: KServe's copy of its child's revisions, traffic and
+    addresses ({} before the first status)."""
+    return ((obj.get("status") or {}).get("components") or {}).get("predictor") or {}
+
+
+def _failure(status: Mapping[str, Any]) -> str | None:
+    """KServe's report that the latest revision failed, as a message; None if it has none."""
+    model = status.get("modelStatus") or {}
+    transition = model.get("transitionStatus")
+    info = model.get("lastFailureInfo") or {}
+    if transition in _FAILED_TRANSITIONS:
+        detail = ": ".join(str(x) for x in (info.get("reason"), info.get("message")) if x)
+        return f"modelStatus.transitionStatus={transition}" + (f" ({detail})" if detail else "")
+    for kind in (*_FALSE_MEANS_FAILED, *_WATCHED_CONDITIONS):
+        cond = _condition(status, kind)
+        if not cond or cond.get("status") != "False":
+            continue
+        if kind in _FALSE_MEANS_FAILED or cond.get("reason") in _FAILED_REASONS:
+            text = f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}"
+            return text.rstrip(": ")
+    return None
+
+
+@dataclass
+class RevisionState:
+    """One reading of the predictor: ``phase`` is "ready", "failed" or "waiting"; ``detail``
+    says why, or what is awaited; ``revision`` is the revision it is about, once known."""
+
+    phase: str
+    detail: str
+    revision: str | None = None
+
+
+def is_raw(obj: Mapping[str, Any]) -> bool:
+    """RawDeployment (``Standard``) mode, as KServe decides it: the mode it recorded in
+    ``status.deploymentMode`` first, else the object's annotation. False when neither says
+    (the cluster default is not known before KServe's first status)."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    mode = (obj.get("status") or {}).get("deploymentMode") or annotations.get(
+        DEPLOYMENT_MODE_ANNOTATION
+    )
+    return mode in RAW_MODES
+
+
+def deployment_mode(obj: Mapping[str, Any]) -> str:
+    """The mode KServe runs ``obj`` in, for logs and the rollout's result."""
+    return "RawDeployment" if is_raw(obj) else "Serverless"
+
+
+def revision_state(obj: Mapping[str, Any], previous_revision: str | None) -> RevisionState:
+    """Where the Serverless predictor revision for the spec we last wrote stands; ``detail``
+    names what is awaited.
+
+    ``status.observedGeneration`` proves nothing here: KServe copies it from its child (the
+    Knative Service), whose counter is not the InferenceService's and runs ahead of or
+    behind ``metadata.generation``. What does prove it is the revision: after a spec change
+    the predictor's ``latestCreatedRevision`` must be a new one (not ``previous_revision``,
+    what served before our write) and also the ``latestReadyRevision``; then the Ready
+    condition counts.
+    """
+    status = obj.get("status") or {}
+    pred = predictor_status(obj)
+    created = pred.get("latestCreatedRevision")
+    if created is None or created == previous_revision:
+        return RevisionState(
+            "waiting",
+            f"a new predictor revision (latestCreatedRevision still {created or 'unset'})",
+        )
+    failure = _failure(status)
+    if failure:
+        return RevisionState("failed", failure, created)
+    if pred.get("latestReadyRevision") != created:
+        return RevisionState(
+            "waiting",
+            f"latestReadyRevision == latestCreatedRevision {created} (now {pred.get('latestReadyRevision')})",
+            created,
+        )
+    return _ready_condition(status, created)
+
+
+def _ready_condition(status: Mapping[str, Any], revision: str | None) -> RevisionState:
+    ready = _condition(status, "Ready")
+    if not ready or ready.get("status") != "True":
+        why = (
+            f"{ready.get('reason', '')} {ready.get('message', '')}".strip()
+            if ready
+            else "no Ready condition yet"
+        )
+        return RevisionState(
+            "waiting", f"condition Ready=True (now: {why or ready.get('status')})", revision
+        )
+    return RevisionState("ready", "ready", revision)
+
+
+def raw_revision_state(
+    obj: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    previous_revision: str | None,
+) -> RevisionState:
+    """Where a RawDeployment predictor stands: its Deployment must have rolled out a pod
+    template newer than ``previous_revision`` (its rollout revision before our write), and
+    then the InferenceService must be Ready. KServe's own failure reports (a crash-looping
+    model, ProgressDeadlineExceeded) count once the new template is out."""
+    progress = deployment_status.deployment_progress(deployment, previous_revision)
+    if progress.revision is None or progress.revision == previous_revision:
+        return RevisionState("waiting", progress.detail)
+    failure = _failure(obj.get("status") or {})
+    if progress.phase == "failed" or failure:
+        return RevisionState("failed", failure or progress.detail, progress.revision)
+    if progress.phase == "waiting":
+        return RevisionState("waiting", progress.detail, progress.revision)
+    return _ready_condition(obj.get("status") or {}, progress.revision)
+
+
+def promotion_state(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
+    """After dropping the canary: the revision that was smoke-tested takes all traffic.
+
+    Dropping the canary changes traffic only, so no new revision may appear; one that does
+    (someone else changed the spec meanwhile) was never smoke-tested and is not promoted.
+    """
+    state = revision_state(obj, None)
+    if state.phase != "ready":
+        return state
+    if revision is not None and state.revision != revision:
+        return RevisionState(
+            "failed",
+            f"latestCreatedRevision is {state.revision}, not the smoke-tested {revision}: "
+            "the spec changed during the rollout",
+            state.revision,
+        )
+    traffic = predictor_status(obj).get("traffic") or []
+    full = [t for t in traffic if t.get("percent") == 100]
+    if full and full[0].get("revisionName") in (revision, None):
+        return state
+    return RevisionState(
+        "waiting", f"100% of traffic on revision {revision} (now {_split(traffic)})", revision
+    )
+
+
+def canary_split_state(obj: Mapping[str, Any], state: RevisionState, percent: int) -> RevisionState:
+    """A canary the stored spec asks for (``percent``), seen through a ready ``state``: ready
+    only once the status shows the latest revision, ``state.revision``, at ``percent``.
+
+    Until KServe has reconciled a spec written moments ago (by a rollout that was then
+    interrupted), the status still describes the revision before that write: ready, at
+    100%, and never the canary. KServe writes the canary's split with the new revision, so
+    the split tells the two apart.
+    """
+    traffic = predictor_status(obj).get("traffic") or []
+    for target in traffic:
+        if (
+            target.get("latestRevision")
+            and target.get("revisionName") == state.revision
+            and target.get("percent") == percent
+        ):
+            return state
+    return RevisionState(
+        "waiting",
+        f"the canary split: {percent}% to revision {state.revision} (now {_split(traffic)})",
+        state.revision,
+    )
+
+
+def _split(traffic: list[Mapping[str, Any]]) -> str:
+    """Traffic targets as ``revision=percent%`` for messages."""
+    text = ", ".join(
+        f"{t.get('revisionName') or t.get('tag')}={t.get('percent')}%" for t in traffic
+    )
+    return text or "none"
+
+
+def _host(url: str | None) -> str:
+    return (url or "").split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+
+
+def canary_url(obj: Mapping[str, Any]) -> str | None:
+    """The cluster-local address of the newest revision's ``latest`` tag, or None.
+
+    Knative gives a tagged traffic target two names: ``status.traffic[].url`` is the
+    external one (``http://latest-<isvc>-predictor.<ns>.<domain>``), which on Kubeflow sits
+    behind the auth proxy or does not resolve inside the cluster; and a cluster-local
+    Service ``<tag name>.<ns>.svc.<cluster domain>`` (an ExternalName to the local
+    gateway). The tag name is the first label of the external host (Knative's
+    ``tag-template``, default ``{{.Tag}}-{{.Name}}``); namespace and cluster domain come
+    from the predictor's own cluster-local address, KServe's copy of the Knative
+    Service's ``status.address.url``.
+    """
+    pred = predictor_status(obj)
+    tagged = [t for t in pred.get("traffic") or [] if t.get("tag") == CANARY_TAG and t.get("url")]
+    meta = obj.get("metadata") or {}
+    local = _host((pred.get("address") or {}).get("url")) or (
+        f"{deployment_status.predictor_deployment(meta.get('name', ''))}."
+        f"{meta.get('namespace', '')}.svc.cluster.local"
+    )
+    if not tagged:
+        return None
+    tag_name = _host(tagged[0]["url"]).split(".", 1)[0]
+    return f"http://{tag_name}.{local.split('.', 1)[1]}"
+
+
+def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:
+    """Where to send a smoke inference: the canary's cluster-local tag address when
+    checking a canary (it reaches the new revision only), else the InferenceService's
+    cluster-local address, else its public URL."""
+    if canary:
+        return canary_url(obj)
+    status = obj.get("status") or {}
+    address = (status.get("address") or {}).get("url")
+    return address or status.get("url") or predictor_status(obj).get("url")

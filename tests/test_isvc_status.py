@@ -1,0 +1,126 @@
+"""Reading an InferenceService's status without a server: where a canary is reached, how
+a RawDeployment's Deployment has rolled out, and which revision a promotion may accept.
+
+The rollout's own tests (tests/test_isvc_rollout.py) drive these decisions through the
+emulated API and KServe; here each is held on the statuses that decide it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ldm_core.kube import isvc_status
+from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_progress
+
+NAME = "brain-ldm"
+
+
+def test_the_canary_address_follows_the_tag_template_namespace_and_cluster_domain():
+    obj = {
+        "metadata": {"name": "brain", "namespace": "team-a"},
+        "status": {
+            "components": {
+                "predictor": {
+                    "address": {"url": "http://brain-predictor.team-a.svc.corp.local"},
+                    "traffic": [
+                        {"tag": "prev", "url": "http://prev-brain-predictor.team-a.ml.example.org"},
+                        {
+                            "tag": "latest",
+                            "url": "https://latest-brain-predictor.team-a.ml.example.org",
+                        },
+                    ],
+                }
+            }
+        },
+    }
+    assert (
+        isvc_status.service_url(obj, canary=True)
+        == "http://latest-brain-predictor.team-a.svc.corp.local"
+    )
+    del obj["status"]["components"]["predictor"]["address"]  # not Ready: KServe copies none
+    assert isvc_status.canary_url(obj) == "http://latest-brain-predictor.team-a.svc.cluster.local"
+    obj["status"]["components"]["predictor"]["traffic"] = []
+    assert isvc_status.canary_url(obj) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (
+            {
+                "conditions": [
+                    {
+                        "type": "Progressing",
+                        "status": "False",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "timed out",
+                    }
+                ]
+            },
+            ("failed", "ProgressDeadlineExceeded: timed out"),
+        ),
+        (
+            {
+                "conditions": [
+                    {
+                        "type": "ReplicaFailure",
+                        "status": "True",
+                        "reason": "FailedCreate",
+                        "message": "exceeded quota",
+                    }
+                ]
+            },
+            ("failed", "FailedCreate: exceeded quota"),
+        ),
+        ({"observedGeneration": 1}, ("waiting", "observe generation 2")),
+        (
+            {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2},
+            ("waiting", "1 old replicas to terminate"),
+        ),
+        (
+            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 0},
+            ("waiting", "0 of 1 updated replicas available"),
+        ),
+        (
+            {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1},
+            ("ready", "ready"),
+        ),
+    ],
+    ids=["deadline", "replica-failure", "unobserved", "old-pods", "unavailable", "rolled-out"],
+)
+def test_deployment_progress_reads_the_rollout_as_kubectl_rollout_status_does(status, expected):
+    dep = {
+        "metadata": {"generation": 2, "annotations": {REVISION_ANNOTATION: "3"}},
+        "spec": {"replicas": 1},
+        "status": status,
+    }
+    progress = deployment_progress(dep, "2")
+    assert progress.phase == expected[0] and expected[1] in progress.detail
+    assert progress.revision == "3"
+    assert deployment_progress(dep, "3").detail == "a new Deployment revision (still 3)"
+
+
+def test_promotion_refuses_a_revision_that_was_never_smoke_tested():
+    """Someone changed the spec while the canary was being promoted: Knative created and
+    readied a third revision and routed all traffic to it. The rollout smoke-tested 00002,
+    so it must not report 00003 as promoted (fail at once, not wait out the timeout)."""
+    smoked, sneaked_in = f"{NAME}-predictor-00002", f"{NAME}-predictor-00003"
+    status = {
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "components": {
+            "predictor": {
+                "latestCreatedRevision": sneaked_in,
+                "latestReadyRevision": sneaked_in,
+                "traffic": [{"revisionName": sneaked_in, "percent": 100, "latestRevision": True}],
+            }
+        },
+    }
+    state = isvc_status.promotion_state({"status": status}, smoked)
+    assert state.phase == "failed" and "spec changed during the rollout" in state.detail
+    # The smoke-tested revision with all the traffic is what promotion waits for.
+    status["components"]["predictor"].update(
+        latestCreatedRevision=smoked,
+        latestReadyRevision=smoked,
+        traffic=[{"revisionName": smoked, "percent": 100, "latestRevision": True}],
+    )
+    assert isvc_status.promotion_state({"status": status}, smoked).phase == "ready"
