@@ -37,7 +37,7 @@ def configure(
         ("training_overrides", list),
         ("evaluate_cpu", str),
         ("evaluate_memory", str),
-        ("evaluate_gpus", int),
+        ("evaluate_gpus", str),
     ],
 ):
     """Fold the pipeline parameters into ``overrides`` (the list later steps resolve their

@@ -168,7 +168,10 @@ class Configured(NamedTuple):
     training_overrides: list[str]
     evaluate_cpu: str
     evaluate_memory: str
-    evaluate_gpus: int
+    evaluate_gpus: str
+    """A string, like the CPU and memory: the KFP driver resolves a resource placeholder
+    with the parameter's string value, and an integer output resolves to nothing there (no
+    GPU limit: evaluate would crash asking for CUDA), on every backend from 2.4 on."""
 
 
 def configure_stage(
@@ -216,7 +219,7 @@ def configure_stage(
         overrides_of(folded, STEP_SECTIONS["training"]),
         ev.cpu,
         ev.memory,
-        ev.gpus,
+        str(ev.gpus),
     )
 
 

@@ -66,7 +66,7 @@ def test_tiny_cpu_asks_for_no_gpu_anywhere():
     (container,) = pod["containers"]
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
-    assert stages.configure_stage("tiny-cpu", []).evaluate_gpus == 0
+    assert stages.configure_stage("tiny-cpu", []).evaluate_gpus == "0"
 
 
 @pytest.mark.parametrize(
@@ -306,7 +306,7 @@ def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
         "cluster.evaluate.memory=20Gi",
         "train.device=auto",
     ]
-    assert (out.evaluate_cpu, out.evaluate_memory, out.evaluate_gpus) == ("4", "20Gi", 0)
+    assert (out.evaluate_cpu, out.evaluate_memory, out.evaluate_gpus) == ("4", "20Gi", "0")
     cfg = stages.resolve_config("gpu-16g", out.overrides)
     assert cfg.cluster.image == "registry.example/ldm:3"
     assert (cfg.serving.min_replicas, cfg.serving.max_replicas) == (0, 2)
@@ -326,7 +326,7 @@ def test_parameters_fold_into_overrides_and_user_overrides_win(tmp_path):
     # Unset parameters (each field's own "as the config says" value) leave the preset alone.
     unset = {name: unset for name, (_, unset) in stages.PIPELINE_PARAMETERS.items()}
     assert stages.parameter_overrides(unset) == []
-    assert stages.configure_stage("gpu-16g", [], **unset).evaluate_gpus == 1
+    assert stages.configure_stage("gpu-16g", [], **unset).evaluate_gpus == "1"
 
 
 def test_every_pipeline_parameter_reaches_the_config_field_it_names():

@@ -59,7 +59,7 @@ def test_typed_inputs_and_outputs():
         "training_overrides": "List",
         "evaluate_cpu": "String",
         "evaluate_memory": "String",
-        "evaluate_gpus": "Integer",
+        "evaluate_gpus": "String",
     }
     assert spec["train_diffusion"].inputs["autoencoder"].type == "system.Model@0.0.1"
     for name in ALL:
@@ -162,6 +162,6 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
         ],
         "evaluate_cpu": "3",
         "evaluate_memory": "16Gi",
-        "evaluate_gpus": 0,
+        "evaluate_gpus": "0",
     }
     assert "registry.example/ldm:1" in (Path(config.path) / "config.yaml").read_text()
