@@ -30,7 +30,7 @@ help:
 	@echo "make test-slow  the slow tests (longer training, multi-process runs)"
 	@echo "make mutation   named mutations + mutmut scores of the rollout, launcher, gate, smoke check, samplers (slow)"
 	@echo "make lint       ruff"
-	@echo "make compile    recompile pipelines/brain_ldm.yaml (IMAGE=... sets the default image)"
+	@echo "make compile    recompile pipelines/brain_ldm.yaml (IMAGE=, STEP_IMAGE= set the default images)"
 	@echo "make gpu-wheels wheels the GPU machine lacks, for benchmarks/gpu_check.sh"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -98,9 +98,11 @@ gpu-wheels:
 	  --platform manylinux1_x86_64 -d .whl \
 	  $$(grep -iE '^(monai|nibabel|nilearn|minio|argon2-cffi|argon2-cffi-bindings|cffi|pycparser|pycryptodome)==' constraints.txt)
 
-# IMAGE=registry/brain-ldm-training:tag makes that the default of the pipeline's image parameter.
+# IMAGE=registry/brain-ldm-training:tag and STEP_IMAGE=registry/brain-ldm-pipeline:tag make
+# those the defaults of the pipeline's image and step_image parameters.
 compile: $(STAMP)
-	$(BIN)/python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml $(if $(IMAGE),--image $(IMAGE))
+	$(BIN)/python -m pipelines.brain_ldm --output pipelines/brain_ldm.yaml \
+	  $(if $(IMAGE),--image $(IMAGE)) $(if $(STEP_IMAGE),--step-image $(STEP_IMAGE))
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -101,6 +101,7 @@ def _dataset_hash(cache_dir: Path) -> str:
 
 PIPELINE_PARAMETERS: dict[str, tuple[str, Any]] = {
     "image": ("cluster.image", ""),
+    "step_image": ("cluster.step_image", ""),
     "pvc_name": ("cluster.pvc_name", ""),
     "nproc": ("train.nproc", 0),
     "nnodes": ("train.nnodes", 0),

@@ -39,7 +39,6 @@ from components import (
     train_autoencoder,
     train_diffusion,
 )
-from components.base import BASE_IMAGE
 from ldm_core.config import DEFAULT_PRESET, ClusterConfig
 from pipelines import kfp_compat
 
@@ -90,7 +89,8 @@ def brain_ldm(
     nproc: int = 1,
     nnodes: int = 1,
     backend: str = "auto",
-    image: str = BASE_IMAGE,
+    image: str = _CLUSTER.image,
+    step_image: str = _CLUSTER.step_image,
     pvc_name: str = _CLUSTER.pvc_name,
     eval_samples: int = 0,
     eval_steps: int = 0,
@@ -116,7 +116,9 @@ def brain_ldm(
     nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +
     Workers; 1 for the local backend). backend: auto | local | kubeflow (PyTorchJob) |
     trainjob (Kubeflow Trainer v2); auto picks the training-job API the cluster serves.
-    image: container image of every task and of the training job pods (cluster.image).
+    image: image of the training job pods and of evaluate, the pods that may drive a GPU
+    (cluster.image, the CUDA build of images/training). step_image: image of the other steps
+    (cluster.step_image, its CPU build).
     pvc_name: PVC shared by training tasks and their PyTorchJob pods (cluster.pvc_name).
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
     eval_gpus: GPUs of the evaluation pod (cluster.evaluate.gpus; the request alone places
@@ -135,6 +137,7 @@ def brain_ldm(
         overrides=overrides,
         mount_path=WORKDIR,
         image=image,
+        step_image=step_image,
         pvc_name=pvc_name,
         nproc=nproc,
         nnodes=nnodes,
@@ -225,9 +228,11 @@ def brain_ldm(
         # Rolling out twice is harmless but must not be skipped: the endpoint is live state.
         dep.set_caching_options(enable_caching=False)
 
-    for task in (conf, dl, pre, ae, ldm, ev):
-        task.set_container_image(image)
-    dep.set_container_image(image)
+    for task in (conf, dl, pre, ae, ldm):
+        task.set_container_image(step_image)
+    dep.set_container_image(step_image)
+    # Evaluate samples on train.device: a GPU preset's evaluate needs the CUDA image.
+    ev.set_container_image(image)
     return Outputs(
         evaluation=ev.outputs["evaluation"],
         metrics=ev.outputs["metrics"],
@@ -237,15 +242,14 @@ def brain_ldm(
     )
 
 
-def compile_pipeline(output: str | Path, image: str = "") -> Path:
-    """Compile the pipeline to ``output`` (YAML) and return its path; ``image`` replaces the
-    default of the ``image`` parameter (the image of every step and training pod)."""
+def compile_pipeline(output: str | Path, image: str = "", step_image: str = "") -> Path:
+    """Compile the pipeline to ``output`` (YAML) and return its path; ``image`` and
+    ``step_image`` replace the defaults of those parameters."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    defaults = {k: v for k, v in {"image": image, "step_image": step_image}.items() if v}
     compiler.Compiler().compile(
-        brain_ldm,
-        package_path=str(output),
-        pipeline_parameters={"image": image} if image else None,
+        brain_ldm, package_path=str(output), pipeline_parameters=defaults or None
     )
     return output
 
@@ -256,10 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--image",
         default="",
-        help=f"default of the pipeline's image parameter (default: {BASE_IMAGE}, cluster.image)",
+        help=f"default of the image parameter (default: {_CLUSTER.image}, cluster.image)",
+    )
+    parser.add_argument(
+        "--step-image",
+        default="",
+        help="default of the step_image parameter "
+        f"(default: {_CLUSTER.step_image}, cluster.step_image)",
     )
     args = parser.parse_args(argv)
-    print(compile_pipeline(args.output, args.image))
+    print(compile_pipeline(args.output, args.image, args.step_image))
     return 0
 
 

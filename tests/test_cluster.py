@@ -334,6 +334,7 @@ def test_every_pipeline_parameter_reaches_the_config_field_it_names():
     the one route from the Kubeflow UI to the config."""
     values = {
         "image": "registry.example/ldm:4",
+        "step_image": "registry.example/ldm-cpu:4",
         "pvc_name": "other-pvc",
         "nproc": 3,
         "nnodes": 2,

@@ -122,6 +122,7 @@ def test_configure_body_returns_what_the_executor_reads(tmp_path):
         overrides=["cluster.evaluate.cpu=3", "train.device=auto"],
         mount_path="/workspace",
         image="registry.example/ldm:1",
+        step_image="",
         pvc_name="brain-ldm-data",
         nproc=1,
         nnodes=1,

@@ -235,6 +235,17 @@ def test_runs_as_uid_1000_with_writes_only_under_tmp(image):
     assert "UV_COMPILE_BYTECODE=1" in builder_env
 
 
+def test_containers_see_no_gpu_they_did_not_ask_for(image):
+    """The CUDA bases set NVIDIA_VISIBLE_DEVICES=all, which the NVIDIA container runtime
+    (as a node's default runtime) reads to expose every GPU of the node to the container,
+    requested or not. The final image must set it to ``void`` (runc behaviour); the device
+    plugin sets it for the pods that request nvidia.com/gpu."""
+    _, _, df = image
+    base_env = "NVIDIA_VISIBLE_DEVICES"
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(df.stages[-1].all("ENV"))))
+    assert env.get(base_env) == "void"
+
+
 def test_no_secrets_in_the_image(image):
     _, path, df = image
     text = path.read_text()

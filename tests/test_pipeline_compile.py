@@ -140,6 +140,8 @@ def test_cluster_settings_are_in_the_platform_spec(docs):
         == "nvidia.com/gpu"
     )
     for name, ex in containers.items():
-        # One image parameter for every task; the image carries kfp (no pip install at run time).
-        assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}", name
+        # Evaluate (it may drive a GPU) runs the CUDA image, every other step the CPU build;
+        # each image carries kfp (no pip install at run time).
+        param = "image" if name == "exec-evaluate" else "step_image"
+        assert ex["container"]["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", name
         assert "pip install" not in " ".join(ex["container"]["command"]), name

@@ -83,7 +83,13 @@ class ClusterConfig:
     (``ldm_core.stages.pipeline_overrides``). Ignored without a cluster."""
 
     image: str = "ghcr.io/brain-ldm/brain-ldm-training:0.1.0"
-    """Image of the pipeline steps and the training pods (images/training)."""
+    """Image of the training pods and of the evaluate step, the pods that may drive a GPU
+    (images/training, a CUDA build)."""
+    step_image: str = "ghcr.io/brain-ldm/brain-ldm-pipeline:0.1.0"
+    """Image of the pipeline's light steps (configure, download, preprocess, the training
+    steps, which only start and follow their jobs, and deploy): the CPU build of
+    images/training (images/README.md), so that a step asking for half a core does not pull
+    a CUDA image of several GB."""
     serving_image: str = "brain-ldm-serving:0.1.0"
     """Image of the predictor (images/serving); used when the deploy creates the
     ServingRuntime or runs the predictor without one."""

@@ -274,6 +274,11 @@ def _check_cluster(cfg: Config) -> None:
             )
     if not c.image:
         raise ConfigError("cluster.image: must name the training image (images/training)")
+    if not c.step_image:
+        raise ConfigError(
+            "cluster.step_image: must name the image of the light steps (images/training, "
+            "CPU build); it may be cluster.image itself"
+        )
     if c.namespace and not _DNS1123_LABEL.match(c.namespace):
         raise ConfigError(f"cluster.namespace: {c.namespace!r} is not a namespace name")
     names = {
