@@ -258,14 +258,15 @@ def choose_backend(backend: str) -> str:
         return backend
     if not in_cluster():
         return "local"
+    from ldm_core.kube import pytorchjob as pj
+    from ldm_core.kube import trainjob as tj
     from ldm_core.kube.errors import PIPELINE_ROLE, RBAC_MANIFEST
-    from ldm_core.kube.pytorchjob import pytorchjob_api_served
-    from ldm_core.kube.trainjob import trainjob_api_served
+    from ldm_core.kube.resources import cluster_serves
 
-    pytorchjob, why_not_pytorchjob = pytorchjob_api_served()
+    pytorchjob, why_not_pytorchjob = cluster_serves(pj.RESOURCE)
     if pytorchjob:
         return "kubeflow"
-    trainjob, why_not_trainjob = trainjob_api_served()
+    trainjob, why_not_trainjob = cluster_serves(tj.RESOURCE)
     if trainjob:
         return "trainjob"
     raise StageError(
@@ -279,16 +280,15 @@ def choose_backend(backend: str) -> str:
     )
 
 
-def _launcher(backend: str, cluster: ClusterSettings, cfg: Config, stage: str) -> Launcher:
+def _launcher(backend: str, cfg: Config, stage: str) -> Launcher:
     """How training stage ``stage`` (``train_autoencoder`` / ``train_diffusion``, its
     ``cfg.cluster`` section) starts on ``backend``."""
     if backend == "local":
         return LocalLauncher()
-    from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
+    from ldm_core.kube.pytorchjob import PyTorchJobLauncher
     from ldm_core.kube.trainjob import TrainJobLauncher
 
-    settings = PyTorchJobSettings.from_config(cfg, stage, cluster.workdir)
-    return TrainJobLauncher(settings) if backend == "trainjob" else PyTorchJobLauncher(settings)
+    return (TrainJobLauncher if backend == "trainjob" else PyTorchJobLauncher)(cfg, stage)
 
 
 def _job_name(kind: str, key: str) -> str:
@@ -389,7 +389,7 @@ def _train(
         task = TrainingTask(
             name=name, verb=verb, args=args, nproc_per_node=nproc, nnodes=cluster.nnodes
         )
-        _launcher(chosen, cluster, cfg, stage).run(task)
+        _launcher(chosen, cfg, stage).run(task)
         if not (run_dir / marker).is_file():
             raise StageError(f"{run_dir}: {verb} returned but wrote no {marker}")
         _mark_finished(run_dir, key, info)

@@ -8,6 +8,7 @@ the pods the way ``cleanPodPolicy: All`` does. The launcher only sees the API.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import re
 import socket
@@ -19,15 +20,20 @@ from typing import Any
 import kubernetes
 import pytest
 
-from ldm_core.config import TrainingResources, load_config
+from ldm_core.config import Config, load_config
 from ldm_core.kube import job_launcher
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
+from ldm_core.kube.job_launcher import LauncherTiming, true_condition
+from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, spec_hash
 from ldm_core.launcher import LaunchError, TrainingTask
 from tests.harness import crdcheck
 from tests.harness.kube import KubeApi, declared, rbac_triple
 
 NS = "brain-ldm"
+GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+STAGE = "train_autoencoder"
+IMAGE = "registry.example/brain-ldm-training:0.1.0"
 LAUNCHER_UA = "ldm-launcher-under-test"
 OPERATOR_UA = "fake-training-operator"
 
@@ -153,9 +159,7 @@ class FakeOperator(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            jobs = self.custom.list_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL)[
-                "items"
-            ]
+            jobs = self.custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)["items"]
             for job in jobs:
                 name = job["metadata"]["name"]
                 if name not in self.seen and self.outcome != "absent" and not job.get("status"):
@@ -168,10 +172,10 @@ class FakeOperator(threading.Thread):
         for kind, reason, message in types:
             self._set(name, kind, reason, message)
         self.custom.patch_namespaced_custom_object_status(
-            pj.GROUP,
-            pj.VERSION,
+            GROUP,
+            VERSION,
             NS,
-            pj.PLURAL,
+            PLURAL,
             name,
             {"status": {"conditions": self.conditions[name]}},
         )
@@ -330,7 +334,7 @@ class FakeOperator(threading.Thread):
 
 @pytest.fixture
 def cluster():
-    with KubeApi({f"{pj.GROUP}/{pj.VERSION}/{pj.PLURAL}": pj.KIND}) as api:
+    with KubeApi({f"{GROUP}/{VERSION}/{PLURAL}": KIND}) as api:
         cluster = Cluster(api)
         yield cluster
         cluster.stop()
@@ -341,32 +345,30 @@ def cluster():
             f"calls outside RBAC_RULES: {sorted(used - declared(pj.RBAC_RULES))}"
         )
         for r in sent:
-            if r.method.value.upper() == "POST" and r.resource and r.resource.plural == pj.PLURAL:
+            if r.method.value.upper() == "POST" and r.resource and r.resource.plural == PLURAL:
                 crdcheck.validate(r.data)
 
 
-def _settings(**kw: Any) -> pj.PyTorchJobSettings:
-    """A GPU job as the gpu-16g preset sizes it, fast polling for the emulated API."""
-    gpu = load_config(preset="gpu-16g").cluster
-    base = dict(
-        image="registry.example/brain-ldm-training:0.1.0",
-        namespace=NS,
-        s3_secret="brain-ldm-s3",
-        resources=gpu.train_autoencoder,
-        node_selector=dict(gpu.node_selector),
-        tolerations=[t.to_k8s() for t in gpu.tolerations],
-        poll_s=0.05,
-        log_reconnect_s=0.05,
-        start_timeout_s=30.0,
-        timeout_s=30.0,
+FAST = LauncherTiming(poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=30.0, timeout_s=30.0)
+"""Fast polling for the emulated API."""
+
+
+def _config(*overrides: str, preset: str = "gpu-16g") -> Config:
+    """A GPU job as the gpu-16g preset sizes it, in the test namespace."""
+    return load_config(
+        preset=preset,
+        overrides=[
+            f"cluster.image={IMAGE}",
+            f"cluster.namespace={NS}",
+            "cluster.s3_secret=brain-ldm-s3",
+            *overrides,
+        ],
     )
-    base.update(kw)
-    return pj.PyTorchJobSettings(**base)
 
 
 def _task(name: str | None = None, nnodes: int = 1, nproc: int = 2) -> TrainingTask:
     return TrainingTask(
-        name=name or pj.job_name("run-7f3a", "train-autoencoder"),
+        name=name or "ldm-ae-0123456789ab",
         verb="train-autoencoder",
         args=[
             "--data",
@@ -382,53 +384,36 @@ def _task(name: str | None = None, nnodes: int = 1, nproc: int = 2) -> TrainingT
     )
 
 
-def _launcher(cluster: Cluster, out: io.StringIO | None = None, **kw: Any) -> pj.PyTorchJobLauncher:
+def _launcher(
+    cluster: Cluster, out: io.StringIO | None = None, **timing: Any
+) -> pj.PyTorchJobLauncher:
     return pj.PyTorchJobLauncher(
-        _settings(**kw), api_client=cluster.api.client(LAUNCHER_UA), out=out or io.StringIO()
+        _config(),
+        STAGE,
+        api_client=cluster.api.client(LAUNCHER_UA),
+        out=out or io.StringIO(),
+        timing=dataclasses.replace(FAST, **timing),
     )
 
 
 def _jobs(cluster: Cluster) -> list[dict[str, Any]]:
     custom = kubernetes.client.CustomObjectsApi(cluster.api.client("test-inspector"))
-    return custom.list_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL)["items"]
+    return custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)["items"]
 
 
 def _creates(cluster: Cluster) -> int:
     return sum(
         1
         for r in cluster.api.requests(LAUNCHER_UA)
-        if r.method.value.upper() == "POST" and r.resource and r.resource.plural == pj.PLURAL
+        if r.method.value.upper() == "POST" and r.resource and r.resource.plural == PLURAL
     )
 
 
 # --------------------------------------------------------------------------- builder
 
 
-def test_job_name_is_deterministic_dns1035_and_bounded():
-    a = pj.job_name("run-7f3a", "train-autoencoder")
-    assert a == pj.job_name("run-7f3a", "train-autoencoder")
-    assert a != pj.job_name("run-7f3b", "train-autoencoder")
-    assert a != pj.job_name("run-7f3a", "train-diffusion")
-    assert a.startswith("train-autoencoder-run-7f3a-")
-    odd = [
-        ("0c5e9a1d-4b7e-4bb8-9d43-5a1b7b0ad3f1" * 3, "Train_Diffusion (retry #2)"),
-        ("", ""),
-        ("12345", "9-task"),
-        ("RUN", "----"),
-    ]
-    for run_id, task in odd:
-        name = pj.job_name(run_id, task)
-        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
-        assert len(name) <= pj.MAX_NAME
-        # The operator's per-replica Service names must stay valid DNS-1035 labels too.
-        assert len(f"{name}-worker-999") <= 63
-    # Long run ids differing only at the end still differ (the hash covers everything).
-    long = "x" * 200
-    assert pj.job_name(long + "1", "t") != pj.job_name(long + "2", "t")
-
-
 def test_single_node_job_shape_and_validity():
-    job = pj.build_pytorchjob(_task(), _settings())
+    job = pj.build_pytorchjob(_task(), _config(), STAGE)
     crdcheck.validate(job)
     spec = job["spec"]
     assert list(spec["pytorchReplicaSpecs"]) == ["Master"]
@@ -476,7 +461,7 @@ def test_single_node_job_shape_and_validity():
 
 
 def test_multi_node_job_has_master_and_workers():
-    job = pj.build_pytorchjob(_task(nnodes=4, nproc=8), _settings())
+    job = pj.build_pytorchjob(_task(nnodes=4, nproc=8), _config(), STAGE)
     crdcheck.validate(job)
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1
@@ -484,15 +469,12 @@ def test_multi_node_job_has_master_and_workers():
     assert replicas["Worker"]["template"] == replicas["Master"]["template"]
     assert job["spec"]["nprocPerNode"] == "8"
     # A spec differing only in size hashes differently (adoption compares it).
-    other = pj.build_pytorchjob(_task(nnodes=2, nproc=8), _settings())
-    assert pj.spec_hash(job) != pj.spec_hash(other)
+    other = pj.build_pytorchjob(_task(nnodes=2, nproc=8), _config(), STAGE)
+    assert spec_hash(job) != spec_hash(other)
 
 
 def test_cpu_job_has_no_gpu_scheduling():
-    job = pj.build_pytorchjob(
-        _task(),
-        _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""),
-    )
+    job = pj.build_pytorchjob(_task(), _config("cluster.s3_secret=", preset="tiny-cpu"), STAGE)
     crdcheck.validate(job)
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
@@ -502,11 +484,11 @@ def test_cpu_job_has_no_gpu_scheduling():
 
 def test_invalid_tasks_are_refused_before_any_api_call():
     with pytest.raises(LaunchError, match="DNS-1035"):
-        pj.build_pytorchjob(_task(name="Train_AE"), _settings())
+        pj.build_pytorchjob(_task(name="Train_AE"), _config(), STAGE)
     with pytest.raises(LaunchError, match="must be >= 1"):
-        pj.build_pytorchjob(_task(nnodes=0), _settings())
+        pj.build_pytorchjob(_task(nnodes=0), _config(), STAGE)
     with pytest.raises(crdcheck.InvalidResource):  # the checker itself catches a second Master
-        job = pj.build_pytorchjob(_task(), _settings())
+        job = pj.build_pytorchjob(_task(), _config(), STAGE)
         job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
         crdcheck.validate(job)
 
@@ -524,7 +506,7 @@ def test_torchrun_reads_the_operator_environment(monkeypatch):
         "PET_MASTER_PORT": "23456",
     }.items():
         monkeypatch.setenv(key, value)
-    command = pj.build_pytorchjob(_task(nnodes=3, nproc=8), _settings())["spec"][
+    command = pj.build_pytorchjob(_task(nnodes=3, nproc=8), _config(), STAGE)["spec"][
         "pytorchReplicaSpecs"
     ]["Worker"]["template"]["spec"]["containers"][0]["command"]
     assert command[0] == "torchrun"
@@ -567,11 +549,12 @@ def test_failure_raises_with_logs_and_events(cluster):
     assert "BackOff" in text and "Back-off restarting failed container" in text  # events
 
 
-def test_evicted_pod_fails_the_task_and_deletes_the_job(cluster):
+def test_evicted_pod_fails_the_task_and_deletes_the_job(cluster, monkeypatch):
     """restartPolicy Never: nothing brings an evicted pod back, so the task fails at once."""
+    monkeypatch.setattr(pj, "RESTART_POLICY", "Never")
     cluster.operator("evict")
     with pytest.raises(LaunchError, match="evicted.*low on resource: memory"):
-        _launcher(cluster, restart_policy="Never").run(_task())
+        _launcher(cluster).run(_task())
     assert _jobs(cluster) == []
 
 
@@ -627,8 +610,8 @@ def test_restarted_component_adopts_the_running_job(cluster):
     """A first component attempt created the job and died; the retry finds it by name."""
     task = _task()
     first = kubernetes.client.CustomObjectsApi(cluster.api.client("previous-attempt"))
-    body = pj.build_pytorchjob(task, _settings())
-    first.create_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, body)
+    body = pj.build_pytorchjob(task, _config(), STAGE)
+    first.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
     cluster.operator("succeed")
     out = io.StringIO()
     _launcher(cluster, out).run(task)
@@ -643,10 +626,10 @@ def test_restarted_component_adopts_the_running_job(cluster):
 
 def test_adoption_refuses_a_different_job_with_the_same_name(cluster):
     task = _task()
-    body = pj.build_pytorchjob(_task(nproc=1), _settings())  # same name, other spec
+    body = pj.build_pytorchjob(_task(nproc=1), _config(), STAGE)  # same name, other spec
     kubernetes.client.CustomObjectsApi(
         cluster.api.client("someone")
-    ).create_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, body)
+    ).create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
     with pytest.raises(LaunchError, match="a different PyTorchJob .* already exists"):
         _launcher(cluster).run(task)
     assert len(_jobs(cluster)) == 1 and _creates(cluster) == 0
@@ -656,13 +639,13 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     task = _task()
     custom = kubernetes.client.CustomObjectsApi(cluster.api.client("previous-attempt"))
     custom.create_namespaced_custom_object(
-        pj.GROUP, pj.VERSION, NS, pj.PLURAL, pj.build_pytorchjob(task, _settings())
+        GROUP, VERSION, NS, PLURAL, pj.build_pytorchjob(task, _config(), STAGE)
     )
     custom.patch_namespaced_custom_object_status(
-        pj.GROUP,
-        pj.VERSION,
+        GROUP,
+        VERSION,
         NS,
-        pj.PLURAL,
+        PLURAL,
         task.name,
         {
             "status": {
@@ -674,7 +657,7 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     _launcher(cluster).run(task)
     assert _creates(cluster) == 1
     (job,) = _jobs(cluster)
-    assert pj.true_condition(job, "Succeeded")
+    assert true_condition(job, "Succeeded")
 
 
 def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
@@ -684,7 +667,7 @@ def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
     monkeypatch.setenv("HOSTNAME", "brain-ldm-step-pod")
     for outcome, kw in (("succeed", {}), ("fail", {}), ("hang", {"timeout_s": 0.5})):
         op = cluster.operator(outcome, step_s=0.05)
-        task = _task(name=pj.job_name(f"rbac-{outcome}", "train"))
+        task = _task(name=f"ldm-rbac-{outcome}")
         with pytest.raises(LaunchError) if outcome != "succeed" else contextlib.nullcontext():
             _launcher(cluster, **kw).run(task)
         op.stopping.set()  # one operator per job
@@ -700,7 +683,7 @@ def test_job_deleted_by_someone_else_fails_the_task(cluster):
 
     def delete_later() -> None:
         time.sleep(0.6)
-        other.delete_namespaced_custom_object(pj.GROUP, pj.VERSION, NS, pj.PLURAL, task.name)
+        other.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, task.name)
 
     deleter = threading.Thread(target=delete_later)
     deleter.start()
@@ -737,7 +720,7 @@ def test_forbidden_pod_listing_names_the_core_resource(cluster):
 def test_unreachable_api_names_the_host():
     closed = _closed_url()
     with pytest.raises(LaunchError, match=f"Kubernetes API at {closed} unreachable"):
-        pj.PyTorchJobLauncher(_settings(), api_client=api_client(closed)).run(_task())
+        pj.PyTorchJobLauncher(_config(), STAGE, api_client=api_client(closed)).run(_task())
 
 
 class FakeClock:
@@ -761,9 +744,11 @@ def test_deadlines_run_on_the_injected_clock(cluster):
     cluster.operator("absent")
     clock = FakeClock()
     launcher = pj.PyTorchJobLauncher(
-        _settings(start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
+        _config(),
+        STAGE,
         api_client=cluster.api.client(LAUNCHER_UA),
         out=io.StringIO(),
+        timing=dataclasses.replace(FAST, start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
         clock=clock,
         sleep=clock.sleep,
     )
@@ -798,9 +783,11 @@ def test_a_job_whose_pods_cannot_start_fails_after_the_pending_timeout(
     op = cluster.operator(outcome)
     clock = FakeClock()
     launcher = pj.PyTorchJobLauncher(
-        _settings(start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
+        _config(),
+        STAGE,
         api_client=cluster.api.client(LAUNCHER_UA),
         out=io.StringIO(),
+        timing=dataclasses.replace(FAST, start_timeout_s=600.0, timeout_s=None, poll_s=60.0),
         clock=clock,
         sleep=lambda seconds: (op.done.wait(10), clock.sleep(seconds)),
     )
@@ -820,7 +807,7 @@ def test_a_job_whose_pods_cannot_start_fails_after_the_pending_timeout(
 
 def _job(*conditions: tuple[str, str], spec_hash: str = "h") -> dict[str, Any]:
     return {
-        "metadata": {"annotations": {pj.SPEC_HASH_ANNOTATION: spec_hash}},
+        "metadata": {"annotations": {SPEC_HASH_ANNOTATION: spec_hash}},
         "status": {
             "conditions": [
                 {"type": t, "status": s, "reason": f"PyTorchJob{t}"} for t, s in conditions
@@ -921,24 +908,24 @@ def _closed_url() -> str:
 
 _LAUNCHER_PROCESS = """
 import logging, sys
-from ldm_core.config import TrainingResources, load_config
-from ldm_core.kube import job_launcher
+from ldm_core.config import load_config
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube.client import api_client
+from ldm_core.kube.job_launcher import LauncherTiming
 from ldm_core.errors import LdmError
 from ldm_core.launcher import TrainingTask
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 client = api_client(sys.argv[1])
 client.user_agent = sys.argv[2]
-settings = pj.PyTorchJobSettings(
-    image="registry.example/brain-ldm-training:0.1.0", namespace=sys.argv[3],
-    poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0,
-)
+cfg = load_config(overrides=[
+    "cluster.image=registry.example/brain-ldm-training:0.1.0", f"cluster.namespace={sys.argv[3]}",
+])
+timing = LauncherTiming(poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0)
 task = TrainingTask(name=sys.argv[4], verb="train-autoencoder",
                     args=["--data", "/d", "--output", "/o"], nproc_per_node=1)
 try:
-    pj.PyTorchJobLauncher(settings, api_client=client).run(task)
+    pj.PyTorchJobLauncher(cfg, "train_autoencoder", api_client=client, timing=timing).run(task)
 except LdmError as exc:
     print(f"launch failed: {exc}", file=sys.stderr)
     sys.exit(143)
@@ -964,7 +951,7 @@ def test_sigterm_to_a_launcher_process_deletes_its_job(cluster, tmp_path):
 
     cluster.operator("hang")
     _step_pod(cluster, "brain-ldm-run-7f3a-train-ae-driver", "0c9f7e4a-step-pod-uid")
-    task = pj.job_name("run-7f3a", "train-autoencoder")
+    task = "ldm-ae-0123456789ab"
     root = Path(__file__).parents[1]
     env = {
         **os.environ,

@@ -161,7 +161,7 @@ def test_training_reuses_a_finished_run_with_the_same_inputs(tmp_path, monkeypat
     launcher = CountingLauncher()
     # On the kubeflow path the PyTorchJob launcher is replaced by torchrun on this machine;
     # everything around it (staging, run dir on the volume, copy out) is the real path.
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: launcher)
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cfg, stage: launcher)
     monkeypatch.setenv(stages.LOCAL_WORKDIR_ENV, str(workdir))
     cluster = stages.ClusterSettings(workdir=str(workdir))
 
@@ -216,8 +216,7 @@ def test_trainjob_backend_runs_training_as_a_trainjob(tmp_path, monkeypatch):
     from ldm_core.kube.trainjob import TrainJobLauncher
 
     _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, "http://127.0.0.1:9")
-    cluster = stages.ClusterSettings()
-    launcher = stages._launcher("trainjob", cluster, tiny_config(), "train_autoencoder")
+    launcher = stages._launcher("trainjob", tiny_config(), "train_autoencoder")
     assert isinstance(launcher, TrainJobLauncher) and launcher.namespace == "team-a"
 
 
@@ -236,7 +235,7 @@ def test_nnodes_reaches_the_training_task_and_keys_the_run(tmp_path, monkeypatch
             tasks.append(task)
             raise _Launched
 
-    monkeypatch.setattr(stages, "_launcher", lambda chosen, cluster, cfg, stage: Recording())
+    monkeypatch.setattr(stages, "_launcher", lambda chosen, cfg, stage: Recording())
     for nnodes in (1, 2):
         cluster = stages.ClusterSettings(workdir=str(tmp_path / "pvc"), nnodes=nnodes)
         with pytest.raises(_Launched):

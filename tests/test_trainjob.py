@@ -7,6 +7,7 @@ The Trainer's admission chain and controller (with JobSet, Job and kubelet under
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -21,22 +22,29 @@ import kubernetes
 import pytest
 import yaml
 
-from ldm_core.config import TrainingResources, load_config
+from ldm_core.config import Config, load_config
 from ldm_core.kube import pytorchjob as pj
 from ldm_core.kube import trainjob as tj
+from ldm_core.kube.job_launcher import LauncherTiming, true_condition
+from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, spec_hash
 from ldm_core.launcher import LaunchError, TrainingTask
 from tests.harness import crdcheck
 from tests.harness.kube import KubeApi, declared, rbac_triple
 from tests.harness.trainer import (
+    GROUP,
     PENDING,
+    PLURAL,
     RESOURCE,
     TORCH_DISTRIBUTED,
+    VERSION,
     Admission,
     FakeTrainer,
     node_pod,
 )
 
 NS = "brain-ldm"
+STAGE = "train_autoencoder"
+IMAGE = "registry.example/brain-ldm-training:0.1.0"
 LAUNCHER_UA = "ldm-trainjob-launcher-under-test"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,14 +74,14 @@ class Cluster:
 
     def jobs(self) -> list[dict[str, Any]]:
         custom = kubernetes.client.CustomObjectsApi(self.api.client("test-inspector"))
-        return custom.list_namespaced_custom_object(tj.GROUP, tj.VERSION, NS, tj.PLURAL)["items"]
+        return custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)["items"]
 
     def creates(self) -> int:
         return sum(1 for r in self.api.requests(LAUNCHER_UA) if _is_create(r))
 
 
 def _is_create(r: Any) -> bool:
-    return r.method.value.upper() == "POST" and r.resource and r.resource.plural == tj.PLURAL
+    return r.method.value.upper() == "POST" and r.resource and r.resource.plural == PLURAL
 
 
 @pytest.fixture
@@ -90,23 +98,21 @@ def cluster():
                 crdcheck.validate(r.data)
 
 
-def _settings(**kw: Any) -> pj.PyTorchJobSettings:
-    """A GPU job as the gpu-16g preset sizes it, fast polling for the emulated API."""
-    gpu = load_config(preset="gpu-16g").cluster
-    base = dict(
-        image="registry.example/brain-ldm-training:0.1.0",
-        namespace=NS,
-        s3_secret="brain-ldm-s3",
-        resources=gpu.train_autoencoder,
-        node_selector=dict(gpu.node_selector),
-        tolerations=[t.to_k8s() for t in gpu.tolerations],
-        poll_s=0.05,
-        log_reconnect_s=0.05,
-        start_timeout_s=30.0,
-        timeout_s=30.0,
+FAST = LauncherTiming(poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=30.0, timeout_s=30.0)
+"""Fast polling for the emulated API."""
+
+
+def _config(*overrides: str, preset: str = "gpu-16g") -> Config:
+    """A GPU job as the gpu-16g preset sizes it, in the test namespace."""
+    return load_config(
+        preset=preset,
+        overrides=[
+            f"cluster.image={IMAGE}",
+            f"cluster.namespace={NS}",
+            "cluster.s3_secret=brain-ldm-s3",
+            *overrides,
+        ],
     )
-    base.update(kw)
-    return pj.PyTorchJobSettings(**base)
 
 
 def _task(name: str = "ldm-ae-0123456789ab", nnodes: int = 1, nproc: int = 2) -> TrainingTask:
@@ -120,9 +126,15 @@ def _task(name: str = "ldm-ae-0123456789ab", nnodes: int = 1, nproc: int = 2) ->
     )
 
 
-def _launcher(cluster: Cluster, out: io.StringIO | None = None, **kw: Any) -> tj.TrainJobLauncher:
+def _launcher(
+    cluster: Cluster, out: io.StringIO | None = None, cfg: Config | None = None, **timing: Any
+) -> tj.TrainJobLauncher:
     return tj.TrainJobLauncher(
-        _settings(**kw), api_client=cluster.api.client(LAUNCHER_UA), out=out or io.StringIO()
+        cfg or _config(),
+        STAGE,
+        api_client=cluster.api.client(LAUNCHER_UA),
+        out=out or io.StringIO(),
+        timing=dataclasses.replace(FAST, **timing),
     )
 
 
@@ -130,7 +142,7 @@ def _launcher(cluster: Cluster, out: io.StringIO | None = None, **kw: Any) -> tj
 
 
 def test_trainjob_shape_and_validity():
-    job = tj.build_trainjob(_task(nnodes=2), _settings())
+    job = tj.build_trainjob(_task(nnodes=2), _config(), STAGE)
     crdcheck.validate(job)
     spec = job["spec"]
     assert spec["runtimeRef"] == {
@@ -156,17 +168,17 @@ def test_trainjob_shape_and_validity():
     (patch,) = spec["runtimePatches"]
     assert patch["manager"] == tj.PATCH_MANAGER
     assert spec["activeDeadlineSeconds"] == 24 * 3600
-    assert job["metadata"]["annotations"][pj.SPEC_HASH_ANNOTATION] == pj.spec_hash(job)
+    assert job["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == spec_hash(job)
 
 
 def test_the_pod_the_trainer_makes_is_the_pytorchjob_pod():
     """Rendered as the Trainer does (runtime template + runtimePatches + spec.trainer), the
     node pod asks for what the PyTorchJob's master pod asks for: the same sizing, volumes,
     security and scheduling, under the runtime's container name."""
-    task, settings = _task(nnodes=2, nproc=4), _settings()
-    job = tj.build_trainjob(task, settings)
+    task, cfg = _task(nnodes=2, nproc=4), _config()
+    job = tj.build_trainjob(task, cfg, STAGE)
     pod = node_pod(job, TORCH_DISTRIBUTED, rank=1, suffix="abcde")
-    master = pj.build_pytorchjob(task, settings)["spec"]["pytorchReplicaSpecs"]["Master"]
+    master = pj.build_pytorchjob(task, cfg, STAGE)["spec"]["pytorchReplicaSpecs"]["Master"]
     want, got = master["template"]["spec"], pod["spec"]
     (wc,), (gc,) = want["containers"], got["containers"]
     assert gc["name"] == "node"
@@ -193,10 +205,7 @@ def test_every_key_the_s3_secret_template_documents_reaches_the_training_pod():
 
 
 def test_cpu_job_has_no_gpu_scheduling():
-    job = tj.build_trainjob(
-        _task(),
-        _settings(resources=TrainingResources(), node_selector={}, tolerations=[], s3_secret=""),
-    )
+    job = tj.build_trainjob(_task(), _config("cluster.s3_secret=", preset="tiny-cpu"), STAGE)
     crdcheck.validate(job)
     (patch,) = job["spec"]["runtimePatches"]
     (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
@@ -212,7 +221,7 @@ def test_torchrun_reads_the_trainer_environment(monkeypatch):
     from torch.distributed.run import get_args_parser
 
     task = _task(nnodes=3, nproc=8)
-    pod = node_pod(tj.build_trainjob(task, _settings()), TORCH_DISTRIBUTED, 2, "abcde")
+    pod = node_pod(tj.build_trainjob(task, _config(), STAGE), TORCH_DISTRIBUTED, 2, "abcde")
     (container,) = pod["spec"]["containers"]
     for e in container["env"]:
         if e["name"].startswith("PET_"):
@@ -228,9 +237,9 @@ def test_names_fit_the_pods_jobset_derives():
     """JobSet's webhook refuses a JobSet whose pod names would pass 63 characters."""
     longest = "a" * tj.MAX_NAME
     assert len(f"{longest}-node-0-999-abcde") <= 63
-    crdcheck.validate(tj.build_trainjob(_task(name=longest), _settings()))
+    crdcheck.validate(tj.build_trainjob(_task(name=longest), _config(), STAGE))
     with pytest.raises(LaunchError, match="at most 46"):
-        tj.build_trainjob(_task(name=longest + "b"), _settings())
+        tj.build_trainjob(_task(name=longest + "b"), _config(), STAGE)
 
 
 @pytest.mark.parametrize(
@@ -246,14 +255,14 @@ def test_invalid_tasks_are_refused_before_any_api_call(change, match):
     for key, value in change.items():
         setattr(task, key, value)
     with pytest.raises(LaunchError, match=match):
-        tj.build_trainjob(task, _settings())
+        tj.build_trainjob(task, _config(), STAGE)
 
 
 def test_a_pod_field_the_trainjob_cannot_carry_is_an_error_not_dropped():
     """cluster.priority_class reaches a PyTorchJob's pods; a TrainJob's patches cannot set
     it, so the launcher refuses rather than silently dropping it."""
     with pytest.raises(LaunchError, match="pod field.s. priorityClassName cannot be set"):
-        tj.build_trainjob(_task(), _settings(priority_class="training-high"))
+        tj.build_trainjob(_task(), _config("cluster.priority_class=training-high"), STAGE)
 
 
 def _node_patch(job: dict[str, Any]) -> dict[str, Any]:
@@ -287,11 +296,11 @@ def _node_container(job: dict[str, Any]) -> dict[str, Any]:
 def test_the_emulated_admission_refuses_what_the_trainer_refuses(cluster, spoil, status, match):
     """The admission chain the launcher's TrainJobs pass in the other tests is not vacuous:
     it refuses, as the Trainer's webhooks and the CRD schema do, what a TrainJob may not be."""
-    job = tj.build_trainjob(_task(), _settings())
+    job = tj.build_trainjob(_task(), _config(), STAGE)
     spoil(job)
     custom = kubernetes.client.CustomObjectsApi(cluster.api.client("someone"))
     with pytest.raises(kubernetes.client.ApiException) as err:
-        custom.create_namespaced_custom_object(tj.GROUP, tj.VERSION, NS, tj.PLURAL, job)
+        custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, job)
     assert err.value.status == status and re.search(match, err.value.body)
     assert cluster.jobs() == []
 
@@ -305,7 +314,7 @@ def _job(*conds: tuple[str, str], jobs: list[dict[str, Any]] | None = None) -> d
     }
     if jobs is not None:
         status["jobsStatus"] = jobs
-    return {"metadata": {"annotations": {pj.SPEC_HASH_ANNOTATION: "h"}}, "status": status}
+    return {"metadata": {"annotations": {SPEC_HASH_ANNOTATION: "h"}}, "status": status}
 
 
 @pytest.mark.parametrize(
@@ -342,7 +351,7 @@ def test_create_follow_logs_and_succeed(cluster):
     assert out.getvalue().splitlines() == trainer.logged["ldm-ae-0123456789ab"]
     assert cluster.creates() == 1
     (job,) = cluster.jobs()
-    assert pj.true_condition(job, "Complete")
+    assert true_condition(job, "Complete")
     # The webhook stamped the patch's time; the spec hash we stored still identifies it.
     assert job["spec"]["runtimePatches"][0]["time"]
     assert len(trainer.pods["ldm-ae-0123456789ab"]) == 2
@@ -412,7 +421,7 @@ def test_a_job_whose_pods_cannot_start_fails_after_the_pending_timeout(cluster, 
     cluster.trainer(kind)
     started = time.monotonic()
     with pytest.raises(LaunchError) as err:
-        _launcher(cluster, pending_timeout_s=0.3).run(_task())
+        _launcher(cluster, cfg=_config("cluster.pending_timeout_s=1")).run(_task())
     assert time.monotonic() - started < 20
     text = str(err.value)
     assert "cannot start" in text and "The TrainJob was deleted." in text
@@ -430,18 +439,18 @@ def test_restarted_component_adopts_the_running_job(cluster):
     cluster.stop()
     # ... a real restart finds the job running: create one the way the first attempt did.
     cluster.trainer("hang")
-    body = tj.build_trainjob(_task(), _settings())
+    body = tj.build_trainjob(_task(), _config(), STAGE)
     custom = kubernetes.client.CustomObjectsApi(cluster.api.client("earlier-attempt"))
-    custom.create_namespaced_custom_object(tj.GROUP, tj.VERSION, NS, tj.PLURAL, body)
+    custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
     with pytest.raises(LaunchError, match="no result after 0s"):
         _launcher(cluster, timeout_s=0.1).run(_task())
     assert cluster.creates() == 1  # only the first attempt's; the second adopted
 
 
 def test_adoption_refuses_a_different_job_with_the_same_name(cluster):
-    other = tj.build_trainjob(_task(nproc=1), _settings())
+    other = tj.build_trainjob(_task(nproc=1), _config(), STAGE)
     custom = kubernetes.client.CustomObjectsApi(cluster.api.client("someone"))
-    custom.create_namespaced_custom_object(tj.GROUP, tj.VERSION, NS, tj.PLURAL, other)
+    custom.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, other)
     with pytest.raises(LaunchError, match="a different TrainJob brain-ldm/ldm-ae-0123456789ab"):
         _launcher(cluster).run(_task(nproc=2))
     assert cluster.creates() == 0 and len(cluster.jobs()) == 1
@@ -456,7 +465,7 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
     _launcher(cluster).run(_task())
     assert cluster.creates() == 2
     (job,) = cluster.jobs()
-    assert pj.true_condition(job, "Complete")
+    assert true_condition(job, "Complete")
 
 
 def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
@@ -476,7 +485,7 @@ def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
 
 
 def test_forbidden_create_names_the_missing_rbac(cluster):
-    path = f"/apis/{tj.GROUP}/{tj.VERSION}/namespaces/{NS}/{tj.PLURAL}"
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
     cluster.api.emulator["post", path] << 403
     with pytest.raises(LaunchError, match="create trainjobs.trainer.kubeflow.org .*needs the Role"):
         _launcher(cluster).run(_task())
@@ -486,22 +495,24 @@ def test_forbidden_create_names_the_missing_rbac(cluster):
 
 _LAUNCHER_PROCESS = """
 import logging, sys
-from ldm_core.kube import pytorchjob as pj, trainjob as tj
+from ldm_core.config import load_config
+from ldm_core.kube import trainjob as tj
 from ldm_core.kube.client import api_client
+from ldm_core.kube.job_launcher import LauncherTiming
 from ldm_core.errors import LdmError
 from ldm_core.launcher import TrainingTask
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 client = api_client(sys.argv[1])
 client.user_agent = sys.argv[2]
-settings = pj.PyTorchJobSettings(
-    image="registry.example/brain-ldm-training:0.1.0", namespace=sys.argv[3],
-    poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0,
-)
+cfg = load_config(overrides=[
+    "cluster.image=registry.example/brain-ldm-training:0.1.0", f"cluster.namespace={sys.argv[3]}",
+])
+timing = LauncherTiming(poll_s=0.05, log_reconnect_s=0.05, start_timeout_s=60.0, timeout_s=120.0)
 task = TrainingTask(name=sys.argv[4], verb="train-autoencoder",
                     args=["--data", "/d", "--output", "/o"], nproc_per_node=1)
 try:
-    tj.TrainJobLauncher(settings, api_client=client).run(task)
+    tj.TrainJobLauncher(cfg, "train_autoencoder", api_client=client, timing=timing).run(task)
 except LdmError as exc:
     print(f"launch failed: {exc}", file=sys.stderr)
     sys.exit(143)
