@@ -56,7 +56,12 @@ TARGETS: tuple[Target, ...] = (
         (),
         ("tests/test_inference_service.py",),
     ),
-    Target("launcher", "ldm_core/kube/pytorchjob.py", (), ("tests/test_pytorchjob.py",)),
+    Target(
+        "launcher",
+        "ldm_core/kube/pytorchjob.py",
+        (),
+        ("tests/test_pytorchjob.py", "tests/test_training_jobs.py"),
+    ),
     Target("gate", "ldm_core/evaluate.py", ("gate",), ("tests/test_evaluate.py",)),
     Target(
         "smoke check",
