@@ -130,8 +130,8 @@ def api_served(
     Reads an object that does not exist. A served resource answers a ``Status`` 404 whose
     ``details`` name the resource (``kind`` is the plural); an unserved one answers the
     server's plain-text "404 page not found". ``get`` is a verb the pipeline's Role grants,
-    whereas listing CRDs would need a ClusterRole. Any other answer, or none, counts as not
-    served: the caller falls back to training in its own pod.
+    whereas listing CRDs would need a ClusterRole. Any other answer (a refusal, a 404 that
+    names another resource), or none, counts as not served, and the reason says which.
     """
     api = kubernetes.client.CustomObjectsApi(api_client)
     try:
