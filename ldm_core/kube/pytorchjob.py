@@ -76,6 +76,7 @@ BACKOFF_LIMIT = 3
 TTL_AFTER_FINISHED_S = 3600
 
 RBAC_RULES = rbac_rules(RESOURCE)
+"""What the launcher calls; the Role in manifests/base/rbac.yaml grants exactly these."""
 
 
 # --------------------------------------------------------------------------- build

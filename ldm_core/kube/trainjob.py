@@ -5,7 +5,7 @@ Kubeflow releases ship Trainer v2. This launcher runs the same :class:`TrainingT
 the same semantics: a deterministic name that a restarted component adopts (same spec hash)
 or refuses (another spec), a failure reported with the rank-0 pod's last log lines and the
 events, deletion (foreground) on timeout, on a pod that cannot start for
-``pending_timeout_s`` and on SIGTERM, and an ownerReference to the launcher's pod.
+``cluster.pending_timeout_s`` and on SIGTERM, and an ownerReference to the launcher's pod.
 
 How Trainer v2 runs it (kubeflow/trainer at 8c0f505, the commit of the CRD in tests/crds):
 
@@ -79,6 +79,7 @@ MAX_NAME = 46
 characters; 46 leaves room for three-digit node ranks."""
 
 RBAC_RULES = rbac_rules(RESOURCE)
+"""What the launcher calls; the Role in manifests/base/rbac.yaml grants exactly these."""
 
 _POD_PATCH_FIELDS = (
     "nodeSelector",
