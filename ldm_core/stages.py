@@ -284,14 +284,15 @@ def choose_backend(backend: str) -> str:
         return backend
     if not in_cluster():
         return "local"
+    from ldm_core.kube import pytorchjob as pj
+    from ldm_core.kube import trainjob as tj
     from ldm_core.kube.errors import PIPELINE_ROLE, RBAC_MANIFEST
-    from ldm_core.kube.pytorchjob import pytorchjob_api_served
-    from ldm_core.kube.trainjob import trainjob_api_served
+    from ldm_core.kube.resources import cluster_serves
 
-    pytorchjob, why_not_pytorchjob = pytorchjob_api_served()
+    pytorchjob, why_not_pytorchjob = cluster_serves(pj.RESOURCE)
     if pytorchjob:
         return "kubeflow"
-    trainjob, why_not_trainjob = trainjob_api_served()
+    trainjob, why_not_trainjob = cluster_serves(tj.RESOURCE)
     if trainjob:
         return "trainjob"
     raise StageError(
@@ -310,11 +311,10 @@ def _launcher(backend: str, cfg: Config, stage: str) -> Launcher:
     ``cfg.cluster`` section) starts on ``backend``."""
     if backend == "local":
         return LocalLauncher()
-    from ldm_core.kube.pytorchjob import PyTorchJobLauncher, PyTorchJobSettings
+    from ldm_core.kube.pytorchjob import PyTorchJobLauncher
     from ldm_core.kube.trainjob import TrainJobLauncher
 
-    settings = PyTorchJobSettings.from_config(cfg, stage, cfg.cluster.workdir)
-    return TrainJobLauncher(settings) if backend == "trainjob" else PyTorchJobLauncher(settings)
+    return (TrainJobLauncher if backend == "trainjob" else PyTorchJobLauncher)(cfg, stage)
 
 
 def _job_name(kind: str, key: str) -> str:

@@ -35,7 +35,6 @@ def _quantity(text: str) -> float:
 
 def _job(preset: str, nproc: int = 1, nnodes: int = 1, *extra: str) -> dict[str, Any]:
     cfg = load_config(preset=preset, overrides=list(extra))
-    settings = pj.PyTorchJobSettings.from_config(cfg, "train_diffusion", "/workspace")
     task = TrainingTask(
         name="ldm-ldm-0123456789ab",
         verb="train-diffusion",
@@ -43,7 +42,7 @@ def _job(preset: str, nproc: int = 1, nnodes: int = 1, *extra: str) -> dict[str,
         nproc_per_node=nproc,
         nnodes=nnodes,
     )
-    job = pj.build_pytorchjob(task, settings)
+    job = pj.build_pytorchjob(task, cfg, "train_diffusion")
     crdcheck.validate(job)
     return job
 
@@ -124,15 +123,14 @@ def test_training_pods_come_from_the_config(preset):
         overrides=[
             "cluster.priority_class=research-low",
             "cluster.image_pull_secrets=[regcred]",
-            "cluster.pending_timeout_s=300",
             "cluster.run_timeout_s=7200",
             "cluster.image=registry.example/brain-ldm-training:2",
         ],
     )
-    settings = pj.PyTorchJobSettings.from_config(cfg, "train_autoencoder", "/workspace")
-    assert settings.pending_timeout_s == 300
     job = pj.build_pytorchjob(
-        TrainingTask(name="ldm-ae-0123456789ab", verb="train-autoencoder"), settings
+        TrainingTask(name="ldm-ae-0123456789ab", verb="train-autoencoder"),
+        cfg,
+        "train_autoencoder",
     )
     crdcheck.validate(job)
     assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200

@@ -63,7 +63,12 @@ TARGETS: tuple[Target, ...] = (
         ("tests/test_isvc_status.py", "tests/test_isvc_rollout.py"),
     ),
     Target("rollout", "ldm_core/kube/isvc_rollout.py", (), ("tests/test_isvc_rollout.py",)),
-    Target("launcher", "ldm_core/kube/pytorchjob.py", (), ("tests/test_pytorchjob.py",)),
+    Target(
+        "launcher",
+        "ldm_core/kube/pytorchjob.py",
+        (),
+        ("tests/test_pytorchjob.py", "tests/test_training_jobs.py"),
+    ),
     Target("gate", "ldm_core/evaluate.py", ("gate",), ("tests/test_evaluate.py",)),
     Target(
         "smoke check",

@@ -6,8 +6,12 @@
   served?" probe;
 - ``security``: the securityContext every pod runs under;
 - ``podlog``: a pod's log copied to the component's stdout;
-- ``pytorchjob``: a training stage as a PyTorchJob (launcher);
-- ``trainjob``: a training stage as a Kubeflow Trainer v2 TrainJob (launcher);
+- ``training_job``: what both kinds of training job build alike (the pod every node runs,
+  labels, name checks, the spec hash);
+- ``job_launcher``: how a training job is run, whatever its kind (adoption, creation, the
+  polling loop, failure reports, the RBAC rules of those calls);
+- ``pytorchjob``: a training stage as a PyTorchJob (what differs: the object, its status);
+- ``trainjob``: a training stage as a Kubeflow Trainer v2 TrainJob (likewise);
 - ``diagnostics``: a failed job's pod state, last log lines and events;
 - ``pending``: why a pod cannot start (scheduler and kubelet marks), with what to change;
 - ``ownership``: a job's lifetime tied to its launcher's (ownerReference to the step's pod,

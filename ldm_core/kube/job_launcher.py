@@ -1,4 +1,4 @@
-"""What the two training-job launchers share (PyTorchJob and Trainer v2 TrainJob).
+"""How a training job is run, whatever its kind (PyTorchJob or Trainer v2 TrainJob).
 
 The two custom resources differ in how they are built, how their status reads and which pod
 carries rank 0's log. The rest is :class:`JobLauncher`: a job's identity is its
@@ -6,23 +6,25 @@ deterministic name plus the hash of its spec (:func:`adoption` decides, before s
 whether a job found under that name is ours to adopt, ours to replace, or someone else's);
 the job is created owned by the launcher's pod and deleted on SIGTERM; and it is followed by
 polling: an API that does not answer is retried, a pod that cannot start is warned about once
-and fails the job when the problem lasts ``pending_timeout_s`` (an autoscaler may still add
-the node), and every other outcome than ``running`` ends the loop.
+and fails the job when the problem lasts ``cluster.pending_timeout_s`` (an autoscaler may
+still add the node), and every other outcome than ``running`` ends the loop.
+
+The launcher reads its pods' settings and deadlines from the run's config; only its own
+mechanics (how often it polls, how much log it quotes) are :class:`LauncherTiming`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TextIO
+from typing import Any, ClassVar, TextIO
 
 import kubernetes
 
+from ldm_core.config import Config
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.client import current_namespace
 from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
@@ -31,12 +33,42 @@ from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
 from ldm_core.kube.pending import pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource
+from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, stage_resources, stored_spec_hash
 from ldm_core.launcher import LaunchError, TrainingTask
 
-if TYPE_CHECKING:
-    from ldm_core.kube.pytorchjob import PyTorchJobSettings
+RbacRules = list[tuple[str, str, tuple[str, ...]]]
 
-SPEC_HASH_ANNOTATION = "brain-ldm.kubeflow.org/spec-hash"
+
+def rbac_rules(resource: CustomResource) -> RbacRules:
+    """Every (apiGroup, resource, verbs) a :class:`JobLauncher` of ``resource`` calls; the
+    Role in manifests/ must grant exactly these (the launcher tests record the calls made
+    against an API server and compare)."""
+    return [
+        (resource.group, resource.plural, ("create", "delete", "get")),
+        ("", "pods", ("get", "list")),
+        ("", "pods/log", ("get",)),
+        ("", "events", ("list",)),
+    ]
+
+
+@dataclass(frozen=True)
+class LauncherTiming:
+    """The launcher's own mechanics, which no pod sees (tests pass fast values).
+
+    Args:
+        poll_s: seconds between two looks at the job and its pods.
+        log_reconnect_s: seconds before a dropped log stream is reopened.
+        tail_lines: log lines of rank 0 quoted in a failure.
+        start_timeout_s: a job that shows no status this long has no controller: fail.
+        timeout_s: how long :meth:`JobLauncher.run` waits for a result; None: the job's
+            deadline (``cluster.run_timeout_s``) plus ``start_timeout_s``.
+    """
+
+    poll_s: float = 10.0
+    log_reconnect_s: float = 5.0
+    tail_lines: int = 40
+    start_timeout_s: float = 600.0
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -50,17 +82,7 @@ class JobState:
     detail: str = ""
 
 
-# --------------------------------------------------------------------------- identity (pure)
-
-
-def spec_hash(job: dict[str, Any]) -> str:
-    """Hash of what the job runs, so an adopted job can be checked to be the same job."""
-    return hashlib.sha256(json.dumps(job["spec"], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stored_spec_hash(job: Mapping[str, Any]) -> str | None:
-    """The spec hash an existing job was created with (None: not created by us)."""
-    return ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+# --------------------------------------------------------------------------- decisions (pure)
 
 
 def conditions(job: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -104,9 +126,14 @@ class JobLauncher:
     which pod's log to follow, and what each outcome does.
 
     Args:
-        settings: how the training pods look on this cluster.
+        cfg: the run's resolved config; ``cfg.cluster`` is how the training pods look on
+            this cluster, where the job goes (``namespace``, empty: the launcher pod's own)
+            and its deadlines.
+        stage: ``train_autoencoder`` or ``train_diffusion``: which ``cfg.cluster`` section
+            sizes the pods.
         api_client: the API to use; default: the pod's service account or the kubeconfig.
         out: where rank 0's pod log is copied (default: stdout, the component's log).
+        timing: polling and log mechanics.
         clock: monotonic seconds, for deadlines (tests pass a fake one).
         sleep: waits between polls (tests pass one that advances their clock).
     """
@@ -125,17 +152,20 @@ class JobLauncher:
 
     def __init__(
         self,
-        settings: PyTorchJobSettings,
+        cfg: Config,
+        stage: str,
         api_client: kubernetes.client.ApiClient | None = None,
         out: TextIO | None = None,
         *,
+        timing: LauncherTiming = LauncherTiming(),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        stage_resources(cfg, stage)  # a stage that sizes no pods fails here, not mid-run
         if api_client is None:
             api_client = make_api_client()
-        self.settings = settings
-        self.namespace = settings.namespace or current_namespace()
+        self.cfg, self.stage, self.timing = cfg, stage, timing
+        self.namespace = cfg.cluster.namespace or current_namespace()
         self.jobs = CustomObjects(api_client, self.resource, self.namespace, LaunchError)
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.host = str(api_client.configuration.host)
@@ -179,6 +209,14 @@ class JobLauncher:
 
     # ------------------------------------------------------------------ run
 
+    @property
+    def wait_s(self) -> float:
+        """How long :meth:`run` waits for a result: ``timing.timeout_s``, else the job's
+        deadline plus the time its pods may take to start."""
+        if self.timing.timeout_s is not None:
+            return self.timing.timeout_s
+        return self.cfg.cluster.run_timeout_s + self.timing.start_timeout_s
+
     def what(self, name: str) -> str:
         """The job as messages name it."""
         return f"{self.resource.kind} {self.namespace}/{name}"
@@ -202,7 +240,7 @@ class JobLauncher:
                     "%s failed in an earlier attempt; starting it again", self.what(name)
                 )
                 self.jobs.delete(name)
-                self._wait_deleted(name, timeout_s=max(60.0, 10 * self.settings.poll_s))
+                self._wait_deleted(name, timeout_s=max(60.0, 10 * self.timing.poll_s))
             if decision == "adopt":
                 self.log.info(
                     "adopting existing %s (%s)",
@@ -217,7 +255,7 @@ class JobLauncher:
                     self.created_on,
                     task.nnodes,
                     task.nproc_per_node,
-                    self.settings.image,
+                    self.cfg.cluster.image,
                 )
             self._follow(name)
 
@@ -244,7 +282,7 @@ class JobLauncher:
                     f"{self.what(name)} is still there {timeout_s:.0f}s after deletion "
                     "(finalizers?); delete it by hand and retry"
                 )
-            self.sleep(min(self.settings.poll_s, 2.0))
+            self.sleep(min(self.timing.poll_s, 2.0))
 
     def _pods(self, name: str) -> list[Any]:
         selector = f"{self.pod_label}={name}"
@@ -275,7 +313,8 @@ class JobLauncher:
 
     def _follow(self, name: str) -> None:
         """Poll the job and its pods until an outcome, streaming the log pod's log meanwhile."""
-        what, s = self.what(name), self.settings
+        what, poll_s = self.what(name), self.timing.poll_s
+        pending_timeout_s = self.cfg.cluster.pending_timeout_s
         start = self.clock()
         follower: PodLogFollower | None = None
         last, failures = "", 0
@@ -285,7 +324,7 @@ class JobLauncher:
                 seen = self._observe(name, failures)
                 if seen is None:
                     failures += 1
-                    self.sleep(s.poll_s)
+                    self.sleep(poll_s)
                     continue
                 failures = 0
                 job, pods = seen
@@ -296,8 +335,8 @@ class JobLauncher:
                 elif blocked_since is None:
                     self.log.warning("%s: %s", what, problem)
                     blocked_since = self.clock()
-                elif self.clock() - blocked_since >= s.pending_timeout_s:
-                    state = JobState("pending", f"{problem} (for {s.pending_timeout_s:.0f}s)")
+                elif self.clock() - blocked_since >= pending_timeout_s:
+                    state = JobState("pending", f"{problem} (for {pending_timeout_s:.0f}s)")
                 if state.outcome != "running":
                     self.conclude(name, state, follower, pods)
                     return
@@ -305,22 +344,22 @@ class JobLauncher:
                     self.log.info("%s: %s", what, state.detail or self.waiting)
                     last = state.detail
                 follower = self.refollow(follower, pods)
-                self.sleep(s.poll_s)
+                self.sleep(poll_s)
         finally:
             if follower is not None:
                 follower.stop.set()
 
     def start_log(self, pod: Any) -> PodLogFollower:
         """Start copying the training container's log of ``pod`` to ``out``."""
-        s = self.settings
+        t = self.timing
         follower = PodLogFollower(
             self.core,
             self.namespace,
             pod.metadata.name,
             self.container,
             self.out,
-            s.tail_lines,
-            s.log_reconnect_s,
+            t.tail_lines,
+            t.log_reconnect_s,
         )
         follower.start()
         return follower
@@ -328,7 +367,7 @@ class JobLauncher:
     def finish_log(self, follower: PodLogFollower | None) -> None:
         """Print what the log pod wrote last, before an outcome is reported."""
         if follower is not None:
-            follower.finish(timeout_s=max(2.0, 2 * self.settings.log_reconnect_s))
+            follower.finish(timeout_s=max(2.0, 2 * self.timing.log_reconnect_s))
 
     def failure(
         self, name: str, reason: str, follower: PodLogFollower | None, pods: list[Any]
@@ -336,7 +375,6 @@ class JobLauncher:
         """The error for a job that did not succeed: ``reason``, the log pod's state and
         last log lines, and the recent events of the job and its pods."""
         pod = self.log_pod(pods)
-        s = self.settings
         lines = (
             log_tail(
                 self.core,
@@ -344,7 +382,7 @@ class JobLauncher:
                 self.host,
                 pod.metadata.name,
                 self.container,
-                s.tail_lines,
+                self.timing.tail_lines,
             )
             if pod is not None
             else []

@@ -12,17 +12,19 @@ The component that calls :meth:`PyTorchJobLauncher.run` behaves like a careful o
   recreate it (an eviction exits 137, a retryable code: the job shows ``Restarting`` and goes
   on); success is only ever reported on a ``Succeeded`` condition whose status is True;
 - a pod that cannot start (unschedulable, an unbound PVC, an image that does not pull, a
-  missing Secret) fails the task after ``pending_timeout_s`` with the reason and what to
-  change (:mod:`ldm_core.kube.pending`);
+  missing Secret) fails the task after ``cluster.pending_timeout_s`` with the reason and
+  what to change (:mod:`ldm_core.kube.pending`);
 - past the deadline, or when no training operator ever picks the job up, or past the
   pending timeout, the job is deleted (foreground propagation: its pods go first) and the
   task fails; SIGTERM deletes it too, and it is owned by the launcher's pod
   (:mod:`ldm_core.kube.ownership`).
 
-Every pod runs ``torchrun -m ldm_core.cli VERB ...`` with no rendezvous flags: torchrun reads
-them from the ``PET_*`` variables the training operator sets (``PET_NNODES``,
-``PET_NPROC_PER_NODE`` from ``spec.nprocPerNode``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
-``PET_MASTER_PORT``), so the command line is the same on every replica and as ``LocalLauncher``'s.
+Every replica runs the pod of :func:`ldm_core.kube.training_job.pod_template`: ``torchrun -m
+ldm_core.cli VERB ...`` with no rendezvous flags. torchrun reads them from the ``PET_*``
+variables the training operator sets (``PET_NNODES``, ``PET_NPROC_PER_NODE`` from
+``spec.nprocPerNode``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT`` from the
+container port named ``pytorchjob-port``), so the command line is the same on every replica
+and as ``LocalLauncher``'s.
 
 What to do is decided by pure functions over what the API shows
 (:func:`~ldm_core.kube.job_launcher.adoption` before starting, :func:`job_state` on every
@@ -37,292 +39,80 @@ honoured server-side (selectors are re-applied here).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from ldm_core.config import ClusterConfig, Config, TrainingResources
-from ldm_core.kube.client import KubeConfigError, current_namespace
-from ldm_core.kube.client import api_client as make_api_client
+from ldm_core.config import Config
 from ldm_core.kube.job_launcher import (
-    SPEC_HASH_ANNOTATION,
     JobLauncher,
     JobState,
     conditions,
-    spec_hash,
+    rbac_rules,
     true_condition,
     true_conditions,
 )
 from ldm_core.kube.podlog import PodLogFollower
-from ldm_core.kube.resources import CustomResource, api_served
-from ldm_core.kube.security import RUN_AS, container_security_context, pod_security_context
+from ldm_core.kube.resources import CustomResource
+from ldm_core.kube.training_job import check_task, job_object, pod_template
 from ldm_core.launcher import LaunchError, TrainingTask
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-RESOURCE = CustomResource(GROUP, VERSION, PLURAL, KIND)
+RESOURCE = CustomResource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 CONTAINER = "pytorch"
 """The training operator only treats the container with this name as the training process."""
+PORT_NAME = "pytorchjob-port"
+"""The operator reads the master's rendezvous port from the container port of this name."""
+MASTER_PORT = 23456
 JOB_LABEL = "training.kubeflow.org/job-name"
 REPLICA_LABEL = "training.kubeflow.org/replica-type"
-MANAGED_BY = "ldm-core"
 MAX_NAME = 52
 """Job names stay at or below 52 characters: the operator names each replica's pod and headless
 Service ``<job>-worker-<i>``, and a Service name must be a DNS-1035 label of at most 63."""
+RESTART_POLICY = "ExitCode"
+"""Restart on signals/preemption (exit code > 128), fail at once on an error in our code."""
+BACKOFF_LIMIT = 3
+TTL_AFTER_FINISHED_S = 3600
 
-RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
-    (GROUP, PLURAL, ("create", "delete", "get")),
-    ("", "pods", ("get", "list")),
-    ("", "pods/log", ("get",)),
-    ("", "events", ("list",)),
-]
-"""Every (apiGroup, resource, verbs) this module calls; the Role in manifests/ must grant
-exactly these (a test records the calls made against an API server and compares)."""
-
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def job_name(run_id: str, task_name: str) -> str:
-    """Deterministic PyTorchJob name for one task of one pipeline run.
-
-    Readable prefix (task, then run) + 8 hex of the SHA-256 of both, so two runs never
-    collide even when the readable part is truncated; a DNS-1035 label of at most
-    :data:`MAX_NAME` characters.
-    """
-    digest = hashlib.sha256(f"{run_id}\0{task_name}".encode()).hexdigest()[:8]
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{task_name}-{run_id}".lower()).strip("-")
-    if not slug or not slug[0].isalpha():
-        slug = f"ldm-{slug}".rstrip("-")
-    slug = slug[: MAX_NAME - len(digest) - 1].rstrip("-")
-    return f"{slug}-{digest}"
-
-
-_CLUSTER = ClusterConfig()
-
-
-@dataclass
-class PyTorchJobSettings:
-    """How the training pods of one stage look on this cluster.
-
-    Built from the run's config with :meth:`from_config` (``cluster`` section: the one source
-    of truth); the defaults of the cluster-facing fields are ``ClusterConfig``'s, the rest
-    are the launcher's own mechanics (polling, log streaming, restart policy).
-    """
-
-    image: str
-    """The training image (``images/training``); carries ldm_core and torchrun."""
-    namespace: str = ""
-    """Where the job goes; empty = the component pod's own namespace."""
-    image_pull_policy: str = _CLUSTER.image_pull_policy
-    image_pull_secrets: list[str] = field(default_factory=list)
-    service_account: str = _CLUSTER.service_account
-    """Training pods never call the API; their token is not mounted either."""
-    pvc_name: str = _CLUSTER.pvc_name
-    workdir: str = "/workspace"
-    """Mount path of the PVC; data and checkpoints live here, at the same path as in the
-    component pod, so the task's arguments are valid paths in both."""
-    s3_secret: str = ""
-    """Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and S3_ENDPOINT for s3:// URIs,
-    passed as envFrom so its values never appear in the job object; empty = none."""
-    resources: TrainingResources = field(default_factory=lambda: ClusterConfig().train_autoencoder)
-    """Per training process: a pod of ``nproc_per_node`` processes asks that many times
-    each figure (one GPU per process)."""
-    gpu_resource: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, str]] = field(default_factory=list)
-    priority_class: str = ""
-    tmp_size: str = "8Gi"
-    env: dict[str, str] = field(default_factory=dict)
-    """Extra non-secret environment for every replica (added after the task's)."""
-    master_port: int = 23456
-    restart_policy: str = "ExitCode"
-    """Restart on signals/preemption (exit code > 128), fail at once on an error in our code."""
-    backoff_limit: int = 3
-    active_deadline_s: int = _CLUSTER.run_timeout_s
-    ttl_seconds_after_finished: int = 3600
-    timeout_s: float | None = None
-    """How long ``run`` waits for a result; None = active_deadline_s + start_timeout_s."""
-    start_timeout_s: float = 600.0
-    """A job that shows no status at all this long has no training operator: fail."""
-    pending_timeout_s: float = _CLUSTER.pending_timeout_s
-    """How long a pod may stay unable to start before the job is deleted and the task fails
-    with the reason (``cluster.pending_timeout_s``)."""
-    poll_s: float = 10.0
-    log_reconnect_s: float = 5.0
-    tail_lines: int = 40
-    run_as_user: int = RUN_AS
-
-    @property
-    def wait_s(self) -> float:
-        """How long ``run`` waits for a result: ``timeout_s``, else the job's deadline plus
-        the time its pods may take to start."""
-        return (
-            self.timeout_s
-            if self.timeout_s is not None
-            else (self.active_deadline_s + self.start_timeout_s)
-        )
-
-    @classmethod
-    def from_config(cls, cfg: Config, stage: str, workdir: str) -> PyTorchJobSettings:
-        """The settings of training stage ``stage`` (``train_autoencoder`` or
-        ``train_diffusion``) from ``cfg.cluster``, with the PVC mounted at ``workdir``."""
-        c = cfg.cluster
-        return cls(
-            image=c.image,
-            namespace=c.namespace,
-            image_pull_policy=c.image_pull_policy,
-            image_pull_secrets=list(c.image_pull_secrets),
-            service_account=c.service_account,
-            pvc_name=c.pvc_name,
-            workdir=workdir,
-            s3_secret=c.s3_secret,
-            resources=getattr(c, stage),
-            node_selector=dict(c.node_selector),
-            tolerations=[t.to_k8s() for t in c.tolerations],
-            priority_class=c.priority_class,
-            active_deadline_s=c.run_timeout_s,
-            pending_timeout_s=float(c.pending_timeout_s),
-        )
+RBAC_RULES = rbac_rules(RESOURCE)
+"""What the launcher calls; the Role in manifests/base/rbac.yaml grants exactly these."""
 
 
 # --------------------------------------------------------------------------- build
 
 
-def build_pytorchjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[str, Any]:
-    """The PyTorchJob for ``task``: one Master, ``nnodes - 1`` Workers, same pod template."""
-    if task.nnodes < 1 or task.nproc_per_node < 1:
-        raise LaunchError(
-            f"{task.name}: nnodes and nproc_per_node must be >= 1, "
-            f"got {task.nnodes} and {task.nproc_per_node}"
-        )
-    if not _DNS1035.match(task.name) or len(task.name) > MAX_NAME:
-        raise LaunchError(
-            f"job name {task.name!r} is not a DNS-1035 label of at most {MAX_NAME} characters; "
-            "build it with ldm_core.kube.pytorchjob.job_name(run_id, task)"
-        )
-    if not settings.image:
-        raise LaunchError(f"{task.name}: no training image configured")
-    template = pod_template(task, settings)
+def build_pytorchjob(task: TrainingTask, cfg: Config, stage: str) -> dict[str, Any]:
+    """The PyTorchJob for ``task``: one Master, ``nnodes - 1`` Workers, all running the pod
+    of :func:`~ldm_core.kube.training_job.pod_template` sized for ``cfg.cluster.<stage>``;
+    ``cfg.cluster.run_timeout_s`` is its active deadline."""
+    check_task(
+        task, RESOURCE.kind, MAX_NAME, "the operator names its pods and Services <name>-worker-<i>"
+    )
+    template = pod_template(task, cfg, stage, CONTAINER)
+    (container,) = template["spec"]["containers"]
+    container["ports"] = [{"name": PORT_NAME, "containerPort": MASTER_PORT, "protocol": "TCP"}]
     replicas: dict[str, Any] = {
-        "Master": {"replicas": 1, "restartPolicy": settings.restart_policy, "template": template}
+        "Master": {"replicas": 1, "restartPolicy": RESTART_POLICY, "template": template}
     }
     if task.nnodes > 1:
         replicas["Worker"] = {
             "replicas": task.nnodes - 1,
-            "restartPolicy": settings.restart_policy,
+            "restartPolicy": RESTART_POLICY,
             "template": template,
         }
-    job: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {
-            "name": task.name,
-            "labels": _labels(task),
-            "annotations": {},
+    spec = {
+        "nprocPerNode": str(task.nproc_per_node),
+        "runPolicy": {
+            # All: no pod (running or finished) outlives the job's completion.
+            "cleanPodPolicy": "All",
+            "backoffLimit": BACKOFF_LIMIT,
+            "activeDeadlineSeconds": cfg.cluster.run_timeout_s,
+            "ttlSecondsAfterFinished": TTL_AFTER_FINISHED_S,
         },
-        "spec": {
-            "nprocPerNode": str(task.nproc_per_node),
-            "runPolicy": {
-                # All: no pod (running or finished) outlives the job's completion.
-                "cleanPodPolicy": "All",
-                "backoffLimit": settings.backoff_limit,
-                "activeDeadlineSeconds": settings.active_deadline_s,
-                "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            },
-            "pytorchReplicaSpecs": replicas,
-        },
+        "pytorchReplicaSpecs": replicas,
     }
-    if settings.namespace:
-        job["metadata"]["namespace"] = settings.namespace
-    job["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(job)
-    return job
-
-
-def _labels(task: TrainingTask) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "brain-ldm",
-        "app.kubernetes.io/component": "training",
-        "app.kubernetes.io/part-of": "brain-ldm",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "brain-ldm.kubeflow.org/verb": task.verb,
-    }
-
-
-def pod_template(task: TrainingTask, s: PyTorchJobSettings) -> dict[str, Any]:
-    """The pod every replica of ``task`` runs: ``torchrun`` over the task's command, the
-    shared PVC at ``s.workdir``, the resources and scheduling of ``s``, locked down.
-
-    Public because every training-job backend (PyTorchJob here, Trainer v2's TrainJob)
-    runs the same pod; only the object around it differs.
-    """
-    env = {
-        "PYTHONUNBUFFERED": "1",  # log lines reach the component as they are printed
-        "HOME": "/tmp",  # read-only root filesystem: caches go to the /tmp emptyDir
-        "XDG_CACHE_HOME": "/tmp/.cache",
-        "MPLCONFIGDIR": "/tmp/.matplotlib",
-        "NCCL_DEBUG": "WARN",
-        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a dead peer fails the step, not a hang
-        "LDM_JOB_NAME": task.name,
-        **task.env,
-        **s.env,
-    }
-    pod = s.resources.times(task.nproc_per_node)
-    requests: dict[str, str] = {"cpu": pod.cpu, "memory": pod.memory}
-    limits: dict[str, str] = {"memory": pod.memory}
-    if pod.gpus:
-        requests[s.gpu_resource] = limits[s.gpu_resource] = str(pod.gpus)
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": s.image,
-        "imagePullPolicy": s.image_pull_policy,
-        "command": ["torchrun", *task.command()],
-        "workingDir": s.workdir,
-        "env": [{"name": k, "value": v} for k, v in env.items()],
-        "ports": [{"name": "pytorchjob-port", "containerPort": s.master_port, "protocol": "TCP"}],
-        "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [
-            {"name": "workdir", "mountPath": s.workdir},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-        "securityContext": container_security_context(s.run_as_user),
-    }
-    if s.s3_secret:
-        container["envFrom"] = [{"secretRef": {"name": s.s3_secret}}]
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,  # time to finish writing a checkpoint
-        "securityContext": pod_security_context(s.run_as_user),
-        "volumes": [
-            {"name": "workdir", "persistentVolumeClaim": {"claimName": s.pvc_name}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": s.tmp_size}},
-        ],
-    }
-    if s.service_account:
-        pod_spec["serviceAccountName"] = s.service_account
-    if s.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in s.image_pull_secrets]
-    if s.node_selector:
-        pod_spec["nodeSelector"] = dict(s.node_selector)
-    if s.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in s.tolerations]
-    if s.priority_class:
-        pod_spec["priorityClassName"] = s.priority_class
-    return {
-        "metadata": {
-            "labels": _labels(task),
-            # An Istio sidecar would intercept the rendezvous port and stall startup.
-            "annotations": {"sidecar.istio.io/inject": "false"},
-        },
-        "spec": pod_spec,
-    }
+    return job_object(RESOURCE, task, cfg, spec)
 
 
 # --------------------------------------------------------------------------- status (pure)
@@ -373,6 +163,12 @@ def job_state(
     return JobState("running", _latest(job))
 
 
+def master_restart_policy(job: Mapping[str, Any]) -> str:
+    """The Master's restartPolicy, as the job was created (the operator acts on that one)."""
+    replicas = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+    return str((replicas.get("Master") or {}).get("restartPolicy", ""))
+
+
 def _started(pod: Any) -> bool:
     return (pod.status.phase if pod.status else None) in ("Running", "Succeeded", "Failed")
 
@@ -386,16 +182,6 @@ def _master(pods: list[Any]) -> Any | None:
         if (pod.metadata.labels or {}).get(REPLICA_LABEL, "").lower() == "master":
             return pod
     return None
-
-
-def pytorchjob_api_served(namespace: str = "") -> tuple[bool, str]:
-    """Whether the cluster of the current credentials serves PyTorchJobs (a training
-    operator is installed), and why it seems so; never raises."""
-    try:
-        client = make_api_client()
-    except KubeConfigError as err:
-        return False, str(err)
-    return api_served(client, RESOURCE, namespace or current_namespace())
 
 
 # --------------------------------------------------------------------------- launcher
@@ -412,14 +198,14 @@ class PyTorchJobLauncher(JobLauncher):
     waiting = "waiting for the operator"
 
     def build(self, task: TrainingTask) -> dict[str, Any]:
-        return build_pytorchjob(task, self.settings)
+        return build_pytorchjob(task, self.cfg, self.stage)
 
     def progress(self, job: Mapping[str, Any]) -> str:
         return _latest(job)
 
     def state(self, job: Mapping[str, Any], pods: list[Any], elapsed_s: float) -> JobState:
-        s = self.settings
-        return job_state(job, pods, elapsed_s, s.start_timeout_s, s.wait_s, s.restart_policy)
+        policy = master_restart_policy(job)
+        return job_state(job, pods, elapsed_s, self.timing.start_timeout_s, self.wait_s, policy)
 
     def log_pod(self, pods: list[Any]) -> Any | None:
         return _master(pods)

@@ -5,7 +5,8 @@ create, merge-patch, delete) with the same conventions: a missing object is ``No
 exception; a create's answer is never trusted to carry the object (some API servers answer
 with an empty body); only JSON merge patches are sent (no PUT, no resourceVersion); and
 every failure goes through :func:`ldm_core.kube.errors.call_api`. :func:`api_served` asks
-whether a custom resource is served at all, with only the ``get`` verb the Role grants.
+whether a custom resource is served at all, with only the ``get`` verb the Role grants;
+:func:`cluster_serves` asks it of the cluster this process's credentials reach.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from ldm_core.errors import LdmError
+from ldm_core.kube.client import KubeConfigError, current_namespace
+from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.errors import ApiCall, call_api
 
 PROBE_NAME = "ldm-backend-probe"
@@ -127,8 +130,8 @@ def api_served(
     Reads an object that does not exist. A served resource answers a ``Status`` 404 whose
     ``details`` name the resource (``kind`` is the plural); an unserved one answers the
     server's plain-text "404 page not found". ``get`` is a verb the pipeline's Role grants,
-    whereas listing CRDs would need a ClusterRole. Any other answer, or none, counts as not
-    served: the caller falls back to training in its own pod.
+    whereas listing CRDs would need a ClusterRole. Any other answer (a refusal, a 404 that
+    names another resource), or none, counts as not served, and the reason says which.
     """
     api = kubernetes.client.CustomObjectsApi(api_client)
     try:
@@ -146,3 +149,14 @@ def api_served(
         return False, f"{resource.kind} API answered {err.status} {err.reason}"
     except (urllib3.exceptions.HTTPError, OSError) as err:
         return False, f"Kubernetes API not reachable: {type(err).__name__}: {err}"
+
+
+def cluster_serves(resource: CustomResource, namespace: str = "") -> tuple[bool, str]:
+    """:func:`api_served` on the cluster of the current credentials (the pod's service
+    account, else the kubeconfig), in ``namespace`` or the current one; never raises: no
+    credentials at all is an answer too (not served, and why)."""
+    try:
+        client = make_api_client()
+    except KubeConfigError as err:
+        return False, str(err)
+    return api_served(client, resource, namespace or current_namespace())

@@ -5,7 +5,7 @@ Kubeflow releases ship Trainer v2. This launcher runs the same :class:`TrainingT
 the same semantics: a deterministic name that a restarted component adopts (same spec hash)
 or refuses (another spec), a failure reported with the rank-0 pod's last log lines and the
 events, deletion (foreground) on timeout, on a pod that cannot start for
-``pending_timeout_s`` and on SIGTERM, and an ownerReference to the launcher's pod.
+``cluster.pending_timeout_s`` and on SIGTERM, and an ownerReference to the launcher's pod.
 
 How Trainer v2 runs it (kubeflow/trainer at 8c0f505, the commit of the CRD in tests/crds):
 
@@ -32,37 +32,27 @@ How Trainer v2 runs it (kubeflow/trainer at 8c0f505, the commit of the CRD in te
   (the node rank); JobSet defaults their restartPolicy to OnFailure and the Job retries up to
   its backoffLimit, so an evicted pod is replaced and only the conditions end the job.
 
-Pod sizing is :class:`~ldm_core.kube.pytorchjob.PyTorchJobSettings`, and the pod is built by
-the same function as the PyTorchJob's, then expressed in those fields (:func:`build_trainjob`);
-a pod field the TrainJob cannot carry is an error, not silently dropped.
+The pod is the PyTorchJob's (:func:`ldm_core.kube.training_job.pod_template`, from the same
+config), expressed in those fields (:func:`build_trainjob`); a pod field the TrainJob cannot
+carry is an error, not silently dropped.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from ldm_core.kube.client import KubeConfigError, current_namespace
-from ldm_core.kube.client import api_client as make_api_client
-from ldm_core.kube.job_launcher import (
-    SPEC_HASH_ANNOTATION,
-    JobLauncher,
-    JobState,
-    conditions,
-    spec_hash,
-    true_condition,
-)
+from ldm_core.config import Config
+from ldm_core.kube.job_launcher import JobLauncher, JobState, conditions, rbac_rules, true_condition
 from ldm_core.kube.podlog import PodLogFollower
-from ldm_core.kube.pytorchjob import PyTorchJobSettings, pod_template
-from ldm_core.kube.resources import CustomResource, api_served
+from ldm_core.kube.resources import CustomResource
+from ldm_core.kube.training_job import check_task, job_object, pod_template
 from ldm_core.launcher import LaunchError, TrainingTask
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
-RESOURCE = CustomResource(GROUP, VERSION, PLURAL, KIND)
+RESOURCE = CustomResource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
 RUNTIME = "torch-distributed"
 """The ClusterTrainingRuntime Kubeflow Trainer installs for PyTorch (manifests/base/runtimes)."""
 NODE = "node"
@@ -88,14 +78,8 @@ MAX_NAME = 46
 """JobSet refuses a JobSet whose pod names ``<name>-node-0-<rank>-xxxxx`` would pass 63
 characters; 46 leaves room for three-digit node ranks."""
 
-RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
-    (GROUP, PLURAL, ("create", "delete", "get")),
-    ("", "pods", ("get", "list")),
-    ("", "pods/log", ("get",)),
-    ("", "events", ("list",)),
-]
-"""Every (apiGroup, resource, verbs) this module calls; the Role in manifests/ must grant
-exactly these (a test records the calls made against an API server and compares)."""
+RBAC_RULES = rbac_rules(RESOURCE)
+"""What the launcher calls; the Role in manifests/base/rbac.yaml grants exactly these."""
 
 _POD_PATCH_FIELDS = (
     "nodeSelector",
@@ -106,47 +90,37 @@ _POD_PATCH_FIELDS = (
     "imagePullSecrets",
     "terminationGracePeriodSeconds",
 )
-"""Pod fields of the PyTorchJob pod that ``runtimePatches`` carries as they are."""
+"""Pod fields of the training pod that ``runtimePatches`` carries as they are."""
 _NOT_CARRIED = {
     "automountServiceAccountToken": "the training ServiceAccount sets it false",
     "enableServiceLinks": "only adds Service variables to the environment",
 }
 """Pod fields the TrainJob cannot set, and why losing them is harmless."""
 _CONTAINER_NOT_CARRIED = {
-    "name": "the runtime's container is 'node'",
+    "name": "the patch names the runtime's container 'node'",
     "workingDir": "every path in the command is absolute; the image's WORKDIR is /tmp",
     "imagePullPolicy": "Kubernetes defaults a tagged image to IfNotPresent",
-    "ports": "the torch plugin adds the rendezvous port 29500",
 }
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 # --------------------------------------------------------------------------- build
 
 
-def build_trainjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[str, Any]:
-    """The TrainJob for ``task``: ``nnodes`` pods of ``nproc_per_node`` processes each, sized
-    and secured like the PyTorchJob's pods."""
-    if task.nnodes < 1 or task.nproc_per_node < 1:
-        raise LaunchError(
-            f"{task.name}: nnodes and nproc_per_node must be >= 1, "
-            f"got {task.nnodes} and {task.nproc_per_node}"
-        )
-    if not _DNS1035.match(task.name) or len(task.name) > MAX_NAME:
-        raise LaunchError(
-            f"TrainJob name {task.name!r} is not a DNS-1035 label of at most {MAX_NAME} "
-            "characters (JobSet derives pod names <name>-node-0-<rank>-xxxxx from it)"
-        )
-    if not settings.image:
-        raise LaunchError(f"{task.name}: no training image configured")
-    reserved = sorted(set(RESERVED_ENV) & {*task.env, *settings.env})
+def build_trainjob(task: TrainingTask, cfg: Config, stage: str) -> dict[str, Any]:
+    """The TrainJob for ``task``: ``nnodes`` pods of ``nproc_per_node`` processes each, the
+    pod of :func:`~ldm_core.kube.training_job.pod_template` sized for ``cfg.cluster.<stage>``
+    and expressed in ``spec.trainer`` and ``spec.runtimePatches``."""
+    check_task(
+        task, RESOURCE.kind, MAX_NAME, "JobSet derives pod names <name>-node-0-<rank>-xxxxx from it"
+    )
+    reserved = sorted(set(RESERVED_ENV) & set(task.env))
     if reserved:
         raise LaunchError(
             f"{task.name}: env {', '.join(reserved)} is set by the Trainer's torch runtime; "
             "remove it from the task's environment"
         )
-    pod = pod_template(task, settings)
-    trainer, container_patch = _trainer(pod, settings.s3_secret)
+    pod = pod_template(task, cfg, stage, NODE)
+    trainer, container_patch = _trainer(pod, cfg.cluster.s3_secret)
     pod_patch = _pod_patch(pod["spec"])
     pod_patch["containers"] = [{"name": NODE, **container_patch}]
     patch = {
@@ -168,21 +142,17 @@ def build_trainjob(task: TrainingTask, settings: PyTorchJobSettings) -> dict[str
             }
         },
     }
-    job: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {"name": task.name, "labels": dict(pod["metadata"]["labels"])},
-        "spec": {
-            "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": RUNTIME},
-            "trainer": {**trainer, "numNodes": task.nnodes, "numProcPerNode": task.nproc_per_node},
-            "runtimePatches": [patch],
-            "activeDeadlineSeconds": settings.active_deadline_s,
+    spec = {
+        "runtimeRef": {
+            "apiGroup": RESOURCE.group,
+            "kind": "ClusterTrainingRuntime",
+            "name": RUNTIME,
         },
+        "trainer": {**trainer, "numNodes": task.nnodes, "numProcPerNode": task.nproc_per_node},
+        "runtimePatches": [patch],
+        "activeDeadlineSeconds": cfg.cluster.run_timeout_s,
     }
-    if settings.namespace:
-        job["metadata"]["namespace"] = settings.namespace
-    job["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: spec_hash(job)}
-    return job
+    return job_object(RESOURCE, task, cfg, spec)
 
 
 def _trainer(pod: Mapping[str, Any], s3_secret: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -289,23 +259,12 @@ def rank0(pods: list[Any]) -> Any | None:
     return (live or candidates or [None])[0]
 
 
-def trainjob_api_served(namespace: str = "") -> tuple[bool, str]:
-    """Whether the cluster of the current credentials serves TrainJobs (Kubeflow Trainer v2
-    is installed), and why it seems so; never raises."""
-    try:
-        client = make_api_client()
-    except KubeConfigError as err:
-        return False, str(err)
-    return api_served(client, RESOURCE, namespace or current_namespace())
-
-
 # --------------------------------------------------------------------------- launcher
 
 
 class TrainJobLauncher(JobLauncher):
     """Runs a :class:`TrainingTask` as a TrainJob and waits for its outcome (arguments:
-    :class:`~ldm_core.kube.job_launcher.JobLauncher`; the settings are the PyTorchJob
-    launcher's)."""
+    :class:`~ldm_core.kube.job_launcher.JobLauncher`)."""
 
     resource = RESOURCE
     pod_label = JOBSET_LABEL
@@ -315,14 +274,13 @@ class TrainJobLauncher(JobLauncher):
     waiting = "waiting for pods"
 
     def build(self, task: TrainingTask) -> dict[str, Any]:
-        return build_trainjob(task, self.settings)
+        return build_trainjob(task, self.cfg, self.stage)
 
     def progress(self, job: Mapping[str, Any]) -> str:
         return _progress(job)
 
     def state(self, job: Mapping[str, Any], pods: list[Any], elapsed_s: float) -> JobState:
-        s = self.settings
-        return job_state(job, pods, elapsed_s, s.start_timeout_s, s.wait_s)
+        return job_state(job, pods, elapsed_s, self.timing.start_timeout_s, self.wait_s)
 
     def log_pod(self, pods: list[Any]) -> Any | None:
         return rank0(pods)

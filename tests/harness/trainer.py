@@ -29,7 +29,7 @@ kubernetes-sigs/jobset 08dfbdf:
 Outcomes a test picks: ``succeed``, ``fail`` (rank 0 exits 1, restarts under OnFailure,
 the Job passes its backoffLimit), ``evict-replace`` (rank 0 evicted; the Job makes a new pod
 that finishes the work), ``deadline``, ``hang``, ``suspend`` (queued by Kueue), ``absent`` (no
-controller), and the pending kinds of :data:`PENDING`.
+controller), and the pending kinds of :func:`tests.harness.kubelet.pending`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import itertools
 import re
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import kmock
@@ -48,6 +47,15 @@ import urllib3
 
 from tests.harness import crdcheck
 from tests.harness.kube import KubeApi
+from tests.harness.kubelet import (
+    EVICTION,
+    container_status,
+    evicted,
+    pending,
+    record_event,
+    stamp,
+    terminated,
+)
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RESOURCE = {f"{GROUP}/{VERSION}/{PLURAL}": KIND}
@@ -107,12 +115,6 @@ _POD_SUFFIX = itertools.count(0xA0000)
 """The Job controller's random pod-name suffix; a counter keeps names unique across tests."""
 
 
-def _stamp() -> str:
-    now = datetime.now(UTC)
-    frac = f"{now.microsecond:06d}".rstrip("0")  # RFC3339Nano, zeros trimmed (the kubelet's)
-    return now.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
-
-
 # --------------------------------------------------------------------------- admission
 
 
@@ -148,7 +150,7 @@ class Admission:
     def _admit(self, request: kmock.Request) -> Any:
         obj = request.data
         for patch in obj.get("spec", {}).get("runtimePatches", []):
-            patch.setdefault("time", _stamp())  # the defaulter (mutating webhook)
+            patch.setdefault("time", stamp())  # the defaulter (mutating webhook)
         name = obj.get("metadata", {}).get("name")
         try:
             crdcheck.validate(obj)
@@ -316,45 +318,7 @@ def node_pod(
     }
 
 
-def _container_status(**state: Any) -> dict[str, Any]:
-    restarts = state.pop("restarts", 0)
-    last = state.pop("last", None)
-    status = {
-        "name": "node",
-        "ready": "running" in state,
-        "restartCount": restarts,
-        "image": "x",
-        "imageID": "",
-        "state": state,
-    }
-    if last:
-        status["lastState"] = last
-    return status
-
-
-def _unschedulable(message: str) -> dict[str, Any]:
-    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
-    return {"phase": "Pending", "conditions": [{**cond, "message": message}]}
-
-
-def _waiting(reason: str, message: str) -> dict[str, Any]:
-    return {
-        "phase": "Pending",
-        "conditions": [{"type": "PodScheduled", "status": "True"}],
-        "containerStatuses": [_container_status(waiting={"reason": reason, "message": message})],
-    }
-
-
-PENDING: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {
-    "pending-gpu": (
-        _unschedulable("0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
-        ("FailedScheduling", "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
-    ),
-    "pending-secret": (
-        _waiting("CreateContainerConfigError", 'secret "brain-ldm-s3" not found'),
-        ("Failed", 'Error: secret "brain-ldm-s3" not found'),
-    ),
-}
+PENDING = pending("node")
 """Node pods that never start, as the scheduler or the kubelet marks them, with the event."""
 
 
@@ -389,6 +353,8 @@ class FakeTrainer(threading.Thread):
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
         self.seen: set[str] = set()
+        self.done = threading.Event()
+        """Set once a TrainJob has been played to the end of its outcome."""
         self.stopping = threading.Event()
         self.logged: dict[str, list[str]] = {}
         """TrainJob name -> the rank-0 log lines written, in order, without stamps."""
@@ -426,7 +392,7 @@ class FakeTrainer(threading.Thread):
             "status": "True",
             "reason": reason,
             "message": message,
-            "lastTransitionTime": _stamp().split(".")[0].rstrip("Z") + "Z",
+            "lastTransitionTime": stamp().split(".")[0].rstrip("Z") + "Z",
         }
         self._status(name, {"conditions": [cond]})
 
@@ -434,22 +400,10 @@ class FakeTrainer(threading.Thread):
         self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
 
     def _event(self, obj: str, kind: str, type_: str, reason: str, message: str) -> None:
-        self.core.create_namespaced_event(
-            self.namespace,
-            {
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {"name": f"{obj}.{reason.lower()}", "namespace": self.namespace},
-                "involvedObject": {"kind": kind, "name": obj, "namespace": self.namespace},
-                "type": type_,
-                "reason": reason,
-                "message": message,
-                "lastTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-        )
+        record_event(self.core, self.namespace, obj, kind, type_, reason, message)
 
     def _log(self, job: str, pod: str, text: str) -> None:
-        self.api.logs.setdefault(pod, []).append(f"{_stamp()} {text}")
+        self.api.logs.setdefault(pod, []).append(f"{stamp()} {text}")
         self.logged.setdefault(job, []).append(text)
 
     def _make_pods(self, job: dict[str, Any]) -> list[str]:
@@ -474,6 +428,8 @@ class FakeTrainer(threading.Thread):
         except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError):
             if not self.stopping.is_set() and self._exists(job["metadata"]["name"]):
                 raise
+        finally:
+            self.done.set()
 
     def _exists(self, name: str) -> bool:
         try:
@@ -509,14 +465,7 @@ class FakeTrainer(threading.Thread):
             self._log(name, rank0, "saved autoencoder.pt")
             time.sleep(self.step_s)
             for pod in [rank0, *pods[1:]]:
-                term = {"exitCode": 0, "reason": "Completed"}
-                self._pod_status(
-                    pod,
-                    {
-                        "phase": "Succeeded",
-                        "containerStatuses": [_container_status(terminated=term)],
-                    },
-                )
+                self._pod_status(pod, terminated("node", "Succeeded", 0, "Completed"))
             self._jobs_status(name, succeeded=1)
             self._condition(name, "Complete", "AllJobsCompleted", "jobset completed successfully")
         elif self.outcome == "fail":
@@ -531,15 +480,8 @@ class FakeTrainer(threading.Thread):
 
     def _evict_and_replace(self, job: dict[str, Any], pod: str) -> str:
         """The kubelet evicts rank 0; the Job controller makes a new pod for the index."""
-        term = {"exitCode": 137, "reason": "Error"}
-        status = {
-            "phase": "Failed",
-            "reason": "Evicted",
-            "message": "The node was low on resource: memory.",
-            "containerStatuses": [_container_status(terminated=term)],
-        }
-        self._pod_status(pod, status)
-        self._event(pod, "Pod", "Warning", "Evicted", "The node was low on resource: memory.")
+        self._pod_status(pod, evicted("node"))
+        self._event(pod, "Pod", "Warning", "Evicted", EVICTION)
         time.sleep(self.step_s)
         runtime = self.runtimes[job["spec"]["runtimeRef"]["name"]]
         new = self._make_pod(job, runtime, 0)
@@ -562,7 +504,9 @@ class FakeTrainer(threading.Thread):
             rank0,
             {
                 "phase": "Running",
-                "containerStatuses": [_container_status(waiting=waiting, restarts=1, last=crashed)],
+                "containerStatuses": [
+                    container_status("node", waiting=waiting, restarts=1, last=crashed)
+                ],
             },
         )
         self._event(
@@ -574,15 +518,7 @@ class FakeTrainer(threading.Thread):
         )
         time.sleep(self.step_s)
         for pod in pods:
-            self._pod_status(
-                pod,
-                {
-                    "phase": "Failed",
-                    "containerStatuses": [
-                        _container_status(terminated=crashed["terminated"], restarts=6)
-                    ],
-                },
-            )
+            self._pod_status(pod, terminated("node", "Failed", 1, "Error", restarts=6))
         self._event(
             f"{name}-node-0",
             "Job",

@@ -1,0 +1,208 @@
+"""ldm_core.kube.resources: typed calls on one custom resource, and the "is it served?" probe,
+against the emulated Kubernetes API on loopback (tests/harness/kube.py).
+
+The launchers and the rollout build on these conventions: a missing object is None, a
+create may race a restarted attempt (409 then means "already there"), a delete takes the
+dependents first, only merge patches are sent, and every refusal raises the caller's own
+error naming the call and the grant it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from ldm_core.errors import LdmError
+from ldm_core.kube.client import api_client
+from ldm_core.kube.resources import (
+    PROBE_NAME,
+    CustomObjects,
+    CustomResource,
+    api_served,
+    cluster_serves,
+)
+from tests.harness.kube import KubeApi
+
+NS = "team-a"
+WIDGETS = CustomResource("example.org", "v1", "widgets", "Widget")
+SERVED = {"example.org/v1/widgets": "Widget"}
+AGENT = "resources-under-test"
+
+
+class WidgetError(LdmError):
+    """The caller's own error type, which every failed call must raise."""
+
+
+def _widget(name: str, **spec: object) -> dict:
+    return {
+        "apiVersion": WIDGETS.api_version,
+        "kind": "Widget",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def _closed_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture
+def api():
+    with KubeApi(SERVED) as api:
+        yield api
+
+
+@pytest.fixture
+def widgets(api) -> CustomObjects:
+    return CustomObjects(api.client(AGENT), WIDGETS, NS, WidgetError)
+
+
+def test_names_as_the_api_and_rbac_spell_them():
+    assert WIDGETS.api_version == "example.org/v1"
+    assert WIDGETS.rbac_name == "widgets.example.org"
+
+
+# --------------------------------------------------------------------------- CustomObjects
+
+
+def test_a_missing_object_is_none_and_a_created_one_reads_back(widgets):
+    assert widgets.get("w1") is None
+    widgets.create({**_widget("w1", size=3), "metadata": {"name": "w1", "namespace": "other"}})
+    got = widgets.get("w1")
+    assert got is not None and got["spec"] == {"size": 3}
+    assert got["metadata"]["namespace"] == NS  # created where the objects live, not elsewhere
+
+
+def test_a_create_that_races_another_is_none_only_when_asked(widgets):
+    """A restarted attempt may find its object already created (409 AlreadyExists): with
+    ``exist_ok`` that is an answer (None), without it an error naming the call."""
+    assert widgets.create(_widget("w1")) is not None
+    assert widgets.create(_widget("w1"), exist_ok=True) is None
+    with pytest.raises(WidgetError, match=f"create widgets.example.org {NS}/w1: 409"):
+        widgets.create(_widget("w1"))
+
+
+def test_patch_is_a_json_merge_patch(api, widgets):
+    widgets.create(_widget("w1", size=3, colour="red"))
+    answer = widgets.patch("w1", {"spec": {"size": 4, "colour": None}})
+    assert answer["spec"] == {"size": 4}
+    assert widgets.get("w1")["spec"] == {"size": 4}
+    (patch,) = [r for r in api.requests(AGENT) if r.method.value.upper() == "PATCH"]
+    assert patch.headers["Content-Type"] == "application/merge-patch+json"
+
+
+def test_delete_takes_the_dependents_first_and_says_whether_there_was_anything(api, widgets):
+    widgets.create(_widget("w1"))
+    assert widgets.delete("w1") is True
+    assert widgets.get("w1") is None
+    assert widgets.delete("w1") is False
+    deletes = [r for r in api.requests(AGENT) if r.method.value.upper() == "DELETE"]
+    assert [r.data.get("propagationPolicy") for r in deletes] == ["Foreground", "Foreground"]
+
+
+def test_a_refusal_raises_the_callers_error_naming_the_grant(api, widgets):
+    api.emulator["get", f"/apis/example.org/v1/namespaces/{NS}/widgets/w1"] << 403
+    with pytest.raises(WidgetError) as err:
+        widgets.get("w1")
+    text = str(err.value)
+    assert text.startswith(f"get widgets.example.org {NS}/w1: the API server refused (403")
+    assert f"allow 'get' on widgets.example.org in namespace {NS}" in text
+
+
+def test_an_unreachable_api_names_the_host():
+    closed = _closed_url()
+    widgets = CustomObjects(api_client(closed), WIDGETS, NS, WidgetError)
+    with pytest.raises(WidgetError, match=f"Kubernetes API at {closed} unreachable"):
+        widgets.get("w1")
+
+
+# --------------------------------------------------------------------------- api_served
+
+
+def test_a_served_resource_answers_its_own_not_found(api):
+    """The probe reads one object no one has; the apiserver's NotFound Status names the
+    resource, so the answer is "served", with the one ``get`` the Role grants."""
+    assert api_served(api.client(AGENT), WIDGETS, NS) == (True, "Widget API served")
+    (probe,) = api.requests(AGENT)
+    assert str(probe.url.path) == f"/apis/example.org/v1/namespaces/{NS}/widgets/{PROBE_NAME}"
+    assert probe.method.value.upper() == "GET"
+
+
+def test_an_unserved_resource_answers_page_not_found():
+    with KubeApi() as api:  # no CRD installed: plain-text "404 page not found"
+        served, why = api_served(api.client(AGENT), WIDGETS, NS)
+    assert not served and why == "Widget API answered 404 Not Found"
+
+
+def test_a_not_found_about_another_resource_is_not_served(api):
+    """A 404 Status that names some other resource (a proxy, an aggregated API in front)
+    says nothing about ours."""
+    body = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404}
+    body["details"] = {"name": PROBE_NAME, "kind": "gadgets"}
+    path = f"/apis/example.org/v1/namespaces/{NS}/widgets/{PROBE_NAME}"
+    api.emulator["get", path] << 404 << json.dumps(body).encode()
+    assert api_served(api.client(AGENT), WIDGETS, NS)[0] is False
+
+
+def test_a_refused_or_unreachable_probe_is_not_served(api):
+    path = f"/apis/example.org/v1/namespaces/{NS}/widgets/{PROBE_NAME}"
+    api.emulator["get", path] << 403
+    assert api_served(api.client(AGENT), WIDGETS, NS) == (
+        False,
+        "Widget API answered 403 Forbidden",
+    )
+    served, why = api_served(api_client(_closed_url()), WIDGETS, NS)
+    assert not served and why.startswith("Kubernetes API not reachable")
+
+
+# --------------------------------------------------------------------------- cluster_serves
+
+
+def _kubeconfig(monkeypatch, tmp_path, url: str) -> None:
+    """Credentials from a kubeconfig whose context names namespace team-a."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "t",
+                "clusters": [{"name": "t", "cluster": {"server": url}}],
+                "users": [{"name": "t", "user": {"token": "x"}}],
+                "contexts": [
+                    {"name": "t", "context": {"cluster": "t", "user": "t", "namespace": NS}}
+                ],
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # The kubernetes client reads $KUBECONFIG once, at import (maybe in an earlier test).
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+def test_cluster_serves_probes_the_current_context_and_namespace(api, tmp_path, monkeypatch):
+    _kubeconfig(monkeypatch, tmp_path, api.url)
+    assert cluster_serves(WIDGETS) == (True, "Widget API served")
+    assert cluster_serves(WIDGETS, namespace="team-b")[0] is True
+    paths = [str(r.url.path) for r in api.requests()]
+    assert paths == [
+        f"/apis/example.org/v1/namespaces/{NS}/widgets/{PROBE_NAME}",
+        f"/apis/example.org/v1/namespaces/team-b/widgets/{PROBE_NAME}",
+    ]
+
+
+def test_cluster_serves_without_credentials_says_why_and_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "missing")
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    served, why = cluster_serves(WIDGETS)
+    assert not served and why.startswith("no Kubernetes configuration")
