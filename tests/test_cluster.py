@@ -352,7 +352,11 @@ def test_every_pipeline_parameter_reaches_the_config_field_it_names():
     # RawDeployment's HPA scales on cpu or memory (ldm_core.config.validation).
     cfg = stages.resolve_config(
         "tiny-cpu",
-        [*stages.parameter_overrides(values), "serving.scale_metric=cpu", "serving.scale_target=80"],
+        [
+            *stages.parameter_overrides(values),
+            "serving.scale_metric=cpu",
+            "serving.scale_target=80",
+        ],
     )
     for name, (key, _) in stages.PIPELINE_PARAMETERS.items():
         section, *rest = key.split(".")

@@ -143,5 +143,7 @@ def test_cluster_settings_are_in_the_platform_spec(docs):
         # Evaluate (it may drive a GPU) runs the CUDA image, every other step the CPU build;
         # each image carries kfp (no pip install at run time).
         param = "image" if name == "exec-evaluate" else "step_image"
-        assert ex["container"]["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}", name
+        assert (
+            ex["container"]["image"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}"
+        ), name
         assert "pip install" not in " ".join(ex["container"]["command"]), name
