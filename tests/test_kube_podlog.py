@@ -189,15 +189,11 @@ def test_a_container_that_has_not_started_is_retried(setup):
     wait_for(lambda: printed(follower) == ["started"], "the first line once started")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="containerd stamps each log line with the node's local time and its offset "
-    "(internal/cri/io/logger.go: time.Now() in RFC3339Nano) and the kubelet keeps that offset "
-    "when it prefixes the line (kuberuntime/logs/logs.go); PodLogFollower parses only stamps "
-    "ending in Z, so on a node whose zone is not UTC it prints every stamp and, never knowing "
-    "the last line seen, repeats the whole log after each reconnect",
-)
 def test_a_node_stamping_local_time_is_followed_like_utc(setup):
+    """containerd stamps each log line with the node's local time and its offset
+    (internal/cri/io/logger.go: time.Now() in RFC3339Nano) and the kubelet keeps that offset
+    when it prefixes the line (kuberuntime/logs/logs.go): such stamps must be read as times,
+    or every stamp is printed and the whole log repeats after each reconnect."""
     log = setup.log(utc_offset_h=1)
     for i in range(3):
         log.write(f"step {i}")

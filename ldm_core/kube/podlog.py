@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import kubernetes
@@ -24,12 +24,16 @@ log = logging.getLogger(__name__)
 
 
 def _parse_ts(text: str) -> tuple[int, int] | None:
-    """RFC3339(Nano) -> (epoch seconds, nanoseconds); kubelet trims trailing zeros, so the
-    strings do not sort lexically."""
-    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$", text)
+    """RFC3339(Nano) -> (epoch seconds, nanoseconds). Older kubelets trim trailing zeros, so
+    the strings do not sort lexically; and containerd stamps lines in the node's local time
+    with its offset (``+01:00``), which the kubelet keeps, so the zone is read too."""
+    match = re.match(
+        r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text
+    )
     if not match:
         return None
-    seconds = int(datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    seconds = int(datetime.fromisoformat(match[1] + zone).timestamp())
     return seconds, int((match[2] or "0").ljust(9, "0")[:9])
 
 
