@@ -564,11 +564,16 @@ def begin(
 
     Gives this rank its own RNG stream, puts ``parts`` back from the newest checkpoint if
     there is one (:func:`checkpoint.resume`; ``arch_sections`` and ``optional`` as there),
-    and writes the run files on rank 0. Build the models before (from the shared seed, so
-    every rank starts from the same weights) and wrap them for DDP after (DDP starts from
-    the restored weights).
+    and writes the run files on rank 0. Rank 0, the one writer of the run directory, first
+    removes the temporary files a killed run's writes left in it and in ``checkpoints/``
+    (:func:`ldm_core.io.sweep_temporaries`): each can be as large as a checkpoint. Build the
+    models before (from the shared seed, so every rank starts from the same weights) and
+    wrap them for DDP after (DDP starts from the restored weights).
     """
     cfg, env = run.cfg, run.env
+    if env.is_main:
+        for directory in (run.out, run.checkpoints.dir):
+            io.sweep_temporaries(directory)
     # Identical weights come from the shared seed; from here on each rank draws its own
     # noise (and, for diffusion, timesteps), or the ranks would duplicate each other's.
     seed_everything(cfg.train.seed + env.rank)
