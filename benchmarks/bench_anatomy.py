@@ -4,7 +4,7 @@ Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preproces
 cache with the project's own trainers, then measures where blur comes from:
 
 - the autoencoder's reconstructions, scored as ``ldm evaluate`` scores them (SSIM, PSNR and
-  the detail ratio, ``ldm_core.quality.detail_ratio``, against the same volumes): of the
+  the detail ratio, ``ldm_core.measures.detail_ratio``, against the same volumes): of the
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
@@ -43,7 +43,7 @@ from monai.losses import PatchAdversarialLoss
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, quality
+from ldm_core import evaluate, measures
 from ldm_core.config import Config, from_dict, load_config
 from ldm_core.data.cache import VolumeDataset
 from ldm_core.io import AUTOENCODER_PT
@@ -216,7 +216,7 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, flo
     )
     dice = evaluate.mask_dice(generated, evaluate.reference_mask(real))
     return {
-        "sample_detail_ratio": round(quality.detail_ratio(generated.numpy(), real.numpy()), 4),
+        "sample_detail_ratio": round(measures.detail_ratio(generated.numpy(), real.numpy()), 4),
         "mask_dice": round(float(dice.mean()), 4),
         "mask_dice_min": round(float(dice.min()), 4),
     }, generated

@@ -15,7 +15,7 @@ single number catches every failure of a generative model:
   washed-out or over-contrasted tissue that shape metrics miss.
 - **brain-mask overlap** — each generated volume thresholded into a foreground mask, Dice
   against the majority mask of the real set: catches blank, shifted or misplaced brains.
-- **detail** — :func:`ldm_core.quality.detail` (mean gradient magnitude over the Otsu
+- **detail** — :func:`ldm_core.measures.detail` (mean gradient magnitude over the Otsu
   foreground) of the generated volumes over that of the real set: smooth blobs score low,
   noise and voxel-shuffled textures high; both fail the gate.
 - **memorisation** — each generated volume's highest correlation with any real volume,
@@ -52,7 +52,7 @@ import torch
 from monai.metrics import MMDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from monai.networks.nets import ResNet
 
-from ldm_core import figures, quality
+from ldm_core import figures, measures
 from ldm_core.config import Config, EvaluationConfig
 from ldm_core.data.cache import read_manifest, subjects
 from ldm_core.errors import LdmError
@@ -69,7 +69,7 @@ from ldm_core.samplers import samplers_for
 
 log = logging.getLogger(__name__)
 
-MASK_THRESHOLD = quality.FOREGROUND_THRESHOLD
+MASK_THRESHOLD = measures.FOREGROUND_THRESHOLD
 """Foreground threshold on the cache's [0, 1] intensity scale (the served-output monitor's
 too). Preprocessing maps the background to 0 and tissue well above 0.1, so this separates
 brain from background on real volumes; generated volumes get the same rule."""
@@ -354,7 +354,7 @@ def reconstruction_quality(volumes: torch.Tensor, recons: torch.Tensor) -> dict[
     return {
         "recon_ssim": float(ssim.mean()),
         "recon_psnr": float(psnr.mean()),
-        "recon_detail_ratio": quality.detail_ratio(recons.numpy(), volumes.numpy()),
+        "recon_detail_ratio": measures.detail_ratio(recons.numpy(), volumes.numpy()),
         "num_reconstructed": float(volumes.shape[0]),
     }
 
@@ -560,7 +560,7 @@ def compute_metrics(
         metrics["mask_dice_min"] = float(dice.min())
         metrics["mask_dice_real"] = float(mask_dice(real, ref).mean())
     with _timed("detail and memorisation"):
-        metrics["detail_ratio"] = quality.detail_ratio(generated.cpu().numpy(), real.cpu().numpy())
+        metrics["detail_ratio"] = measures.detail_ratio(generated.cpu().numpy(), real.cpu().numpy())
         metrics["nn_correlation"] = float(nearest_real_correlation(generated, real).max())
         metrics["nn_correlation_real"] = real_nearest_correlation(real)
     if extractor is not None:

@@ -17,7 +17,7 @@ from scipy.ndimage import gaussian_filter
 
 from ldm_core.config import EvaluationConfig
 from ldm_core.evaluate import compute_metrics, gate, nearest_real_correlation
-from ldm_core.quality import detail_ratio
+from ldm_core.measures import detail_ratio
 from tests.harness.gate_cases import NEGATIVES, demo_cohorts, smooth_interior
 
 DEFAULTS = EvaluationConfig()
