@@ -45,7 +45,7 @@ from benchmarks.common import record
 from ldm_core import bundle as bundles
 from ldm_core import evaluate, measures
 from ldm_core.config import Config, from_dict, load_config
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import (
     build_autoencoder,

@@ -37,7 +37,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
 from ldm_core import measures
 from ldm_core.config import Config, ConfigError, from_dict, load_config
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.io import (
     AUTOENCODER_PT,

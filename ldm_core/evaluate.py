@@ -54,7 +54,7 @@ from monai.networks.nets import ResNet
 
 from ldm_core import figures, measures
 from ldm_core.config import Config, EvaluationConfig
-from ldm_core.data.cache import read_manifest, subjects
+from ldm_core.data.preprocessed import read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.io import (
     AUTOENCODER_PT,

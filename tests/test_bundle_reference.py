@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ldm_core import bundle as bundle_io
 from ldm_core import measures
 from ldm_core.cli import main
-from ldm_core.data.cache import read_manifest
+from ldm_core.data.preprocessed import read_manifest
 from ldm_core.errors import LdmError
 from ldm_core.models import build_unet
 from tests.harness.configs import MODEL, serve_config

@@ -14,7 +14,7 @@ from monai.networks.nets import resnet10
 
 from ldm_core.bundle import load
 from ldm_core.config import EvaluationConfig
-from ldm_core.data.cache import write_manifest
+from ldm_core.data.preprocessed import write_manifest
 from ldm_core.errors import LdmError
 from ldm_core.evaluate import (
     METRIC_DOCS,

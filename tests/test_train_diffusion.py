@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_core import bundle
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_unet
 from ldm_core.samplers import training_scheduler
@@ -79,7 +79,7 @@ def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):
     ae_dir = fake_autoencoder_run(tmp_path / "ae", cfg, seed=0)
 
     def prepare(data_dir: Path) -> dict[str, torch.Tensor]:
-        from ldm_core.data.cache import read_manifest
+        from ldm_core.data.preprocessed import read_manifest
 
         manifest = read_manifest(data_dir)
         state = load_autoencoder(ae_dir / "autoencoder.pt", cfg, manifest)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ldm_core import storage
 from ldm_core.config import Config, StorageConfig
-from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
+from ldm_core.data.preprocessed import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import build_autoencoder, build_discriminator

@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 
 from ldm_core import io
 from ldm_core.config import Config
-from ldm_core.data.cache import read_manifest
+from ldm_core.data.preprocessed import read_manifest
 from ldm_core.errors import LdmError
 from ldm_core.io import AUTOENCODER_PT, UNET_PT
 from ldm_core.models import (

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ldm_core import io
 from ldm_core.config import Config
-from ldm_core.data.cache import VolumeDataset, subjects
+from ldm_core.data.preprocessed import VolumeDataset, subjects
 
 log = logging.getLogger(__name__)
 
