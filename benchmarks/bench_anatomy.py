@@ -9,7 +9,7 @@ cache with the project's own trainers, then measures where blur comes from:
   ceiling of any sample, since samples are decoded by this autoencoder);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
-  and foreground Dice with its majority mask (``ldm_core.evaluate.mask_dice``);
+  and foreground Dice with its majority mask (``ldm_core.metrics.mask_dice``);
 - training cost: wall seconds of each stage (noisy on a shared machine) and, the figure to
   compare, the per-step time of the candidate's and of the reference (pre-issue-14) preset's
   model shapes, measured back to back in this process and multiplied by their step counts.
@@ -43,7 +43,7 @@ from monai.losses import PatchAdversarialLoss
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, measures
+from ldm_core import evaluate, measures, metrics
 from ldm_core.config import Config, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.io import AUTOENCODER_PT
@@ -192,8 +192,8 @@ def reconstruction_quality(
     shown: tuple[torch.Tensor, torch.Tensor] | None = None
     for split, prefix in (("val", "recon"), ("train", "recon_train")):
         x = split_volumes(data, split)
-        recon = evaluate.reconstruct(autoencoder, x, torch.device("cpu"))
-        q = evaluate.reconstruction_quality(x, recon)
+        recon = metrics.reconstruct(autoencoder, x, torch.device("cpu"))
+        q = metrics.reconstruction_quality(x, recon)
         scores |= {
             f"{prefix}_ssim": round(q["recon_ssim"], 4),
             f"{prefix}_psnr": round(q["recon_psnr"], 2),
@@ -214,7 +214,7 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, flo
             for i in range(0, len(seeds), GENERATE_BATCH)
         ]
     )
-    dice = evaluate.mask_dice(generated, evaluate.reference_mask(real))
+    dice = metrics.mask_dice(generated, metrics.reference_mask(real))
     return {
         "sample_detail_ratio": round(measures.detail_ratio(generated.numpy(), real.numpy()), 4),
         "mask_dice": round(float(dice.mean()), 4),

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.ndimage import gaussian_filter
 
-from ldm_core.evaluate import MASK_THRESHOLD
+from ldm_core.metrics import MASK_THRESHOLD
 from ldm_core.serve import metrics
 from ldm_core.serve.monitoring import FOREGROUND_THRESHOLD, MEASURES, read_reference, summarise
 from tests.harness.configs import MODEL, serve_config

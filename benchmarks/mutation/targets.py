@@ -57,7 +57,7 @@ TARGETS: tuple[Target, ...] = (
         ("tests/test_inference_service.py",),
     ),
     Target("launcher", "ldm_core/kube/pytorchjob.py", (), ("tests/test_pytorchjob.py",)),
-    Target("gate", "ldm_core/evaluate.py", ("gate",), ("tests/test_evaluate.py",)),
+    Target("gate", "ldm_core/gate.py", (), ("tests/test_evaluate.py",)),
     Target(
         "smoke check",
         "ldm_core/deploy.py",
