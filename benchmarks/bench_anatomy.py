@@ -56,9 +56,10 @@ from ldm_core.models import (
 )
 from ldm_core.sample import generate
 from ldm_core.samplers import training_scheduler
-from ldm_core.train import loop
 from ldm_core.train.autoencoder import train_autoencoder
 from ldm_core.train.diffusion import train_diffusion
+from ldm_core.train.loader import to_input
+from ldm_core.train.model_setup import prepare_model
 
 REFERENCE = [
     "model.autoencoder.latent_channels=3",
@@ -101,9 +102,9 @@ def step_costs(cfg: Config, steps: int) -> dict[str, float]:
     depend on it)."""
     tc, cpu = cfg.train, torch.device("cpu")
     torch.manual_seed(0)
-    x = loop.to_input(torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape), cfg, cpu)
-    ae = loop.prepare_model(build_autoencoder(cfg), cfg, cpu)
-    disc = loop.prepare_model(build_discriminator(cfg), cfg, cpu)
+    x = to_input(torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape), cfg, cpu)
+    ae = prepare_model(build_autoencoder(cfg), cfg, cpu)
+    disc = prepare_model(build_discriminator(cfg), cfg, cpu)
     opt, d_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(disc.parameters())
     adv = PatchAdversarialLoss(criterion="least_squares")
 
@@ -122,10 +123,10 @@ def step_costs(cfg: Config, steps: int) -> dict[str, float]:
             d_loss.backward()
             d_opt.step()
 
-    unet = loop.prepare_model(build_unet(cfg), cfg, cpu)
+    unet = prepare_model(build_unet(cfg), cfg, cpu)
     u_opt = torch.optim.Adam(unet.parameters())
     scheduler = training_scheduler(cfg)
-    z = loop.to_input(torch.randn(tc.diffusion.batch_size, *cfg.latent_shape), cfg, cpu)
+    z = to_input(torch.randn(tc.diffusion.batch_size, *cfg.latent_shape), cfg, cpu)
 
     def unet_step() -> None:
         noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)

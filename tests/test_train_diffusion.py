@@ -144,7 +144,7 @@ def test_validation_leaves_the_unet_in_the_mode_it_found(training):
 
 
 def test_block_checkpointing_keeps_gradients_and_parameter_names():
-    from ldm_core.train.loop import enable_block_checkpointing
+    from ldm_core.train.model_setup import enable_block_checkpointing
 
     cfg = dm_config()
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_block_checkpointing_keeps_gradients_and_parameter_names():
 
 
 def test_grad_scaler_only_for_fp16():
-    from ldm_core.train.loop import make_scaler
+    from ldm_core.train.precision import make_scaler
 
     cpu = torch.device("cpu")
     assert make_scaler(cpu, "fp16").is_enabled()
