@@ -4,12 +4,12 @@ Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preproces
 cache with the project's own trainers, then measures where blur comes from:
 
 - the autoencoder's reconstructions, scored as ``ldm evaluate`` scores them (SSIM, PSNR and
-  the detail ratio, ``ldm_core.quality.detail_ratio``, against the same volumes): of the
+  the detail ratio, ``ldm_core.measures.detail_ratio``, against the same volumes): of the
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
-  and foreground Dice with its majority mask (``ldm_core.evaluate.mask_dice``);
+  and foreground Dice with its majority mask (``ldm_core.metrics.mask_dice``);
 - training cost: wall seconds of each stage (noisy on a shared machine) and, the figure to
   compare, the per-step time of the candidate's and of the reference (pre-issue-14) preset's
   model shapes, measured back to back in this process and multiplied by their step counts.
@@ -43,9 +43,9 @@ from monai.losses import PatchAdversarialLoss
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, quality
+from ldm_core import evaluate, measures, metrics
 from ldm_core.config import Config, from_dict, load_config
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import (
     build_autoencoder,
@@ -56,9 +56,10 @@ from ldm_core.models import (
 )
 from ldm_core.sample import generate
 from ldm_core.samplers import training_scheduler
-from ldm_core.train import loop
 from ldm_core.train.autoencoder import train_autoencoder
 from ldm_core.train.diffusion import train_diffusion
+from ldm_core.train.loader import to_input
+from ldm_core.train.model_setup import prepare_model
 
 REFERENCE = [
     "model.autoencoder.latent_channels=3",
@@ -101,9 +102,9 @@ def step_costs(cfg: Config, steps: int) -> dict[str, float]:
     depend on it)."""
     tc, cpu = cfg.train, torch.device("cpu")
     torch.manual_seed(0)
-    x = loop.to_input(torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape), cfg, cpu)
-    ae = loop.prepare_model(build_autoencoder(cfg), cfg, cpu)
-    disc = loop.prepare_model(build_discriminator(cfg), cfg, cpu)
+    x = to_input(torch.rand(tc.autoencoder.batch_size, 1, *cfg.data.shape), cfg, cpu)
+    ae = prepare_model(build_autoencoder(cfg), cfg, cpu)
+    disc = prepare_model(build_discriminator(cfg), cfg, cpu)
     opt, d_opt = torch.optim.Adam(ae.parameters()), torch.optim.Adam(disc.parameters())
     adv = PatchAdversarialLoss(criterion="least_squares")
 
@@ -122,10 +123,10 @@ def step_costs(cfg: Config, steps: int) -> dict[str, float]:
             d_loss.backward()
             d_opt.step()
 
-    unet = loop.prepare_model(build_unet(cfg), cfg, cpu)
+    unet = prepare_model(build_unet(cfg), cfg, cpu)
     u_opt = torch.optim.Adam(unet.parameters())
     scheduler = training_scheduler(cfg)
-    z = loop.to_input(torch.randn(tc.diffusion.batch_size, *cfg.latent_shape), cfg, cpu)
+    z = to_input(torch.randn(tc.diffusion.batch_size, *cfg.latent_shape), cfg, cpu)
 
     def unet_step() -> None:
         noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
@@ -192,8 +193,8 @@ def reconstruction_quality(
     shown: tuple[torch.Tensor, torch.Tensor] | None = None
     for split, prefix in (("val", "recon"), ("train", "recon_train")):
         x = split_volumes(data, split)
-        recon = evaluate.reconstruct(autoencoder, x, torch.device("cpu"))
-        q = evaluate.reconstruction_quality(x, recon)
+        recon = metrics.reconstruct(autoencoder, x, torch.device("cpu"))
+        q = metrics.reconstruction_quality(x, recon)
         scores |= {
             f"{prefix}_ssim": round(q["recon_ssim"], 4),
             f"{prefix}_psnr": round(q["recon_psnr"], 2),
@@ -214,9 +215,9 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, flo
             for i in range(0, len(seeds), GENERATE_BATCH)
         ]
     )
-    dice = evaluate.mask_dice(generated, evaluate.reference_mask(real))
+    dice = metrics.mask_dice(generated, metrics.reference_mask(real))
     return {
-        "sample_detail_ratio": round(quality.detail_ratio(generated.numpy(), real.numpy()), 4),
+        "sample_detail_ratio": round(measures.detail_ratio(generated.numpy(), real.numpy()), 4),
         "mask_dice": round(float(dice.mean()), 4),
         "mask_dice_min": round(float(dice.min()), 4),
     }, generated

@@ -44,8 +44,9 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
         diffusion_training_example,
     )
     from ldm_core.samplers import training_scheduler
-    from ldm_core.train import loop
     from ldm_core.train.autoencoder import kl_divergence
+    from ldm_core.train.model_setup import enable_block_checkpointing
+    from ldm_core.train.precision import autocast
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -65,7 +66,7 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
         adv = PatchAdversarialLoss(criterion="least_squares")
 
         def step() -> None:
-            with loop.autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp):
                 recon, mu, sigma = model(x)
                 loss = (
                     recon.float() - x
@@ -74,7 +75,7 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
                     disc(recon.float())[-1], True, False
                 )
             loss.backward()
-            with loop.autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp):
                 d = adv(disc(recon.detach().float())[-1], False, True) + adv(
                     disc(x)[-1], True, True
                 )
@@ -89,14 +90,12 @@ def measure(preset: str, stage: str, cpu_shape: list[int]) -> dict:
         batch = cfg.train.diffusion.batch_size
         model = build_unet(cfg).to(device).train()
         if cfg.train.gradient_checkpointing:
-            loop.enable_block_checkpointing(
-                [*model.down_blocks, model.middle_block, *model.up_blocks]
-            )
+            enable_block_checkpointing([*model.down_blocks, model.middle_block, *model.up_blocks])
         scheduler = training_scheduler(cfg)
         z = torch.randn(batch, *cfg.latent_shape, device=device)
 
         def step() -> None:
-            with loop.autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp):
                 noisy, t, target = diffusion_training_example(cfg, scheduler, z)
                 loss = F.mse_loss(model(noisy, timesteps=t).float(), target)
             loss.backward()

@@ -35,9 +35,9 @@ import torch
 import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
-from ldm_core import quality
+from ldm_core import measures
 from ldm_core.config import Config, ConfigError, from_dict, load_config
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.io import (
     AUTOENCODER_PT,
@@ -237,7 +237,7 @@ def _checked_range(value: Any, cfg: Config, where: str) -> list[list[float]]:
 
 
 def training_reference(data_dir: str | Path, dataset_hash: str = "") -> dict[str, float]:
-    """Mean :func:`ldm_core.quality.summarise` over the training volumes of the cache at
+    """Mean :func:`ldm_core.measures.summarise` over the training volumes of the cache at
     ``data_dir``: the values the served-output drift alert compares generated volumes with.
 
     Raises:
@@ -251,7 +251,7 @@ def training_reference(data_dir: str | Path, dataset_hash: str = "") -> dict[str
             f"{Path(data_dir)}: dataset_hash {found!r} is not the {dataset_hash!r} the models "
             "were trained on (data_geometry.json); pass the training cache"
         )
-    return quality.reference(dataset[i].numpy() for i in range(len(dataset)))
+    return measures.reference(dataset[i].numpy() for i in range(len(dataset)))
 
 
 def require(bundle_dir: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""The one exception type users see: its message says what is wrong and where."""
+"""The exception users see, LdmError (and its storage kind): its message says what is wrong
+and where."""
 
 
 class LdmError(Exception):
@@ -6,4 +7,11 @@ class LdmError(Exception):
 
     The CLI prints ``str(error)`` as one line and exits non-zero; any other exception is
     a bug and is reported the same way, with the traceback behind ``--debug``.
+    """
+
+
+class StorageError(LdmError):
+    """A transfer failed; the message names the URI and the reason, never a credential.
+
+    Raised by :mod:`ldm_core.storage` and the S3 client beneath it (:mod:`ldm_core.s3`).
     """

@@ -5,7 +5,8 @@ OOM kill), and every later stage trusts what it finds on disk. So a file is eith
 under its name or absent: it is written to a hidden temporary file in the same directory,
 flushed and fsynced, renamed into place, and the directory is fsynced so the rename itself
 survives a power loss. Writing that sequence once, here, keeps every writer's guarantee
-the same.
+the same. A writer killed mid-way (SIGKILL runs no cleanup) leaves its temporary file
+behind; :func:`sweep_temporaries` removes those, and only those, when a run resumes.
 
 The file names of a run directory and of a model bundle are contracts between stages
 (and with users' scripts), so they are defined here once and imported everywhere.
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +49,13 @@ STAGE_JSON = "stage.json"
 DEPLOYMENT_JSON = "deployment.json"
 """The deploy stage's record: backend, endpoint URL, model name, smoke-test result."""
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
 _TMP_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX) + "$")
+"""What :func:`atomic_write` names a temporary file: ``.<target name>.<8 random>.tmp``, the
+random part being ``tempfile.mkstemp``'s (8 of ``a-z``, ``0-9`` and ``_``)."""
 
 
 # --------------------------------------------------------------------------- hashing
@@ -103,13 +111,37 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 
 def is_temporary(path: str | Path) -> bool:
-    """Whether ``path`` is one of :func:`atomic_write`'s temporary files.
+    """Whether ``path`` is named as one of :func:`atomic_write`'s temporary files.
 
     A reader that lists a directory (to upload it, say) skips them: each is a write still
     in progress or what a killed writer left behind, never content.
     """
-    name = Path(path).name
-    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
+    return _TEMPORARY.match(Path(path).name) is not None
+
+
+def sweep_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted :func:`atomic_write` calls left directly
+    in ``directory``; return what was removed.
+
+    A write killed between creating its temporary file and renaming it (SIGKILL, OOM, a
+    preempted pod) leaves the file behind, and nothing else ever reads or removes it: on a
+    volume that keeps a run across restarts, each one can be as large as a checkpoint. Call
+    this when a run resumes in ``directory``, from the one process that writes there, so
+    that no write is in progress. Only regular files named as :func:`is_temporary`
+    describes are removed: no subdirectory, link or other file, and nothing below.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if not is_temporary(path) or path.is_symlink() or not path.is_file():
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        log.info("removed %s (%d bytes), left by an interrupted write", path, size)
+        removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

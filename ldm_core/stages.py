@@ -94,7 +94,7 @@ def _training_config(cfg: Config) -> str:
 
 
 def _dataset_hash(cache_dir: Path) -> str:
-    from ldm_core.data.cache import read_manifest
+    from ldm_core.data.preprocessed import read_manifest
 
     return str(read_manifest(cache_dir)["dataset_hash"])
 
@@ -252,8 +252,8 @@ def preprocess_stage(
     skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Resample, crop/pad and scale the raw volumes into the training cache."""
-    from ldm_core.data.cache import read_manifest, subjects
     from ldm_core.data.preprocess import preprocess
+    from ldm_core.data.preprocessed import read_manifest, subjects
 
     cfg = resolve_config(preset, overrides)
     out = preprocess(Path(raw_dir), Path(output), cfg, skip_bad=skip_bad)

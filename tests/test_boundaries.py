@@ -5,7 +5,8 @@
   fresh process holding no ldm_core, then ``sys.modules`` read) and statically (every import
   statement, function-level ones included, with the few lazy crossings listed below, each with
   its reason).
-- ML code (``train/``, ``models.py``, ``sample.py``, ``data/``) never crosses, not even lazily.
+- ML code (``train/``, ``models.py``, ``sample.py``, ``data/`` and the evaluation: ``measures.py``,
+  ``metrics.py``, ``fid.py``, ``gate.py``, ``evaluate.py``) never crosses, not even lazily.
 - A component body imports only ``ldm_core.stages``, calls one stage and holds no branches.
 - Every third-party import is declared in ``pyproject.toml`` for the side that runs it (base
   dependencies = the engine, ``pipeline``, ``serve``), so the images that install one extra
@@ -40,7 +41,17 @@ FOREIGN = ("kfp", "kubernetes", "kserve")
 # ldm_core's own modules that talk to a cluster or run the model server: importing one of them
 # brings its foreign packages along, so for the engine they are as foreign as kfp itself.
 OUTSIDE_ENGINE = ("ldm_core.kube", "ldm_core.deploy", "ldm_core.serve")
-ML_CODE = ("ldm_core.train", "ldm_core.models", "ldm_core.sample", "ldm_core.data")
+ML_CODE = (
+    "ldm_core.train",
+    "ldm_core.models",
+    "ldm_core.sample",
+    "ldm_core.data",
+    "ldm_core.measures",
+    "ldm_core.metrics",
+    "ldm_core.fid",
+    "ldm_core.gate",
+    "ldm_core.evaluate",
+)
 FIRST_PARTY = ("ldm_core", "components", "pipelines")
 
 # The only places where the engine reaches across, always inside a function so that importing
@@ -56,7 +67,7 @@ LAZY_CROSSINGS = {
 # Declared requirements no module imports by name: (distribution) -> what needs it at run time.
 RUNTIME_ONLY = {
     "einops": "monai's AutoencoderKL and DiffusionModelUNet load it through optional_import",
-    "tensorboard": "torch.utils.tensorboard.SummaryWriter (ldm_core/train/loop.py) needs it",
+    "tensorboard": "torch.utils.tensorboard.SummaryWriter (ldm_core/train/metrics_log.py) needs it",
 }
 
 

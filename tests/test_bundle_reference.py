@@ -14,9 +14,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from ldm_core import bundle as bundle_io
-from ldm_core import quality
+from ldm_core import measures
 from ldm_core.cli import main
-from ldm_core.data.cache import read_manifest
+from ldm_core.data.preprocessed import read_manifest
 from ldm_core.errors import LdmError
 from ldm_core.models import build_unet
 from tests.harness.configs import MODEL, serve_config
@@ -40,14 +40,14 @@ def _runs(tmp_path: Path, cache: Path) -> tuple[Path, Path]:
 
 
 def _expected(cache: Path) -> dict[str, float]:
-    """The mean of quality.summarise over the cache's training volumes, read independently."""
+    """The mean of measures.summarise over the cache's training volumes, read independently."""
     manifest = read_manifest(cache)
     rows = [
-        quality.summarise(np.load(cache / s["file"]).astype(np.float32))
+        measures.summarise(np.load(cache / s["file"]).astype(np.float32))
         for s in manifest["subjects"]
         if s["split"] == "train"
     ]
-    return {m: float(np.mean([r[m] for r in rows])) for m in quality.MEASURES}
+    return {m: float(np.mean([r[m] for r in rows])) for m in measures.MEASURES}
 
 
 def test_ldm_bundle_with_data_stores_the_training_reference(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_ldm_bundle_with_data_stores_the_training_reference(tmp_path, capsys):
     info = json.loads((tmp_path / "b" / "bundle.json").read_text())
     expected = _expected(cache)
     assert info["reference"] == pytest.approx(expected, rel=1e-6)
-    everyone = quality.reference(
+    everyone = measures.reference(
         np.load(cache / s["file"]).astype(np.float32) for s in read_manifest(cache)["subjects"]
     )
     assert everyone["detail"] != pytest.approx(expected["detail"], rel=1e-6)  # val left out

@@ -19,7 +19,7 @@ from ldm_core.errors import LdmError
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train.autoencoder import train_autoencoder
 from ldm_core.train.distributed import DistEnv
-from ldm_core.train.loop import NonFiniteGuard
+from ldm_core.train.guard import NonFiniteGuard
 from tests.harness.configs import TINY_OVERRIDES, ae_config, tiny_config
 from tests.harness.data import make_cache
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics, the quality gate and the ``evaluate`` stage end to end."""
+"""Evaluation metrics (``ldm_core.metrics``, ``ldm_core.fid``), the quality gate
+(``ldm_core.gate``) and the ``evaluate`` stage end to end."""
 
 from __future__ import annotations
 
@@ -14,20 +15,17 @@ from monai.networks.nets import resnet10
 
 from ldm_core.bundle import load
 from ldm_core.config import EvaluationConfig
-from ldm_core.data.cache import write_manifest
+from ldm_core.data.preprocessed import write_manifest
 from ldm_core.errors import LdmError
-from ldm_core.evaluate import (
+from ldm_core.evaluate import evaluate, load_real
+from ldm_core.fid import extract_features, frechet_distance, load_feature_extractor
+from ldm_core.gate import gate
+from ldm_core.metrics import (
     METRIC_DOCS,
     _chunk_starts,
     compute_metrics,
-    evaluate,
-    extract_features,
-    frechet_distance,
-    gate,
     histogram_distance,
     intensity_histogram,
-    load_feature_extractor,
-    load_real,
     mask_dice,
     mmd,
     ms_ssim_settings,

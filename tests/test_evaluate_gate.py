@@ -16,8 +16,9 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ldm_core.config import EvaluationConfig
-from ldm_core.evaluate import compute_metrics, gate, nearest_real_correlation
-from ldm_core.quality import detail_ratio
+from ldm_core.gate import gate
+from ldm_core.measures import detail_ratio
+from ldm_core.metrics import compute_metrics, nearest_real_correlation
 from tests.harness.gate_cases import NEGATIVES, demo_cohorts, smooth_interior
 
 DEFAULTS = EvaluationConfig()

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from ldm_core.config import Config
 from ldm_core.kube import security
-from ldm_core.kube.inference_service import build_serving_runtime
-from ldm_core.kube.pytorchjob import PyTorchJobSettings, pod_template
+from ldm_core.kube.isvc_build import build_serving_runtime
+from ldm_core.kube.pytorchjob import CONTAINER
+from ldm_core.kube.training_job import pod_template
 from ldm_core.launcher import TrainingTask
 from tests.harness.pod_security import violations
 
@@ -99,11 +101,13 @@ def test_each_call_builds_a_fresh_context():
                     args=["--data", "/d", "--output", "/o"],
                     nproc_per_node=2,
                 ),
-                PyTorchJobSettings(image="registry.example/brain-ldm-training:0.1.0"),
+                Config(),
+                "train_autoencoder",
+                CONTAINER,
             )["spec"],
             id="training-pod-template",
         ),
-        pytest.param(build_serving_runtime()["spec"], id="serving-runtime-containers"),
+        pytest.param(build_serving_runtime(Config())["spec"], id="serving-runtime-containers"),
     ],
 )
 def test_the_pods_built_with_these_contexts_pass_restricted(spec):

@@ -14,6 +14,10 @@ from ldm_core.errors import LdmError
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import loop
 from ldm_core.train.distributed import DistEnv
+from ldm_core.train.guard import NonFiniteGuard
+from ldm_core.train.loader import make_loader
+from ldm_core.train.metrics_log import MetricsLog
+from ldm_core.train.optim import LrSchedule
 from tests.harness.configs import tiny_config
 
 ROWS = torch.arange(12, dtype=torch.float32).reshape(6, 2)
@@ -29,7 +33,7 @@ class Toy:
         torch.manual_seed(0)
         self.model = torch.nn.Linear(2, 1)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
-        self.guard = loop.NonFiniteGuard(2, "toy")
+        self.guard = NonFiniteGuard(2, "toy")
         self.nan_at = nan_at
         self.calls: list[tuple[int, list[float]]] = []  # (step, first column of the batch)
         self.updates: list[int] = []
@@ -61,7 +65,7 @@ def run(tmp_path: Path, toy: Toy, start: int, total: int, validated: list[int] |
         "train.checkpoint_every=4",
         "train.keep_checkpoints=10",
     )
-    loader = loop.make_loader(TensorDataset(ROWS), 2, 1, 0, seed=0, shuffle=True)
+    loader = make_loader(TensorDataset(ROWS), 2, 1, 0, seed=0, shuffle=True)
     run = loop.Run("toy", tmp_path, cfg, DistEnv(), total)
     validate = None if validated is None else (lambda step, metrics: validated.append(step))
     last = loop.train(run, toy.step, loader, toy.parts, start=start, validate=validate)
@@ -116,8 +120,8 @@ def test_a_non_finite_step_is_skipped_logged_and_retried_on_the_next_batch(tmp_p
 
 def test_too_many_non_finite_steps_stop_the_run_and_the_log_is_closed(tmp_path, monkeypatch):
     closed = []
-    close = loop.MetricsLog.close
-    monkeypatch.setattr(loop.MetricsLog, "close", lambda self: closed.append(close(self)))
+    close = MetricsLog.close
+    monkeypatch.setattr(MetricsLog, "close", lambda self: closed.append(close(self)))
     toy = Toy(nan_at=(1, 2))
     with pytest.raises(LdmError, match="toy: loss was NaN/Inf for 2 steps in a row"):
         run(tmp_path, toy, start=0, total=5)
@@ -139,7 +143,7 @@ def test_too_many_non_finite_steps_stop_the_run_and_the_log_is_closed(tmp_path, 
     ],
 )
 def test_learning_rate_schedule_is_a_function_of_the_step(warmup, decay, expected):
-    schedule = loop.LrSchedule(base=1.0, total=6, warmup=warmup, decay=decay)
+    schedule = LrSchedule(base=1.0, total=6, warmup=warmup, decay=decay)
     assert [schedule.at(step) for step in range(1, 7)] == pytest.approx(expected, abs=1e-6)
     optimizer = torch.optim.SGD(
         [{"params": [torch.zeros(1, requires_grad=True)]}, {"params": [torch.zeros(1)]}], lr=9.0

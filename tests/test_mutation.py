@@ -79,24 +79,39 @@ def test_every_point_of_issue_15_has_named_mutations():
 
 
 def test_score_counts_each_targets_mutants_from_mutmuts_meta_file(tmp_path):
-    """Only the gate's mutants of evaluate.py count for the gate; exit codes fold as mutmut's
-    ``status_by_exit_code`` does (1 killed, 0 survived, 36 timeout, 33 no tests)."""
-    meta = tmp_path / "ldm_core" / "evaluate.py.meta"
-    meta.parent.mkdir(parents=True)
-    codes = {
-        "ldm_core.evaluate.x_gate__mutmut_1": 1,
-        "ldm_core.evaluate.x_gate__mutmut_2": 0,
-        "ldm_core.evaluate.x_gate__mutmut_3": 36,
-        "ldm_core.evaluate.x_gate__mutmut_4": 33,
-        "ldm_core.evaluate.x_gate__mutmut_5": None,
-        "ldm_core.evaluate.x_mmd__mutmut_1": 0,
-    }
-    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    """A target counts its module's mutants, only those of its functions where it names
+    some; exit codes fold as mutmut's ``status_by_exit_code`` does (1 killed, 0 survived,
+    36 timeout, 33 no tests)."""
+
+    def meta(module: str, codes: dict) -> None:
+        path = tmp_path / f"{module}.meta"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"exit_code_by_key": codes}))
+
+    meta(
+        "ldm_core/gate.py",
+        {
+            "ldm_core.gate.x_gate__mutmut_1": 1,
+            "ldm_core.gate.x_gate__mutmut_2": 0,
+            "ldm_core.gate.x_gate__mutmut_3": 36,
+            "ldm_core.gate.x_gate__mutmut_4": 33,
+            "ldm_core.gate.x_gate__mutmut_5": None,
+        },
+    )
+    meta(
+        "ldm_core/deploy.py",
+        {
+            "ldm_core.deploy.x_smoke_check__mutmut_1": 1,
+            "ldm_core.deploy.x_deploy_kserve__mutmut_1": 0,
+        },
+    )
     rows = {r["target"]: r for r in score.score(tmp_path)}
     gate = rows["gate"]
     assert (gate["killed"], gate["survived"], gate["timeout"], gate["no_tests"]) == (1, 1, 1, 1)
     assert (gate["not_checked"], gate["total"]) == (1, 5)
     assert gate["score"] == pytest.approx(2 / 4)
+    smoke = rows["smoke check"]
+    assert (smoke["killed"], smoke["survived"], smoke["total"]) == (1, 0, 1)
     assert rows["rollout"]["total"] == 0 and rows["rollout"]["score"] is None
 
 
@@ -111,8 +126,8 @@ def test_a_named_case_is_killed_only_when_a_test_fails():
     dropped = named.Mutation(
         "gate-without-mmd",
         "a",
-        "ldm_core/evaluate.py",
-        '        ("mmd", "<=", ecfg.gate_max_mmd, "evaluation.gate_max_mmd"),\n',
+        "ldm_core/gate.py",
+        '        ("mmd", "<=", "gate_max_mmd"),\n',
         "",
         (_GATE_TEST,),
     )
@@ -120,9 +135,9 @@ def test_a_named_case_is_killed_only_when_a_test_fails():
     assert killed["status"] == "killed", killed
     assert killed["failed_tests"] == [_GATE_TEST]
     harmless = named.Mutation(
-        "docstring", "a", "ldm_core/evaluate.py", "Deploy or not:", "Deploy, or not:", (_GATE_TEST,)
+        "docstring", "a", "ldm_core/gate.py", "Deploy or not:", "Deploy, or not:", (_GATE_TEST,)
     )
     assert named.check(harmless, timeout_s=600)["status"] == "survived"
-    gone = named.Mutation("gone", "a", "ldm_core/evaluate.py", "no such text", "", (_GATE_TEST,))
+    gone = named.Mutation("gone", "a", "ldm_core/gate.py", "no such text", "", (_GATE_TEST,))
     assert named.check(gone, timeout_s=600)["status"] == "stale"
-    assert (ROOT / "ldm_core" / "evaluate.py").read_text().count('("mmd", "<="') == 1
+    assert (ROOT / "ldm_core" / "gate.py").read_text().count('("mmd", "<="') == 1

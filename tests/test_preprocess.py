@@ -14,8 +14,8 @@ import pytest
 
 from ldm_core.cli import main as cli_main
 from ldm_core.config import load_config
-from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
 from ldm_core.data.preprocess import preprocess, split_subjects
+from ldm_core.data.preprocessed import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
 from tests.harness.data import demo_config, demo_raw_dir, make_demo_cache
 

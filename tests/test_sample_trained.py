@@ -16,7 +16,7 @@ import torch
 
 from ldm_core import bundle as bundle_io
 from ldm_core.bundle import Bundle
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.models import build_autoencoder, build_unet, diffusion_training_example
 from ldm_core.sample import BF16_TOLERANCE, decode, generate
 from ldm_core.samplers import training_scheduler

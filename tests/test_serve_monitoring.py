@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.ndimage import gaussian_filter
 
-from ldm_core.evaluate import MASK_THRESHOLD
+from ldm_core.metrics import MASK_THRESHOLD
 from ldm_core.serve import metrics
 from ldm_core.serve.monitoring import FOREGROUND_THRESHOLD, MEASURES, read_reference, summarise
 from tests.harness.configs import MODEL, serve_config
@@ -36,7 +36,7 @@ def test_foreground_is_the_quality_gates_foreground():
 
 def test_each_measure_moves_with_what_it_is_meant_to_catch():
     rng = np.random.default_rng(0)
-    # 32^3 with a 16^3 brain: detail is quality.detail, taken over the foreground, and on
+    # 32^3 with a 16^3 brain: detail is measures.detail, taken over the foreground, and on
     # a smaller cube the brain's own edge would dominate it.
     brain = np.zeros((32, 32, 32))
     brain[8:24, 8:24, 8:24] = 0.6 + 0.2 * rng.random((16, 16, 16))

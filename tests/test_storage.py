@@ -1,4 +1,5 @@
-"""ldm_core.storage against a real S3-protocol server (moto) on loopback, and local paths."""
+"""ldm_core.storage (and the S3 client beneath it, ldm_core.s3) against a real S3-protocol
+server (moto) on loopback, and local paths."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from moto import settings as moto_settings
 
-from ldm_core import storage
+from ldm_core import s3, storage
 from ldm_core.config import StorageConfig
 from ldm_core.io import sha256_file
 from tests.harness.s3 import (
@@ -64,10 +65,10 @@ def _read_tree(root: Path) -> dict[str, bytes]:
 def test_uris():
     assert storage.is_remote("s3://b/k") and not storage.is_remote("/tmp/x")
     assert not storage.is_remote("file:///tmp/x") and not storage.is_remote(Path("s3:/x"))
-    assert storage.parse_s3("s3://bucket/a/b.pt") == ("bucket", "a/b.pt")
-    assert storage.parse_s3("s3://bucket") == ("bucket", "")
+    assert s3.parse_s3("s3://bucket/a/b.pt") == ("bucket", "a/b.pt")
+    assert s3.parse_s3("s3://bucket") == ("bucket", "")
     with pytest.raises(storage.StorageError, match="no bucket"):
-        storage.parse_s3("s3:///key")
+        s3.parse_s3("s3:///key")
     assert storage.local_path("file:///tmp/a%20b") == Path("/tmp/a b")
     with pytest.raises(storage.StorageError, match="not a local path"):
         storage.local_path("gs://b/k")
@@ -78,12 +79,12 @@ def test_endpoint_scheme_decides_tls(monkeypatch):
     monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with pytest.raises(storage.StorageError, match="no S3 endpoint"):
-        storage.client(StorageConfig())
-    mc = storage.client(StorageConfig(endpoint="http://minio.kubeflow:9000", secure=True))
+        s3.client(StorageConfig())
+    mc = s3.client(StorageConfig(endpoint="http://minio.kubeflow:9000", secure=True))
     assert not mc._base_url.is_https and mc._base_url.host == "minio.kubeflow:9000"
     monkeypatch.setenv("MINIO_ENDPOINT", "minio:9000")
-    assert storage.client(StorageConfig(secure=True))._base_url.is_https
-    assert not storage.client(StorageConfig(secure=False))._base_url.is_https
+    assert s3.client(StorageConfig(secure=True))._base_url.is_https
+    assert not s3.client(StorageConfig(secure=False))._base_url.is_https
 
 
 def test_dir_roundtrip_with_marker(bucket, endpoint, tmp_path):
@@ -171,7 +172,7 @@ def test_resume_skips_current_files(bucket, tmp_path, caplog):
     assert (dst / "bundle.json").stat().st_ino != inodes["bundle.json"]
 
     # Re-uploading the same tree sends no file again (same stored hashes).
-    with caplog.at_level(logging.DEBUG, logger="ldm_core.storage"):
+    with caplog.at_level(logging.DEBUG, logger="ldm_core.s3"):
         storage.upload_dir(tmp_path / "src", uri)
     assert caplog.text.count("not uploading again") == len(files)
 
@@ -230,7 +231,7 @@ def test_local_and_file_uris_use_the_same_calls(tmp_path):
 def test_upload_dir_leaves_out_what_a_killed_writer_left(tmp_path):
     """A hidden temporary of ldm_core.io.atomic_write is a write in progress, not content."""
     files = _tree(tmp_path / "src")
-    (tmp_path / "src" / "weights" / ".unet.pt.k1ll3d.tmp").write_bytes(b"half of a write")
+    (tmp_path / "src" / "weights" / ".unet.pt.k1ll3d_0.tmp").write_bytes(b"half of a write")
     entries = storage.upload_dir(tmp_path / "src", str(tmp_path / "store"))
     assert set(entries) == set(files)
     assert _read_tree(tmp_path / "store") == files
@@ -280,7 +281,7 @@ def test_errors_name_the_uri_and_never_a_secret(
     assert time.monotonic() - t0 < 20, "an unreachable endpoint must fail fast"
 
     out, err = capsys.readouterr()
-    visible = [caplog.text, out, err, repr(storage.client(StorageConfig()))]
+    visible = [caplog.text, out, err, repr(s3.client(StorageConfig()))]
     visible += [str(e) for e in errors] + [repr(e) for e in errors]
     visible += [repr(e.__cause__) + repr(e.__context__) for e in errors]
     assert "uploaded" in caplog.text  # logging was on

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_core.data.cache import read_manifest, subjects
+from ldm_core.data.preprocessed import read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder
 from ldm_core.train import autoencoder as ae_mod

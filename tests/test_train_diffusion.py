@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_core import bundle
-from ldm_core.data.cache import VolumeDataset
+from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_unet
 from ldm_core.samplers import training_scheduler
@@ -79,7 +79,7 @@ def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):
     ae_dir = fake_autoencoder_run(tmp_path / "ae", cfg, seed=0)
 
     def prepare(data_dir: Path) -> dict[str, torch.Tensor]:
-        from ldm_core.data.cache import read_manifest
+        from ldm_core.data.preprocessed import read_manifest
 
         manifest = read_manifest(data_dir)
         state = load_autoencoder(ae_dir / "autoencoder.pt", cfg, manifest)
@@ -108,8 +108,11 @@ def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):
 
     fake_autoencoder_run(ae_dir, cfg, seed=1)  # a retrained autoencoder
     key_before = json.loads(index.read_text())["key"]
+    killed_write = out / "latents" / ".train.npy.k1ll3d_0.tmp"  # an earlier build's leftover
+    killed_write.write_bytes(b"half of the latents")
     retrained = prepare(data)
     assert json.loads(index.read_text())["key"] != key_before
+    assert not killed_write.exists()
     assert not torch.allclose(retrained["train"], first["train"])
 
     other = make_cache(tmp_path / "data2", n_train=3, n_val=0, seed=5)  # re-preprocessed data
@@ -141,7 +144,7 @@ def test_validation_leaves_the_unet_in_the_mode_it_found(training):
 
 
 def test_block_checkpointing_keeps_gradients_and_parameter_names():
-    from ldm_core.train.loop import enable_block_checkpointing
+    from ldm_core.train.model_setup import enable_block_checkpointing
 
     cfg = dm_config()
     torch.manual_seed(0)
@@ -162,7 +165,7 @@ def test_block_checkpointing_keeps_gradients_and_parameter_names():
 
 
 def test_grad_scaler_only_for_fp16():
-    from ldm_core.train.loop import make_scaler
+    from ldm_core.train.precision import make_scaler
 
     cpu = torch.device("cpu")
     assert make_scaler(cpu, "fp16").is_enabled()
@@ -222,3 +225,27 @@ def test_min_snr_weighting_trains_and_is_refused_where_undefined(tmp_path):
         losses[gamma] = [m["loss"] for m in metrics if m["split"] == "train"]
     assert all(np.isfinite(losses[5.0])) and len(losses[5.0]) == 3
     assert losses[5.0][0] < losses[0.0][0]  # same batch and noise: capped weights only lower it
+
+
+def test_a_resumed_run_removes_what_a_killed_write_left(tmp_path, caplog):
+    """A SIGKILL mid-save leaves ``atomic_write``'s temporary file in ``checkpoints/`` (seen:
+    a 5 MB ``.ckpt-00000010.pt.*.tmp`` after a run killed 20 times); the resumed run removes
+    it, and nothing that is not one."""
+    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", dm_config())
+    out = tmp_path / "dm"
+    train_diffusion(dm_config("train.diffusion.steps=1"), data, ae_dir, out)
+    checkpoints = out / "checkpoints"
+    left = checkpoints / ".ckpt-00000002.pt.k1ll3d_0.tmp"
+    left.write_bytes(b"half of a checkpoint")
+    (checkpoints / "notes.txt").write_bytes(b"a user's file")
+
+    with caplog.at_level("INFO"):
+        train_diffusion(dm_config("train.diffusion.steps=2"), data, ae_dir, out)
+
+    assert "resuming diffusion training" in caplog.text and str(left) in caplog.text
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "ckpt-00000001.pt",
+        "ckpt-00000002.pt",
+        "notes.txt",
+    ]

@@ -83,7 +83,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "a-gate-without-ms-ssim-ratio",
         "a",
-        "ldm_core/evaluate.py",
+        "ldm_core/gate.py",
         # every check of the ratio (a lower bound, and an upper one where there is one)
         r'^[ \t]*\("ms_ssim_ratio",[^\n]*\n',
         "",

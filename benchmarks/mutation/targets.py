@@ -69,7 +69,7 @@ TARGETS: tuple[Target, ...] = (
         (),
         ("tests/test_pytorchjob.py", "tests/test_training_jobs.py"),
     ),
-    Target("gate", "ldm_core/evaluate.py", ("gate",), ("tests/test_evaluate.py",)),
+    Target("gate", "ldm_core/gate.py", (), ("tests/test_evaluate.py",)),
     Target(
         "smoke check",
         "ldm_core/deploy.py",

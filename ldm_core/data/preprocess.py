@@ -1,7 +1,7 @@
 """``ldm preprocess``: raw NIfTI (Task01 layout or any folder) -> the training cache.
 
-The cache format is fixed by :mod:`ldm_core.data.cache`. This module decides which files
-are subjects, checks each one before the transforms see it (so a bad file is reported by
+The cache format is fixed by :mod:`ldm_core.data.preprocessed`. This module decides which
+files are subjects, checks each one before the transforms see it (so a bad file is reported by
 name and reason instead of as a stack trace from deep inside MONAI), runs the transform
 chain, splits subjects into train/val, and writes the volumes and the manifest.
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ldm_core.config import Config, DataConfig
 from ldm_core.data import folder, msd
-from ldm_core.data.cache import FORMAT_VERSION, write_manifest
+from ldm_core.data.preprocessed import FORMAT_VERSION, write_manifest
 from ldm_core.errors import LdmError
 from ldm_core.io import MANIFEST_JSON, atomic_write, sha256_file
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_core.quality import FOREGROUND_THRESHOLD, MEASURES, summarise
+from ldm_core.measures import FOREGROUND_THRESHOLD, MEASURES, summarise
 from ldm_core.serve.metrics import OUTPUT_REFERENCE, OUTPUT_SUMMARY
 
 __all__ = [

@@ -31,13 +31,19 @@ from torch import nn
 
 from ldm_core import storage
 from ldm_core.config import Config, StorageConfig
-from ldm_core.data.cache import VolumeDataset, read_manifest, subjects
+from ldm_core.data.preprocessed import VolumeDataset, read_manifest, subjects
 from ldm_core.errors import LdmError
 from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import build_autoencoder, build_discriminator
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, loop
 from ldm_core.train.distributed import DistEnv
+from ldm_core.train.guard import NonFiniteGuard, is_finite
+from ldm_core.train.loader import make_loader, to_input
+from ldm_core.train.metrics_log import MetricsLog
+from ldm_core.train.model_setup import evaluating, for_training, prepare_model
+from ldm_core.train.optim import LrSchedule, adam, optimizer_step
+from ldm_core.train.precision import autocast, make_scaler
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +164,7 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     loop.seed_everything(cfg.train.seed)
     train_set = VolumeDataset(data_dir, "train")
     val_set = VolumeDataset(data_dir, "val") if subjects(manifest, "val") else None
-    loader = loop.make_loader(
+    loader = make_loader(
         train_set,
         tc.batch_size,
         env.world_size,
@@ -188,12 +194,12 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
     loss will join within this run, the discriminator with its own optimizer and scaler:
     everything a checkpoint holds, in the order the shared seed initialises it."""
     tc, device = cfg.train.autoencoder, env.device
-    ae = loop.prepare_model(build_autoencoder(cfg), cfg, device)
+    ae = prepare_model(build_autoencoder(cfg), cfg, device)
     parts: dict[str, Any] = {
         "model": ae,
-        "optimizer": loop.adam(ae.parameters(), tc.lr, device),
-        "scaler": loop.make_scaler(device, cfg.train.amp),
-        "guard": loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
+        "optimizer": adam(ae.parameters(), tc.lr, device),
+        "scaler": make_scaler(device, cfg.train.amp),
+        "guard": NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
     }
     if tc.adv_weight > 0 and tc.adv_start_step < tc.steps:
         disc = build_discriminator(cfg)
@@ -204,11 +210,11 @@ def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 log.info(
                     "train.sync_bn: SyncBatchNorm needs CUDA; keeping per-rank BatchNorm on CPU"
                 )
-        disc = loop.prepare_model(disc, cfg, device)
+        disc = prepare_model(disc, cfg, device)
         parts |= {
             "discriminator": disc,
-            "disc_optimizer": loop.adam(disc.parameters(), tc.disc_lr, device),
-            "disc_scaler": loop.make_scaler(device, cfg.train.amp),
+            "disc_optimizer": adam(disc.parameters(), tc.disc_lr, device),
+            "disc_scaler": make_scaler(device, cfg.train.amp),
         }
     return parts
 
@@ -225,16 +231,16 @@ def _step_fn(
     tc, device, amp = cfg.train.autoencoder, env.device, cfg.train.amp
     ae, optimizer, scaler = parts["model"], parts["optimizer"], parts["scaler"]
     disc = parts.get("discriminator")
-    ae_train = loop.for_training(ae, cfg, env.distributed, device)
+    ae_train = for_training(ae, cfg, env.distributed, device)
     ae_train.train()
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     disc_step = None if disc is None else _disc_step_fn(cfg, env, parts, adv_loss)
-    schedule = loop.LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
+    schedule = LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
 
     def step(batch: torch.Tensor, at: int) -> loop.Step:
-        x = loop.to_input(batch, cfg, device)
+        x = to_input(batch, cfg, device)
         adv_on = disc_step is not None and at > tc.adv_start_step
-        with loop.autocast(device, amp):
+        with autocast(device, amp):
             recon, z_mu, z_sigma = ae_train(x)
             recon = recon.float()
             l1 = (recon - x).abs().mean()
@@ -258,7 +264,7 @@ def _step_fn(
 
         def update() -> loop.Scalars:
             lr = schedule.apply(optimizer, at)
-            grad_norm = loop.optimizer_step(
+            grad_norm = optimizer_step(
                 g_loss, optimizer, scaler, list(ae.parameters()), cfg.train.grad_clip
             )
             if adv_on:
@@ -279,20 +285,20 @@ def _disc_step_fn(
     that was NaN/Inf on some rank and the step was skipped (the generator's step stands)."""
     device, amp = env.device, cfg.train.amp
     disc, d_opt, d_scaler = parts["discriminator"], parts["disc_optimizer"], parts["disc_scaler"]
-    disc_train = loop.for_training(disc, cfg, env.distributed, device, compile=False)
+    disc_train = for_training(disc, cfg, env.distributed, device, compile=False)
 
     def step(x: torch.Tensor, recon: torch.Tensor, at: int) -> torch.Tensor | None:
-        with loop.autocast(device, amp):
+        with autocast(device, amp):
             fake = disc_train(recon.detach().contiguous())[-1]
             real = disc_train(x.contiguous())[-1]
             d_loss = 0.5 * (
                 adv_loss(fake, target_is_real=False, for_discriminator=True)
                 + adv_loss(real, target_is_real=True, for_discriminator=True)
             )
-        if distributed.any_rank(env, not loop.is_finite(d_loss)):
+        if distributed.any_rank(env, not is_finite(d_loss)):
             log.warning("autoencoder step %d: non-finite discriminator loss; its step skipped", at)
             return None
-        loop.optimizer_step(d_loss, d_opt, d_scaler, list(disc.parameters()), cfg.train.grad_clip)
+        optimizer_step(d_loss, d_opt, d_scaler, list(disc.parameters()), cfg.train.grad_clip)
         return d_loss
 
     return step
@@ -303,7 +309,7 @@ def _validate_fn(
 ) -> loop.ValidateFn:
     """Validation L1 in the curves, and the first volume with its reconstruction in TensorBoard."""
 
-    def run(step: int, metrics: loop.MetricsLog) -> None:
+    def run(step: int, metrics: MetricsLog) -> None:
         val_l1, example = validate(ae, val_set, cfg, env)
         metrics.log(step, "val", val_l1, l1=val_l1)
         if example is not None:
@@ -348,15 +354,15 @@ def validate(
     Returns the loss and, on rank 0, the reconstruction of the first validation volume.
     The model is left in the mode it was in.
     """
-    loader = loop.make_loader(
+    loader = make_loader(
         val_set, cfg.train.autoencoder.batch_size, env.world_size, env.rank, 0, shuffle=False
     )
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     example = None
-    with loop.evaluating(ae):
+    with evaluating(ae):
         for x in loader:
-            x = loop.to_input(x, cfg, env.device)
-            with loop.autocast(env.device, cfg.train.amp):
+            x = to_input(x, cfg, env.device)
+            with autocast(env.device, cfg.train.amp):
                 recon = ae.reconstruct(x).float()
             totals[0] += (recon - x).abs().flatten(1).mean(1).sum().double()
             totals[1] += x.shape[0]
@@ -377,15 +383,15 @@ def compute_scale_factor(
     was in.
     """
     limit = cfg.train.autoencoder.scale_factor_batches
-    loader = loop.make_loader(
+    loader = make_loader(
         train_set, cfg.train.autoencoder.batch_size, env.world_size, env.rank, 0, shuffle=False
     )
     moments = torch.zeros(3, dtype=torch.float64, device=env.device)
-    with loop.evaluating(ae):
+    with evaluating(ae):
         for i, x in enumerate(loader):
             if limit and i >= limit:
                 break
-            z_mu, _ = ae.encode(loop.to_input(x, cfg, env.device))
+            z_mu, _ = ae.encode(to_input(x, cfg, env.device))
             z = z_mu.double()
             moments += torch.stack(
                 [

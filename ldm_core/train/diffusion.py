@@ -28,7 +28,7 @@ from torch.utils.data import TensorDataset
 
 from ldm_core import io
 from ldm_core.config import Config
-from ldm_core.data.cache import read_manifest
+from ldm_core.data.preprocessed import read_manifest
 from ldm_core.errors import LdmError
 from ldm_core.io import AUTOENCODER_PT, UNET_PT
 from ldm_core.models import (
@@ -42,6 +42,18 @@ from ldm_core.samplers import training_scheduler
 from ldm_core.train import checkpoint as ckpt
 from ldm_core.train import distributed, latents, loop
 from ldm_core.train.distributed import DistEnv
+from ldm_core.train.ema import EMA
+from ldm_core.train.guard import NonFiniteGuard
+from ldm_core.train.loader import make_loader, to_input
+from ldm_core.train.metrics_log import MetricsLog
+from ldm_core.train.model_setup import (
+    enable_block_checkpointing,
+    evaluating,
+    for_training,
+    prepare_model,
+)
+from ldm_core.train.optim import LrSchedule, adam, optimizer_step
+from ldm_core.train.precision import autocast, make_scaler
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +146,7 @@ def _run(
     tc = cfg.train.diffusion
     loop.seed_everything(cfg.train.seed)
     scheduler = training_scheduler(cfg)
-    loader = loop.make_loader(
+    loader = make_loader(
         TensorDataset(data["train"]),
         tc.batch_size,
         env.world_size,
@@ -177,16 +189,16 @@ def latent_range(train: torch.Tensor) -> list[list[float]]:
 
 def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
     """The UNet, its EMA, optimizer and scaler, and the NaN guard: what a checkpoint holds."""
-    unet = loop.prepare_model(build_unet(cfg), cfg, env.device)
+    unet = prepare_model(build_unet(cfg), cfg, env.device)
     if cfg.train.gradient_checkpointing:
-        loop.enable_block_checkpointing([*unet.down_blocks, unet.middle_block, *unet.up_blocks])
-    optimizer = loop.adam(unet.parameters(), cfg.train.diffusion.lr, env.device)
+        enable_block_checkpointing([*unet.down_blocks, unet.middle_block, *unet.up_blocks])
+    optimizer = adam(unet.parameters(), cfg.train.diffusion.lr, env.device)
     return {
         "model": unet,
-        "ema": loop.EMA(unet, cfg.train.diffusion.ema_decay),
+        "ema": EMA(unet, cfg.train.diffusion.ema_decay),
         "optimizer": optimizer,
-        "scaler": loop.make_scaler(env.device, cfg.train.amp),
-        "guard": loop.NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
+        "scaler": make_scaler(env.device, cfg.train.amp),
+        "guard": NonFiniteGuard(cfg.train.max_nonfinite, STAGE),
     }
 
 
@@ -197,14 +209,14 @@ def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -
     tc, device = cfg.train.diffusion, env.device
     unet, ema = parts["model"], parts["ema"]
     optimizer, scaler = parts["optimizer"], parts["scaler"]
-    unet_train = loop.for_training(unet, cfg, env.distributed, device)
+    unet_train = for_training(unet, cfg, env.distributed, device)
     unet_train.train()
-    schedule = loop.LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
+    schedule = LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
 
     def step(batch: list[torch.Tensor], at: int) -> loop.Step:
         (z,) = batch
-        z = loop.to_input(z, cfg, device)
-        with loop.autocast(device, cfg.train.amp):
+        z = to_input(z, cfg, device)
+        with autocast(device, cfg.train.amp):
             noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
             pred = unet_train(noisy, timesteps=timesteps)
             if tc.snr_gamma > 0:
@@ -218,7 +230,7 @@ def _step_fn(cfg: Config, env: DistEnv, parts: dict[str, Any], scheduler: Any) -
 
         def update() -> loop.Scalars:
             lr = schedule.apply(optimizer, at)
-            grad_norm = loop.optimizer_step(
+            grad_norm = optimizer_step(
                 loss, optimizer, scaler, list(unet.parameters()), cfg.train.grad_clip
             )
             if at > tc.ema_start_step:
@@ -237,7 +249,7 @@ def _validate_fn(
 ) -> loop.ValidateFn:
     """Validation loss of the EMA weights (what ships) and, as ``raw``, of the trained ones."""
 
-    def run(step: int, metrics: loop.MetricsLog) -> None:
+    def run(step: int, metrics: MetricsLog) -> None:
         val_ema = validate(parts["ema"].model, val, scheduler, cfg, env)
         val_raw = validate(parts["model"], val, scheduler, cfg, env)
         metrics.log(step, "val", val_ema, raw=val_raw)
@@ -259,11 +271,11 @@ def validate(
     shard = val[env.rank :: env.world_size]
     batch = cfg.train.diffusion.batch_size
     fork = torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else [])
-    with fork, loop.evaluating(model):
+    with fork, evaluating(model):
         torch.manual_seed(cfg.train.seed + 1)
         for start in range(0, shard.shape[0], batch):
-            z = loop.to_input(shard[start : start + batch], cfg, env.device)
-            with loop.autocast(env.device, cfg.train.amp):
+            z = to_input(shard[start : start + batch], cfg, env.device)
+            with autocast(env.device, cfg.train.amp):
                 noisy, timesteps, target = diffusion_training_example(cfg, scheduler, z)
                 pred = model(noisy, timesteps=timesteps)
             err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ldm_core import io
 from ldm_core.config import Config
-from ldm_core.data.cache import VolumeDataset, subjects
+from ldm_core.data.preprocessed import VolumeDataset, subjects
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,10 @@ def build(
     batch_size: int,
     provenance: dict[str, Any],
 ) -> None:
-    """Encode every split with subjects and write the cache (index last)."""
+    """Encode every split with subjects and write the cache (index last), after removing
+    what an interrupted build's writes left in ``root``."""
     root.mkdir(parents=True, exist_ok=True)
+    io.sweep_temporaries(root)
     (root / INDEX_NAME).unlink(missing_ok=True)
     splits = {}
     for split in ("train", "val"):

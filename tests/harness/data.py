@@ -18,9 +18,9 @@ import torch
 
 from ldm_core import bundle
 from ldm_core.config import Config
-from ldm_core.data.cache import write_manifest
 from ldm_core.data.download import download
 from ldm_core.data.preprocess import data_settings, preprocess
+from ldm_core.data.preprocessed import write_manifest
 from ldm_core.models import build_autoencoder, build_unet
 from ldm_core.train import checkpoint as ckpt
 from tests.harness.configs import tiny_config

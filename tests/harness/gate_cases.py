@@ -21,7 +21,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ldm_core.data.preprocess import preprocess
-from ldm_core.evaluate import MASK_THRESHOLD, load_real, reference_mask
+from ldm_core.evaluate import load_real
+from ldm_core.metrics import MASK_THRESHOLD, reference_mask
 from tests.harness.data import demo_config, demo_raw_dir
 
 NUM = 6

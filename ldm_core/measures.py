@@ -1,9 +1,9 @@
 """Per-volume image measures shared by evaluation and serving.
 
 One definition of "how much anatomical detail does this volume carry" and of the per-volume
-summary that the served-output monitor exports, so the quality gate (``ldm_core.evaluate``),
-the bundle's training reference (``ldm_core.bundle``) and the monitor
-(``ldm_core.serve.monitoring``) measure the same thing.
+summary that the served-output monitor exports, so the evaluation's detail ratio
+(``ldm_core.metrics``, which the quality gate checks), the bundle's training reference
+(``ldm_core.bundle``) and the monitor (``ldm_core.serve.monitoring``) measure the same thing.
 
 The detail measure: the volume scaled to [0, 1] by its own minimum and maximum (so it does
 not depend on the intensity scale), its foreground taken by Otsu's threshold (so the flat
