@@ -328,7 +328,8 @@ def build_v2_response(
     bundle_digest: str,
 ) -> InferResponse:
     """The V2 response of ``req``: the tensors it asked for, binary where asked, and the
-    parameters that say how and from which bundle (``bundle_digest``) they were made."""
+    parameters that say how and from which bundle (``bundle_digest``, also the response's
+    ``model_version``: the bundle's digest is the model's version) they were made."""
     ir = req.infer_request
     if ir is None:
         raise ValueError(f"request {req.request_id}: a V2 response needs the V2 request")
@@ -347,6 +348,7 @@ def build_v2_response(
         response_id=req.request_id,
         model_name=model_name,
         infer_outputs=outputs,
+        model_version=bundle_digest,
         parameters={"sampler": req.sampler, "steps": req.steps, "bundle_digest": bundle_digest},
         use_binary_outputs=ir.use_binary_outputs,
         requested_outputs=ir.request_outputs,
