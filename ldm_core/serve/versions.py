@@ -97,7 +97,13 @@ class ModelVersionRoutes:
             await self.app(scope, receive, send)
             return
         query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-        named = [v for k, v in query if k == QUERY_PARAMETER and v] + [route["version"] or ""]
+        # An empty model_version names no version (KServe reads it so too).
+        named = [v for k, v in query if k == QUERY_PARAMETER and v]
+        if route["version"]:
+            named.append(route["version"])
+        if not named:
+            await self.app(scope, receive, send)
+            return
         try:
             for version in named:
                 check_version(self.registry, route["name"], version)
