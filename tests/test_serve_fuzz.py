@@ -41,7 +41,7 @@ from tests.harness.data import random_bundle
 from tests.harness.serving import model_server, v2
 
 MAX_STEPS = 2
-EXAMPLES = 300
+EXAMPLES = 200
 INFER = "/v2/models/{model_name}/infer"
 
 
