@@ -56,9 +56,8 @@ class ModelAwareDataPlane(DataPlane):
         """Alive unless a model that finished loading is no longer ready (see the module
         docstring); raises ``ServerNotLive`` (503) naming it."""
         for model in self._served:
-            if getattr(model, "loaded", False) and not await self.model_registry.is_model_ready(
-                model.name
-            ):
+            gone = not await self.model_registry.is_model_ready(model.name)
+            if gone and getattr(model, "loaded", False):
                 raise ServerNotLive(
                     f"Model {model.name} was loaded and is no longer ready; this server loads "
                     "its bundle only at start, so it must be restarted."
