@@ -196,8 +196,15 @@ def test_v1_predict_returns_nifti_per_seed(served, http):
 
 
 BAD_V2 = [
-    ("malformed JSON", b'{"inputs": [', 422, "json"),
-    ("inputs not a list", {"inputs": "x"}, 422, "inputs"),
+    ("malformed JSON", b'{"inputs": [', 422, "request body: not JSON"),
+    ("inputs not a list", {"inputs": "x"}, 422, "inputs: Input should be a valid list"),
+    ("body not an object", [1], 422, "request body: "),
+    (
+        "input without shape",
+        {"inputs": [{"name": "seed", "datatype": "INT64", "data": [1]}]},
+        422,
+        "inputs[0].shape: Field required",
+    ),
     ("float seed datatype", v2([1], datatype="FP32"), 400, "datatype"),
     ("fractional seed", v2([1.5]), 400, "seed must be an integer"),
     ("string seed", v2(["a"]), 400, "seed must be an integer"),
@@ -215,7 +222,7 @@ BAD_V2 = [
     ("steps zero", v2([1], steps=0), 400, "parameters.steps"),
     ("steps above max", v2([1], steps=51), 400, "parameters.steps"),
     ("steps not integer", v2([1], steps="ten"), 400, "parameters.steps"),
-    ("steps nested", v2([1], steps={"a": 1}), 422, "steps"),
+    ("steps nested", v2([1], steps={"a": 1}), 422, "parameters.steps: expected one of"),
     ("unknown sampler", v2([1], sampler="euler"), 400, "parameters.sampler"),
     ("sampler of the other objective", v2([1], sampler="rflow"), 400, "parameters.sampler"),
     ("unknown output", v2([1], output="gif"), 400, "parameters.output"),
@@ -225,6 +232,15 @@ BAD_V2 = [
         {**v2([1], output="nifti"), "outputs": [{"name": "mask"}]},
         400,
         "outputs[0].name",
+    ),
+    (
+        "output asked for twice",
+        {
+            **v2([1]),
+            "outputs": [{"name": "png"}, {"name": "png", "parameters": {"binary_data": True}}],
+        },
+        400,
+        "outputs[1].name: 'png' is asked for twice",
     ),
 ]
 BAD_V1 = [
@@ -255,7 +271,8 @@ def test_invalid_v2_requests_get_4xx_naming_the_field(served, http, what, body, 
     else:
         r = infer(http, url, body)
     assert r.status_code == status, r.text
-    assert field.lower() in r.text.lower()
+    assert set(r.json()) == {"error"}, r.text  # KServe's error shape, FastAPI's 422 too
+    assert field.lower() in r.json()["error"].lower()
 
 
 @pytest.mark.parametrize("what,body,status,field", BAD_V1, ids=[c[0] for c in BAD_V1])
@@ -274,7 +291,17 @@ def test_invalid_v1_requests_get_4xx_naming_the_field(served, http, what, body, 
     else:
         r = http.post(f"{url}/v1/models/{MODEL}:predict", json=body)
     assert r.status_code == status, r.text
-    assert field.lower() in r.text.lower()
+    assert set(r.json()) == {"error"}, r.text
+    assert field.lower() in r.json()["error"].lower()
+
+
+def test_unknown_routes_and_methods_answer_an_error_body(served, http):
+    url, _, _ = served
+    r = http.get(f"{url}/v2/no-such-route")
+    assert r.status_code == 404 and set(r.json()) == {"error"}, r.text
+    r = http.delete(f"{url}/v2/health/live")
+    assert r.status_code == 405 and set(r.json()) == {"error"}, r.text
+    assert "GET" in r.headers["allow"]
 
 
 def test_server_keeps_serving_after_every_invalid_request(served, http):

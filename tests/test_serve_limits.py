@@ -21,8 +21,9 @@ from kserve.model_repository import ModelRepository
 from ldm_core.cli import main as ldm_main
 from ldm_core.errors import LdmError
 from ldm_core.serve.admission import Admission
+from ldm_core.serve.dataplane import ModelAwareDataPlane
 from ldm_core.serve.model import BrainLDMModel
-from ldm_core.serve.server import ModelAwareDataPlane, serve
+from ldm_core.serve.server import serve
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
 from tests.harness.serving import model_server, serve_command, v2

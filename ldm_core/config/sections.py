@@ -276,6 +276,11 @@ class ServingConfig:
     in a batch still count against max_concurrency + max_queue."""
     max_batch_wait_ms: float = 20.0
     """How long a request waits for others to share its loop when a generation slot is free."""
+    repository_endpoints: bool = False
+    """KServe's model repository extension: ``POST /v2/repository/models/{name}/load`` and
+    ``/unload`` (and their gRPC calls). Admin-only when on: they take no credentials, and an
+    unload takes the model out of service until the pod restarts (liveness then fails, so the
+    kubelet restarts it); expose the port to admins only. Off, the routes do not exist (404)."""
     # -- capacity on a cluster (the InferenceService's predictor; cluster.predictor sizes a pod)
     deployment_mode: str = "Serverless"
     """Serverless (Knative: scale to zero, concurrency/rps autoscaling, canary traffic) or

@@ -9,8 +9,15 @@ split the way KServe splits the work:
 - :mod:`~ldm_core.serve.admission`: concurrency, queue and per-request deadline (503, 504).
 - :mod:`~ldm_core.serve.model`: the ``kserve.Model`` subclass (load, preprocess, predict,
   postprocess).
-- :mod:`~ldm_core.serve.server`: the process: KServe's ModelServer and REST application
-  under a uvicorn server it can stop, the gRPC V2 endpoint, readiness, error handlers.
+- :mod:`~ldm_core.serve.dataplane`: KServe's data plane with health Kubernetes can act on
+  (readiness after warm-up, liveness that fails once the loaded model is gone) and truthful
+  metadata.
+- :mod:`~ldm_core.serve.versions`: the model's version (its bundle's digest) on every route.
+- :mod:`~ldm_core.serve.rest`, :mod:`~ldm_core.serve.grpc_service`: KServe's REST
+  application and gRPC servicer with ``{"error": ...}`` bodies and status codes that agree,
+  and the model repository extension only where ``serving.repository_endpoints`` asks.
+- :mod:`~ldm_core.serve.server`: the process: listening sockets, the load in the
+  background, both transports in one event loop, shutdown.
 - :mod:`~ldm_core.serve.logs`, :mod:`~ldm_core.serve.metrics`: JSON log lines and the
   Prometheus metrics on ``/metrics``; :mod:`~ldm_core.serve.monitoring`: what the generated
   volumes look like, beside the bundle's training reference.

@@ -91,14 +91,18 @@ class BrainLDMModel(Model):
         self.limits: Limits | None = None
         self.bundle_digest = ""
         """``ldm_core.bundle.digest`` of the bundle served, in every response's parameters,
-        so a deploy's smoke check can tell which bundle answered."""
+        so a deploy's smoke check can tell which bundle answered; also the model's version
+        (:mod:`~ldm_core.serve.versions`)."""
+        self.loaded = False
+        """True once ``load`` finished, and still after an unload: liveness tells a model
+        that is gone from one still loading by it."""
 
     def load(self) -> bool:
         """Load the bundle, warm it up, then mark the model ready. May run in a background
         thread while the server already answers liveness."""
         started = time.monotonic()
-        self.bundle = load_bundle(self.bundle_dir, self.device)
         self.bundle_digest = digest(self.bundle_dir)
+        self.bundle = load_bundle(self.bundle_dir, self.device)
         reference = read_reference(self.bundle.meta, str(self.bundle_dir / BUNDLE_JSON))
         export_reference(reference)
         if not reference:
@@ -124,7 +128,7 @@ class BrainLDMModel(Model):
                 sampler=self.limits.default_sampler,
                 precision=self.cfg.sampling.precision,
             )
-        self.ready = True
+        self.ready = self.loaded = True
         log_event(
             "model_ready",
             model=self.name,
@@ -136,6 +140,11 @@ class BrainLDMModel(Model):
             load_s=round(time.monotonic() - started, 3),
         )
         return self.ready
+
+    @property
+    def versions(self) -> list[str]:
+        """The model's one version, its bundle's digest (empty until ``load`` reads it)."""
+        return [self.bundle_digest] if self.bundle_digest else []
 
     def _largest_batch(self) -> int:
         """Most samples one denoising loop may hold: a request alone (``max_samples``) or

@@ -8,7 +8,8 @@ and V1, with nothing of the server in it.
   binary data extension, which clients ask for with ``binary_data_output`` or a per-output
   ``binary_data`` parameter, as KServe defines them). The protocol's ``outputs`` field
   picks any combination of them, in the order asked; without it the ``output`` parameter
-  is a shortcut for one kind (``volume`` gives ``volume`` + ``affine``).
+  is a shortcut for one kind (``volume`` gives ``volume`` + ``affine``); each output may be
+  asked for once.
 - Unknown request parameters are accepted and ignored (logged at debug): the protocol
   makes parameters extensible, and generic clients send their own.
 - V1 ``{"instances": [{"seed": 1}, ...], "parameters": {...}}`` -> ``{"predictions": [...]}``;
@@ -192,7 +193,9 @@ def _ignored(params: Mapping[str, Any] | None) -> tuple[str, ...]:
 
 
 def _requested_outputs(request: InferRequest) -> tuple[str, ...]:
-    """The tensors the ``outputs`` field names, each once, in the order given."""
+    """The tensors the ``outputs`` field names, in the order given. A tensor named twice is
+    refused: KServe encodes the response once per entry, so a second entry would send the
+    same tensor twice, or fail to encode it (500) when the two ask for different encodings."""
     names: list[str] = []
     for i, ro in enumerate(request.request_outputs or []):
         if ro.name not in TENSORS:
@@ -203,8 +206,12 @@ def _requested_outputs(request: InferRequest) -> tuple[str, ...]:
         flag = (ro.parameters or {}).get("binary_data")
         if flag is not None and not isinstance(flag, bool):
             raise InvalidInput(f"outputs[{i}].parameters.binary_data: expected true or false")
-        if ro.name not in names:
-            names.append(ro.name)
+        if ro.name in names:
+            raise InvalidInput(
+                f"outputs[{i}].name: {ro.name!r} is asked for twice "
+                f"(also outputs[{names.index(ro.name)}])"
+            )
+        names.append(ro.name)
     return tuple(names)
 
 
@@ -328,7 +335,8 @@ def build_v2_response(
     bundle_digest: str,
 ) -> InferResponse:
     """The V2 response of ``req``: the tensors it asked for, binary where asked, and the
-    parameters that say how and from which bundle (``bundle_digest``) they were made."""
+    parameters that say how and from which bundle (``bundle_digest``, also the response's
+    ``model_version``: the bundle's digest is the model's version) they were made."""
     ir = req.infer_request
     if ir is None:
         raise ValueError(f"request {req.request_id}: a V2 response needs the V2 request")
@@ -347,6 +355,7 @@ def build_v2_response(
         response_id=req.request_id,
         model_name=model_name,
         infer_outputs=outputs,
+        model_version=bundle_digest,
         parameters={"sampler": req.sampler, "steps": req.steps, "bundle_digest": bundle_digest},
         use_binary_outputs=ir.use_binary_outputs,
         requested_outputs=ir.request_outputs,
