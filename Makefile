@@ -9,10 +9,12 @@ STAMP   := $(VENV)/.installed
 # tests/test_manifests.py runs $(TOOLS)/bin/checkov (and fails without it when CI is set).
 TOOLS   := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed
-# The compiled pipeline is parsed strictly with the protos of the oldest supported KFP backend
-# (2.4) and of the newest release, each in its own venv (1.x protos need protobuf 4);
+# The compiled pipeline is parsed strictly with the protos of the KFP backend of each supported
+# Kubeflow release (manifests/releases.yaml), each in its own venv made from
+# kfp-protos-<backend>.txt (the 0.x/1.x protos need protobuf 4, 2.x protobuf 6);
 # tests/test_kfp_backend_compat.py runs them (and fails without them when CI is set).
-KFP_PROTOS := .venv-kfp-oldest/.installed .venv-kfp-newest/.installed
+KFP_BACKENDS := 2.4.1 2.5.0 2.15.0
+KFP_PROTOS := $(KFP_BACKENDS:%=.venv-kfp-%/.installed)
 # mutmut runs pytest in its own process, so its venv reaches .venv's packages through a .pth
 # file (behind its own); make mutation (benchmarks/mutation/) uses it.
 MUTMUT  := .venv-mutmut

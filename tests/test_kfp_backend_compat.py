@@ -1,12 +1,15 @@
-"""The compiled pipeline loads on every KFP backend from 2.4 on (issue #11, point 1).
+"""The compiled pipeline loads on the KFP backend of every supported Kubeflow release.
 
-A KFP backend parses the pipeline strictly (protobuf JSON, unknown fields are errors) with the
-protos it was built with: the API server the PipelineSpec and PlatformSpec on upload, the
-driver each task's ``KubernetesExecutorConfig``. The checked-in YAML is parsed here the same
-way with the protos of the oldest supported backend (2.4: kfp-kubernetes 1.4.0,
-kfp-pipeline-spec 0.6.0) and of the newest releases, each installed in a tools venv of its own
-(``make kfp-protos``: ``.venv-kfp-oldest`` / ``.venv-kfp-newest`` from ``kfp-protos-*.txt``).
-Locally a missing venv skips; in CI it fails.
+A KFP backend reads the pipeline with the protos it was built with (manifests/releases.yaml
+names each release's backend; ``kfp-protos-<backend>.txt`` the released packages that hold
+the same protos, and how that was checked). The API server parses the PipelineSpec and the
+PlatformSpec on upload and refuses an unknown field. Each task's Kubernetes settings
+(``KubernetesExecutorConfig``) are read later, and what an unknown field does there depends on
+the backend: 2.4.1 and 2.5.0 drop it without a word (so an ``optional`` Secret would silently
+become required), 2.15.0 refuses the run (the release table's ``kfp_executor_config``, with
+its sources). Either way a field the backend does not know is a bug, so the checked-in YAML is
+parsed here strictly with each backend's protos, each installed in a tools venv of its own
+(``make kfp-protos``: ``.venv-kfp-<backend>``). Locally a missing venv skips; in CI it fails.
 
 ``pipelines.kfp_compat`` is what makes the SDK's output fit the oldest protos; its rules are
 tested here on their own, without the venvs.
@@ -17,6 +20,7 @@ tested here on their own, without the venvs.
 import copy
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ import yaml
 from kfp import dsl, kubernetes
 
 from pipelines import kfp_compat
+from tests.harness.releases import RELEASES, Release
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipelines" / "brain_ldm.yaml"
@@ -43,24 +48,25 @@ EXECUTORS = {
 
 @dataclass(frozen=True)
 class Protos:
-    """One set of released protos: the tools venv holding them and the file pinning them."""
+    """The protos of one KFP backend: the tools venv holding them and the file pinning them."""
 
-    name: str
+    backend: str
 
     @property
     def constraints(self) -> Path:
-        return ROOT / f"kfp-protos-{self.name}.txt"
+        return ROOT / f"kfp-protos-{self.backend}.txt"
 
     def python(self) -> str:
-        """The venv's interpreter (``KFP_PROTOS_<NAME>_PYTHON`` overrides the path)."""
-        override = os.environ.get(f"KFP_PROTOS_{self.name.upper()}_PYTHON")
-        python = Path(override or ROOT / f".venv-kfp-{self.name}" / "bin" / "python")
+        """The venv's interpreter (``KFP_PROTOS_<BACKEND>_PYTHON``, dots as underscores,
+        overrides the path)."""
+        override = os.environ.get(f"KFP_PROTOS_{self.backend.replace('.', '_')}_PYTHON")
+        python = Path(override or ROOT / f".venv-kfp-{self.backend}" / "bin" / "python")
         if not python.is_file():
             if os.environ.get("CI"):
                 pytest.fail(
                     f"{python} missing in CI: the Makefile must run 'make kfp-protos' first"
                 )
-            pytest.skip(f"{self.name} KFP protos not installed ({python}; make kfp-protos)")
+            pytest.skip(f"KFP {self.backend} protos not installed ({python}; make kfp-protos)")
         return str(python)
 
     def pins(self) -> dict[str, str]:
@@ -77,18 +83,19 @@ class Protos:
             text=True,
             timeout=120,
         )
-        assert proc.returncode == 0, f"kfp_protos.py failed in {self.name}:\n{proc.stderr}"
+        assert proc.returncode == 0, f"kfp_protos.py failed for {self.backend}:\n{proc.stderr}"
         report = json.loads(proc.stdout)
         # The venv holds the releases the constraints name, or it is stale.
         for package in ("kfp-pipeline-spec", "kfp-kubernetes"):
             assert report["versions"][package] == self.pins()[package], (
-                f"{self.name} venv has {package} {report['versions'][package]}, "
+                f"{self.backend} venv has {package} {report['versions'][package]}, "
                 f"{self.constraints.name} pins {self.pins()[package]}: run 'make kfp-protos'"
             )
         return report["errors"]
 
 
-OLDEST, NEWEST = Protos("oldest"), Protos("newest")
+def protos_of(release: Release) -> Protos:
+    return Protos(release.kfp_backend)
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +109,43 @@ def executors(platform: dict) -> dict[str, dict]:
     return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-@pytest.mark.parametrize("protos", [OLDEST, NEWEST], ids=lambda p: p.name)
-def test_checked_in_pipeline_parses_strictly(protos, compiled):
-    errors = protos.parse(*compiled)
+def test_every_release_backend_has_its_pinned_protos():
+    """One ``kfp-protos-<backend>.txt`` per backend in the release table, and no other: a new
+    release needs its backend's protos found, and a dropped one takes its venv along."""
+    pinned = {p.name[len("kfp-protos-") : -len(".txt")] for p in ROOT.glob("kfp-protos-*.txt")}
+    assert pinned == {r.kfp_backend for r in RELEASES}
+    made = re.search(r"^KFP_BACKENDS\s*:=(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert made and set(made.group(1).split()) == pinned, "make kfp-protos must make them all"
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=str)
+def test_checked_in_pipeline_parses_strictly(release, compiled):
+    errors = protos_of(release).parse(*compiled)
     assert set(errors) == {"PipelineSpec", "PlatformSpec"} | set(executors(compiled[1]))
     assert set(executors(compiled[1])) <= EXECUTORS
     failed = {name: error for name, error in errors.items() if error}
-    assert not failed, f"{protos.name} protos reject the pipeline: {failed}"
+    unknown = release.entries["kfp_executor_config"]["unknown_fields"]
+    assert not failed, (
+        f"Kubeflow {release} (KFP {release.kfp_backend}) rejects the pipeline; an unknown "
+        f"field of a task's Kubernetes settings is {unknown} there: {failed}"
+    )
 
 
-def test_oldest_protos_refuse_fields_only_newer_backends_know(compiled):
-    """The parse above can fail: the spec as compiled before the down-levelling (optional
-    Secret, PVC name through ``pvcNameParameter``) is refused by backend 2.4's protos, while
-    the newest accept it, so the difference is the backend's version, not a typo."""
+NEWER_FIELDS = {"optional": "2.15.0", "pvcNameParameter": "2.5.0"}
+"""Fields kfp_compat keeps out of the compiled YAML, and the first backend whose protos
+have them (kubernetes_executor_config.proto: 55ec8469 and fd1b48b4 in kubeflow/pipelines)."""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(map(int, text.split(".")))
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=str)
+def test_each_backend_refuses_exactly_the_fields_newer_than_it(release, compiled):
+    """The parse above can fail: the spec as the SDK compiles it before the down-levelling
+    (optional Secret, PVC name through ``pvcNameParameter``) is refused by a backend older
+    than the field and accepted by the others, so the difference is the backend's version,
+    not a typo."""
     spec, platform = compiled
     platform = copy.deepcopy(platform)
     execs = executors(platform)
@@ -122,12 +153,13 @@ def test_oldest_protos_refuse_fields_only_newer_backends_know(compiled):
     execs["exec-train-autoencoder"]["pvcMount"][0]["pvcNameParameter"] = {
         "componentInputParameter": "pvc_name"
     }
-    old = OLDEST.parse(spec, platform)
-    assert 'no field named "optional"' in old["exec-download"]
-    assert 'no field named "pvcNameParameter"' in old["exec-train-autoencoder"]
-    assert old["exec-deploy"] is None
-    new = NEWEST.parse(spec, platform)
-    assert not any(new.values()), new
+    errors = protos_of(release).parse(spec, platform)
+    where = {"optional": "exec-download", "pvcNameParameter": "exec-train-autoencoder"}
+    for field, since in NEWER_FIELDS.items():
+        error = errors[where[field]] or ""
+        known = _version(release.kfp_backend) >= _version(since)
+        assert (f'no field named "{field}"' not in error) is known, (release, field, error)
+    assert errors["exec-deploy"] is None and errors["PipelineSpec"] is None
 
 
 # --------------------------------------------------------------------------- kfp_compat rules

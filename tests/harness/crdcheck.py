@@ -2,6 +2,16 @@
 (files in tests/crds/, unmodified upstream copies, see SOURCES.md there) plus the
 admission rules the operators' webhooks enforce that the schema does not express.
 
+Which CRDs: those of one supported Kubeflow release (``release=``, from
+manifests/releases.yaml through tests/harness/releases.py), or without one the newest
+upstream files at the top of tests/crds/.
+
+Strict, as ``kubectl apply --validate=strict`` (server-side ``fieldValidation=Strict``): a
+field the structural schema does not declare is an error naming its path. jsonschema alone
+would accept it, and a real API server prunes it without a word (apiextensions-apiserver
+``pkg/apiserver/schema/pruning``), so a field a release does not know would silently do
+nothing there.
+
 Used by every test that emits a PyTorchJob, TrainJob, InferenceService, ServingRuntime,
 ServiceMonitor or PodMonitor.
 """
@@ -10,15 +20,23 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
+if TYPE_CHECKING:
+    from tests.harness.releases import Release
+
 CRD_DIR = Path(__file__).parent.parent / "crds"
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_EMBEDDED = ("apiVersion", "kind", "metadata")
+"""Fields an ``x-kubernetes-embedded-resource`` object keeps without declaring them."""
+
+Key = tuple[str, str]
 
 
 class InvalidResource(AssertionError):
@@ -26,46 +44,99 @@ class InvalidResource(AssertionError):
 
 
 @functools.cache
-def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> openAPIV3Schema, from every CRD file."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        # The C loader parses the 2 MB InferenceService CRD in ~2 s instead of ~9 s.
-        for doc in yaml.load_all(
-            path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        ):
-            if not doc or doc.get("kind") != "CustomResourceDefinition":
-                continue
-            group = doc["spec"]["group"]
-            kind = doc["spec"]["names"]["kind"]
-            for version in doc["spec"]["versions"]:
-                out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
+def _file_schemas(path: Path) -> dict[Key, dict[str, Any]]:
+    """(apiVersion, kind) -> openAPIV3Schema of every CRD in one file."""
+    out: dict[Key, dict[str, Any]] = {}
+    # The C loader parses the 2 MB InferenceService CRD in ~2 s instead of ~9 s.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for doc in yaml.load_all(path.read_text(), Loader=loader):
+        if not doc or doc.get("kind") != "CustomResourceDefinition":
+            continue
+        group = doc["spec"]["group"]
+        kind = doc["spec"]["names"]["kind"]
+        for version in doc["spec"]["versions"]:
+            out[(f"{group}/{version['name']}", kind)] = version["schema"]["openAPIV3Schema"]
     return out
 
 
-def known_kinds() -> set[tuple[str, str]]:
-    return set(_schemas())
+def _files(release: Release | None) -> Iterable[Path]:
+    return release.crd_files if release is not None else sorted(CRD_DIR.glob("*.yaml"))
 
 
-def validate(obj: dict[str, Any]) -> None:
-    """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``."""
+def _schemas(release: Release | None = None) -> dict[Key, dict[str, Any]]:
+    out: dict[Key, dict[str, Any]] = {}
+    for path in _files(release):
+        out.update(_file_schemas(path))
+    return out
+
+
+def _served_by(release: Release | None) -> str:
+    return f"Kubeflow {release}" if release is not None else "the newest upstream CRDs"
+
+
+def known_kinds(release: Release | None = None) -> set[Key]:
+    return set(_schemas(release))
+
+
+def schema(obj: dict[str, Any], release: Release | None = None) -> dict[str, Any]:
+    """The openAPIV3Schema ``obj`` is checked against."""
     key = (obj.get("apiVersion"), obj.get("kind"))
-    schema = _schemas().get(key)
-    if schema is None:
-        raise InvalidResource(f"no CRD schema for {key}; known: {sorted(_schemas())}")
-    validator = jsonschema.Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
+    schemas = _schemas(release)
+    if key not in schemas:
+        raise InvalidResource(
+            f"{_served_by(release)} serves no CRD for {key}; known: {sorted(schemas)}"
+        )
+    return schemas[key]
+
+
+def unknown_fields(value: Any, node: dict[str, Any], path: str = "") -> list[str]:
+    """Paths in ``value`` that the structural schema ``node`` does not declare: what the API
+    server prunes. A node with ``x-kubernetes-preserve-unknown-fields`` keeps everything, one
+    with an ``additionalProperties`` schema is a map, and the root's ``metadata`` is ObjectMeta,
+    which the server checks on its own (so do embedded resources' apiVersion/kind/metadata)."""
+    if node.get("x-kubernetes-preserve-unknown-fields") or path == ".metadata":
+        return []
+    out: list[str] = []
+    if isinstance(value, dict):
+        props = node.get("properties") or {}
+        extra = node.get("additionalProperties")
+        embedded = node.get("x-kubernetes-embedded-resource")
+        for key, sub in value.items():
+            where = f"{path}.{key}"
+            if key in props:
+                out += unknown_fields(sub, props[key], where)
+            elif isinstance(extra, dict):
+                out += unknown_fields(sub, extra, where)
+            elif not (extra is True or (embedded and key in _EMBEDDED)):
+                out.append(where)
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        for i, item in enumerate(value):
+            out += unknown_fields(item, node["items"], f"{path}[{i}]")
+    return out
+
+
+def validate(obj: dict[str, Any], release: Release | None = None) -> None:
+    """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``, or
+    drop a field of it: the CRDs of ``release``, or the newest upstream ones."""
+    crd = schema(obj, release)
+    kind, name = obj.get("kind"), obj.get("metadata", {}).get("name")
+    errors = sorted(
+        jsonschema.Draft7Validator(crd).iter_errors(obj), key=lambda e: list(e.absolute_path)
+    )
     if errors:
         lines = [
             f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]
         ]
+        raise InvalidResource(f"{kind} {name} ({_served_by(release)}): " + "; ".join(lines))
+    unknown = unknown_fields(obj, crd)
+    if unknown:
         raise InvalidResource(
-            f"{key[1]} {obj.get('metadata', {}).get('name')}: " + "; ".join(lines)
+            f"{kind} {name}: {', '.join(unknown)} not in the CRD schema of {_served_by(release)}"
+            " (the API server prunes them, or refuses them with fieldValidation=Strict)"
         )
-    name = obj.get("metadata", {}).get("name", "")
-    rules = _ADMISSION.get(key[1])
+    rules = _ADMISSION.get(kind)
     if rules:
-        rules(obj, name)
+        rules(obj, name or "")
 
 
 def _check_name(kind: str, name: str, pattern: re.Pattern[str] = _DNS1035, limit: int = 63) -> None:

@@ -2,21 +2,20 @@
 
 The compiled pipeline sizes the evaluate pod from configure's outputs (resource
 placeholders such as ``{{$.inputs.parameters['pipelinechannel--configure-evaluate_gpus']}}``).
-What the pod gets is decided in Go, by three steps modelled here one to one, each the same
-in the backends Kubeflow ships (2.4.1, 2.5.0, 2.15.0):
+What the pod gets is decided in Go, by steps modelled here one to one. The code is the same in
+the three backends Kubeflow ships (2.4.1, 2.5.0, 2.15.0; function bodies compared tag against
+tag, only their places differ: :data:`SOURCES`):
 
 1. the launcher of the producing task reads its output parameter file and converts the text
-   to a ``structpb.Value`` by the parameter's declared type
-   (``backend/src/v2/metadata/converter.go`` ``TextToPbValue``: STRING -> string_value,
-   NUMBER_INTEGER / NUMBER_DOUBLE -> number_value, ...);
+   to a ``structpb.Value`` by the parameter's declared type (``TextToPbValue``: STRING ->
+   string_value, NUMBER_INTEGER / NUMBER_DOUBLE -> number_value, ...);
 2. the driver resolves a placeholder by looking the channel's name up in the executor input
-   and taking ``val.GetStringValue()`` (2.4.1 ``backend/src/v2/driver/util.go:65-78``
-   ``resolvePodSpecInputRuntimeParameter``; 2.15.0 the same function in ``resolve.go:798``):
-   a value that is not a string resolves to "";
-3. ``initPodSpecPatch`` (2.4.1 ``driver.go:499-531``, 2.15.0 ``driver.go:361-393``) sets the
-   accelerator limit only when both the type and the count resolved to non-empty strings, and
-   parses the count as a Kubernetes quantity; CPU and memory placeholders go through step 2
-   the same way.
+   and taking ``val.GetStringValue()`` (``resolvePodSpecInputRuntimeParameter``): a value
+   that is not a string resolves to "";
+3. ``initPodSpecPatch`` sets the accelerator limit only when both the type and the count
+   resolved to non-empty strings, and parses the count as a Kubernetes quantity; CPU and
+   memory go through ``getPodResource``, which parses whatever the placeholder resolved to,
+   so one that resolved to "" fails the task ("failed to init podSpecPatch").
 """
 
 from __future__ import annotations
@@ -28,7 +27,47 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 CHANNEL = re.compile(r"\$.inputs.parameters\['(.+?)'\]")
-"""``inputPipelineChannelPattern`` (util.go:25 at 2.4.1, :27 at 2.15.0)."""
+"""``inputPipelineChannelPattern``."""
+QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+"""What ``k8s.io/apimachinery`` ``resource.ParseQuantity`` accepts (its error message's
+pattern); the empty string fails it."""
+
+SOURCES = {
+    "2.4.1": {
+        "TextToPbValue": "backend/src/v2/metadata/converter.go:50",
+        "inputPipelineChannelPattern": "backend/src/v2/driver/util.go:25",
+        "resolvePodSpecInputRuntimeParameter": "backend/src/v2/driver/util.go:65-78",
+        "getPodResource": "backend/src/v2/driver/driver.go:368-392",
+        "initPodSpecPatch (accelerator)": "backend/src/v2/driver/driver.go:499-531",
+    },
+    "2.5.0": {
+        "TextToPbValue": "backend/src/v2/metadata/converter.go:50",
+        "inputPipelineChannelPattern": "backend/src/v2/driver/util.go:29",
+        "resolvePodSpecInputRuntimeParameter": "backend/src/v2/driver/util.go:69-82",
+        "getPodResource": "backend/src/v2/driver/driver.go:414-438",
+        "initPodSpecPatch (accelerator)": "backend/src/v2/driver/driver.go:557-589",
+    },
+    "2.15.0": {
+        "TextToPbValue": "backend/src/v2/metadata/converter.go:50",
+        "inputPipelineChannelPattern": "backend/src/v2/driver/util.go:27",
+        "resolvePodSpecInputRuntimeParameter": "backend/src/v2/driver/resolve.go:798-811",
+        "getPodResource": "backend/src/v2/driver/driver.go:150-174",
+        "initPodSpecPatch (accelerator)": "backend/src/v2/driver/driver.go:361-393",
+    },
+}
+"""Where each modelled function is in kubeflow/pipelines at each backend's tag. A backend not
+listed has not been read: :func:`sources` refuses it, so a new release needs a look at its
+driver before its tests pass."""
+
+
+def sources(backend: str) -> dict[str, str]:
+    """The code this model follows for KFP backend ``backend``."""
+    if backend not in SOURCES:
+        raise LookupError(
+            f"KFP backend {backend}'s driver has not been compared with this model; "
+            f"read the functions of SOURCES at its tag and add it (modelled: {sorted(SOURCES)})"
+        )
+    return SOURCES[backend]
 
 
 def text_to_value(text: str, parameter_type: str) -> struct_pb2.Value:
@@ -73,14 +112,16 @@ def pod_resources(
     }
     for field, (where, name) in fields.items():
         if field in resources:
-            text = resolve(str(resources[field]), parameters)
-            if text:
-                out[where][name] = text
+            out[where][name] = _quantity(resolve(str(resources[field]), parameters))
     accelerator = resources.get("accelerator") or {}
     kind = resolve(str(accelerator.get("resourceType", accelerator.get("type", ""))), parameters)
     count = resolve(str(accelerator.get("resourceCount", "")), parameters)
     if kind and count:
-        if not re.fullmatch(r"\d+", count):
-            raise ValueError(f"failed to init podSpecPatch: quantity {count!r}")
-        out["limits"][kind] = count
+        out["limits"][kind] = _quantity(count)
     return out
+
+
+def _quantity(text: str) -> str:
+    if not QUANTITY.match(text):
+        raise ValueError(f"failed to init podSpecPatch: quantity {text!r}")
+    return text

@@ -1,12 +1,15 @@
-"""Parse a compiled pipeline as a KFP backend does: protobuf JSON, unknown fields rejected.
+"""Parse a compiled pipeline with a KFP backend's protos, unknown fields rejected.
 
-The API server parses the PipelineSpec and the PlatformSpec on upload, and the driver parses
-each task's Kubernetes settings (``platforms.kubernetes.deploymentSpec.executors.*``) as a
-``KubernetesExecutorConfig``; an unknown field is an error in both. Which fields are known
-depends on the protos the backend was built with, so this runs as a script in a venv that
-holds one release of ``kfp-pipeline-spec`` and ``kfp-kubernetes`` (the tools venvs the
-Makefile makes from ``kfp-protos-*.txt``). It imports only protobuf and the generated
-modules, so those venvs need nothing else (no kfp SDK, no PyYAML).
+The API server parses the PipelineSpec and the PlatformSpec on upload and refuses an unknown
+field. Each task's Kubernetes settings (``platforms.kubernetes.deploymentSpec.executors.*``)
+are read as a ``KubernetesExecutorConfig`` when a run is compiled and by the driver; there an
+unknown field is dropped (backends 2.4.1, 2.5.0) or refuses the run (2.15.0; the release table
+manifests/releases.yaml, ``kfp_executor_config``, cites the code). Parsing strictly finds
+both. Which fields are known depends on the protos the backend was built with, so this runs as
+a script in a venv that holds the released ``kfp-pipeline-spec`` and ``kfp-kubernetes`` with
+those protos (the tools venvs the Makefile makes from ``kfp-protos-<backend>.txt``). It
+imports only protobuf and the generated modules, so those venvs need nothing else (no kfp
+SDK, no PyYAML).
 
 Reads ``{"pipeline_spec": …, "platform_spec": …}`` as JSON on stdin; prints JSON with the
 releases it used and, per message (``PipelineSpec``, ``PlatformSpec``, each executor), the

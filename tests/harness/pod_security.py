@@ -304,7 +304,13 @@ RESTRICTED: dict[str, Check] = {
 }
 """Baseline with the Restricted controls."""
 
-LEVELS = {"baseline": BASELINE, "restricted": RESTRICTED}
+LEVELS: dict[str, dict[str, Check]] = {
+    "privileged": {},
+    "baseline": BASELINE,
+    "restricted": RESTRICTED,
+}
+"""Every level by its label value; ``privileged`` (no controls) is also what a namespace
+without an ``enforce`` label gets."""
 
 
 def violations(
