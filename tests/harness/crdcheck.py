@@ -3,11 +3,18 @@
 admission rules the operators' webhooks enforce that the schema does not express.
 
 Used by every test that emits a PyTorchJob, TrainJob, InferenceService, ServingRuntime,
-ServiceMonitor or PodMonitor.
+ServiceMonitor or PodMonitor. The CRDs at the top of tests/crds/ are the newest upstream;
+a subfolder (``crds="trainer-v2.1.0"``) holds those of one release, as the Kubeflow
+releases in ``schemas/kubeflow-releases.yaml`` ship them.
+
+:func:`prune` is what the API server does with the fields a CRD does not declare, and
+``validate(..., strict=True)`` refuses them instead, as a create or patch sent with
+``fieldValidation=Strict`` is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from pathlib import Path
@@ -26,10 +33,10 @@ class InvalidResource(AssertionError):
 
 
 @functools.cache
-def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
-    """(apiVersion, kind) -> openAPIV3Schema, from every CRD file."""
+def _schemas(crds: str = "") -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> openAPIV3Schema, from every CRD file of ``CRD_DIR/crds``."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
+    for path in sorted((CRD_DIR / crds).glob("*.yaml")):
         # The C loader parses the 2 MB InferenceService CRD in ~2 s instead of ~9 s.
         for doc in yaml.load_all(
             path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -43,17 +50,79 @@ def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def known_kinds() -> set[tuple[str, str]]:
-    return set(_schemas())
+def known_kinds(crds: str = "") -> set[tuple[str, str]]:
+    return set(_schemas(crds))
 
 
-def validate(obj: dict[str, Any]) -> None:
-    """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``."""
+def schema(obj: dict[str, Any], crds: str = "") -> dict[str, Any]:
+    """The openAPIV3Schema ``obj`` is checked against (``crds``: a release's subfolder)."""
     key = (obj.get("apiVersion"), obj.get("kind"))
-    schema = _schemas().get(key)
-    if schema is None:
-        raise InvalidResource(f"no CRD schema for {key}; known: {sorted(_schemas())}")
-    validator = jsonschema.Draft7Validator(schema)
+    found = _schemas(crds).get(key)  # type: ignore[arg-type]
+    if found is None:
+        raise InvalidResource(f"no CRD schema for {key} in {CRD_DIR / crds}")
+    return found
+
+
+def prune(obj: dict[str, Any], crds: str = "") -> tuple[dict[str, Any], list[str]]:
+    """``obj`` as the API server stores it, and the paths of the fields it dropped
+    (``spec.runtimePatches``, ``spec.x[0].y``), sorted.
+
+    The API server's pruning of a structural schema (k8s.io/apiextensions-apiserver
+    pkg/apiserver/schema/pruning/algorithm.go): a key of an object is kept when the schema
+    declares it in ``properties``, or has ``additionalProperties`` (then checked against
+    it), or says ``x-kubernetes-preserve-unknown-fields``; anything else is dropped, also
+    every key of an object whose schema declares none. The root's ``apiVersion``, ``kind``
+    and ``metadata`` are the API server's own (ObjectMeta is validated apart from the CRD)."""
+    out = copy.deepcopy(obj)
+    dropped: list[str] = []
+    props = schema(obj, crds).get("properties", {})
+    for key in list(out):
+        if key in ("apiVersion", "kind", "metadata"):
+            continue
+        if key in props:
+            _prune(out[key], props[key], key, dropped)
+        else:
+            del out[key]
+            dropped.append(key)
+    return out, sorted(dropped)
+
+
+def _prune(value: Any, sch: dict[str, Any], path: str, dropped: list[str]) -> None:
+    if sch.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict):
+        props, extra = sch.get("properties", {}), sch.get("additionalProperties")
+        embedded = sch.get("x-kubernetes-embedded-resource")
+        for key in list(value):
+            where = f"{path}.{key}"
+            if key in props:
+                _prune(value[key], props[key], where, dropped)
+            elif isinstance(extra, dict):
+                _prune(value[key], extra, where, dropped)
+            elif extra is True or (embedded and key in ("apiVersion", "kind", "metadata")):
+                continue
+            else:
+                del value[key]
+                dropped.append(where)
+    elif isinstance(value, list) and isinstance(sch.get("items"), dict):
+        for i, item in enumerate(value):
+            _prune(item, sch["items"], f"{path}[{i}]", dropped)
+
+
+def validate(obj: dict[str, Any], crds: str = "", *, strict: bool = False) -> None:
+    """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``:
+    its CRD schema (of the release in subfolder ``crds``), the operator's admission rules,
+    and, with ``strict``, every field the schema does not declare (``fieldValidation=Strict``;
+    without it the API server drops them silently, see :func:`prune`)."""
+    key = (obj.get("apiVersion"), obj.get("kind"))
+    if strict:
+        unknown = prune(obj, crds)[1]
+        if unknown:
+            raise InvalidResource(
+                f"{key[1]} {obj.get('metadata', {}).get('name')}: "
+                + ", ".join(f"{path}: unknown field" for path in unknown)
+            )
+    validator = jsonschema.Draft7Validator(schema(obj, crds))
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [
