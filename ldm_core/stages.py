@@ -300,9 +300,9 @@ def choose_backend(backend: str) -> str:
         f"PyTorchJob (kubeflow.org/v1, Kubeflow Training Operator): {why_not_pytorchjob}; "
         f"TrainJob (trainer.kubeflow.org/v1alpha1, Kubeflow Trainer v2): {why_not_trainjob}. "
         "Install one of them, and bind the pipeline's service account to the Role "
-        f"{PIPELINE_ROLE} ({RBAC_MANIFEST}: get, create and delete on pytorchjobs.kubeflow.org "
-        "or trainjobs.trainer.kubeflow.org); or set backend=local to train inside this "
-        "pipeline pod"
+        f"{PIPELINE_ROLE} ({RBAC_MANIFEST}: get, create, patch and delete on "
+        "pytorchjobs.kubeflow.org or trainjobs.trainer.kubeflow.org); or set backend=local to "
+        "train inside this pipeline pod"
     )
 
 

@@ -26,7 +26,13 @@ from ldm_core.kube.resources import (
 from tests.harness.kube import KubeApi
 
 NS = "team-a"
-WIDGETS = CustomResource("example.org", "v1", "widgets", "Widget")
+WIDGETS = CustomResource(
+    "example.org",
+    "v1",
+    "widgets",
+    "Widget",
+    field_releases=(("spec.colour", "Widget of example v2+; set widget.version to v2"),),
+)
 SERVED = {"example.org/v1/widgets": "Widget"}
 AGENT = "resources-under-test"
 
@@ -118,6 +124,52 @@ def test_an_unreachable_api_names_the_host():
     widgets = CustomObjects(api_client(closed), WIDGETS, NS, WidgetError)
     with pytest.raises(WidgetError, match=f"Kubernetes API at {closed} unreachable"):
         widgets.get("w1")
+
+
+def test_creates_and_patches_ask_for_strict_field_validation(api, widgets):
+    """Without it a real API server drops the fields its CRD lacks and answers 201: the
+    object then silently lacks what was asked for."""
+    widgets.create(_widget("w1", size=3))
+    widgets.patch("w1", {"spec": {"size": 4}})
+    writes = [r for r in api.requests(AGENT) if r.method.value.upper() in ("POST", "PATCH")]
+    assert [r.params.get("fieldValidation") for r in writes] == ["Strict", "Strict"]
+    assert all("dryRun" not in r.params for r in writes)
+
+
+def _strict_refusal(*fields: str):
+    """The API server's answer to a strict write with fields the CRD lacks (k8s.io/apiserver
+    handlers: 400 BadRequest, the decoder's "strict decoding error")."""
+    unknown = ", ".join(f'unknown field "{f}"' for f in fields)
+    message = (
+        f'Widget in version "v1" cannot be handled as a Widget: strict decoding error: {unknown}'
+    )
+    body = {"kind": "Status", "status": "Failure", "reason": "BadRequest", "code": 400}
+    return json.dumps({**body, "message": message}).encode()
+
+
+def test_an_unknown_field_names_the_releases_that_have_it(api, widgets):
+    path = f"/apis/example.org/v1/namespaces/{NS}/widgets"
+    api.emulator["post", path] << 400 << _strict_refusal("spec.colour", "spec.shape")
+    with pytest.raises(WidgetError) as err:
+        widgets.create(_widget("w1", colour="red", shape="round"))
+    text = str(err.value)
+    assert text.startswith(f"create widgets.example.org {NS}/w1: ")
+    assert "spec.colour: unknown field (Widget of example v2+; set widget.version to v2)" in text
+    assert "spec.shape: unknown field (not in the Widget CRD this cluster serves)" in text
+
+
+def test_unknown_fields_asks_with_a_dry_run(api, widgets):
+    """Which fields of an object the API server does not know, learnt with the ``create``
+    grant and nothing stored: a server-side dry run with strict field validation."""
+    assert widgets.unknown_fields(_widget("w1", size=3)) == []
+    path = f"/apis/example.org/v1/namespaces/{NS}/widgets"
+    api.emulator["post", path] << 400 << _strict_refusal("spec.colour")
+    assert widgets.unknown_fields(_widget("w2", colour="red")) == ["spec.colour"]
+    probes = [r for r in api.requests(AGENT) if r.method.value.upper() == "POST"]
+    assert [(r.params.get("dryRun"), r.params.get("fieldValidation")) for r in probes] == [
+        ("All", "Strict"),
+        ("All", "Strict"),
+    ]
 
 
 # --------------------------------------------------------------------------- api_served

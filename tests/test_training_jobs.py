@@ -12,6 +12,7 @@ What differs between the kinds is in tests/test_pytorchjob.py and tests/test_tra
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -39,6 +40,7 @@ from tests.harness.training_jobs import (
     STAGE,
     FakeClock,
     Kind,
+    PodAdmission,
     job_config,
     serve,
     step_pod,
@@ -116,6 +118,11 @@ def _job(*conditions: tuple[str, str], spec_hash: str = "h") -> dict:
         (_job(("Failed", "False")), "h", "adopt"),
         (_job(("Running", "True"), spec_hash="other"), "h", "conflict"),
         ({"metadata": {}}, "h", "conflict"),
+        (
+            {**_job(("Running", "True")), "metadata": {"deletionTimestamp": "t"}},
+            "h",
+            "await-deletion",
+        ),
     ],
 )
 def test_adoption_decision(job, want, decision):
@@ -335,10 +342,12 @@ def test_failed_earlier_attempt_is_replaced_not_duplicated(cluster):
 
 
 def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
-    """Success, failure and timeout together exercise every call the launcher makes, run
-    from a pod as on a cluster (the runtime sets HOSTNAME to the pod's name)."""
+    """Success, failure, timeout and a retried step that adopts the finished job together
+    exercise every call the launcher makes, run from a pod as on a cluster (the runtime sets
+    HOSTNAME to the pod's name)."""
     monkeypatch.delenv("POD_NAME", raising=False)
     monkeypatch.setenv("HOSTNAME", "brain-ldm-step-pod")
+    step_pod(cluster, "brain-ldm-step-pod", "uid-step")
     for outcome, timing in (("succeed", {}), ("fail", {}), ("hang", {"timeout_s": 0.5})):
         controller = cluster.controller(outcome, step_s=0.05)
         task = training_task(name=f"ldm-rbac-{outcome}")
@@ -349,6 +358,9 @@ def test_rbac_rules_are_exactly_what_the_launcher_calls(cluster, monkeypatch):
                 cluster.launcher(**timing).run(task)
         controller.stopping.set()  # one controller per job
         controller.join(10)
+    monkeypatch.setenv("HOSTNAME", "brain-ldm-step-pod-retry")
+    step_pod(cluster, "brain-ldm-step-pod-retry", "uid-retry")
+    cluster.launcher().run(training_task(name="ldm-rbac-succeed"))
     used = {rbac_triple(r) for r in cluster.sent()}
     assert used == declared(cluster.kind.rbac_rules)
 
@@ -400,11 +412,8 @@ def test_sigterm_to_a_launcher_process_deletes_its_job(cluster, tmp_path):
     pod = "brain-ldm-run-7f3a-train-ae-driver"
     step_pod(cluster, pod, "0c9f7e4a-step-pod-uid")
     name = training_task().name
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "POD_NAME": pod}
-    argv = [sys.executable, "-m", "tests.harness.launcher_process"]
-    argv += [cluster.api.url, LAUNCHER_UA, NS, name, cluster.kind.name]
     with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=err, stdout=subprocess.DEVNULL)
+        proc = _launcher_process(cluster, pod, name, err)
         try:
             deadline = time.monotonic() + 60
             while not any(r.subresource == "log" for r in cluster.sent()):
@@ -442,3 +451,200 @@ def test_a_launcher_outside_a_pod_creates_an_ownerless_job(cluster, monkeypatch)
     assert "ownerReferences" not in job["metadata"]
     reads = [r for r in cluster.sent() if r.name == "a-laptop"]
     assert [rbac_triple(r) for r in reads] == [("", "pods", "get")]
+
+
+# --------------------------------------------------------------------------- strict writes
+
+
+def test_every_write_asks_for_strict_field_validation(cluster):
+    """A real API server drops the fields its CRD lacks unless the request asks
+    ``fieldValidation=Strict``; the launcher always asks (``serve`` holds every write of
+    every test to it, and validates what it created against the release's CRD)."""
+    cluster.controller("succeed", step_s=0.02)
+    cluster.launcher().run(training_task())
+    writes = [r for r in cluster.sent() if cluster.is_write(r)]
+    assert writes and all(r.params.get("fieldValidation") == "Strict" for r in writes)
+
+
+# --------------------------------------------------------------------------- pods never created
+
+
+def _blocked_launcher(cluster, controller, clock, cfg=None):
+    """A launcher whose fake time moves only once the controller has tried the pods."""
+    return cluster.launcher(
+        cfg=cfg,
+        clock=clock,
+        sleep=lambda seconds: (controller.done.wait(10), clock.sleep(seconds)),
+        start_timeout_s=600.0,
+        timeout_s=job_config().cluster.pending_timeout_s + 5 * 60.0,
+        poll_s=60.0,
+    )
+
+
+def test_a_quota_that_needs_a_cpu_limit_fails_at_once_naming_the_setting(cluster):
+    """A ResourceQuota that counts limits.cpu refuses every pod without a CPU limit, and
+    ours set none by default: the controller records FailedCreate (on the PyTorchJob; on
+    the TrainJob's Job) and nothing else moves. Waiting would not help, so the launcher
+    fails at its first look, quoting the API server and naming the setting to change."""
+    PodAdmission(cluster.api).quota_requires("kf-resource-quota")
+    controller = cluster.controller("succeed")
+    clock = FakeClock()
+    with pytest.raises(LaunchError) as err:
+        _blocked_launcher(cluster, controller, clock).run(training_task())
+    text = str(err.value)
+    assert "failed quota: kf-resource-quota: must specify limits.cpu" in text
+    assert f"cluster.{STAGE}.cpu_limit" in text
+    assert clock.elapsed <= 2 * 60
+    assert cluster.kind.deleted in text and cluster.jobs() == []
+
+
+def test_a_cpu_limit_from_the_config_passes_the_quota(cluster):
+    PodAdmission(cluster.api).quota_requires("kf-resource-quota")
+    cluster.controller("succeed", step_s=0.02)
+    cfg = job_config(f"cluster.{STAGE}.cpu_limit=8")  # the preset asks for 6 per process
+    cluster.launcher(cfg=cfg).run(training_task(nproc=2))
+    (job,) = cluster.jobs()
+    assert true_condition(job, cluster.kind.succeeded)
+    (request,) = [r for r in cluster.sent() if cluster.is_create(r)]
+    assert '"cpu": "16"' in json.dumps(request.data)  # 8 per process, 2 processes
+
+
+def test_a_missing_service_account_fails_after_the_pending_timeout(cluster):
+    """The ServiceAccount may yet be created (the manifests applied late): the launcher
+    waits ``cluster.pending_timeout_s``, then fails with the reason and the fix."""
+    PodAdmission(cluster.api).no_service_account()
+    controller = cluster.controller("succeed")
+    clock = FakeClock()
+    pending_s = job_config().cluster.pending_timeout_s
+    with pytest.raises(LaunchError) as err:
+        _blocked_launcher(cluster, controller, clock).run(training_task())
+    text = str(err.value)
+    assert 'serviceaccount "training" not found' in text
+    assert "cluster.service_account" in text and f"(for {pending_s}s)" in text
+    assert pending_s <= clock.elapsed <= pending_s + 2 * 60
+    assert cluster.jobs() == []
+
+
+# --------------------------------------------------------------------------- re-runs and owners
+
+
+def _job_owners(cluster) -> list[str]:
+    (job,) = cluster.jobs()
+    return [o["name"] for o in job["metadata"].get("ownerReferences", [])]
+
+
+def _created_by(cluster, task, owner: str, uid: str) -> None:
+    """The job an earlier launcher (pod ``owner``) created, owned by that pod."""
+    body = cluster.kind.build(task, job_config(), STAGE)
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "Pod", "name": owner, "uid": uid}
+    ]
+    cluster.create(body)
+
+
+@pytest.mark.parametrize("phase", ["Failed", "Succeeded", None])
+def test_a_launcher_takes_over_a_job_whose_launcher_ended(cluster, monkeypatch, phase):
+    """Argo keeps a step's pod after it ended (an OOM-killed launcher: Failed) until the
+    workflow's TTL; a re-run or retry of the step finds the job by its name and becomes its
+    only owner, so the job is neither left to an ended pod nor collected with it. ``None``:
+    the old pod is gone already."""
+    task = training_task()
+    if phase:
+        step_pod(cluster, "old-step-pod", "uid-old", phase=phase)
+    _created_by(cluster, task, "old-step-pod", "uid-old")
+    step_pod(cluster, "new-step-pod", "uid-new")
+    monkeypatch.setenv("POD_NAME", "new-step-pod")
+    cluster.controller("succeed", step_s=0.02)
+    cluster.launcher().run(task)
+    assert cluster.creates() == 0
+    assert _job_owners(cluster) == ["new-step-pod"]
+
+
+def test_a_second_launcher_adopts_beside_a_live_one(cluster, monkeypatch):
+    """Job names are keyed by content: another run with the same inputs adopts the job a
+    live run follows. Both are recorded as owners; neither takes it from the other."""
+    task = training_task()
+    step_pod(cluster, "run-a-step", "uid-a")
+    _created_by(cluster, task, "run-a-step", "uid-a")
+    step_pod(cluster, "run-b-step", "uid-b")
+    monkeypatch.setenv("POD_NAME", "run-b-step")
+    cluster.controller("succeed", step_s=0.02)
+    cluster.launcher().run(task)
+    assert _job_owners(cluster) == ["run-a-step", "run-b-step"]
+
+
+def test_a_rerun_waits_for_a_job_being_deleted_then_starts_anew(cluster):
+    """A job under deletion (its owner's garbage collection, a finalizer holding it) is not
+    adopted: the launcher waits until it is gone, then creates the job again."""
+    task = training_task()
+    body = cluster.kind.build(task, job_config(), STAGE)
+    body["metadata"]["finalizers"] = ["example.org/hold"]
+    cluster.create(body)
+    r = cluster.kind.resource
+    other = cluster.custom("garbage-collector")
+    other.delete_namespaced_custom_object(r.group, r.version, NS, r.plural, task.name)
+
+    def release() -> None:
+        time.sleep(0.5)
+        other.patch_namespaced_custom_object(
+            r.group, r.version, NS, r.plural, task.name, {"metadata": {"finalizers": None}}
+        )
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    cluster.controller("succeed", step_s=0.02)
+    cluster.launcher().run(task)
+    releaser.join()
+    assert cluster.creates() == 1
+    (job,) = cluster.jobs()
+    assert true_condition(job, cluster.kind.succeeded)
+
+
+def _launcher_process(cluster, pod: str, name: str, stderr) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "POD_NAME": pod}
+    argv = [sys.executable, "-m", "tests.harness.launcher_process"]
+    argv += [cluster.api.url, LAUNCHER_UA, NS, name, cluster.kind.name.split("-")[0]]
+    return subprocess.Popen(argv, env=env, cwd=ROOT, stderr=stderr, stdout=subprocess.DEVNULL)
+
+
+def _wait_for(check, what: str, procs) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert all(p.poll() is None for p in procs), f"a launcher ended before {what}"
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.1)
+
+
+def test_sigterm_to_one_of_two_adopters_leaves_the_job_to_the_other(cluster, tmp_path):
+    """Runs A and B follow the same job (same inputs, same name). Terminating run A must not
+    delete the job B follows: A only removes itself from the owners. Terminating B, the
+    last owner that lives, deletes it."""
+    cluster.controller("hang")
+    name = training_task().name
+    step_pod(cluster, "run-a-step", "uid-a")
+    step_pod(cluster, "run-b-step", "uid-b")
+    logs = {p: open(tmp_path / p, "wb") for p in ("a", "b")}
+    a = _launcher_process(cluster, "run-a-step", name, logs["a"])
+    procs = [a]
+    try:
+        _wait_for(lambda: len(cluster.jobs()) == 1, "created the job", procs)
+        b = _launcher_process(cluster, "run-b-step", name, logs["b"])
+        procs.append(b)
+        _wait_for(lambda: _job_owners(cluster) == ["run-a-step", "run-b-step"], "B adopted", procs)
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(30) == 143
+        assert _job_owners(cluster) == ["run-b-step"]
+        assert not cluster.deletes()
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(30) == 143
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        for f in logs.values():
+            f.close()
+    what = f"{cluster.kind.resource.kind} {NS}/{name}"
+    assert f"{what} is left to launcher pod run-b-step" in (tmp_path / "a").read_text()
+    assert f"SIGTERM while {what} ran; {what} was deleted" in (tmp_path / "b").read_text()
+    assert cluster.jobs() == []

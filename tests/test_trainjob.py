@@ -9,6 +9,7 @@ tested for both in tests/test_training_jobs.py.
 from __future__ import annotations
 
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,18 @@ from ldm_core.kube.job_launcher import true_condition
 from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, spec_hash
 from ldm_core.launcher import LaunchError
 from tests.harness import crdcheck
-from tests.harness.trainer import TORCH_DISTRIBUTED, node_pod
-from tests.harness.training_jobs import STAGE, TRAINJOB, job_config, serve, training_task
+from tests.harness.trainer import TORCH_DISTRIBUTED, TORCH_DISTRIBUTED_V2_1, node_pod
+from tests.harness.training_jobs import (
+    NS,
+    STAGE,
+    TRAINJOB,
+    TRAINJOB_V2_1,
+    FakeClock,
+    PodAdmission,
+    job_config,
+    serve,
+    training_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,3 +286,173 @@ def test_a_missing_runtime_is_the_webhooks_reason_not_rbac(cluster):
     assert "specified clusterTrainingRuntime must be created before the TrainJob" in text
     assert "needs the Role" not in text
     assert cluster.jobs() == []
+
+
+# --------------------------------------------------------------------------- each Trainer release
+
+
+@pytest.fixture(params=[TRAINJOB_V2_1, TRAINJOB], ids=str)
+def release(request):
+    with serve(request.param) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize(
+    ("api", "crds", "other"), [("v2.1", "trainer-v2.1.0", ""), ("v2.2", "", "trainer-v2.1.0")]
+)
+def test_each_trainer_api_is_a_trainjob_of_its_release_only(api, crds, other):
+    """Checked strictly (unknown fields are errors) against the CRD of each release:
+    Trainer v2.1.0 (Kubeflow 1.11.0) and v2.2+ (master) share no way to shape the pod."""
+    job = tj.build_trainjob(training_task(nnodes=2), job_config(), STAGE, api=api)
+    crdcheck.validate(job, crds)
+    with pytest.raises(crdcheck.InvalidResource, match="unknown field"):
+        crdcheck.validate(job, other)
+
+
+def test_the_pod_trainer_v2_1_makes_carries_the_pytorchjob_pod():
+    """Rendered as Trainer v2.1.0 does (its torch-distributed runtime, the TrainJob's
+    podTemplateOverrides, spec.trainer), the node pod has what the PyTorchJob's master pod
+    has: sizing, the run's PVC, /dev/shm and /tmp, placement, identity and the Istio
+    opt-out. The securityContext and grace period, which v2.1's overrides cannot carry, are
+    the documented losses, nothing else."""
+    task, cfg = training_task(nnodes=2, nproc=4), job_config("cluster.image_pull_secrets=[regcred]")
+    job = tj.build_trainjob(task, cfg, STAGE, api="v2.1")
+    pod = node_pod(job, TORCH_DISTRIBUTED_V2_1, rank=1, suffix="abcde")
+    master = pj.build_pytorchjob(task, cfg, STAGE)["spec"]["pytorchReplicaSpecs"]["Master"]
+    want, got = master["template"]["spec"], pod["spec"]
+    (wc,), (gc,) = want["containers"], got["containers"]
+    for key in ("image", "command", "resources", "volumeMounts"):
+        assert gc[key] == wc[key], key
+    for key in ("volumes", "nodeSelector", "tolerations", "serviceAccountName", "imagePullSecrets"):
+        assert got[key] == want[key], key
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    plain = {e["name"]: e["value"] for e in gc["env"] if "value" in e}
+    assert plain["PET_NPROC_PER_NODE"] == "4" and plain["PET_NODE_RANK"] == "1"
+    lost = {k for k in want if k not in got} | {f"container {k}" for k in wc if k not in gc}
+    assert lost == set(tj.NOT_CARRIED["v2.1"]) - {"container name"}
+
+
+def test_on_trainer_v2_1_the_launched_pod_mounts_the_run_pvc():
+    """Kubeflow 1.11.0 runs Trainer v2.1.0. The launcher finds that out by itself and shapes
+    the pod with podTemplateOverrides: the pod the Trainer makes mounts the run's PVC at
+    cluster.workdir (torchrun runs there), with /dev/shm, the GPU node selector and
+    tolerations and the Istio opt-out."""
+    with serve(TRAINJOB_V2_1) as cluster:
+        trainer = cluster.controller("succeed", step_s=0.02)
+        task = training_task()
+        cluster.launcher().run(task)
+    (pod,) = trainer.pods[task.name]
+    spec, cfg = pod["spec"], job_config().cluster
+    (container,) = spec["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts[cfg.workdir]]["persistentVolumeClaim"]["claimName"] == cfg.pvc_name
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert spec["nodeSelector"] == cfg.node_selector
+    assert spec["tolerations"] == [t.to_k8s() for t in cfg.tolerations]
+    assert spec["serviceAccountName"] == cfg.service_account
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+
+
+def test_auto_asks_the_api_server_which_trainer_it_runs(release):
+    """``cluster.trainer_api: auto`` sends the v2.2 TrainJob as a server-side dry run with
+    strict field validation (the ``create`` the Role grants; nothing is stored): refused
+    for spec.runtimePatches, the cluster runs Trainer v2.1. The real create then carries the
+    fields of the release found."""
+    release.controller("succeed", step_s=0.02)
+    release.launcher().run(training_task())
+    posts = [r for r in release.sent() if release.is_write(r)]
+    probe, create = posts
+    assert probe.params.get("dryRun") == "All" and probe.params["fieldValidation"] == "Strict"
+    assert "runtimePatches" in probe.data["spec"]
+    field = "podTemplateOverrides" if release.kind is TRAINJOB_V2_1 else "runtimePatches"
+    assert field in create.data["spec"] and "dryRun" not in create.params
+
+
+@pytest.mark.parametrize("api", ["v2.1", "v2.2"])
+def test_a_configured_trainer_api_is_used_without_asking(api):
+    kind = TRAINJOB_V2_1 if api == "v2.1" else TRAINJOB
+    with serve(kind) as cluster:
+        cluster.controller("succeed", step_s=0.02)
+        cluster.launcher(cfg=job_config(f"cluster.trainer_api={api}")).run(training_task())
+        assert [r.params.get("dryRun") for r in cluster.sent() if cluster.is_write(r)] == [None]
+
+
+def test_a_trainjob_for_another_trainer_is_refused_naming_the_field_and_release():
+    """Told v2.2 on a v2.1 cluster, the strict create is refused by the API server instead
+    of pruned to a pod without its PVC; the error names the field and the releases."""
+    with serve(TRAINJOB_V2_1) as cluster:
+        cfg = job_config("cluster.trainer_api=v2.2")
+        with pytest.raises(LaunchError) as err:
+            cluster.launcher(cfg=cfg).run(training_task())
+        assert cluster.jobs() == []
+    text = str(err.value)
+    assert "spec.runtimePatches: unknown field (TrainJob of Trainer v2.2+" in text
+    assert "cluster.trainer_api" in text
+
+
+def test_a_bad_trainer_api_is_a_config_error():
+    from ldm_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cluster.trainer_api: 'v2.0' is not one of"):
+        job_config("cluster.trainer_api=v2.0")
+
+
+def test_the_emulated_api_server_prunes_unknown_fields_unless_strict():
+    """What a real API server does with fields its CRD lacks, which the tests above rely
+    on: dropped silently by default, refused with fieldValidation=Strict."""
+    job = tj.build_trainjob(training_task(), job_config(), STAGE, api="v2.2")
+    r = tj.RESOURCE
+    with serve(TRAINJOB_V2_1) as cluster:
+        custom = cluster.custom("kubectl")
+        with pytest.raises(kubernetes.client.ApiException) as err:
+            custom.create_namespaced_custom_object(
+                r.group, r.version, NS, r.plural, job, field_validation="Strict"
+            )
+        assert err.value.status == 400
+        message = json.loads(err.value.body)["message"]
+        assert 'strict decoding error: unknown field "spec.activeDeadlineSeconds"' in message
+        custom.create_namespaced_custom_object(r.group, r.version, NS, r.plural, job)
+        (stored,) = cluster.jobs()
+    assert "runtimePatches" not in stored["spec"] and stored["spec"]["trainer"]
+
+
+def test_on_trainer_v2_1_the_launcher_enforces_the_deadline():
+    """Trainer v2.1 has no activeDeadlineSeconds: the launcher stops the TrainJob itself once
+    cluster.run_timeout_s has passed since the job was created (here in fake time)."""
+    with serve(TRAINJOB_V2_1) as cluster:
+        cluster.controller("hang")
+        clock = FakeClock()
+        cfg = job_config("cluster.run_timeout_s=600")
+        launcher = cluster.launcher(cfg=cfg, clock=clock, timeout_s=None, poll_s=60.0)
+        with pytest.raises(LaunchError) as err:
+            launcher.run(training_task())
+        assert cluster.jobs() == []
+    text = str(err.value)
+    assert "cluster.run_timeout_s (600s)" in text and "The TrainJob was deleted" in text
+    assert 600 <= clock.elapsed <= 600 + 2 * 60
+
+
+def test_pod_security_restricted_refuses_only_the_v2_1_pod(release):
+    """Trainer v2.1's overrides cannot carry a securityContext: in a namespace that
+    enforces Pod Security "restricted", its pods are refused (FailedCreate on the Job) and
+    the launcher fails at once saying so. On v2.2+ the runtimePatches carry it: admitted."""
+    PodAdmission(release.api).pod_security()
+    trainer = release.controller("succeed", step_s=0.02)
+    if release.kind is TRAINJOB:
+        release.launcher().run(training_task())
+        return
+    clock = FakeClock()
+    launcher = release.launcher(
+        clock=clock,
+        sleep=lambda seconds: (trainer.done.wait(10), clock.sleep(seconds)),
+        start_timeout_s=600.0,
+        timeout_s=3600.0,
+        poll_s=60.0,
+    )
+    with pytest.raises(LaunchError) as err:
+        launcher.run(training_task())
+    text = str(err.value)
+    assert 'violates PodSecurity "restricted:latest"' in text
+    assert "Trainer v2.1" in text and "securityContext" in text
+    assert clock.elapsed <= 2 * 60

@@ -12,6 +12,8 @@ from ldm_core.config.errors import ConfigError
 
 QUANTITY = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 """A Kubernetes resource quantity in the forms people write (``2``, ``500m``, ``16Gi``)."""
+TRAINER_APIS = ("auto", "v2.1", "v2.2")
+"""The TrainJob APIs of Kubeflow Trainer the TrainJob launcher writes (``cluster.trainer_api``)."""
 
 
 @dataclass
@@ -33,18 +35,26 @@ class TrainingResources(StageResources):
 
     A pod runs ``nproc`` processes (pipeline parameter ``nproc``, torchrun's
     ``--nproc-per-node``) and asks ``nproc`` times each figure, so one setting fits a pod of
-    1 or 8 GPUs. ``gpus`` is 0 or 1: one process drives one GPU. No CPU limit is set, so
-    torch's threads are not throttled below what the node has free.
+    1 or 8 GPUs. ``gpus`` is 0 or 1: one process drives one GPU. By default no CPU limit is
+    set, so torch's threads are not throttled below what the node has free.
     """
 
     shm: str = "1Gi"
     """/dev/shm per process (a memory-backed emptyDir) for DataLoader workers and NCCL: the
     container runtime's default of 64 MiB is too small for either."""
+    cpu_limit: str = ""
+    """CPU limit per process; empty = none. Set it (at least ``cpu``) where the namespace's
+    ResourceQuota counts ``limits.cpu``: the API server then refuses every pod without one
+    (Kubeflow profiles with a resource quota do)."""
 
     def times(self, n: int) -> TrainingResources:
         """What a pod of ``n`` training processes asks for: each figure ``n`` times."""
         return TrainingResources(
-            self.gpus * n, _times(self.cpu, n), _times(self.memory, n), _times(self.shm, n)
+            self.gpus * n,
+            _times(self.cpu, n),
+            _times(self.memory, n),
+            _times(self.shm, n),
+            _times(self.cpu_limit, n) if self.cpu_limit else "",
         )
 
 
@@ -124,7 +134,13 @@ class ClusterConfig:
     missing Secret, an unbound PVC) before the job is deleted and the step fails with the
     reason. Not zero: a cluster autoscaler adds a GPU node in minutes."""
     run_timeout_s: int = 86400
-    """Deadline of one training job (activeDeadlineSeconds); past it the job is stopped."""
+    """Deadline of one training job, from its creation (activeDeadlineSeconds; on Kubeflow
+    Trainer v2.1, which has none, the launcher deletes the TrainJob past it)."""
+    trainer_api: str = "auto"
+    """Which TrainJob API the cluster's Kubeflow Trainer serves: ``v2.1`` (Kubeflow 1.11.0:
+    the pod is shaped by ``podTemplateOverrides``), ``v2.2`` (v2.2 and later:
+    ``runtimePatches``), or ``auto``: asked of the API server with a dry-run create, which
+    the Role's ``create`` grant allows. Only the TrainJob backend reads it."""
     train_autoencoder: TrainingResources = field(
         default_factory=lambda: TrainingResources(cpu="2", memory="6Gi", shm="1Gi")
     )

@@ -3,10 +3,11 @@ first field at fault and, where one exists, the value that would work."""
 
 from __future__ import annotations
 
+import decimal
 import re
 from typing import Any
 
-from ldm_core.config.cluster import QUANTITY, StageResources, TrainingResources
+from ldm_core.config.cluster import QUANTITY, TRAINER_APIS, StageResources, TrainingResources
 from ldm_core.config.errors import ConfigError, suggest
 from ldm_core.config.sections import LR_DECAYS, Config
 from ldm_core.samplers import ALL_SAMPLERS, OBJECTIVES, incompatibility
@@ -21,6 +22,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.scheduler.schedule": ("linear_beta", "scaled_linear_beta", "sigmoid_beta"),
     "train.autoencoder.lr_decay": LR_DECAYS,
     "train.diffusion.lr_decay": LR_DECAYS,
+    "cluster.trainer_api": TRAINER_APIS,
 }
 
 _POSITIVE = (
@@ -210,6 +212,29 @@ def _check_quantity(where: str, value: str, example: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not a Kubernetes quantity (e.g. {example})")
 
 
+def _cores(quantity: str) -> decimal.Decimal | None:
+    """CPU cores of a quantity written in cores or millicores; None for other units."""
+    match = QUANTITY.match(quantity)
+    if match is None or match.group(2) not in (None, "m"):
+        return None
+    cores = decimal.Decimal(match.group(1))
+    return cores / 1000 if match.group(2) == "m" else cores
+
+
+def _check_cpu_limit(where: str, res: TrainingResources) -> None:
+    """A CPU limit, when set, is a quantity no lower than the request: the API server
+    refuses a pod whose limit is below its request."""
+    if not res.cpu_limit:
+        return
+    _check_quantity(f"{where}.cpu_limit", res.cpu_limit, "2 or 1500m")
+    limit, request = _cores(res.cpu_limit), _cores(res.cpu)
+    if limit is not None and request is not None and limit < request:
+        raise ConfigError(
+            f"{where}.cpu_limit: {res.cpu_limit} is below {where}.cpu ({res.cpu}); "
+            "a limit must be at least the request"
+        )
+
+
 def _check_capacity(cfg: Config) -> None:
     """The predictor's autoscaling as KServe can carry it out in the chosen mode."""
     s = cfg.serving
@@ -266,6 +291,7 @@ def _check_cluster(cfg: Config) -> None:
         _check_quantity(f"{where}.memory", res.memory, "16Gi")
         if isinstance(res, TrainingResources):
             _check_quantity(f"{where}.shm", res.shm, "2Gi")
+            _check_cpu_limit(where, res)
     for stage in ONE_DEVICE_STAGES:  # evaluate samples on train.device too
         if cfg.train.device.startswith("cuda") and getattr(c, stage).gpus == 0:
             raise ConfigError(

@@ -11,11 +11,14 @@
 - ``job_launcher``: how a training job is run, whatever its kind (adoption, creation, the
   polling loop, failure reports, the RBAC rules of those calls);
 - ``pytorchjob``: a training stage as a PyTorchJob (what differs: the object, its status);
-- ``trainjob``: a training stage as a Kubeflow Trainer v2 TrainJob (likewise);
+- ``trainjob``: a training stage as a Kubeflow Trainer v2 TrainJob (likewise), in the
+  TrainJob API of the cluster's Trainer (v2.1 or v2.2+);
 - ``diagnostics``: a failed job's pod state, last log lines and events;
-- ``pending``: why a pod cannot start (scheduler and kubelet marks), with what to change;
-- ``ownership``: a job's lifetime tied to its launcher's (ownerReference to the step's pod,
-  deletion on SIGTERM): no leaked GPUs;
+- ``pending``: why a pod cannot start (scheduler and kubelet marks) or was never created
+  (the controller's FailedCreate events), with what to change;
+- ``ownership``: a job's lifetime tied to the launchers that follow it (ownerReferences to
+  their pods, takeover from ended ones, release on SIGTERM): no leaked GPUs, no job deleted
+  under another run;
 - ``isvc_build``: a model bundle as a KServe InferenceService (and its ServingRuntime),
   built from the config;
 - ``isvc_status``: where an InferenceService's revision stands, read from its status;

@@ -68,31 +68,42 @@ def log_tail(
     return str(text).splitlines()
 
 
+def events_about(
+    core: kubernetes.client.CoreV1Api, namespace: str, host: str, names: list[str]
+) -> list[Any]:
+    """The events about the objects ``names`` (any kind: a job, its JobSet, a Job, pods).
+
+    One list per name with a field selector on ``involvedObject.name``, re-applied here
+    because not every API server (or emulator) honours field selectors. Raises LaunchError
+    when a list fails or is refused."""
+    found: list[Any] = []
+    for obj in dict.fromkeys(names):
+        selector = f"involvedObject.name={obj}"
+        items = call_api(
+            ApiCall("list", "events", namespace),
+            lambda s=selector: core.list_namespaced_event(namespace, field_selector=s),
+            host=host,
+            error=LaunchError,
+        ).items
+        found += [
+            e for e in items if e.involved_object is not None and e.involved_object.name == obj
+        ]
+    return found
+
+
 def recent_events(
     core: kubernetes.client.CoreV1Api, namespace: str, host: str, names: list[str]
 ) -> list[str]:
-    """Recent events about the objects ``names``, oldest first, one line each.
-
-    One list per object with a field selector on ``involvedObject.name``, re-applied here
-    because not every API server (or emulator) honours field selectors. A refused or failed
-    list gives one line that says so instead of the events."""
+    """Recent events about the objects ``names``, oldest first, one line each; a refused
+    or failed list gives one line that says so instead of the events."""
+    try:
+        events = events_about(core, namespace, host, names)
+    except LaunchError as err:
+        return [f"(events unavailable: {err})"]
     found: list[tuple[str, str]] = []
-    for obj in names:
-        selector = f"involvedObject.name={obj}"
-        try:
-            items = call_api(
-                ApiCall("list", "events", namespace),
-                lambda s=selector: core.list_namespaced_event(namespace, field_selector=s),
-                host=host,
-                error=LaunchError,
-            ).items
-        except LaunchError as err:
-            return [f"(events unavailable: {err})"]
-        for ev in items:
-            if ev.involved_object is None or ev.involved_object.name != obj:
-                continue
-            when = ev.last_timestamp or ev.event_time or ev.first_timestamp
-            kind = (ev.involved_object.kind or "").lower()
-            line = f"{ev.type or ''} {ev.reason or ''} {kind}/{obj}: {ev.message or ''}"
-            found.append((str(when or ""), line.strip()))
+    for ev in events:
+        when = ev.last_timestamp or ev.event_time or ev.first_timestamp
+        obj = f"{(ev.involved_object.kind or '').lower()}/{ev.involved_object.name}"
+        line = f"{ev.type or ''} {ev.reason or ''} {obj}: {ev.message or ''}"
+        found.append((str(when or ""), line.strip()))
     return [line for _, line in sorted(found)][-MAX_EVENTS:]

@@ -3,11 +3,19 @@
 The two custom resources differ in how they are built, how their status reads and which pod
 carries rank 0's log. The rest is :class:`JobLauncher`: a job's identity is its
 deterministic name plus the hash of its spec (:func:`adoption` decides, before starting,
-whether a job found under that name is ours to adopt, ours to replace, or someone else's);
-the job is created owned by the launcher's pod and deleted on SIGTERM; and it is followed by
-polling: an API that does not answer is retried, a pod that cannot start is warned about once
-and fails the job when the problem lasts ``cluster.pending_timeout_s`` (an autoscaler may
-still add the node), and every other outcome than ``running`` ends the loop.
+whether a job found under that name is ours to adopt, ours to replace, going away, or
+someone else's); the launchers that follow a job own it, and SIGTERM releases this one's
+claim (:mod:`ldm_core.kube.ownership`); and it is followed by polling: an API that does not
+answer is retried, a pod that cannot start, or that the API server refuses to create, is
+warned about once and fails the job when the problem lasts ``cluster.pending_timeout_s`` (an
+autoscaler may still add the node), at once when waiting cannot help
+(:mod:`ldm_core.kube.pending`), and every other outcome than ``running`` ends the loop.
+
+Adoption is also how a pipeline is re-run by hand: the same inputs give the same job name,
+so a re-run finds the job of the run before it, running (followed from where it is),
+finished (its result taken), failed (started again; training resumes from the checkpoints
+on the PVC) or being deleted (waited for, then created again), and takes over from a
+launcher that has ended.
 
 The launcher reads its pods' settings and deadlines from the run's config; only its own
 mechanics (how often it polls, how much log it quotes) are :class:`LauncherTiming`.
@@ -20,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, TextIO
 
 import kubernetes
@@ -27,10 +36,16 @@ import kubernetes
 from ldm_core.config import Config
 from ldm_core.kube.client import api_client as make_api_client
 from ldm_core.kube.client import current_namespace
-from ldm_core.kube.diagnostics import log_tail, pod_state, recent_events
+from ldm_core.kube.diagnostics import events_about, log_tail, pod_state, recent_events
 from ldm_core.kube.errors import ApiCall, call_api
-from ldm_core.kube.ownership import delete_on_sigterm, launcher_owner_reference
-from ldm_core.kube.pending import pending_problem
+from ldm_core.kube.ownership import (
+    launcher_owner_reference,
+    live_owners,
+    owner_references,
+    owners_after_adoption,
+    release_on_sigterm,
+)
+from ldm_core.kube.pending import Blocked, failed_create, pending_problem
 from ldm_core.kube.podlog import PodLogFollower
 from ldm_core.kube.resources import CustomObjects, CustomResource
 from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, stage_resources, stored_spec_hash
@@ -44,7 +59,7 @@ def rbac_rules(resource: CustomResource) -> RbacRules:
     Role in manifests/ must grant exactly these (the launcher tests record the calls made
     against an API server and compare)."""
     return [
-        (resource.group, resource.plural, ("create", "delete", "get")),
+        (resource.group, resource.plural, ("create", "delete", "get", "patch")),
         ("", "pods", ("get", "list")),
         ("", "pods/log", ("get",)),
         ("", "events", ("list",)),
@@ -104,12 +119,22 @@ def true_condition(job: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def created_at(job: Mapping[str, Any]) -> datetime | None:
+    """When the API server stored the job (``metadata.creationTimestamp``), if it says."""
+    stamp = (job.get("metadata") or {}).get("creationTimestamp")
+    return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) if stamp else None
+
+
 def adoption(job: Mapping[str, Any] | None, want_hash: str) -> str:
     """What to do about the job of our name found before starting: ``create`` (none there),
-    ``adopt`` (ours, still running or done), ``replace`` (ours, failed in an earlier
-    attempt) or ``conflict`` (another spec under our name: not ours to touch)."""
+    ``await-deletion`` (being deleted, say by the garbage collector after its owners went:
+    create it again once it is gone), ``adopt`` (ours, still running or done), ``replace``
+    (ours, failed in an earlier attempt) or ``conflict`` (another spec under our name: not
+    ours to touch)."""
     if job is None:
         return "create"
+    if (job.get("metadata") or {}).get("deletionTimestamp"):
+        return "await-deletion"
     if stored_spec_hash(job) != want_hash:
         return "conflict"
     return "replace" if true_condition(job, "Failed") else "adopt"
@@ -173,6 +198,8 @@ class JobLauncher:
         self.clock, self.sleep = clock, sleep
         self.log = logging.getLogger(type(self).__module__)
         """The subclass's module logger, so that records keep their origin."""
+        self.owner: dict[str, Any] | None = None
+        """An ownerReference to this launcher's pod, once :meth:`run` has read it."""
 
     # ------------------------------------------------------------------ hooks
 
@@ -207,6 +234,10 @@ class JobLauncher:
         """The objects whose events explain a failure, besides the pods."""
         return [name]
 
+    def refusal_hint(self, problem: str) -> str:
+        """What this kind adds to a refusal of its pods (``problem``), if anything."""
+        return ""
+
     # ------------------------------------------------------------------ run
 
     @property
@@ -234,19 +265,17 @@ class JobLauncher:
                 f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
                 "this task, so it is left alone: delete it or use another run id"
             )
-        with delete_on_sigterm(self.what(name), lambda: self.jobs.delete(name)):
-            if decision == "replace":
-                self.log.warning(
-                    "%s failed in an earlier attempt; starting it again", self.what(name)
-                )
-                self.jobs.delete(name)
-                self._wait_deleted(name, timeout_s=max(60.0, 10 * self.timing.poll_s))
+        self.owner = launcher_owner_reference(self.core, self.namespace, self.host)
+        with release_on_sigterm(self.what(name), lambda: self._release(name)):
+            if decision in ("replace", "await-deletion"):
+                self._start_over(name, decision)
             if decision == "adopt":
                 self.log.info(
                     "adopting existing %s (%s)",
                     self.what(name),
                     self.progress(job or {}) or "no status yet",
                 )
+                self._adopt(name, job or {})
             else:
                 self._create(body)
                 self.log.info(
@@ -257,17 +286,62 @@ class JobLauncher:
                     task.nproc_per_node,
                     self.cfg.cluster.image,
                 )
-            self._follow(name)
+            self._follow(name, task.nnodes)
+
+    # ------------------------------------------------------------------ owners
+
+    def _start_over(self, name: str, decision: str) -> None:
+        """Clear the way for a new job of this name: delete the failed one (``replace``),
+        or wait for one being deleted to go."""
+        if decision == "replace":
+            self.log.warning("%s failed in an earlier attempt; starting it again", self.what(name))
+            self.jobs.delete(name)
+        else:
+            self.log.info("%s is being deleted; creating it again once it is gone", self.what(name))
+        self._wait_deleted(name, timeout_s=max(60.0, 10 * self.timing.poll_s))
+
+    def _adopt(self, name: str, job: Mapping[str, Any]) -> None:
+        """Record this launcher among the job's owners and drop the launchers that ended
+        (:func:`~ldm_core.kube.ownership.owners_after_adoption`)."""
+        live = live_owners(self.core, self.namespace, self.host, job)
+        owners = owners_after_adoption(job, live, self.owner)
+        if owners == owner_references(job):
+            return
+        ended = {r["name"] for r in owner_references(job)} - {r["name"] for r in owners}
+        if ended:
+            self.log.info(
+                "%s: taking over from launcher pod(s) %s, which ended",
+                self.what(name),
+                ", ".join(sorted(ended)),
+            )
+        self.jobs.patch(name, {"metadata": {"ownerReferences": owners}})
+
+    def _release(self, name: str) -> str:
+        """SIGTERM: delete the job unless another live launcher owns it; then only drop this
+        launcher from its owners. Says which."""
+        job = self.jobs.get(name)
+        if job is None:
+            return f"{self.what(name)} was already gone"
+        mine = self.owner["uid"] if self.owner else None
+        others = [
+            r for r in live_owners(self.core, self.namespace, self.host, job) if r["uid"] != mine
+        ]
+        if not others:
+            self.jobs.delete(name)
+            return f"{self.what(name)} was deleted"
+        kept = [r for r in owner_references(job) if r.get("uid") != mine]
+        self.jobs.patch(name, {"metadata": {"ownerReferences": kept}})
+        names = ", ".join(r["name"] for r in others)
+        return f"{self.what(name)} is left to launcher pod {names}, which follows it too"
 
     # ------------------------------------------------------------------ API calls
 
     def _create(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
-        owner = launcher_owner_reference(self.core, self.namespace, self.host)
-        if owner is not None:
+        if self.owner is not None:
             # Deleted by the garbage collector with the launcher's pod, however it ended
-            # (and whatever the job owns with it).
-            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [owner]}}
+            # (and whatever the job owns with it), unless another launcher adopts it.
+            body = {**body, "metadata": {**body["metadata"], "ownerReferences": [self.owner]}}
         if self.jobs.create(body, exist_ok=True) is None:
             self.log.info("%s appeared concurrently; adopting it", self.what(name))
         # Re-read instead of trusting the create response (some servers answer without a body).
@@ -311,14 +385,34 @@ class JobLauncher:
 
     # ------------------------------------------------------------------ follow
 
-    def _follow(self, name: str) -> None:
+    def _blocked(
+        self, name: str, job: Mapping[str, Any], pods: list[Any], nnodes: int
+    ) -> Blocked | None:
+        """Why the job's pods cannot run: a pod that cannot start, or, while pods are
+        missing, the controller's record that the API server refused to create them."""
+        problem = pending_problem(pods)
+        if problem is not None:
+            return Blocked(problem)
+        if len(pods) >= nnodes:
+            return None
+        try:
+            events = events_about(self.core, self.namespace, self.host, self.event_names(name))
+        except LaunchError:
+            return None  # the failure report will say the events could not be read
+        blocked = failed_create(events, self.stage, created_at(job))
+        if blocked is None:
+            return None
+        more = self.refusal_hint(blocked.problem)
+        return Blocked(f"{blocked.problem}; {more}" if more else blocked.problem, blocked.lasts)
+
+    def _follow(self, name: str, nnodes: int) -> None:
         """Poll the job and its pods until an outcome, streaming the log pod's log meanwhile."""
         what, poll_s = self.what(name), self.timing.poll_s
         pending_timeout_s = self.cfg.cluster.pending_timeout_s
         start = self.clock()
         follower: PodLogFollower | None = None
         last, failures = "", 0
-        blocked_since: float | None = None  # since when a pod has been unable to start
+        blocked_since: float | None = None  # since when the pods have been unable to run
         try:
             while True:
                 seen = self._observe(name, failures)
@@ -329,14 +423,18 @@ class JobLauncher:
                 failures = 0
                 job, pods = seen
                 state = self.state(job, pods, self.clock() - start)
-                problem = pending_problem(pods) if state.outcome == "running" else None
-                if problem is None:
+                blocked = (
+                    self._blocked(name, job, pods, nnodes) if state.outcome == "running" else None
+                )
+                if blocked is None:
                     blocked_since = None
+                elif blocked.lasts:
+                    state = JobState("pending", blocked.problem)
                 elif blocked_since is None:
-                    self.log.warning("%s: %s", what, problem)
+                    self.log.warning("%s: %s", what, blocked.problem)
                     blocked_since = self.clock()
                 elif self.clock() - blocked_since >= pending_timeout_s:
-                    state = JobState("pending", f"{problem} (for {pending_timeout_s:.0f}s)")
+                    state = JobState("pending", f"{blocked.problem} (for {pending_timeout_s:.0f}s)")
                 if state.outcome != "running":
                     self.conclude(name, state, follower, pods)
                     return

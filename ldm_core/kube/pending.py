@@ -1,8 +1,9 @@
-"""Why a training pod cannot start, read from what the API shows, with what to change.
+"""Why a training pod cannot start, or was never created, read from what the API shows,
+with what to change.
 
 A job whose pods never start otherwise waits out its whole deadline (a day) holding a
-pipeline slot. The reasons are few and each leaves a mark on the pod that the kubelet or
-the scheduler writes:
+pipeline slot. The reasons are few and each leaves a mark that the scheduler, the kubelet or
+the controller writes:
 
 - the scheduler sets condition ``PodScheduled=False`` with reason ``Unschedulable`` and a
   message that names the shortage ("Insufficient nvidia.com/gpu", "untolerated taint",
@@ -11,19 +12,43 @@ the scheduler writes:
 - the kubelet sets a container's ``state.waiting.reason``: ``ErrImagePull`` /
   ``ImagePullBackOff`` / ``InvalidImageName`` (image name, registry, pull secret) or
   ``CreateContainerConfigError`` (a Secret or ConfigMap the container's env refers to is
-  missing).
+  missing);
+- a pod the API server refuses is never made: the controller records a Warning event
+  "Error creating: <the API server's message>" and retries, and the pods alone show nothing.
+  The training operator records ``FailedCreatePod`` on the PyTorchJob (kubeflow/trainer
+  v1.9.1 pkg/controller.v1/control/pod_control.go:153); under a TrainJob the Job controller
+  records ``FailedCreate`` on the JobSet's Job (kubernetes pkg/controller/controller_utils.go
+  ``createPods``; jobset v0.10.1 creates the Jobs, not the pods). The refusals seen in
+  Kubeflow namespaces: a ResourceQuota (``failed quota: Q: must specify limits.cpu`` when it
+  counts CPU limits and the pod sets none; ``exceeded quota`` when it is full), a missing
+  ServiceAccount, Pod Security admission (``violates PodSecurity``), a webhook.
 
-:func:`pending_problem` turns one look at the pods into a sentence, or None when nothing
-blocks them. The launcher decides how long a problem may last (autoscalers add GPU nodes in
-minutes, so an unschedulable pod is not failed at first sight).
+:func:`pending_problem` turns one look at the pods into a sentence, :func:`failed_create`
+one look at the events; a :class:`Blocked` says whether waiting can help. The launcher
+decides how long a problem that may pass may last (autoscalers add GPU nodes in minutes, a
+quota frees up when other pods end); one that cannot pass fails the job at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 _IMAGE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
 _CONFIG_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+FAILED_CREATE = ("FailedCreate", "FailedCreatePod")
+"""Event reasons of a pod the API server refused: the Job controller's, the operator's."""
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """Why the job's pods cannot run: ``problem`` (what, why, what to change), and whether
+    it ``lasts`` (waiting cannot help: fail at once)."""
+
+    problem: str
+    lasts: bool = False
 
 
 def _unschedulable_hint(message: str) -> str:
@@ -75,3 +100,59 @@ def pending_problem(pods: list[Any]) -> str | None:
         if why:
             return f"pod {pod.metadata.name} cannot start: {why}"
     return None
+
+
+def refusal_hint(message: str, stage: str) -> tuple[str, bool]:
+    """What to change about a pod the API server refused with ``message``, and whether the
+    refusal lasts (it does unless something else in the namespace changes by itself)."""
+    if "failed quota" in message and "must specify" in message:
+        if "limits.cpu" in message:
+            return (
+                "the namespace's ResourceQuota counts limits.cpu and training pods set no CPU "
+                f"limit: set cluster.{stage}.cpu_limit (at least cluster.{stage}.cpu)",
+                True,
+            )
+        return "the namespace's ResourceQuota requires the resources it names on every pod", True
+    if "exceeded quota" in message:
+        return (
+            "the namespace's ResourceQuota has no room left: wait for other workloads, lower "
+            f"cluster.{stage}, or ask for a larger quota",
+            False,
+        )
+    if "error looking up service account" in message:
+        return (
+            "create the ServiceAccount (manifests/base/serviceaccounts.yaml) or set "
+            "cluster.service_account to one that exists",
+            False,
+        )
+    if "violates PodSecurity" in message:
+        return (
+            "the namespace's Pod Security level refuses the pod for the fields named "
+            "(`kubectl get ns -L pod-security.kubernetes.io/enforce`)",
+            True,
+        )
+    if "admission webhook" in message:
+        return "an admission webhook refused the pod: its message says why", True
+    return "", False
+
+
+def _when(event: Any) -> datetime | None:
+    return event.last_timestamp or event.event_time or event.first_timestamp
+
+
+def failed_create(events: Iterable[Any], stage: str, since: datetime | None) -> Blocked | None:
+    """The newest refusal of one of the job's pods among ``events`` (of the job and the
+    objects under it) recorded at or after ``since`` (the job's creation: an earlier job of
+    the same name left its own), as a :class:`Blocked`; None when there is none."""
+    refusals = [
+        ev
+        for ev in events
+        if ev.reason in FAILED_CREATE and (since is None or _when(ev) is None or _when(ev) >= since)
+    ]
+    if not refusals:
+        return None
+    ev = max(refusals, key=lambda e: str(_when(e) or ""))
+    hint, lasts = refusal_hint(ev.message or "", stage)
+    obj = f"{(ev.involved_object.kind or '').lower()}/{ev.involved_object.name}"
+    problem = f"the pods are not created: {ev.reason} on {obj}: {ev.message or 'no message'}"
+    return Blocked(f"{problem}; {hint}" if hint else problem, lasts)

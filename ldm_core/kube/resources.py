@@ -7,11 +7,21 @@ with an empty body); only JSON merge patches are sent (no PUT, no resourceVersio
 every failure goes through :func:`ldm_core.kube.errors.call_api`. :func:`api_served` asks
 whether a custom resource is served at all, with only the ``get`` verb the Role grants;
 :func:`cluster_serves` asks it of the cluster this process's credentials reach.
+
+Every create and patch asks for strict field validation (``fieldValidation=Strict``). An
+API server otherwise drops, with a mere warning header, every field the CRD it serves does
+not declare, and answers success: a TrainJob written for Trainer v2.2 then loses its pod
+settings on a v2.1 cluster (Kubeflow 1.11) and fails much later, on a pod without its
+volume. Strict, the write is refused with 400 BadRequest and the decoder's ``strict decoding
+error: unknown field "spec.x"`` (k8s.io/apiserver handlers, the CRD handler of
+apiextensions-apiserver); the error raised names each field and, from the resource's
+:attr:`CustomResource.field_releases`, the releases that have it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +32,13 @@ from kubernetes.client.exceptions import ApiException
 from ldm_core.errors import LdmError
 from ldm_core.kube.client import KubeConfigError, current_namespace
 from ldm_core.kube.client import api_client as make_api_client
-from ldm_core.kube.errors import ApiCall, call_api
+from ldm_core.kube.errors import ApiCall, api_message, call_api
 
 PROBE_NAME = "ldm-backend-probe"
 """A name no object has: the probe reads it to learn whether the resource is served."""
+STRICT = "Strict"
+"""``fieldValidation`` of every write: an unknown field is refused, not dropped."""
+_UNKNOWN_FIELD = re.compile(r'unknown field "([^"]+)"')
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,10 @@ class CustomResource:
     version: str
     plural: str
     kind: str
+    field_releases: tuple[tuple[str, str], ...] = ()
+    """(field path, the releases that have it and what to set) for the fields the CRDs of
+    the supported releases do not all declare; quoted when a strict write is refused for
+    one of them."""
 
     @property
     def api_version(self) -> str:
@@ -45,6 +62,19 @@ class CustomResource:
     def rbac_name(self) -> str:
         """``plural.group``, as RBAC rules and ``kubectl auth can-i`` name it."""
         return f"{self.plural}.{self.group}"
+
+    def unknown(self, path: str) -> str:
+        """Why the API server does not know field ``path``, and what to do about it."""
+        why = dict(self.field_releases).get(path, f"not in the {self.kind} CRD this cluster serves")
+        return f"{path}: unknown field ({why})"
+
+
+def refused_fields(err: ApiException) -> list[str]:
+    """The fields a strict write was refused for (400, the decoder's "strict decoding error:
+    unknown field ..."); empty for any other answer."""
+    if err.status != 400:
+        return []
+    return _UNKNOWN_FIELD.findall(api_message(err, limit=10_000))
 
 
 class CustomObjects:
@@ -72,11 +102,25 @@ class CustomObjects:
 
     def _call(self, verb: str, name: str, send: Any, absent_on: tuple[int, ...] = ()) -> Any:
         call = ApiCall(verb, self.resource.rbac_name, self.namespace, name)
-        return call_api(call, send, host=self.host, error=self.error, absent_on=absent_on)
+
+        def sent() -> Any:
+            try:
+                return send()
+            except ApiException as err:
+                fields = refused_fields(err)
+                if not fields:
+                    raise
+                reasons = "; ".join(self.resource.unknown(f) for f in fields)
+                raise self.error(f"{call}: {reasons}") from None
+
+        return call_api(call, sent, host=self.host, error=self.error, absent_on=absent_on)
 
     def _args(self) -> tuple[str, str, str, str]:
         r = self.resource
         return r.group, r.version, self.namespace, r.plural
+
+    def _here(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
 
     def get(self, name: str) -> dict[str, Any] | None:
         """The object, or None when there is none of that name."""
@@ -87,14 +131,41 @@ class CustomObjects:
     def create(self, body: dict[str, Any], *, exist_ok: bool = False) -> dict[str, Any] | None:
         """Create ``body`` in this namespace; return the server's answer (``{}`` when it sent
         none). With ``exist_ok``, an object of that name already there returns None."""
-        name = body["metadata"]["name"]
-        body = {**body, "metadata": {**body["metadata"], "namespace": self.namespace}}
+        body = self._here(body)
         return self._call(
             "create",
-            name,
-            lambda: self.api.create_namespaced_custom_object(*self._args(), body) or {},
+            body["metadata"]["name"],
+            lambda: (
+                self.api.create_namespaced_custom_object(
+                    *self._args(), body, field_validation=STRICT
+                )
+                or {}
+            ),
             (409,) if exist_ok else (),
         )
+
+    def unknown_fields(self, body: dict[str, Any]) -> list[str]:
+        """The fields of ``body`` the API server's CRD does not declare, asked with a
+        server-side dry-run create under strict field validation: the ``create`` grant,
+        nothing stored (admission webhooks run, as they declare no side effects). Empty when
+        the server takes every field; another refusal raises, as the create would."""
+        body = self._here(body)
+        call = ApiCall("create", self.resource.rbac_name, self.namespace, body["metadata"]["name"])
+
+        def probe() -> list[str]:
+            try:
+                self.api.create_namespaced_custom_object(
+                    *self._args(), body, dry_run="All", field_validation=STRICT
+                )
+            except ApiException as err:
+                fields = refused_fields(err)
+                if not fields:
+                    raise
+                return fields
+            return []
+
+        found = call_api(call, probe, host=self.host, error=self.error, absent_on=(409,))
+        return found or []
 
     def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """Apply a JSON merge patch (RFC 7386; None deletes a key); return the answer."""
@@ -102,7 +173,9 @@ class CustomObjects:
             self._call(
                 "patch",
                 name,
-                lambda: self.api.patch_namespaced_custom_object(*self._args(), name, patch),
+                lambda: self.api.patch_namespaced_custom_object(
+                    *self._args(), name, patch, field_validation=STRICT
+                ),
             )
             or {}
         )

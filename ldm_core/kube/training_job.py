@@ -125,6 +125,8 @@ def _container(
     }
     requests: dict[str, str] = {"cpu": pod.cpu, "memory": pod.memory}
     limits: dict[str, str] = {"memory": pod.memory}
+    if pod.cpu_limit:
+        limits["cpu"] = pod.cpu_limit
     if pod.gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(pod.gpus)
     container: dict[str, Any] = {

@@ -3,14 +3,16 @@
 admission rules the operators' webhooks enforce that the schema does not express.
 
 Which CRDs: those of one supported Kubeflow release (``release=``, from
-manifests/releases.yaml through tests/harness/releases.py), or without one the newest
+manifests/releases.yaml through tests/harness/releases.py), those of one component version
+(``release="trainer-v2.1.0"``, a subfolder of tests/crds/), or without either the newest
 upstream files at the top of tests/crds/.
 
 Strict, as ``kubectl apply --validate=strict`` (server-side ``fieldValidation=Strict``): a
 field the structural schema does not declare is an error naming its path. jsonschema alone
 would accept it, and a real API server prunes it without a word (apiextensions-apiserver
 ``pkg/apiserver/schema/pruning``), so a field a release does not know would silently do
-nothing there.
+nothing there. :func:`prune` is that pruning itself, for emulators of an API server that
+was not asked to be strict.
 
 Used by every test that emits a PyTorchJob, TrainJob, InferenceService, ServingRuntime,
 ServiceMonitor or PodMonitor.
@@ -18,6 +20,7 @@ ServiceMonitor or PodMonitor.
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from collections.abc import Iterable
@@ -59,26 +62,30 @@ def _file_schemas(path: Path) -> dict[Key, dict[str, Any]]:
     return out
 
 
-def _files(release: Release | None) -> Iterable[Path]:
-    return release.crd_files if release is not None else sorted(CRD_DIR.glob("*.yaml"))
+def _files(release: Release | str | None) -> Iterable[Path]:
+    if release is None or isinstance(release, str):
+        return sorted((CRD_DIR / (release or "")).glob("*.yaml"))
+    return release.crd_files
 
 
-def _schemas(release: Release | None = None) -> dict[Key, dict[str, Any]]:
+def _schemas(release: Release | str | None = None) -> dict[Key, dict[str, Any]]:
     out: dict[Key, dict[str, Any]] = {}
     for path in _files(release):
         out.update(_file_schemas(path))
     return out
 
 
-def _served_by(release: Release | None) -> str:
-    return f"Kubeflow {release}" if release is not None else "the newest upstream CRDs"
+def _served_by(release: Release | str | None) -> str:
+    if release is None:
+        return "the newest upstream CRDs"
+    return release if isinstance(release, str) else f"Kubeflow {release}"
 
 
-def known_kinds(release: Release | None = None) -> set[Key]:
+def known_kinds(release: Release | str | None = None) -> set[Key]:
     return set(_schemas(release))
 
 
-def schema(obj: dict[str, Any], release: Release | None = None) -> dict[str, Any]:
+def schema(obj: dict[str, Any], release: Release | str | None = None) -> dict[str, Any]:
     """The openAPIV3Schema ``obj`` is checked against."""
     key = (obj.get("apiVersion"), obj.get("kind"))
     schemas = _schemas(release)
@@ -89,11 +96,15 @@ def schema(obj: dict[str, Any], release: Release | None = None) -> dict[str, Any
     return schemas[key]
 
 
-def unknown_fields(value: Any, node: dict[str, Any], path: str = "") -> list[str]:
+def unknown_fields(
+    value: Any, node: dict[str, Any], path: str = "", *, drop: bool = False
+) -> list[str]:
     """Paths in ``value`` that the structural schema ``node`` does not declare: what the API
-    server prunes. A node with ``x-kubernetes-preserve-unknown-fields`` keeps everything, one
-    with an ``additionalProperties`` schema is a map, and the root's ``metadata`` is ObjectMeta,
-    which the server checks on its own (so do embedded resources' apiVersion/kind/metadata)."""
+    server prunes (``drop``: and remove them from ``value``, as it does). A node with
+    ``x-kubernetes-preserve-unknown-fields`` keeps everything, one with an
+    ``additionalProperties`` schema is a map, and the root's ``metadata`` is ObjectMeta, which
+    the server checks on its own (so do embedded resources' apiVersion/kind/metadata)
+    (apiextensions-apiserver ``pkg/apiserver/schema/pruning/algorithm.go``)."""
     if node.get("x-kubernetes-preserve-unknown-fields") or path == ".metadata":
         return []
     out: list[str] = []
@@ -101,21 +112,33 @@ def unknown_fields(value: Any, node: dict[str, Any], path: str = "") -> list[str
         props = node.get("properties") or {}
         extra = node.get("additionalProperties")
         embedded = node.get("x-kubernetes-embedded-resource")
-        for key, sub in value.items():
+        for key in list(value):
             where = f"{path}.{key}"
             if key in props:
-                out += unknown_fields(sub, props[key], where)
+                out += unknown_fields(value[key], props[key], where, drop=drop)
             elif isinstance(extra, dict):
-                out += unknown_fields(sub, extra, where)
+                out += unknown_fields(value[key], extra, where, drop=drop)
             elif not (extra is True or (embedded and key in _EMBEDDED)):
                 out.append(where)
+                if drop:
+                    del value[key]
     elif isinstance(value, list) and isinstance(node.get("items"), dict):
         for i, item in enumerate(value):
-            out += unknown_fields(item, node["items"], f"{path}[{i}]")
+            out += unknown_fields(item, node["items"], f"{path}[{i}]", drop=drop)
     return out
 
 
-def validate(obj: dict[str, Any], release: Release | None = None) -> None:
+def prune(
+    obj: dict[str, Any], release: Release | str | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """``obj`` as the API server stores it, and the paths of the fields it dropped
+    (``spec.runtimePatches``, ``spec.x[0].y``), sorted."""
+    out = copy.deepcopy(obj)
+    dropped = unknown_fields(out, schema(obj, release), drop=True)
+    return out, sorted(path.lstrip(".") for path in dropped)
+
+
+def validate(obj: dict[str, Any], release: Release | str | None = None) -> None:
     """Raise InvalidResource with a readable reason if the cluster would refuse ``obj``, or
     drop a field of it: the CRDs of ``release``, or the newest upstream ones."""
     crd = schema(obj, release)
@@ -131,8 +154,9 @@ def validate(obj: dict[str, Any], release: Release | None = None) -> None:
     unknown = unknown_fields(obj, crd)
     if unknown:
         raise InvalidResource(
-            f"{kind} {name}: {', '.join(unknown)} not in the CRD schema of {_served_by(release)}"
-            " (the API server prunes them, or refuses them with fieldValidation=Strict)"
+            f"{kind} {name}: {', '.join(f'{path}: unknown field' for path in unknown)} "
+            f"(not in the CRD schema of {_served_by(release)}: the API server prunes them, or "
+            "refuses them with fieldValidation=Strict)"
         )
     rules = _ADMISSION.get(kind)
     if rules:

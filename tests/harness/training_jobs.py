@@ -6,7 +6,12 @@ the emulated controller that plays it (:mod:`tests.harness.training_operator`,
 :mod:`tests.harness.trainer`), and the words its controller and launcher use where the two
 differ (the success condition, the hint when no controller answers). :func:`serve` starts
 the API with one kind's controller installed and, when the test is done, holds every call
-the launcher made to the kind's ``RBAC_RULES`` and every job it created to the real CRD.
+the launcher made to the kind's ``RBAC_RULES``, every job it wrote to the CRD of the release
+the kind plays (unknown fields as errors), and every such write to ``fieldValidation=Strict``.
+The TrainJob is played as Trainer v2.1 (Kubeflow 1.11.0) and as v2.2+ (master).
+
+:class:`PodAdmission` is what a namespace's policies make of the training pods the
+controllers create: a ResourceQuota, a missing ServiceAccount, Pod Security admission.
 """
 
 from __future__ import annotations
@@ -105,6 +110,8 @@ class Kind:
     rbac_rules: list[tuple[str, str, tuple[str, ...]]]
     served: dict[str, str]
     """What the emulated API serves when this kind's controller is installed."""
+    crds: str
+    """The subfolder of tests/crds with the CRD of the release played."""
     install: Callable[[KubeApi], trainer.Admission | None]
     """Admission the API server runs for this kind (the Trainer's webhooks), if any."""
     controller: Callable[[JobCluster, str, float], Any]
@@ -144,6 +151,7 @@ PYTORCHJOB = Kind(
     build=pj.build_pytorchjob,
     rbac_rules=pj.RBAC_RULES,
     served=training_operator.RESOURCE,
+    crds="training-operator-v1.9.1",
     install=lambda api: None,
     controller=_operator,
     succeeded="Succeeded",
@@ -158,6 +166,13 @@ PYTORCHJOB = Kind(
     max_name=pj.MAX_NAME,
     derived_name=lambda name: f"{name}-worker-999",
 )
+_TRAINJOB_FAILURE = (
+    "FailedJobs: jobset failed due to one or more job failures",
+    "container exited with code 1 (Error), restarts 6",
+    "BackOff pod/{name}-node-0-0-",
+    "Back-off restarting failed container",
+    "BackoffLimitExceeded job/{name}-node-0",
+)
 TRAINJOB = Kind(
     name="trainjob",
     resource=tj.RESOURCE,
@@ -165,23 +180,26 @@ TRAINJOB = Kind(
     build=tj.build_trainjob,
     rbac_rules=tj.RBAC_RULES,
     served=trainer.RESOURCE,
+    crds=trainer.V2_2.crds,
     install=trainer.serve_trainer,
     controller=_trainer,
     succeeded="Complete",
     failed_reason="FailedJobs",
     no_controller="is Kubeflow Trainer .with JobSet. installed",
     deleted="The TrainJob was deleted.",
-    failure=(
-        "FailedJobs: jobset failed due to one or more job failures",
-        "container exited with code 1 (Error), restarts 6",
-        "BackOff pod/{name}-node-0-0-",
-        "Back-off restarting failed container",
-        "BackoffLimitExceeded job/{name}-node-0",
-    ),
+    failure=_TRAINJOB_FAILURE,
     max_name=tj.MAX_NAME,
     derived_name=lambda name: f"{name}-node-0-999-abcde",
 )
-KINDS = (PYTORCHJOB, TRAINJOB)
+TRAINJOB_V2_1 = dataclasses.replace(
+    TRAINJOB,
+    name="trainjob-v2.1",
+    build=lambda task, cfg, stage: tj.build_trainjob(task, cfg, stage, api="v2.1"),
+    crds=trainer.V2_1.crds,
+    install=lambda api: trainer.serve_trainer(api, trainer.V2_1),
+)
+"""A TrainJob on Kubeflow 1.11.0's Trainer v2.1.0."""
+KINDS = (PYTORCHJOB, TRAINJOB, TRAINJOB_V2_1)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -254,12 +272,22 @@ class JobCluster:
         """Every request the launcher under test made."""
         return self.api.requests(LAUNCHER_UA)
 
-    def is_create(self, request: kmock.Request) -> bool:
+    def is_write(self, request: kmock.Request) -> bool:
+        """A create or patch of a job of this kind."""
         resource = request.resource
         return (
-            request.method.value.upper() == "POST"
+            request.method.value.upper() in ("POST", "PATCH")
             and resource is not None
             and resource.plural == self.kind.resource.plural
+            and not request.subresource
+        )
+
+    def is_create(self, request: kmock.Request) -> bool:
+        """A create of a job of this kind that was meant to store it (not a dry run)."""
+        return (
+            self.is_write(request)
+            and request.method.value.upper() == "POST"
+            and request.params.get("dryRun") != "All"
         )
 
     def creates(self) -> int:
@@ -283,13 +311,18 @@ def serve(kind: Kind) -> Iterator[JobCluster]:
         assert used <= declared(kind.rbac_rules), (
             f"calls outside RBAC_RULES: {sorted(used - declared(kind.rbac_rules))}"
         )
+        refused = cluster.admission.refused if cluster.admission else []
         for r in cluster.sent():
-            if cluster.is_create(r):
-                crdcheck.validate(r.data)
+            if cluster.is_write(r):
+                assert r.params.get("fieldValidation") == "Strict", f"not strict: {r.url}"
+            if cluster.is_create(r) and not any(r is x for x in refused):
+                crdcheck.validate(r.data, kind.crds)
 
 
-def step_pod(cluster: JobCluster, name: str, uid: str) -> None:
-    """The pipeline step's own pod, as the kubelet made it (the launcher runs in it)."""
+def step_pod(cluster: JobCluster, name: str, uid: str, phase: str = "Running") -> None:
+    """The pipeline step's own pod (the launcher runs in it), as the kubelet reports it.
+    Argo keeps a step's pod after it ended, ``Failed`` (OOM-killed, say) or ``Succeeded``,
+    until the workflow's TTL."""
     core = kubernetes.client.CoreV1Api(cluster.api.client("kubelet"))
     core.create_namespaced_pod(
         NS,
@@ -297,5 +330,114 @@ def step_pod(cluster: JobCluster, name: str, uid: str) -> None:
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name, "uid": uid, "namespace": NS},
+            "status": {"phase": phase},
         },
     )
+
+
+# --------------------------------------------------------------------------- pod admission
+
+
+class PodAdmission:
+    """The API server's refusals of a training pod, as reactions on pod creates (the
+    controllers then record FailedCreate, see the emulators). Each method adds one policy
+    of the namespace; messages as the admission plugin writes them:
+
+    - :meth:`quota_requires`: a ResourceQuota that counts ``limits.cpu`` refuses a pod one
+      of whose containers sets no CPU limit (kubernetes plugin/pkg/admission/resourcequota,
+      pkg/quota/v1/evaluator/core/pods.go ``enforcePodContainerConstraints``);
+    - :meth:`no_service_account`: the ServiceAccount admission plugin refuses a pod whose
+      ServiceAccount does not exist (plugin/pkg/admission/serviceaccount/admission.go);
+    - :meth:`pod_security`: Pod Security admission at level ``restricted`` refuses a pod that
+      lacks its securityContext settings (k8s.io/pod-security-admission policy checks
+      allowPrivilegeEscalation, capabilities, runAsNonRoot, seccompProfile).
+    """
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+        self.rules: list[Callable[[dict[str, Any]], str | None]] = []
+
+        def is_pod_create(r: kmock.Request) -> bool:
+            return (
+                r.action == kmock.action.CREATE
+                and r.resource is not None
+                and (r.resource.plural == "pods" and r.headers.get("User-Agent") != "kubelet")
+            )
+
+        api.emulator[is_pod_create] << self._admit
+
+    def quota_requires(self, quota: str, resource: str = "limits.cpu") -> None:
+        kind, name = resource.split(".")
+
+        def rule(pod: dict[str, Any]) -> str | None:
+            lacking = [
+                c["name"]
+                for c in pod["spec"]["containers"]
+                if name not in (c.get("resources") or {}).get(kind, {})
+            ]
+            if lacking:
+                return f"failed quota: {quota}: must specify {resource} for: {','.join(lacking)}"
+            return None
+
+        self.rules.append(rule)
+
+    def no_service_account(self) -> None:
+        def rule(pod: dict[str, Any]) -> str | None:
+            account = pod["spec"].get("serviceAccountName", "default")
+            return (
+                f"error looking up service account {NS}/{account}: serviceaccount "
+                f'"{account}" not found'
+            )
+
+        self.rules.append(rule)
+
+    def pod_security(self) -> None:
+        self.rules.append(_restricted)
+
+    def _admit(self, request: kmock.Request) -> Any:
+        pod = request.data
+        for rule in self.rules:
+            why = rule(pod)
+            if why:
+                key = (request.resource, request.namespace, pod["metadata"]["name"])
+                self.api.emulator.objects[key].delete()  # stored before reactions run
+                return kmock.KubernetesError(
+                    status=403,
+                    reason="Forbidden",
+                    message=f'pods "{pod["metadata"]["name"]}" is forbidden: {why}',
+                )
+        raise NotImplementedError  # admitted
+
+
+def _restricted(pod: dict[str, Any]) -> str | None:
+    """The checks of the Pod Security Standard ``restricted`` our pods meet or miss, and
+    Pod Security admission's message (k8s.io/pod-security-admission/policy)."""
+    spec = pod["spec"]
+    pod_sc = spec.get("securityContext") or {}
+    failed = []
+    for c in spec["containers"]:
+        sc, name = c.get("securityContext") or {}, c["name"]
+        if sc.get("allowPrivilegeEscalation") is not False:
+            failed.append(
+                f'allowPrivilegeEscalation != false (container "{name}" must set '
+                "securityContext.allowPrivilegeEscalation=false)"
+            )
+        if "ALL" not in (sc.get("capabilities") or {}).get("drop", []):
+            failed.append(
+                f'unrestricted capabilities (container "{name}" must set '
+                'securityContext.capabilities.drop=["ALL"])'
+            )
+        if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            failed.append(
+                f'runAsNonRoot != true (pod or container "{name}" must set '
+                "securityContext.runAsNonRoot=true)"
+            )
+        profile = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if profile not in ("RuntimeDefault", "Localhost"):
+            failed.append(
+                f'seccompProfile (pod or container "{name}" must set '
+                'securityContext.seccompProfile.type to "RuntimeDefault" or "Localhost")'
+            )
+    if failed:
+        return 'violates PodSecurity "restricted:latest": ' + ", ".join(failed)
+    return None

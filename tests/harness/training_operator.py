@@ -16,7 +16,11 @@ on kubeflow/training-operator v1.9 (the release of tests/crds/kubeflow.org_pytor
   runs; under Never it stays Failed (the job's later Failed condition is not modelled: the
   launcher acts on the evicted pod first);
 - completion: ``cleanPodPolicy: All`` deletes every pod once the job Succeeded or Failed
-  (pkg/controller.v1/common/job.go ``CleanupJob``), and with them their logs.
+  (pkg/controller.v1/common/job.go ``CleanupJob``), and with them their logs;
+- a pod the API server refuses (a ResourceQuota, a missing ServiceAccount, Pod Security
+  admission): the operator records a Warning ``FailedCreatePod`` "Error creating: <the API
+  server's message>" on the PyTorchJob (v1.9.1 pkg/controller.v1/control/pod_control.go:153)
+  and requeues the job; it stays ``Created`` with no pod.
 
 Outcomes a test picks: ``succeed``, ``succeed-clean`` (the pods are deleted the moment the
 job Succeeded), ``fail`` (the master exits 1), ``evict`` (the kubelet evicts the master;
@@ -26,6 +30,7 @@ pending kinds of :func:`tests.harness.kubelet.pending`.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -88,6 +93,8 @@ class FakeOperator(threading.Thread):
             )["items"]
             for job in jobs:
                 name = job["metadata"]["name"]
+                if job["metadata"].get("deletionTimestamp"):
+                    continue  # not reconciled (v1.9.1 pytorchjob_controller.go:149)
                 if name not in self.seen and self.outcome != "absent" and not job.get("status"):
                     self.seen.add(name)
                     self._play(job)
@@ -131,6 +138,8 @@ class FakeOperator(threading.Thread):
         record_event(self.core, self.namespace, obj, kind, type_, reason, message)
 
     def _pod(self, job: str, rtype: str, index: int, spec: dict[str, Any]) -> str:
+        """Create one replica's pod, or record FailedCreatePod on the job when the API server
+        refuses it ("" then)."""
         name = f"{job}-{rtype.lower()}-{index}"
         labels = {
             JOB_LABEL: job,
@@ -139,16 +148,21 @@ class FakeOperator(threading.Thread):
         }
         if rtype == "Master":
             labels[ROLE_LABEL] = "master"
-        self.core.create_namespaced_pod(
-            self.namespace,
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
-                "spec": spec["template"]["spec"],
-                "status": {"phase": "Running"},
-            },
-        )
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": self.namespace, "labels": labels},
+            "spec": spec["template"]["spec"],
+            "status": {"phase": "Running"},
+        }
+        try:
+            self.core.create_namespaced_pod(self.namespace, pod)
+        except kubernetes.client.ApiException as err:
+            if err.status not in (403, 422):
+                raise
+            message = json.loads(err.body)["message"]
+            self._event(job, KIND, "Warning", "FailedCreatePod", f"Error creating: {message}")
+            return ""
         return name
 
     def _pod_status(self, pod: str, status: dict[str, Any]) -> None:
@@ -173,6 +187,9 @@ class FakeOperator(threading.Thread):
             for i in range(spec.get("replicas", 1))
         ]
         master = f"{name}-master-0"
+        if not all(pods):
+            self.done.set()
+            return  # requeued with a backoff: the job stays Created
         if self.outcome in PENDING:
             status, event = PENDING[self.outcome]
             for pod in pods:
