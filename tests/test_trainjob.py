@@ -424,7 +424,11 @@ def test_on_trainer_v2_1_the_launcher_enforces_the_deadline():
         cluster.controller("hang")
         clock = FakeClock()
         cfg = job_config("cluster.run_timeout_s=600")
-        launcher = cluster.launcher(cfg=cfg, clock=clock, timeout_s=None, poll_s=60.0)
+        # A start timeout past the deadline: only the deadline may end this wait, whenever
+        # the emulated controller's first status lands in fake time.
+        launcher = cluster.launcher(
+            cfg=cfg, clock=clock, timeout_s=None, poll_s=60.0, start_timeout_s=3600.0
+        )
         with pytest.raises(LaunchError) as err:
             launcher.run(training_task())
         assert cluster.jobs() == []
