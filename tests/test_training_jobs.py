@@ -86,7 +86,7 @@ def test_names_fit_the_names_the_controllers_derive(kind):
     the 63 characters of a DNS label; one character more is refused, naming the limit."""
     longest = "a" * kind.max_name
     assert len(kind.derived_name(longest)) <= 63
-    crdcheck.validate(kind.build(training_task(name=longest), job_config(), STAGE))
+    crdcheck.validate(kind.build(training_task(name=longest), job_config(), STAGE), kind.crds)
     with pytest.raises(LaunchError, match=f"at most {kind.max_name}"):
         kind.build(training_task(name=longest + "b"), job_config(), STAGE)
 
@@ -141,7 +141,7 @@ def test_create_follow_logs_and_succeed(cluster):
     (job,) = cluster.jobs()
     assert job["metadata"]["name"] == task.name
     assert true_condition(job, cluster.kind.succeeded)
-    crdcheck.validate({k: v for k, v in job.items() if k != "status"})
+    crdcheck.validate({k: v for k, v in job.items() if k != "status"}, cluster.kind.crds)
     # Every log line rank 0 wrote reached our stdout exactly once, in order, across
     # several reconnects of the log stream.
     assert out.getvalue().splitlines() == controller.logged[task.name]
