@@ -407,7 +407,7 @@ def test_credentials_that_may_not_create_the_bucket_get_a_clear_error(
     assert str(err.value) == (
         "upload to s3://ldm-not-mine/models/a.bin failed: bucket 'ldm-not-mine' does not exist "
         "and these credentials may not create it (AccessDenied); create it (e.g. "
-        "`mc mb <alias>/ldm-not-mine`) or name a bucket they may write to"
+        f"`mc mb <alias>/ldm-not-mine`) or write where they may: {s3.profile_scope()}"
     )
     assert secret not in str(err.value)
 
