@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import yaml
 from minio.error import S3Error
@@ -26,7 +28,7 @@ from ldm_core.errors import LdmError, StorageError
 from ldm_core.kube import client as kube_client
 from ldm_core.stages import deploy_stage
 from tests.harness.configs import MODEL, SERVE_OVERRIDES, serve_config
-from tests.harness.data import demo_raw_dir, random_bundle
+from tests.harness.data import random_bundle
 from tests.harness.s3 import kserve_storage_initializer, moto_store, raw_client, s3_server
 from tests.harness.seaweedfs import (
     BUCKET,
@@ -183,14 +185,17 @@ def test_the_default_storage_prefix_takes_the_deployed_bundle_and_kserve_reads_i
 
 
 def test_ldm_download_reads_a_dataset_from_the_profile_prefix(store, tmp_path, capsys):
-    raw = demo_raw_dir(2)
-    uri = f"{store.fresh_root()}/datasets/demo"
+    """A folder of NIfTI scans uploaded under the profile's prefix, read back by the CLI."""
+    raw = tmp_path / "scans"
+    raw.mkdir()
+    for i in (1, 2):
+        volume = np.random.default_rng(i).random((6, 6, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2.0, 2.0, 1.0])), raw / f"sub-{i}.nii.gz")
+    uri = f"{store.fresh_root()}/datasets/scans"
     storage.upload_dir(raw, uri)
     out = tmp_path / "raw"
     assert main(["download", "--source", uri, "--output", str(out)]) == 0, capsys.readouterr().err
-    assert {p for p in _tree(out) if p.startswith("imagesTr/")} == {
-        p for p in _tree(raw) if p.startswith("imagesTr/")
-    }
+    assert {k: v for k, v in _tree(out).items() if k.endswith(".nii.gz")} == _tree(raw)
 
 
 # --------------------------------------------------------------------------- outside the scope
