@@ -11,6 +11,11 @@ stored SHA-256, an upload that carries it, a stat and a small read.
 - Credentials come only from the environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
   or ``MINIO_ACCESS_KEY``/``MINIO_SECRET_KEY``, filled from a Secret on a cluster). They are
   handed to the SDK and never logged, never put in an error message or a repr.
+- What a Kubeflow profile's credentials may do depends on the release: on 1.10 they are
+  MinIO's root keys (everything); on 1.11 SeaweedFS scopes them to a few prefixes of
+  ``mlpipeline`` (:data:`KUBEFLOW_PROFILE_PREFIXES`), with no bucket-level call at all. So a
+  refused HeadBucket means "may not look", not "missing", and a refusal says where the keys
+  may go.
 """
 
 from __future__ import annotations
@@ -53,6 +58,18 @@ _AUTH_CODES = {
     "AuthorizationHeaderMalformed",
 }
 _NOT_FOUND = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
+KUBEFLOW_BUCKET = "mlpipeline"
+KUBEFLOW_PROFILE_PREFIXES = (
+    "private/<namespace>/",
+    "private-artifacts/<namespace>/",
+    "artifacts/",
+    "shared/",
+)
+"""Where Kubeflow 1.11 lets a profile's S3 keys read, write and list in bucket ``mlpipeline``,
+and nowhere else: no other bucket, no new bucket (kubeflow/manifests v1.11.0, the KFP profile
+controller's sync.py, which puts this policy on each profile's SeaweedFS user). KFP's own
+runs write under ``private-artifacts/<namespace>/``, which an install may expire after
+``ARTIFACT_RETENTION_DAYS``; models belong under ``private/<namespace>/``."""
 _BUCKET_TAKEN = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
 
 
@@ -131,6 +148,19 @@ def _where(mc: Minio) -> str:
     return f"{'https' if mc._base_url.is_https else 'http'}://{mc._base_url.host}"
 
 
+def profile_scope() -> str:
+    """What to tell someone whose keys were refused: where Kubeflow's releases let a profile's
+    keys go, and what else to check."""
+    *first, last = [f"s3://{KUBEFLOW_BUCKET}/{p}" for p in KUBEFLOW_PROFILE_PREFIXES]
+    return (
+        f"on Kubeflow 1.11 (SeaweedFS) a profile's keys reach only {', '.join(first)} and "
+        f"{last}, and create no bucket; the default storage_prefix "
+        f"s3://{KUBEFLOW_BUCKET}/private/{{namespace}}/models is inside. On 1.10 (MinIO) they "
+        "reach everything: check the keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the "
+        "bucket policy"
+    )
+
+
 @contextmanager
 def translated(uri: str, action: str, mc: Minio) -> Iterator[None]:
     """Turn SDK and network errors into StorageError naming the URI (and no secret)."""
@@ -143,11 +173,12 @@ def translated(uri: str, action: str, mc: Minio) -> Iterator[None]:
             reason = f"bucket {parse_s3(uri)[0]!r} does not exist"
         elif err.code in _NOT_FOUND:
             reason = "no such object"
+        elif err.code == "AccessDenied":
+            reason = f"access refused (AccessDenied): {profile_scope()}"
         elif err.code in _AUTH_CODES:
             reason = (
                 f"access refused ({err.code}): check the S3 credentials in the environment "
-                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or MINIO_ACCESS_KEY/MINIO_SECRET_KEY) "
-                "and the bucket policy"
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or MINIO_ACCESS_KEY/MINIO_SECRET_KEY)"
             )
         else:
             reason = f"{err.code}: {err.message}"
@@ -171,21 +202,23 @@ def translated(uri: str, action: str, mc: Minio) -> Iterator[None]:
 
 
 def ensure_bucket(mc: Minio, bucket: str, uri: str) -> None:
-    """Create ``bucket`` if it is missing, before the first write of an upload to ``uri``.
+    """Create ``bucket`` before the first write of an upload to ``uri``, only when it is known
+    to be missing.
 
-    Credentials that may not create a bucket known to be missing get an error saying so.
-    Credentials that may not even look (HeadBucket refused) get a creation attempt, and if
-    that is refused too the write itself decides (a missing bucket is then named by it).
+    Kubeflow 1.10's MinIO starts with only ``mlpipeline`` and hands profiles its root keys,
+    so a bucket of the user's choosing is made on first upload. Kubeflow 1.11's SeaweedFS
+    refuses a profile's keys every bucket-level call: a refused lookup creates nothing, and
+    the write itself decides (its refusal names where the keys may write). Keys that may
+    look but not create get an error saying so.
     """
     with translated(uri, "upload to", mc):
         try:
             if mc.bucket_exists(bucket):
                 return
-            missing = True
         except S3Error as err:
-            if err.code not in _AUTH_CODES:
-                raise
-            missing = False
+            if err.code in _AUTH_CODES:
+                return
+            raise
         try:
             mc.make_bucket(bucket)
         except S3Error as err:
@@ -193,13 +226,11 @@ def ensure_bucket(mc: Minio, bucket: str, uri: str) -> None:
                 return
             if err.code not in _AUTH_CODES:
                 raise
-            if missing:
-                raise StorageError(
-                    f"upload to {uri} failed: bucket {bucket!r} does not exist and these "
-                    f"credentials may not create it ({err.code}); create it (e.g. "
-                    f"`mc mb <alias>/{bucket}`) or name a bucket they may write to"
-                ) from None
-            return
+            raise StorageError(
+                f"upload to {uri} failed: bucket {bucket!r} does not exist and these "
+                f"credentials may not create it ({err.code}); create it (e.g. "
+                f"`mc mb <alias>/{bucket}`) or write where they may: {profile_scope()}"
+            ) from None
     log.info("created bucket %s at %s", bucket, _where(mc))
 
 
@@ -243,10 +274,21 @@ def stat(mc: Minio, bucket: str, key: str) -> Any:
     try:
         return mc.stat_object(bucket, key)
     except S3Error as err:
-        if err.code == "NoSuchKey" and not mc.bucket_exists(bucket):
+        if err.code == "NoSuchKey" and _bucket_missing(mc, bucket):
             raise StorageError(
                 f"download s3://{bucket}/{key} failed: bucket {bucket!r} does not exist"
             ) from None
+        raise
+
+
+def _bucket_missing(mc: Minio, bucket: str) -> bool:
+    """Whether ``bucket`` is known not to exist. Keys that may not look at it (a Kubeflow
+    1.11 profile's) found the object missing in a bucket they may use."""
+    try:
+        return not mc.bucket_exists(bucket)
+    except S3Error as err:
+        if err.code in _AUTH_CODES:
+            return False
         raise
 
 

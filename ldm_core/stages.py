@@ -557,7 +557,9 @@ def deploy_stage(
 
     The local server keeps its pid and log in ``serving_dir`` when given (``run_local``
     gives one per output directory, so a new deploy replaces the previous server), else in
-    ``output``. Returns the deploy record with ``endpoint`` (base URL) added.
+    ``output``. On a cluster, ``{namespace}`` in ``storage_prefix`` becomes this pod's own
+    namespace, the profile its S3 keys belong to (:func:`ldm_core.storage.fill_namespace`).
+    Returns the deploy record with ``endpoint`` (base URL) added.
     """
     from ldm_core.deploy import deploy
 
@@ -577,11 +579,14 @@ def deploy_stage(
             raise StageError(
                 "storage_prefix: the kubeflow backend uploads the bundle to an s3:// prefix; none given"
             )
+        from ldm_core.kube.client import current_namespace
+        from ldm_core.storage import fill_namespace
+
         result = deploy(
             cfg,
             Path(bundle_dir),
             backend="kubeflow",
-            storage_prefix=storage_prefix,
+            storage_prefix=fill_namespace(storage_prefix, current_namespace()),
             smoke_steps=smoke_steps,
         )
     result = {**result, "endpoint": result.get("url")}

@@ -14,8 +14,13 @@ the same for every backend:
   lists, so a reader never sees half an upload.
 - Resume: a file whose local copy already has the expected hash is not transferred again; an
   object whose stored hash equals the local file's is not uploaded again.
-- Buckets: an upload creates its bucket when it is missing (Kubeflow's MinIO starts with
-  only ``mlpipeline``); credentials that may not create it get an error saying so.
+- Buckets: an upload creates its bucket only when it is known to be missing (Kubeflow
+  1.10's MinIO starts with only ``mlpipeline``); Kubeflow 1.11's SeaweedFS lets a profile's
+  keys neither look at a bucket nor create one, so there the write decides, and a refusal
+  says where those keys may write (:func:`ldm_core.s3.profile_scope`).
+- Prefixes may name the run's namespace, ``{namespace}`` (:func:`fill_namespace`): on
+  Kubeflow 1.11 a profile may write only under ``s3://mlpipeline/private/<namespace>/`` and
+  a few shared prefixes.
 
 The S3 client (endpoint and TLS, credentials from the environment, errors that name the
 URI and never a secret, buckets) is :mod:`ldm_core.s3`.
@@ -28,6 +33,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -47,6 +53,8 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 """Name of the object (or file) that marks a directory upload as finished."""
+NAMESPACE_PLACEHOLDER = "{namespace}"
+"""What a storage prefix writes for the namespace the run is in (see :func:`fill_namespace`)."""
 _CHUNK = 1024 * 1024
 
 
@@ -77,6 +85,26 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def fill_namespace(prefix: str, namespace: str) -> str:
+    """``prefix`` with every ``{namespace}`` replaced by ``namespace``.
+
+    Kubeflow 1.11 lets a profile's S3 keys write only under a few prefixes of ``mlpipeline``
+    (:data:`ldm_core.s3.KUBEFLOW_PROFILE_PREFIXES`), the profile's own being
+    ``private/<namespace>/``. A pipeline is compiled once and run in any profile, and only the
+    running pod knows its namespace, so a prefix that works on every release names it by
+    placeholder: the pipeline's default ``storage_prefix`` is
+    ``s3://mlpipeline/private/{namespace}/models``.
+    Any other ``{...}`` is a mistake, and an error names it.
+    """
+    unknown = re.findall(r"\{[^{}]*\}", prefix.replace(NAMESPACE_PLACEHOLDER, ""))
+    if unknown:
+        raise StorageError(
+            f"storage_prefix {prefix!r}: {unknown[0]} is not a placeholder; the only one is "
+            f"{NAMESPACE_PLACEHOLDER} (the run's namespace)"
+        )
+    return prefix.replace(NAMESPACE_PLACEHOLDER, namespace)
 
 
 # --------------------------------------------------------------------------- verified writes
@@ -291,7 +319,7 @@ def upload_dir(
     prefix = prefix.rstrip("/")
     marker_key = join(prefix, COMPLETE_MARKER).lstrip("/")
     s3.ensure_bucket(mc, bucket, uri)
-    with s3.translated(f"s3://{bucket}/{marker_key}", "remove stale marker of", mc):
+    with s3.translated(uri, "upload to", mc):  # the first write: its refusal is the upload's
         mc.remove_object(bucket, marker_key)
     cfg = cfg_storage or StorageConfig()
     with _progress(files, f"upload {uri}") as bar:

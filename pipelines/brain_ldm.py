@@ -95,7 +95,7 @@ def brain_ldm(
     eval_samples: int = 0,
     eval_steps: int = 0,
     eval_gpus: int = -1,
-    storage_prefix: str = "s3://brain-ldm/models",
+    storage_prefix: str = "s3://mlpipeline/private/{namespace}/models",
     smoke_steps: int = 2,
     deployment_mode: str = "",
     min_replicas: int = -1,
@@ -123,7 +123,9 @@ def brain_ldm(
     eval_samples, eval_steps: samples and sampling steps of the evaluation.
     eval_gpus: GPUs of the evaluation pod (cluster.evaluate.gpus; the request alone places
     it on a GPU node).
-    storage_prefix: s3:// prefix the cluster deploy uploads the bundle to (InferenceService storageUri).
+    storage_prefix: s3:// prefix the cluster deploy uploads the bundle to (InferenceService
+    storageUri); {namespace} becomes the run's namespace, and the default is where a profile's
+    keys may write on every Kubeflow release (manifests/README.md, "Artifact store and S3").
     smoke_steps: sampling steps of the smoke inference after deploying.
     deployment_mode, min_replicas, max_replicas: the InferenceService's (serving.*):
     Serverless | RawDeployment, and 0 replicas = scale to zero (Serverless).

@@ -32,7 +32,7 @@ from referencing import Registry, Resource
 from ldm_core.config import PRESETS, ClusterConfig, load_config
 from ldm_core.kube import isvc_build
 from tests.harness import crdcheck
-from tests.harness.netpol import Address, Pod, admits
+from tests.harness.netpol import Address, Pod, Service, admits
 from tests.harness.pod_security import violations
 from tests.harness.releases import RELEASES, Release
 
@@ -688,8 +688,11 @@ def test_network_default_deny_and_the_allowed_flows(combos):
         if "namespaceSelector" in p
     }
     assert namespaces == {"istio-system", "knative-serving", "monitoring"}
-    # And everything may reach object storage (storage initializer, training, pipeline).
-    assert _allows_port(policies["allow-object-storage-egress"]["egress"], 9000)
+    # And everything may reach object storage (storage initializer, training, pipeline) on
+    # the port of the pod behind minio-service: MinIO's 9000, SeaweedFS's 8333.
+    storage = policies["allow-object-storage-egress"]
+    assert storage["podSelector"] == {}
+    assert _allows_port(storage["egress"], 9000) and _allows_port(storage["egress"], 8333)
 
 
 # The labels a Kubeflow profile namespace carries (profile controller defaults plus Istio
@@ -756,6 +759,41 @@ API_SERVER = Address("172.18.0.2")  # after the kubernetes Service's DNAT
 NODE_LOCAL_DNS = Address("169.254.20.10")
 INTERNET = Address("93.184.215.14")
 
+# The artifact store of each supported Kubeflow release, as a pod meets it: every client (KFP's
+# launcher, our steps, KServe's storage initializer) is told minio-service.kubeflow:9000, and
+# the Service hands the connection to a pod's targetPort, which is what policies see. Copied
+# from ../shared/schemas/kubeflow-releases.yaml (artifact_store: service, extra_service) until
+# the project's own release table holds them. Upstream: kubeflow/manifests v1.10.x
+# pipeline/upstream/third-party/minio/base/minio-{service,deployment}.yaml; v1.11.0
+# .../third-party/seaweedfs/base/seaweedfs/{minio-service,seaweedfs-service,seaweedfs-deployment}.yaml.
+ARTIFACT_STORES = {str(r): r.entries["artifact_store"] for r in RELEASES}
+"""Each release's artifact store (manifests/releases.yaml): the Service, the pods behind it and
+their other ports."""
+ARTIFACT_SERVICE_PORT = 9000
+"""``minio-service``'s port on every release (the pods behind it differ)."""
+
+
+def artifact_store(release: str) -> Service:
+    """``minio-service.kubeflow`` of ``release`` with the pod behind it."""
+    store = ARTIFACT_STORES[release]
+    pod = Pod("kubeflow", store["pod_labels"])
+    return Service(
+        store["service"]["namespace"],
+        {"app": store["pod_labels"]["app"]},
+        {store["service"]["port"]: store["service"]["target_port"]},
+        (pod,),
+    )
+
+
+# Every workload of the namespace reads or writes the artifact store.
+ARTIFACT_CLIENTS = [
+    ("KFP artifacts, download and deploy upload", STEP),
+    ("checkpoints", MASTER),
+    ("TrainJob checkpoints", NODE_0),
+    ("storage initializer", PREDICTOR),
+    ("artifact viewer", VIEWER),
+]
+
 # (why, source, destination, port, protocol): what a run needs, with the policies on.
 NEEDED = [
     ("DNS", STEP, KUBE_DNS, 53, "UDP"),
@@ -767,10 +805,6 @@ NEEDED = [
     ("sidecar xDS + certificates", VIEWER, ISTIOD, 15012, "TCP"),
     ("launcher: PyTorchJob / ISVC", STEP, API_SERVER, 6443, "TCP"),
     ("managed control plane", STEP, API_SERVER, 443, "TCP"),
-    ("artifacts", STEP, MINIO, 9000, "TCP"),
-    ("checkpoints", MASTER, MINIO, 9000, "TCP"),
-    ("storage initializer", PREDICTOR, MINIO, 9000, "TCP"),
-    ("artifact viewer", VIEWER, MINIO, 9000, "TCP"),
     ("KFP API (gRPC)", STEP, KFP_API, 8887, "TCP"),
     ("KFP API (HTTP)", STEP, KFP_API, 8888, "TCP"),
     ("ML metadata", STEP, MLMD, 8080, "TCP"),
@@ -785,9 +819,12 @@ NEEDED = [
     ("NCCL/gloo", MASTER, WORKER, 41234, "TCP"),
     ("TrainJob torchrun rendezvous", NODE_1, NODE_0, 29500, "TCP"),
     ("TrainJob NCCL/gloo", NODE_0, NODE_1, 41234, "TCP"),
-    ("TrainJob checkpoints", NODE_0, MINIO, 9000, "TCP"),
     ("TrainJob DNS", NODE_1, KUBE_DNS, 53, "UDP"),
     ("KFP UI reads artifacts", KFP_UI, VIEWER, 3000, "TCP"),
+] + [
+    (f"{why}, Kubeflow {release}", src, artifact_store(release), ARTIFACT_SERVICE_PORT, "TCP")
+    for release in ARTIFACT_STORES
+    for why, src in ARTIFACT_CLIENTS
 ]
 # ...and what stays closed.
 CLOSED = [
@@ -809,6 +846,13 @@ CLOSED = [
     ("training into the predictor", MASTER, PREDICTOR, 8080, "TCP"),
     ("predictor into the KFP API", PREDICTOR, KFP_API, 8888, "TCP"),
     ("gateway on a non-serving port", GATEWAY, PREDICTOR, 22, "TCP"),
+    ("the KFP API on the artifact store's port", MASTER, KFP_API, 9000, "TCP"),
+] + [
+    (f"{what} of the artifact store, Kubeflow {release}, from the {why}", src, store, port, "TCP")
+    for release, spec in ARTIFACT_STORES.items()
+    for store in artifact_store(release).pods
+    for what, port in spec["other_ports"].items()
+    for why, src in ARTIFACT_CLIENTS
 ]
 
 
@@ -918,6 +962,32 @@ def test_the_policy_model_follows_kubernetes_semantics():
         "spec": {"podSelector": {}, "policyTypes": ["Egress"]},
     }
     assert admits([elsewhere], STEP, INTERNET, 443)
+    # A Service is reached on its pods' targetPort, so a rule for the Service port admits
+    # MinIO (9000 -> 9000) but not SeaweedFS behind the same Service (9000 -> 8333).
+    service_port = {
+        **ns,
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": ARTIFACT_SERVICE_PORT}]}],
+        },
+    }
+    assert admits([service_port], STEP, artifact_store("1.10.2"), ARTIFACT_SERVICE_PORT)
+    assert not admits([service_port], STEP, artifact_store("1.11.0"), ARTIFACT_SERVICE_PORT)
+    # A named targetPort resolves on each pod behind the Service; every one must be reachable.
+    pods = (
+        Pod("kubeflow", {"app": "s3", "v": "1"}, ports={"s3": 8333}),
+        Pod("kubeflow", {"app": "s3", "v": "2"}, ports={"s3": 9000}),
+    )
+    named_target = Service("kubeflow", {"app": "s3"}, {ARTIFACT_SERVICE_PORT: "s3"}, pods)
+    assert not admits([service_port], STEP, named_target, ARTIFACT_SERVICE_PORT)
+    both = {
+        **service_port,
+        "spec": {**service_port["spec"], "egress": [{"ports": [{"port": 8333}, {"port": 9000}]}]},
+    }
+    assert admits([both], STEP, named_target, ARTIFACT_SERVICE_PORT)
+    with pytest.raises(ValueError, match="not selected"):
+        Service("kubeflow", {"app": "minio"}, {9000: 9000}, (MLMD,))
 
 
 # --------------------------------------------------------------------------- monitoring

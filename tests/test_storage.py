@@ -1,5 +1,12 @@
-"""ldm_core.storage (and the S3 client beneath it, ldm_core.s3) against a real S3-protocol
-server (moto) on loopback, and local paths."""
+"""ldm_core.storage (and the S3 client beneath it, ldm_core.s3) against real S3-protocol
+servers on loopback, and local paths.
+
+The storage rules (markers, hashes, resume, atomicity) run against both artifact stores a
+Kubeflow run meets, each with the keys a profile gets there: moto standing in for Kubeflow
+1.10's MinIO (root keys), and the real SeaweedFS of Kubeflow 1.11 with a profile's scoped
+user (tests/harness/seaweedfs.py). What only one store can show (moto's switchable
+authentication, bucket creation) runs on that one.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +29,12 @@ from tests.harness.s3 import (
     TEST_ACCESS_KEY,
     TEST_SECRET_KEY,
     make_bucket,
+    moto_store,
     raw_client,
     s3_env,
     s3_server,
 )
+from tests.harness.seaweedfs import seaweedfs_server, weed_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,29 @@ def endpoint():
 def bucket(endpoint, monkeypatch):
     s3_env(monkeypatch, endpoint)
     return make_bucket(endpoint)
+
+
+@pytest.fixture(scope="module")
+def seaweedfs(tmp_path_factory):
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs"), weed_or_skip()) as store:
+        yield store
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def store(request, monkeypatch):
+    """A store of either kind, the environment holding the keys a profile gets there."""
+    if request.param == "moto":
+        chosen = moto_store(request.getfixturevalue("endpoint"))
+    else:
+        chosen = request.getfixturevalue("seaweedfs")
+    chosen.env(monkeypatch)
+    return chosen
+
+
+@pytest.fixture
+def root(store) -> str:
+    """A fresh prefix the profile's keys may write."""
+    return store.fresh_root()
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -87,23 +119,21 @@ def test_endpoint_scheme_decides_tls(monkeypatch):
     assert not s3.client(StorageConfig(secure=False))._base_url.is_https
 
 
-def test_dir_roundtrip_with_marker(bucket, endpoint, tmp_path):
+def test_dir_roundtrip_with_marker(store, root, tmp_path):
     files = _tree(tmp_path / "src")
-    uri = f"s3://{bucket}/runs/r1/bundle"
+    uri = f"{root}/runs/r1/bundle"
     entries = storage.upload_dir(tmp_path / "src", uri)
     assert set(entries) == set(files)
 
-    keys = {
-        o.object_name
-        for o in raw_client(endpoint).list_objects(bucket, "runs/r1/bundle/", recursive=True)
-    }
-    assert keys == {f"runs/r1/bundle/{k}" for k in files} | {"runs/r1/bundle/_COMPLETE"}
-    marker = json.loads(raw_client(endpoint).get_object(bucket, "runs/r1/bundle/_COMPLETE").read())
+    bucket, prefix = s3.parse_s3(uri)
+    admin = store.admin_client()
+    keys = {o.object_name for o in admin.list_objects(bucket, f"{prefix}/", recursive=True)}
+    assert keys == {f"{prefix}/{k}" for k in files} | {f"{prefix}/_COMPLETE"}
+    marker = json.loads(admin.get_object(bucket, f"{prefix}/_COMPLETE").read())
     assert marker["files"]["weights/unet.pt"]["size"] == 300_000
 
     assert storage.exists(uri) and storage.exists(f"{uri}/bundle.json")
-    assert not storage.exists(f"{uri}/nope.pt") and not storage.exists(f"s3://{bucket}/runs/r1")
-    assert not storage.exists("s3://no-such-bucket-ldm/x")
+    assert not storage.exists(f"{uri}/nope.pt") and not storage.exists(f"{root}/runs/r1")
 
     out = storage.download_dir(uri, tmp_path / "dst")
     assert _read_tree(out) == files
@@ -111,13 +141,13 @@ def test_dir_roundtrip_with_marker(bucket, endpoint, tmp_path):
     assert not list(out.rglob(".*"))  # no temporary file left behind
 
 
-def test_multipart_upload_and_verified_download(bucket, endpoint, tmp_path):
+def test_multipart_upload_and_verified_download(store, root, tmp_path):
     big = tmp_path / "ckpt.pt"
     data = os.urandom(11 * 1024 * 1024 + 123)
     big.write_bytes(data)
-    uri = f"s3://{bucket}/ckpt/ckpt.pt"
+    uri = f"{root}/ckpt/ckpt.pt"
     storage.upload_file(big, uri, StorageConfig(part_size_mb=5))
-    stat = raw_client(endpoint).stat_object(bucket, "ckpt/ckpt.pt")
+    stat = store.admin_client().stat_object(*s3.parse_s3(uri))
     assert stat.etag.endswith("-3"), f"expected a 3-part upload, etag {stat.etag}"
     assert stat.metadata["x-amz-meta-sha256"] == sha256_file(big)
 
@@ -125,15 +155,15 @@ def test_multipart_upload_and_verified_download(bucket, endpoint, tmp_path):
     assert got.read_bytes() == data
 
 
-def test_checksum_mismatch_detected_and_partial_removed(bucket, endpoint, tmp_path):
+def test_checksum_mismatch_detected_and_partial_removed(store, root, tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(b"original bytes" * 1000)
-    uri = f"s3://{bucket}/x/a.bin"
+    uri = f"{root}/x/a.bin"
     digest = storage.upload_file(src, uri)
     # Corrupt the object in place while keeping its recorded hash.
     bad = b"tampered bytes" * 1000
-    raw_client(endpoint).put_object(
-        bucket, "x/a.bin", io.BytesIO(bad), len(bad), metadata={"sha256": digest}
+    store.admin_client().put_object(
+        *s3.parse_s3(uri), io.BytesIO(bad), len(bad), metadata={"sha256": digest}
     )
     dst = tmp_path / "out" / "a.bin"
     with pytest.raises(storage.StorageError) as err:
@@ -142,23 +172,26 @@ def test_checksum_mismatch_detected_and_partial_removed(bucket, endpoint, tmp_pa
     assert not dst.exists() and not list((tmp_path / "out").iterdir())
 
 
-def test_tampered_directory_member_fails_download_dir(bucket, endpoint, tmp_path):
+def test_tampered_directory_member_fails_download_dir(store, root, tmp_path):
     _tree(tmp_path / "src")
-    uri = f"s3://{bucket}/d"
+    uri = f"{root}/d"
     storage.upload_dir(tmp_path / "src", uri)
     bad = b"not the bundle"
     # Even with matching object metadata, the marker's hash catches the change.
-    raw_client(endpoint).put_object(
-        bucket, "d/bundle.json", io.BytesIO(bad), len(bad), metadata={"sha256": "0" * 64}
+    store.admin_client().put_object(
+        *s3.parse_s3(f"{uri}/bundle.json"),
+        io.BytesIO(bad),
+        len(bad),
+        metadata={"sha256": "0" * 64},
     )
     with pytest.raises(storage.StorageError, match=f"checksum mismatch for {uri}/bundle.json"):
         storage.download_dir(uri, tmp_path / "dst")
     assert not (tmp_path / "dst" / storage.COMPLETE_MARKER).exists()
 
 
-def test_resume_skips_current_files(bucket, tmp_path, caplog):
+def test_resume_skips_current_files(root, tmp_path, caplog):
     files = _tree(tmp_path / "src")
-    uri = f"s3://{bucket}/resume"
+    uri = f"{root}/resume"
     storage.upload_dir(tmp_path / "src", uri)
     dst = storage.download_dir(uri, tmp_path / "dst")
     inodes = {rel: (dst / rel).stat().st_ino for rel in files}
@@ -177,10 +210,10 @@ def test_resume_skips_current_files(bucket, tmp_path, caplog):
     assert caplog.text.count("not uploading again") == len(files)
 
 
-def test_incomplete_prefix_refused_then_waited_for(bucket, tmp_path):
+def test_incomplete_prefix_refused_then_waited_for(root, tmp_path):
     src = tmp_path / "a.bin"
     src.write_bytes(b"x" * 10)
-    uri = f"s3://{bucket}/partial"
+    uri = f"{root}/partial"
     storage.upload_file(src, f"{uri}/a.bin")
     with pytest.raises(storage.StorageError, match="not a complete directory: no _COMPLETE"):
         storage.download_dir(uri, tmp_path / "dst")
@@ -200,9 +233,9 @@ def test_incomplete_prefix_refused_then_waited_for(bucket, tmp_path):
     assert (out / "a.bin").read_bytes() == b"x" * 10
 
 
-def test_rewrite_removes_old_marker_first(bucket, endpoint, tmp_path):
+def test_rewrite_removes_old_marker_first(root, tmp_path):
     _tree(tmp_path / "src")
-    uri = f"s3://{bucket}/rw"
+    uri = f"{root}/rw"
     storage.upload_dir(tmp_path / "src", uri)
     (tmp_path / "src2").mkdir()
     (tmp_path / "src2" / "only.txt").write_bytes(b"v2")
@@ -258,6 +291,7 @@ def test_errors_name_the_uri_and_never_a_secret(
 
     storage.upload_file(src, f"s3://{bucket}/ok/a.bin")
     storage.download_file(f"s3://{bucket}/ok/a.bin", tmp_path / "b.bin")
+    assert not storage.exists("s3://no-such-bucket-ldm/x")
     expect(  # an upload would create it (test_an_upload_creates_its_missing_bucket)
         lambda: storage.download_file("s3://no-such-bucket-ldm/a.bin", tmp_path / "nb"),
         "s3://no-such-bucket-ldm/a.bin failed: bucket 'no-such-bucket-ldm' does not exist",
@@ -297,12 +331,13 @@ def test_malformed_marker_is_an_error_naming_it(tmp_path):
         storage.download_dir(str(tmp_path / "d"), tmp_path / "out")
 
 
-def test_object_without_hash_metadata_downloads_with_a_warning(bucket, endpoint, tmp_path, caplog):
+def test_object_without_hash_metadata_downloads_with_a_warning(store, root, tmp_path, caplog):
     """Objects written by other tools (mc cp, the KFP UI) carry no sha256: still usable."""
     data = b"written by another tool"
-    raw_client(endpoint).put_object(bucket, "other/x.txt", io.BytesIO(data), len(data))
+    uri = f"{root}/other/x.txt"
+    store.admin_client().put_object(*s3.parse_s3(uri), io.BytesIO(data), len(data))
     with caplog.at_level(logging.WARNING, logger="ldm_core.storage"):
-        out = storage.download_file(f"s3://{bucket}/other/x.txt", tmp_path / "x.txt")
+        out = storage.download_file(uri, tmp_path / "x.txt")
     assert out.read_bytes() == data
     assert "no sha256 metadata" in caplog.text
 
@@ -372,7 +407,7 @@ def test_credentials_that_may_not_create_the_bucket_get_a_clear_error(
     assert str(err.value) == (
         "upload to s3://ldm-not-mine/models/a.bin failed: bucket 'ldm-not-mine' does not exist "
         "and these credentials may not create it (AccessDenied); create it (e.g. "
-        "`mc mb <alias>/ldm-not-mine`) or name a bucket they may write to"
+        f"`mc mb <alias>/ldm-not-mine`) or write where they may: {s3.profile_scope()}"
     )
     assert secret not in str(err.value)
 

@@ -17,6 +17,13 @@ matching YAML shapes:
   (resolved on the destination pod), with an optional ``endPort``; the protocol defaults
   to TCP.
 - Every namespace carries ``kubernetes.io/metadata.name`` (set by the API server).
+- A connection to a Service is a connection to one of its pods on the ``targetPort``:
+  kube-proxy (or the CNI's own service implementation) rewrites the ClusterIP and Service
+  port before policies see the packet, and policies name pods and pod ports, never Services
+  (NetworkPolicyPort.port: "a numerical or named port on a pod"; ServicePort.targetPort:
+  "Number or name of the port to access on the pods targeted by the service"; and
+  projectcalico/calico#2088: "k8s NP is defined in terms of pods, not services"). So a rule
+  for the Service port admits nothing when the targetPort differs.
 
 Not modelled: what a CNI adds beyond the API (node traffic, host-network pods), which
 these tests do not rely on.
@@ -50,6 +57,40 @@ class Address:
     internet."""
 
     ip: str
+
+
+@dataclass(frozen=True)
+class Service:
+    """A ClusterIP Service as clients meet it: its namespace, ``ports`` (Service port ->
+    targetPort, a number or a named container port) and the ``pods`` its selector picks
+    (each must carry the selector's labels). Any of them may get a connection."""
+
+    namespace: str
+    selector: Mapping[str, str]
+    ports: Mapping[int, int | str]
+    pods: tuple[Pod, ...]
+
+    def __post_init__(self) -> None:
+        if not self.pods:
+            raise ValueError("a Service with no pods behind it takes no connection")
+        for pod in self.pods:
+            if pod.namespace != self.namespace or not selects(
+                {"matchLabels": self.selector}, pod.labels
+            ):
+                raise ValueError(f"{pod} is not selected by the Service's {dict(self.selector)}")
+
+    def backends(self, port: int) -> list[tuple[Pod, int]]:
+        """(pod, pod port) for a connection to the Service's ``port``."""
+        if port not in self.ports:
+            raise ValueError(f"the Service exposes {sorted(self.ports)}, not {port}")
+        target = self.ports[port]
+        out = []
+        for pod in self.pods:
+            number = pod.ports.get(target) if isinstance(target, str) else target
+            if number is None:
+                raise ValueError(f"{pod} has no container port named {target!r}")
+            out.append((pod, number))
+        return out
 
 
 Endpoint = Pod | Address
@@ -160,14 +201,20 @@ def _side_allows(
 def admits(
     policies: Iterable[Mapping[str, Any]],
     src: Endpoint,
-    dst: Endpoint,
+    dst: Endpoint | Service,
     port: int,
     protocol: str = "TCP",
 ) -> bool:
     """Whether a new ``protocol`` connection from ``src`` to ``dst``:``port`` is allowed:
     the source's egress policies and the destination's ingress policies must both admit it.
+    To a Service, ``port`` is the Service port and every pod behind it must be reachable on
+    its targetPort (the client does not choose which one it gets).
     ``policies`` are NetworkPolicy objects with ``metadata.namespace`` set (as built)."""
     policies = [p for p in policies if p.get("kind") == "NetworkPolicy"]
+    if isinstance(dst, Service):
+        return all(
+            admits(policies, src, pod, pod_port, protocol) for pod, pod_port in dst.backends(port)
+        )
     out_ok = not isinstance(src, Pod) or _side_allows(
         policies, src, "Egress", dst, dst, port, protocol
     )
