@@ -13,12 +13,10 @@ Kubernetes API, in the deployment mode KServe reports (:func:`isvc_status.is_raw
                and has rolled it out -> smoke inference through the predictor's Service ->
                done, or roll back by re-applying the previous predictor spec
 
-Why the pin: KServe routes a spec without ``canaryTrafficPercent`` 100% to the latest
-*ready* revision (``createKnativeService``, kserve pkg/controller/v1beta1/inferenceservice/
-reconcilers/knative/ksvc_reconciler.go, v0.14.1 lines 119-150, v0.15.2 lines 115-147), and
-Knative resolves that to the canary that just failed its smoke test until the restored
-revision is up. With ``canaryTrafficPercent: 0`` the ``prev`` target, the last rolled-out
-revision, takes 100%.
+Why the pin: without ``canaryTrafficPercent`` KServe routes 100% to the latest *ready*
+revision (kserve reconcilers/knative/ksvc_reconciler.go ``createKnativeService``, v0.14.1
+lines 119-150, v0.15.2 lines 115-147): the canary that just failed, until the restored
+revision is up. With ``canaryTrafficPercent: 0`` the last rolled-out revision takes 100%.
 
 What counts as the new revision being ready, failed or awaited is read by the pure
 functions of :mod:`ldm_core.kube.isvc_status`; the revision promoted is the one
@@ -480,6 +478,9 @@ class InferenceServiceRollout:
         """Serverless, after a new revision exists: pin, restore under the pin, unpin."""
         obj = self.get(ns, name) or {}
         rolled = predictor_status(obj).get("latestRolledoutRevision")
+        if rolled is None:  # KServe ignores a canary percent without a rolled-out revision
+            self._restore(ns, name, old)
+            return "restored the previous predictor spec (no rolled-out revision to pin)"
         self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": 0}}})
         try:
             self._wait(ns, name, lambda o: pinned_state(o, rolled), "pinning the previous revision")
