@@ -5,7 +5,8 @@ step's smoke inference pass? does the profile owner's?" as tests/harness/netpol.
 NetworkPolicies.
 
 Request authentication (istio/istio pilot/pkg/security/authn/policy_applier.go
-``convertToEnvoyJwtConfig``, tags 1.24.3 to 1.28.0; Envoy's jwt_authn filter):
+``convertToEnvoyJwtConfig``: line 146 at tag 1.24.3 and 1.26.1, 147 at 1.28.0, the same
+requirement tree in all three; Envoy's jwt_authn filter):
 
 - every RequestAuthentication that selects the workload contributes its ``jwtRules``, one
   provider each: the workload's own namespace (selector matching its labels, or none), and
@@ -47,8 +48,8 @@ ROOT_NAMESPACE = "istio-system"
 KUBERNETES_ISSUER = "https://kubernetes.default.svc.cluster.local"
 DEX_ISSUER = "http://dex.auth.svc.cluster.local:5556/dex"
 """The issuer of the ID tokens Kubeflow's oauth2-proxy puts in ``Authorization: Bearer``
-(kubeflow/manifests common/oauth2-proxy/base/oauth2_proxy.cfg ``set_authorization_header``,
-v1.10.0 and v1.11.0); the gateway's ``dex-jwt`` RequestAuthentication forwards it to the
+(kubeflow/manifests common/oauth2-proxy/base/oauth2_proxy.cfg line 60,
+``set_authorization_header = true``, v1.10.0 and v1.11.0); the gateway's ``dex-jwt`` RequestAuthentication forwards it to the
 backend (``forwardOriginalToken: true``, components/istio-external-auth)."""
 SIGNING_KEYS = {KUBERNETES_ISSUER: b"api-server-key", DEX_ISSUER: b"dex-key"}
 """What each issuer signs with; the model's stand-in for their JWKS."""
