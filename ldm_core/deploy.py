@@ -44,9 +44,16 @@ log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 """Where the kubelet mounts a pod's service account token (rotated in place)."""
+SMOKE_TOKEN_HEADER = "x-brain-ldm-smoke-token"
+"""The header the smoke inference carries the step's token in, the one the opt-in
+RequestAuthentication reads (manifests/components/kubeflow-istio-smoke): not
+``Authorization``, where Kubeflow's gateway forwards the signed-in user's Dex token."""
 PID_FILE = "serve.pid"
 LOG_FILE = "serve.log"
 CLUSTER_BACKENDS = ("kserve", "kubeflow")
+WAIT_MARGIN_S = 120
+"""How much longer than the predictor's progress deadline the rollout waits for a revision:
+time for Knative to mark it failed and KServe to report that."""
 
 
 class DeployError(LdmError):
@@ -117,10 +124,11 @@ def smoke_headers(
     A KFP step runs without a sidecar, so it has no mesh identity; what it can prove is its
     service account, by its token. The opt-in component
     ``manifests/components/kubeflow-istio-smoke`` validates that token at the predictor
-    (RequestAuthentication, issuer ``https://kubernetes.default.svc.cluster.local``) and
-    allows its principal (AuthorizationPolicy). The token never goes to a name outside the
-    cluster (an external URL, a ``smoke_url`` on the internet): it is the step's API
-    credential. No token file (not in a pod) or ``token_file=None``: no header.
+    (RequestAuthentication, issuer ``https://kubernetes.default.svc.cluster.local``, read
+    from :data:`SMOKE_TOKEN_HEADER` only, so the users' own tokens in ``Authorization`` are
+    not judged by it) and allows its principal (AuthorizationPolicy). The token never goes
+    to a name outside the cluster (an external URL, a ``smoke_url`` on the internet): it is
+    the step's API credential. No token file (not in a pod) or ``token_file=None``: no header.
     """
     if token_file is None or not _cluster_local(url):
         return {}
@@ -128,7 +136,7 @@ def smoke_headers(
         token = Path(token_file).read_text().strip()
     except OSError:
         return {}
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    return {SMOKE_TOKEN_HEADER: token} if token else {}
 
 
 @dataclass(frozen=True)
@@ -462,7 +470,7 @@ def deploy_kserve(
     name: str | None = None,
     runtime: str | None = "brain-ldm",
     canary_percent: int = 10,
-    timeout_s: float = 900.0,
+    timeout_s: float | None = None,
     poll_s: float = 5.0,
     smoke_steps: int = 2,
     smoke_url: str | None = None,
@@ -479,7 +487,9 @@ def deploy_kserve(
     ``cfg.cluster.predictor``, replicas, autoscaling and deployment mode from
     ``cfg.serving``. The arguments here are about this deploy and the rollout itself:
     ``name`` defaults to ``serving.model_name``; ``runtime`` is the ServingRuntime to use
-    (the one manifests/base ships), None runs a custom container."""
+    (the one manifests/base ships), None runs a custom container; ``timeout_s`` bounds each
+    wait of the rollout, by default ``serving.progress_deadline_s`` plus
+    :data:`WAIT_MARGIN_S`, so Knative's own verdict on a slow revision comes first."""
     from ldm_core.kube.client import api_client, current_namespace
     from ldm_core.kube.isvc_build import build_inference_service, build_serving_runtime
     from ldm_core.kube.isvc_rollout import InferenceServiceRollout
@@ -490,6 +500,8 @@ def deploy_kserve(
     uri = _upload_bundle(cfg, Path(bundle_dir), deployed.digest, storage_prefix, model)
     ns = cfg.cluster.namespace or current_namespace()
     isvc_name = name or model
+    if timeout_s is None:
+        timeout_s = cfg.serving.progress_deadline_s + WAIT_MARGIN_S
     rollout = InferenceServiceRollout(
         api_client(api_host, api_token), timeout_s=timeout_s, poll_s=poll_s
     )

@@ -175,7 +175,11 @@ def test_predictor_capacity_comes_from_the_config(preset):
     assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 1)
     # What the server generates at once: its loops, each a batch of requests.
     assert pred["containerConcurrency"] == cfg.serving.max_concurrency * cfg.serving.max_batch_size
-    assert (pred["scaleMetric"], pred["scaleTarget"]) == ("concurrency", 1)
+    # A replica scales out once its batch is full, not at its second request.
+    assert (pred["scaleMetric"], pred["scaleTarget"]) == (
+        "concurrency",
+        pred["containerConcurrency"],
+    )
     res = pred["model"]["resources"]
     assert res["requests"] == {
         "cpu": cfg.cluster.predictor.cpu,
@@ -257,8 +261,9 @@ def test_bad_cluster_values_name_the_field(override, message):
 
 def test_what_kserve_cannot_do_in_raw_deployment_is_refused():
     raw = "serving.deployment_mode=RawDeployment"
+    assert load_config(overrides=[raw]).serving.autoscale_metric == "cpu"  # the mode alone
     with pytest.raises(ConfigError, match="serving.scale_metric: concurrency needs Knative"):
-        load_config(overrides=[raw])
+        load_config(overrides=[raw, "serving.scale_metric=concurrency"])
     with pytest.raises(ConfigError, match="no scale to zero without Knative"):
         load_config(overrides=[raw, "serving.scale_metric=cpu", "serving.min_replicas=0"])
 
@@ -378,7 +383,7 @@ def test_each_step_reads_its_sections_as_the_full_config_says():
         "train.seed=7",
         "cluster.train_diffusion.memory=12Gi",
         "evaluation.gate_min_detail_ratio=0.8",
-        "serving.max_queue=3",
+        "serving.max_queue=12",
         "sampling.steps=20",
     ]
     out = stages.configure_stage("tiny-cpu", user, nproc=2, gate_max_mmd=0.2)

@@ -168,3 +168,69 @@ def test_exponent_notation_is_a_number_although_yaml_1_1_reads_it_as_a_string():
     assert cfg.train.autoencoder.lr == 3e-4 and cfg.evaluation.gate_max_mmd == 1e9
     with pytest.raises(ConfigError, match="train.autoencoder.steps: expected an integer"):
         load_config(overrides=["train.autoencoder.steps=1e3"])
+
+
+# --------------------------------------------------------------------------- predictor capacity
+
+
+@pytest.mark.parametrize(
+    "overrides, field, words",
+    [
+        # The server admits max_concurrency + max_queue; Knative routes containerConcurrency.
+        (["serving.max_queue=3"], "serving.max_queue", "set serving.max_queue to at least 7"),
+        # queue-proxy counts every forwarded request: 1 scales out at the second one.
+        (["serving.scale_target=1"], "serving.scale_target", "use 8"),
+        (["serving.scale_target=50"], "serving.scale_target", "Knative caps it; use 8"),
+        # KServe's webhook (validateScalingKPACompExtension) refuses both in Serverless mode.
+        (["serving.scale_metric=cpu"], "serving.scale_metric", "[cpu] is not a supported metric"),
+        (
+            ["serving.update_strategy=Recreate"],
+            "serving.update_strategy",
+            "only supported for raw deployment mode",
+        ),
+        (["serving.scale_metric=rps"], "serving.scale_target", "at least 1 request/s"),
+        (
+            ["serving.deployment_mode=RawDeployment", "serving.scale_metric=concurrency"],
+            "serving.scale_metric",
+            "RawDeployment's HPA scales on cpu or memory",
+        ),
+        (
+            ["serving.deployment_mode=RawDeployment", "serving.scale_target=1"],
+            "serving.scale_target",
+            "HPA target of 1 % cpu",
+        ),
+        (
+            ["serving.deployment_mode=RawDeployment", "serving.scale_metric=memory"],
+            "serving.scale_target",
+            "HPA target of 0 % memory",
+        ),
+        (["serving.update_strategy=Recreat"], "serving.update_strategy", "did you mean"),
+        (["serving.progress_deadline_s=0"], "serving.progress_deadline_s", "must be positive"),
+        (
+            ["serving.deployment_mode=RawDeployment", "serving.min_replicas=0"],
+            "serving.min_replicas",
+            "no scale to zero without Knative",
+        ),
+    ],
+)
+def test_capacity_settings_are_checked_against_each_other_and_the_clusters_rules(
+    overrides, field, words
+):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert str(info.value).startswith(f"{field}:") and words in str(info.value), info.value
+
+
+def test_capacity_defaults_batch_in_either_mode():
+    """The defaults pass in both modes: a concurrency target of one replica's batch in
+    Serverless mode, KServe's 80 % cpu in RawDeployment mode (the mode alone is enough)."""
+    serverless = load_config().serving
+    assert (serverless.autoscale_metric, serverless.autoscale_target) == ("concurrency", 8)
+    assert serverless.autoscale_target == serverless.container_concurrency
+    assert serverless.container_concurrency <= serverless.max_concurrency + serverless.max_queue
+    raw = load_config(overrides=["serving.deployment_mode=RawDeployment"]).serving
+    assert (raw.autoscale_metric, raw.autoscale_target) == ("cpu", 80)
+    recreate = ["serving.deployment_mode=RawDeployment", "serving.update_strategy=Recreate"]
+    assert load_config(overrides=recreate).serving.update_strategy == "Recreate"
+    bigger = load_config(overrides=["serving.max_concurrency=2", "serving.max_queue=14"])
+    assert bigger.serving.autoscale_target == 16

@@ -56,7 +56,7 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
     assert pred["model"]["storageUri"] == URI
     assert pred["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": isvc_build.BUNDLE_DIGEST_ENV, "value": "ab" * 32} in pred["model"]["env"]
-    assert "args" not in pred["model"]  # the default model name needs no extra args
+    assert pred["model"]["args"][:2] == ["--model-name", "brain-ldm"]
     assert runtime_mode["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
     container = custom["spec"]["predictor"]["containers"][0]
     assert container["name"] == "kserve-container"
@@ -116,3 +116,87 @@ def test_runtime_builder_agrees_with_the_checked_in_manifest():
     a, b = built["spec"]["containers"][0], shipped["spec"]["containers"][0]
     for key in ("name", "image", "command", "args", "ports", "readinessProbe"):
         assert a[key] == b[key], key
+
+
+RELEASE_CRDS = Path(__file__).parent / "crds"
+KSERVE_RELEASES = ("kserve-v0.14.1", "kserve-v0.15.2")
+"""The KServe CRDs of Kubeflow 1.10.0 and 1.11.0 (unmodified copies, tests/crds/SOURCES.md)."""
+
+
+def _strictly_valid(obj: dict[str, Any], release: str) -> None:
+    """No field the release's CRD would prune (the apiserver's strict field validation)."""
+    from tests.harness.kube import crd_schemas, unknown_fields
+
+    schema = crd_schemas(RELEASE_CRDS / release)["serving.kserve.io/v1beta1/inferenceservices"]
+    assert unknown_fields(obj, schema) == [], release
+
+
+def test_the_server_serves_the_limits_the_inference_service_promises(tmp_path):
+    """KServe appends the predictor's model args to the runtime's; the server reads the
+    bundle's config.yaml (written by training) unless told otherwise. The deploy's limits
+    must be the ones it runs with, or containerConcurrency and admission disagree."""
+    from ldm_core.bundle import config_for
+    from ldm_core.cli import build_parser
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text("{}")
+    trained = load_config(
+        overrides=["serving.max_queue=2", "serving.max_batch_size=1", "serving.model_name=old"]
+    )
+    trained.save(bundle / "config.yaml")
+    cfg = load_config(overrides=["serving.max_concurrency=2", "serving.max_queue=20"])
+    isvc = isvc_build.build_inference_service(cfg, name=NAME, namespace=NS, storage_uri=URI)
+    runtime = isvc_build.build_serving_runtime(cfg)
+    argv = [*runtime["spec"]["containers"][0]["args"], *isvc["spec"]["predictor"]["model"]["args"]]
+    argv[argv.index("--bundle") + 1] = str(bundle)
+    args = build_parser().parse_args(["serve", *argv])
+    served = config_for(args.bundle, args.config, args.preset, args.set or []).serving
+    assert args.model_name == cfg.serving.model_name
+    for field in (*isvc_build.SERVED_LIMITS, "request_timeout_s"):
+        assert getattr(served, field) == getattr(cfg.serving, field), field
+    assert served.container_concurrency == isvc["spec"]["predictor"]["containerConcurrency"] == 16
+    assert served.max_concurrency + served.max_queue >= served.container_concurrency
+
+
+@pytest.mark.parametrize("release", KSERVE_RELEASES)
+def test_serverless_gpu_revisions_get_a_progress_deadline_and_no_raw_only_fields(release):
+    """Knative's default progress deadline (600 s) is shorter than a cold GPU start; KServe
+    copies predictor annotations onto the revision template. Knative refuses a container
+    lifecycle and sets the grace period itself, and KServe refuses a deploymentStrategy."""
+    isvc = _isvc("cluster.predictor.gpus=1", "serving.progress_deadline_s=2400")
+    pred = isvc["spec"]["predictor"]
+    assert pred["annotations"] == {"serving.knative.dev/progress-deadline": "2400s"}
+    assert "lifecycle" not in pred["model"] and "terminationGracePeriodSeconds" not in pred
+    assert "deploymentStrategy" not in pred
+    assert (pred["scaleMetric"], pred["scaleTarget"], pred["containerConcurrency"]) == (
+        "concurrency",
+        8,
+        8,
+    )
+    crdcheck.validate(isvc)
+    _strictly_valid(isvc, release)
+
+
+@pytest.mark.parametrize("release", KSERVE_RELEASES)
+@pytest.mark.parametrize("runtime", [isvc_build.RUNTIME_NAME, None], ids=["runtime", "custom"])
+def test_raw_predictors_drain_before_they_stop_and_may_recreate(release, runtime):
+    """RawDeployment: a rolling update must not cut a generation short. The pod waits for
+    the endpoints to drop it, then has the request timeout to finish (KServe leaves
+    Kubernetes' 30 s otherwise), and Recreate spares the second GPU an update needs."""
+    isvc = _isvc(
+        "serving.deployment_mode=RawDeployment",
+        "serving.update_strategy=Recreate",
+        "serving.request_timeout_s=600",
+        runtime=runtime,
+    )
+    pred = isvc["spec"]["predictor"]
+    container = pred["model"] if runtime else pred["containers"][0]
+    drain = isvc_build.PRESTOP_DRAIN_S
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(drain)]}}}
+    assert pred["terminationGracePeriodSeconds"] == drain + 600 + 30
+    assert pred["deploymentStrategy"] == {"type": "Recreate"}
+    assert (pred["scaleMetric"], pred["scaleTarget"]) == ("cpu", 80)
+    assert "annotations" not in pred
+    crdcheck.validate(isvc)
+    _strictly_valid(isvc, release)

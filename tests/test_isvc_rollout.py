@@ -9,17 +9,21 @@ HTTP to a real local model server, reached by the names a pipeline pod would use
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes
 import pytest
 import yaml
 
 from ldm_core.config import Config, load_config
 from ldm_core.deploy import (
+    SMOKE_TOKEN_HEADER,
     SmokeTestError,
     deploy,
     deploy_kserve,
@@ -29,12 +33,11 @@ from ldm_core.deploy import (
 )
 from ldm_core.kube import isvc_build, isvc_rollout, knative
 from ldm_core.kube.client import api_client
-from tests.harness import crdcheck
+from tests.harness import crdcheck, istio
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
 from tests.harness.fake_kserve import (
     BAD_URI,
-    CANARY_LOCAL_HOST,
     KSERVE_UA,
     NAME,
     NETWORK,
@@ -44,9 +47,12 @@ from tests.harness.fake_kserve import (
     SERVED,
     STUCK_URI,
     UNPULLABLE_URI,
+    VERSIONS,
     FakeKServe,
+    canary_local_host,
     closed_url,
 )
+from tests.harness.istio import Mesh
 from tests.harness.kube import KubeApi, declared, rbac_triple
 
 # --------------------------------------------------------------------------- API server
@@ -58,27 +64,40 @@ HELPERS = {KSERVE_UA, INSPECTOR_UA, INTERRUPTED_UA}
 """Clients of the test itself; every other request comes from the code under test."""
 
 
-def _served_api(generations: bool):
-    """An emulated API serving KServe's CRDs; on teardown, every call the code under test
-    made must be one its module's RBAC_RULES declare."""
-    with KubeApi(SERVED, generations=generations) as api:
+CANARY_LOCAL_HOST = canary_local_host()
+CRDS = Path(__file__).parent / "crds"
+
+
+@contextlib.contextmanager
+def served_api(generations: bool = False, version: str = VERSIONS[-1]) -> Iterator[KubeApi]:
+    """An emulated API serving KServe ``version``'s CRDs (writes validated and pruned as the
+    apiserver does) with the ServingRuntime manifests/base ships. On teardown, every call the
+    code under test made must be one its module's RBAC_RULES declare, and every create and
+    patch of a custom resource must have asked for strict field validation."""
+    with KubeApi(SERVED, generations=generations, crds=CRDS / f"kserve-v{version}") as api:
+        _apply_runtime(api)
         yield api
         sent = [r for r in api.requests() if r.headers.get("User-Agent") not in HELPERS]
         used = {rbac_triple(r) for r in sent}
         # Knative's flags are read only where the opt-in component grants it.
         rules = declared(isvc_rollout.RBAC_RULES) | declared(knative.RBAC_RULES)
         assert used <= rules, f"calls outside RBAC_RULES: {sorted(used - rules)}"
+        writes = [r for r in sent if r.method.value.upper() in ("POST", "PATCH")]
+        lax = [str(r.url) for r in writes if r.params.get("fieldValidation") != "Strict"]
+        assert not lax, f"writes without fieldValidation=Strict: {lax}"
 
 
 @pytest.fixture(params=["no-generation", "generation"])
 def api(request):
     """An emulated API, with and without generation bookkeeping."""
-    yield from _served_api(generations=request.param == "generation")
+    with served_api(generations=request.param == "generation") as api:
+        yield api
 
 
 @pytest.fixture
 def plain_api():
-    yield from _served_api(generations=False)
+    with served_api() as api:
+        yield api
 
 
 # --------------------------------------------------------------------------- helpers
@@ -128,13 +147,7 @@ class Smoke:
 
 
 SERVERLESS = load_config()
-RAW = load_config(
-    overrides=[
-        "serving.deployment_mode=RawDeployment",
-        "serving.scale_metric=cpu",
-        "serving.scale_target=70",
-    ]
-)
+RAW = load_config(overrides=["serving.deployment_mode=RawDeployment"])
 """The default config, and the same in RawDeployment mode (whose HPA scales on cpu)."""
 
 
@@ -143,9 +156,12 @@ def desired(uri: str, cfg: Config = SERVERLESS) -> dict[str, Any]:
     return isvc_build.build_inference_service(cfg, name=NAME, namespace=NS, storage_uri=uri)
 
 
-def raw(uri: str) -> dict[str, Any]:
-    """The same in RawDeployment mode."""
-    return desired(uri, RAW)
+def raw(uri: str, *overrides: str) -> dict[str, Any]:
+    """The same in RawDeployment mode (with ``overrides`` of the config)."""
+    return desired(uri, load_config(overrides=[*RAW_OVERRIDES, *overrides]))
+
+
+RAW_OVERRIDES = ["serving.deployment_mode=RawDeployment"]
 
 
 def stored(api: KubeApi) -> dict[str, Any]:
@@ -296,6 +312,70 @@ def test_failed_smoke_inference_rolls_back(plain_api, model_server):
         ):
             rollout(plain_api).rollout(desired(NEW_URI), smoke, url_override=dead)
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_rollback_never_gives_the_canary_that_failed_its_smoke_test_more_traffic(
+    model_server, version
+):
+    """The canary is ready but answers wrongly. Dropping canaryTrafficPercent would route
+    100% to the latest *ready* revision - that canary - until the restored revision is up
+    (ksvc_reconciler.go); the rollback pins the previous revision first, and the failed
+    canary never holds more than the share it was tested with."""
+    smoke = Smoke()
+    with served_api(version=version) as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, version=version
+        ) as kserve:
+            rollout(api).rollout(desired(OLD_URI), smoke)
+            dead = closed_url()
+            with pytest.raises(isvc_rollout.RolloutFailed, match="smoke inference") as info:
+                rollout(api).rollout(desired(NEW_URI), smoke, canary_percent=20, url_override=dead)
+            failed_smoke = smoke.requested.index(dead)
+            canary, restored = f"{NAME}-predictor-00002", f"{NAME}-predictor-00003"
+            deadline = time.monotonic() + 20  # watch the route until the restored one serves
+            while kserve.traffic_log[-1][1] != {restored: 100}:
+                assert time.monotonic() < deadline, kserve.traffic_log
+                time.sleep(0.05)
+            obj = stored(api)
+    assert kserve.share(canary, since=0) == 20
+    assert "pinned all traffic to revision" in str(info.value) and failed_smoke == 1
+    restored = f"{NAME}-predictor-00003"
+    assert kserve.revision_uri[restored] == OLD_URI and kserve.traffic_log[-1][1] == {restored: 100}
+    pred = obj["spec"]["predictor"]
+    assert pred["model"]["storageUri"] == OLD_URI and "canaryTrafficPercent" not in pred
+
+
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["serverless", "raw"])
+def test_a_spec_kserve_makes_no_revision_for_fails_at_once_with_its_reason(
+    plain_api, model_server, raw_mode
+):
+    """A runtime that does not serve the model's format: KServe writes no child and only
+    says InvalidSpec in modelStatus (predictor.go); the rollout stops at once with that."""
+    smoke = Smoke()
+    make = raw if raw_mode else desired
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server, raw=raw_mode):
+        rollout(plain_api).rollout(make(OLD_URI), smoke)
+        wrong = make(NEW_URI)
+        wrong["spec"]["predictor"]["model"]["modelFormat"]["name"] = "onnx"
+        started = time.monotonic()
+        with pytest.raises(isvc_rollout.RolloutFailed) as info:
+            rollout(plain_api, timeout_s=60).rollout(wrong, smoke)
+    message = str(info.value)
+    assert "InvalidSpec (NoSupportingRuntime: Specified runtime does not support" in message
+    assert "rolled back" in message and time.monotonic() - started < 15
+    assert stored(plain_api)["spec"]["predictor"]["model"]["modelFormat"]["name"] == "brain-ldm"
+
+
+def test_a_first_deploy_naming_a_runtime_that_is_not_there_fails_at_once(plain_api, model_server):
+    lost = isvc_build.build_inference_service(
+        SERVERLESS, name=NAME, namespace=NS, storage_uri=OLD_URI, runtime="brain-ldm-gpu"
+    )
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server):
+        started = time.monotonic()
+        with pytest.raises(isvc_rollout.RolloutFailed, match="RuntimeNotRecognized: Waiting"):
+            rollout(plain_api, timeout_s=60).rollout(lost, Smoke())
+    assert time.monotonic() - started < 15
 
 
 def test_unchanged_spec_only_smokes(plain_api, model_server):
@@ -485,6 +565,38 @@ def test_kube_client_from_kubeconfig_and_explicit_host(tmp_path, monkeypatch):
     assert current_namespace(default="fallback") == "fallback"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_emulated_api_validates_fields_as_the_apiserver_does(version):
+    """Strict: 400 naming the unknown field, nothing written (create and merge patch); Warn
+    (the default): written pruned, one Warning header per field."""
+    body = desired(OLD_URI)
+    body["spec"]["predictor"]["model"]["storageURI"] = OLD_URI  # a typo of storageUri
+    path = f"/apis/{isvc_build.GROUP}/{isvc_build.ISVC_VERSION}/namespaces/{NS}/inferenceservices"
+    with (
+        served_api(version=version) as api,
+        httpx.Client(base_url=api.url, headers={"User-Agent": INSPECTOR_UA}) as http,
+    ):
+        refused = http.post(path, params={"fieldValidation": "Strict"}, json=body)
+        assert refused.status_code == 400 and refused.json()["reason"] == "BadRequest"
+        assert 'unknown field "spec.predictor.model.storageURI"' in refused.json()["message"]
+        assert http.get(f"{path}/{NAME}").status_code == 404
+        warned = http.post(path, json=body)
+        assert warned.status_code in (200, 201)
+        assert warned.headers.get_list("Warning") == [
+            '299 - "unknown field \\"spec.predictor.model.storageURI\\""'
+        ]
+        assert "storageURI" not in stored(api)["spec"]["predictor"]["model"]
+        patch = {"spec": {"predictor": {"minReplicas": 2, "maxReplica": 3}}}
+        merge = {"Content-Type": "application/merge-patch+json"}
+        strict = http.patch(
+            f"{path}/{NAME}", params={"fieldValidation": "Strict"}, json=patch, headers=merge
+        )
+        assert strict.status_code == 400
+        assert 'unknown field "spec.predictor.maxReplica"' in strict.json()["message"]
+        kept = stored(api)["spec"]["predictor"]
+    assert kept.get("minReplicas") == 1 and "maxReplica" not in kept
+
+
 def test_forbidden_create_names_the_missing_rbac(plain_api):
     """A refusal reads as the PyTorchJob launcher's: verb, resource, namespace, Role."""
     path = f"/apis/{isvc_build.GROUP}/{isvc_build.ISVC_VERSION}/namespaces/{NS}/{isvc_build.ISVC_PLURAL}"
@@ -523,17 +635,39 @@ def test_waiting_runs_on_the_injected_clock(plain_api):
 # --------------------------------------------------------------------------- inside a Kubeflow profile
 
 
+ISTIO_SMOKE = Path(__file__).parents[1] / "manifests" / "components" / "kubeflow-istio-smoke"
+OWNER = "user@example.com"
+
+
+def profile_mesh() -> Mesh:
+    """The Istio policies at the predictor in a Kubeflow profile: the profile controller's,
+    and the opt-in component's as shipped (its objects name namespace brain-ldm)."""
+    shipped = [
+        doc
+        for path in sorted(ISTIO_SMOKE.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    return Mesh([istio.profile_policy(NS, OWNER), *shipped])
+
+
+def _runner_token(tmp_path: Path) -> Path:
+    token = tmp_path / "token"
+    subject = f"system:serviceaccount:{NS}:pipeline-runner"
+    token.write_text(istio.token(istio.KUBERNETES_ISSUER, subject) + "\n")
+    return token
+
+
 def test_the_canary_is_smoke_tested_at_its_cluster_local_tag_address_with_the_pods_token(
     plain_api, model_server, tmp_path
 ):
     """Knative's tag URL in status is the external one (behind Kubeflow's auth proxy, or not
     resolvable in the cluster); the canary's cluster-local name reaches it, and the
-    profile's policy admits the step only with its service account token."""
-    token = tmp_path / "token"
-    token.write_text("pipeline-runner-token\n")
-    smoke = Smoke(token_file=token)
+    profile's Istio policies admit the step only with its service account token."""
+    smoke = Smoke(token_file=_runner_token(tmp_path))
     kserve = FakeKServe(
-        plain_api, latest_url=model_server, address_url=model_server, token="pipeline-runner-token"
+        plain_api, latest_url=model_server, address_url=model_server, mesh=profile_mesh()
     )
     with kserve:
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
@@ -551,12 +685,36 @@ def test_the_canary_is_smoke_tested_at_its_cluster_local_tag_address_with_the_po
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == NEW_URI
 
 
+@pytest.mark.parametrize(
+    "domain_template",
+    ["{{.Name}}-{{.Namespace}}.{{.Domain}}", "{{.Namespace}}.{{.Name}}.models.{{.Domain}}"],
+)
+def test_the_canary_address_holds_under_any_domain_template(
+    plain_api, model_server, domain_template
+):
+    """A cluster whose Knative ``domain-template`` is not the default: the tag's name in the
+    cluster is the tag-template's hostname, not the first label of the external URL."""
+    smoke = Smoke()
+    kserve = FakeKServe(
+        plain_api,
+        latest_url=model_server,
+        address_url=model_server,
+        domain_template=domain_template,
+    )
+    with kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        kserve.address_url = closed_url()
+        result = rollout(plain_api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+    assert result["action"] == "updated"
+    assert smoke.requested[1] == f"http://{CANARY_LOCAL_HOST}"
+
+
 def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_rolled_back(
     plain_api, model_server
 ):
     smoke = Smoke(token_file=None)
     kserve = FakeKServe(
-        plain_api, latest_url=model_server, address_url=model_server, token="pipeline-runner-token"
+        plain_api, latest_url=model_server, address_url=model_server, mesh=profile_mesh()
     )
     with kserve:
         rollout(plain_api).rollout(desired(OLD_URI), smoke)
@@ -568,10 +726,30 @@ def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_roll
     assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
 
 
+def test_the_smoke_token_rides_in_its_own_header_and_the_users_token_still_passes(tmp_path):
+    """Kubeflow's gateway forwards the signed-in user's Dex token in ``Authorization``; a
+    RequestAuthentication that judged that header by the Kubernetes issuer alone would
+    answer the profile's own users 401. The component reads the smoke token from its own
+    header; the model of Istio's rules (tests/harness/istio.py) holds both callers."""
+    mesh, pods = profile_mesh(), {"serving.kserve.io/inferenceservice": NAME}
+    path = f"/v2/models/{MODEL}/infer"
+    headers = smoke_headers(f"http://{CANARY_LOCAL_HOST}", _runner_token(tmp_path))
+    assert list(headers) == [SMOKE_TOKEN_HEADER]
+    assert mesh.request(pods, NS, "POST", path, headers) == 200
+    user = {
+        "Authorization": f"Bearer {istio.token(istio.DEX_ISSUER, 'CiQwOGE4Njg0Yi1k')}",
+        "kubeflow-userid": OWNER,
+    }
+    gateway = istio.Source(
+        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "istio-system"
+    )
+    assert mesh.request(pods, NS, "POST", path, user, gateway) == 200
+
+
 def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
     token = tmp_path / "token"
     token.write_text("tok\n")
-    bearer = {"Authorization": "Bearer tok"}
+    bearer = {SMOKE_TOKEN_HEADER: "tok"}
     assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", token) == bearer
     assert smoke_headers("http://brain-ldm-predictor.team-a.svc:80/v2", token) == bearer
     for elsewhere in (
@@ -587,19 +765,25 @@ def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
 # --------------------------------------------------------------------------- RawDeployment
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
-    api, model_server, caplog
+    model_server, caplog, version
 ):
-    """KServe reports no revision in RawDeployment mode and its Ready is the old pods' until
-    the Deployment controller rolled the new template out: the rollout reads the
-    Deployment, smoke-tests after the new ReplicaSet is available, and asks for no canary."""
+    """KServe reports no ready revision in RawDeployment mode (0.14.1 copies the Deployment's
+    revision number, 0.15.2 nothing) and its Ready is the old pods' until the Deployment
+    controller rolled the new template out: the rollout reads the Deployment, smoke-tests
+    after the new ReplicaSet is available, and asks for no canary."""
     smoke = Smoke()
-    kserve = FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True)
-    with kserve:
-        rollout(api).rollout(raw(OLD_URI), smoke)
-        kserve.notice_after_s = 1.0
-        with caplog.at_level(logging.INFO, logger=isvc_rollout.__name__):
-            result = rollout(api).rollout(raw(NEW_URI), smoke, canary_percent=20)
+    with served_api(generations=True, version=version) as api:
+        kserve = FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version=version
+        )
+        with kserve:
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            kserve.notice_after_s = 1.0
+            with caplog.at_level(logging.INFO, logger=isvc_rollout.__name__):
+                result = rollout(api).rollout(raw(NEW_URI), smoke, canary_percent=20)
+            obj = stored(api)
     assert (result["action"], result["mode"], result["canary_percent"]) == (
         "updated",
         "RawDeployment",
@@ -609,9 +793,10 @@ def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
     assert kserve.canaries_seen == []
     assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00002"]
     assert "RawDeployment mode: no canary" in caplog.text
-    obj = stored(api)
     crdcheck.validate(obj)
-    assert "latestCreatedRevision" not in obj["status"]["components"]["predictor"]
+    reported = obj["status"]["components"]["predictor"].get("latestCreatedRevision")
+    assert reported == ("2" if version == "0.14.1" else None)
+    assert obj["status"].get("deploymentMode") == (None if version == "0.14.1" else "RawDeployment")
     pred = obj["spec"]["predictor"]
     assert "canaryTrafficPercent" not in pred and pred["model"]["storageUri"] == NEW_URI
 
@@ -638,6 +823,30 @@ def test_raw_deployment_pods_that_crash_are_rolled_back_by_reapplying_the_spec(
     assert waited < 15 and len(smoke.calls) == 1  # failed fast, never smoke-tested
     assert stored(api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
     assert list(kserve.revision_uri.values()) == [OLD_URI, BAD_URI, OLD_URI]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_raw_update_of_scaling_alone_waits_for_the_hpa_not_a_new_template(model_server, version):
+    """KServe writes min/max replicas and the scale target into the HPA; the Deployment's
+    template is unchanged and no new rollout revision appears. Waiting for one would time
+    out and roll back a change that was carried out."""
+    smoke = Smoke()
+    with served_api(version=version) as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version=version
+        ) as kserve:
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            kserve.notice_after_s = 1.0
+            update = raw(OLD_URI, "serving.max_replicas=3", "serving.scale_target=60")
+            result = rollout(api, timeout_s=20).rollout(update, smoke)
+            scaling = kubernetes.client.AutoscalingV2Api(api.client(INSPECTOR_UA))
+            hpa = scaling.read_namespaced_horizontal_pod_autoscaler(f"{NAME}-predictor", NS)
+    assert (result["action"], result["revision"]) == ("updated", "1")
+    assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (1, 3)
+    assert hpa.spec.metrics[0].resource.target.average_utilization == 60
+    assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
+    # Smoke-tested only once KServe had written the HPA.
+    assert kserve.hpa_writes == 2 and len(smoke.calls) == 2
 
 
 # --------------------------------------------------------------------------- Knative specifics

@@ -15,30 +15,60 @@ from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_prog
 NAME = "brain-ldm"
 
 
-def test_the_canary_address_follows_the_tag_template_namespace_and_cluster_domain():
-    obj = {
-        "metadata": {"name": "brain", "namespace": "team-a"},
-        "status": {
-            "components": {
-                "predictor": {
-                    "address": {"url": "http://brain-predictor.team-a.svc.corp.local"},
-                    "traffic": [
-                        {"tag": "prev", "url": "http://prev-brain-predictor.team-a.ml.example.org"},
-                        {
-                            "tag": "latest",
-                            "url": "https://latest-brain-predictor.team-a.ml.example.org",
-                        },
-                    ],
-                }
-            }
-        },
+def _canary_status(route_url: str, tag_url: str, address: str | None) -> dict:
+    predictor = {
+        "url": route_url,
+        "traffic": [
+            {"tag": "prev", "url": tag_url.replace("latest", "prev")},
+            {"tag": "latest", "url": tag_url},
+        ],
     }
-    assert (
-        isvc_status.service_url(obj, canary=True)
-        == "http://latest-brain-predictor.team-a.svc.corp.local"
-    )
-    del obj["status"]["components"]["predictor"]["address"]  # not Ready: KServe copies none
-    assert isvc_status.canary_url(obj) == "http://latest-brain-predictor.team-a.svc.cluster.local"
+    if address:
+        predictor["address"] = {"url": address}
+    return {
+        "metadata": {"name": "brain", "namespace": "team-a"},
+        "status": {"components": {"predictor": predictor}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("route_url", "tag_url", "expected"),
+    [
+        # Knative's defaults: domain-template {{.Name}}.{{.Namespace}}.{{.Domain}}.
+        (
+            "http://brain-predictor.team-a.ml.example.org",
+            "https://latest-brain-predictor.team-a.ml.example.org",
+            "http://latest-brain-predictor.team-a.svc.corp.local",
+        ),
+        # {{.Name}}-{{.Namespace}}.{{.Domain}}: the first label is not the tag's name.
+        (
+            "http://brain-predictor-team-a.example.org",
+            "http://latest-brain-predictor-team-a.example.org",
+            "http://latest-brain-predictor.team-a.svc.corp.local",
+        ),
+        # A tag-template of {{.Name}}-{{.Tag}} under a template that puts the name second.
+        (
+            "http://team-a.brain-predictor.models.example.org",
+            "http://team-a.brain-predictor-latest.models.example.org",
+            "http://brain-predictor-latest.team-a.svc.corp.local",
+        ),
+        # A cluster-local route: the tag URL is already the cluster-local one.
+        (
+            "http://brain-predictor.team-a.svc.corp.local",
+            "http://latest-brain-predictor.team-a.svc.corp.local",
+            "http://latest-brain-predictor.team-a.svc.corp.local",
+        ),
+    ],
+    ids=["default", "name-dash-namespace", "custom-tag-template", "cluster-local"],
+)
+def test_the_canary_address_is_read_from_what_knative_reports(route_url, tag_url, expected):
+    """The tag's cluster-local Service is named by the tag-template; its external URL is the
+    domain-template over that name. Both templates are the cluster's: the address comes
+    from comparing the tag's URL with the route's, not from the URL's first label."""
+    obj = _canary_status(route_url, tag_url, "http://brain-predictor.team-a.svc.corp.local")
+    assert isvc_status.service_url(obj, canary=True) == expected
+    # Not Ready yet (KServe copies the address only then), or no tag: no address to use.
+    assert isvc_status.canary_url(_canary_status(route_url, tag_url, None)) is None
     obj["status"]["components"]["predictor"]["traffic"] = []
     assert isvc_status.canary_url(obj) is None
 

@@ -1221,3 +1221,45 @@ def test_checkov_fails_a_weakened_predictor(builds, tmp_path):
     report, returncode = checkov_scan(tmp_path)
     failed = {c["check_id"] for c in report["results"]["failed_checks"]}
     assert {"CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_23"} <= failed and returncode != 0
+
+
+# --------------------------------------------------------------------------- Istio in a profile
+
+
+def test_the_istio_smoke_component_admits_the_smoke_step_and_keeps_the_users_in(tree):
+    """The opt-in component as kustomize builds it, with the profile controller's policy, in
+    the model of Istio's rules (tests/harness/istio.py): the deploy step's token in its own
+    header passes; the profile owner's request through Kubeflow's gateway, which forwards
+    the user's Dex token in Authorization, passes too; a token of an issuer the component
+    does not name, a forged one, or none from a pod outside the mesh does not."""
+    from ldm_core.deploy import SMOKE_TOKEN_HEADER
+    from tests.harness import istio
+
+    proc = kustomize(layered(tree, "local", ("kubeflow-istio-smoke",)))
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    mesh = istio.Mesh([*built, istio.profile_policy("brain-ldm", "user@example.com")])
+    pods = {"serving.kserve.io/inferenceservice": isvc_build.RUNTIME_NAME}
+    infer = f"/v2/models/{isvc_build.RUNTIME_NAME}/infer"
+
+    def ask(headers: dict[str, str], source: istio.Source = istio.Source()) -> int:
+        return mesh.request(pods, "brain-ldm", "POST", infer, headers, source)
+
+    gateway = istio.Source(
+        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "istio-system"
+    )
+    user = {
+        "Authorization": f"Bearer {istio.token(istio.DEX_ISSUER, 'CgVhZG1pbhIFbG9jYWw')}",
+        "kubeflow-userid": "user@example.com",
+    }
+    assert ask(user, gateway) == 200
+    runner = "system:serviceaccount:brain-ldm:pipeline-runner"
+    sa_token = istio.token(istio.KUBERNETES_ISSUER, runner)
+    assert ask({SMOKE_TOKEN_HEADER: sa_token}) == 200
+    editor = istio.token(istio.KUBERNETES_ISSUER, "system:serviceaccount:brain-ldm:default-editor")
+    assert ask({SMOKE_TOKEN_HEADER: editor}) == 200
+    assert ask({SMOKE_TOKEN_HEADER: istio.token(istio.DEX_ISSUER, runner)}) == 401
+    assert ask({SMOKE_TOKEN_HEADER: istio.token(istio.KUBERNETES_ISSUER, runner, b"x")}) == 401
+    assert ask({}) == 403
+    other = istio.token(istio.KUBERNETES_ISSUER, "system:serviceaccount:other:default")
+    assert ask({SMOKE_TOKEN_HEADER: other}) == 403

@@ -281,7 +281,9 @@ class ServingConfig:
     ``/unload`` (and their gRPC calls). Admin-only when on: they take no credentials, and an
     unload takes the model out of service until the pod restarts (liveness then fails, so the
     kubelet restarts it); expose the port to admins only. Off, the routes do not exist (404)."""
-    # -- capacity on a cluster (the InferenceService's predictor; cluster.predictor sizes a pod)
+    # -- capacity on a cluster (the InferenceService's predictor; cluster.predictor sizes a pod).
+    # What KServe and Knative allow of these is checked in config/validation.py
+    # (_check_capacity); the properties below are the values the InferenceService carries.
     deployment_mode: str = "Serverless"
     """Serverless (Knative: scale to zero, concurrency/rps autoscaling, canary traffic) or
     RawDeployment (a Deployment and an HPA: no Knative, never below one replica)."""
@@ -294,11 +296,54 @@ class ServingConfig:
     at steps=10 another 290 s. An idle core is many times faster (a UNet step is 34 ms there,
     see FACTS); measure on the predictor's node before choosing 0 for interactive use."""
     max_replicas: int = 1
-    scale_metric: str = "concurrency"
-    """What the autoscaler watches: concurrency | rps (Knative, Serverless) | cpu | memory."""
-    scale_target: int = 1
-    """Target per replica of scale_metric (in-flight requests, requests/s, or % utilisation).
-    One generating request keeps a replica busy, so concurrency 1 adds a replica per request."""
+    scale_metric: str = "auto"
+    """What the autoscaler watches: concurrency | rps (Knative's autoscaler, Serverless) |
+    cpu | memory (an HPA, RawDeployment); auto: concurrency in Serverless, cpu in
+    RawDeployment (see :attr:`autoscale_metric`)."""
+    scale_target: int = 0
+    """Target per replica of scale_metric: in-flight requests (concurrency), requests/s (rps),
+    or % of the pod's request (cpu, memory). 0: what the metric's own meaning suggests (see
+    :attr:`autoscale_target`): for concurrency, the requests one replica generates at once
+    (:attr:`container_concurrency`), so a replica fills its batch before another starts; for
+    cpu, KServe's default of 80 (DefaultCPUUtilization). rps and memory need a value."""
+    progress_deadline_s: int = 1800
+    """How long a new predictor revision may take to become ready before Knative declares it
+    failed (annotation ``serving.knative.dev/progress-deadline``; Knative's own default is
+    600 s). A GPU predictor's first start on a node pulls a CUDA image of several GB, then
+    downloads the bundle and loads and warms up the model: ten minutes is not enough on a
+    cold node. The deploy step waits this long plus a margin, so Knative's verdict arrives
+    first. In RawDeployment mode KServe fixes the Deployment's progressDeadlineSeconds at 600
+    (deployment_reconciler.go, setDefaultDeploymentSpec) and this field does not reach it."""
+    update_strategy: str = "RollingUpdate"
+    """RawDeployment only: how the predictor's Deployment replaces its pods (KServe's
+    ``deploymentStrategy``). RollingUpdate starts the new pod before stopping the old one,
+    so an update of a one-GPU predictor needs a second free GPU; Recreate stops the old pods
+    first and needs none, at the cost of downtime (no replica serves until the new one is
+    ready: image pull, bundle download, load and warm-up). Serverless always keeps the old
+    revision serving (the canary) and KServe refuses a deploymentStrategy there."""
+
+    @property
+    def container_concurrency(self) -> int:
+        """Requests one replica takes at once (the predictor's ``containerConcurrency``): as
+        many as its server generates at once (``max_concurrency`` denoising loops, each a
+        batch of up to ``max_batch_size`` requests). Fewer would starve the batching; more
+        would queue in the pod, where Knative's autoscaler cannot see them."""
+        return self.max_concurrency * self.max_batch_size
+
+    @property
+    def autoscale_metric(self) -> str:
+        """``scale_metric`` with ``auto`` resolved for ``deployment_mode``."""
+        if self.scale_metric != "auto":
+            return self.scale_metric
+        return "cpu" if self.deployment_mode == "RawDeployment" else "concurrency"
+
+    @property
+    def autoscale_target(self) -> int:
+        """``scale_target`` with 0 resolved for :attr:`autoscale_metric` (0 stays 0 where the
+        metric has no natural default; validation refuses that)."""
+        if self.scale_target:
+            return self.scale_target
+        return {"concurrency": self.container_concurrency, "cpu": 80}.get(self.autoscale_metric, 0)
 
 
 @dataclass

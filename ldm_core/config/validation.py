@@ -212,6 +212,13 @@ def _check_quantity(where: str, value: str, example: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not a Kubernetes quantity (e.g. {example})")
 
 
+_METRICS = ("auto", *_KNATIVE_METRICS, "cpu", "memory")
+_UPDATE_STRATEGIES = ("RollingUpdate", "Recreate")
+KNATIVE_MAX_CONTAINER_CONCURRENCY = 1000
+"""Knative's ``container-concurrency-max-limit`` default (config-defaults;
+knative/serving pkg/apis/config/defaults.go DefaultMaxRevisionContainerConcurrency)."""
+
+
 def _cores(quantity: str) -> decimal.Decimal | None:
     """CPU cores of a quantity written in cores or millicores; None for other units."""
     match = QUANTITY.match(quantity)
@@ -236,42 +243,127 @@ def _check_cpu_limit(where: str, res: TrainingResources) -> None:
 
 
 def _check_capacity(cfg: Config) -> None:
-    """The predictor's autoscaling as KServe can carry it out in the chosen mode."""
+    """The predictor's autoscaling and capacity as KServe and Knative carry them out: each
+    rule is one the cluster would enforce by refusing the InferenceService, or one whose
+    breach makes a valid object serve badly (503s, no batching, a 1 % CPU target)."""
     s = cfg.serving
     if s.deployment_mode not in _MODES:
         raise ConfigError(
             f"serving.deployment_mode: {s.deployment_mode!r} is not one of {', '.join(_MODES)}"
             f"{suggest(s.deployment_mode, _MODES)}"
         )
-    metrics = (*_KNATIVE_METRICS, "cpu", "memory")
-    if s.scale_metric not in metrics:
-        raise ConfigError(
-            f"serving.scale_metric: {s.scale_metric!r} is not one of {', '.join(metrics)}"
-        )
+    for field, value, choices in (
+        ("scale_metric", s.scale_metric, _METRICS),
+        ("update_strategy", s.update_strategy, _UPDATE_STRATEGIES),
+    ):
+        if value not in choices:
+            raise ConfigError(
+                f"serving.{field}: {value!r} is not one of {', '.join(choices)}"
+                f"{suggest(value, choices)}"
+            )
     raw = s.deployment_mode == "RawDeployment"
-    # KServe docs, "Autoscaling with Kubernetes HPA": RawDeployment scales with an HPA on cpu
-    # or memory and never down to zero; concurrency and rps need Knative's autoscaler.
-    if raw and s.scale_metric in _KNATIVE_METRICS:
+    _check_replicas(s.deployment_mode, s.min_replicas, s.max_replicas)
+    _check_admission(cfg)
+    if raw:
+        _check_hpa(s.autoscale_metric, s.autoscale_target)
+    else:
+        _check_knative(cfg)
+    if s.progress_deadline_s <= 0:
         raise ConfigError(
-            f"serving.scale_metric: {s.scale_metric} needs Knative (deployment_mode "
-            "Serverless); RawDeployment's HPA scales on cpu or memory"
+            f"serving.progress_deadline_s: must be positive seconds, got {s.progress_deadline_s}"
         )
-    if s.min_replicas < (1 if raw else 0):
+
+
+def _check_replicas(mode: str, low: int, high: int) -> None:
+    raw = mode == "RawDeployment"
+    if low < (1 if raw else 0):
         raise ConfigError(
-            f"serving.min_replicas: {s.min_replicas} is not possible in {s.deployment_mode} mode "
+            f"serving.min_replicas: {low} is not possible in {mode} mode "
             + (
                 "(no scale to zero without Knative: use 1, or deployment_mode Serverless)"
                 if raw
                 else "(0 = scale to zero)"
             )
         )
-    if s.max_replicas < max(1, s.min_replicas):
+    if high < max(1, low):
         raise ConfigError(
-            f"serving.max_replicas: {s.max_replicas} is below max(1, serving.min_replicas="
-            f"{s.min_replicas})"
+            f"serving.max_replicas: {high} is below max(1, serving.min_replicas={low})"
         )
-    if s.scale_target <= 0:
-        raise ConfigError(f"serving.scale_target: must be positive, got {s.scale_target}")
+
+
+def _check_admission(cfg: Config) -> None:
+    """Knative routes up to containerConcurrency requests to one pod; the server admits
+    max_concurrency + max_queue (ldm_core/serve/admission.py) and answers 503 beyond."""
+    s = cfg.serving
+    cc, admitted = s.container_concurrency, s.max_concurrency + s.max_queue
+    if cc > admitted:
+        raise ConfigError(
+            f"serving.max_queue: {s.max_queue} lets a replica admit max_concurrency + max_queue"
+            f" = {admitted} requests, but its containerConcurrency (max_concurrency x "
+            f"max_batch_size = {cc}) lets Knative route {cc} to it, so it would answer 503 to "
+            f"requests already routed; set serving.max_queue to at least {cc - s.max_concurrency}"
+        )
+    if cfg.serving.deployment_mode != "RawDeployment" and cc > KNATIVE_MAX_CONTAINER_CONCURRENCY:
+        raise ConfigError(
+            f"serving.max_batch_size: containerConcurrency max_concurrency x max_batch_size = "
+            f"{cc} exceeds Knative's limit of {KNATIVE_MAX_CONTAINER_CONCURRENCY}"
+        )
+
+
+def _check_knative(cfg: Config) -> None:
+    """Serverless: KServe's webhook takes only Knative's metrics and no deploymentStrategy
+    (kserve pkg/apis/serving/v1beta1/inference_service_validation.go,
+    validateScalingKPACompExtension, v0.14.1 and v0.15.2); and a concurrency target below
+    one replica's batch scales out before the batch fills (queue-proxy counts every request
+    it forwards; the autoscaler aims at target x 70 % utilisation per pod)."""
+    s = cfg.serving
+    metric, target = s.autoscale_metric, s.autoscale_target
+    if metric not in _KNATIVE_METRICS:
+        raise ConfigError(
+            f"serving.scale_metric: {metric} is refused by KServe's webhook in Serverless mode "
+            f"([{metric}] is not a supported metric); use concurrency or rps (or auto), or "
+            "deployment_mode RawDeployment for an HPA on cpu or memory"
+        )
+    if s.update_strategy != "RollingUpdate":
+        raise ConfigError(
+            f"serving.update_strategy: {s.update_strategy} is refused by KServe's webhook in "
+            "Serverless mode (customizing deploymentStrategy is only supported for raw "
+            "deployment mode); Serverless keeps the old revision serving during an update"
+        )
+    if metric == "rps" and target < 1:
+        raise ConfigError(
+            "serving.scale_target: scale_metric rps needs a target of at least 1 request/s "
+            "per replica (KServe's webhook refuses less)"
+        )
+    cc = s.container_concurrency
+    if metric == "concurrency" and not s.max_batch_size <= target <= cc:
+        raise ConfigError(
+            f"serving.scale_target: {target} concurrent requests per replica "
+            + (
+                f"scales out before a batch of serving.max_batch_size={s.max_batch_size} fills"
+                if target < s.max_batch_size
+                else f"is more than a replica takes (containerConcurrency {cc}); Knative caps it"
+            )
+            + f"; use {cc} (0 derives it: max_concurrency x max_batch_size)"
+        )
+
+
+def _check_hpa(metric: str, target: int) -> None:
+    """RawDeployment: an HPA on a resource's utilisation. KServe v0.14.1's webhook takes
+    only cpu and memory with a target of 1..100 (validateScalingHPACompExtension); v0.15.2's
+    HPA reconciler builds no metric for any other resource, nor for memory without a target
+    (reconcilers/hpa/hpa_reconciler.go getHPAMetrics). A target far below what one busy
+    request uses adds replicas for nothing."""
+    if metric not in ("cpu", "memory"):
+        raise ConfigError(
+            f"serving.scale_metric: {metric} needs Knative (deployment_mode Serverless); "
+            "RawDeployment's HPA scales on cpu or memory (auto: cpu)"
+        )
+    if not 10 <= target <= 100:
+        raise ConfigError(
+            f"serving.scale_target: {target} is an HPA target of {target} % {metric} "
+            "utilisation of the pod's request; give 10..100, e.g. 80 (KServe's default for cpu)"
+        )
 
 
 def _check_cluster(cfg: Config) -> None:

@@ -14,17 +14,46 @@ every replica is updated, no old replica is left, and every updated one is avail
 The pod template's identity is the Deployment controller's ``deployment.kubernetes.io/revision``
 annotation, which grows whenever a new template (or an old one again, on a roll back) is
 rolled out.
+
+Not every update makes a new template: KServe writes ``minReplicas``, ``maxReplicas``,
+``scaleMetric`` and ``scaleTarget`` into an HPA ``<isvc>-predictor``
+(reconcilers/hpa/hpa_reconciler.go ``createHPA``, v0.14.1 and v0.15.2) and leaves the
+Deployment alone when only those change (deployment_reconciler.go ignores replicas in its
+diff). So what proves an update was carried out is what it changes: the template's fields
+the predictor sets (:func:`template_differs`) and the HPA's bounds and target
+(:func:`hpa_differs`); then the rollout rule above, on whatever revision that is.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import kubernetes
+
+from ldm_core.errors import LdmError
+from ldm_core.kube.errors import ApiCall, call_api
+
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
+"""Where KServe tells the storage initializer the model's storageUri: an annotation on the
+predictor's pod template (components/predictor.go, v0.15.2 line 264; v0.14.1 alike)."""
 PREDICTOR_SUFFIX = "-predictor"
 """KServe names the predictor's Deployment (and Service) ``<isvc name>-predictor``."""
-RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [("apps", "deployments", ("get",))]
+RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("apps", "deployments", ("get",)),
+    ("autoscaling", "horizontalpodautoscalers", ("get",)),
+]
+_POD_FIELDS = (
+    "serviceAccountName",
+    "nodeSelector",
+    "tolerations",
+    "priorityClassName",
+    "imagePullSecrets",
+    "terminationGracePeriodSeconds",
+)
+"""Pod-level predictor fields KServe copies into the Deployment's pod template as given."""
 _FAILED_CONDITIONS = {
     # (type, status): why it fails for good
     ("Progressing", "False"): "ProgressDeadlineExceeded",
@@ -44,6 +73,31 @@ def predictor_deployment(isvc_name: str) -> str:
     return f"{isvc_name}{PREDICTOR_SUFFIX}"
 
 
+def read(
+    api_client: kubernetes.client.ApiClient,
+    kind: str,
+    namespace: str,
+    isvc_name: str,
+    error: type[LdmError],
+) -> dict[str, Any] | None:
+    """The predictor's ``kind`` ("deployment" or "hpa", both named
+    ``<isvc>-predictor``) as the API returns it, or None while there is none."""
+    name = predictor_deployment(isvc_name)
+    if kind == "deployment":
+        apps = kubernetes.client.AppsV1Api(api_client)
+        call = ApiCall("get", "deployments.apps", namespace, name)
+        send = lambda: apps.read_namespaced_deployment(name, namespace, _preload_content=False)  # noqa: E731
+    else:
+        scaling = kubernetes.client.AutoscalingV2Api(api_client)
+        call = ApiCall("get", "horizontalpodautoscalers.autoscaling", namespace, name)
+        send = lambda: scaling.read_namespaced_horizontal_pod_autoscaler(  # noqa: E731
+            name, namespace, _preload_content=False
+        )
+    host = str(api_client.configuration.host)
+    answer = call_api(call, send, host=host, error=error, absent_on=(404,))
+    return None if answer is None else json.loads(answer.data)
+
+
 def revision(deployment: Mapping[str, Any] | None) -> str | None:
     """The Deployment's rollout revision (None before the controller set one)."""
     annotations = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
@@ -61,15 +115,92 @@ def _failed(status: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _contains(actual: Any, expected: Any) -> bool:
+    """``expected`` is in ``actual``: maps key by key, lists item by item (KServe and the
+    API server add defaults and the runtime's entries beside ours)."""
+    if isinstance(expected, Mapping):
+        return isinstance(actual, Mapping) and all(
+            _contains(actual.get(k), v) for k, v in expected.items()
+        )
+    if isinstance(expected, list):
+        return isinstance(actual, list) and all(
+            any(_contains(a, e) for a in actual) for e in expected
+        )
+    return actual == expected or str(actual) == str(expected)
+
+
+def template_differs(
+    deployment: Mapping[str, Any] | None, predictor: Mapping[str, Any]
+) -> str | None:
+    """What of the ``predictor`` spec the Deployment's pod template does not carry yet (the
+    kserve-container's image, args, env, resources, lifecycle; the pod's placement and
+    grace), or None when it carries all of it."""
+    if deployment is None:
+        return "KServe to create the predictor's Deployment"
+    template = (deployment.get("spec") or {}).get("template") or {}
+    pod = template.get("spec") or {}
+    uri = (predictor.get("model") or {}).get("storageUri")
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    if uri and annotations.get(SOURCE_URI_ANNOTATION) != uri:
+        return f"the Deployment's pod template to load {uri}"
+    containers = {c.get("name"): c for c in pod.get("containers") or []}
+    served = containers.get("kserve-container") or {}
+    want = predictor.get("model") or (predictor.get("containers") or [{}])[0]
+    fields = ("image", "env", "resources", "lifecycle")
+    expected = {k: want[k] for k in fields if k in want}
+    for key, value in expected.items():
+        if not _contains(served.get(key), value):
+            return f"the Deployment's pod template to carry the predictor's {key}"
+    args = list(want.get("args") or [])
+    if args and (served.get("args") or [])[-len(args) :] != args:
+        return "the Deployment's pod template to carry the predictor's args"
+    for key in _POD_FIELDS:
+        if key in predictor and not _contains(pod.get(key), predictor[key]):
+            return f"the Deployment's pod template to carry the predictor's {key}"
+    return None
+
+
+def hpa_differs(hpa: Mapping[str, Any] | None, predictor: Mapping[str, Any]) -> str | None:
+    """What of the predictor's scaling the HPA does not say yet, or None: its replica bounds
+    as createHPA derives them (min at least 1, max at least min) and a resource metric
+    ``scaleMetric`` at ``scaleTarget`` % utilisation."""
+    low = max(1, predictor.get("minReplicas", 1))
+    high = max(predictor.get("maxReplicas", 0), low)
+    if hpa is None:
+        return "KServe to create the predictor's HorizontalPodAutoscaler"
+    spec = hpa.get("spec") or {}
+    if (spec.get("minReplicas"), spec.get("maxReplicas")) != (low, high):
+        return (
+            f"the HPA's replicas {low}..{high} (now {spec.get('minReplicas')}.."
+            f"{spec.get('maxReplicas')})"
+        )
+    metric, target = predictor.get("scaleMetric"), predictor.get("scaleTarget")
+    if metric is None:
+        return None
+    resources = {
+        (m.get("resource") or {}).get("name"): (m.get("resource") or {}).get("target") or {}
+        for m in spec.get("metrics") or []
+    }
+    if metric not in resources or (
+        target is not None and resources[metric].get("averageUtilization") != target
+    ):
+        return f"the HPA's target of {target} % {metric}"
+    return None
+
+
 def deployment_progress(
-    deployment: Mapping[str, Any] | None, previous_revision: str | None
+    deployment: Mapping[str, Any] | None,
+    previous_revision: str | None,
+    *,
+    new_revision: bool = True,
 ) -> DeploymentProgress:
-    """Where the Deployment's rollout of a pod template newer than ``previous_revision``
-    stands (``previous_revision`` None: any template counts)."""
+    """Where the Deployment's rollout stands: of a pod template newer than
+    ``previous_revision`` (``previous_revision`` None, or ``new_revision`` False: of the
+    template it has now)."""
     if deployment is None:
         return DeploymentProgress("waiting", "KServe to create the predictor's Deployment", None)
     rev = revision(deployment)
-    if rev is None or rev == previous_revision:
+    if rev is None or (new_revision and rev == previous_revision):
         return DeploymentProgress(
             "waiting", f"a new Deployment revision (still {rev or 'unset'})", rev
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ldm_core.config import Config, ServingConfig
+from ldm_core.config import Config
 from ldm_core.kube.resources import CustomResource
 from ldm_core.kube.security import container_security_context, pod_security_context
 
@@ -38,14 +38,41 @@ BUNDLE_DIGEST_ENV = "LDM_BUNDLE_SHA256"
 """Set on the predictor so a new bundle always changes the pod template (a new revision),
 even when it is uploaded to the same storageUri."""
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+PROGRESS_DEADLINE_ANNOTATION = "serving.knative.dev/progress-deadline"
+"""Knative's per-revision progress deadline (knative/serving pkg/apis/serving/register.go,
+ProgressDeadlineAnnotationKey, v1.16): a duration at second precision on the revision
+template, which KServe fills from the predictor's annotations."""
+SERVED_LIMITS = ("max_concurrency", "max_queue", "max_batch_size", "max_batch_wait_ms")
+"""The ``serving`` fields the predictor's admission runs on (Admission.from_config), passed
+to its server explicitly: the server would otherwise read them from the bundle's own
+config.yaml, written by the training run, while containerConcurrency and the timeout come
+from this deploy's config. ``request_timeout_s`` travels with them (:func:`served_args`)."""
+PRESTOP_DRAIN_S = 15
+"""RawDeployment: seconds the preStop hook waits before the server gets SIGTERM, so the
+endpoints controller, kube-proxy and the ingress drop the pod before it stops taking
+requests (in Serverless mode Knative's queue-proxy drains and Knative refuses a
+``lifecycle``; knative/serving pkg/apis/serving/fieldmask.go ContainerMask)."""
 
 
-def container_concurrency(cfg: Config) -> int:
-    """Requests one predictor replica takes at once: as many as its server generates at once
-    (``serving.max_concurrency`` denoising loops, each a batch of up to
-    ``serving.max_batch_size`` requests). Fewer would starve the batching; more would queue
-    in the pod, where Knative's autoscaler cannot see them."""
-    return cfg.serving.max_concurrency * cfg.serving.max_batch_size
+def served_args(cfg: Config) -> list[str]:
+    """The server's arguments that make it serve what the InferenceService promises: its
+    model name and admission limits from this deploy's config, as ``--set`` overrides of
+    whatever config the bundle carries. KServe appends a predictor's ``model.args`` to the
+    ServingRuntime's args (kserve pkg/controller/v1beta1/inferenceservice/utils/utils.go,
+    MergeRuntimeContainers: 0.14.1 line 217, 0.15.2 line 226)."""
+    s = cfg.serving
+    limits = [*SERVED_LIMITS, "request_timeout_s"]
+    sets = [arg for f in limits for arg in ("--set", f"serving.{f}={getattr(s, f)}")]
+    return ["--model-name", s.model_name, *sets]
+
+
+def termination_grace_s(cfg: Config) -> int:
+    """RawDeployment: how long a stopping pod may take. Its preStop drain, then the longest
+    request it may still be generating (``serving.request_timeout_s``), then a margin for
+    the server to exit. KServe leaves Kubernetes' 30 s when the predictor sets none
+    (deployment_reconciler.go setDefaultPodSpec, v0.14.1 and v0.15.2); in Serverless mode
+    Knative sets it to the revision's timeout (pkg/reconciler/revision/resources/deploy.go)."""
+    return PRESTOP_DRAIN_S + int(cfg.serving.request_timeout_s) + 30
 
 
 def ingress_timeout_s(cfg: Config) -> int:
@@ -88,20 +115,35 @@ def _placement(cfg: Config) -> dict[str, Any]:
         out["imagePullSecrets"] = [{"name": n} for n in c.image_pull_secrets]
     if cfg.serving.deployment_mode == "RawDeployment":
         out["securityContext"] = pod_security_context()
+        out["terminationGracePeriodSeconds"] = termination_grace_s(cfg)
     return out
 
 
 def _autoscaling(cfg: Config) -> dict[str, Any]:
-    """Replicas and what the autoscaler watches (``serving``); :func:`container_concurrency`
-    caps what one replica takes."""
+    """Replicas and what the autoscaler watches (``serving``, validated against KServe's
+    and Knative's rules by the config); ``containerConcurrency`` caps what one replica
+    takes (Knative only: an HPA has no such cap)."""
     s = cfg.serving
-    return {
+    out: dict[str, Any] = {
         "minReplicas": s.min_replicas,
         "maxReplicas": s.max_replicas,
-        "scaleMetric": s.scale_metric,
-        "scaleTarget": s.scale_target,
-        "containerConcurrency": container_concurrency(cfg),
+        "scaleMetric": s.autoscale_metric,
+        "scaleTarget": s.autoscale_target,
+        "containerConcurrency": s.container_concurrency,
     }
+    if s.deployment_mode == "RawDeployment":
+        out["deploymentStrategy"] = {"type": s.update_strategy}
+    else:
+        out["annotations"] = {PROGRESS_DEADLINE_ANNOTATION: f"{s.progress_deadline_s}s"}
+    return out
+
+
+def _lifecycle(cfg: Config) -> dict[str, Any]:
+    """RawDeployment: the preStop drain (:data:`PRESTOP_DRAIN_S`); Serverless: none."""
+    if cfg.serving.deployment_mode != "RawDeployment":
+        return {}
+    drain = {"exec": {"command": ["sleep", str(PRESTOP_DRAIN_S)]}}
+    return {"lifecycle": {"preStop": drain}}
 
 
 def _env(bundle_digest: str) -> list[dict[str, str]]:
@@ -139,11 +181,9 @@ def _runtime_model(
         "protocolVersion": "v2",
         "storageUri": storage_uri,
         "resources": _resources(cfg),
+        "args": served_args(cfg),
+        **_lifecycle(cfg),
     }
-    if cfg.serving.model_name != ServingConfig.model_name:
-        # KServe appends these to the runtime's args. The runtime's server takes its name
-        # from the bundle's config, whose default name needs none.
-        model["args"] = ["--model-name", cfg.serving.model_name]
     env = _env(bundle_digest)
     if env:
         model["env"] = env
@@ -157,14 +197,12 @@ def _custom_container(cfg: Config, storage_uri: str, bundle_digest: str) -> dict
         "name": "kserve-container",
         "image": cfg.cluster.serving_image,
         "command": ["python", "-m", "ldm_core.serve"],
-        "args": [
-            *["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT)],
-            *["--model-name", cfg.serving.model_name],
-        ],
+        "args": ["--bundle", MODEL_DIR, "--http-port", str(HTTP_PORT), *served_args(cfg)],
         "env": [{"name": "STORAGE_URI", "value": storage_uri}, *_env(bundle_digest)],
         "ports": [{"name": "http1", "containerPort": HTTP_PORT, "protocol": "TCP"}],
         "resources": _resources(cfg),
         "securityContext": container_security_context(),
+        **_lifecycle(cfg),
         **_probes(),
     }
 

@@ -5,11 +5,18 @@ Kubernetes API, in the deployment mode KServe reports (:func:`isvc_status.is_raw
     Serverless (Knative), present -> patch the predictor with ``canaryTrafficPercent`` ->
                wait for the NEW revision -> smoke inference through the canary's own
                cluster-local tag address -> promote (drop the canary, 100%) or, on failure
-               or timeout, roll back (restore the previous predictor spec)
+               or timeout, roll back: pin all traffic to the previous revision
+               (``canaryTrafficPercent: 0``), restore the previous predictor spec under
+               the pin, and drop the pin once the restored revision is ready
     RawDeployment (``Standard``), present -> no canary (a Deployment has no traffic split):
-               patch -> wait until the Deployment rolled out the new pod template -> smoke
-               inference through the predictor's Service -> done, or roll back by
-               re-applying the previous predictor spec
+               patch -> wait until the Deployment carries the new spec (pod template, HPA)
+               and has rolled it out -> smoke inference through the predictor's Service ->
+               done, or roll back by re-applying the previous predictor spec
+
+Why the pin: without ``canaryTrafficPercent`` KServe routes 100% to the latest *ready*
+revision (kserve reconcilers/knative/ksvc_reconciler.go ``createKnativeService``, v0.14.1
+lines 119-150, v0.15.2 lines 115-147): the canary that just failed, until the restored
+revision is up. With ``canaryTrafficPercent: 0`` the last rolled-out revision takes 100%.
 
 What counts as the new revision being ready, failed or awaited is read by the pure
 functions of :mod:`ldm_core.kube.isvc_status`; the revision promoted is the one
@@ -19,15 +26,16 @@ that message. Before an update in Serverless mode, Knative's podspec feature fla
 (when RBAC allows) and a spec that needs one that is off is warned about up front.
 
 Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
-is never relied on, so the code works against API servers with partial bookkeeping. API
-calls go through :class:`ldm_core.kube.resources.CustomObjects`, so a refusal names the
-missing RBAC grant as the PyTorchJob launcher's do; the clock and sleep are injected.
+is never relied on, so the code works against API servers with partial bookkeeping. Every
+create and patch asks for ``fieldValidation=Strict``, so an API server refuses a field the
+installed CRD does not know instead of pruning it. API calls go through
+:func:`ldm_core.kube.errors.call_api`, so a refusal names the missing RBAC grant as the
+PyTorchJob launcher's do; the clock and sleep are injected.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -45,7 +53,10 @@ from ldm_core.kube.isvc_status import (
     RevisionState,
     canary_split_state,
     deployment_mode,
+    invalid_spec,
     is_raw,
+    model_failure,
+    pinned_state,
     predictor_status,
     promotion_state,
     raw_revision_state,
@@ -66,6 +77,8 @@ RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
 manifests/ grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
 tests/test_isvc_rollout.py holds the rollout's real requests to this list."""
 
+FIELD_VALIDATION = "Strict"
+"""Every create and patch: refuse unknown fields (a CRD older than the code) loudly."""
 EVENTS_EVERY_S = 2.0
 """How often, at most, a wait lists the InferenceService's events for a webhook's refusal
 (a list weighs more than a get, and KServe repeats the event on every retry anyway)."""
@@ -113,6 +126,10 @@ class _Before:
     deployment_revision: str | None
     """RawDeployment: the predictor Deployment's rollout revision."""
     written_at: datetime
+    predictor: dict[str, Any]
+    """The predictor spec written (RawDeployment: what the Deployment and HPA must carry)."""
+    refused: tuple[str, str, str] | None = None
+    """KServe's InvalidSpec report before the write (:func:`model_failure`)."""
 
 
 class InferenceServiceRollout:
@@ -152,28 +169,50 @@ class InferenceServiceRollout:
         """The InferenceService as stored, or None when there is none of that name."""
         return self._objects(ISVC, namespace).get(name)
 
-    def _create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        return self._objects(ISVC, obj["metadata"]["namespace"]).create(obj) or {}
+    def _call(self, verb: str, resource: CustomResource, ns: str, name: str, send: Any) -> Any:
+        return call_api(
+            ApiCall(verb, resource.rbac_name, ns, name),
+            send,
+            host=str(self.api_client.configuration.host),
+            error=RolloutError,
+        )
 
-    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._objects(ISVC, namespace).patch(name, body)
+    def _create(self, obj: dict[str, Any], resource: CustomResource = ISVC) -> None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        api = kubernetes.client.CustomObjectsApi(self.api_client)
+        args = (resource.group, resource.version, ns, resource.plural, obj)
+        self._call(
+            "create",
+            resource,
+            ns,
+            name,
+            lambda: api.create_namespaced_custom_object(*args, field_validation=FIELD_VALIDATION),
+        )
+
+    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        api = kubernetes.client.CustomObjectsApi(self.api_client)
+        args = (GROUP, ISVC.version, namespace, ISVC_PLURAL, name, body)
+        self._call(
+            "patch",
+            ISVC,
+            namespace,
+            name,
+            lambda: api.patch_namespaced_custom_object(*args, field_validation=FIELD_VALIDATION),
+        )
 
     def _deployment(self, ns: str, name: str) -> dict[str, Any] | None:
         """The predictor's Deployment (RawDeployment mode), or None before KServe made it."""
-        apps = kubernetes.client.AppsV1Api(self.api_client)
-        dep = deployment_status.predictor_deployment(name)
-        answer = call_api(
-            ApiCall("get", "deployments.apps", ns, dep),
-            lambda: apps.read_namespaced_deployment(dep, ns, _preload_content=False),
-            host=str(self.api_client.configuration.host),
-            error=RolloutError,
-            absent_on=(404,),
-        )
-        return None if answer is None else json.loads(answer.data)
+        return deployment_status.read(self.api_client, "deployment", ns, name, RolloutError)
 
-    def _refusal(self, ns: str, name: str, since: datetime) -> str | None:
-        """A webhook's refusal of what KServe wrote for our spec, from the Warning events
-        KServe records on the InferenceService (its status never shows it)."""
+    def _hpa(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The predictor's HorizontalPodAutoscaler (RawDeployment mode), or None."""
+        return deployment_status.read(self.api_client, "hpa", ns, name, RolloutError)
+
+    def _refusal(
+        self, ns: str, name: str, since: datetime, *, any_error: bool = False
+    ) -> str | None:
+        """A webhook's refusal of what KServe wrote for our spec (``any_error``: any failed
+        reconcile), from the Warning events KServe records on the InferenceService."""
         core = kubernetes.client.CoreV1Api(self.api_client)
         events = call_api(
             ApiCall("list", "events", ns),
@@ -181,7 +220,8 @@ class InferenceServiceRollout:
             host=str(self.api_client.configuration.host),
             error=RolloutError,
         )
-        return knative.reconcile_failure(events.items or [], name, since)
+        needle = None if any_error else knative.DENIED_BY_WEBHOOK
+        return knative.reconcile_failure(events.items or [], name, since, needle)
 
     def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
         """Create the ServingRuntime if the namespace has none of that name (never overwrite
@@ -189,7 +229,7 @@ class InferenceServiceRollout:
         runtimes = self._objects(RUNTIME, runtime["metadata"]["namespace"])
         if runtimes.get(runtime["metadata"]["name"]) is not None:
             return "exists"
-        runtimes.create(runtime)
+        self._create(runtime, RUNTIME)
         return "created"
 
     # ---- before writing
@@ -219,30 +259,39 @@ class InferenceServiceRollout:
 
     # ---- waiting
 
-    def _before(self, obj: dict[str, Any] | None) -> _Before:
-        """The identities our write must replace, read from ``obj`` (None: a first deploy)."""
-        revision = deployment_revision = None
+    def _before(self, obj: dict[str, Any] | None, predictor: dict[str, Any]) -> _Before:
+        """The identities our write of ``predictor`` must replace, read from ``obj`` (None:
+        a first deploy)."""
+        revision = deployment_revision = refused = None
         if obj is not None:
             revision = predictor_status(obj).get("latestCreatedRevision")
+            refused = model_failure(obj)
             if is_raw(obj):
                 ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
                 deployment_revision = deployment_status.revision(self._deployment(ns, name))
         # Event times have whole seconds: a margin keeps an event of this very second.
         now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
-        return _Before(revision, deployment_revision, now)
+        return _Before(revision, deployment_revision, now, copy.deepcopy(predictor), refused)
 
     def _state(self, obj: dict[str, Any], before: _Before) -> RevisionState:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        refused = invalid_spec(obj)
+        if refused and model_failure(obj) != before.refused:
+            return RevisionState("failed", f"no new revision; {refused}")
         if is_raw(obj):
-            dep = self._deployment(ns, name)
-            state = raw_revision_state(obj, dep, before.deployment_revision)
+            dep, hpa = self._deployment(ns, name), self._hpa(ns, name)
+            state = raw_revision_state(obj, dep, hpa, before.predictor)
         else:
             state = revision_state(obj, before.revision)
         if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
             self._events_due = self.clock() + max(self.poll_s, EVENTS_EVERY_S)
-            refused = self._refusal(ns, name, before.written_at)
-            if refused:
-                return RevisionState("failed", f"no new revision; KServe reported {refused}")
+            webhook = self._refusal(ns, name, before.written_at)
+            if webhook or refused:
+                # An InvalidSpec the write did not change: KServe's event says it is ours.
+                event = webhook or self._refusal(ns, name, before.written_at, any_error=True)
+                if event:
+                    why = f"{refused}; {event}" if refused else f"KServe reported {webhook}"
+                    return RevisionState("failed", f"no new revision; {why}")
         return state
 
     def _wait(
@@ -322,7 +371,9 @@ class InferenceServiceRollout:
         """
         ns, name = existing["metadata"]["namespace"], existing["metadata"]["name"]
         canary = None if is_raw(existing) else canary
-        before = _Before(None, None, datetime.now(UTC))
+        stored = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
+        stored.pop("canaryTrafficPercent", None)
+        before = _Before(None, None, datetime.now(UTC), stored, model_failure(existing))
 
         def check(obj: dict[str, Any]) -> RevisionState:
             state = self._state(obj, before)
@@ -353,13 +404,13 @@ class InferenceServiceRollout:
         smoke: SmokeFn,
         canary: int | None,
         url_override: str | None,
-        rollback: Callable[[str], str] | None,
+        rollback: Callable[[str, RevisionState], str] | None,
     ) -> dict[str, Any]:
         """Smoke-test the ready revision of ``state`` (a canary through its own address),
         promote a canary, and return the rollout result's keys but ``action``."""
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         url = url_override or service_url(obj, canary=canary is not None)
-        result = self._smoke(ns, name, smoke, url, rollback=rollback)
+        result = self._smoke(ns, name, smoke, url, state, rollback=rollback)
         if canary is not None:
             self._promote(ns, name, state.revision)
             obj = self.get(ns, name) or obj
@@ -383,7 +434,7 @@ class InferenceServiceRollout:
         self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        before = self._before(None)
+        before = self._before(None, desired["spec"]["predictor"])
         self._create(desired)
         log.info("created InferenceService %s/%s", ns, name)
         state, obj = self._wait(ns, name, lambda o: self._state(o, before), "first revision ready")
@@ -396,26 +447,67 @@ class InferenceServiceRollout:
 
     def _rollback(
         self, ns: str, name: str, previous: dict[str, Any], raw: bool
-    ) -> Callable[[str], str]:
-        """A function that restores the ``previous`` predictor spec and says so."""
+    ) -> Callable[[str, RevisionState], str]:
+        """A function that restores the ``previous`` predictor spec after ``state`` (what
+        the new spec came to) and says what it did."""
 
-        def rollback(reason: str) -> str:
-            current = self.get(ns, name) or {}
-            undo = merge_patch(
-                (current.get("spec") or {}).get("predictor") or {},
-                previous.get("predictor") or {},
-            )
-            self._patch(ns, name, {"spec": {"predictor": undo}})
-            how = (
-                "re-applied the previous predictor spec: the Deployment rolls back to its pod "
-                "template (RawDeployment mode has no canary to drop)"
-                if raw
-                else "restored the previous predictor spec"
-            )
+        def rollback(reason: str, state: RevisionState) -> str:
+            old = copy.deepcopy(previous.get("predictor") or {})
+            if raw or state.revision is None:
+                # No new revision serves anything: restoring the spec moves no traffic.
+                how = (
+                    "re-applied the previous predictor spec: the Deployment rolls back to its "
+                    "pod template (RawDeployment mode has no canary to drop)"
+                    if raw
+                    else "restored the previous predictor spec"
+                )
+                self._restore(ns, name, old)
+            else:
+                how = self._pin_and_restore(ns, name, old)
             log.warning("rolled back InferenceService %s/%s (%s): %s", ns, name, how, reason)
             return f"rolled back: {how}"
 
         return rollback
+
+    def _restore(self, ns: str, name: str, predictor: dict[str, Any]) -> None:
+        current = self.get(ns, name) or {}
+        undo = merge_patch((current.get("spec") or {}).get("predictor") or {}, predictor)
+        self._patch(ns, name, {"spec": {"predictor": undo}})
+
+    def _pin_and_restore(self, ns: str, name: str, old: dict[str, Any]) -> str:
+        """Serverless, after a new revision exists: pin, restore under the pin, unpin."""
+        obj = self.get(ns, name) or {}
+        rolled = predictor_status(obj).get("latestRolledoutRevision")
+        if rolled is None:  # KServe ignores a canary percent without a rolled-out revision
+            self._restore(ns, name, old)
+            return "restored the previous predictor spec (no rolled-out revision to pin)"
+        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": 0}}})
+        try:
+            self._wait(ns, name, lambda o: pinned_state(o, rolled), "pinning the previous revision")
+        except RolloutTimeout:
+            pass  # the pin is in the spec: KServe applies it with the restored spec
+        created = predictor_status(self.get(ns, name) or {}).get("latestCreatedRevision")
+        self._restore(ns, name, {**old, "canaryTrafficPercent": 0})
+        pinned = (
+            f"pinned all traffic to revision {rolled} (canaryTrafficPercent 0), "
+            "restored the previous predictor spec"
+        )
+        try:
+            state, _ = self._wait(
+                ns, name, lambda o: revision_state(o, created), "the restored revision ready"
+            )
+        except RolloutTimeout as exc:
+            return f"{pinned}; the pin stays until its revision is ready ({exc})"
+        if state.phase != "ready":
+            return f"{pinned}; the pin stays: its revision {state.revision} failed: {state.detail}"
+        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+        dropped = f"{pinned}, then dropped the pin once its revision {state.revision} was ready"
+        try:
+            check = lambda o: promotion_state(o, state.revision)  # noqa: E731
+            self._wait(ns, name, check, "the restored revision at 100%")
+        except RolloutTimeout as exc:
+            return f"{dropped} ({exc})"
+        return dropped
 
     def _update(
         self,
@@ -428,7 +520,7 @@ class InferenceServiceRollout:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         previous_spec = copy.deepcopy(existing.get("spec") or {})
         raw = is_raw(existing)
-        before = self._before(existing)
+        before = self._before(existing, desired["spec"]["predictor"])
         pred_before = predictor_status(existing)
         previous_revision = (
             before.deployment_revision
@@ -468,13 +560,15 @@ class InferenceServiceRollout:
                 ns, name, lambda o: self._state(o, before), "new revision ready"
             )
         except RolloutTimeout as exc:
+            obj = self.get(ns, name) or {}
+            late = revision_state(obj, before.revision) if not raw else RevisionState("", "")
             raise RolloutTimeout(
-                f"{exc}; {rollback(str(exc))} (revision {previous_revision or 'unknown'})"
+                f"{exc}; {rollback(str(exc), late)} (revision {previous_revision or 'unknown'})"
             ) from None
         if state.phase == "failed":
             raise RolloutFailed(
                 f"InferenceService {ns}/{name}: new revision {state.revision or ''} failed: {state.detail}; "
-                f"{rollback(state.detail)} (revision {previous_revision or 'unknown'})"
+                f"{rollback(state.detail, state)} (revision {previous_revision or 'unknown'})"
             )
         return {
             "action": "updated",
@@ -488,7 +582,8 @@ class InferenceServiceRollout:
         name: str,
         smoke: SmokeFn,
         url: str | None,
-        rollback: Callable[[str], str] | None,
+        state: RevisionState,
+        rollback: Callable[[str, RevisionState], str] | None,
     ) -> dict[str, Any]:
         if not url:
             reason = (
@@ -502,4 +597,4 @@ class InferenceServiceRollout:
                 reason = f"smoke inference through {url} failed: {exc}"
         if rollback is None:
             raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}")
-        raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason)}")
+        raise RolloutFailed(f"InferenceService {ns}/{name}: {reason}; {rollback(reason, state)}")

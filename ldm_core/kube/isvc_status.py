@@ -10,10 +10,12 @@ revision is not success. ``status.observedGeneration`` is not used: KServe copie
 the Knative Service or Deployment, whose counter is not the InferenceService's generation.
 
 A revision that fails, or a Knative Configuration or Route that turns False, is read here as
-failed with KServe's own message. The deployment mode is the one KServe reports
+failed with KServe's own message; so is a spec KServe makes no revision for at all
+(``modelStatus.transitionStatus: InvalidSpec``, :func:`invalid_spec`). The deployment mode is the one KServe reports
 (``status.deploymentMode``, else the ``serving.kserve.io/deploymentMode`` annotation).
 Also here: where to send a smoke inference (the service's address, or a canary's own
-cluster-local tag address).
+cluster-local tag address, :func:`canary_url`) and whether traffic is pinned to one revision
+(:func:`pinned_state`, for a roll back).
 """
 
 from __future__ import annotations
@@ -72,6 +74,36 @@ def _failure(status: Mapping[str, Any]) -> str | None:
             text = f"condition {kind}=False reason={cond.get('reason')}: {cond.get('message', '')}"
             return text.rstrip(": ")
     return None
+
+
+def model_failure(obj: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(transitionStatus, reason, message) of KServe's ``modelStatus`` when it reports an
+    invalid spec; None otherwise. Compared before and after a write, it tells a refusal of
+    the new spec from one left over from the previous."""
+    model = (obj.get("status") or {}).get("modelStatus") or {}
+    if model.get("transitionStatus") != "InvalidSpec":
+        return None
+    info = model.get("lastFailureInfo") or {}
+    return "InvalidSpec", str(info.get("reason") or ""), str(info.get("message") or "")
+
+
+def invalid_spec(obj: Mapping[str, Any]) -> str | None:
+    """KServe's refusal of the predictor spec, as a message, or None.
+
+    When KServe cannot serve the spec at all (no such ServingRuntime: ``RuntimeNotRecognized``;
+    one that does not take the model's format or protocol: ``NoSupportingRuntime``; a
+    disabled one: ``RuntimeDisabled``; ``InvalidPredictorSpec``) it creates no revision and
+    no Deployment: it sets ``modelStatus.transitionStatus: InvalidSpec`` with
+    ``lastFailureInfo`` (kserve pkg/controller/v1beta1/inferenceservice/components/predictor.go,
+    v0.14.1 lines 104-150, v0.15.2 lines 276-325, ``UpdateModelTransitionStatus``) and
+    retries, so a wait for a revision would only time out.
+    """
+    failure = model_failure(obj)
+    if failure is None:
+        return None
+    _, reason, message = failure
+    detail = ": ".join(x for x in (reason, message) if x)
+    return f"KServe refused the predictor spec: modelStatus.transitionStatus=InvalidSpec ({detail})"
 
 
 @dataclass
@@ -148,15 +180,21 @@ def _ready_condition(status: Mapping[str, Any], revision: str | None) -> Revisio
 def raw_revision_state(
     obj: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
-    previous_revision: str | None,
+    hpa: Mapping[str, Any] | None,
+    predictor: Mapping[str, Any],
 ) -> RevisionState:
-    """Where a RawDeployment predictor stands: its Deployment must have rolled out a pod
-    template newer than ``previous_revision`` (its rollout revision before our write), and
-    then the InferenceService must be Ready. KServe's own failure reports (a crash-looping
-    model, ProgressDeadlineExceeded) count once the new template is out."""
-    progress = deployment_status.deployment_progress(deployment, previous_revision)
-    if progress.revision is None or progress.revision == previous_revision:
-        return RevisionState("waiting", progress.detail)
+    """Where a RawDeployment predictor carrying out ``predictor`` (the spec we wrote)
+    stands: its Deployment's pod template must carry what the spec sets and its HPA the
+    spec's scaling (an update of scaling alone makes no new template,
+    :mod:`ldm_core.kube.deployment_status`), the template must be rolled out by
+    ``kubectl rollout status``'s rule, and then the InferenceService must be Ready. KServe's
+    own failure reports (a crash-looping model, ProgressDeadlineExceeded) count once the
+    Deployment carries the spec."""
+    awaited = deployment_status.template_differs(deployment, predictor)
+    awaited = awaited or deployment_status.hpa_differs(hpa, predictor)
+    if awaited:
+        return RevisionState("waiting", awaited)
+    progress = deployment_status.deployment_progress(deployment, None, new_revision=False)
     failure = _failure(obj.get("status") or {})
     if progress.phase == "failed" or failure:
         return RevisionState("failed", failure or progress.detail, progress.revision)
@@ -214,6 +252,19 @@ def canary_split_state(obj: Mapping[str, Any], state: RevisionState, percent: in
     )
 
 
+def pinned_state(obj: Mapping[str, Any], revision: str | None) -> RevisionState:
+    """After ``canaryTrafficPercent: 0``: ready once every request goes to ``revision`` (the
+    traffic of its targets adds up to 100; KServe routes the rest, 0 %, to the latest
+    ready revision under the ``latest`` tag)."""
+    traffic = predictor_status(obj).get("traffic") or []
+    held = sum(t.get("percent") or 0 for t in traffic if t.get("revisionName") == revision)
+    if revision is not None and held == 100:
+        return RevisionState("ready", f"all traffic on revision {revision}", revision)
+    return RevisionState(
+        "waiting", f"100% of traffic on revision {revision} (now {_split(traffic)})", revision
+    )
+
+
 def _split(traffic: list[Mapping[str, Any]]) -> str:
     """Traffic targets as ``revision=percent%`` for messages."""
     text = ", ".join(
@@ -226,29 +277,47 @@ def _host(url: str | None) -> str:
     return (url or "").split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
 
 
+def _tagged_name(tag_host: str, route_host: str, route: str) -> str | None:
+    """The tag's hostname inside ``tag_host``: Knative builds the route's host and the
+    tag's from one ``domain-template``, with ``{{.Name}}`` the route's name and the
+    tag-template's hostname respectively (knative/serving pkg/reconciler/route/domains/
+    domains.go, v1.16). What surrounds ``route`` in the route's host surrounds the tag's
+    hostname in the tag's host."""
+    start = route_host.find(route)
+    while start >= 0:
+        prefix, suffix = route_host[:start], route_host[start + len(route) :]
+        inner = len(tag_host) - len(prefix) - len(suffix)
+        if inner > 0 and tag_host.startswith(prefix) and tag_host.endswith(suffix):
+            return tag_host[len(prefix) : len(tag_host) - len(suffix)]
+        start = route_host.find(route, start + 1)
+    return None
+
+
 def canary_url(obj: Mapping[str, Any]) -> str | None:
     """The cluster-local address of the newest revision's ``latest`` tag, or None.
 
-    Knative gives a tagged traffic target two names: ``status.traffic[].url`` is the
-    external one (``http://latest-<isvc>-predictor.<ns>.<domain>``), which on Kubeflow sits
-    behind the auth proxy or does not resolve inside the cluster; and a cluster-local
-    Service ``<tag name>.<ns>.svc.<cluster domain>`` (an ExternalName to the local
-    gateway). The tag name is the first label of the external host (Knative's
-    ``tag-template``, default ``{{.Tag}}-{{.Name}}``); namespace and cluster domain come
-    from the predictor's own cluster-local address, KServe's copy of the Knative
-    Service's ``status.address.url``.
+    Knative gives a tagged traffic target two names: ``status.traffic[].url``, the external
+    one (``domain-template`` over the tag's hostname; on Kubeflow behind the auth proxy, or
+    not resolvable inside the cluster), and a cluster-local Service named by the tag's
+    hostname (``tag-template``, default ``{{.Tag}}-{{.Name}}``) in the route's namespace
+    (``MakeK8sPlaceholderService``, pkg/reconciler/route/resources/service.go). Nothing is
+    assumed of either template: the hostname is what the tag's URL has where the route's
+    own URL (``components.predictor.url``) has the route's name, and the route's name,
+    namespace and cluster domain are those of its cluster-local address
+    (``components.predictor.address``, the Knative Service's ``status.address.url``). A tag
+    URL that is already cluster-local (a cluster-local route) is used as it is.
     """
     pred = predictor_status(obj)
     tagged = [t for t in pred.get("traffic") or [] if t.get("tag") == CANARY_TAG and t.get("url")]
-    meta = obj.get("metadata") or {}
-    local = _host((pred.get("address") or {}).get("url")) or (
-        f"{deployment_status.predictor_deployment(meta.get('name', ''))}."
-        f"{meta.get('namespace', '')}.svc.cluster.local"
-    )
-    if not tagged:
+    local = _host((pred.get("address") or {}).get("url"))
+    if not tagged or not local:
         return None
-    tag_name = _host(tagged[0]["url"]).split(".", 1)[0]
-    return f"http://{tag_name}.{local.split('.', 1)[1]}"
+    tag_host = _host(tagged[0]["url"])
+    route, _, service_domain = local.partition(".")
+    if tag_host.endswith(f".{service_domain}"):
+        return f"http://{tag_host}"
+    name = _tagged_name(tag_host, _host(pred.get("url")), route)
+    return f"http://{name}.{service_domain}" if name else None
 
 
 def service_url(obj: Mapping[str, Any], canary: bool = False) -> str | None:

@@ -102,9 +102,12 @@ def missing_flags(features: Mapping[str, str], needed: Mapping[str, str]) -> lis
     return out
 
 
-def reconcile_failure(events: Iterable[Any], name: str, since: datetime) -> str | None:
-    """The newest Warning event on InferenceService ``name`` since ``since`` that says an
-    admission webhook refused what KServe wrote, as ``reason: message``; else None."""
+def reconcile_failure(
+    events: Iterable[Any], name: str, since: datetime, needle: str | None = DENIED_BY_WEBHOOK
+) -> str | None:
+    """The newest Warning event on InferenceService ``name`` since ``since`` whose message
+    holds ``needle`` (default: an admission webhook refused what KServe wrote; None: any
+    failed reconcile), as ``reason: message``; else None."""
     newest: tuple[datetime, str] | None = None
     for ev in events:
         involved = ev.involved_object
@@ -113,6 +116,8 @@ def reconcile_failure(events: Iterable[Any], name: str, since: datetime) -> str 
         when = ev.last_timestamp or ev.event_time or ev.first_timestamp
         if ev.type != "Warning" or when is None or when < since:
             continue
-        if DENIED_BY_WEBHOOK in (ev.message or "") and (newest is None or when > newest[0]):
+        if needle is not None and needle not in (ev.message or ""):
+            continue
+        if newest is None or when > newest[0]:
             newest = (when, f"{ev.reason}: {ev.message}")
     return newest[1] if newest else None

@@ -1,30 +1,53 @@
 """KServe's controller, Knative and the cluster network, reduced to what a rollout observes.
 
-:class:`FakeKServe` patches InferenceService status from a background thread against the
-emulated API (:class:`tests.harness.kube.KubeApi`): it notices a new predictor spec after a
-while (until then the previous revision's Ready is all there is - the stale state a rollout
-must not trust), creates a revision, and makes it ready, failed, or never ready. It plays
-both deployment modes as KServe reports them:
+:class:`FakeKServe` reconciles InferenceServices from a background thread against the
+emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1, Kubeflow
+1.10.0; or 0.15.2, Kubeflow 1.11.0) does, file and line at those tags:
 
-- Serverless (``PropagateStatus``): ``latestCreatedRevision`` / ``latestReadyRevision`` /
-  ``traffic`` with Knative's tag URLs (external ``latest-<isvc>-predictor.<ns>.<domain>``),
-  the predictor's cluster-local ``address``, the Knative Service's conditions, and the
-  Knative Service's own ``observedGeneration``. With ``features`` it plays Knative's
+- It notices a new predictor spec after a while (until then the status describes the spec
+  before it: the stale state a rollout must not trust), then checks the ServingRuntime the
+  model names as ``components/predictor.go`` does (0.14.1 lines 104-150, 0.15.2 reconcileModel
+  lines 276-325): a missing runtime is ``InvalidSpec`` / ``RuntimeNotRecognized``, one that does
+  not serve the model's format ``NoSupportingRuntime``; KServe then writes no child, sets
+  ``modelStatus`` (``UpdateModelTransitionStatus``) and records a Warning ``InternalError``
+  event with the error (``controller.go``, 0.15.2 line 246).
+- Serverless (Knative Serving 1.16): a spec change that changes the revision template makes
+  a new revision, which becomes ready, fails, or never gets ready. The Knative Service's
+  traffic is what ``createKnativeService`` writes (``reconcilers/knative/ksvc_reconciler.go``,
+  0.15.2 lines 115-147, the same logic in 0.14.1): with ``canaryTrafficPercent`` and a
+  ``LatestRolledoutRevision``, ``latest`` (latestRevision) at the canary percent and ``prev``
+  (the last rolled-out revision) at the rest; else 100 % to latestRevision. Knative's route
+  resolves ``latestRevision: true`` to the latest *ready* revision (not the newest), and
+  ``PropagateStatus`` (``pkg/apis/serving/v1beta1/inference_service_status.go``, 0.15.2
+  lines 442-510) tracks ``latestRolledoutRevision`` from it. Every split the route
+  programs is recorded in :attr:`FakeKServe.traffic_log`, so a test sees where requests go.
+  Tag URLs follow Knative's ``tag-template`` and ``domain-template``
+  (``pkg/reconciler/route/domains/domains.go``); the cluster-local name of a tag is the
+  tag-template's hostname in the namespace (``MakeK8sPlaceholderService``,
+  ``pkg/reconciler/route/resources/service.go``). With ``features`` it plays Knative's
   webhook too: a pod spec that needs a podspec flag that is off gets no revision, and
-  KServe's Warning event on the InferenceService carries the refusal (kserve#1425).
-- RawDeployment (``PropagateRawStatus``): a Deployment ``<isvc>-predictor`` with its
-  rollout revision, generation and replica counts (it plays the Deployment controller);
-  on the InferenceService only ``PredictorReady`` / ``Ready`` from the Deployment's
-  conditions, the Deployment's ``observedGeneration``, ``deploymentMode`` and ``modelStatus``
-  from the pods: no revision names, no traffic.
+  KServe's Warning event carries the refusal (kserve#1425).
+- RawDeployment: a Deployment ``<isvc>-predictor`` whose pod template KServe rewrites only
+  when it changes (``reconcilers/deployment/deployment_reconciler.go``: the diff ignores
+  replicas; ``setDefaultPodSpec`` gives a 30 s grace when none is set) and an HPA of the
+  same name (``reconcilers/hpa/hpa_reconciler.go`` ``createHPA`` / ``getHPAMetrics``): min
+  and max replicas and a resource-utilisation target; 0.14.1 names the metric after
+  ``scaleMetric`` whatever it is, 0.15.2 builds none for a metric other than cpu, or memory
+  without a target. A scaling-only change rewrites the HPA and no Deployment revision
+  appears. The Deployment controller's revision, generation and replica counts follow. On
+  the InferenceService ``PropagateRawStatus``: ``PredictorReady``/``Ready`` from the
+  Deployment, its ``observedGeneration``; 0.14.1 also copies the Deployment's revision into
+  ``components.predictor.latestCreatedRevision``; only 0.15.2 reports ``deploymentMode``.
 
-:data:`NETWORK` plays the cluster's DNS and the profile's Istio policy for smoke inferences:
-the canary's cluster-local tag name reaches the new revision's server (with the token the
-AuthorizationPolicy wants, when one is set); external Knative hosts do not resolve.
+:data:`NETWORK` plays the cluster's DNS and, with an :class:`tests.harness.istio.Mesh`, the
+profile's Istio policies: a canary's cluster-local tag name reaches the new revision's
+server when the predictor's sidecar admits the request; external Knative hosts do not
+resolve from a pipeline pod.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import threading
@@ -49,19 +72,27 @@ from tests.harness.kube import KubeApi
 
 NS = "brain-ldm"
 NAME = "brain-ldm"
+ROUTE = f"{NAME}-predictor"
+"""KServe's Knative Service (and so Knative's Route) of the predictor."""
 OLD_URI = "s3://models/brain-ldm/aaaa"
 NEW_URI = "s3://models/brain-ldm/bbbb"
 BAD_URI = "s3://models/brain-ldm/broken"
 STUCK_URI = "s3://models/brain-ldm/stuck"
 UNPULLABLE_URI = "s3://models/brain-ldm/unpullable-image"
 KSERVE_UA = "fake-kserve"
+SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
+"""KServe's StorageInitializerSourceUriInternalAnnotationKey (pkg/constants/constants.go)."""
+VERSIONS = ("0.14.1", "0.15.2")
+"""The KServe releases modelled (Kubeflow 1.10.0 and 1.11.0)."""
 DOMAIN = "example.com"
-CANARY_LOCAL_HOST = f"latest-{NAME}-predictor.{NS}.svc.cluster.local"
-"""The cluster-local name Knative gives the ``latest`` tag of the predictor's route."""
+DEFAULT_DOMAIN_TEMPLATE = "{{.Name}}.{{.Namespace}}.{{.Domain}}"
+DEFAULT_TAG_TEMPLATE = "{{.Tag}}-{{.Name}}"
+"""Knative's config-network defaults (``domain-template``, ``tag-template``)."""
 SERVED = {
     f"{GROUP}/{ISVC_VERSION}/{ISVC_PLURAL}": "InferenceService",
     f"{GROUP}/{RUNTIME_VERSION}/{RUNTIME_PLURAL}": "ServingRuntime",
     "apps/v1/deployments": "Deployment",
+    "autoscaling/v2/horizontalpodautoscalers": "HorizontalPodAutoscaler",
     "v1/configmaps": "ConfigMap",
 }
 """What the emulated API serves for these tests (plus pods and events)."""
@@ -81,6 +112,18 @@ def storage_uri(predictor: dict[str, Any]) -> str:
     return env["STORAGE_URI"]
 
 
+def render(template: str, **values: str) -> str:
+    """A Knative Go template with ``{{.Field}}`` placeholders only."""
+    for field, value in values.items():
+        template = template.replace(f"{{{{.{field}}}}}", value)
+    return template
+
+
+def canary_local_host(tag_template: str = DEFAULT_TAG_TEMPLATE) -> str:
+    """The cluster-local name Knative gives the ``latest`` tag of the predictor's route."""
+    return f"{render(tag_template, Tag='latest', Name=ROUTE)}.{NS}.svc.cluster.local"
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -93,14 +136,19 @@ class Network:
 
     def route(self, url: str, headers: dict[str, str]) -> str:
         """The loopback server that answers ``url``, or SmokeTestError as the client sees it."""
-        host = httpx.URL(url).host
-        if host in ("127.0.0.1", "localhost"):
+        parsed = httpx.URL(url)
+        if parsed.host in ("127.0.0.1", "localhost"):
             return url
         ks = self.kserve
-        if ks is not None and host == CANARY_LOCAL_HOST:
-            if ks.token and headers.get("Authorization") != f"Bearer {ks.token}":
-                # What the sidecar answers when no AuthorizationPolicy allows the caller.
-                raise SmokeTestError(f"GET {url}/v2/models/{NAME}: HTTP 403 RBAC: access denied")
+        if ks is not None and parsed.host == canary_local_host(ks.tag_template):
+            if ks.mesh is not None:
+                path = f"/v2/models/{NAME}"
+                status = ks.mesh.request(
+                    {"serving.kserve.io/inferenceservice": NAME}, NS, "GET", path, headers
+                )
+                if status != 200:
+                    answer = {401: "Jwt verification fails", 403: "RBAC: access denied"}
+                    raise SmokeTestError(f"GET {url}{path}: HTTP {status} {answer[status]}")
             return ks.latest_url
         raise SmokeTestError(f"{url}: ConnectError: [Errno -2] Name or service not known")
 
@@ -109,7 +157,7 @@ NETWORK = Network()
 
 
 class FakeKServe:
-    """KServe's controller + Knative (or the Deployment controller, ``raw=True``).
+    """KServe's controller + Knative (or the Deployment and HPA controllers, ``raw=True``).
 
     As KServe's ``PropagateStatus`` does, ``status.observedGeneration`` is the child's (the
     Knative Service's or the Deployment's), not the InferenceService's: the child's counter
@@ -123,8 +171,11 @@ class FakeKServe:
         stuck: storage URIs whose revision never gets ready (and never fails).
         unpullable: storage URIs whose revision fails with an image pull error (Serverless:
             only the Configuration's condition says so; the pods are Pending).
+        version: the KServe release to behave as (:data:`VERSIONS`).
         features: Knative's config-features data; None accepts every pod-spec field.
-        token: the bearer the predictor's AuthorizationPolicy wants (None: no policy).
+        mesh: the Istio policies in force at the predictor's sidecar (None: no mesh).
+        domain_template: Knative's ``domain-template``.
+        tag_template: Knative's ``tag-template``.
     """
 
     def __init__(
@@ -140,9 +191,13 @@ class FakeKServe:
         ready_after_s: float = 0.3,
         child_ahead: int = 0,
         raw: bool = False,
+        version: str = VERSIONS[-1],
         features: dict[str, str] | None = None,
-        token: str | None = None,
+        mesh: Any = None,
+        domain_template: str = DEFAULT_DOMAIN_TEMPLATE,
+        tag_template: str = DEFAULT_TAG_TEMPLATE,
     ) -> None:
+        assert version in VERSIONS, version
         self.client = api.client(KSERVE_UA)
         self.api = kubernetes.client.CustomObjectsApi(self.client)
         self.latest_url, self.address_url = latest_url, address_url
@@ -150,14 +205,18 @@ class FakeKServe:
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
-        self.raw, self.features, self.token = raw, features, token
+        self.raw, self.version, self.features, self.mesh = raw, version, features, mesh
+        self.domain_template, self.tag_template = domain_template, tag_template
         self.bookkeeping: bool | None = None
         """Whether the emulated API bumps metadata.generation itself (found on first update)."""
-        self._child_spec: tuple[str | None, int | None] | None = None
         self.revision_uri: dict[str, str] = {}
         self.canaries_seen: list[int] = []
         self.refusals: list[str] = []
+        self.traffic_log: list[tuple[float, dict[str, int]]] = []
+        """Every split Knative's route programmed: (time, {revision: percent})."""
+        self.hpa_writes = 0
         self._state: dict[str, dict[str, Any]] = {}
+        self._events = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self.errors: list[BaseException] = []
@@ -187,85 +246,145 @@ class FakeKServe:
         items = self.api.list_namespaced_custom_object(GROUP, ISVC_VERSION, NS, ISVC_PLURAL)
         return items.get("items", [])
 
+    def share(self, revision: str, since: float) -> int:
+        """The most traffic ``revision`` had at any moment since ``since`` (monotonic): a
+        split counts from when it was programmed until the next one."""
+        log = self.traffic_log
+        active = [
+            split.get(revision, 0)
+            for i, (_, split) in enumerate(log)
+            if i + 1 == len(log) or log[i + 1][0] > since
+        ]
+        return max(active, default=0)
+
     # ------------------------------------------------------------------ reconcile
 
     def _reconcile(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         predictor = obj["spec"]["predictor"]
-        config = json.dumps(
-            {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}, sort_keys=True
-        )
-        canary = None if self.raw else predictor.get("canaryTrafficPercent")
-        if canary is not None and canary not in self.canaries_seen:
-            self.canaries_seen.append(canary)
+        spec = json.dumps(predictor, sort_keys=True)
         st = self._state.setdefault(
             name,
-            {"config": None, "since": None, "n": 0, "created": None, "ready": None},
-        )
-        st.setdefault("prev", None)
+            {
+                "seen": None, "since": None, "config": None, "n": 0, "canary": None,
+                "created": None, "ready": None, "failed": None, "due": None,
+                "rolled": None, "prev_rolled": None, "invalid": None, "warned": None,
+                "hpa": None,
+            },
+        )  # fmt: skip
         now = time.monotonic()
-        if config != st["config"] and self._noticed(st, config, now):
-            refusal = self._webhook_refusal(predictor)
-            if refusal is None:
-                self._new_revision(name, st, config, predictor, now)
-            elif st.get("refused") != config:
-                st["refused"] = config
-                self._warn(obj, refusal)
-        uri = self.revision_uri.get(st["created"] or "", "")
-        became_ready = None
-        if st.get("due") is not None and now >= st["due"] and uri not in self.stuck:
-            st["due"] = None
-            if uri in (*self.failing, *self.unpullable):
-                st["failed"] = st["created"]
-            else:
-                st["prev"], st["ready"] = st["ready"], st["created"]
-                became_ready = st["created"]
+        if spec != st["seen"] and self._noticed(st, spec, now):
+            self._adopt(obj, st, spec, predictor, now)
+        became_ready = self._progress(st, now)
         if self.raw:
             self._publish_raw(obj, st)
         else:
-            if (st["config"], canary) != self._child_spec:
-                self._child_spec = (st["config"], canary)
-                self.child_generation += 1  # KServe wrote the ksvc: Knative observes it
-            self._publish(obj, st, canary)
+            self._publish(obj, st)
         if became_ready is not None:
             # Only once the status says so: a test that waits for ready_at then reads it.
             self.ready_at[became_ready] = now
 
-    def _noticed(self, st: dict[str, Any], config: str, now: float) -> bool:
-        if st["since"] is None or st["since"][0] != config:
-            st["since"] = (config, now)
+    def _noticed(self, st: dict[str, Any], spec: str, now: float) -> bool:
+        if st["since"] is None or st["since"][0] != spec:
+            st["since"] = (spec, now)
         return now - st["since"][1] >= self.notice_after_s
 
-    def _new_revision(
-        self, name: str, st: dict[str, Any], config: str, predictor: dict[str, Any], now: float
+    def _adopt(
+        self,
+        obj: dict[str, Any],
+        st: dict[str, Any],
+        spec: str,
+        predictor: dict[str, Any],
+        now: float,
     ) -> None:
-        st["config"], st["n"] = config, st["n"] + 1
-        st["created"] = f"{name}-predictor-{st['n']:05d}"
-        st["failed"], st["due"] = None, now + self.ready_after_s
-        self.revision_uri[st["created"]] = storage_uri(predictor)
+        """One reconcile of a spec KServe has not carried out yet."""
+        invalid = self._invalid_spec(predictor)
+        refusal = None if invalid else self._webhook_refusal(predictor)
+        st["invalid"] = invalid
+        if invalid or refusal:
+            if st["warned"] != spec:
+                st["warned"] = spec
+                self._warn(obj, invalid[2] if invalid else refusal)
+            return
+        st["seen"] = spec
+        canary = None if self.raw else predictor.get("canaryTrafficPercent")
+        if canary is not None and canary not in self.canaries_seen:
+            self.canaries_seen.append(canary)
+        st["canary"] = canary
+        config = {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}
         if self.raw:
-            self._write_deployment(name, st)
+            self._write_raw(obj["metadata"]["name"], st, config, now)
+        elif json.dumps(config, sort_keys=True) != st["config"]:
+            self._new_revision(obj["metadata"]["name"], st, config, now)
+            self.child_generation += 1  # KServe wrote the ksvc's template
+        elif canary != st.get("last_canary"):
+            self.child_generation += 1  # KServe wrote the ksvc's traffic
+        st["last_canary"] = canary
 
-    # ------------------------------------------------------------------ Knative's webhook
+    def _new_revision(
+        self, name: str, st: dict[str, Any], config: dict[str, Any], now: float
+    ) -> None:
+        st["config"], st["n"] = json.dumps(config, sort_keys=True), st["n"] + 1
+        st["created"] = f"{name}-predictor-{st['n']:05d}"
+        st["due"] = now + self.ready_after_s
+        self.revision_uri[st["created"]] = storage_uri(config)
+
+    def _progress(self, st: dict[str, Any], now: float) -> str | None:
+        """The newest revision's pods start: ready, failed, or (stuck) neither."""
+        uri = self.revision_uri.get(st["created"] or "", "")
+        if st["due"] is None or now < st["due"] or uri in self.stuck:
+            return None
+        st["due"] = None
+        if uri in (*self.failing, *self.unpullable):
+            st["failed"] = st["created"]
+            return None
+        st["ready"] = st["created"]
+        return st["created"]
+
+    # ------------------------------------------------------------------ admission and runtime
+
+    def _runtime(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.api.get_namespaced_custom_object(
+                GROUP, RUNTIME_VERSION, NS, RUNTIME_PLURAL, name
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return None
+
+    def _invalid_spec(self, predictor: dict[str, Any]) -> tuple[str, str, str] | None:
+        """(reason, message, error) as KServe's predictor reconciler sets them for a model
+        whose runtime it cannot use; None when it can (or a custom container runs it)."""
+        model = predictor.get("model")
+        if not model or not model.get("runtime"):
+            return None
+        runtime = self._runtime(model["runtime"])
+        if runtime is None:
+            error = (
+                f"No ServingRuntimes or ClusterServingRuntimes with the name: {model['runtime']}"
+            )
+            return "RuntimeNotRecognized", "Waiting for runtime to become available", error
+        formats = {f["name"] for f in runtime["spec"].get("supportedModelFormats") or []}
+        if model["modelFormat"]["name"] not in formats:
+            return (
+                "NoSupportingRuntime",
+                "Specified runtime does not support specified framework/version",
+                f"specified runtime {model['runtime']} does not support specified "
+                "framework/version",
+            )
+        return None
 
     def _webhook_refusal(self, predictor: dict[str, Any]) -> str | None:
         """What Knative's validating webhook answers for the pod spec KServe would write."""
         if self.raw or self.features is None:
             return None
-        runtime_spec = None
         runtime = (predictor.get("model") or {}).get("runtime")
-        if runtime:
-            try:
-                runtime_spec = self.api.get_namespaced_custom_object(
-                    GROUP, RUNTIME_VERSION, NS, RUNTIME_PLURAL, runtime
-                )["spec"]
-            except ApiException as err:
-                if err.status != 404:
-                    raise
+        runtime_spec = ((self._runtime(runtime) if runtime else None) or {}).get("spec") or {}
         fields = [
             f"spec.template.spec.{field}"
             for field, flag in knative.PODSPEC_FLAGS.items()
-            if (predictor.get(field) or (runtime_spec or {}).get(field))
+            if (predictor.get(field) or runtime_spec.get(field))
             and self.features.get(flag) != knative.ENABLED
         ]
         if not fields:
@@ -278,13 +397,14 @@ class FakeKServe:
     def _warn(self, obj: dict[str, Any], message: str) -> None:
         """The Warning event KServe's controller records for a failed reconcile."""
         self.refusals.append(message)
+        self._events += 1
         meta = obj["metadata"]
         kubernetes.client.CoreV1Api(self.client).create_namespaced_event(
             NS,
             {
                 "apiVersion": "v1",
                 "kind": "Event",
-                "metadata": {"name": f"{meta['name']}.{len(self.refusals):x}", "namespace": NS},
+                "metadata": {"name": f"{meta['name']}.{self._events:x}", "namespace": NS},
                 "involvedObject": {
                     "apiVersion": f"{GROUP}/{ISVC_VERSION}",
                     "kind": "InferenceService",
@@ -301,48 +421,103 @@ class FakeKServe:
             },
         )
 
-    # ------------------------------------------------------------------ Serverless status
+    def _model_status(
+        self, st: dict[str, Any], load_failed: bool, up_to_date: bool
+    ) -> dict[str, Any]:
+        """``modelStatus`` as UpdateModelTransitionStatus / PropagateModelStatus leave it: a
+        failure's info stays once set (SetModelFailureInfo only ever replaces it)."""
+        if st["invalid"]:
+            reason, message, _ = st["invalid"]
+            st["failure_info"] = {"reason": reason, "message": message}
+            transition = "InvalidSpec"
+        elif load_failed:
+            st["failure_info"] = {"reason": "ModelLoadFailed", "message": "bundle.json missing"}
+            transition = "BlockedByFailedLoad"
+        else:
+            transition = "UpToDate" if up_to_date else "InProgress"
+        out: dict[str, Any] = {"transitionStatus": transition}
+        if st.get("failure_info"):
+            out["lastFailureInfo"] = st["failure_info"]
+        return out
 
-    def _traffic(self, name: str, st: dict[str, Any], canary: int | None) -> list[dict[str, Any]]:
-        def target(tag: str, revision: str, percent: int, latest: bool) -> dict[str, Any]:
-            # Knative's tag URL is the external one: behind the auth proxy on Kubeflow.
-            url = f"http://{tag}-{name}-predictor.{NS}.{DOMAIN}"
-            return {
-                "tag": tag,
-                "revisionName": revision,
-                "percent": percent,
-                "latestRevision": latest,
-                "url": url,
-            }
+    # ------------------------------------------------------------------ Serverless
 
-        if st["ready"] == st["created"] and canary is not None and st["prev"]:
-            return [
-                target("latest", st["ready"], canary, True),
-                target("prev", st["prev"], 100 - canary, False),
-            ]
-        if st["ready"]:
-            return [target("latest", st["ready"], 100, st["ready"] == st["created"])]
-        return []
+    def _ksvc_traffic(self, st: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Knative Service's spec.traffic as createKnativeService writes it."""
+        if st["canary"] is not None and st["rolled"]:
+            out = [{"tag": "latest", "latestRevision": True, "percent": st["canary"]}]
+            if st["canary"] < 100:
+                prev = {"tag": "prev", "revisionName": st["rolled"], "latestRevision": False}
+                out.append({**prev, "percent": 100 - st["canary"]})
+            return out
+        return [{"tag": "latest", "latestRevision": True, "percent": 100}]
 
-    def _publish(self, obj: dict[str, Any], st: dict[str, Any], canary: int | None) -> None:
-        if st["ready"] is None and st["created"] is None:
+    def _tag_url(self, tag: str) -> str:
+        host = render(self.tag_template, Tag=tag, Name=ROUTE)
+        return f"http://{render(self.domain_template, Name=host, Namespace=NS, Domain=DOMAIN)}"
+
+    def _route_traffic(self, st: dict[str, Any]) -> list[dict[str, Any]]:
+        """Knative's route: latestRevision resolves to the latest ready revision; none ready,
+        no traffic at all."""
+        if st["ready"] is None:
+            return []
+        targets = []
+        for target in self._ksvc_traffic(st):
+            revision = st["ready"] if target["latestRevision"] else target["revisionName"]
+            targets.append(
+                {**target, "revisionName": revision, "url": self._tag_url(target["tag"])}
+            )
+        return targets
+
+    def _propagate_rollout(self, st: dict[str, Any], traffic: list[dict[str, Any]]) -> None:
+        """PropagateStatus' tracking of the last fully rolled-out revision."""
+        per_revision: dict[str, int] = {}
+        for t in traffic:
+            per_revision[t["revisionName"]] = per_revision.get(t["revisionName"], 0) + t["percent"]
+        for t in traffic:
+            if t["revisionName"] != st["ready"] or not t["latestRevision"]:
+                continue
+            if st["rolled"] != st["ready"]:
+                if t["percent"] == 100:
+                    st["prev_rolled"], st["rolled"] = st["rolled"], st["ready"]
+            elif st["ready"] == st["created"] and t["percent"] < 100:
+                if per_revision.get(t["revisionName"]) == 100 and st["prev_rolled"]:
+                    st["rolled"] = st["prev_rolled"]
+
+    def _log_split(self, traffic: list[dict[str, Any]]) -> None:
+        split: dict[str, int] = {}
+        for t in traffic:
+            split[t["revisionName"]] = split.get(t["revisionName"], 0) + t["percent"]
+        if not self.traffic_log or self.traffic_log[-1][1] != split:
+            self.traffic_log.append((time.monotonic(), split))
+
+    def _publish(self, obj: dict[str, Any], st: dict[str, Any]) -> None:
+        if st["ready"] is None and st["created"] is None and not st["invalid"]:
             return
         name = obj["metadata"]["name"]
-        failed = st.get("failed") is not None
+        traffic = self._route_traffic(st)
+        self._propagate_rollout(st, traffic)
+        self._log_split(traffic)
+        failed = st["failed"] is not None and st["failed"] == st["created"]
         uri = self.revision_uri.get(st["created"] or "", "")
-        load_failed = failed and uri in self.failing
         predictor: dict[str, Any] = {
             "latestCreatedRevision": st["created"],
             "latestReadyRevision": st["ready"],
-            "traffic": self._traffic(name, st, canary),
+            "traffic": traffic,
         }
+        if st["rolled"]:
+            predictor["latestRolledoutRevision"] = st["rolled"]
+        if st["prev_rolled"]:
+            predictor["previousRolledoutRevision"] = st["prev_rolled"]
         if st["ready"]:
             # Copied from the Knative Service once it is Ready.
-            predictor["address"] = {"url": f"http://{name}-predictor.{NS}.svc.cluster.local"}
-            predictor["url"] = f"http://{name}-predictor.{NS}.{DOMAIN}"
+            predictor["address"] = {"url": f"http://{ROUTE}.{NS}.svc.cluster.local"}
+            predictor["url"] = (
+                f"http://{render(self.domain_template, Name=ROUTE, Namespace=NS, Domain=DOMAIN)}"
+            )
         config_failed = {
             "reason": "RevisionFailed",
-            "message": f"Revision {st.get('failed')} failed with message: "
+            "message": f"Revision {st['failed']} failed with message: "
             + (
                 "Back-off pulling image: unauthorized"
                 if uri in self.unpullable
@@ -362,53 +537,123 @@ class FakeKServe:
                     **(config_failed if failed else {}),
                 },
             ],
-            "modelStatus": {
-                "transitionStatus": "BlockedByFailedLoad"
-                if load_failed
-                else ("UpToDate" if st["ready"] == st["created"] else "InProgress"),
-                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "bundle.json missing"}
-                if load_failed
-                else None,
-            },
+            "modelStatus": self._model_status(
+                st, failed and uri in self.failing, st["ready"] == st["created"]
+            ),
         }
         self._patch_status(obj, status)
 
     def _patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        if obj.get("status") != status:
+        current = obj.get("status") or {}
+        if any(current.get(k) != v for k, v in status.items()):
             self.api.patch_namespaced_custom_object_status(
-                GROUP,
-                ISVC_VERSION,
-                NS,
-                ISVC_PLURAL,
-                obj["metadata"]["name"],
-                {"status": status},
+                GROUP, ISVC_VERSION, NS, ISVC_PLURAL, obj["metadata"]["name"], {"status": status}
             )
 
     # ------------------------------------------------------------------ RawDeployment
 
+    def _template(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The Deployment's pod template KServe writes for the predictor: the runtime's
+        container with the model's fields laid over it (args appended), the pod fields."""
+        if "model" in config:
+            model = config["model"]
+            runtime = self._runtime(model["runtime"]) or {"spec": {"containers": [{}]}}
+            base = runtime["spec"]["containers"][0]
+            container = {
+                "name": "kserve-container",
+                "image": base.get("image", ""),
+                "args": [*(base.get("args") or []), *(model.get("args") or [])],
+                "env": [*(base.get("env") or []), *(model.get("env") or [])],
+                "resources": model.get("resources") or base.get("resources") or {},
+            }
+            if model.get("lifecycle"):
+                container["lifecycle"] = model["lifecycle"]
+        else:
+            container = copy.deepcopy(config["containers"][0])
+        pod_fields = (
+            "serviceAccountName", "nodeSelector", "tolerations", "priorityClassName",
+            "imagePullSecrets", "securityContext", "terminationGracePeriodSeconds",
+        )  # fmt: skip
+        spec = {k: copy.deepcopy(config[k]) for k in pod_fields if k in config}
+        spec.setdefault("terminationGracePeriodSeconds", 30)
+        dep = deployment_status.predictor_deployment(NAME)
+        meta: dict[str, Any] = {"labels": {"app": dep}}
+        if "model" in config:
+            # predictor.go: the storage initializer (injected into the pod at admission) is
+            # told where the model is by this annotation on the pod template.
+            meta["annotations"] = {SOURCE_URI_ANNOTATION: storage_uri(config)}
+        return {"metadata": meta, "spec": {**spec, "containers": [container]}}
+
+    def _hpa_spec(self, config: dict[str, Any]) -> dict[str, Any]:
+        low = max(1, config.get("minReplicas", 1))
+        spec: dict[str, Any] = {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": ROUTE},
+            "minReplicas": low,
+            "maxReplicas": max(config.get("maxReplicas", 0), low),
+        }
+        metric, target = config.get("scaleMetric", "cpu"), config.get("scaleTarget")
+        if self.version == "0.14.1" or metric == "cpu" or (metric == "memory" and target):
+            utilisation = target if target is not None else 80
+            target_spec = {"type": "Utilization", "averageUtilization": utilisation}
+            resource = {"name": metric, "target": target_spec}
+            spec["metrics"] = [{"type": "Resource", "resource": resource}]
+        return spec
+
+    def _write_raw(self, name: str, st: dict[str, Any], config: dict[str, Any], now: float) -> None:
+        template = self._template(config)
+        strategy = config.get("deploymentStrategy") or {"type": "RollingUpdate"}
+        body = json.dumps([template, strategy], sort_keys=True)
+        if body != st["config"]:
+            st["config"] = body
+            st["n"] += 1
+            st["created"] = f"{name}-predictor-{st['n']:05d}"
+            st["due"] = now + self.ready_after_s
+            st["failed"] = None
+            self.revision_uri[st["created"]] = storage_uri(config)
+            self._write_deployment(name, st, template, strategy)
+        hpa = self._hpa_spec(config)
+        if hpa != st["hpa"]:
+            self._write_hpa(st, hpa)
+
+    def _write_hpa(self, st: dict[str, Any], spec: dict[str, Any]) -> None:
+        api, where = self.api, ("autoscaling", "v2", NS, "horizontalpodautoscalers")
+        body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"}
+        if st["hpa"] is None:
+            meta = {"name": ROUTE, "namespace": NS}
+            api.create_namespaced_custom_object(*where, {**body, "metadata": meta, "spec": spec})
+        else:
+            # An Update replaces the spec whole (a metric dropped is gone).
+            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": {"metrics": None}})
+            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": spec})
+        st["hpa"] = spec
+        self.hpa_writes += 1
+
     def _deployments(self) -> tuple[kubernetes.client.CustomObjectsApi, tuple[str, str, str, str]]:
         return self.api, ("apps", "v1", NS, "deployments")
 
-    def _write_deployment(self, name: str, st: dict[str, Any]) -> None:
+    def _write_deployment(
+        self, name: str, st: dict[str, Any], template: dict[str, Any], strategy: dict[str, Any]
+    ) -> None:
         """KServe writes the new pod template (the API server bumps the generation with it);
         then the Deployment controller gives the template the next rollout revision, and
         only later reports status for it (``_publish_raw``): three writes, as on a cluster."""
         api, where = self._deployments()
         dep_name = deployment_status.predictor_deployment(name)
         spec = {
-            "replicas": 1,
             "selector": {"matchLabels": {"app": dep_name}},
-            "template": {
-                "metadata": {"labels": {"app": dep_name}},
-                "spec": {"containers": [{"name": "kserve-container", "image": st["config"]}]},
-            },
+            "strategy": strategy,
+            "progressDeadlineSeconds": 600,
+            "template": template,
         }
         if st["n"] == 1:
             meta = {"name": dep_name, "namespace": NS, "generation": 1}
+            spec["replicas"] = 1
             body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
             api.create_namespaced_custom_object(*where, body)
         else:
             stored = api.get_namespaced_custom_object(*where, dep_name)
+            # A merge patch merges maps: clear the template first, as KServe's patch replaces it.
+            api.patch_namespaced_custom_object(*where, dep_name, {"spec": {"template": None}})
             patch: dict[str, Any] = {"spec": spec}
             if self.bookkeeping is False:
                 # An emulator without generation bookkeeping: bump it in the same write,
@@ -427,15 +672,18 @@ class FakeKServe:
         api.patch_namespaced_custom_object(
             *where, dep_name, {"metadata": {"annotations": revision}}
         )
+        st["prev"], st["ready_template"] = st.get("ready_template"), None
 
     def _publish_raw(self, obj: dict[str, Any], st: dict[str, Any]) -> None:
         if st["created"] is None:
+            if st["invalid"]:
+                self._patch_status(obj, {"modelStatus": self._model_status(st, False, False)})
             return
         api, where = self._deployments()
         dep_name = deployment_status.predictor_deployment(obj["metadata"]["name"])
         dep = api.get_namespaced_custom_object(*where, dep_name)
         done = st["ready"] == st["created"]
-        old = 0 if done or st["prev"] is None and st["ready"] is None else 1
+        old = 0 if done or st["n"] == 1 else 1
         available = 1 if done else old
         progressing = (
             {"status": "True", "reason": "NewReplicaSetAvailable"}
@@ -454,34 +702,32 @@ class FakeKServe:
         }
         if dep.get("status") != dep_status:
             api.patch_namespaced_custom_object_status(*where, dep_name, {"status": dep_status})
-        # PropagateRawStatus: PredictorReady from Available/Progressing; no revisions.
+        # PropagateRawStatus: PredictorReady from Available/Progressing; no revision names.
         if done:
             ready = {"status": "True", "reason": "NewReplicaSetAvailable"}
         elif available:
             ready = {"status": "Unknown", "reason": "ReplicaSetUpdated"}
         else:
             ready = {"status": "False", "reason": "MinimumReplicasUnavailable"}
-        crashed = st.get("failed") is not None
-        status = {
+        crashed = st["failed"] is not None
+        predictor: dict[str, Any] = {"url": self.address_url} if done else {}
+        if self.version == "0.14.1":
+            revision = (dep["metadata"].get("annotations") or {}).get(
+                deployment_status.REVISION_ANNOTATION
+            )
+            predictor["latestCreatedRevision"] = revision
+        status: dict[str, Any] = {
             "observedGeneration": dep_status["observedGeneration"],
-            "deploymentMode": "RawDeployment",
             "url": f"http://{obj['metadata']['name']}-{NS}.{DOMAIN}",
             "address": {"url": self.address_url},
-            "components": {"predictor": {"url": self.address_url} if done else {}},
+            "components": {"predictor": predictor},
             "conditions": [
                 {"type": "PredictorReady", **ready},
                 {"type": "IngressReady", "status": "True"},
                 {"type": "Ready", **ready},
             ],
-            "modelStatus": {
-                "transitionStatus": "BlockedByFailedLoad" if crashed else "UpToDate",
-                "lastFailureInfo": {
-                    "reason": "ModelLoadFailed",
-                    "message": "bundle.json missing",
-                    "exitCode": 1,
-                }
-                if crashed
-                else None,
-            },
+            "modelStatus": self._model_status(st, crashed, done),
         }
+        if self.version != "0.14.1":
+            status["deploymentMode"] = "RawDeployment"
         self._patch_status(obj, status)

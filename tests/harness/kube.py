@@ -16,19 +16,35 @@ API server does:
 - ``pods/log`` answers from :attr:`KubeApi.logs` (kubelet-style timestamped lines; honours
   ``timestamps`` and ``tailLines``; 404 once the pod's lines are gone);
 - every request is recorded with its User-Agent, so a test can hold the calls one client
-  made to the RBAC rules its module declares (:func:`rbac_triple`).
+  made to the RBAC rules its module declares (:func:`rbac_triple`);
+- with ``crds`` (a directory of CRD files), writes of those custom resources are checked
+  against the CRD's structural schema as the apiserver's server-side field validation does
+  (KEP-2885; k8s.io/apiserver pkg/endpoints/handlers/create.go and patch.go, the
+  apiextensions-apiserver's structural pruning): ``?fieldValidation=Strict`` refuses a body
+  with an unknown field (400 BadRequest, ``strict decoding error: unknown field "spec.x"``,
+  the object is not written); the default, ``Warn``, prunes the unknown fields and answers
+  a ``Warning: 299 - "unknown field ..."`` header per field; ``Ignore`` prunes silently. A
+  field is unknown where the schema lists ``properties`` without
+  ``x-kubernetes-preserve-unknown-fields``; ``additionalProperties`` maps and ``items``
+  lists are descended; ``apiVersion``, ``kind`` and ``metadata`` at the root are the
+  apiserver's own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import aiohttp.web
+import attrs
 import kmock
 import kubernetes
+import yaml
 
 from ldm_core.kube.client import api_client
 
@@ -40,6 +56,103 @@ PAGE_NOT_FOUND = b"404 page not found\n"
 """What kube-apiserver answers for a path no API group serves (Go's http.NotFound)."""
 PLAIN_TEXT = kmock.headers({"Content-Type": "text/plain; charset=utf-8"})
 _POD_LOG = re.compile(r"/api/v1/namespaces/[^/]+/pods/[^/]+/log")
+ROOT_FIELDS = ("apiVersion", "kind", "metadata")
+"""What every object has whatever its schema says (the apiserver's own fields)."""
+
+
+@functools.cache
+def crd_schemas(directory: Path) -> dict[str, dict[str, Any]]:
+    """``group/version/plural`` -> openAPIV3Schema of every CRD file in ``directory``."""
+    out: dict[str, dict[str, Any]] = {}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for path in sorted(Path(directory).glob("*.yaml")):
+        for doc in yaml.load_all(path.read_text(), Loader=loader):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group, plural = doc["spec"]["group"], doc["spec"]["names"]["plural"]
+            for version in doc["spec"]["versions"]:
+                schema = version["schema"]["openAPIV3Schema"]
+                out[f"{group}/{version['name']}/{plural}"] = schema
+    return out
+
+
+def unknown_fields(value: Any, schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """The paths of ``value``'s fields that ``schema`` does not know, as the apiserver names
+    them (``spec.predictor.foo``, ``spec.containers[0].bar``). ``None`` values (a merge
+    patch's deletions) are not fields."""
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        props = schema.get("properties")
+        keep = schema.get("x-kubernetes-preserve-unknown-fields") or props is None
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if item is None or (not path and key in ROOT_FIELDS):
+                continue
+            if props is not None and key in props:
+                found += unknown_fields(item, props[key], where)
+            elif isinstance(extra, Mapping):
+                found += unknown_fields(item, extra, where)
+            elif not keep:
+                found.append(where)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def prune(value: Any, paths: Iterable[str]) -> None:
+    """Drop the fields at ``paths`` (from :func:`unknown_fields`) from ``value`` in place."""
+    for path in paths:
+        parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
+        node = value
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node.pop(parts[-1], None)
+
+
+@attrs.frozen
+class _BadRequest(kmock.KubernetesError):
+    status: int = 400
+    reason: str = "BadRequest"
+    message: str = ""
+    details: Any = None
+
+
+@attrs.define(kw_only=True)
+class _FieldValidatingEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the apiserver's field validation of custom resources (see the
+    module docstring). kmock stores a write before any reaction runs, so the check sits in
+    front of that: a subclass, as kmock's docstring suggests for field-specific behaviour."""
+
+    schemas: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        resource = request.resource
+        writes = (kmock.action.CREATE, kmock.action.UPDATE)
+        key = resource and f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
+        if request.action not in writes or key not in self.schemas:
+            return await super()._handle(request)
+        if not isinstance(request.data, dict):
+            return await super()._handle(request)
+        unknown = unknown_fields(request.data, self.schemas[key])
+        directive = request.params.get("fieldValidation", "Warn")
+        if unknown and directive == "Strict":
+            kind = (self.schemas[key].get("x-kubernetes-group-version-kind") or [{}])[0]
+            fields = ", ".join(f'unknown field "{u}"' for u in unknown)
+            what = request.data.get("kind") or kind.get("kind") or resource.plural
+            return await self._render_error(
+                _BadRequest(
+                    message=f"{what} in version {resource.version!r} cannot be handled as a "
+                    f"{what}: strict decoding error: {fields}"
+                )
+            )
+        prune(request.data, unknown)
+        response = await super()._handle(request)
+        if directive == "Warn" and not response.prepared:
+            for field in unknown:
+                response.headers.add("Warning", f'299 - "unknown field \\"{field}\\""')
+        return response
 
 
 class KubeApi:
@@ -48,10 +161,16 @@ class KubeApi:
     Args:
         resources: ``{"group/version/plural": "Kind"}`` of the custom resources to serve.
         generations: keep ``metadata.generation`` as a real API server does.
+        crds: a directory of CRD files whose structural schemas the writes of those
+            resources are validated and pruned against (``fieldValidation``); None: none.
     """
 
     def __init__(
-        self, resources: Mapping[str, str] | None = None, *, generations: bool = False
+        self,
+        resources: Mapping[str, str] | None = None,
+        *,
+        generations: bool = False,
+        crds: str | Path | None = None,
     ) -> None:
         self.logs: dict[str, list[str]] = {}
         """Pod name -> its log lines, each ``<RFC3339 timestamp> <text>``."""
@@ -60,6 +179,7 @@ class KubeApi:
         """The kmock emulator once started, for reactions a test adds (``[...] << 403``)."""
         self._served = {**CORE_RESOURCES, **(resources or {})}
         self._generations = generations
+        self._schemas = crd_schemas(Path(crds)) if crds is not None else {}
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="kube-api", daemon=True)
@@ -82,7 +202,8 @@ class KubeApi:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
+        emulator = _FieldValidatingEmulator(schemas=self._schemas)
+        async with emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             for resource, kind in self._served.items():
                 emulator.resources[resource] = {"namespaced": True, "kind": kind}
