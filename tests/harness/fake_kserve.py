@@ -208,7 +208,7 @@ class FakeKServe:
         self.raw, self.version, self.features, self.mesh = raw, version, features, mesh
         self.domain_template, self.tag_template = domain_template, tag_template
         self.bookkeeping: bool | None = None
-        """Whether the emulated API bumps metadata.generation itself (found on first update)."""
+        """Whether the emulated API bumps metadata.generation itself (found on the first create)."""
         self.revision_uri: dict[str, str] = {}
         self.canaries_seen: list[int] = []
         self.refusals: list[str] = []
@@ -646,28 +646,30 @@ class FakeKServe:
             "template": template,
         }
         if st["n"] == 1:
-            meta = {"name": dep_name, "namespace": NS, "generation": 1}
+            meta = {"name": dep_name, "namespace": NS}
             spec["replicas"] = 1
             body = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
             api.create_namespaced_custom_object(*where, body)
+            # Whether this API server keeps generations is known from the created object, before
+            # anyone can read a status of it: an emulator that does not gets generation 1 here
+            # and a bump in every later spec write, so no reader ever sees a new template under
+            # the old generation (a state a real API server never shows).
+            created = api.get_namespaced_custom_object(*where, dep_name)
+            self.bookkeeping = "generation" in created["metadata"]
+            if not self.bookkeeping:
+                api.patch_namespaced_custom_object(
+                    *where, dep_name, {"metadata": {"generation": 1}}
+                )
         else:
             stored = api.get_namespaced_custom_object(*where, dep_name)
             # A merge patch merges maps: clear the template first, as KServe's patch replaces it.
             api.patch_namespaced_custom_object(*where, dep_name, {"spec": {"template": None}})
             patch: dict[str, Any] = {"spec": spec}
-            if self.bookkeeping is False:
+            if not self.bookkeeping:
                 # An emulator without generation bookkeeping: bump it in the same write,
                 # as the API server does.
                 patch["metadata"] = {"generation": stored["metadata"]["generation"] + 1}
             api.patch_namespaced_custom_object(*where, dep_name, patch)
-            if self.bookkeeping is None:
-                after = api.get_namespaced_custom_object(*where, dep_name)
-                self.bookkeeping = (
-                    after["metadata"]["generation"] > stored["metadata"]["generation"]
-                )
-                if not self.bookkeeping:  # only the first update can find out
-                    bump = {"metadata": {"generation": stored["metadata"]["generation"] + 1}}
-                    api.patch_namespaced_custom_object(*where, dep_name, bump)
         revision = {deployment_status.REVISION_ANNOTATION: str(st["n"])}
         api.patch_namespaced_custom_object(
             *where, dep_name, {"metadata": {"annotations": revision}}
