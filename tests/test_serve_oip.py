@@ -234,3 +234,33 @@ def test_grpc_port_is_checked_where_the_config_loads(value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         serve_config(f"serving.grpc_port={value}")
     assert serve_config().serving.grpc_port == 0  # off unless asked for
+
+
+def _seed_request(seed: int, **kwargs: object) -> InferRequest:
+    tensor = InferInput("seed", [1], "INT64")
+    tensor.set_data_from_numpy(np.asarray([seed], dtype=np.int64), binary_data=True)
+    return InferRequest(MODEL, [tensor], **kwargs)
+
+
+def test_the_request_body_id_comes_back_whatever_x_request_id_says(served):
+    """A mesh (Envoy) stamps ``x-request-id`` on every request; the response must still echo
+    the client's ``id``, as the protocol asks and KServe's own models do
+    (``kserve.utils.utils.get_predict_response``: ``payload.id``, else a new one). The header
+    names the request only when the body has no id."""
+    url, address, _ = served
+    body = {**v2([7], steps=1, output="png"), "id": "client-42"}
+    infer_url = f"{url}/v2/models/{MODEL}/infer"
+    r = httpx.post(infer_url, json=body, headers={"x-request-id": "envoy-1"}, timeout=120)
+    assert r.status_code == 200 and r.json()["id"] == "client-42", r.text
+    r = httpx.post(
+        infer_url, json=v2([7], steps=1, output="png"), headers={"x-request-id": "envoy-2"}
+    )
+    assert r.json()["id"] == "envoy-2"
+
+    async def over_grpc(request_id: str) -> InferResponse:
+        request = _seed_request(7, request_id=request_id, parameters={"steps": 1, "output": "png"})
+        async with InferenceGRPCClient(address, timeout=120) as client:
+            return await client.infer(request, headers=[("x-request-id", "envoy-3")])
+
+    assert asyncio.run(over_grpc("client-43")).id == "client-43"
+    assert asyncio.run(over_grpc("")).id == "envoy-3"

@@ -168,12 +168,17 @@ class BrainLDMModel(Model):
         self, payload: InferRequest | dict[str, Any] | bytes, headers: dict[str, str] | None = None
     ) -> GenerationRequest:
         """Parse a V2 ``InferRequest`` or a V1 body; a bad one is a 400 naming the field.
-        The request id is the client's ``x-request-id``, else the V2 ``id``, else new."""
+
+        The request id (the response's ``id``, and the log's ``request_id``) is the V2 body's
+        ``id``, else the ``x-request-id`` header, else new. The body wins because the protocol
+        echoes it and a mesh stamps the header on every request (Envoy generates one), so a
+        header first would never give a client its own id back; KServe's models do the same
+        (``kserve.utils.utils.get_predict_response``: ``payload.id``, else a new one)."""
         if self.limits is None:
             raise RuntimeError(f"model {self.name}: preprocess before load")
         v2 = isinstance(payload, InferRequest)
         header_id = (headers or {}).get("x-request-id")
-        request_id = header_id or (payload.id if v2 else None) or uuid.uuid4().hex
+        request_id = (payload.id if v2 else None) or header_id or uuid.uuid4().hex
         try:
             req = (
                 parse_v2(payload, self.limits, request_id)
