@@ -155,6 +155,8 @@ class BrainLDMModel(Model):
         return [{"name": "seed", "datatype": "INT64", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
+        """Every output; a V2 request that names none (nor the ``output`` shortcut) gets
+        all of them, as the protocol says (:mod:`~ldm_core.serve.protocol`)."""
         d, h, w = self.bundle.image_shape if self.bundle is not None else (-1, -1, -1)
         types = {
             "volume": {"name": "volume", "datatype": "FP32", "shape": [-1, 1, d, h, w]},
