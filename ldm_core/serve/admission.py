@@ -14,8 +14,11 @@ Why it looks the way it does:
   clients went away) stops at its next denoising step, so its slot frees soon; one whose
   requests partly gave up runs on for the others. A slot counts as busy until its thread
   has really finished.
-- A batch that fails fails each of its requests with the same exception, for the model to
-  answer and log (a 5xx with its cause: the requests were valid, the batch broke).
+- A batch of several requests that fails is retried request by request: each runs alone,
+  ahead of the queue and within its own deadline, so each gets the answer it would have got
+  alone (an out-of-memory of eight requests together is no fault of a one-seed request's),
+  and a request whose own generation fails gets its own exception, for the model to answer
+  and log (a 5xx with its cause).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -32,6 +36,7 @@ from typing import Any, Generic, TypeVar
 from ldm_core.config import ServingConfig
 from ldm_core.errors import LdmError
 from ldm_core.serve.batching import BatchQueue
+from ldm_core.serve.logs import log_event
 from ldm_core.serve.metrics import BATCH_REQUESTS, BATCH_SAMPLES, IN_FLIGHT, QUEUED, REJECTED
 
 K = TypeVar("K", bound=Hashable)
@@ -200,7 +205,8 @@ class Admission:
         Raises:
             ServerBusy: no slot and no queue place is free.
             GenerationTimeout: the deadline passed while queued or working.
-            Exception: whatever ``work`` raised, in every request of its batch.
+            Exception: whatever ``work`` raised for this request alone (a batch of several
+                that fails is retried, each request by itself).
         """
         if self._admitted >= self.max_concurrency + self.max_queue:
             REJECTED.labels("busy").inc()
@@ -272,6 +278,11 @@ class Admission:
         results = list(future.result()) if exc is None else []
         if exc is None and len(results) != len(batch.tickets):
             exc = LdmError(f"batch {batch.id}: {len(results)} results for {len(batch.tickets)}")
+        waiting = [t for t in batch.tickets if not t.future.done()]
+        if exc is not None and len(batch.tickets) > 1 and waiting and not self._closed:
+            self._retry_alone(batch, waiting, exc)
+            self._dispatch()
+            return
         for i, ticket in enumerate(batch.tickets):
             if ticket.future.done():  # its request gave up
                 continue
@@ -281,6 +292,22 @@ class Admission:
                 outcome = Outcome(results[i], seconds, batch.id, batch.samples, len(batch.tickets))
                 ticket.future.set_result(outcome)
         self._dispatch()
+
+    def _retry_alone(self, batch: _Batch, waiting: list[_Ticket], exc: BaseException) -> None:
+        """Put the requests of a failed batch that still wait back in the queue, each to run
+        by itself before anything else."""
+        log_event(
+            "batch_failed",
+            logging.WARNING,
+            batch_id=batch.id,
+            batch_requests=len(batch.tickets),
+            error=f"{type(exc).__name__}: {exc}",
+            detail=f"retrying its {len(waiting)} waiting requests one by one",
+        )
+        for ticket in waiting:
+            ticket.batch = None
+            self._queue.push_alone(ticket)
+            QUEUED.inc()
 
     def _leave(self, ticket: _Ticket) -> str:
         """Take a request that gave up out of the queue or its batch; says where it was."""

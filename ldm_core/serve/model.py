@@ -11,8 +11,9 @@ HTTP, admission and threads.
 
 Status codes: 400 for a bad request (the field named), 503 busy or out of device memory,
 504 past the time limit, and 500 when generation itself fails: an engine error is ours,
-not the client's, and is logged with its type, message and request id (for each request
-of a batch that failed).
+not the client's, and is logged with its type, message and request id. Both are the
+request's own: a batch that fails is retried request by request
+(:mod:`~ldm_core.serve.admission`), so an error answers the request that caused it.
 """
 
 from __future__ import annotations
@@ -228,8 +229,7 @@ class BrainLDMModel(Model):
             REJECTED.labels("out_of_memory").inc()
             log_request(req, status=503, error="out of device memory")
             raise ServerBusy(
-                f"out of device memory generating {len(req.seeds)} samples (with any requests "
-                "batched with them); retry with fewer seeds"
+                f"out of device memory generating {len(req.seeds)} samples; retry with fewer seeds"
             ) from None
         except Exception as exc:
             REJECTED.labels("error").inc()
