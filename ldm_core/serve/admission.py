@@ -19,6 +19,9 @@ Why it looks the way it does:
   alone (an out-of-memory of eight requests together is no fault of a one-seed request's),
   and a request whose own generation fails gets its own exception, for the model to answer
   and log (a 5xx with its cause).
+- When the server stops (:mod:`~ldm_core.serve.shutdown`), :meth:`Admission.drain` refuses
+  new requests (503, :class:`ShuttingDown`) while those admitted run on, and
+  :meth:`Admission.abort` ends what is left at once.
 """
 
 from __future__ import annotations
@@ -56,6 +59,17 @@ class ServerBusy(RequestRejected):
 
     status = 503
     reason = "busy"
+
+
+class ShuttingDown(RequestRejected):
+    """The server is stopping: it takes no new work, and another replica can (gRPC
+    ``UNAVAILABLE``, the code clients and meshes retry elsewhere)."""
+
+    status = 503
+    reason = "shutting_down"
+
+    def __init__(self, why: str = "this server takes no new requests") -> None:
+        super().__init__(f"shutting down: {why}; retry, another replica will answer")
 
 
 class GenerationTimeout(RequestRejected):
@@ -163,9 +177,11 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.timeout_s = float(timeout_s)
-        self._admitted = 0
+        self._tickets: set[_Ticket] = set()
+        """The requests admitted: generating or queued."""
         self._running = 0
         self._closed = False
+        self._draining = False
         self._queue: BatchQueue[_Ticket] = BatchQueue(max_batch_size, max_batch_wait_s)
         self._batch_ids = itertools.count(1)
         self._wake: asyncio.TimerHandle | None = None
@@ -203,21 +219,24 @@ class Admission:
         Requests with equal keys must pass the same ``work``: a batch runs its first one's.
 
         Raises:
+            ShuttingDown: the server drains (:meth:`drain`), or stopped before it finished.
             ServerBusy: no slot and no queue place is free.
             GenerationTimeout: the deadline passed while queued or working.
             Exception: whatever ``work`` raised for this request alone (a batch of several
                 that fails is retried, each request by itself).
         """
-        if self._admitted >= self.max_concurrency + self.max_queue:
+        if self._draining:
+            raise ShuttingDown()
+        if self.admitted >= self.max_concurrency + self.max_queue:
             REJECTED.labels("busy").inc()
             raise ServerBusy(
-                f"busy: {self._admitted} requests generating or queued (serving.max_concurrency="
+                f"busy: {self.admitted} requests generating or queued (serving.max_concurrency="
                 f"{self.max_concurrency}, serving.max_queue={self.max_queue}); retry later"
             )
         deadline = started + self.timeout_s
         future = asyncio.get_running_loop().create_future()
         ticket = _Ticket(key, size, part, work, steps, future)
-        self._admitted += 1
+        self._tickets.add(ticket)
         self._queue.push(ticket)
         QUEUED.inc()
         try:
@@ -231,7 +250,7 @@ class Admission:
             self._leave(ticket)  # the client went away
             raise
         finally:
-            self._admitted -= 1
+            self._tickets.discard(ticket)
 
     def _dispatch(self) -> None:
         """Start every batch that may start now; if one waits for company while a slot is
@@ -327,6 +346,31 @@ class Admission:
             f"request {request_id} exceeded serving.request_timeout_s={self.timeout_s:g} s "
             f"while {what}"
         )
+
+    @property
+    def admitted(self) -> int:
+        """Requests generating or queued now."""
+        return len(self._tickets)
+
+    def drain(self) -> None:
+        """Admit nothing more (:class:`ShuttingDown`); what is admitted runs on."""
+        self._draining = True
+
+    async def idle(self, poll_s: float = 0.05) -> None:
+        """Return once no admitted request is left; after :meth:`drain` it stays so."""
+        while self._tickets:
+            await asyncio.sleep(poll_s)
+
+    def abort(self, why: str) -> int:
+        """End every admitted request now with :class:`ShuttingDown` (``why``), start no
+        batch again, and stop running ones at their next denoising step; how many ended."""
+        self._draining = True
+        self._closed = True
+        left = [t for t in self._tickets if not t.future.done()]
+        for ticket in left:
+            ticket.future.set_exception(ShuttingDown(why))
+            self._leave(ticket)
+        return len(left)
 
     def close(self) -> None:
         """Stop taking work; queued requests are not started, running work finishes on its own."""
