@@ -1,7 +1,8 @@
 """Concurrent requests denoised in one loop: the batching rule, admission's deadlines and
-failures for batched requests, and the real server over HTTP (one batch for four
+failures for batched requests (a failed batch retried request by request, so each gets the
+answer it would have got alone), and the real server over HTTP (one batch for four
 concurrent requests, the same volume for a seed alone or in a batch, loops that differ
-never merged, a failed batch answered 500 per request)."""
+never merged, a batch that fails for every request answered 500 per request)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
+from kserve.errors import InferenceError
+from kserve.protocol.infer_type import InferInput, InferRequest
 
 from ldm_core.config import ConfigError, load_config
-from ldm_core.serve.admission import Admission, GenerationTimeout, Progress
+from ldm_core.serve import model as served_model
+from ldm_core.serve.admission import Admission, GenerationTimeout, Progress, ServerBusy
 from ldm_core.serve.batching import BatchQueue
+from ldm_core.serve.model import BrainLDMModel
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
 from tests.harness.serving import model_server, v2
@@ -69,6 +75,16 @@ def test_what_a_batch_leaves_behind_waits_its_turn():
     assert _take(queue, 5.0) == [("b", 1)]
     assert _take(queue, 5.0) == [("a", 1)]
     assert queue.ready_at() is None and _take(queue, 5.0) == []
+
+
+def test_a_request_put_back_alone_goes_first_by_itself_at_once():
+    queue: BatchQueue = BatchQueue(max_batch_size=4, max_wait_s=1.0)
+    waiting, retried = Waiting("a", 1, queued_at=0.5), Waiting("a", 1, queued_at=0.0)
+    queue.push(waiting)
+    queue.push_alone(retried)
+    assert queue.ready_at() <= 0.5 and queue.take(0.5) == [retried]
+    assert queue.take(0.5) == [] and queue.ready_at() == 1.5  # the rest waits its turn
+    assert queue.take(1.5) == [waiting]
 
 
 def test_batching_limits_are_checked_with_the_field_named():
@@ -169,18 +185,115 @@ def test_a_batch_runs_on_for_the_requests_still_waiting_and_stops_when_none_is()
     assert running == 0  # the abandoned batch stopped and freed its slot
 
 
-def test_a_failed_batch_fails_each_of_its_requests_with_the_cause():
-    async def scenario() -> list:
-        admission = Admission(1, 8, timeout_s=30, max_batch_size=4, max_batch_wait_s=0.2)
+def test_a_failed_batch_is_retried_request_by_request_before_the_queue():
+    async def scenario() -> tuple:
+        admission = Admission(1, 8, timeout_s=30, max_batch_size=3, max_batch_wait_s=0.2)
         work = Recorder(fail=True)
-        results = await asyncio.gather(
-            *(_run(admission, work, i) for i in (1, 2, 3)), return_exceptions=True
-        )
+        requests = [asyncio.ensure_future(_run(admission, work, i)) for i in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        later = asyncio.ensure_future(_run(admission, work, 4))  # waits for the next batch
+        results = await asyncio.gather(*requests, later, return_exceptions=True)
         admission.close()
-        return results
+        return results, work.batches, admission._running, len(admission._queue)
 
-    results = asyncio.run(scenario())
+    results, batches, running, queued = asyncio.run(scenario())
+    # Each request of the failed batch ran alone, ahead of the request that came later.
+    assert batches == [[1, 2, 3], [1], [2], [3], [4]]
     assert all(isinstance(r, RuntimeError) and "the UNet broke" in str(r) for r in results)
+    assert running == 0 and queued == 0
+
+
+# --------------------------------------------------------------------------- a batch that fails
+
+
+class FlakyGenerate:
+    """The model's generation function (``ldm_core.serve.model.generate``), failing the way a
+    real engine fails, deterministically: a loop of more than ``max_samples`` samples runs
+    out of device memory (``torch.cuda.OutOfMemoryError``, as a GPU raises it), and a loop
+    holding ``bad_seed`` fails with an engine error. Records the seeds of every loop."""
+
+    def __init__(self, real, max_samples: int, bad_seed: int) -> None:
+        self.real = real
+        self.max_samples = max_samples
+        self.bad_seed = bad_seed
+        self.loops: list[list[int]] = []
+
+    def __call__(self, bundle, seeds, *args, **kwargs):
+        self.loops.append(list(seeds))
+        if len(seeds) > self.max_samples:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory ({len(seeds)} samples)")
+        if self.bad_seed in seeds:
+            raise RuntimeError(f"NaN in the UNet output (seed {self.bad_seed})")
+        return self.real(bundle, seeds, *args, **kwargs)
+
+
+@pytest.fixture
+def flaky_model(tmp_path, monkeypatch):
+    """A loaded model whose batches of requests join (one slot, 0.3 s to gather) and whose
+    generation fails as :class:`FlakyGenerate` says: (model, flaky)."""
+    cfg = serve_config(
+        "serving.max_batch_size=8",
+        "serving.max_batch_wait_ms=300",
+        "serving.max_concurrency=1",
+        "serving.warmup=false",
+    )
+    model = BrainLDMModel(
+        MODEL, random_bundle(tmp_path / "bundle", cfg), cfg, Admission.from_config(cfg.serving)
+    )
+    model.load()
+    flaky = FlakyGenerate(served_model.generate, max_samples=2, bad_seed=13)
+    monkeypatch.setattr(served_model, "generate", flaky)
+    yield model, flaky
+    model.admission.close()
+
+
+def _request(seeds: list[int], request_id: str) -> InferRequest:
+    tensor = InferInput("seed", [len(seeds)], "INT64")
+    tensor.set_data_from_numpy(np.asarray(seeds, dtype=np.int64))
+    return InferRequest(
+        MODEL, [tensor], request_id=request_id, parameters={"steps": 2, "output": "volume"}
+    )
+
+
+def _answers(model: BrainLDMModel, calls: dict[str, list[int]]) -> dict[str, object]:
+    """Every ``request id -> seeds`` sent at once: each one's volumes, or its exception."""
+
+    async def one(rid: str, seeds: list[int]) -> object:
+        try:
+            response, _ = await model(_request(seeds, rid), headers={})
+        except Exception as exc:  # noqa: BLE001 - the answer under test
+            return exc
+        return {o.name: o for o in response.outputs}["volume"].as_numpy()
+
+    async def every() -> list[object]:
+        return await asyncio.gather(*(one(rid, seeds) for rid, seeds in calls.items()))
+
+    return dict(zip(calls, asyncio.run(every())))
+
+
+def test_a_batch_out_of_memory_is_retried_request_by_request(flaky_model):
+    model, flaky = flaky_model
+    answers = _answers(model, {"one": [1], "two": [2], "three": [5, 6, 7]})
+    # One loop of all five samples ran out of memory; each request then ran alone.
+    assert flaky.loops == [[1, 2, 5, 6, 7], [1], [2], [5, 6, 7]]
+    # The one-seed requests get what they would have got alone, not "retry with fewer seeds".
+    assert answers["one"].shape == answers["two"].shape == (1, 1, 16, 16, 16)
+    alone = _answers(model, {"alone": [1]})["alone"]
+    np.testing.assert_array_equal(answers["one"], alone)
+    # The request too large for the device alone gets that answer, its own.
+    assert isinstance(answers["three"], ServerBusy) and answers["three"].status == 503
+    assert "3 samples" in str(answers["three"]) and "fewer seeds" in str(answers["three"])
+
+
+def test_a_request_whose_own_generation_fails_gets_its_own_error(flaky_model):
+    model, flaky = flaky_model
+    answers = _answers(model, {"first": [1], "broken": [13], "last": [2]})
+    assert flaky.loops == [[1, 13, 2], [1], [13], [2]]
+    assert isinstance(answers["broken"], InferenceError)
+    assert "request broken" in str(answers["broken"]) and "seed 13" in str(answers["broken"])
+    for rid in ("first", "last"):
+        assert isinstance(answers[rid], np.ndarray), answers[rid]
+        assert answers[rid].shape == (1, 1, 16, 16, 16)
 
 
 # --------------------------------------------------------------------------- the real server
@@ -319,7 +432,8 @@ def test_a_failed_batch_is_a_500_for_each_request_logged_with_its_cause(tmp_path
         for rid, r in responses.items():
             assert r.status_code == 500, r.text
             assert rid in r.json()["error"] and "RuntimeError" in r.json()["error"]
-        assert _histogram(server.url, "ldm_batch_requests") == (1.0, 2.0)  # one batch of two
+        # One batch of two, then each request alone: both fail alone too, each with its cause.
+        assert _histogram(server.url, "ldm_batch_requests") == (3.0, 4.0)
     lines = _requests(server, set(calls))
     assert set(lines) == set(calls)
     for entry in lines.values():

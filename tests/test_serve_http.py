@@ -118,7 +118,7 @@ def test_binary_data_extension_round_trip(served, http):
         2, 1, 16, 16, 16
     )
     # Binary output for every tensor.
-    r = infer(http, url, v2([11, 12], steps=2, binary_data_output=True))
+    r = infer(http, url, v2([11, 12], steps=2, output="volume", binary_data_output=True))
     assert r.status_code == 200, r.text
     head, blob = split_binary(r)
     sizes = [o["parameters"]["binary_data_size"] for o in head["outputs"]]

@@ -194,7 +194,7 @@ def test_a_json_body_without_content_type_is_read_as_json(served):
     )
     assert "content-type" not in r.request.headers
     assert r.status_code == 200, r.text
-    assert [o["name"] for o in r.json()["outputs"]] == ["volume", "affine"]
+    assert [o["name"] for o in r.json()["outputs"]] == ["volume", "affine", "nifti", "png"]
     bad = httpx.post(f"{url}/v2/models/{MODEL}/infer", content=b'{"inputs": [', timeout=30)
     assert bad.status_code == 400 and "not JSON" in bad.json()["error"]
 
@@ -234,3 +234,50 @@ def test_grpc_port_is_checked_where_the_config_loads(value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         serve_config(f"serving.grpc_port={value}")
     assert serve_config().serving.grpc_port == 0  # off unless asked for
+
+
+def _seed_request(seed: int, **kwargs: object) -> InferRequest:
+    tensor = InferInput("seed", [1], "INT64")
+    tensor.set_data_from_numpy(np.asarray([seed], dtype=np.int64), binary_data=True)
+    return InferRequest(MODEL, [tensor], **kwargs)
+
+
+def test_a_request_without_outputs_gets_every_output_the_metadata_lists(served):
+    """The protocol: "If not specified all outputs produced by the model will be returned"."""
+    url, address, _ = served
+    listed = [o["name"] for o in rest_metadata(url)["outputs"]]
+    assert listed == [o["name"] for o in grpc_metadata(address)["outputs"]]
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=v2([7], steps=1), timeout=120)
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == listed
+    over_grpc = asyncio.run(grpc_infer(address, _seed_request(7, parameters={"steps": 1})))
+    assert [o.name for o in over_grpc.outputs] == listed
+    # The output shortcut still narrows the answer to one kind.
+    r = httpx.post(
+        f"{url}/v2/models/{MODEL}/infer", json=v2([7], steps=1, output="png"), timeout=120
+    )
+    assert [o["name"] for o in r.json()["outputs"]] == ["png"]
+
+
+def test_the_request_body_id_comes_back_whatever_x_request_id_says(served):
+    """A mesh (Envoy) stamps ``x-request-id`` on every request; the response must still echo
+    the client's ``id``, as the protocol asks and KServe's own models do
+    (``kserve.utils.utils.get_predict_response``: ``payload.id``, else a new one). The header
+    names the request only when the body has no id."""
+    url, address, _ = served
+    body = {**v2([7], steps=1, output="png"), "id": "client-42"}
+    infer_url = f"{url}/v2/models/{MODEL}/infer"
+    r = httpx.post(infer_url, json=body, headers={"x-request-id": "envoy-1"}, timeout=120)
+    assert r.status_code == 200 and r.json()["id"] == "client-42", r.text
+    r = httpx.post(
+        infer_url, json=v2([7], steps=1, output="png"), headers={"x-request-id": "envoy-2"}
+    )
+    assert r.json()["id"] == "envoy-2"
+
+    async def over_grpc(request_id: str) -> InferResponse:
+        request = _seed_request(7, request_id=request_id, parameters={"steps": 1, "output": "png"})
+        async with InferenceGRPCClient(address, timeout=120) as client:
+            return await client.infer(request, headers=[("x-request-id", "envoy-3")])
+
+    assert asyncio.run(over_grpc("client-43")).id == "client-43"
+    assert asyncio.run(over_grpc("")).id == "envoy-3"

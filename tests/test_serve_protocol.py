@@ -75,8 +75,10 @@ def test_limits_follow_the_server_config_and_the_bundle_objective():
 def test_v2_defaults_and_the_output_shortcut():
     req = parsed(v2([4, 2]))
     assert (req.seeds, req.sampler, req.steps) == ([4, 2], "ddim", 7)
-    assert req.outputs == ("volume", "affine") and req.protocol == "v2"
+    # Neither outputs nor the shortcut: every output, as the protocol says.
+    assert req.outputs == ("volume", "affine", "nifti", "png") and req.protocol == "v2"
     assert parsed(v2([4], output="nifti", sampler="ddpm", steps=3)).outputs == ("nifti",)
+    assert parsed(v2([4], output="volume")).outputs == ("volume", "affine")
     assert parsed(v2([4], datatype="INT32")).seeds == [4]
 
 
@@ -225,7 +227,10 @@ def test_v2_response_sends_raw_bytes_exactly_where_binary_was_asked():
     assert blob[4:12] == b"\x89PNG\r\n\x1a\n"  # a BYTES element: 4-byte length, then the file
     # binary_data_output asks it of every output.
     raw, header_length = _v2_response(v2([4], binary_data_output=True)).to_rest()
-    assert [o["name"] for o in json.loads(raw[:header_length])["outputs"]] == ["volume", "affine"]
+    outputs = json.loads(raw[:header_length])["outputs"]
+    assert [o["name"] for o in outputs] == ["volume", "affine", "nifti", "png"]
+    assert not any("data" in o for o in outputs)
+    assert sum(o["parameters"]["binary_data_size"] for o in outputs) == len(raw) - header_length
 
 
 def test_v2_response_to_a_grpc_request_carries_bytes_as_bytes():

@@ -17,7 +17,8 @@ split the way KServe splits the work:
   application and gRPC servicer with ``{"error": ...}`` bodies and status codes that agree,
   and the model repository extension only where ``serving.repository_endpoints`` asks.
 - :mod:`~ldm_core.serve.server`: the process: listening sockets, the load in the
-  background, both transports in one event loop, shutdown.
+  background, both transports in one event loop; :mod:`~ldm_core.serve.shutdown`: the
+  drain on SIGTERM (not ready, new requests refused, admitted ones finished, then exit).
 - :mod:`~ldm_core.serve.logs`, :mod:`~ldm_core.serve.metrics`: JSON log lines and the
   Prometheus metrics on ``/metrics``; :mod:`~ldm_core.serve.monitoring`: what the generated
   volumes look like, beside the bundle's training reference.

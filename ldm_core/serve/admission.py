@@ -14,8 +14,14 @@ Why it looks the way it does:
   clients went away) stops at its next denoising step, so its slot frees soon; one whose
   requests partly gave up runs on for the others. A slot counts as busy until its thread
   has really finished.
-- A batch that fails fails each of its requests with the same exception, for the model to
-  answer and log (a 5xx with its cause: the requests were valid, the batch broke).
+- A batch of several requests that fails is retried request by request: each runs alone,
+  ahead of the queue and within its own deadline, so each gets the answer it would have got
+  alone (an out-of-memory of eight requests together is no fault of a one-seed request's),
+  and a request whose own generation fails gets its own exception, for the model to answer
+  and log (a 5xx with its cause).
+- When the server stops (:mod:`~ldm_core.serve.shutdown`), :meth:`Admission.drain` refuses
+  new requests (503, :class:`ShuttingDown`) while those admitted run on, and
+  :meth:`Admission.abort` ends what is left at once.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -32,6 +39,7 @@ from typing import Any, Generic, TypeVar
 from ldm_core.config import ServingConfig
 from ldm_core.errors import LdmError
 from ldm_core.serve.batching import BatchQueue
+from ldm_core.serve.logs import log_event
 from ldm_core.serve.metrics import BATCH_REQUESTS, BATCH_SAMPLES, IN_FLIGHT, QUEUED, REJECTED
 
 K = TypeVar("K", bound=Hashable)
@@ -51,6 +59,17 @@ class ServerBusy(RequestRejected):
 
     status = 503
     reason = "busy"
+
+
+class ShuttingDown(RequestRejected):
+    """The server is stopping: it takes no new work, and another replica can (gRPC
+    ``UNAVAILABLE``, the code clients and meshes retry elsewhere)."""
+
+    status = 503
+    reason = "shutting_down"
+
+    def __init__(self, why: str = "this server takes no new requests") -> None:
+        super().__init__(f"shutting down: {why}; retry, another replica will answer")
 
 
 class GenerationTimeout(RequestRejected):
@@ -158,9 +177,11 @@ class Admission:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.timeout_s = float(timeout_s)
-        self._admitted = 0
+        self._tickets: set[_Ticket] = set()
+        """The requests admitted: generating or queued."""
         self._running = 0
         self._closed = False
+        self._draining = False
         self._queue: BatchQueue[_Ticket] = BatchQueue(max_batch_size, max_batch_wait_s)
         self._batch_ids = itertools.count(1)
         self._wake: asyncio.TimerHandle | None = None
@@ -198,20 +219,24 @@ class Admission:
         Requests with equal keys must pass the same ``work``: a batch runs its first one's.
 
         Raises:
+            ShuttingDown: the server drains (:meth:`drain`), or stopped before it finished.
             ServerBusy: no slot and no queue place is free.
             GenerationTimeout: the deadline passed while queued or working.
-            Exception: whatever ``work`` raised, in every request of its batch.
+            Exception: whatever ``work`` raised for this request alone (a batch of several
+                that fails is retried, each request by itself).
         """
-        if self._admitted >= self.max_concurrency + self.max_queue:
+        if self._draining:
+            raise ShuttingDown()
+        if self.admitted >= self.max_concurrency + self.max_queue:
             REJECTED.labels("busy").inc()
             raise ServerBusy(
-                f"busy: {self._admitted} requests generating or queued (serving.max_concurrency="
+                f"busy: {self.admitted} requests generating or queued (serving.max_concurrency="
                 f"{self.max_concurrency}, serving.max_queue={self.max_queue}); retry later"
             )
         deadline = started + self.timeout_s
         future = asyncio.get_running_loop().create_future()
         ticket = _Ticket(key, size, part, work, steps, future)
-        self._admitted += 1
+        self._tickets.add(ticket)
         self._queue.push(ticket)
         QUEUED.inc()
         try:
@@ -225,7 +250,7 @@ class Admission:
             self._leave(ticket)  # the client went away
             raise
         finally:
-            self._admitted -= 1
+            self._tickets.discard(ticket)
 
     def _dispatch(self) -> None:
         """Start every batch that may start now; if one waits for company while a slot is
@@ -272,6 +297,11 @@ class Admission:
         results = list(future.result()) if exc is None else []
         if exc is None and len(results) != len(batch.tickets):
             exc = LdmError(f"batch {batch.id}: {len(results)} results for {len(batch.tickets)}")
+        waiting = [t for t in batch.tickets if not t.future.done()]
+        if exc is not None and len(batch.tickets) > 1 and waiting and not self._closed:
+            self._retry_alone(batch, waiting, exc)
+            self._dispatch()
+            return
         for i, ticket in enumerate(batch.tickets):
             if ticket.future.done():  # its request gave up
                 continue
@@ -281,6 +311,22 @@ class Admission:
                 outcome = Outcome(results[i], seconds, batch.id, batch.samples, len(batch.tickets))
                 ticket.future.set_result(outcome)
         self._dispatch()
+
+    def _retry_alone(self, batch: _Batch, waiting: list[_Ticket], exc: BaseException) -> None:
+        """Put the requests of a failed batch that still wait back in the queue, each to run
+        by itself before anything else."""
+        log_event(
+            "batch_failed",
+            logging.WARNING,
+            batch_id=batch.id,
+            batch_requests=len(batch.tickets),
+            error=f"{type(exc).__name__}: {exc}",
+            detail=f"retrying its {len(waiting)} waiting requests one by one",
+        )
+        for ticket in waiting:
+            ticket.batch = None
+            self._queue.push_alone(ticket)
+            QUEUED.inc()
 
     def _leave(self, ticket: _Ticket) -> str:
         """Take a request that gave up out of the queue or its batch; says where it was."""
@@ -300,6 +346,31 @@ class Admission:
             f"request {request_id} exceeded serving.request_timeout_s={self.timeout_s:g} s "
             f"while {what}"
         )
+
+    @property
+    def admitted(self) -> int:
+        """Requests generating or queued now."""
+        return len(self._tickets)
+
+    def drain(self) -> None:
+        """Admit nothing more (:class:`ShuttingDown`); what is admitted runs on."""
+        self._draining = True
+
+    async def idle(self, poll_s: float = 0.05) -> None:
+        """Return once no admitted request is left; after :meth:`drain` it stays so."""
+        while self._tickets:
+            await asyncio.sleep(poll_s)
+
+    def abort(self, why: str) -> int:
+        """End every admitted request now with :class:`ShuttingDown` (``why``), start no
+        batch again, and stop running ones at their next denoising step; how many ended."""
+        self._draining = True
+        self._closed = True
+        left = [t for t in self._tickets if not t.future.done()]
+        for ticket in left:
+            ticket.future.set_exception(ShuttingDown(why))
+            self._leave(ticket)
+        return len(left)
 
     def close(self) -> None:
         """Stop taking work; queued requests are not started, running work finishes on its own."""

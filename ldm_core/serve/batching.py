@@ -16,7 +16,10 @@ The rule is the one of Triton's dynamic batcher and KServe's batcher sidecar (``
 - the batch starts at once when it is full, else once its leader has waited
   ``serving.max_batch_wait_ms`` since it joined the queue (so a request that waited longer
   than that for a slot starts with whatever company it has);
-- requests with another key wait for a later batch, in their turn.
+- requests with another key wait for a later batch, in their turn;
+- a request put back to run alone (its batch failed, :mod:`~ldm_core.serve.admission`
+  retries each of its requests by itself) goes before every waiting request, in a batch of
+  its own, at once.
 
 Plain bookkeeping, no asyncio and no threads: :mod:`~ldm_core.serve.admission` runs it on
 its event loop.
@@ -77,28 +80,39 @@ class BatchQueue(Generic[W]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._items: list[W] = []
+        self._alone: list[W] = []
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._alone) + len(self._items)
 
     def push(self, item: W) -> None:
         self._items.append(item)
 
+    def push_alone(self, item: W) -> None:
+        """Queue ``item`` to run by itself, ahead of every request waiting to be batched."""
+        self._alone.append(item)
+
     def discard(self, item: W) -> bool:
         """Take ``item`` out if it still waits (its request gave up); whether it did."""
-        for i, waiting in enumerate(self._items):
-            if waiting is item:
-                del self._items[i]
-                return True
+        for items in (self._alone, self._items):
+            for i, waiting in enumerate(items):
+                if waiting is item:
+                    del items[i]
+                    return True
         return False
 
     def ready_at(self) -> float | None:
-        """When the leader's wait for company ends (monotonic seconds); None if none waits."""
+        """When the next batch may start (monotonic seconds; at once for a request that runs
+        alone, else when the leader's wait for company ends); None if none waits."""
+        if self._alone:
+            return self._alone[0].queued_at
         return self._items[0].queued_at + self.max_wait_s if self._items else None
 
     def take(self, now: float) -> list[W]:
         """The next batch, taken off the queue, if it should start at ``now``; else ``[]``
         (ask again at :meth:`ready_at`, or when a request arrives)."""
+        if self._alone:
+            return [self._alone.pop(0)]
         if not self._items:
             return []
         leader = self._items[0]

@@ -8,6 +8,11 @@ metadata that tells the truth, and JSON bodies read as JSON.
   longer ready (unloaded through the repository extension, or stopped): this server loads its
   bundle once, at start, so such a process can never serve again and only a restart helps.
   While the bundle still loads, liveness holds (the pod's startup probe covers that time).
+- While the server drains before it stops (:mod:`~ldm_core.serve.shutdown`), readiness is
+  false so endpoints drop the pod, liveness holds (a failing one would have the kubelet
+  restart the container instead of letting it finish), and a model route refuses new work:
+  model readiness and inference answer 503 saying the server is shutting down (gRPC
+  ``UNAVAILABLE``; KServe's inference routes ask ``model_ready`` first, gRPC's ``get_model``).
 - A model that is not ready is refused (503), never loaded on the spot: KServe's
   ``get_model`` loads it on the event loop, so a gRPC inference during warm-up would load
   the bundle a second time while blocking every other request, health checks included.
@@ -28,6 +33,8 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 
+from ldm_core.serve.admission import ShuttingDown
+
 REPOSITORY_EXTENSION = "model_repository_extension"
 """The extension's name in the server metadata (KServe's, after Triton's)."""
 
@@ -47,10 +54,23 @@ class ModelAwareDataPlane(DataPlane):
         super().__init__(model_registry=model_registry)
         self.repository_endpoints = repository_endpoints
         self._served = list(model_registry.get_models().values())
+        self.draining = False
+        """Set when the server starts to stop: not ready, no new work, still alive."""
 
     async def ready(self) -> bool:
+        if self.draining:
+            return False
         models = list(self.model_registry.get_models().values())
         return bool(models) and all([await m.healthy() for m in models])
+
+    async def model_ready(
+        self, model_name: str, disable_predictor_health_check: bool = False
+    ) -> bool:
+        """KServe's answer, unless the server drains: then ``ShuttingDown`` (503)."""
+        if self.draining:
+            self.get_model_from_registry(model_name)  # an unknown model is still a 404
+            raise ShuttingDown()
+        return await super().model_ready(model_name, disable_predictor_health_check)
 
     async def live(self) -> dict[str, str]:
         """Alive unless a model that finished loading is no longer ready (see the module
@@ -65,8 +85,10 @@ class ModelAwareDataPlane(DataPlane):
         return {"status": "alive"}
 
     async def get_model(self, name: str) -> BaseKServeModel:
-        """The model ``name`` if it is ready; 404 if unknown, 503 if not ready."""
+        """The model ``name`` if it is ready; 404 if unknown, 503 if not ready or draining."""
         model = self.get_model_from_registry(name)
+        if self.draining:
+            raise ShuttingDown()
         if not await model.healthy():
             raise ModelNotReady(name)
         return model

@@ -2,15 +2,17 @@
 event loop, so both transports give the same answers; what it changes:
 
 - Status codes that say what the REST status codes say: ``INVALID_ARGUMENT`` (400),
-  ``NOT_FOUND`` (404), ``RESOURCE_EXHAUSTED`` (503 busy), ``UNAVAILABLE`` (503 not ready),
-  ``DEADLINE_EXCEEDED`` (504), ``INTERNAL`` (500). KServe's interceptor turns every
+  ``NOT_FOUND`` (404), ``RESOURCE_EXHAUSTED`` (503 busy), ``UNAVAILABLE`` (503 not ready, or
+  shutting down: the code gRPC clients retry elsewhere), ``DEADLINE_EXCEEDED`` (504),
+  ``INTERNAL`` (500). KServe's interceptor turns every
   ``InferenceError`` into ``INVALID_ARGUMENT``, our 503/504 into ``INTERNAL``, and fails on
   its own not-ready exceptions (it reads a ``reason`` they lack).
 - ``RepositoryModelLoad`` / ``Unload`` exist only with ``serving.repository_endpoints``, as
   their REST routes do (``UNIMPLEMENTED`` otherwise); KServe's servicer unloads the model and
   then fails reading the extension's empty answer.
 - Versions are checked as over REST (:mod:`~ldm_core.serve.versions`); model metadata lists
-  them. ``ServerLive`` answers ``live: false`` when the REST liveness fails.
+  them. ``ServerLive`` answers ``live: false`` when the REST liveness fails, ``ModelReady``
+  ``ready: false`` while the server drains (REST answers that 503).
 - The server is built here because KServe's ``GRPCServer`` binds every interface.
 """
 
@@ -30,7 +32,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from ldm_core.errors import LdmError
-from ldm_core.serve.admission import RequestRejected
+from ldm_core.serve.admission import RequestRejected, ShuttingDown
 from ldm_core.serve.repository import RepositoryEndpointsOff
 from ldm_core.serve.versions import check_version
 
@@ -41,7 +43,9 @@ class StatusInterceptor(ExceptionToStatusInterceptor):
     async def handle_exception(
         self, ex: Exception, request_or_iterator: object, context: ServicerContext, method_name: str
     ) -> None:
-        if isinstance(ex, RequestRejected):
+        if isinstance(ex, ShuttingDown):
+            await context.abort(StatusCode.UNAVAILABLE, str(ex))
+        elif isinstance(ex, RequestRejected):
             code = (
                 StatusCode.RESOURCE_EXHAUSTED if ex.status == 503 else StatusCode.DEADLINE_EXCEEDED
             )
@@ -88,7 +92,10 @@ class Servicer(InferenceServicer):
 
     async def ModelReady(self, request: Any, context: ServicerContext) -> pb.ModelReadyResponse:
         self._check_version(request.name, request.version)
-        return await super().ModelReady(request, context)
+        try:
+            return await super().ModelReady(request, context)
+        except ShuttingDown:
+            return pb.ModelReadyResponse(ready=False)
 
     async def ModelMetadata(
         self, request: Any, context: ServicerContext

@@ -11,8 +11,9 @@ HTTP, admission and threads.
 
 Status codes: 400 for a bad request (the field named), 503 busy or out of device memory,
 504 past the time limit, and 500 when generation itself fails: an engine error is ours,
-not the client's, and is logged with its type, message and request id (for each request
-of a batch that failed).
+not the client's, and is logged with its type, message and request id. Both are the
+request's own: a batch that fails is retried request by request
+(:mod:`~ldm_core.serve.admission`), so an error answers the request that caused it.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class BrainLDMModel(Model):
         return [{"name": "seed", "datatype": "INT64", "shape": [-1]}]
 
     def get_output_types(self) -> list[dict[str, Any]]:
+        """Every output; a V2 request that names none (nor the ``output`` shortcut) gets
+        all of them, as the protocol says (:mod:`~ldm_core.serve.protocol`)."""
         d, h, w = self.bundle.image_shape if self.bundle is not None else (-1, -1, -1)
         types = {
             "volume": {"name": "volume", "datatype": "FP32", "shape": [-1, 1, d, h, w]},
@@ -168,12 +171,17 @@ class BrainLDMModel(Model):
         self, payload: InferRequest | dict[str, Any] | bytes, headers: dict[str, str] | None = None
     ) -> GenerationRequest:
         """Parse a V2 ``InferRequest`` or a V1 body; a bad one is a 400 naming the field.
-        The request id is the client's ``x-request-id``, else the V2 ``id``, else new."""
+
+        The request id (the response's ``id``, and the log's ``request_id``) is the V2 body's
+        ``id``, else the ``x-request-id`` header, else new. The body wins because the protocol
+        echoes it and a mesh stamps the header on every request (Envoy generates one), so a
+        header first would never give a client its own id back; KServe's models do the same
+        (``kserve.utils.utils.get_predict_response``: ``payload.id``, else a new one)."""
         if self.limits is None:
             raise RuntimeError(f"model {self.name}: preprocess before load")
         v2 = isinstance(payload, InferRequest)
         header_id = (headers or {}).get("x-request-id")
-        request_id = header_id or (payload.id if v2 else None) or uuid.uuid4().hex
+        request_id = (payload.id if v2 else None) or header_id or uuid.uuid4().hex
         try:
             req = (
                 parse_v2(payload, self.limits, request_id)
@@ -221,8 +229,7 @@ class BrainLDMModel(Model):
             REJECTED.labels("out_of_memory").inc()
             log_request(req, status=503, error="out of device memory")
             raise ServerBusy(
-                f"out of device memory generating {len(req.seeds)} samples (with any requests "
-                "batched with them); retry with fewer seeds"
+                f"out of device memory generating {len(req.seeds)} samples; retry with fewer seeds"
             ) from None
         except Exception as exc:
             REJECTED.labels("error").inc()

@@ -8,8 +8,10 @@ and V1, with nothing of the server in it.
   binary data extension, which clients ask for with ``binary_data_output`` or a per-output
   ``binary_data`` parameter, as KServe defines them). The protocol's ``outputs`` field
   picks any combination of them, in the order asked; without it the ``output`` parameter
-  is a shortcut for one kind (``volume`` gives ``volume`` + ``affine``); each output may be
-  asked for once.
+  is a shortcut for one kind (``volume`` gives ``volume`` + ``affine``); with neither, every
+  output the model metadata lists, as the protocol says ("If not specified all outputs
+  produced by the model will be returned"): KServe's metadata has no field that could say
+  otherwise. Each output may be asked for once.
 - Unknown request parameters are accepted and ignored (logged at debug): the protocol
   makes parameters extensible, and generic clients send their own.
 - V1 ``{"instances": [{"seed": 1}, ...], "parameters": {...}}`` -> ``{"predictions": [...]}``;
@@ -129,8 +131,10 @@ def _check_seeds(
 
 
 def _parse_parameters(
-    params: Mapping[str, Any] | None, limits: Limits, default_output: str
-) -> tuple[str, int, str]:
+    params: Mapping[str, Any] | None, limits: Limits, default_outputs: tuple[str, ...]
+) -> tuple[str, int, tuple[str, ...]]:
+    """The sampler, the steps, and the tensors the ``output`` shortcut names
+    (``default_outputs`` without one)."""
     params = dict(params or {})
     sampler = params.get("sampler", limits.default_sampler)
     if not isinstance(sampler, str) or sampler not in ALL_SAMPLERS:
@@ -147,12 +151,15 @@ def _parse_parameters(
         raise InvalidInput(f"parameters.steps: expected an integer, got {steps!r}")
     if not 1 <= steps <= limits.max_steps:
         raise InvalidInput(f"parameters.steps: {steps} is outside 1..{limits.max_steps}")
-    output = params.get("output", default_output)
-    if not isinstance(output, str) or output not in OUTPUTS:
-        raise InvalidInput(f"parameters.output: {output!r} is not one of {', '.join(OUTPUTS)}")
+    outputs = default_outputs
+    if "output" in params:
+        output = params["output"]
+        if not isinstance(output, str) or output not in OUTPUTS:
+            raise InvalidInput(f"parameters.output: {output!r} is not one of {', '.join(OUTPUTS)}")
+        outputs = OUTPUT_TENSORS[output]
     if "binary_data_output" in params and not isinstance(params["binary_data_output"], bool):
         raise InvalidInput("parameters.binary_data_output: expected true or false")
-    return sampler, int(steps), output
+    return sampler, int(steps), outputs
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -218,12 +225,12 @@ def _requested_outputs(request: InferRequest) -> tuple[str, ...]:
 def parse_v2(request: InferRequest, limits: Limits, request_id: str) -> GenerationRequest:
     """Validate an Open Inference Protocol request, naming the field at fault. The
     ``outputs`` field decides what is produced; the ``output`` parameter (checked either
-    way) only when the request has no ``outputs``."""
+    way) only when the request has no ``outputs``; with neither, every output."""
     seeds = _seed_tensor(request, limits)
     # gRPC parameters arrive as typed InferParameter messages; REST ones as plain values.
     params = to_http_parameters(request.parameters or {})
-    sampler, steps, output = _parse_parameters(params, limits, "volume")
-    outputs = _requested_outputs(request) or OUTPUT_TENSORS[output]
+    sampler, steps, shortcut = _parse_parameters(params, limits, default_outputs=TENSORS)
+    outputs = _requested_outputs(request) or shortcut
     return GenerationRequest(
         request_id,
         "v2",
@@ -259,14 +266,14 @@ def parse_v1(body: Any, limits: Limits, request_id: str) -> GenerationRequest:
     params = body.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise InvalidInput("parameters: expected a JSON object")
-    sampler, steps, output = _parse_parameters(params, limits, default_output="nifti")
+    sampler, steps, outputs = _parse_parameters(params, limits, OUTPUT_TENSORS["nifti"])
     return GenerationRequest(
         request_id,
         "v1",
         seeds,
         sampler,
         steps,
-        OUTPUT_TENSORS[output],
+        outputs,
         ignored_parameters=_ignored(params),
     )
 

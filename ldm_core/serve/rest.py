@@ -4,8 +4,10 @@ a uvicorn server this process controls, with this server's rules on top.
 - Every error body is ``{"error": ...}``, KServe's own shape, also where FastAPI would answer
   ``{"detail": ...}``: a body that does not fit the schema (422, naming the field), an
   unknown route (404) or method (405).
-- 503 (busy) and 504 (time limit) come from :mod:`~ldm_core.serve.admission`'s exceptions,
-  instead of KServe's generic 500.
+- 503 (busy, shutting down) and 504 (time limit) come from
+  :mod:`~ldm_core.serve.admission`'s exceptions, instead of KServe's generic 500. A 503
+  while shutting down also closes the connection, so a keep-alive client reconnects, to
+  another replica.
 - The model repository extension (``/v2/repository/models/{name}/load|unload``) takes no
   credentials and an unload ends serving, so its routes answer only with
   ``serving.repository_endpoints`` (admin-only); otherwise they are a 404 that names the
@@ -15,12 +17,15 @@ a uvicorn server this process controls, with this server's rules on top.
 - Public API only: the app is KServe's module-level one, changed through FastAPI's
   exception handlers, middleware and OpenAPI document. ``ModelServer.start`` would bind 0.0.0.0 (a local deployment must listen on loopback) and
   ``ModelServer.stop`` does not stop a single-process REST server, hence the own uvicorn
-  server.
+  server. It leaves signals to the process (:mod:`~ldm_core.serve.shutdown`): uvicorn's
+  own handler would close the listening socket at the first SIGTERM, so neither readiness
+  nor a "shutting down" answer could be given while in-flight generations finish.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
@@ -34,7 +39,7 @@ from kserve.protocol.rest.server import RESTServer
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from starlette.exceptions import HTTPException
 
-from ldm_core.serve.admission import RequestRejected
+from ldm_core.serve.admission import RequestRejected, ShuttingDown
 from ldm_core.serve.repository import RepositoryRoutesOff, without_repository_routes
 from ldm_core.serve.versions import ModelVersionRoutes
 
@@ -53,8 +58,10 @@ def error_response(
 async def _rejected_handler(_: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, RequestRejected):
         raise TypeError(f"handler registered for RequestRejected got {type(exc).__name__}")
-    headers = {"retry-after": "1"} if exc.status == 503 else None
-    return error_response(exc.status, str(exc), headers)
+    headers = {"retry-after": "1"} if exc.status == 503 else {}
+    if isinstance(exc, ShuttingDown):
+        headers["connection"] = "close"
+    return error_response(exc.status, str(exc), headers or None)
 
 
 async def _http_error_handler(_: Request, exc: Exception) -> JSONResponse:
@@ -108,9 +115,18 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
 
 
+class HttpServer(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the process owns SIGTERM and SIGINT
+    (:mod:`~ldm_core.serve.shutdown`) and sets ``should_exit`` once drained."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 def build_http_server(
     kserve_server: ModelServer, port: int, repository_endpoints: bool
-) -> uvicorn.Server:
+) -> HttpServer:
     """KServe's REST application for ``kserve_server``'s models, with this module's rules,
     under a uvicorn server whose ``should_exit`` this process controls."""
     rest = RESTServer(
@@ -130,4 +146,4 @@ def build_http_server(
     if not repository_endpoints:
         kserve_app.add_middleware(RepositoryRoutesOff)
         without_repository_routes(kserve_app)
-    return uvicorn.Server(rest.config)
+    return HttpServer(rest.config)

@@ -19,6 +19,10 @@ Why it looks the way it does:
   over the same data plane as REST, so both give the same inference.
 - The model repository extension (load / unload) is served only with
   ``serving.repository_endpoints``: it takes no credentials, and an unload ends serving.
+- SIGTERM (what Kubernetes sends a pod it deletes) or SIGINT drains
+  (:mod:`~ldm_core.serve.shutdown`): not ready, new requests 503, what was admitted
+  finishes within ``serving.request_timeout_s``, then exit 0; a second signal or the
+  deadline ends it at once, and :func:`serve` raises if that abandoned requests.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import socket
 import threading
 from pathlib import Path
 
-import uvicorn
 from grpc import aio
 from kserve import ModelServer
 
@@ -42,7 +45,8 @@ from ldm_core.serve.dataplane import ModelAwareDataPlane
 from ldm_core.serve.grpc_service import build_grpc_server
 from ldm_core.serve.logs import configure_logging, log_event
 from ldm_core.serve.model import BrainLDMModel
-from ldm_core.serve.rest import build_http_server
+from ldm_core.serve.rest import HttpServer, build_http_server
+from ldm_core.serve.shutdown import GracefulShutdown
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -56,7 +60,7 @@ def _listen(host: str, port: int) -> socket.socket:
         ) from None
 
 
-def _load_or_stop(model: BrainLDMModel, http: uvicorn.Server, errors: list[BaseException]) -> None:
+def _load_or_stop(model: BrainLDMModel, http: HttpServer, errors: list[BaseException]) -> None:
     """Load the model; on any failure record it and make the server shut down (uvicorn
     polls ``should_exit``; set before start-up, it stops right after start-up)."""
     try:
@@ -74,14 +78,16 @@ def _load_or_stop(model: BrainLDMModel, http: uvicorn.Server, errors: list[BaseE
 
 async def _serve(
     kserve_server: ModelServer,
-    http: uvicorn.Server,
+    http: HttpServer,
     listener: socket.socket,
     grpc_address: tuple[str, int] | None,
     repository_endpoints: bool,
+    shutdown: GracefulShutdown,
 ) -> None:
     # What ModelServer.start does to its loop: a worker pool sized by max_asyncio_workers
     # for KServe's own blocking calls, and its loop exception handler.
     kserve_server.setup_event_loop()
+    shutdown.install()
     # A grpc.aio server belongs to the loop it is created in: this one.
     grpc: aio.Server | None = None
     if grpc_address:
@@ -97,7 +103,9 @@ async def _serve(
         await http.serve(sockets=[listener])
     finally:
         if grpc is not None:
-            await grpc.stop(grace=kserve_server.grace_period)
+            # RPCs in flight get what is left of the drain's deadline.
+            await grpc.stop(grace=shutdown.grace_s())
+        shutdown.finished()
 
 
 def serve(
@@ -109,11 +117,12 @@ def serve(
     host: str = "0.0.0.0",
     device: str = "auto",
 ) -> None:
-    """Serve ``bundle_dir`` on ``host:http_port`` until SIGTERM/SIGINT. Blocks.
+    """Serve ``bundle_dir`` on ``host:http_port`` until SIGTERM/SIGINT, then drain. Blocks.
 
     ``http_port`` and ``model_name`` default to ``cfg.serving``'s; gRPC answers on
     ``cfg.serving.grpc_port`` unless it is 0. Raises LdmError if the directory holds no
-    bundle, a port is taken, or the bundle fails to load.
+    bundle, a port is taken, the bundle fails to load, or the stop abandoned admitted
+    requests (a second signal, or the drain's deadline).
     """
     configure_logging()
     bundle = require_bundle(bundle_dir)
@@ -134,9 +143,9 @@ def serve(
         http = build_http_server(kserve_server, port, repository_endpoints)
         grpc_port = cfg.serving.grpc_port
         grpc_address = (host, grpc_port) if grpc_port else None
-        # After uvicorn's graceful shutdown it re-raises the signal it caught; KServe's
-        # handler then unloads the models (the default one would end the process at once).
-        kserve_server.register_signal_handler()
+        shutdown = GracefulShutdown(
+            admission, kserve_server.dataplane, http, cfg.serving.request_timeout_s
+        )
         log_event(
             "server_starting",
             model=name,
@@ -149,9 +158,15 @@ def serve(
         threading.Thread(
             target=_load_or_stop, args=(model, http, load_errors), name="ldm-load", daemon=True
         ).start()
-        asyncio.run(_serve(kserve_server, http, listener, grpc_address, repository_endpoints))
+        asyncio.run(
+            _serve(kserve_server, http, listener, grpc_address, repository_endpoints, shutdown)
+        )
     finally:
         admission.close()
         listener.close()
     if load_errors:
         raise LdmError(f"{bundle}: model failed to load: {load_errors[0]}") from load_errors[0]
+    if shutdown.unfinished:
+        raise LdmError(
+            f"stopped with requests unfinished ({shutdown.unfinished}): {shutdown.forced}"
+        )
