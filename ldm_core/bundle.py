@@ -321,14 +321,16 @@ def digest(bundle_dir: str | Path) -> str:
 
 
 def lineage(bundle_dir: str | Path) -> dict[str, Any]:
-    """The bundle's lineage record (:mod:`ldm_core.lineage`), checked against its files.
+    """The bundle's lineage record (:mod:`ldm_core.lineage`), for the files it has now.
 
     A bundle built before records were kept gets one from ``bundle.json`` and
-    ``config.yaml`` (dataset hash, config digest, training steps; no checkpoint hashes).
+    ``config.yaml`` (dataset hash, config digest, training steps; no checkpoint hashes). A
+    bundle whose files changed after it was built (a hand-edited ``config.yaml``, say) keeps
+    its record, under its new digest and with the old one as ``bundle.built_as``: what it was
+    made from may no longer be all of what it is, and the record says so.
 
     Raises:
-        LdmError: not a bundle, or its ``lineage.json`` records another digest than its
-            files have (they were changed after it was built).
+        LdmError: not a bundle, or an unreadable record.
     """
     path = require(bundle_dir)
     actual = digest(path)
@@ -336,10 +338,14 @@ def lineage(bundle_dir: str | Path) -> dict[str, Any]:
         record = lineage_mod.read(path / LINEAGE_JSON)
         recorded = record["bundle"].get("digest")
         if recorded != actual:
-            raise LdmError(
-                f"{path / LINEAGE_JSON}: records bundle digest {recorded}, but the files hash to "
-                f"{actual}: the bundle was changed after it was built"
+            log.warning(
+                "%s: records bundle digest %s, but the files hash to %s: the bundle changed "
+                "after it was built",
+                path / LINEAGE_JSON,
+                recorded,
+                actual,
             )
+            record["bundle"] = {**record["bundle"], "digest": actual, "built_as": recorded}
         return record
     info = _read_json(path / BUNDLE_JSON)
     steps = info.get("training_steps") or {}
