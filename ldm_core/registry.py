@@ -119,6 +119,8 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _token(cfg: Config) -> str | None:
+    """The bearer token to send: ``registry.token_file``'s, else the pod's service account's
+    when one is mounted, else none (a registry inside the mesh may need none)."""
     path = Path(cfg.registry.token_file) if cfg.registry.token_file else None
     if path is None:
         default = SERVICE_ACCOUNT_DIR / "token"
