@@ -10,6 +10,8 @@ Layout (also what an InferenceService's ``storageUri`` points at)::
     config.yaml       the full run config
     autoencoder.pt    AutoencoderKL state dict
     unet.pt           DiffusionModelUNet state dict (EMA weights)
+    lineage.json      what the bundle was made from (``ldm_core.lineage``); left out of the
+                      bundle's digest, which it records
 
 ``load(path)`` is the one call serving and evaluation make. ``build_bundle`` packs the
 outputs of the two training stages; it checks that they belong together (same
@@ -35,6 +37,7 @@ import torch
 import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from ldm_core import lineage as lineage_mod
 from ldm_core import measures
 from ldm_core.config import Config, ConfigError, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
@@ -44,6 +47,7 @@ from ldm_core.io import (
     BUNDLE_JSON,
     CONFIG_YAML,
     GEOMETRY_JSON,
+    LINEAGE_JSON,
     UNET_PT,
     atomic_write,
     atomic_write_text,
@@ -120,11 +124,15 @@ def save(
     training_steps: dict[str, int] | None = None,
     reference: Mapping[str, float] | None = None,
     latent_range: Sequence[Sequence[float]] | None = None,
+    checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
 
     Each file is written durably (:mod:`ldm_core.io`), and the parent directory is fsynced
     after the rename, so a bundle that a reader sees is whole, and stays whole after a crash.
+    ``lineage.json`` is written last, with the digest of the files before it; ``checkpoints``
+    (``autoencoder`` / ``diffusion`` -> :func:`ldm_core.lineage.checkpoint`) name the training
+    files the weights came from, else the record keeps only their ``training_steps``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +164,15 @@ def save(
         atomic_write_text(tmp / CONFIG_YAML, cfg.to_yaml())
         # No trailing newline, as before: deploy names a bundle's upload by its files' hash.
         atomic_write_text(tmp / BUNDLE_JSON, json.dumps(info, indent=2))
+        steps = {name: {"steps": int(n)} for name, n in info["training_steps"].items()}
+        record = lineage_mod.for_bundle(
+            cfg,
+            bundle_digest=digest(tmp),
+            dataset_hash=dataset_hash,
+            checkpoints=checkpoints or steps,
+            package_versions=info["package_versions"],
+        )
+        lineage_mod.write(tmp / LINEAGE_JSON, record)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -216,6 +233,10 @@ def build_bundle(
         },
         reference=reference,
         latent_range=unet.get("latent_range"),
+        checkpoints={
+            "autoencoder": lineage_mod.checkpoint(ae_dir / AUTOENCODER_PT, ae.get("steps", 0)),
+            "diffusion": lineage_mod.checkpoint(diff_dir / UNET_PT, unet.get("steps", 0)),
+        },
     )
 
 
@@ -283,16 +304,58 @@ def config_for(
 def digest(bundle_dir: str | Path) -> str:
     """sha256 over the bundle's files (names and contents): the bundle's identity. The same
     bundle always gets the same storage prefix on deploy (and a different one a new
-    revision), and a server can say which bundle it answers from."""
+    revision), and a server can say which bundle it answers from. ``lineage.json`` is left
+    out: it records this digest, and what a bundle is does not change with its history."""
     root = Path(bundle_dir)
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    files = (
+        p for p in root.rglob("*") if p.is_file() and p.relative_to(root) != Path(LINEAGE_JSON)
+    )
+    for path in sorted(files):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def lineage(bundle_dir: str | Path) -> dict[str, Any]:
+    """The bundle's lineage record (:mod:`ldm_core.lineage`), for the files it has now.
+
+    A bundle built before records were kept gets one from ``bundle.json`` and
+    ``config.yaml`` (dataset hash, config digest, training steps; no checkpoint hashes). A
+    bundle whose files changed after it was built (a hand-edited ``config.yaml``, say) keeps
+    its record, under its new digest and with the old one as ``bundle.built_as``: what it was
+    made from may no longer be all of what it is, and the record says so.
+
+    Raises:
+        LdmError: not a bundle, or an unreadable record.
+    """
+    path = require(bundle_dir)
+    actual = digest(path)
+    if (path / LINEAGE_JSON).is_file():
+        record = lineage_mod.read(path / LINEAGE_JSON)
+        recorded = record["bundle"].get("digest")
+        if recorded != actual:
+            log.warning(
+                "%s: records bundle digest %s, but the files hash to %s: the bundle changed "
+                "after it was built",
+                path / LINEAGE_JSON,
+                recorded,
+                actual,
+            )
+            record["bundle"] = {**record["bundle"], "digest": actual, "built_as": recorded}
+        return record
+    info = _read_json(path / BUNDLE_JSON)
+    steps = info.get("training_steps") or {}
+    return lineage_mod.for_bundle(
+        config_for(path),
+        bundle_digest=actual,
+        dataset_hash=str(info.get("dataset_hash", "")),
+        checkpoints={name: {"steps": int(n)} for name, n in steps.items()},
+        package_versions=info.get("package_versions") or {},
+    )
 
 
 def _config_from(data: dict[str, Any], source: Path) -> Config:

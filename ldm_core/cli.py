@@ -98,6 +98,32 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def cmd_lineage(args: argparse.Namespace) -> None:
+    import json
+
+    from ldm_core import lineage
+
+    if (args.path is None) == (args.isvc is None):
+        raise lineage.LineageError("give a PATH or --isvc NAME (one of them)")
+    if args.isvc is not None:
+        from ldm_core.kube import isvc_lineage
+
+        record = isvc_lineage.read(args.isvc, args.namespace)
+    elif (args.path / "bundle.json").is_file():
+        from ldm_core.bundle import lineage as bundle_lineage
+
+        record = bundle_lineage(args.path)
+    else:
+        record = lineage.read(args.path)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return
+    rows = lineage.rows(record)
+    width = max(len(field) for field, _ in rows)
+    for field, value in rows:
+        print(f"{field.ljust(width)}  {value}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from ldm_core.bundle import config_for
 
@@ -211,6 +237,21 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _lineage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help="a bundle, an evaluation's output, a deploy's output (deployment.json), or a "
+        "lineage.json",
+    )
+    p.add_argument(
+        "--isvc", metavar="NAME", help="read it from this InferenceService (Kubernetes API)"
+    )
+    p.add_argument("--namespace", help="the InferenceService's (default: the context's)")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bundle",
@@ -273,6 +314,12 @@ VERBS: tuple[Verb, ...] = (
         cmd_evaluate,
         "score generated samples against real data; write metrics and figures",
         _evaluate_args,
+    ),
+    Verb(
+        "lineage",
+        cmd_lineage,
+        "show what a bundle was made from, how it scored and where it is served",
+        _lineage_args,
     ),
     Verb(
         "serve",

@@ -12,6 +12,7 @@ the endpoint they brought up, so "deployed" always means "answered a request".
   through the new revision, promote or roll back. Inside a Kubeflow profile the predictor
   only answers callers its Istio AuthorizationPolicy admits, so the smoke inference carries
   the step's service account token (``smoke_headers``).
+Both return the bundle's lineage with where it went (``ldm_core.lineage``, ``ldm_core.registry``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import httpx
 import numpy as np
 
 from ldm_core import bundle as bundle_mod
+from ldm_core import lineage, registry
 from ldm_core.config import Config
 from ldm_core.errors import LdmError
 from ldm_core.io import BUNDLE_JSON, DEPLOYMENT_JSON, atomic_write_json
@@ -399,6 +401,7 @@ def deploy_local(
     """Start (or restart) the local model server for ``bundle_dir`` and smoke-test it."""
     bundle = Path(bundle_dir).resolve()
     _require_bundle(bundle)
+    record = lineage.for_deploy(bundle_mod.lineage(bundle), cfg)
     state = Path(state_dir) if state_dir is not None else bundle.parent / f"{bundle.name}-serving"
     state.mkdir(parents=True, exist_ok=True)
     if stop_local(state):
@@ -455,6 +458,7 @@ def deploy_local(
         "ready_s": round(ready_s, 2),
         "smoke": smoke,
     }
+    result["lineage"] = lineage.with_deployment(record, result)
     atomic_write_json(state / DEPLOYMENT_JSON, result)
     return result
 
@@ -477,6 +481,8 @@ def deploy_kserve(
     api_host: str | None = None,
     api_token: str | None = None,
     create_runtime: bool = False,
+    evaluation_dir: str | Path | None = None,
+    run: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Upload the bundle to ``<storage_prefix>/<model>/<sha256[:16]>`` and roll out an
     InferenceService serving it (canary + smoke + promote / roll back).
@@ -489,7 +495,10 @@ def deploy_kserve(
     ``name`` defaults to ``serving.model_name``; ``runtime`` is the ServingRuntime to use
     (the one manifests/base ships), None runs a custom container; ``timeout_s`` bounds each
     wait of the rollout, by default ``serving.progress_deadline_s`` plus
-    :data:`WAIT_MARGIN_S`, so Knative's own verdict on a slow revision comes first."""
+    :data:`WAIT_MARGIN_S`, so Knative's own verdict on a slow revision comes first.
+    ``evaluation_dir``, ``run``: what :func:`ldm_core.lineage.for_deploy` adds to the lineage
+    the InferenceService carries."""
+    from ldm_core.kube import isvc_build
     from ldm_core.kube.client import api_client, current_namespace
     from ldm_core.kube.isvc_build import build_inference_service, build_serving_runtime
     from ldm_core.kube.isvc_rollout import InferenceServiceRollout
@@ -498,6 +507,8 @@ def deploy_kserve(
     _require_bundle(Path(bundle_dir))
     deployed = DeployedBundle.read(bundle_dir)
     uri = _upload_bundle(cfg, Path(bundle_dir), deployed.digest, storage_prefix, model)
+    record = lineage.for_deploy(bundle_mod.lineage(bundle_dir), cfg, evaluation_dir, run)
+    registration = registry.before_rollout(cfg, record, uri, isvc_build.MODEL_FORMAT)
     ns = cfg.cluster.namespace or current_namespace()
     isvc_name = name or model
     if timeout_s is None:
@@ -515,6 +526,9 @@ def deploy_kserve(
         bundle_digest=deployed.digest,
         runtime=runtime,
     )
+    links, notes = registry.labels(cfg, registration or {})
+    notes[lineage.ANNOTATION] = lineage.annotation(record)
+    desired = isvc_build.with_metadata(desired, links, notes)
     result = rollout.rollout(
         desired,
         smoke=_cluster_smoke(model, deployed, smoke_steps),
@@ -522,7 +536,7 @@ def deploy_kserve(
         url_override=smoke_url,
     )
     url = result["url"]
-    return {
+    deployment = {
         "backend": "kserve",
         "name": isvc_name,
         "namespace": ns,
@@ -535,6 +549,7 @@ def deploy_kserve(
         "revision": result["revision"],
         "smoke": result["smoke"],
     }
+    return {**deployment, "lineage": registry.after_rollout(cfg, record, registration, deployment)}
 
 
 def _cluster_smoke(

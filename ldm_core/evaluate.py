@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm_core import figures
+from ldm_core import figures, lineage
 from ldm_core.config import Config
 from ldm_core.data.preprocessed import read_manifest, subjects
 from ldm_core.errors import LdmError
@@ -26,6 +26,7 @@ from ldm_core.fid import load_feature_extractor
 from ldm_core.gate import gate
 from ldm_core.io import (
     AUTOENCODER_PT,
+    LINEAGE_JSON,
     MANIFEST_JSON,
     METRICS_JSON,
     METRICS_JSONL,
@@ -211,6 +212,18 @@ def _write_files(
     return figure_paths, sample_paths
 
 
+def _write_lineage(
+    bundle_dir: str | Path, out: Path, metrics: dict[str, Any], verdict: dict[str, Any]
+) -> dict[str, Any]:
+    """The bundle's lineage with this evaluation added, written to ``out/lineage.json``: the
+    record a deploy of this bundle reads its evaluation from."""
+    from ldm_core.bundle import lineage as bundle_lineage
+
+    record = lineage.with_evaluation(bundle_lineage(bundle_dir), metrics, verdict)
+    lineage.write(out / LINEAGE_JSON, record)
+    return record
+
+
 def evaluate(
     cfg: Config,
     bundle_dir: str | Path,
@@ -222,7 +235,8 @@ def evaluate(
 
     ``output_dir`` receives ``metrics.json`` (written last: its presence means a finished
     evaluation), ``figures/*.png``, ``report.html`` and ``report.md`` (PNGs embedded, for
-    the Kubeflow UI) and ``samples/*.nii.gz`` with the bundle's affine. ``training_logs``
+    the Kubeflow UI, with the bundle's lineage), ``lineage.json`` (the bundle's record with
+    this evaluation added) and ``samples/*.nii.gz`` with the bundle's affine. ``training_logs``
     are run directories (or ``metrics.jsonl`` files) whose loss curves go in the report.
     Returns the content of ``metrics.json`` plus ``files`` (paths written).
     """
@@ -273,7 +287,10 @@ def evaluate(
         "steps": ecfg.steps,
         "fid_weights": ecfg.fid_weights or "(not given: FID not computed)",
     }
-    html, md = figures.write_reports(out, metrics, verdict, images, context, METRIC_DOCS)
+    record = _write_lineage(bundle_dir, out, metrics, verdict)
+    html, md = figures.write_reports(
+        out, metrics, verdict, images, context, METRIC_DOCS, lineage.rows(record)
+    )
 
     result: dict[str, Any] = {**metrics, "gate": verdict}
     atomic_write_json(out / METRICS_JSON, result)
@@ -282,6 +299,7 @@ def evaluate(
         "metrics": str(out / METRICS_JSON),
         "report_html": str(html),
         "report_md": str(md),
+        "lineage": str(out / LINEAGE_JSON),
         "figures": [str(p) for p in figure_paths],
         "samples": [str(p) for p in sample_paths],
     }

@@ -217,9 +217,11 @@ def write_reports(
     images: Mapping[str, bytes],
     context: Mapping[str, Any],
     descriptions: Mapping[str, str] | None = None,
+    lineage: Sequence[tuple[str, str]] = (),
 ) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (PNGs embedded as data URIs) into
-    ``output_dir``; returns their paths."""
+    ``output_dir``; returns their paths. ``lineage``: the bundle's record as ``(field,
+    value)`` rows (:func:`ldm_core.lineage.rows`), shown after the metrics."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     descriptions = descriptions or {}
@@ -235,6 +237,15 @@ def write_reports(
         f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in context.items()
     )
     reason_html = "".join(f"<li>{html.escape(r)}</li>" for r in reasons)
+    lineage_html = "".join(
+        f"<tr><td><code>{html.escape(k)}</code></td><td><code>{html.escape(v)}</code></td></tr>"
+        for k, v in lineage
+    )
+    lineage_section = (
+        f"<h2>Lineage</h2><table><tr><th>field</th><th>value</th></tr>{lineage_html}</table>"
+        if lineage
+        else ""
+    )
     imgs = "".join(
         f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{html.escape(name)}" src="{_data_uri(png)}">'
         for name, png in images.items()
@@ -253,6 +264,7 @@ img {{ max-width: 100%; }} .gate {{ color: {colour}; font-weight: bold; }}
 <ul>{ctx}</ul>
 <h2>Metrics</h2>
 <table><tr><th>metric</th><th>value</th><th>meaning</th></tr>{rows}</table>
+{lineage_section}
 {imgs}
 </body></html>
 """
@@ -261,6 +273,9 @@ img {{ max-width: 100%; }} .gate {{ color: {colour}; font-weight: bold; }}
     md_lines += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
     md_lines += ["| metric | value | meaning |", "| --- | --- | --- |"]
     md_lines += [f"| `{k}` | {_fmt(v)} | {descriptions.get(k, '')} |" for k, v in metrics.items()]
+    if lineage:
+        md_lines += ["", "## Lineage", "", "| field | value |", "| --- | --- |"]
+        md_lines += [f"| `{k}` | `{v}` |" for k, v in lineage]
     for name, png in images.items():
         md_lines += ["", f"## {name.replace('_', ' ')}", "", f"![{name}]({_data_uri(png)})"]
     html_path, md_path = out / "report.html", out / "report.md"

@@ -48,6 +48,9 @@ STAGE_JSON = "stage.json"
 """What a finished pipeline stage recorded about its inputs (its reuse key)."""
 DEPLOYMENT_JSON = "deployment.json"
 """The deploy stage's record: backend, endpoint URL, model name, smoke-test result."""
+LINEAGE_JSON = "lineage.json"
+"""What a bundle was made from and where it went (``ldm_core.lineage``): in a bundle, and in
+an evaluation's output with the evaluation added."""
 
 log = logging.getLogger(__name__)
 

@@ -59,6 +59,8 @@ FIRST_PARTY = ("ldm_core", "components", "pipelines")
 LAZY_CROSSINGS = {
     ("ldm_core.cli", "ldm_core.serve"): "the `ldm serve` verb starts the model server; "
     "no other verb loads it",
+    ("ldm_core.cli", "ldm_core.kube"): "`ldm lineage --isvc` reads an InferenceService "
+    "through the Kubernetes API; no other verb loads it",
     ("ldm_core.stages", "ldm_core.kube"): "the kubeflow backend (PyTorchJob launcher and API "
     "probe), loaded only when a training stage runs on a cluster",
     ("ldm_core.stages", "ldm_core.deploy"): "the deploy stage; no other stage loads it",
@@ -366,6 +368,8 @@ def side(module: str) -> str | None:
     """The extra whose image runs ``module`` (None: the engine, the base dependencies)."""
     if _within(module, ["ldm_core.serve"]):
         return "serve"
+    if _within(module, ["ldm_core.registry"]):
+        return "registry"
     if _within(module, ["ldm_core.kube", "ldm_core.deploy", "components", "pipelines"]):
         return "pipeline"
     return None

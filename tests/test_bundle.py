@@ -56,6 +56,7 @@ def test_build_and_load_round_trip(tmp_path):
         "autoencoder.pt",
         "bundle.json",
         "config.yaml",
+        "lineage.json",
         "unet.pt",
     ]
     b = bundle_mod.load(out, device="cpu")

@@ -21,6 +21,7 @@ CONTRACT_VERBS = (
     "bundle",
     "sample",
     "evaluate",
+    "lineage",
     "serve",
 )
 

@@ -1,5 +1,5 @@
-"""The sections of a run's config: data, model, training, sampling, storage, serving and
-evaluation, and :class:`Config`, the whole run (``cluster`` is in ``cluster.py``).
+"""The sections of a run's config: data, model, training, sampling, storage, serving,
+evaluation and registry, and :class:`Config`, the whole run (``cluster`` is in ``cluster.py``).
 
 Each field's default is the ``tiny-cpu`` preset's value; its docstring says why, with the
 measurement behind it where there is one.
@@ -391,6 +391,29 @@ class EvaluationConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The Kubeflow Model Registry the deploy stage registers a gated bundle in, as a model
+    version (``ldm_core.registry``). Off by default: Kubeflow ships the registry as an
+    optional application that its single-command install leaves out."""
+
+    enabled: bool = False
+    url: str = ""
+    """The registry's REST API, scheme and port included. Kubeflow's manifests serve it as
+    ``http://model-registry-service.<namespace>.svc.cluster.local:8080`` (Service
+    ``model-registry-service``, port ``http-api``); a name of that form also tells the
+    registry's InferenceService controller which registry the labels refer to."""
+    author: str = "brain-ldm"
+    """Who registers: the model version's author and the registered model's owner."""
+    model_name: str = ""
+    """The registered model's name; empty = ``serving.model_name``."""
+    ca_file: str = ""
+    """PEM bundle that signs an https registry's certificate; empty = the system's CAs."""
+    token_file: str = ""
+    """A bearer token file sent to the registry; empty = the pod's service account token when
+    it has one (what a registry behind Kubeflow's auth checks), else none."""
+
+
+@dataclass
 class Config:
     """A whole run. ``Config()`` is the ``tiny-cpu`` preset."""
 
@@ -402,6 +425,7 @@ class Config:
     serving: ServingConfig = field(default_factory=ServingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import decimal
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from ldm_core.config.cluster import QUANTITY, TRAINER_APIS, StageResources, TrainingResources
 from ldm_core.config.errors import ConfigError, suggest
@@ -68,6 +69,7 @@ def validate(cfg: Config) -> None:
     _check_serving(cfg)
     _check_capacity(cfg)
     _check_cluster(cfg)
+    _check_registry(cfg)
 
 
 def _check_choices(cfg: Config) -> None:
@@ -437,3 +439,35 @@ def _get_dotted(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _check_registry(cfg: Config) -> None:
+    """The Model Registry settings, when registration is on: a URL the client can reach
+    (scheme, host and port; the client takes them apart), an author, and a CA only for TLS."""
+    r = cfg.registry
+    if not r.enabled:
+        return
+    example = "e.g. http://model-registry-service.kubeflow.svc.cluster.local:8080"
+    if not r.url:
+        raise ConfigError(f"registry.url: required when registry.enabled is true ({example})")
+    parts = urlsplit(r.url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise ConfigError(
+            f"registry.url: {r.url!r} needs http:// or https://, a host and a port ({example})"
+        )
+    if parts.path.strip("/") or parts.query:
+        raise ConfigError(
+            f"registry.url: {r.url!r} has a path; give the server only, the client adds "
+            "/api/model_registry/v1alpha3"
+        )
+    if not r.author.strip():
+        raise ConfigError("registry.author: required when registry.enabled is true")
+    if r.ca_file and parts.scheme != "https":
+        raise ConfigError(f"registry.ca_file: set, but registry.url {r.url!r} is not https")

@@ -302,3 +302,16 @@ def build_serving_runtime(
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
         },
     }
+
+
+def with_metadata(
+    isvc: dict[str, Any], labels: dict[str, str], annotations: dict[str, str]
+) -> dict[str, Any]:
+    """``isvc`` with ``labels`` and ``annotations`` added to its metadata: the deploy's links
+    to the bundle's lineage and its Model Registry version (``ldm_core.lineage``,
+    ``ldm_core.registry``). KServe copies both into the revision template, so they belong in
+    the same write as the spec they describe."""
+    metadata = dict(isvc["metadata"])
+    metadata["labels"] = {**metadata.get("labels", {}), **labels}
+    metadata["annotations"] = {**metadata.get("annotations", {}), **annotations}
+    return {**isvc, "metadata": metadata}
