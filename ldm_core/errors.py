@@ -1,5 +1,5 @@
-"""The exception users see, LdmError (and its storage kind): its message says what is wrong
-and where."""
+"""The exception users see, LdmError (and the kinds several modules raise: storage, deploy):
+its message says what is wrong and where."""
 
 
 class LdmError(Exception):
@@ -15,3 +15,7 @@ class StorageError(LdmError):
 
     Raised by :mod:`ldm_core.storage` and the S3 client beneath it (:mod:`ldm_core.s3`).
     """
+
+
+class DeployError(LdmError):
+    """The model could not be brought up, or it did not answer the smoke inference."""

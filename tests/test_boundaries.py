@@ -370,7 +370,9 @@ def side(module: str) -> str | None:
         return "serve"
     if _within(module, ["ldm_core.registry"]):
         return "registry"
-    if _within(module, ["ldm_core.kube", "ldm_core.deploy", "components", "pipelines"]):
+    if _within(
+        module, ["ldm_core.kube", "ldm_core.deploy", "ldm_core.smoke", "components", "pipelines"]
+    ):
         return "pipeline"
     return None
 

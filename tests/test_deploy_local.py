@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from ldm_core import bundle as bundle_mod
-from ldm_core.deploy import (
-    DeployedBundle,
-    DeployError,
-    SmokeTestError,
-    deploy,
-    smoke_check,
-    stop_local,
-)
+from ldm_core.deploy import deploy, stop_local
+from ldm_core.errors import DeployError
+from ldm_core.smoke import DeployedBundle, SmokeTestError, smoke_check
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle
 from tests.harness.kserve import Answer, model_server, nan_model_server

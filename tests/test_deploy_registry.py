@@ -59,6 +59,7 @@ def cluster(monkeypatch, served):
                     timeout_s=30,
                     poll_s=0.05,
                     smoke_url=url,
+                    create_runtime=True,  # the ServingRuntime manifests/base installs
                     **settings,
                 )
 

@@ -22,17 +22,10 @@ import pytest
 import yaml
 
 from ldm_core.config import Config, load_config
-from ldm_core.deploy import (
-    SMOKE_TOKEN_HEADER,
-    SmokeTestError,
-    deploy,
-    deploy_kserve,
-    smoke_check,
-    smoke_headers,
-    stop_local,
-)
+from ldm_core.deploy import deploy, deploy_kserve, stop_local
 from ldm_core.kube import isvc_build, isvc_rollout, knative
 from ldm_core.kube.client import api_client
+from ldm_core.smoke import SMOKE_TOKEN_HEADER, SmokeTestError, smoke_check, smoke_headers
 from tests.harness import crdcheck, istio
 from tests.harness.configs import MODEL, serve_config
 from tests.harness.data import random_bundle

@@ -1232,7 +1232,7 @@ def test_the_istio_smoke_component_admits_the_smoke_step_and_keeps_the_users_in(
     header passes; the profile owner's request through Kubeflow's gateway, which forwards
     the user's Dex token in Authorization, passes too; a token of an issuer the component
     does not name, a forged one, or none from a pod outside the mesh does not."""
-    from ldm_core.deploy import SMOKE_TOKEN_HEADER
+    from ldm_core.smoke import SMOKE_TOKEN_HEADER
     from tests.harness import istio
 
     proc = kustomize(layered(tree, "local", ("kubeflow-istio-smoke",)))

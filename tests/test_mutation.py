@@ -55,8 +55,8 @@ def test_mutant_globs_use_mutmuts_names():
     """mutmut names a mutant ``<module>.x_<function>__mutmut_<n>``, and a method's
     ``x\u01c1<Class>\u01c1<method>`` (mutmut 3.8.1, ``utils/format_utils.make_mutant_key``)."""
     smoke = next(t for t in TARGETS if t.name == "smoke check")
-    assert "ldm_core.deploy.x_smoke_check__mutmut_*" in smoke.mutant_globs()
-    assert "ldm_core.deploy.x\u01c1DeployedBundle\u01c1read__mutmut_*" in smoke.mutant_globs()
+    assert "ldm_core.smoke.x_smoke_check__mutmut_*" in smoke.mutant_globs()
+    assert "ldm_core.smoke.x\u01c1DeployedBundle\u01c1read__mutmut_*" in smoke.mutant_globs()
     rollout = next(t for t in TARGETS if t.name == "rollout")
     assert rollout.mutant_globs() == ["ldm_core.kube.isvc_rollout.*"]
 
@@ -99,10 +99,10 @@ def test_score_counts_each_targets_mutants_from_mutmuts_meta_file(tmp_path):
         },
     )
     meta(
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         {
-            "ldm_core.deploy.x_smoke_check__mutmut_1": 1,
-            "ldm_core.deploy.x_deploy_kserve__mutmut_1": 0,
+            "ldm_core.smoke.x_smoke_check__mutmut_1": 1,
+            "ldm_core.smoke.x_smoke_headers__mutmut_1": 0,
         },
     )
     rows = {r["target"]: r for r in score.score(tmp_path)}

@@ -117,7 +117,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "c-smoke-without-shape-check",
         "c",
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         "    if list(volume.shape) != expected:\n",
         "    if False:\n",
         _SMOKE_TESTS,
@@ -125,7 +125,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "c-smoke-without-bundle-shape-check",
         "c",
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         "    if bundle is not None and list(volume.shape[2:]) != list(bundle.image_shape):\n",
         "    if False:\n",
         _SMOKE_TESTS,
@@ -133,7 +133,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "c-smoke-without-affine-check",
         "c",
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         "    if bundle is not None and not np.allclose(affine, bundle.affine, rtol=1e-5, atol=1e-4):\n",
         "    if False:\n",
         _SMOKE_TESTS,
@@ -141,7 +141,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "c-smoke-without-digest-check",
         "c",
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         "    if bundle is not None and served != bundle.digest:\n",
         "    if False:\n",
         _SMOKE_TESTS,

@@ -72,7 +72,7 @@ TARGETS: tuple[Target, ...] = (
     Target("gate", "ldm_core/gate.py", (), ("tests/test_evaluate.py",)),
     Target(
         "smoke check",
-        "ldm_core/deploy.py",
+        "ldm_core/smoke.py",
         (
             "smoke_check",
             "_check_answer",

@@ -113,7 +113,7 @@ def merge_patch(current: Any, desired: Any) -> Any:
 
 SmokeFn = Callable[[str], dict[str, Any]]
 """The smoke inference: called with the URL to send it to, it returns what it measured, or
-raises LdmError when the answer is wrong (see :func:`ldm_core.deploy.smoke_check`)."""
+raises LdmError when the answer is wrong (see :func:`ldm_core.smoke.smoke_check`)."""
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,7 @@ def _parse_ts(text: str) -> tuple[int, int] | None:
     """RFC3339(Nano) -> (epoch seconds, nanoseconds). Older kubelets trim trailing zeros, so
     the strings do not sort lexically; and containerd stamps lines in the node's local time
     with its offset (``+01:00``), which the kubelet keeps, so the zone is read too."""
-    match = re.match(
-        r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text
-    )
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", text)
     if not match:
         return None
     zone = "+00:00" if match[3] == "Z" else match[3]

@@ -59,7 +59,6 @@ import httpx
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from ldm_core.deploy import SmokeTestError
 from ldm_core.kube import deployment_status, knative
 from ldm_core.kube.isvc_build import (
     GROUP,
@@ -68,6 +67,7 @@ from ldm_core.kube.isvc_build import (
     RUNTIME_PLURAL,
     RUNTIME_VERSION,
 )
+from ldm_core.smoke import SmokeTestError
 from tests.harness.kube import KubeApi
 
 NS = "brain-ldm"
