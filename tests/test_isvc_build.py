@@ -4,6 +4,7 @@ that ship the predictor's identity and the runtime."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ def test_serverless_gpu_revisions_get_a_progress_deadline_and_no_raw_only_fields
     lifecycle and sets the grace period itself, and KServe refuses a deploymentStrategy."""
     isvc = _isvc("cluster.predictor.gpus=1", "serving.progress_deadline_s=2400")
     pred = isvc["spec"]["predictor"]
-    assert pred["annotations"] == {"serving.knative.dev/progress-deadline": "2400s"}
+    assert pred["annotations"]["serving.knative.dev/progress-deadline"] == "2400s"
     assert "lifecycle" not in pred["model"] and "terminationGracePeriodSeconds" not in pred
     assert "deploymentStrategy" not in pred
     assert (pred["scaleMetric"], pred["scaleTarget"], pred["containerConcurrency"]) == (
@@ -197,6 +198,36 @@ def test_raw_predictors_drain_before_they_stop_and_may_recreate(release, runtime
     assert pred["terminationGracePeriodSeconds"] == drain + 600 + 30
     assert pred["deploymentStrategy"] == {"type": "Recreate"}
     assert (pred["scaleMetric"], pred["scaleTarget"]) == ("cpu", 80)
-    assert "annotations" not in pred
+    assert set(pred["annotations"]) == {isvc_build.ISTIO_PROXY_CONFIG_ANNOTATION}
     crdcheck.validate(isvc)
     _strictly_valid(isvc, release)
+
+
+@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
+def test_the_istio_sidecar_outlives_the_servers_drain(mode):
+    """A profile namespace injects an Istio sidecar, which serves 5 s past SIGTERM unless told
+    otherwise (ProxyConfig terminationDrainDuration): it must keep serving while the server
+    finishes its admitted requests, which may take the request timeout."""
+    isvc = _isvc(f"serving.deployment_mode={mode}", "serving.request_timeout_s=600")
+    config = json.loads(isvc["spec"]["predictor"]["annotations"]["proxy.istio.io/config"])
+    drain = int(config["terminationDrainDuration"].rstrip("s"))
+    assert drain >= 600
+    if mode == "RawDeployment":  # not past the pod's grace, when the kubelet kills it all
+        assert drain <= isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+
+
+def test_the_predictor_probes_never_restart_a_loading_pod_but_restart_a_lost_model():
+    """Startup holds the other probes until the bundle is loaded and warmed up (the ready
+    path), for as long as a revision may take to become ready; liveness then fails only for
+    a model that is gone, with no initial delay to sit out; all on the server's port."""
+    for runtime in (isvc_build.RUNTIME_NAME, None):
+        isvc = _isvc("serving.progress_deadline_s=905", runtime=runtime)
+        pred = isvc["spec"]["predictor"]
+        container = pred["model"] if runtime else pred["containers"][0]
+        kinds = ("startup", "readiness", "liveness")
+        startup, ready, live = (container[f"{k}Probe"] for k in kinds)
+        assert startup["httpGet"] == ready["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+        assert live["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 905
+        assert "initialDelaySeconds" not in live
+        assert live["failureThreshold"] * live["periodSeconds"] <= 60

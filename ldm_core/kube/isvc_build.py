@@ -15,6 +15,7 @@ against the real CRD schemas and compare them with the manifests.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ldm_core.config import Config
@@ -47,6 +48,10 @@ SERVED_LIMITS = ("max_concurrency", "max_queue", "max_batch_size", "max_batch_wa
 to its server explicitly: the server would otherwise read them from the bundle's own
 config.yaml, written by the training run, while containerConcurrency and the timeout come
 from this deploy's config. ``request_timeout_s`` travels with them (:func:`served_args`)."""
+ISTIO_PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
+"""Per-pod Istio ProxyConfig. Its ``terminationDrainDuration`` (5 s by default) is how long the
+sidecar keeps serving after SIGTERM: shorter than a generation, it would cut the answers the
+server is still draining (ldm_core/serve/shutdown.py)."""
 PRESTOP_DRAIN_S = 15
 """RawDeployment: seconds the preStop hook waits before the server gets SIGTERM, so the
 endpoints controller, kube-proxy and the ingress drop the pod before it stops taking
@@ -131,10 +136,17 @@ def _autoscaling(cfg: Config) -> dict[str, Any]:
         "scaleTarget": s.autoscale_target,
         "containerConcurrency": s.container_concurrency,
     }
-    if s.deployment_mode == "RawDeployment":
+    raw = s.deployment_mode == "RawDeployment"
+    # A Kubeflow profile injects an Istio sidecar; it must outlive the server's drain: the
+    # pod's grace in Raw mode, the revision's timeout (Knative's grace) in Serverless mode.
+    drain_s = termination_grace_s(cfg) if raw else ingress_timeout_s(cfg)
+    out["annotations"] = {
+        ISTIO_PROXY_CONFIG_ANNOTATION: json.dumps({"terminationDrainDuration": f"{drain_s}s"})
+    }
+    if raw:
         out["deploymentStrategy"] = {"type": s.update_strategy}
     else:
-        out["annotations"] = {PROGRESS_DEADLINE_ANNOTATION: f"{s.progress_deadline_s}s"}
+        out["annotations"][PROGRESS_DEADLINE_ANNOTATION] = f"{s.progress_deadline_s}s"
     return out
 
 
@@ -150,21 +162,32 @@ def _env(bundle_digest: str) -> list[dict[str, str]]:
     return [{"name": BUNDLE_DIGEST_ENV, "value": bundle_digest}] if bundle_digest else []
 
 
-def _probes() -> dict[str, Any]:
+PROBE_PERIOD_S = 10
+
+
+def _probes(cfg: Config) -> dict[str, Any]:
+    """The predictor's three probes, all on the server's own port (Knative moves readiness
+    into queue-proxy and rewrites liveness to the user port, serving v1.16 deploy.go).
+
+    - startup: ``/v2/health/ready``, which answers only once the bundle is loaded and warmed
+      up; until it passes, Kubernetes runs neither of the others, so a pod that is still
+      loading is never restarted. Its budget is ``serving.progress_deadline_s``, the time a
+      revision has to become ready at all: a pod that is not ready by then is restarted.
+    - readiness: the same path, so a pod leaves the endpoints while it cannot serve (and
+      while it drains on SIGTERM).
+    - liveness: ``/v2/health/live``, which fails only once a model that was loaded is gone
+      (the repository extension's unload), so the kubelet restarts the pod in about 30 s.
+    """
+    probe = {"periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 5}
+    ready = {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, **probe}
+    startup_failures = -(-cfg.serving.progress_deadline_s // PROBE_PERIOD_S)
     return {
-        # The server's readiness turns true only after the bundle loaded and warmed up.
-        "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT},
-            "periodSeconds": 10,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        },
+        "startupProbe": {**ready, "failureThreshold": startup_failures},
+        "readinessProbe": {**ready, "failureThreshold": 3},
         "livenessProbe": {
             "httpGet": {"path": "/v2/health/live", "port": HTTP_PORT},
-            "initialDelaySeconds": 120,
-            "periodSeconds": 20,
-            "timeoutSeconds": 5,
-            "failureThreshold": 6,
+            **probe,
+            "failureThreshold": 3,
         },
     }
 
@@ -183,6 +206,9 @@ def _runtime_model(
         "resources": _resources(cfg),
         "args": served_args(cfg),
         **_lifecycle(cfg),
+        # Over the runtime's own (KServe merges the predictor's container over the runtime's),
+        # so the startup budget follows this deploy's serving.progress_deadline_s.
+        **_probes(cfg),
     }
     env = _env(bundle_digest)
     if env:
@@ -203,7 +229,7 @@ def _custom_container(cfg: Config, storage_uri: str, bundle_digest: str) -> dict
         "resources": _resources(cfg),
         "securityContext": container_security_context(),
         **_lifecycle(cfg),
-        **_probes(),
+        **_probes(cfg),
     }
 
 
@@ -296,7 +322,7 @@ def build_serving_runtime(
                     },
                     "securityContext": container_security_context(),
                     "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                    **_probes(),
+                    **_probes(cfg),
                 }
             ],
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}],
