@@ -158,11 +158,14 @@ def deploy_local(
     device: str = "auto",
     ready_timeout_s: float = 300.0,
     smoke_steps: int = 2,
+    evaluation_dir: str | Path | None = None,
+    run: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Start (or restart) the local model server for ``bundle_dir`` and smoke-test it."""
+    """Start (or restart) the local model server for ``bundle_dir`` and smoke-test it.
+    ``evaluation_dir``, ``run``: as :func:`deploy_kserve`'s, for the lineage it returns."""
     bundle = Path(bundle_dir).resolve()
     _require_bundle(bundle)
-    record = lineage.for_deploy(bundle_mod.lineage(bundle), cfg)
+    record = lineage.for_deploy(bundle_mod.lineage(bundle), cfg, evaluation_dir, run)
     state = Path(state_dir) if state_dir is not None else bundle.parent / f"{bundle.name}-serving"
     state.mkdir(parents=True, exist_ok=True)
     if stop_local(state):

@@ -551,9 +551,14 @@ def deploy_stage(
     storage_prefix: str = "",
     smoke_steps: int = 2,
     serving_dir: str = "",
+    evaluation_dir: str | Path | None = None,
+    run: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Serve the bundle (a local model server, or an InferenceService on a cluster), run
     one real inference through it, and write ``deployment.json`` into ``output``.
+
+    ``evaluation_dir`` (the evaluate step's output) and ``run`` (the KFP run, as
+    ``ldm_core.lineage.RUN_FIELDS``) complete the lineage the deployment records.
 
     The local server keeps its pid and log in ``serving_dir`` when given (``run_local``
     gives one per output directory, so a new deploy replaces the previous server), else in
@@ -569,11 +574,10 @@ def deploy_stage(
     chosen = backend if backend != "auto" else ("kubeflow" if in_cluster() else "local")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    common = {"smoke_steps": smoke_steps, "evaluation_dir": evaluation_dir, "run": run}
     if chosen == "local":
         state_dir = Path(serving_dir or out)
-        result = deploy(
-            cfg, Path(bundle_dir), backend="local", state_dir=state_dir, smoke_steps=smoke_steps
-        )
+        result = deploy(cfg, Path(bundle_dir), backend="local", state_dir=state_dir, **common)
     else:
         if not storage_prefix:
             raise StageError(
@@ -587,7 +591,7 @@ def deploy_stage(
             Path(bundle_dir),
             backend="kubeflow",
             storage_prefix=fill_namespace(storage_prefix, current_namespace()),
-            smoke_steps=smoke_steps,
+            **common,
         )
     result = {**result, "endpoint": result.get("url")}
     atomic_write_json(out / DEPLOYMENT_JSON, result, default=str)

@@ -217,12 +217,17 @@ def brain_ldm(
     with dsl.If(ev.outputs["Output"] == True, name="quality-gate-passed"):  # noqa: E712
         dep = deploy(
             bundle=ldm.outputs["bundle"],
+            evaluation=ev.outputs["evaluation"],
             preset=preset,
             overrides=run_overrides,
             backend=backend,
             storage_prefix=storage_prefix,
             smoke_steps=smoke_steps,
             serving_dir=serving_dir,
+            # The run's identity for the model's lineage: resolved by KFP backends from 2.5 on
+            # (2.4.1 passes the text through, which the lineage leaves out) and by kfp.local.
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         )
         dep.set_display_name("deploy")
         kubernetes.use_secret_as_env(dep, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)

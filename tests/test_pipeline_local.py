@@ -91,6 +91,12 @@ def test_every_stage_runs_and_the_served_model_answers(runs):
     assert list((first.evaluation / "samples").glob("*.nii.gz"))
     # The deployed server answered a real V2 request with a NIfTI of the trained geometry.
     assert first.deployment["backend"] == "local" and first.deployment["smoke"]
+    # Its lineage names the run and carries the evaluation that gated it (kfp.local resolves
+    # the run placeholders, as KFP backends from 2.5 do).
+    record = first.deployment["lineage"]
+    assert record["run"]["run_id"] and record["run"]["pipeline_name"] == "brain-ldm"
+    assert record["evaluation"]["gate"]["passed"] is True
+    assert record["evaluation"]["metrics"]["mask_dice"] == first.metrics["mask_dice"]
     img = nib.Nifti1Image.from_bytes(gzip.decompress(served))
     bundle = json.loads((first.bundle / "bundle.json").read_text())
     assert img.shape[-3:] == (32, 32, 32)
