@@ -109,14 +109,6 @@ def test_an_unschedulable_pod_is_named_with_the_schedulers_reason_and_a_hint(rea
     assert hint in problem
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hint is chosen by substrings of the whole message in a fixed order "
-    "(PersistentVolumeClaim, nvidia.com/gpu, taint, affinity/selector): a taint whose key is "
-    "nvidia.com/gpu reads as a GPU shortage, and the control-plane node's taint, which "
-    "kube-scheduler names in nearly every FitError of a kubeadm cluster, hides what the "
-    "workers lack",
-)
 @pytest.mark.parametrize(
     "reasons,hint",
     [
@@ -131,6 +123,9 @@ def test_an_unschedulable_pod_is_named_with_the_schedulers_reason_and_a_hint(rea
     ],
 )
 def test_the_hint_follows_the_reason_that_blocks_the_workers(reasons, hint):
+    """The reason that rules out the most nodes decides: a taint whose key is nvidia.com/gpu
+    is a missing toleration, not a GPU shortage, and the control-plane node's taint, which
+    kube-scheduler names in nearly every FitError of a kubeadm cluster, hides nothing."""
     problem = pending.pending_problem([unschedulable(reasons)])
     assert problem is not None and hint in problem, problem
 

@@ -31,6 +31,7 @@ quota frees up when other pods end); one that cannot pass fails the job at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,19 +52,46 @@ class Blocked:
     lasts: bool = False
 
 
+_FIT_REASON = re.compile(r"(\d+) ([^,]+?)(?=, \d+ |$)")
+"""One ``<count> <reason>`` of a FitError: kube-scheduler's message is ``0/N nodes are
+available: 1 node(s) had untolerated taint {…}, 3 Insufficient cpu. preemption: …``
+(pkg/scheduler/framework/types.go ``FitError.Error``: reasons sorted by text, each with the
+number of nodes it ruled out)."""
+_HINTS = (
+    (
+        ("Insufficient nvidia.com/gpu",),
+        "no node has that many free GPUs: ask for fewer GPUs or add GPU nodes",
+    ),
+    (("taint",), "the nodes carry taints the pod does not tolerate: add the tolerations"),
+    (
+        ("affinity", "selector"),
+        "no node matches the pod's nodeSelector/affinity: change the node selector",
+    ),
+)
+"""What the blocking reason says (any of the words) -> what to change."""
+_NO_ROOM = "no node has the CPU/memory asked for: lower the stage's resources or add nodes"
+
+
+def _blocking_reason(message: str) -> str:
+    """The reason that rules out the most nodes, which is what keeps the pod off the nodes
+    it could run on: a kubeadm cluster's control-plane taint is named in nearly every
+    FitError, beside the one reason that matters for the workers."""
+    body = message.split("nodes are available:", 1)[-1].split(". preemption:", 1)[0]
+    found = [(int(n), reason) for n, reason in _FIT_REASON.findall(body.strip().rstrip("."))]
+    return max(found, key=lambda item: item[0])[1] if found else message
+
+
 def _unschedulable_hint(message: str) -> str:
     if "PersistentVolumeClaim" in message:
         return (
             "the run's PVC is not bound: check `kubectl get pvc` and give it a storageClassName "
             "that exists (ReadWriteMany only for multi-pod jobs)"
         )
-    if "nvidia.com/gpu" in message:
-        return "no node has that many free GPUs: ask for fewer GPUs or add GPU nodes"
-    if "taint" in message:
-        return "the nodes carry taints the pod does not tolerate: add the tolerations"
-    if "affinity" in message or "selector" in message:
-        return "no node matches the pod's nodeSelector/affinity: change the node selector"
-    return "no node has the CPU/memory asked for: lower the stage's resources or add nodes"
+    reason = _blocking_reason(message)
+    for words, hint in _HINTS:
+        if any(word in reason for word in words):
+            return hint
+    return _NO_ROOM
 
 
 def _scheduling(pod: Any) -> str | None:
