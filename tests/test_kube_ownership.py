@@ -8,7 +8,7 @@
   apiVersion, kind, name and uid are required). ``blockOwnerDeletion`` needs update on the
   owner's finalizers (the OwnerReferencesPermissionEnforcement admission plugin), a grant
   the pipeline's Role does not carry.
-- ``delete_on_sigterm``: the kubelet stops a pod by sending SIGTERM to its containers'
+- ``release_on_sigterm``: the kubelet stops a pod by sending SIGTERM to its containers'
   PID 1 and waits the grace period before SIGKILL.
 """
 
@@ -161,12 +161,20 @@ def previous() -> Iterator[Handler]:
         signal.signal(signal.SIGTERM, saved)
 
 
-def test_sigterm_inside_the_block_deletes_then_raises(previous):
+def _release(log: list, what: str = "PyTorchJob brain-ldm/train-ae was deleted"):
+    """A release that records its call and says what became of the job, as the launcher's do."""
+
+    def release() -> str:
+        log.append(1)
+        return what
+
+    return release
+
+
+def test_sigterm_inside_the_block_releases_then_raises(previous):
     deleted = []
     with pytest.raises(ownership.Terminated) as err:
-        with ownership.delete_on_sigterm(
-            "PyTorchJob brain-ldm/train-ae", lambda: deleted.append(1)
-        ):
+        with ownership.release_on_sigterm("PyTorchJob brain-ldm/train-ae", _release(deleted)):
             signal.raise_signal(signal.SIGTERM)
             pytest.fail("SIGTERM did not interrupt the block")
     assert deleted == [1]
@@ -177,25 +185,27 @@ def test_sigterm_inside_the_block_deletes_then_raises(previous):
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_a_second_sigterm_does_not_stop_the_delete(previous):
-    """The kubelet may signal again; the delete must still finish."""
+def test_a_second_sigterm_does_not_stop_the_release(previous):
+    """The kubelet may signal again; the release (a delete, or dropping our claim) must
+    still finish."""
     steps = []
 
-    def delete() -> None:
+    def release() -> str:
         steps.append("started")
         signal.raise_signal(signal.SIGTERM)
         steps.append("finished")
+        return "job was deleted"
 
     with pytest.raises(ownership.Terminated):
-        with ownership.delete_on_sigterm("job", delete):
+        with ownership.release_on_sigterm("job", release):
             signal.raise_signal(signal.SIGTERM)
     assert steps == ["started", "finished"]
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_without_sigterm_nothing_is_deleted_and_the_handler_is_restored(previous):
+def test_without_sigterm_nothing_is_released_and_the_handler_is_restored(previous):
     deleted = []
-    with ownership.delete_on_sigterm("job", lambda: deleted.append(1)):
+    with ownership.release_on_sigterm("job", _release(deleted)):
         assert signal.getsignal(signal.SIGTERM) is not previous, "no guard installed"
     assert deleted == []
     assert signal.getsignal(signal.SIGTERM) is previous
@@ -208,7 +218,7 @@ def test_another_error_leaves_the_job_alone(previous):
     caller's decision, not the guard's."""
     deleted = []
     with pytest.raises(LaunchError):
-        with ownership.delete_on_sigterm("job", lambda: deleted.append(1)):
+        with ownership.release_on_sigterm("job", _release(deleted)):
             raise LaunchError("job failed")
     assert deleted == []
     assert signal.getsignal(signal.SIGTERM) is previous
@@ -227,7 +237,7 @@ def test_off_the_main_thread_the_block_runs_unguarded(previous):
 
     def worker() -> None:
         try:
-            with ownership.delete_on_sigterm("job", lambda: seen.append("deleted")):
+            with ownership.release_on_sigterm("job", _release(seen)):
                 seen.append(signal.getsignal(signal.SIGTERM))
         except BaseException as exc:  # reported to the main thread
             errors.append(exc)

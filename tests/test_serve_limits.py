@@ -32,6 +32,9 @@ TIMEOUT_S = 3.0
 LIMITS = [
     "serving.max_concurrency=1",
     "serving.max_queue=1",
+    # One request per loop: containerConcurrency (max_concurrency x max_batch_size) may not
+    # exceed what the server admits, max_concurrency + max_queue (ldm_core.config.validation).
+    "serving.max_batch_size=1",
     f"serving.request_timeout_s={TIMEOUT_S}",
     "serving.max_steps=1000",
 ]
