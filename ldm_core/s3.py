@@ -132,14 +132,13 @@ def client(cfg_storage: StorageConfig | None = None) -> Minio:
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )
-    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     return Minio(
         endpoint,
         access_key=access,
         secret_key=secret,
         session_token=token,
         secure=secure,
-        region=region or None,
+        region=cfg.region,
         http_client=http,
     )
 

@@ -445,7 +445,7 @@ def test_no_secret_is_built_and_the_template_holds_only_placeholders(builds):
     assert annotations["serving.kserve.io/s3-endpoint"] == data["S3_ENDPOINT"].split("://")[1]
     assert annotations["serving.kserve.io/s3-usehttps"] == "0"
     text = SECRET_TEMPLATE.read_text()
-    for key in (*S3_SECRET_KEYS, "AWS_REGION", "storage.secure"):
+    for key in (*S3_SECRET_KEYS, "storage.region", "storage.secure"):
         assert key in text.split("apiVersion:")[0], f"the template's comment documents {key}"
     kustomization = yaml.safe_load((MANIFESTS / "base" / "kustomization.yaml").read_text())
     assert SECRET_TEMPLATE.name not in kustomization["resources"]

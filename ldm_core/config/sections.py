@@ -250,7 +250,12 @@ class StorageConfig:
     endpoint: str = ""
     """host:port of the S3 endpoint; empty = read S3_ENDPOINT / MINIO_ENDPOINT from the env."""
     secure: bool = True
-    region: str = ""
+    region: str = "us-east-1"
+    """The bucket's region, sent with every request. Never empty: without one the MinIO SDK
+    first asks the server where the bucket is (GetBucketLocation), a bucket-level read that a
+    Kubeflow 1.11 profile's SeaweedFS user may not make (its keys reach objects under four
+    prefixes only), so every transfer failed there. MinIO and SeaweedFS answer us-east-1;
+    set another only for an S3 service whose bucket lives elsewhere."""
     part_size_mb: int = 64
 
 

@@ -59,7 +59,10 @@ def s3_env(monkeypatch, endpoint: str, keys: Keys = TEST_KEYS) -> None:
     monkeypatch.setenv("S3_ENDPOINT", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", keys.access)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", keys.secret)
-    monkeypatch.setenv("AWS_REGION", REGION)
+    # No region: the S3 Secret a cluster gives the steps holds none either, and the client
+    # must not need one (ldm_core.config StorageConfig.region).
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def make_bucket(endpoint: str) -> str:
