@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import socket
 
+import kubernetes
 import pytest
+import yaml
 
 from ldm_core.errors import LdmError
 from ldm_core.kube.client import api_client
@@ -170,6 +172,260 @@ def test_unknown_fields_asks_with_a_dry_run(api, widgets):
         ("All", "Strict"),
         ("All", "Strict"),
     ]
+
+
+# --------------------------------------------------------------------------- optimistic concurrency
+
+
+def _status(err: kubernetes.client.ApiException) -> tuple[int, str, str]:
+    body = json.loads(err.body)
+    return err.status, body["reason"], body["message"]
+
+
+def test_every_write_stores_a_new_resource_version(widgets):
+    """The API server gives each stored version of an object its own resourceVersion (the
+    etcd revision of the write), and answers every read and write with it."""
+    created = widgets.create(_widget("w1", size=3))
+    first = widgets.get("w1")["metadata"]["resourceVersion"]
+    assert created["metadata"]["resourceVersion"] == first
+    patched = widgets.patch("w1", {"spec": {"size": 4}})
+    assert patched["metadata"]["resourceVersion"] not in ("", first)
+    assert (
+        widgets.get("w1")["metadata"]["resourceVersion"] == patched["metadata"]["resourceVersion"]
+    )
+
+
+def test_a_patch_computed_from_an_older_version_is_not_applied(api, widgets):
+    """A merge patch that carries ``metadata.resourceVersion`` applies only to that version:
+    the API server answers 409 Conflict once the object changed (k8s.io/apiserver, the
+    registry's optimistic lock), and ``seen`` turns that answer into None."""
+    widgets.create(_widget("w1", size=3))
+    seen = widgets.get("w1")
+    widgets.patch("w1", {"spec": {"size": 4}})  # someone else's write in between
+    assert widgets.patch("w1", {"spec": {"size": 5}}, seen=seen) is None
+    assert widgets.get("w1")["spec"] == {"size": 4}
+    stale = [r for r in api.requests(AGENT) if r.method.value.upper() == "PATCH"][-1]
+    assert stale.data["metadata"]["resourceVersion"] == seen["metadata"]["resourceVersion"]
+    current = widgets.get("w1")
+    assert widgets.patch("w1", {"spec": {"size": 5}}, seen=current)["spec"] == {"size": 5}
+
+    custom = kubernetes.client.CustomObjectsApi(api.client("kubectl"))
+    stale_patch = {"metadata": {"resourceVersion": seen["metadata"]["resourceVersion"]}}
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom.patch_namespaced_custom_object("example.org", "v1", NS, "widgets", "w1", stale_patch)
+    assert _status(err.value) == (
+        409,
+        "Conflict",
+        'Operation cannot be fulfilled on widgets.example.org "w1": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+    )
+
+
+def test_a_delete_of_an_older_version_deletes_nothing(api, widgets):
+    """A delete with preconditions (uid and resourceVersion of the object as read) deletes
+    only that object at that version: 409 Conflict otherwise ("Precondition failed", the
+    storage's check), which ``seen`` turns into False."""
+    widgets.create(_widget("w1", size=3))
+    seen = widgets.get("w1")
+    widgets.patch("w1", {"spec": {"size": 4}})
+    assert widgets.delete("w1", seen=seen) is False
+    assert widgets.get("w1") is not None
+    delete = [r for r in api.requests(AGENT) if r.method.value.upper() == "DELETE"][-1]
+    meta = seen["metadata"]
+    assert delete.data["preconditions"] == {
+        "resourceVersion": meta["resourceVersion"],
+        "uid": meta["uid"],
+    }
+    assert delete.data["propagationPolicy"] == "Foreground"
+
+    # Gone and created again under the same name: another object (uid), not ours to delete.
+    current = widgets.get("w1")
+    assert widgets.delete("w1") is True
+    widgets.create(_widget("w1", size=3))
+    custom = kubernetes.client.CustomObjectsApi(api.client("kubectl"))
+    options = kubernetes.client.V1DeleteOptions(
+        preconditions=kubernetes.client.V1Preconditions(uid=current["metadata"]["uid"])
+    )
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        custom.delete_namespaced_custom_object(
+            "example.org", "v1", NS, "widgets", "w1", body=options
+        )
+    status, reason, message = _status(err.value)
+    assert (status, reason) == (409, "Conflict")
+    assert message.startswith('Operation cannot be fulfilled on widgets.example.org "w1": ')
+    assert f"Precondition failed: UID in precondition: {current['metadata']['uid']}, " in message
+    assert widgets.delete("w1", seen=widgets.get("w1")) is True
+    assert widgets.get("w1") is None
+
+
+# --------------------------------------------------------------------------- strict validation
+# The emulated API server as a cluster with the Widget CRD installed: the refusals of a strict
+# write the CustomObjects errors are built from.
+
+WIDGET_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.org"},
+    "spec": {
+        "group": "example.org",
+        "names": {"kind": "Widget", "plural": "widgets"},
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "metadata": {"type": "object"},
+                            "spec": {
+                                "type": "object",
+                                "properties": {
+                                    "size": {"type": "integer"},
+                                    "colour": {"type": "string"},
+                                    "options": {"type": "object"},
+                                    "labels": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                    "raw": {
+                                        "type": "object",
+                                        "x-kubernetes-preserve-unknown-fields": True,
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+@pytest.fixture
+def crd_api(tmp_path):
+    (tmp_path / "widgets.yaml").write_text(yaml.safe_dump(WIDGET_CRD))
+    with KubeApi(SERVED, crds=tmp_path) as api:
+        yield api
+
+
+def _refusal(api: KubeApi, write) -> str:
+    """The message of the 400 BadRequest a raw client's strict write got."""
+    custom = kubernetes.client.CustomObjectsApi(api.client("kubectl"))
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        write(custom)
+    status, reason, message = _status(err.value)
+    assert (status, reason) == (400, "BadRequest"), message
+    return message
+
+
+def _create(body: dict):
+    def write(custom):
+        custom.create_namespaced_custom_object(
+            "example.org", "v1", NS, "widgets", body, field_validation="Strict"
+        )
+
+    return write
+
+
+def test_a_strict_create_is_refused_as_the_api_server_words_it(crd_api):
+    """k8s.io/apiserver handlers/create.go: the decoder's error behind "<Kind> in version
+    <Go-quoted version> cannot be handled as a <Kind>"; nothing is stored."""
+    message = _refusal(crd_api, _create(_widget("w1", size=3, shape="round")))
+    assert message == (
+        'Widget in version "v1" cannot be handled as a Widget: strict decoding error: '
+        'unknown field "spec.shape"'
+    )
+    widgets = CustomObjects(crd_api.client(AGENT), WIDGETS, NS, WidgetError)
+    with pytest.raises(WidgetError, match="spec.shape: unknown field"):
+        widgets.create(_widget("w1", shape="round"))
+    assert widgets.get("w1") is None
+
+
+def test_a_strict_patch_is_refused_with_the_bare_decoding_error(crd_api):
+    """k8s.io/apiserver handlers/patch.go decodes the patched object and answers BadRequest
+    with the strict decoding error alone. A merge patch's null is a deletion, not a field."""
+    widgets = CustomObjects(crd_api.client(AGENT), WIDGETS, NS, WidgetError)
+    widgets.create(_widget("w1", size=3, colour="red"))
+
+    def patch(custom):
+        custom.patch_namespaced_custom_object(
+            "example.org",
+            "v1",
+            NS,
+            "widgets",
+            "w1",
+            {"spec": {"size": 4, "shape": "round", "tint": "blue", "colour": None}},
+            field_validation="Strict",
+        )
+
+    assert _refusal(crd_api, patch) == (
+        'strict decoding error: unknown field "spec.shape", unknown field "spec.tint"'
+    )
+    with pytest.raises(WidgetError) as err:
+        widgets.patch("w1", {"spec": {"colour": "red", "shape": "round"}})
+    assert str(err.value) == (
+        f"patch widgets.example.org {NS}/w1: spec.shape: unknown field (not in the Widget "
+        "CRD this cluster serves)"
+    )
+    assert widgets.get("w1")["spec"] == {"size": 3, "colour": "red"}
+    assert widgets.patch("w1", {"spec": {"colour": None, "shape": None}})["spec"] == {"size": 3}
+
+
+def test_an_object_schema_without_properties_keeps_no_field(crd_api):
+    """apiextensions-apiserver pruning/algorithm.go: a ``type: object`` node without
+    properties, additionalProperties or x-kubernetes-preserve-unknown-fields declares no
+    field, so every key under it is unknown (pruned, or refused when strict); a map
+    (additionalProperties) and a preserved node keep theirs."""
+    body = _widget("w1", options={"a": 1, "b": {"c": 2}}, labels={"x": "y"}, raw={"any": [1]})
+    message = _refusal(crd_api, _create(body))
+    assert message.endswith(
+        'strict decoding error: unknown field "spec.options.a", unknown field "spec.options.b"'
+    )
+    custom = kubernetes.client.CustomObjectsApi(crd_api.client("kubectl"))
+    custom.create_namespaced_custom_object("example.org", "v1", NS, "widgets", body)  # Warn
+    stored = custom.get_namespaced_custom_object("example.org", "v1", NS, "widgets", "w1")
+    assert stored["spec"] == {"options": {}, "labels": {"x": "y"}, "raw": {"any": [1]}}
+
+
+def test_unknown_metadata_fields_are_refused_too(crd_api):
+    """The root ``metadata`` is decoded strictly into ObjectMeta (apiextensions-apiserver
+    schema/objectmeta ``GetObjectMetaWithOptions``), its unknown fields reported first and
+    under their path, on a create as on a patch; without Strict they are dropped."""
+    body = _widget("w1", size=3, shape="round")
+    owner = {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u", "controler": True}
+    body["metadata"] = {"name": "w1", "labelz": {"a": "b"}, "ownerReferences": [owner]}
+    assert _refusal(crd_api, _create(body)).endswith(
+        'strict decoding error: unknown field "metadata.labelz", '
+        'unknown field "metadata.ownerReferences[0].controler", unknown field "spec.shape"'
+    )
+    custom = kubernetes.client.CustomObjectsApi(crd_api.client("kubectl"))
+    custom.create_namespaced_custom_object("example.org", "v1", NS, "widgets", body)  # Warn
+    stored = custom.get_namespaced_custom_object("example.org", "v1", NS, "widgets", "w1")
+    assert "labelz" not in stored["metadata"]
+    assert stored["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}
+    ]
+
+    def patch(custom):
+        custom.patch_namespaced_custom_object(
+            "example.org",
+            "v1",
+            NS,
+            "widgets",
+            "w1",
+            {"metadata": {"annotationz": {"a": "b"}}},
+            field_validation="Strict",
+        )
+
+    assert _refusal(crd_api, patch) == (
+        'strict decoding error: unknown field "metadata.annotationz"'
+    )
 
 
 # --------------------------------------------------------------------------- api_served

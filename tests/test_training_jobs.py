@@ -3,7 +3,8 @@
 Each kind's controller is emulated on a loopback Kubernetes API (tests/harness/
 training_operator.py, tests/harness/trainer.py) and the launcher only sees the API: a job is
 created once and adopted by a restarted launcher, refused when someone else's holds its
-name, replaced when an earlier attempt failed; it is followed to its outcome through API
+name, replaced when an earlier attempt failed, owned by every launcher that adopts it even
+when they race (writes interleaved by the emulated API's ``hold``); it is followed to its outcome through API
 blips, deleted when it overruns, cannot start, has no controller or the launcher gets
 SIGTERM; and a failure is reported with rank 0's last log lines and the events.
 What differs between the kinds is in tests/test_pytorchjob.py and tests/test_trainjob.py.
@@ -598,6 +599,157 @@ def test_a_rerun_waits_for_a_job_being_deleted_then_starts_anew(cluster):
     assert cluster.creates() == 1
     (job,) = cluster.jobs()
     assert true_condition(job, cluster.kind.succeeded)
+
+
+def _in_thread(run) -> tuple[threading.Thread, list[BaseException]]:
+    """``run`` in a thread of its own, started; what it raised is in the list."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:  # reported to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, raised
+
+
+def _is_patch(cluster, request) -> bool:
+    return cluster.is_write(request) and request.method.value.upper() == "PATCH"
+
+
+def test_two_launchers_adopting_at_once_both_become_owners(cluster, monkeypatch):
+    """Runs B and C adopt the job run A follows in the same instant (same inputs, same
+    name): each reads the owners and writes the whole list with itself added. The write
+    carries the resourceVersion it was computed from, so the API server refuses the later
+    one (409 Conflict) instead of letting it drop the other's owner, and that launcher reads
+    again. Here C's whole adoption lands between B's read and B's write."""
+    task = training_task()
+    for run in "abc":
+        step_pod(cluster, f"run-{run}-step", f"uid-{run}")
+    _created_by(cluster, task, "run-a-step", "uid-a")
+    cluster.controller("succeed", step_s=0.02)
+    write = cluster.api.hold(lambda r: _is_patch(cluster, r))  # B's, held
+    monkeypatch.setenv("POD_NAME", "run-b-step")
+    b, raised = _in_thread(lambda: cluster.launcher().run(task))
+    write.wait()
+    monkeypatch.setenv("POD_NAME", "run-c-step")
+    cluster.launcher().run(task)
+    assert _job_owners(cluster) == ["run-a-step", "run-c-step"]
+    write.release()
+    b.join(30)
+    assert not b.is_alive() and raised == []
+    assert _job_owners(cluster) == ["run-a-step", "run-c-step", "run-b-step"]
+    patches = [r for r in cluster.sent() if _is_patch(cluster, r)]
+    # B's refused write, C's, B's again (again if the controller wrote in between).
+    assert len(patches) >= 3
+    assert all(r.data["metadata"]["resourceVersion"] for r in patches)
+
+
+def test_a_job_adopted_while_its_launcher_releases_it_is_not_deleted(cluster, tmp_path):
+    """Run A, the job's only owner, gets SIGTERM and decides to delete the job; before the
+    delete lands, run B adopts it. The delete names the job as A read it (preconditions on
+    uid and resourceVersion), so the API server refuses it (409 Conflict); A reads again,
+    finds B, and only removes itself."""
+    cluster.controller("hang")
+    name = training_task().name
+    step_pod(cluster, "run-a-step", "uid-a")
+    step_pod(cluster, "run-b-step", "uid-b")
+    delete = cluster.api.hold(lambda r: r.method.value.upper() == "DELETE" and r.name == name)
+    res = cluster.kind.resource
+    b_owner = {"apiVersion": "v1", "kind": "Pod", "name": "run-b-step", "uid": "uid-b"}
+    with open(tmp_path / "a", "wb") as log:
+        a = _launcher_process(cluster, "run-a-step", name, log)
+        try:
+            _wait_for(lambda: any(r.subresource == "log" for r in cluster.sent()), "followed", [a])
+            a.send_signal(signal.SIGTERM)
+            delete.wait()
+            (job,) = cluster.jobs()
+            owners = [*job["metadata"]["ownerReferences"], b_owner]
+            meta = {
+                "resourceVersion": job["metadata"]["resourceVersion"],
+                "ownerReferences": owners,
+            }
+            cluster.custom("run-b").patch_namespaced_custom_object(
+                res.group, res.version, NS, res.plural, name, {"metadata": meta}
+            )
+            delete.release()
+            assert a.wait(30) == 143
+        finally:
+            if a.poll() is None:
+                a.kill()
+                a.wait(10)
+    assert _job_owners(cluster) == ["run-b-step"]
+    what = f"{res.kind} {NS}/{name}"
+    assert f"{what} is left to launcher pod run-b-step" in (tmp_path / "a").read_text()
+    (refused, *_) = cluster.deletes()
+    assert refused.data["preconditions"]["uid"] == job["metadata"]["uid"]
+
+
+def test_a_job_created_concurrently_is_adopted(cluster, monkeypatch):
+    """Runs A and B start the same job in the same instant: both find none and create it,
+    and B's create answers 409 AlreadyExists. B then decides on the job as on any it finds
+    under its name: the same spec, so it adopts it and becomes an owner beside A."""
+    task = training_task()
+    step_pod(cluster, "run-a-step", "uid-a")
+    step_pod(cluster, "run-b-step", "uid-b")
+    cluster.controller("succeed", step_s=0.02)
+    create = cluster.api.hold(cluster.is_create)
+    monkeypatch.setenv("POD_NAME", "run-b-step")
+    b, raised = _in_thread(lambda: cluster.launcher().run(task))
+    create.wait()
+    _created_by(cluster, task, "run-a-step", "uid-a")
+    create.release()
+    b.join(30)
+    assert not b.is_alive() and raised == []
+    assert cluster.creates() == 1 and _job_owners(cluster) == ["run-a-step", "run-b-step"]
+
+
+def test_a_different_job_created_concurrently_is_left_alone(cluster):
+    """A job of another spec that takes our name between our read and our create is not
+    ours: refused as when found before starting, and left as it is."""
+    task = training_task()
+    cluster.controller("succeed", step_s=0.02)
+    create = cluster.api.hold(cluster.is_create)
+    b, raised = _in_thread(lambda: cluster.launcher().run(task))
+    create.wait()
+    cluster.create(cluster.kind.build(training_task(nproc=1), job_config(), STAGE), agent="someone")
+    create.release()
+    b.join(30)
+    assert not b.is_alive()
+    what = f"{cluster.kind.resource.kind} {NS}/{task.name}"
+    assert [type(e) for e in raised] == [LaunchError]
+    assert f"a different {what} already exists" in str(raised[0])
+    (job,) = cluster.jobs()
+    assert "ownerReferences" not in job["metadata"] and not cluster.deletes()
+
+
+def test_sigterm_while_creating_leaves_a_different_job_of_the_name_alone(cluster, tmp_path):
+    """A job of another spec takes the name while the launcher's create is on its way, and
+    the launcher gets SIGTERM then: its release must not delete the job it never had."""
+    name = training_task().name
+    step_pod(cluster, "run-a-step", "uid-a")
+    create = cluster.api.hold(cluster.is_create)
+    with open(tmp_path / "a", "wb") as log:
+        a = _launcher_process(cluster, "run-a-step", name, log)
+        try:
+            create.wait()
+            other = cluster.kind.build(training_task(nproc=1), job_config(), STAGE)
+            cluster.create(other, agent="someone")
+            a.send_signal(signal.SIGTERM)
+            assert a.wait(30) == 143
+        finally:
+            create.release()
+            if a.poll() is None:
+                a.kill()
+                a.wait(10)
+    what = f"{cluster.kind.resource.kind} {NS}/{name}"
+    assert f"{what} is another task's job; it is left alone" in (tmp_path / "a").read_text()
+    assert not cluster.deletes()
+    (job,) = cluster.jobs()
+    assert job["metadata"]["annotations"] == other["metadata"]["annotations"]
 
 
 def _launcher_process(cluster, pod: str, name: str, stderr) -> subprocess.Popen:

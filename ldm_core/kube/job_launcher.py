@@ -4,12 +4,14 @@ The two custom resources differ in how they are built, how their status reads an
 carries rank 0's log. The rest is :class:`JobLauncher`: a job's identity is its
 deterministic name plus the hash of its spec (:func:`adoption` decides, before starting,
 whether a job found under that name is ours to adopt, ours to replace, going away, or
-someone else's); the launchers that follow a job own it, and SIGTERM releases this one's
-claim (:mod:`ldm_core.kube.ownership`); and it is followed by polling: an API that does not
-answer is retried, a pod that cannot start, or that the API server refuses to create, is
-warned about once and fails the job when the problem lasts ``cluster.pending_timeout_s`` (an
-autoscaler may still add the node), at once when waiting cannot help
-(:mod:`ldm_core.kube.pending`), and every other outcome than ``running`` ends the loop.
+someone else's, and decides again on the job read anew when a write finds it changed since
+it was read: another launcher adopted or created it in between); the launchers that follow
+a job own it, and SIGTERM releases this one's claim (:mod:`ldm_core.kube.ownership`); and it
+is followed by polling: an API that does not answer is retried, a pod that cannot start, or
+that the API server refuses to create, is warned about once and fails the job when the
+problem lasts ``cluster.pending_timeout_s`` (an autoscaler may still add the node), at once
+when waiting cannot help (:mod:`ldm_core.kube.pending`), and every other outcome than
+``running`` ends the loop.
 
 Adoption is also how a pipeline is re-run by hand: the same inputs give the same job name,
 so a re-run finds the job of the run before it, running (followed from where it is),
@@ -52,6 +54,9 @@ from ldm_core.kube.training_job import SPEC_HASH_ANNOTATION, stage_resources, st
 from ldm_core.launcher import LaunchError, TrainingTask
 
 RbacRules = list[tuple[str, str, tuple[str, ...]]]
+WRITE_ATTEMPTS = 5
+"""How often a write decided on a job as read is tried again, on the job read anew, after the
+job changed under it (409 Conflict); more races than that in a row are not a race."""
 
 
 def rbac_rules(resource: CustomResource) -> RbacRules:
@@ -258,55 +263,86 @@ class JobLauncher:
         name = task.name
         want_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         job = self.jobs.get(name)
-        decision = adoption(job, want_hash)
-        if decision == "conflict":
-            raise LaunchError(
-                f"a different {self.what(name)} already exists (spec hash "
-                f"{stored_spec_hash(job or {})} != {want_hash}); it was not started for "
-                "this task, so it is left alone: delete it or use another run id"
-            )
+        if adoption(job, want_hash) == "conflict":
+            raise self._conflict(name, job or {}, want_hash)
         self.owner = launcher_owner_reference(self.core, self.namespace, self.host)
-        with release_on_sigterm(self.what(name), lambda: self._release(name)):
-            if decision in ("replace", "await-deletion"):
-                self._start_over(name, decision)
-            if decision == "adopt":
-                self.log.info(
-                    "adopting existing %s (%s)",
-                    self.what(name),
-                    self.progress(job or {}) or "no status yet",
-                )
-                self._adopt(name, job or {})
-            else:
-                self._create(body)
-                self.log.info(
-                    "created %s%s: %d node(s) x %d process(es), image %s",
-                    self.what(name),
-                    self.created_on,
-                    task.nnodes,
-                    task.nproc_per_node,
-                    self.cfg.cluster.image,
-                )
+        with release_on_sigterm(self.what(name), lambda: self._release(name, want_hash)):
+            self._claim(task, body, job)
             self._follow(name, task.nnodes)
+
+    def _conflict(self, name: str, job: Mapping[str, Any], want_hash: str) -> LaunchError:
+        return LaunchError(
+            f"a different {self.what(name)} already exists (spec hash "
+            f"{stored_spec_hash(job)} != {want_hash}); it was not started for this task, so "
+            "it is left alone: delete it or use another run id"
+        )
 
     # ------------------------------------------------------------------ owners
 
-    def _start_over(self, name: str, decision: str) -> None:
-        """Clear the way for a new job of this name: delete the failed one (``replace``),
-        or wait for one being deleted to go."""
+    def _claim(self, task: TrainingTask, body: dict[str, Any], job: dict[str, Any] | None) -> None:
+        """Become one of the owners of the job of ``task``: adopt the job found under its
+        name (``job``, as read), or start it (anew).
+
+        Every write applies only to the job as it was read. One that finds it changed (409
+        Conflict: another launcher adopted it a moment ago, created it first, or its
+        controller wrote its status) reads it again and decides anew, as on a job found
+        before starting; a few races in a row, and the launch fails."""
+        name, want_hash = task.name, body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        for _ in range(WRITE_ATTEMPTS):
+            decision = adoption(job, want_hash)
+            if decision == "conflict":
+                raise self._conflict(name, job or {}, want_hash)
+            if decision == "adopt":
+                status = self.progress(job or {}) or "no status yet"
+                self.log.info("adopting existing %s (%s)", self.what(name), status)
+                claimed = self._adopt(name, job or {})
+            else:
+                claimed = self._start(task, body, decision, job)
+            if claimed:
+                return
+            job = self.jobs.get(name)
+        raise LaunchError(
+            f"{self.what(name)} changed under each of {WRITE_ATTEMPTS} attempts to create or "
+            "adopt it; try again"
+        )
+
+    def _start(
+        self, task: TrainingTask, body: dict[str, Any], decision: str, job: Mapping[str, Any] | None
+    ) -> bool:
+        """Create the job, first clearing the way for it: delete the failed one read
+        (``replace``), or wait for one being deleted to go. False when the job changed since
+        it was read (the failed one taken over by another launcher) or another launcher
+        created it first."""
+        name = task.name
         if decision == "replace":
             self.log.warning("%s failed in an earlier attempt; starting it again", self.what(name))
-            self.jobs.delete(name)
-        else:
+            if not self.jobs.delete(name, seen=job):
+                return False
+        elif decision == "await-deletion":
             self.log.info("%s is being deleted; creating it again once it is gone", self.what(name))
-        self._wait_deleted(name, timeout_s=max(60.0, 10 * self.timing.poll_s))
+        if decision != "create":
+            self._wait_deleted(name, timeout_s=max(60.0, 10 * self.timing.poll_s))
+        if not self._create(body):
+            self.log.info("%s appeared concurrently; deciding on it anew", self.what(name))
+            return False
+        self.log.info(
+            "created %s%s: %d node(s) x %d process(es), image %s",
+            self.what(name),
+            self.created_on,
+            task.nnodes,
+            task.nproc_per_node,
+            self.cfg.cluster.image,
+        )
+        return True
 
-    def _adopt(self, name: str, job: Mapping[str, Any]) -> None:
+    def _adopt(self, name: str, job: Mapping[str, Any]) -> bool:
         """Record this launcher among the job's owners and drop the launchers that ended
-        (:func:`~ldm_core.kube.ownership.owners_after_adoption`)."""
+        (:func:`~ldm_core.kube.ownership.owners_after_adoption`). False when the job changed
+        since it was read."""
         live = live_owners(self.core, self.namespace, self.host, job)
         owners = owners_after_adoption(job, live, self.owner)
         if owners == owner_references(job):
-            return
+            return True
         ended = {r["name"] for r in owner_references(job)} - {r["name"] for r in owners}
         if ended:
             self.log.info(
@@ -314,39 +350,53 @@ class JobLauncher:
                 self.what(name),
                 ", ".join(sorted(ended)),
             )
-        self.jobs.patch(name, {"metadata": {"ownerReferences": owners}})
+        patch = {"metadata": {"ownerReferences": owners}}
+        return self.jobs.patch(name, patch, seen=job) is not None
 
-    def _release(self, name: str) -> str:
+    def _release(self, name: str, want_hash: str) -> str:
         """SIGTERM: delete the job unless another live launcher owns it; then only drop this
-        launcher from its owners. Says which."""
-        job = self.jobs.get(name)
-        if job is None:
-            return f"{self.what(name)} was already gone"
+        launcher from its owners. Says which. Both writes apply only to the job as read: one
+        that finds it changed (another launcher adopted it a moment ago) decides anew. A job
+        of another spec under the name (it took the name while this launcher created its
+        own) is not this launcher's to touch."""
         mine = self.owner["uid"] if self.owner else None
-        others = [
-            r for r in live_owners(self.core, self.namespace, self.host, job) if r["uid"] != mine
-        ]
-        if not others:
-            self.jobs.delete(name)
-            return f"{self.what(name)} was deleted"
-        kept = [r for r in owner_references(job) if r.get("uid") != mine]
-        self.jobs.patch(name, {"metadata": {"ownerReferences": kept}})
-        names = ", ".join(r["name"] for r in others)
-        return f"{self.what(name)} is left to launcher pod {names}, which follows it too"
+        for _ in range(WRITE_ATTEMPTS):
+            job = self.jobs.get(name)
+            if job is None:
+                return f"{self.what(name)} was already gone"
+            if stored_spec_hash(job) != want_hash:
+                return f"{self.what(name)} is another task's job; it is left alone"
+            live = live_owners(self.core, self.namespace, self.host, job)
+            others = [r for r in live if r["uid"] != mine]
+            if not others:
+                if self.jobs.delete(name, seen=job):
+                    return f"{self.what(name)} was deleted"
+                continue
+            kept = {"ownerReferences": [r for r in owner_references(job) if r.get("uid") != mine]}
+            if self.jobs.patch(name, {"metadata": kept}, seen=job) is not None:
+                names = ", ".join(r["name"] for r in others)
+                return f"{self.what(name)} is left to launcher pod {names}, which follows it too"
+        return (
+            f"{self.what(name)} changed under each of {WRITE_ATTEMPTS} attempts to release it; "
+            "it is left to its owners"
+        )
 
     # ------------------------------------------------------------------ API calls
 
-    def _create(self, body: dict[str, Any]) -> None:
+    def _create(self, body: dict[str, Any]) -> bool:
+        """Create the job, owned by this launcher; False when a job of its name is there
+        already (409 AlreadyExists: another launcher created it since it was looked for)."""
         name = body["metadata"]["name"]
         if self.owner is not None:
             # Deleted by the garbage collector with the launcher's pod, however it ended
             # (and whatever the job owns with it), unless another launcher adopts it.
             body = {**body, "metadata": {**body["metadata"], "ownerReferences": [self.owner]}}
         if self.jobs.create(body, exist_ok=True) is None:
-            self.log.info("%s appeared concurrently; adopting it", self.what(name))
+            return False
         # Re-read instead of trusting the create response (some servers answer without a body).
         if self.jobs.get(name) is None:
             raise LaunchError(f"{self.what(name)} vanished right after creation")
+        return True
 
     def _wait_deleted(self, name: str, timeout_s: float) -> None:
         deadline = self.clock() + timeout_s

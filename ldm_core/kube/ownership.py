@@ -19,9 +19,13 @@ with the same inputs (a re-run, a retry) follow one job. So:
   other live launcher owns it, and otherwise only loses this owner, so terminating one run
   never stops the job another run follows.
 
-Owner lists are written as JSON merge patches of the whole list, without a resourceVersion
-precondition: two launchers adopting in the same instant may each write a list without the
-other, and the job then lacks one adopter, which matters only if that one alone survives.
+Owner lists are written as JSON merge patches of the whole list, and a launcher deletes the
+job it decided nobody else follows: both are decided on the job as read, so each write
+applies only to that version (the patch carries its ``metadata.resourceVersion``, the delete
+preconditions on its uid and resourceVersion). Two launchers adopting in the same instant
+then cannot drop each other's reference, nor a release delete a job adopted a moment before:
+the API server refuses the later write (409 Conflict), and its launcher reads the job again
+and decides anew (:class:`ldm_core.kube.job_launcher.JobLauncher`).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 The launcher and the rollout need the same four calls on their custom resources (get,
 create, merge-patch, delete) with the same conventions: a missing object is ``None``, not an
 exception; a create's answer is never trusted to carry the object (some API servers answer
-with an empty body); only JSON merge patches are sent (no PUT, no resourceVersion); and
-every failure goes through :func:`ldm_core.kube.errors.call_api`. :func:`api_served` asks
+with an empty body); only JSON merge patches are sent (no PUT); a patch or delete decided on
+an object as read can be made to apply to that version only (``seen``: optimistic
+concurrency, the API server answers 409 Conflict once the object changed); and every failure
+goes through :func:`ldm_core.kube.errors.call_api`. :func:`api_served` asks
 whether a custom resource is served at all, with only the ``get`` verb the Role grants;
 :func:`cluster_serves` asks it of the cluster this process's credentials reach.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,30 +170,53 @@ class CustomObjects:
         found = call_api(call, probe, host=self.host, error=self.error, absent_on=(409,))
         return found or []
 
-    def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """Apply a JSON merge patch (RFC 7386; None deletes a key); return the answer."""
-        return (
-            self._call(
-                "patch",
-                name,
-                lambda: self.api.patch_namespaced_custom_object(
-                    *self._args(), name, patch, field_validation=STRICT
-                ),
-            )
-            or {}
-        )
+    def patch(
+        self, name: str, patch: dict[str, Any], *, seen: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Apply a JSON merge patch (RFC 7386; None deletes a key); return the answer.
 
-    def delete(self, name: str) -> bool:
+        With ``seen``, the object the patch was computed from, the patch carries its
+        ``metadata.resourceVersion``: the API server applies it to that version only, and
+        None is returned when the object changed (409 Conflict) or went (404) since; read it
+        again and decide anew."""
+        absent_on: tuple[int, ...] = ()
+        if seen is not None:
+            version = (seen.get("metadata") or {}).get("resourceVersion")
+            meta = {**(patch.get("metadata") or {}), "resourceVersion": version}
+            patch, absent_on = {**patch, "metadata": meta}, (404, 409)
+        answer = self._call(
+            "patch",
+            name,
+            lambda: self.api.patch_namespaced_custom_object(
+                *self._args(), name, patch, field_validation=STRICT
+            ),
+            absent_on,
+        )
+        return None if answer is None and seen is not None else (answer or {})
+
+    def delete(self, name: str, *, seen: Mapping[str, Any] | None = None) -> bool:
         """Delete with foreground propagation (dependents, e.g. pods, go first); False when
-        there was nothing to delete."""
-        options = kubernetes.client.V1DeleteOptions(propagation_policy="Foreground")
+        nothing was deleted.
+
+        With ``seen``, the object the decision to delete was made on, only that object at
+        that version is deleted (preconditions on its uid and resourceVersion): False too
+        when it changed since (409 Conflict); read it again and decide anew."""
+        preconditions = None
+        if seen is not None:
+            meta = seen.get("metadata") or {}
+            preconditions = kubernetes.client.V1Preconditions(
+                resource_version=meta.get("resourceVersion"), uid=meta.get("uid")
+            )
+        options = kubernetes.client.V1DeleteOptions(
+            propagation_policy="Foreground", preconditions=preconditions
+        )
         answer = self._call(
             "delete",
             name,
             lambda: (
                 self.api.delete_namespaced_custom_object(*self._args(), name, body=options) or {}
             ),
-            (404,),
+            (404, 409) if seen is not None else (404,),
         )
         return answer is not None
 

@@ -17,26 +17,40 @@ API server does:
   ``timestamps`` and ``tailLines``; 404 once the pod's lines are gone);
 - every request is recorded with its User-Agent, so a test can hold the calls one client
   made to the RBAC rules its module declares (:func:`rbac_triple`);
+- every write stores a new ``metadata.resourceVersion`` (one counter, as etcd's revision is)
+  and every object gets a ``metadata.uid`` when created without one (a test may name a
+  pod's uid; the apiserver's ``rest.FillObjectMetaSystemFields`` always assigns it). A merge
+  patch that carries a ``metadata.resourceVersion`` other than the stored one is refused with
+  409 Conflict, "the object has been modified; please apply your changes to the latest
+  version and try again" (k8s.io/apiserver registry/generic/registry/store.go ``Update``),
+  and a delete whose ``preconditions`` (uid, resourceVersion) do not match with 409 Conflict,
+  "Precondition failed: ..." (k8s.io/apiserver storage ``Preconditions.Check``, made a
+  Conflict by ``InterpretDeleteError``); nothing is written then;
+- :meth:`KubeApi.hold` stops one request before the API server acts on it until the test
+  lets it go, so that another client's writes land in between, deterministically;
 - with ``crds`` (a directory of CRD files), writes of those custom resources are checked
   against the CRD's structural schema as the apiserver's server-side field validation does
-  (KEP-2885; k8s.io/apiserver pkg/endpoints/handlers/create.go and patch.go, the
-  apiextensions-apiserver's structural pruning): ``?fieldValidation=Strict`` refuses a body
-  with an unknown field (400 BadRequest, ``strict decoding error: unknown field "spec.x"``,
-  the object is not written); the default, ``Warn``, prunes the unknown fields and answers
-  a ``Warning: 299 - "unknown field ..."`` header per field; ``Ignore`` prunes silently. A
-  field is unknown where the schema lists ``properties`` without
-  ``x-kubernetes-preserve-unknown-fields``; ``additionalProperties`` maps and ``items``
-  lists are descended; ``apiVersion``, ``kind`` and ``metadata`` at the root are the
-  apiserver's own.
+  (KEP-2885): ``?fieldValidation=Strict`` refuses a write with an unknown field (400
+  BadRequest, nothing written). A create is refused as k8s.io/apiserver handlers/create.go
+  words the decoder's error, ``Widget in version "v1" cannot be handled as a Widget: strict
+  decoding error: unknown field "spec.x"``, a patch with the bare ``strict decoding error:
+  unknown field "spec.x"`` (handlers/patch.go, which decodes the patched object: a merge
+  patch's null removes a field, it sets none). The default, ``Warn``, prunes the unknown
+  fields and answers a ``Warning: 299 - "unknown field ..."`` header per field; ``Ignore``
+  prunes silently. Which fields are unknown is :func:`unknown_fields`: the root ``metadata``
+  decoded strictly into ObjectMeta, then the structural schema's pruning
+  (:func:`tests.harness.crdcheck.unknown_fields`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import re
 import threading
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +61,7 @@ import kubernetes
 import yaml
 
 from ldm_core.kube.client import api_client
+from tests.harness import crdcheck
 
 Triple = tuple[str, str, str]
 
@@ -56,8 +71,55 @@ PAGE_NOT_FOUND = b"404 page not found\n"
 """What kube-apiserver answers for a path no API group serves (Go's http.NotFound)."""
 PLAIN_TEXT = kmock.headers({"Content-Type": "text/plain; charset=utf-8"})
 _POD_LOG = re.compile(r"/api/v1/namespaces/[^/]+/pods/[^/]+/log")
-ROOT_FIELDS = ("apiVersion", "kind", "metadata")
-"""What every object has whatever its schema says (the apiserver's own fields)."""
+WRITES = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+OBJECT_META: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **dict.fromkeys(
+            (
+                "name",
+                "generateName",
+                "namespace",
+                "selfLink",
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ),
+            {},
+        ),
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+        "finalizers": {"type": "array", "items": {"type": "string"}},
+        "ownerReferences": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": dict.fromkeys(
+                    ("apiVersion", "kind", "name", "uid", "controller", "blockOwnerDeletion"), {}
+                ),
+            },
+        },
+        "managedFields": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    **dict.fromkeys(
+                        ("manager", "operation", "apiVersion", "time", "fieldsType", "subresource"),
+                        {},
+                    ),
+                    "fieldsV1": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            },
+        },
+    },
+}
+"""The fields of ObjectMeta (k8s.io/apimachinery pkg/apis/meta/v1 types.go), as a
+structural schema: what a strict decode of an object's ``metadata`` knows."""
 
 
 @functools.cache
@@ -76,39 +138,59 @@ def crd_schemas(directory: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def unknown_fields(value: Any, schema: Mapping[str, Any], path: str = "") -> list[str]:
-    """The paths of ``value``'s fields that ``schema`` does not know, as the apiserver names
-    them (``spec.predictor.foo``, ``spec.containers[0].bar``). ``None`` values (a merge
-    patch's deletions) are not fields."""
+def unknown_fields(
+    obj: dict[str, Any], schema: Mapping[str, Any], *, drop: bool = False
+) -> list[str]:
+    """The fields of ``obj`` a strict write is refused for, as the API server names them
+    (``metadata.labelz``, ``spec.containers[0].bar``); ``drop``: also remove them from
+    ``obj``, as a write that is not strict is stored.
+
+    In apiextensions-apiserver's order (customresource_handler.go
+    ``unstructuredSchemaCoercer.apply``): first the root ``metadata``'s, which is decoded
+    strictly into ObjectMeta (schema/objectmeta ``GetObjectMetaWithOptions``), then those
+    the structural schema prunes, sorted (pruning ``PruneWithOptions``; the root is an
+    embedded resource, so its apiVersion, kind and metadata are the server's own)."""
+    meta = obj.get("metadata")
     found: list[str] = []
-    if isinstance(value, Mapping):
-        props = schema.get("properties")
-        keep = schema.get("x-kubernetes-preserve-unknown-fields") or props is None
-        extra = schema.get("additionalProperties")
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else key
-            if item is None or (not path and key in ROOT_FIELDS):
-                continue
-            if props is not None and key in props:
-                found += unknown_fields(item, props[key], where)
-            elif isinstance(extra, Mapping):
-                found += unknown_fields(item, extra, where)
-            elif not keep:
-                found.append(where)
-    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
-        for i, item in enumerate(value):
-            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
-    return found
+    if isinstance(meta, dict):
+        found = sorted(
+            f"metadata{p}" for p in crdcheck.unknown_fields(meta, OBJECT_META, drop=drop)
+        )
+    root = {**schema, "x-kubernetes-embedded-resource": True}
+    pruned = crdcheck.unknown_fields(obj, root, drop=drop)
+    return found + sorted(p.lstrip(".") for p in pruned)
 
 
-def prune(value: Any, paths: Iterable[str]) -> None:
-    """Drop the fields at ``paths`` (from :func:`unknown_fields`) from ``value`` in place."""
-    for path in paths:
-        parts = [p for p in re.split(r"\.|\[(\d+)\]", path) if p]
-        node = value
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node.pop(parts[-1], None)
+def merge_patched(target: Any, patch: Any) -> Any:
+    """``patch`` applied to ``target`` as a JSON merge patch (RFC 7386); neither is changed.
+    Applied to ``{}``, it is what the patch sets: its nulls remove, they set nothing."""
+    if not isinstance(patch, Mapping):
+        return patch
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patched(out.get(key), value)
+    return out
+
+
+class Gate:
+    """Holds the first request that ``matches`` before the API server acts on it (see
+    :meth:`KubeApi.hold`)."""
+
+    def __init__(self, matches: Callable[[kmock.Request], bool]) -> None:
+        self.matches = matches
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Until the request is held."""
+        assert self.arrived.wait(timeout_s), "the held request never came"
+
+    def release(self) -> None:
+        """Let the request through."""
+        self.released.set()
 
 
 @attrs.frozen
@@ -119,40 +201,135 @@ class _BadRequest(kmock.KubernetesError):
     details: Any = None
 
 
+def _conflict(request: kmock.Request, name: str, why: str) -> kmock.KubernetesError:
+    """409 Conflict as k8s.io/apimachinery ``errors.NewConflict`` writes it."""
+    resource = request.resource
+    assert resource is not None
+    what = f"{resource.plural}.{resource.group}" if resource.group else resource.plural
+    return kmock.KubernetesError(
+        status=409,
+        reason="Conflict",
+        message=f'Operation cannot be fulfilled on {what} "{name}": {why}',
+        details={"name": name, "group": resource.group, "kind": resource.plural},
+    )
+
+
 @attrs.define(kw_only=True)
-class _FieldValidatingEmulator(kmock.KubernetesEmulator):
-    """kmock's emulator with the apiserver's field validation of custom resources (see the
-    module docstring). kmock stores a write before any reaction runs, so the check sits in
-    front of that: a subclass, as kmock's docstring suggests for field-specific behaviour."""
+class _Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator with the apiserver's resourceVersion bookkeeping and field validation
+    of custom resources (see the module docstring). kmock stores a write before any reaction
+    runs, so both sit in front of that: a subclass, as kmock's docstring suggests for
+    field-specific behaviour. One write at a time: a check and the write it allows are one
+    step, as in the apiserver's storage."""
 
     schemas: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    gates: list[Gate] = attrs.field(factory=list)
+    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _writing: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        resource = request.resource
-        writes = (kmock.action.CREATE, kmock.action.UPDATE)
-        key = resource and f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
-        if request.action not in writes or key not in self.schemas:
+        for gate in self.gates:
+            if not gate.arrived.is_set() and gate.matches(request):
+                gate.arrived.set()
+                await asyncio.to_thread(gate.released.wait, 60)
+        if request.resource is None or request.action not in WRITES:
             return await super()._handle(request)
-        if not isinstance(request.data, dict):
-            return await super()._handle(request)
-        unknown = unknown_fields(request.data, self.schemas[key])
-        directive = request.params.get("fieldValidation", "Warn")
-        if unknown and directive == "Strict":
-            kind = (self.schemas[key].get("x-kubernetes-group-version-kind") or [{}])[0]
-            fields = ", ".join(f'unknown field "{u}"' for u in unknown)
-            what = request.data.get("kind") or kind.get("kind") or resource.plural
-            return await self._render_error(
-                _BadRequest(
-                    message=f"{what} in version {resource.version!r} cannot be handled as a "
-                    f"{what}: strict decoding error: {fields}"
-                )
-            )
-        prune(request.data, unknown)
-        response = await super()._handle(request)
-        if directive == "Warn" and not response.prepared:
+        async with self._writing:
+            refusal = self._strict(request) or self._stale(request)
+            if refusal is not None:
+                return await self._render_error(refusal)
+            unknown = self._prune(request)
+            self._stamp(request)
+            response = await super()._handle(request)
+        if request.params.get("fieldValidation", "Warn") == "Warn" and not response.prepared:
             for field in unknown:
                 response.headers.add("Warning", f'299 - "unknown field \\"{field}\\""')
         return response
+
+    def _stored(self, request: kmock.Request) -> Any:
+        """The object a write of one named object acts on, if it exists."""
+        key = (request.resource, request.namespace, request.name)
+        if request.name is None or key not in self.objects or self.objects[key].deleted:
+            return None
+        return self.objects[key]
+
+    def _stale(self, request: kmock.Request) -> kmock.KubernetesError | None:
+        """409 Conflict for a patch of another version, or a delete whose preconditions fail."""
+        stored = self._stored(request)
+        data = request.data if isinstance(request.data, dict) else {}
+        if stored is None or request.action == kmock.action.CREATE:
+            return None
+        meta = stored.get("metadata") or {}
+        if request.action == kmock.action.UPDATE:
+            want = (data.get("metadata") or {}).get("resourceVersion")
+            if want and want != meta.get("resourceVersion"):
+                return _conflict(
+                    request,
+                    request.name,
+                    "the object has been modified; please apply your changes to the latest "
+                    "version and try again",
+                )
+            return None
+        resource = request.resource
+        where = (resource.group, resource.plural, request.namespace, request.name)
+        key = "/registry/" + "/".join(part for part in where if part)  # etcd's key
+        wants = data.get("preconditions") or {}
+        for field, name in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+            if wants.get(field) is not None and wants[field] != meta.get(field):
+                return _conflict(
+                    request,
+                    request.name,
+                    f"StorageError: invalid object, Code: 4, Key: {key}, ResourceVersion: 0, "
+                    f"AdditionalErrorMsg: Precondition failed: {name} in precondition: "
+                    f"{wants[field]}, {name} in object meta: {meta.get(field, '')}",
+                )
+        return None
+
+    def _schema(self, request: kmock.Request) -> Mapping[str, Any] | None:
+        resource = request.resource
+        key = f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
+        if request.action == kmock.action.DELETE or not isinstance(request.data, dict):
+            return None
+        return self.schemas.get(key)
+
+    def _strict(self, request: kmock.Request) -> kmock.KubernetesError | None:
+        """400 BadRequest for a strict write with unknown fields, worded as create.go and
+        patch.go word it."""
+        schema = self._schema(request)
+        if schema is None or request.params.get("fieldValidation") != "Strict":
+            return None
+        create = request.action == kmock.action.CREATE
+        written = request.data if create else merge_patched({}, request.data)
+        unknown = unknown_fields(written, schema)
+        if not unknown:
+            return None
+        error = "strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown)
+        if not create:
+            return _BadRequest(message=error)
+        kind = (schema.get("x-kubernetes-group-version-kind") or [{}])[0]
+        what = request.data.get("kind") or kind.get("kind") or request.resource.plural
+        version = request.resource.version
+        return _BadRequest(
+            message=f'{what} in version "{version}" cannot be handled as a {what}: {error}'
+        )
+
+    def _prune(self, request: kmock.Request) -> list[str]:
+        """Drop the unknown fields from a write that is not strict; say which."""
+        schema = self._schema(request)
+        return [] if schema is None else unknown_fields(request.data, schema, drop=True)
+
+    def _stamp(self, request: kmock.Request) -> None:
+        """The new resourceVersion (and a new object's uid) in what kmock stores next."""
+        version = str(next(self._versions))
+        if request.action == kmock.action.DELETE:
+            stored = self._stored(request)
+            if stored is not None and not (stored.get("metadata") or {}).get("deletionTimestamp"):
+                stored.patch({"metadata": {"resourceVersion": version}})
+        elif isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            meta["resourceVersion"] = version
+            if request.action == kmock.action.CREATE:
+                meta.setdefault("uid", str(uuid.uuid4()))
 
 
 class KubeApi:
@@ -180,6 +357,7 @@ class KubeApi:
         self._served = {**CORE_RESOURCES, **(resources or {})}
         self._generations = generations
         self._schemas = crd_schemas(Path(crds)) if crds is not None else {}
+        self._gates: list[Gate] = []
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="kube-api", daemon=True)
@@ -192,6 +370,8 @@ class KubeApi:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for gate in self._gates:
+            gate.release()
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         if not self._thread.is_alive():
@@ -202,7 +382,7 @@ class KubeApi:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        emulator = _FieldValidatingEmulator(schemas=self._schemas)
+        emulator = _Emulator(schemas=self._schemas, gates=self._gates)
         async with emulator, kmock.Server(emulator) as server:
             self.emulator = emulator
             for resource, kind in self._served.items():
@@ -285,6 +465,15 @@ class KubeApi:
         client = api_client(self.url)
         client.user_agent = agent
         return client
+
+    def hold(self, matches: Callable[[kmock.Request], bool]) -> Gate:
+        """Hold the next request that ``matches`` before the API server acts on it (stores,
+        checks or refuses anything) until :meth:`Gate.release`; meanwhile it serves every
+        other request, so another client's writes land between that request and the
+        reads it was computed from."""
+        gate = Gate(matches)
+        self._gates.append(gate)
+        return gate
 
     def requests(self, agent: str | None = None) -> list[kmock.Request]:
         """Every request served so far (from the client ``agent`` only, if given)."""
