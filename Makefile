@@ -24,9 +24,9 @@ TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
 
-# The venvs are independent: build them side by side (each target's output kept together).
-# The recipes themselves still run one at a time where one needs another.
-MAKEFLAGS += --jobs=5 --output-sync=target
+# The venvs are independent: build them side by side (their pip runs are quiet). A recipe
+# that needs another's output still waits for it, and demo and test print as they run.
+MAKEFLAGS += --jobs=5
 
 .PHONY: help venv tools kfp-protos gpu-wheels demo test test-slow mutation lint compile clean
 
