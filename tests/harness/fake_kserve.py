@@ -68,6 +68,7 @@ from ldm_core.kube.isvc_build import (
     RUNTIME_VERSION,
 )
 from ldm_core.smoke import SmokeTestError
+from tests.harness import istio
 from tests.harness.kube import KubeApi
 
 NS = "brain-ldm"
@@ -142,15 +143,28 @@ class Network:
         ks = self.kserve
         if ks is not None and parsed.host == canary_local_host(ks.tag_template):
             if ks.mesh is not None:
-                path = f"/v2/models/{NAME}"
-                status = ks.mesh.request(
-                    {"serving.kserve.io/inferenceservice": NAME}, NS, "GET", path, headers
-                )
-                if status != 200:
-                    answer = {401: "Jwt verification fails", 403: "RBAC: access denied"}
-                    raise SmokeTestError(f"GET {url}{path}: HTTP {status} {answer[status]}")
+                self._through_the_mesh(ks.mesh, url, headers)
             return ks.latest_url
         raise SmokeTestError(f"{url}: ConnectError: [Errno -2] Name or service not known")
+
+    @staticmethod
+    def _through_the_mesh(mesh: Any, url: str, headers: dict[str, str]) -> None:
+        """A cluster-local Knative name is the cluster-local gateway's (Knative's placeholder
+        Service): its policies first, then the predictor's sidecar, which sees the gateway's
+        identity and the headers the gateway passed on."""
+        path = f"/v2/models/{NAME}"
+        status, passed = mesh.admit(
+            istio.CLUSTER_LOCAL_GATEWAY, istio.ROOT_NAMESPACE, "GET", path, headers
+        )
+        if status == 200:
+            gateway = istio.Source(
+                istio.CLUSTER_LOCAL_GATEWAY_SOURCE_PRINCIPAL, istio.ROOT_NAMESPACE
+            )
+            pods = {"serving.kserve.io/inferenceservice": NAME}
+            status = mesh.request(pods, NS, "GET", path, passed, gateway)
+        if status != 200:
+            answer = {401: "Jwt verification fails", 403: "RBAC: access denied"}
+            raise SmokeTestError(f"GET {url}{path}: HTTP {status} {answer[status]}")
 
 
 NETWORK = Network()
@@ -173,7 +187,8 @@ class FakeKServe:
             only the Configuration's condition says so; the pods are Pending).
         version: the KServe release to behave as (:data:`VERSIONS`).
         features: Knative's config-features data; None accepts every pod-spec field.
-        mesh: the Istio policies in force at the predictor's sidecar (None: no mesh).
+        mesh: the Istio policies in force at the cluster-local gateway and the predictor's
+            sidecar (an :class:`tests.harness.istio.Mesh`; None: no mesh).
         domain_template: Knative's ``domain-template``.
         tag_template: Knative's ``tag-template``.
     """
