@@ -339,6 +339,30 @@ def test_a_rollback_never_gives_the_canary_that_failed_its_smoke_test_more_traff
     assert pred["model"]["storageUri"] == OLD_URI and "canaryTrafficPercent" not in pred
 
 
+@pytest.mark.parametrize("percent", [None, 0, 100])
+def test_a_serverless_update_without_a_canary_is_refused_before_anything_is_written(
+    plain_api, model_server, percent
+):
+    """Without a canary KServe routes 100 % to the new revision once it is ready, and
+    PropagateStatus makes it the latestRolledoutRevision (ksvc_reconciler.go,
+    inference_service_status.go): a roll back's pin (canaryTrafficPercent 0) would then
+    hold that very revision at 100 % until the restored one is ready. A Serverless update
+    goes through a canary of 1..99 %, or is not made."""
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        dead = closed_url()  # a smoke test that fails
+        with pytest.raises(isvc_rollout.RolloutError) as info:
+            rollout(plain_api).rollout(
+                desired(NEW_URI), smoke, canary_percent=percent, url_override=dead
+            )
+        time.sleep(1.0)  # what KServe would make of a write, had there been one
+    assert "canary_percent" in str(info.value) and "1..99" in str(info.value)
+    assert kserve.share(f"{NAME}-predictor-00002", since=0) == 0
+    assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
 @pytest.mark.parametrize("raw_mode", [False, True], ids=["serverless", "raw"])
 def test_a_spec_kserve_makes_no_revision_for_fails_at_once_with_its_reason(
     plain_api, model_server, raw_mode
@@ -632,9 +656,11 @@ ISTIO_SMOKE = Path(__file__).parents[1] / "manifests" / "components" / "kubeflow
 OWNER = "user@example.com"
 
 
-def profile_mesh() -> Mesh:
-    """The Istio policies at the predictor in a Kubeflow profile: the profile controller's,
-    and the opt-in component's as shipped (its objects name namespace brain-ldm)."""
+def profile_mesh(m2m_auth: bool = False) -> Mesh:
+    """The Istio policies a smoke inference meets in a Kubeflow profile: the cluster-local
+    gateway's (``m2m_auth``: Kubeflow 1.11's optional overlay), the profile controller's and
+    the opt-in component's as shipped (its objects name namespace brain-ldm), on a cluster
+    with Kubeflow's cluster-jwks-proxy."""
     shipped = [
         doc
         for path in sorted(ISTIO_SMOKE.glob("*.yaml"))
@@ -642,7 +668,12 @@ def profile_mesh() -> Mesh:
         for doc in yaml.safe_load_all(path.read_text())
         if doc
     ]
-    return Mesh([istio.profile_policy(NS, OWNER), *shipped])
+    policies = [
+        *istio.cluster_local_gateway_policies(m2m_auth),
+        istio.profile_policy(NS, OWNER),
+        *shipped,
+    ]
+    return Mesh(policies, fetchable=istio.WITH_JWKS_PROXY)
 
 
 def _runner_token(tmp_path: Path) -> Path:
@@ -721,28 +752,48 @@ def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_roll
 
 def test_the_smoke_token_rides_in_its_own_header_and_the_users_token_still_passes(tmp_path):
     """Kubeflow's gateway forwards the signed-in user's Dex token in ``Authorization``; a
-    RequestAuthentication that judged that header by the Kubernetes issuer alone would
-    answer the profile's own users 401. The component reads the smoke token from its own
-    header; the model of Istio's rules (tests/harness/istio.py) holds both callers."""
+    RequestAuthentication at the predictor that judged that header by the Kubernetes issuer
+    alone would answer the profile's own users 401. The component reads the smoke token from
+    its own header; the model of Istio's rules (tests/harness/istio.py) holds both callers,
+    and the smoke token in ``Authorization`` too (for a cluster-local gateway that checks
+    it) changes nothing at the predictor."""
     mesh, pods = profile_mesh(), {"serving.kserve.io/inferenceservice": NAME}
     path = f"/v2/models/{MODEL}/infer"
     headers = smoke_headers(f"http://{CANARY_LOCAL_HOST}", _runner_token(tmp_path))
-    assert list(headers) == [SMOKE_TOKEN_HEADER]
+    assert sorted(headers) == ["Authorization", SMOKE_TOKEN_HEADER]
     assert mesh.request(pods, NS, "POST", path, headers) == 200
+    assert mesh.request(pods, NS, "POST", path, {"Authorization": headers["Authorization"]}) == 403
     user = {
         "Authorization": f"Bearer {istio.token(istio.DEX_ISSUER, 'CiQwOGE4Njg0Yi1k')}",
         "kubeflow-userid": OWNER,
     }
-    gateway = istio.Source(
-        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "istio-system"
-    )
+    gateway = istio.Source(istio.GATEWAY_PRINCIPAL, "istio-system")
     assert mesh.request(pods, NS, "POST", path, user, gateway) == 200
+
+
+def test_the_canary_passes_kubeflow_1_11s_m2m_auth_at_the_cluster_local_gateway(
+    plain_api, model_server, tmp_path
+):
+    """kubeflow/manifests v1.11.0 common/istio/cluster-local-gateway/overlays/m2m-auth denies
+    at the cluster-local gateway, which a canary's tag address goes through, every request
+    without a principal from ``Authorization``: the smoke inference carries its service
+    account token there as well as in its own header."""
+    smoke = Smoke(token_file=_runner_token(tmp_path))
+    mesh = profile_mesh(m2m_auth=True)
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server, mesh=mesh) as ks:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        ks.address_url = closed_url()
+        result = rollout(plain_api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+    assert result["action"] == "updated" and smoke.requested[1] == f"http://{CANARY_LOCAL_HOST}"
+    headers = smoke_headers(f"http://{CANARY_LOCAL_HOST}", None)
+    status, _ = mesh.admit(istio.CLUSTER_LOCAL_GATEWAY, "istio-system", "GET", "/v2", headers)
+    assert status == 403  # no token, no passage
 
 
 def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
     token = tmp_path / "token"
     token.write_text("tok\n")
-    bearer = {SMOKE_TOKEN_HEADER: "tok"}
+    bearer = {SMOKE_TOKEN_HEADER: "tok", "Authorization": "Bearer tok"}
     assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", token) == bearer
     assert smoke_headers("http://brain-ldm-predictor.team-a.svc:80/v2", token) == bearer
     for elsewhere in (

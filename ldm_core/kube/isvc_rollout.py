@@ -323,7 +323,9 @@ class InferenceServiceRollout:
         canary_percent: int | None = 10,
         url_override: str | None = None,
     ) -> dict[str, Any]:
-        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
+        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it;
+        an update in Serverless mode goes through a ``canary_percent`` canary (1..99), one in
+        RawDeployment mode and a first deploy take none.
 
         Returns a dict with ``action`` (created | updated | unchanged | promoted: the same
         spec was left as a canary by an interrupted rollout), ``url``, ``revision``,
@@ -347,8 +349,16 @@ class InferenceServiceRollout:
         leftover_canary = current.pop("canaryTrafficPercent", None)
         if current == predictor:
             return self._resume(existing, leftover_canary, smoke, url_override)
+        raw = is_raw(existing)
+        if not raw and not (canary_percent is not None and 0 < canary_percent < 100):
+            raise RolloutError(
+                f"InferenceService {ns}/{name}: canary_percent {canary_percent} for an update in "
+                "Serverless mode; give 1..99. Without a canary KServe sends all traffic to the "
+                "new revision once it is ready and records it as rolled out, so a roll back "
+                "could not move the traffic off it until the restored revision is ready"
+            )
         self._advice = self._knative_advice(desired, existing)
-        return self._update(existing, desired, smoke, canary_percent, url_override)
+        return self._update(existing, desired, smoke, None if raw else canary_percent, url_override)
 
     def _resume(
         self,
@@ -514,9 +524,11 @@ class InferenceServiceRollout:
         existing: dict[str, Any],
         desired: dict[str, Any],
         smoke: SmokeFn,
-        canary_percent: int | None,
+        canary: int | None,
         url_override: str | None,
     ) -> dict[str, Any]:
+        """Write ``desired`` over ``existing`` (Serverless: as a ``canary`` percent), wait for
+        its revision, smoke-test it, promote it, or roll back."""
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         previous_spec = copy.deepcopy(existing.get("spec") or {})
         raw = is_raw(existing)
@@ -527,15 +539,13 @@ class InferenceServiceRollout:
             if raw
             else pred_before.get("latestReadyRevision") or before.revision
         )
-        canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
-        if raw and canary is not None:
+        if raw:
             log.info(
                 "InferenceService %s/%s runs in RawDeployment mode: no canary (a Deployment "
                 "has no traffic split); rolling update, smoke inference, roll back on failure",
                 ns,
                 name,
             )
-            canary = None
         new_predictor = copy.deepcopy(desired["spec"]["predictor"])
         if canary is not None:
             new_predictor["canaryTrafficPercent"] = canary
