@@ -43,6 +43,7 @@ from tests.harness.fake_kserve import (
     VERSIONS,
     FakeKServe,
     canary_local_host,
+    canonical_quantity,
     closed_url,
 )
 from tests.harness.istio import Mesh
@@ -891,6 +892,56 @@ def test_a_raw_update_of_scaling_alone_waits_for_the_hpa_not_a_new_template(mode
     assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
     # Smoke-tested only once KServe had written the HPA.
     assert kserve.hpa_writes == 2 and len(smoke.calls) == 2
+
+
+def test_a_raw_update_whose_quantities_the_api_server_rewrites_still_rolls_out(model_server):
+    """The predictor asks for 0.5 cpu and 1024Mi; the Deployment comes back holding 500m and
+    1Gi, the API server's canonical form of the same amounts. Compared as text, the rollout
+    would wait for a template it already has, time out and roll a good update back. The
+    runtime's own resources stay beside the predictor's (KServe merges the containers)."""
+    smoke = Smoke()
+    with served_api() as api:
+        runtime = isvc_build.build_serving_runtime(SERVERLESS, namespace=NS)
+        runtime["spec"]["containers"][0]["resources"]["limits"]["ephemeral-storage"] = "2048Mi"
+        kubernetes.client.CustomObjectsApi(api.client(INSPECTOR_UA)).patch_namespaced_custom_object(
+            isvc_build.GROUP, isvc_build.RUNTIME_VERSION, NS, isvc_build.RUNTIME_PLURAL,
+            runtime["metadata"]["name"], runtime,
+        )  # fmt: skip
+        with FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True) as ks:
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            update = raw(NEW_URI, "cluster.predictor.cpu=0.5", "cluster.predictor.memory=1024Mi")
+            result = rollout(api, timeout_s=10).rollout(update, smoke)
+            apps = kubernetes.client.AppsV1Api(api.client(INSPECTOR_UA))
+            dep = apps.read_namespaced_deployment(f"{NAME}-predictor", NS)
+    assert (result["action"], result["revision"]) == ("updated", "2")
+    served = dep.spec.template.spec.containers[0].resources
+    assert served.requests == {"cpu": "500m", "memory": "1Gi"}
+    assert served.limits == {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "2Gi"}
+    assert list(ks.revision_uri.values()) == [OLD_URI, NEW_URI]
+
+
+@pytest.mark.parametrize(
+    "asked, stored",
+    [
+        ("0.5", "500m"),
+        ("1.5", "1500m"),
+        ("2000m", "2"),
+        ("1000", "1k"),
+        ("1500", "1500"),
+        ("1024Mi", "1Gi"),
+        ("1.5Gi", "1536Mi"),
+        ("0.9Gi", "966367641600m"),
+        ("100Mi", "100Mi"),
+        ("1e3", "1e3"),
+        ("0", "0"),
+    ],
+)
+def test_the_emulated_api_server_stores_quantities_in_canonical_form(asked, stored):
+    """k8s.io/apimachinery resource.Quantity's canonical form: no precision lost, no
+    fraction, the largest suffix of the format the quantity was written in (1.5 is 1500m,
+    1.5Gi is 1536Mi: its own documented examples); a binary amount that is no whole number
+    of bytes is written in decimal."""
+    assert canonical_quantity(asked) == stored
 
 
 # --------------------------------------------------------------------------- Knative specifics

@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 
 from ldm_core.kube import isvc_status
-from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_progress
+from ldm_core.kube.deployment_status import (
+    REVISION_ANNOTATION,
+    SOURCE_URI_ANNOTATION,
+    deployment_progress,
+    template_differs,
+)
 
 NAME = "brain-ldm"
 
@@ -154,3 +159,34 @@ def test_promotion_refuses_a_revision_that_was_never_smoke_tested():
         traffic=[{"revisionName": smoked, "percent": 100, "latestRevision": True}],
     )
     assert isvc_status.promotion_state({"status": status}, smoked).phase == "ready"
+
+
+def test_the_pod_templates_resources_are_compared_as_quantities():
+    """The API server stores quantities in canonical form (k8s.io/apimachinery resource.
+    Quantity): what the predictor asked as 0.5 cpu and 1024Mi comes back as 500m and 1Gi,
+    and is the same amount; another amount is not."""
+    predictor = {
+        "model": {
+            "storageUri": "s3://b/m",
+            "resources": {
+                "requests": {"cpu": "0.5", "memory": "1024Mi"},
+                "limits": {"cpu": "2000m", "memory": "1024Mi", "nvidia.com/gpu": "1"},
+            },
+        }
+    }
+    stored = {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    stored["limits"] = {"cpu": "2", "memory": "1Gi", "nvidia.com/gpu": "1"}
+
+    def deployment(resources: dict) -> dict:
+        container = {"name": "kserve-container", "resources": resources}
+        template = {
+            "metadata": {"annotations": {SOURCE_URI_ANNOTATION: "s3://b/m"}},
+            "spec": {"containers": [container]},
+        }
+        return {"spec": {"template": template}}
+
+    assert template_differs(deployment(stored), predictor) is None
+    smaller = {**stored, "requests": {"cpu": "400m", "memory": "1Gi"}}
+    assert "resources" in (template_differs(deployment(smaller), predictor) or "")
+    no_gpu = {**stored, "limits": {"cpu": "2", "memory": "1Gi"}}
+    assert "resources" in (template_differs(deployment(no_gpu), predictor) or "")

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import kubernetes
+from kubernetes.utils import parse_quantity
 
 from ldm_core.errors import LdmError
 from ldm_core.kube.errors import ApiCall, call_api
@@ -129,6 +130,24 @@ def _contains(actual: Any, expected: Any) -> bool:
     return actual == expected or str(actual) == str(expected)
 
 
+def _same_resources(actual: Any, expected: Mapping[str, Any]) -> bool:
+    """The container's ``resources`` hold the amounts ``expected`` asks for, compared as
+    quantities: the API server stores them in canonical form (0.5 as 500m, 1024Mi as 1Gi;
+    k8s.io/apimachinery resource.Quantity), and KServe merges the runtime's keys beside
+    ours."""
+    actual = actual if isinstance(actual, Mapping) else {}
+    for part, wanted in expected.items():
+        held = actual.get(part) or {}
+        if not isinstance(wanted, Mapping):
+            if not _contains(held, wanted):
+                return False
+            continue
+        for key, amount in wanted.items():
+            if key not in held or parse_quantity(held[key]) != parse_quantity(amount):
+                return False
+    return True
+
+
 def template_differs(
     deployment: Mapping[str, Any] | None, predictor: Mapping[str, Any]
 ) -> str | None:
@@ -149,7 +168,8 @@ def template_differs(
     fields = ("image", "env", "resources", "lifecycle")
     expected = {k: want[k] for k in fields if k in want}
     for key, value in expected.items():
-        if not _contains(served.get(key), value):
+        same = _same_resources if key == "resources" else _contains
+        if not same(served.get(key), value):
             return f"the Deployment's pod template to carry the predictor's {key}"
     args = list(want.get("args") or [])
     if args and (served.get("args") or [])[-len(args) :] != args:

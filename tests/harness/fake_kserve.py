@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import httpx
@@ -123,6 +125,69 @@ def render(template: str, **values: str) -> str:
 def canary_local_host(tag_template: str = DEFAULT_TAG_TEMPLATE) -> str:
     """The cluster-local name Knative gives the ``latest`` tag of the predictor's route."""
     return f"{render(tag_template, Tag='latest', Name=ROUTE)}.{NS}.svc.cluster.local"
+
+
+_BINARY_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_DECIMAL_SUFFIXES = {
+    -9: "n",
+    -6: "u",
+    -3: "m",
+    0: "",
+    3: "k",
+    6: "M",
+    9: "G",
+    12: "T",
+    15: "P",
+    18: "E",
+}
+_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
+
+
+def canonical_quantity(text: str) -> str:
+    """A quantity as the API server stores it (k8s.io/apimachinery pkg/api/resource,
+    ``ParseQuantity`` then ``CanonicalizeBytes``): rounded up to nano precision, then the
+    largest suffix that leaves a whole number, in the format the quantity was written in
+    (decimal SI, binary SI, or decimal exponent); a binary amount under 1Ki or of a
+    fraction of a byte is written in decimal SI. Positive amounts only."""
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a quantity")
+    number, suffix = Decimal(match[1]), match[2] or ""
+    if suffix in _BINARY_SUFFIXES[1:]:
+        form, value = "binary", number * 1024 ** _BINARY_SUFFIXES.index(suffix)
+    elif suffix[:1] in ("e", "E"):
+        form, value = "exponent", number.scaleb(int(suffix[1:]))
+    else:
+        decimal = {v: k for k, v in _DECIMAL_SUFFIXES.items()}
+        form, value = "decimal", number.scaleb(decimal[suffix])
+    nanos = (value.scaleb(9)).to_integral_value(ROUND_CEILING)
+    if nanos == 0:
+        return "0"
+    if form == "binary" and (nanos < 1024 * 10**9 or nanos % 10**9):
+        form = "decimal"
+    if form == "binary":
+        amount, power = int(nanos) // 10**9, 0
+        while amount % 1024 == 0 and power < len(_BINARY_SUFFIXES) - 1:
+            amount, power = amount // 1024, power + 1
+        return f"{amount}{_BINARY_SUFFIXES[power]}"
+    mantissa, exponent = int(nanos), -9
+    while mantissa % 1000 == 0 and exponent < 18:
+        mantissa, exponent = mantissa // 1000, exponent + 3
+    if form == "exponent":
+        return f"{mantissa}e{exponent}" if exponent else str(mantissa)
+    return f"{mantissa}{_DECIMAL_SUFFIXES[exponent]}"
+
+
+def _merged_resources(runtime: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The predictor's resources laid over the runtime container's, key by key (KServe's
+    strategic merge of the two containers, MergeRuntimeContainers), as the API server stores
+    them (canonical quantities)."""
+    out: dict[str, Any] = {}
+    for part in ("requests", "limits"):
+        merged = {**(runtime.get(part) or {}), **(model.get(part) or {})}
+        if merged:
+            out[part] = {k: canonical_quantity(str(v)) for k, v in merged.items()}
+    return out
 
 
 def _now() -> str:
@@ -579,12 +644,15 @@ class FakeKServe:
                 "image": base.get("image", ""),
                 "args": [*(base.get("args") or []), *(model.get("args") or [])],
                 "env": [*(base.get("env") or []), *(model.get("env") or [])],
-                "resources": model.get("resources") or base.get("resources") or {},
+                "resources": _merged_resources(
+                    base.get("resources") or {}, model.get("resources") or {}
+                ),
             }
             if model.get("lifecycle"):
                 container["lifecycle"] = model["lifecycle"]
         else:
             container = copy.deepcopy(config["containers"][0])
+            container["resources"] = _merged_resources({}, container.get("resources") or {})
         pod_fields = (
             "serviceAccountName", "nodeSelector", "tolerations", "priorityClassName",
             "imagePullSecrets", "securityContext", "terminationGracePeriodSeconds",
