@@ -38,6 +38,7 @@ from tests.harness.fake_kserve import (
     NS,
     OLD_URI,
     SERVED,
+    SLOW_URI,
     STUCK_URI,
     UNPULLABLE_URI,
     VERSIONS,
@@ -892,6 +893,25 @@ def test_a_raw_update_of_scaling_alone_waits_for_the_hpa_not_a_new_template(mode
     assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
     # Smoke-tested only once KServe had written the HPA.
     assert kserve.hpa_writes == 2 and len(smoke.calls) == 2
+
+
+def test_a_raw_pod_slower_than_kserves_600_s_deadline_but_within_ours_is_not_rolled_back(
+    plain_api, model_server
+):
+    """KServe's Deployment says ProgressDeadlineExceeded after its fixed 600 s while a GPU
+    pod is still starting within serving.progress_deadline_s (its startup probe's budget);
+    the Deployment controller keeps rolling and the pod becomes ready. The rollout waits."""
+    smoke = Smoke()
+    slow = ("serving.progress_deadline_s=30",)
+    kserve = FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, raw=True, slow=(SLOW_URI,)
+    )
+    with kserve:
+        rollout(plain_api).rollout(raw(OLD_URI, *slow), smoke)
+        result = rollout(plain_api, timeout_s=30).rollout(raw(SLOW_URI, *slow), smoke)
+    assert (result["action"], result["revision"]) == ("updated", "2")
+    assert kserve.deadline_reported == [f"{NAME}-predictor-00002"]
+    assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00002"]
 
 
 def test_a_raw_update_whose_quantities_the_api_server_rewrites_still_rolls_out(model_server):

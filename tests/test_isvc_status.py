@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 
 from ldm_core.kube import isvc_status
+from ldm_core.config import load_config
+from ldm_core.kube import isvc_build
 from ldm_core.kube.deployment_status import (
     REVISION_ANNOTATION,
     SOURCE_URI_ANNOTATION,
     deployment_progress,
+    startup_budget_s,
     template_differs,
 )
 
@@ -190,3 +193,34 @@ def test_the_pod_templates_resources_are_compared_as_quantities():
     assert "resources" in (template_differs(deployment(smaller), predictor) or "")
     no_gpu = {**stored, "limits": {"cpu": "2", "memory": "1Gi"}}
     assert "resources" in (template_differs(deployment(no_gpu), predictor) or "")
+
+
+def test_a_deployment_past_kserves_deadline_still_starting_within_our_budget_is_awaited():
+    """KServe fixes the predictor Deployment's progressDeadlineSeconds at 600; the Deployment
+    controller then reports ProgressDeadlineExceeded and keeps rolling. Our pods may take
+    serving.progress_deadline_s to start (their startup probe's budget): until that has
+    passed the condition is not a failure."""
+    dep = {
+        "metadata": {"generation": 2, "annotations": {REVISION_ANNOTATION: "3"}},
+        "spec": {"replicas": 1, "progressDeadlineSeconds": 600},
+        "status": {
+            "observedGeneration": 2,
+            "replicas": 2,
+            "updatedReplicas": 1,
+            "availableReplicas": 1,
+            "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+            ],
+        },
+    }
+    patient = deployment_progress(dep, None, new_revision=False, deadline_counts=False)
+    assert patient.phase == "waiting" and "ProgressDeadlineExceeded" in patient.detail
+    assert deployment_progress(dep, None, new_revision=False).phase == "failed"
+    cfg = load_config(
+        overrides=["serving.deployment_mode=RawDeployment", "serving.progress_deadline_s=1800"]
+    )
+    isvc = isvc_build.build_inference_service(
+        cfg, name=NAME, namespace="ns", storage_uri="s3://b/m"
+    )
+    assert startup_budget_s(isvc["spec"]["predictor"]) == 1800
+    assert startup_budget_s({"model": {"storageUri": "s3://b/m"}}) is None

@@ -55,9 +55,14 @@ _POD_FIELDS = (
     "terminationGracePeriodSeconds",
 )
 """Pod-level predictor fields KServe copies into the Deployment's pod template as given."""
+DEADLINE_CONDITION = ("Progressing", "False")
+"""ProgressDeadlineExceeded: KServe fixes the predictor Deployment's progressDeadlineSeconds at
+600 (deployment_reconciler.go ``setDefaultDeploymentSpec``, v0.14.1 lines 201-204, v0.15.2
+alike), shorter than a GPU pod may take to start; the Deployment controller keeps rolling
+after it, so it is a failure only once the pods' own startup budget has passed too."""
 _FAILED_CONDITIONS = {
     # (type, status): why it fails for good
-    ("Progressing", "False"): "ProgressDeadlineExceeded",
+    DEADLINE_CONDITION: "ProgressDeadlineExceeded",
     ("ReplicaFailure", "True"): None,
 }
 
@@ -106,14 +111,26 @@ def revision(deployment: Mapping[str, Any] | None) -> str | None:
     return str(value) if value is not None else None
 
 
-def _failed(status: Mapping[str, Any]) -> str | None:
+def _failed(status: Mapping[str, Any], deadline_counts: bool) -> str | None:
     for cond in status.get("conditions") or []:
         key = (cond.get("type"), cond.get("status"))
-        if key in _FAILED_CONDITIONS:
+        if key in _FAILED_CONDITIONS and (deadline_counts or key != DEADLINE_CONDITION):
             reason = _FAILED_CONDITIONS[key]
             if reason is None or cond.get("reason") == reason:
                 return f"Deployment condition {key[0]}={key[1]} {cond.get('reason')}: {cond.get('message', '')}"
     return None
+
+
+def startup_budget_s(predictor: Mapping[str, Any]) -> float | None:
+    """How long the predictor's pods may take to start before the kubelet restarts them:
+    the startup probe's initial delay plus ``failureThreshold`` x ``periodSeconds`` (its
+    budget is ``serving.progress_deadline_s``, see ``isvc_build``); None without one."""
+    container = predictor.get("model") or (predictor.get("containers") or [{}])[0]
+    probe = container.get("startupProbe")
+    if not probe:
+        return None
+    periods = probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
+    return float(probe.get("initialDelaySeconds", 0) + periods)
 
 
 def _contains(actual: Any, expected: Any) -> bool:
@@ -213,10 +230,12 @@ def deployment_progress(
     previous_revision: str | None,
     *,
     new_revision: bool = True,
+    deadline_counts: bool = True,
 ) -> DeploymentProgress:
     """Where the Deployment's rollout stands: of a pod template newer than
     ``previous_revision`` (``previous_revision`` None, or ``new_revision`` False: of the
-    template it has now)."""
+    template it has now). ``deadline_counts`` False: a ProgressDeadlineExceeded is only
+    noted (:data:`DEADLINE_CONDITION`)."""
     if deployment is None:
         return DeploymentProgress("waiting", "KServe to create the predictor's Deployment", None)
     rev = revision(deployment)
@@ -225,9 +244,20 @@ def deployment_progress(
             "waiting", f"a new Deployment revision (still {rev or 'unset'})", rev
         )
     meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
-    failure = _failed(status)
+    failure = _failed(status, deadline_counts)
     if failure:
         return DeploymentProgress("failed", failure, rev)
+    progress = _rollout_progress(meta, spec, status, rev)
+    if progress.phase == "waiting" and _failed(status, True):
+        late = "; past the Deployment's progressDeadlineSeconds, within the pods' startup budget"
+        return progress._replace(detail=f"{progress.detail} (ProgressDeadlineExceeded{late})")
+    return progress
+
+
+def _rollout_progress(
+    meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mapping[str, Any], rev: str | None
+) -> DeploymentProgress:
+    """``kubectl rollout status``'s rule over a Deployment that reports no failure."""
     generation, observed = meta.get("generation", 0), status.get("observedGeneration", -1)
     if observed < generation:
         return DeploymentProgress(

@@ -130,6 +130,8 @@ class _Before:
     """The predictor spec written (RawDeployment: what the Deployment and HPA must carry)."""
     refused: tuple[str, str, str] | None = None
     """KServe's InvalidSpec report before the write (:func:`model_failure`)."""
+    clock: float = 0.0
+    """The rollout's clock at the write."""
 
 
 class InferenceServiceRollout:
@@ -271,7 +273,9 @@ class InferenceServiceRollout:
                 deployment_revision = deployment_status.revision(self._deployment(ns, name))
         # Event times have whole seconds: a margin keeps an event of this very second.
         now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
-        return _Before(revision, deployment_revision, now, copy.deepcopy(predictor), refused)
+        return _Before(
+            revision, deployment_revision, now, copy.deepcopy(predictor), refused, self.clock()
+        )
 
     def _state(self, obj: dict[str, Any], before: _Before) -> RevisionState:
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
@@ -280,7 +284,9 @@ class InferenceServiceRollout:
             return RevisionState("failed", f"no new revision; {refused}")
         if is_raw(obj):
             dep, hpa = self._deployment(ns, name), self._hpa(ns, name)
-            state = raw_revision_state(obj, dep, hpa, before.predictor)
+            budget = deployment_status.startup_budget_s(before.predictor) or 0.0
+            late = self.clock() - before.clock >= budget
+            state = raw_revision_state(obj, dep, hpa, before.predictor, deadline_counts=late)
         else:
             state = revision_state(obj, before.revision)
         if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
@@ -383,7 +389,9 @@ class InferenceServiceRollout:
         canary = None if is_raw(existing) else canary
         stored = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         stored.pop("canaryTrafficPercent", None)
-        before = _Before(None, None, datetime.now(UTC), stored, model_failure(existing))
+        before = _Before(
+            None, None, datetime.now(UTC), stored, model_failure(existing), self.clock()
+        )
 
         def check(obj: dict[str, Any]) -> RevisionState:
             state = self._state(obj, before)

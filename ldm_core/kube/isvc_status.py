@@ -182,6 +182,8 @@ def raw_revision_state(
     deployment: Mapping[str, Any] | None,
     hpa: Mapping[str, Any] | None,
     predictor: Mapping[str, Any],
+    *,
+    deadline_counts: bool = True,
 ) -> RevisionState:
     """Where a RawDeployment predictor carrying out ``predictor`` (the spec we wrote)
     stands: its Deployment's pod template must carry what the spec sets and its HPA the
@@ -189,12 +191,16 @@ def raw_revision_state(
     :mod:`ldm_core.kube.deployment_status`), the template must be rolled out by
     ``kubectl rollout status``'s rule, and then the InferenceService must be Ready. KServe's
     own failure reports (a crash-looping model, ProgressDeadlineExceeded) count once the
-    Deployment carries the spec."""
+    Deployment carries the spec; the Deployment's ProgressDeadlineExceeded only with
+    ``deadline_counts`` (once the pods' startup budget has passed,
+    :data:`ldm_core.kube.deployment_status.DEADLINE_CONDITION`)."""
     awaited = deployment_status.template_differs(deployment, predictor)
     awaited = awaited or deployment_status.hpa_differs(hpa, predictor)
     if awaited:
         return RevisionState("waiting", awaited)
-    progress = deployment_status.deployment_progress(deployment, None, new_revision=False)
+    progress = deployment_status.deployment_progress(
+        deployment, None, new_revision=False, deadline_counts=deadline_counts
+    )
     failure = _failure(obj.get("status") or {})
     if progress.phase == "failed" or failure:
         return RevisionState("failed", failure or progress.detail, progress.revision)

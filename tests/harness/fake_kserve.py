@@ -81,6 +81,7 @@ OLD_URI = "s3://models/brain-ldm/aaaa"
 NEW_URI = "s3://models/brain-ldm/bbbb"
 BAD_URI = "s3://models/brain-ldm/broken"
 STUCK_URI = "s3://models/brain-ldm/stuck"
+SLOW_URI = "s3://models/brain-ldm/slow"
 UNPULLABLE_URI = "s3://models/brain-ldm/unpullable-image"
 KSERVE_UA = "fake-kserve"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
@@ -248,6 +249,7 @@ class FakeKServe:
         address_url: the loopback stand-in for the InferenceService's cluster-local address.
         failing: storage URIs whose model fails to load (crash-looping pods).
         stuck: storage URIs whose revision never gets ready (and never fails).
+        slow: storage URIs whose revision gets ready only after ``slow_after_s``.
         unpullable: storage URIs whose revision fails with an image pull error (Serverless:
             only the Configuration's condition says so; the pods are Pending).
         version: the KServe release to behave as (:data:`VERSIONS`).
@@ -266,9 +268,12 @@ class FakeKServe:
         address_url: str,
         failing: tuple[str, ...] = (BAD_URI,),
         stuck: tuple[str, ...] = (STUCK_URI,),
+        slow: tuple[str, ...] = (SLOW_URI,),
         unpullable: tuple[str, ...] = (UNPULLABLE_URI,),
         notice_after_s: float = 0.4,
         ready_after_s: float = 0.3,
+        slow_after_s: float = 3.0,
+        deadline_after_s: float = 1.0,
         child_ahead: int = 0,
         raw: bool = False,
         version: str = VERSIONS[-1],
@@ -283,6 +288,11 @@ class FakeKServe:
         self.latest_url, self.address_url = latest_url, address_url
         self.failing, self.stuck, self.unpullable = failing, stuck, unpullable
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
+        self.slow, self.slow_after_s = slow, slow_after_s
+        self.deadline_after_s = deadline_after_s
+        """RawDeployment: when the Deployment controller reports ProgressDeadlineExceeded for
+        a template not rolled out yet (KServe's fixed progressDeadlineSeconds, 600 s, scaled)."""
+        self.deadline_reported: list[str] = []
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
         self.raw, self.version, self.features, self.mesh = raw, version, features, mesh
@@ -406,8 +416,13 @@ class FakeKServe:
     ) -> None:
         st["config"], st["n"] = json.dumps(config, sort_keys=True), st["n"] + 1
         st["created"] = f"{name}-predictor-{st['n']:05d}"
-        st["due"] = now + self.ready_after_s
         self.revision_uri[st["created"]] = storage_uri(config)
+        st["due"] = now + self._start_s(st["created"])
+
+    def _start_s(self, revision: str) -> float:
+        """How long the pods of ``revision`` take to get ready (or to fail)."""
+        slow = self.revision_uri[revision] in self.slow
+        return self.slow_after_s if slow else self.ready_after_s
 
     def _progress(self, st: dict[str, Any], now: float) -> str | None:
         """The newest revision's pods start: ready, failed, or (stuck) neither."""
@@ -690,9 +705,9 @@ class FakeKServe:
             st["config"] = body
             st["n"] += 1
             st["created"] = f"{name}-predictor-{st['n']:05d}"
-            st["due"] = now + self.ready_after_s
             st["failed"] = None
             self.revision_uri[st["created"]] = storage_uri(config)
+            st["due"], st["written"] = now + self._start_s(st["created"]), now
             self._write_deployment(name, st, template, strategy)
         hpa = self._hpa_spec(config)
         if hpa != st["hpa"]:
@@ -775,6 +790,12 @@ class FakeKServe:
             if done
             else {"status": "True", "reason": "ReplicaSetUpdated"}
         )
+        if not done and time.monotonic() - st["written"] >= self.deadline_after_s:
+            # The controller gives up on the deadline, and keeps rolling: a later ready pod
+            # turns the condition back to NewReplicaSetAvailable.
+            progressing = {"status": "False", "reason": "ProgressDeadlineExceeded"}
+            if st["created"] not in self.deadline_reported:
+                self.deadline_reported.append(st["created"])
         dep_status = {
             "observedGeneration": dep["metadata"].get("generation", 0),
             "replicas": 1 + (0 if done else old),
