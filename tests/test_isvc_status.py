@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldm_core.kube import isvc_status
 from ldm_core.config import load_config
-from ldm_core.kube import isvc_build
+from ldm_core.kube import isvc_build, isvc_status
 from ldm_core.kube.deployment_status import (
     REVISION_ANNOTATION,
     SOURCE_URI_ANNOTATION,

@@ -40,6 +40,16 @@ REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
 """Where KServe tells the storage initializer the model's storageUri: an annotation on the
 predictor's pod template (components/predictor.go, v0.15.2 line 264; v0.14.1 alike)."""
+ANNOTATIONS_NOT_COPIED = (
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    SOURCE_URI_ANNOTATION,
+    "kubectl.kubernetes.io/last-applied-configuration",
+)
+"""KServe's ServiceAnnotationDisallowedList (pkg/constants/constants.go, v0.14.1 and v0.15.2):
+every other annotation and every label of the InferenceService goes into the predictor's
+pod template (components/predictor.go ``buildObjectMeta``), so a change of them alone
+rolls out a new one."""
 PREDICTOR_SUFFIX = "-predictor"
 """KServe names the predictor's Deployment (and Service) ``<isvc name>-predictor``."""
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -166,19 +176,28 @@ def _same_resources(actual: Any, expected: Mapping[str, Any]) -> bool:
 
 
 def template_differs(
-    deployment: Mapping[str, Any] | None, predictor: Mapping[str, Any]
+    deployment: Mapping[str, Any] | None,
+    predictor: Mapping[str, Any],
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str | None:
-    """What of the ``predictor`` spec the Deployment's pod template does not carry yet (the
-    kserve-container's image, args, env, resources, lifecycle; the pod's placement and
-    grace), or None when it carries all of it."""
+    """What of the ``predictor`` spec and the InferenceService's ``metadata`` (labels and
+    annotations) the Deployment's pod template does not carry yet (the kserve-container's
+    image, args, env, resources, lifecycle; the pod's placement and grace; the labels and
+    the annotations KServe copies), or None when it carries all of it."""
     if deployment is None:
         return "KServe to create the predictor's Deployment"
     template = (deployment.get("spec") or {}).get("template") or {}
     pod = template.get("spec") or {}
     uri = (predictor.get("model") or {}).get("storageUri")
-    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    meta = template.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
     if uri and annotations.get(SOURCE_URI_ANNOTATION) != uri:
         return f"the Deployment's pod template to load {uri}"
+    for part, written in (metadata or {}).items():
+        held = meta.get(part) or {}
+        copied = {k: v for k, v in written.items() if k not in ANNOTATIONS_NOT_COPIED}
+        if any(held.get(k) != v for k, v in copied.items()):
+            return f"the Deployment's pod template to carry the InferenceService's {part}"
     containers = {c.get("name"): c for c in pod.get("containers") or []}
     served = containers.get("kserve-container") or {}
     want = predictor.get("model") or (predictor.get("containers") or [{}])[0]

@@ -2,7 +2,7 @@
 
 :class:`FakeKServe` reconciles InferenceServices from a background thread against the
 emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1, Kubeflow
-1.10.0; or 0.15.2, Kubeflow 1.11.0) does, file and line at those tags:
+1.10.0; 0.15.0, Kubeflow 1.10.2; or 0.15.2, Kubeflow 1.11.0) does, file and line at those tags:
 
 - It notices a new predictor spec after a while (until then the status describes the spec
   before it: the stale state a rollout must not trust), then checks the ServingRuntime the
@@ -10,7 +10,14 @@ emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1
   lines 276-325): a missing runtime is ``InvalidSpec`` / ``RuntimeNotRecognized``, one that does
   not serve the model's format ``NoSupportingRuntime``; KServe then writes no child, sets
   ``modelStatus`` (``UpdateModelTransitionStatus``) and records a Warning ``InternalError``
-  event with the error (``controller.go``, 0.15.2 line 246).
+  event with the error (``controller.go``, 0.15.2 line 246). The first reconcile of a good
+  spec after such a refusal meets an update conflict (its own Warning event, the status
+  left as it was) and is retried.
+- The InferenceService's labels and annotations go into the predictor's pod template
+  (``buildObjectMeta``): annotations but KServe's ServiceAnnotationDisallowedList; labels
+  all in RawDeployment mode, but RevisionTemplateLabelDisallowedList (and, 0.15.x, the
+  configured ``serviceLabelDisallowedList``) in a Knative revision. A change of them alone
+  makes a new revision or template (:attr:`FakeKServe.revision_meta` keeps each one's).
 - Serverless (Knative Serving 1.16): a spec change that changes the revision template makes
   a new revision, which becomes ready, fails, or never gets ready. The Knative Service's
   traffic is what ``createKnativeService`` writes (``reconcilers/knative/ksvc_reconciler.go``,
@@ -29,20 +36,28 @@ emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1
   KServe's Warning event carries the refusal (kserve#1425).
 - RawDeployment: a Deployment ``<isvc>-predictor`` whose pod template KServe rewrites only
   when it changes (``reconcilers/deployment/deployment_reconciler.go``: the diff ignores
-  replicas; ``setDefaultPodSpec`` gives a 30 s grace when none is set) and an HPA of the
-  same name (``reconcilers/hpa/hpa_reconciler.go`` ``createHPA`` / ``getHPAMetrics``): min
-  and max replicas and a resource-utilisation target; 0.14.1 names the metric after
-  ``scaleMetric`` whatever it is, 0.15.2 builds none for a metric other than cpu, or memory
-  without a target. A scaling-only change rewrites the HPA and no Deployment revision
-  appears. The Deployment controller's revision, generation and replica counts follow. On
-  the InferenceService ``PropagateRawStatus``: ``PredictorReady``/``Ready`` from the
+  replicas; ``setDefaultPodSpec`` gives a 30 s grace when none is set, and
+  ``setDefaultDeploymentSpec`` a 25 % ``rollingUpdate``); 0.14.1 and 0.15.0 write a strategic
+  merge over the current Deployment (what the spec drops stays, and a Recreate keeps the old
+  ``rollingUpdate``, which the API server refuses: a Warning event, no write), 0.15.2 a
+  two-way patch. The predictor's resources are merged into the runtime container's key by
+  key, and the API server stores quantities canonicalised (:func:`canonical_quantity`). An
+  HPA of the same name (``reconcilers/hpa/hpa_reconciler.go`` ``createHPA`` /
+  ``getHPAMetrics``): min and max replicas and a resource-utilisation target; 0.14.1 names
+  the metric after ``scaleMetric`` whatever it is, 0.15.x builds none for a metric other
+  than cpu, or memory without a target, and the API server then defaults it to 80 % cpu. A
+  scaling-only change rewrites the HPA and no Deployment revision appears. The Deployment
+  controller's revision, generation and replica counts follow; a template not rolled out
+  after a while gets ``ProgressDeadlineExceeded`` and keeps rolling. On the
+  InferenceService ``PropagateRawStatus``: ``PredictorReady``/``Ready`` from the
   Deployment, its ``observedGeneration``; 0.14.1 also copies the Deployment's revision into
-  ``components.predictor.latestCreatedRevision``; only 0.15.2 reports ``deploymentMode``.
+  ``components.predictor.latestCreatedRevision`` (blank for a moment after each write);
+  only 0.15.2 reports ``deploymentMode``.
 
 :data:`NETWORK` plays the cluster's DNS and, with an :class:`tests.harness.istio.Mesh`, the
-profile's Istio policies: a canary's cluster-local tag name reaches the new revision's
-server when the predictor's sidecar admits the request; external Knative hosts do not
-resolve from a pipeline pod.
+profile's Istio policies: a canary's cluster-local tag name goes through the cluster-local
+gateway to the new revision's server when both admit the request; external Knative hosts do
+not resolve from a pipeline pod.
 """
 
 from __future__ import annotations
@@ -86,8 +101,19 @@ UNPULLABLE_URI = "s3://models/brain-ldm/unpullable-image"
 KSERVE_UA = "fake-kserve"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
 """KServe's StorageInitializerSourceUriInternalAnnotationKey (pkg/constants/constants.go)."""
-VERSIONS = ("0.14.1", "0.15.2")
-"""The KServe releases modelled (Kubeflow 1.10.0 and 1.11.0)."""
+ANNOTATIONS_NOT_COPIED = (
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    SOURCE_URI_ANNOTATION,
+    "kubectl.kubernetes.io/last-applied-configuration",
+)
+"""KServe's ServiceAnnotationDisallowedList (pkg/constants/constants.go, 0.14.1 and 0.15.x):
+every other annotation of the InferenceService goes into the predictor's pod template."""
+LABELS_NOT_COPIED = ("networking.knative.dev/visibility",)
+"""KServe's RevisionTemplateLabelDisallowedList: the labels a Knative revision template does
+not get; 0.15.x appends inferenceservice-config's ``serviceLabelDisallowedList``."""
+VERSIONS = ("0.14.1", "0.15.0", "0.15.2")
+"""The KServe releases modelled (Kubeflow 1.10.0, 1.10.2 and 1.11.0)."""
 DOMAIN = "example.com"
 DEFAULT_DOMAIN_TEMPLATE = "{{.Name}}.{{.Namespace}}.{{.Domain}}"
 DEFAULT_TAG_TEMPLATE = "{{.Tag}}-{{.Name}}"
@@ -191,6 +217,61 @@ def _merged_resources(runtime: dict[str, Any], model: dict[str, Any]) -> dict[st
     return out
 
 
+CONFLICT = (
+    'fails to reconcile predictor: Operation cannot be fulfilled on {kind} "{name}": the object '
+    "has been modified; please apply your changes to the latest version and try again"
+)
+"""A reconcile's update conflict, as KServe records it (a Warning ``InternalError``)."""
+SUPERSET_UPDATES = ("0.14.1", "0.15.0")
+"""Releases whose Deployment update is StrategicMergePatch(current, wanted) (deployment_
+reconciler.go: 0.14.1 line 236, 0.15.0 line 402): what the new spec drops stays. 0.15.2
+sends CreateTwoWayMergePatch(current, wanted) (line 424), removals included."""
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+    "imagePullSecrets": "name",
+}
+"""The patchMergeKey of the pod spec's lists a strategic merge merges item by item (the
+others, args or tolerations, it replaces): k8s.io/api core/v1 types.go."""
+
+
+def _strategic_merge(current: Any, patch: Any, field: str = "") -> Any:
+    """``patch`` applied to ``current`` as a strategic merge patch with no deletion
+    directives: maps merged key by key, keyed lists item by item, nothing removed."""
+    if isinstance(current, dict) and isinstance(patch, dict):
+        out = copy.deepcopy(current)
+        for key, value in patch.items():
+            out[key] = _strategic_merge(current[key], value, key) if key in current else value
+        return out
+    key = _MERGE_KEYS.get(field)
+    if key and isinstance(current, list) and isinstance(patch, list):
+        out = copy.deepcopy(current)
+        for item in patch:
+            at = next((i for i, c in enumerate(out) if c.get(key) == item.get(key)), None)
+            if at is None:
+                out.append(copy.deepcopy(item))
+            else:
+                out[at] = _strategic_merge(out[at], item)
+        return out
+    return copy.deepcopy(patch)
+
+
+def _invalid_deployment(spec: dict[str, Any]) -> str | None:
+    """The API server's refusal of a Deployment with this template and strategy (apps
+    validation ValidateDeploymentStrategy), as the error message KServe records; None."""
+    strategy = spec["strategy"]
+    if strategy.get("type") == "Recreate" and strategy.get("rollingUpdate") is not None:
+        return (
+            f'Deployment.apps "{ROUTE}" is invalid: spec.strategy.rollingUpdate: Forbidden: '
+            "may not be specified when strategy `type` is 'Recreate'"
+        )
+    return None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -258,6 +339,8 @@ class FakeKServe:
             sidecar (an :class:`tests.harness.istio.Mesh`; None: no mesh).
         domain_template: Knative's ``domain-template``.
         tag_template: Knative's ``tag-template``.
+        label_disallowed: inferenceservice-config's ``serviceLabelDisallowedList`` (0.15.x):
+            labels kept out of Knative revision templates.
     """
 
     def __init__(
@@ -281,8 +364,11 @@ class FakeKServe:
         mesh: Any = None,
         domain_template: str = DEFAULT_DOMAIN_TEMPLATE,
         tag_template: str = DEFAULT_TAG_TEMPLATE,
+        label_disallowed: tuple[str, ...] = (),
     ) -> None:
         assert version in VERSIONS, version
+        assert not label_disallowed or version != "0.14.1", "a constant list in 0.14.1"
+        self.label_disallowed = (*LABELS_NOT_COPIED, *label_disallowed)
         self.client = api.client(KSERVE_UA)
         self.api = kubernetes.client.CustomObjectsApi(self.client)
         self.latest_url, self.address_url = latest_url, address_url
@@ -293,6 +379,13 @@ class FakeKServe:
         """RawDeployment: when the Deployment controller reports ProgressDeadlineExceeded for
         a template not rolled out yet (KServe's fixed progressDeadlineSeconds, 600 s, scaled)."""
         self.deadline_reported: list[str] = []
+        self.controller_lag_s = 1.0
+        """RawDeployment: how long the Deployment controller takes to act on a new template."""
+        self.conflict_retry_s = 2.5
+        """When KServe retries a reconcile that met an update conflict (longer than the
+        rollout's events cadence, so a rollout sees the conflict's event under the stale
+        status)."""
+        """RawDeployment: how long the Deployment controller takes to act on a new template."""
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
         self.raw, self.version, self.features, self.mesh = raw, version, features, mesh
@@ -300,6 +393,8 @@ class FakeKServe:
         self.bookkeeping: bool | None = None
         """Whether the emulated API bumps metadata.generation itself (found on the first create)."""
         self.revision_uri: dict[str, str] = {}
+        self.revision_meta: dict[str, dict[str, dict[str, str]]] = {}
+        """The labels and annotations KServe copied into each revision's pod template."""
         self.canaries_seen: list[int] = []
         self.refusals: list[str] = []
         self.traffic_log: list[tuple[float, dict[str, int]]] = []
@@ -352,7 +447,7 @@ class FakeKServe:
     def _reconcile(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         predictor = obj["spec"]["predictor"]
-        spec = json.dumps(predictor, sort_keys=True)
+        spec = json.dumps([predictor, self._pod_metadata(obj)], sort_keys=True)
         st = self._state.setdefault(
             name,
             {
@@ -374,6 +469,20 @@ class FakeKServe:
             # Only once the status says so: a test that waits for ready_at then reads it.
             self.ready_at[became_ready] = now
 
+    def _pod_metadata(self, obj: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """What of the InferenceService's labels and annotations KServe copies into the
+        predictor's pod template (components/predictor.go ``buildObjectMeta``): annotations
+        but :data:`ANNOTATIONS_NOT_COPIED`; labels all in RawDeployment mode (the Deployment's
+        template), but the disallowed ones in a Knative revision template
+        (ksvc_reconciler.go)."""
+        meta = obj.get("metadata") or {}
+        labels = dict(meta.get("labels") or {})
+        if not self.raw:
+            labels = {k: v for k, v in labels.items() if k not in self.label_disallowed}
+        notes = meta.get("annotations") or {}
+        kept = {k: v for k, v in notes.items() if k not in ANNOTATIONS_NOT_COPIED}
+        return {"labels": labels, "annotations": kept}
+
     def _noticed(self, st: dict[str, Any], spec: str, now: float) -> bool:
         if st["since"] is None or st["since"][0] != spec:
             st["since"] = (spec, now)
@@ -390,6 +499,16 @@ class FakeKServe:
         """One reconcile of a spec KServe has not carried out yet."""
         invalid = self._invalid_spec(predictor)
         refusal = None if invalid else self._webhook_refusal(predictor)
+        if st["invalid"] and not (invalid or refusal) and st.get("conflicted") != spec:
+            # The first reconcile of a good spec after a refused one meets an update conflict
+            # (as any reconcile may): a Warning event of its own, the status left as it was
+            # (still the refusal), and a retry a little later.
+            st["conflicted"], st["retry_at"] = spec, now + self.conflict_retry_s
+            kind = "deployments.apps" if self.raw else "services.serving.knative.dev"
+            self._warn(obj, CONFLICT.format(kind=kind, name=ROUTE))
+            return
+        if now < st.get("retry_at", 0.0):
+            return
         st["invalid"] = invalid
         if invalid or refusal:
             if st["warned"] != spec:
@@ -402,21 +521,23 @@ class FakeKServe:
             self.canaries_seen.append(canary)
         st["canary"] = canary
         config = {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}
+        pod_meta = self._pod_metadata(obj)
         if self.raw:
-            self._write_raw(obj["metadata"]["name"], st, config, now)
-        elif json.dumps(config, sort_keys=True) != st["config"]:
-            self._new_revision(obj["metadata"]["name"], st, config, now)
+            self._write_raw(obj["metadata"]["name"], st, config, pod_meta, now)
+        elif json.dumps([config, pod_meta], sort_keys=True) != st["config"]:
+            self._new_revision(obj["metadata"]["name"], st, [config, pod_meta], now)
             self.child_generation += 1  # KServe wrote the ksvc's template
         elif canary != st.get("last_canary"):
             self.child_generation += 1  # KServe wrote the ksvc's traffic
         st["last_canary"] = canary
 
-    def _new_revision(
-        self, name: str, st: dict[str, Any], config: dict[str, Any], now: float
-    ) -> None:
-        st["config"], st["n"] = json.dumps(config, sort_keys=True), st["n"] + 1
+    def _new_revision(self, name: str, st: dict[str, Any], template: list[Any], now: float) -> None:
+        """A new Knative revision of ``template``: the predictor and its pod metadata."""
+        config, pod_meta = template
+        st["config"], st["n"] = json.dumps(template, sort_keys=True), st["n"] + 1
         st["created"] = f"{name}-predictor-{st['n']:05d}"
         self.revision_uri[st["created"]] = storage_uri(config)
+        self.revision_meta[st["created"]] = copy.deepcopy(pod_meta)
         st["due"] = now + self._start_s(st["created"])
 
     def _start_s(self, revision: str) -> float:
@@ -647,7 +768,7 @@ class FakeKServe:
 
     # ------------------------------------------------------------------ RawDeployment
 
-    def _template(self, config: dict[str, Any]) -> dict[str, Any]:
+    def _template(self, config: dict[str, Any], pod_meta: dict[str, Any]) -> dict[str, Any]:
         """The Deployment's pod template KServe writes for the predictor: the runtime's
         container with the model's fields laid over it (args appended), the pod fields."""
         if "model" in config:
@@ -675,11 +796,14 @@ class FakeKServe:
         spec = {k: copy.deepcopy(config[k]) for k in pod_fields if k in config}
         spec.setdefault("terminationGracePeriodSeconds", 30)
         dep = deployment_status.predictor_deployment(NAME)
-        meta: dict[str, Any] = {"labels": {"app": dep}}
+        meta: dict[str, Any] = {
+            "labels": {**pod_meta["labels"], "app": dep},
+            "annotations": dict(pod_meta["annotations"]),
+        }
         if "model" in config:
             # predictor.go: the storage initializer (injected into the pod at admission) is
             # told where the model is by this annotation on the pod template.
-            meta["annotations"] = {SOURCE_URI_ANNOTATION: storage_uri(config)}
+            meta["annotations"][SOURCE_URI_ANNOTATION] = storage_uri(config)
         return {"metadata": meta, "spec": {**spec, "containers": [container]}}
 
     def _hpa_spec(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -697,18 +821,40 @@ class FakeKServe:
             spec["metrics"] = [{"type": "Resource", "resource": resource}]
         return spec
 
-    def _write_raw(self, name: str, st: dict[str, Any], config: dict[str, Any], now: float) -> None:
-        template = self._template(config)
-        strategy = config.get("deploymentStrategy") or {"type": "RollingUpdate"}
-        body = json.dumps([template, strategy], sort_keys=True)
+    def _write_raw(
+        self,
+        name: str,
+        st: dict[str, Any],
+        config: dict[str, Any],
+        pod_meta: dict[str, Any],
+        now: float,
+    ) -> None:
+        template = self._template(config, pod_meta)
+        strategy = copy.deepcopy(config.get("deploymentStrategy") or {"type": "RollingUpdate"})
+        if strategy["type"] == "RollingUpdate":
+            # setDefaultDeploymentSpec (deployment_reconciler.go, 0.14.1 lines 187-204)
+            strategy.setdefault("rollingUpdate", {"maxUnavailable": "25%", "maxSurge": "25%"})
+        wanted = {"template": template, "strategy": strategy}
+        body = json.dumps(wanted, sort_keys=True)
         if body != st["config"]:
             st["config"] = body
-            st["n"] += 1
-            st["created"] = f"{name}-predictor-{st['n']:05d}"
-            st["failed"] = None
-            self.revision_uri[st["created"]] = storage_uri(config)
-            st["due"], st["written"] = now + self._start_s(st["created"]), now
-            self._write_deployment(name, st, template, strategy)
+            stored = st.get("deployment")
+            if stored is not None and self.version in SUPERSET_UPDATES:
+                wanted = _strategic_merge(stored, wanted)
+            refusal = _invalid_deployment(wanted)
+            if refusal:
+                # The reconcile stops there (RawKubeReconciler: Deployment first), and retries.
+                self._warn({"metadata": {"name": name}}, f"fails to reconcile predictor: {refusal}")
+                return
+            if wanted != stored:
+                st["deployment"] = wanted
+                st["n"] += 1
+                st["created"] = f"{name}-predictor-{st['n']:05d}"
+                st["failed"] = None
+                self.revision_uri[st["created"]] = storage_uri(config)
+                self.revision_meta[st["created"]] = copy.deepcopy(pod_meta)
+                st["due"], st["written"] = now + self._start_s(st["created"]), now
+                self._write_deployment(name, st, wanted["template"], wanted["strategy"])
         hpa = self._hpa_spec(config)
         if hpa != st["hpa"]:
             self._write_hpa(st, hpa)
@@ -716,13 +862,21 @@ class FakeKServe:
     def _write_hpa(self, st: dict[str, Any], spec: dict[str, Any]) -> None:
         api, where = self.api, ("autoscaling", "v2", NS, "horizontalpodautoscalers")
         body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"}
+        stored = copy.deepcopy(spec)
+        if not stored.get("metrics"):
+            # The API server's default for autoscaling/v2 (SetDefaults_HorizontalPodAutoscaler):
+            # no metrics means 80 % average cpu utilisation.
+            target = {"type": "Utilization", "averageUtilization": 80}
+            stored["metrics"] = [
+                {"type": "Resource", "resource": {"name": "cpu", "target": target}}
+            ]
         if st["hpa"] is None:
             meta = {"name": ROUTE, "namespace": NS}
-            api.create_namespaced_custom_object(*where, {**body, "metadata": meta, "spec": spec})
+            api.create_namespaced_custom_object(*where, {**body, "metadata": meta, "spec": stored})
         else:
             # An Update replaces the spec whole (a metric dropped is gone).
             api.patch_namespaced_custom_object(*where, ROUTE, {"spec": {"metrics": None}})
-            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": spec})
+            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": stored})
         st["hpa"] = spec
         self.hpa_writes += 1
 
@@ -760,8 +914,10 @@ class FakeKServe:
                 )
         else:
             stored = api.get_namespaced_custom_object(*where, dep_name)
-            # A merge patch merges maps: clear the template first, as KServe's patch replaces it.
-            api.patch_namespaced_custom_object(*where, dep_name, {"spec": {"template": None}})
+            # A merge patch merges maps: clear what KServe's write replaces (the merge of
+            # 0.14.1 and 0.15.0 is already in ``template`` and ``strategy``).
+            cleared = {"spec": {"template": None, "strategy": None}}
+            api.patch_namespaced_custom_object(*where, dep_name, cleared)
             patch: dict[str, Any] = {"spec": spec}
             if not self.bookkeeping:
                 # An emulator without generation bookkeeping: bump it in the same write,
@@ -818,10 +974,14 @@ class FakeKServe:
         crashed = st["failed"] is not None
         predictor: dict[str, Any] = {"url": self.address_url} if done else {}
         if self.version == "0.14.1":
+            # PropagateRawStatus copies the revision of the Deployment KServe read; right after
+            # a write that is the object it sent, without one (raw_kube_reconciler.go lines
+            # 91-108), until the Deployment controller's update brings the next reconcile.
             revision = (dep["metadata"].get("annotations") or {}).get(
                 deployment_status.REVISION_ANNOTATION
             )
-            predictor["latestCreatedRevision"] = revision
+            fresh = time.monotonic() - st["written"] < self.controller_lag_s
+            predictor["latestCreatedRevision"] = "" if fresh else revision
         status: dict[str, Any] = {
             "observedGeneration": dep_status["observedGeneration"],
             "url": f"http://{obj['metadata']['name']}-{NS}.{DOMAIN}",
@@ -834,6 +994,6 @@ class FakeKServe:
             ],
             "modelStatus": self._model_status(st, crashed, done),
         }
-        if self.version != "0.14.1":
+        if self.version == "0.15.2":
             status["deploymentMode"] = "RawDeployment"
         self._patch_status(obj, status)
