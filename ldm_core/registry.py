@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import warnings
 from collections.abc import Coroutine, Mapping
@@ -183,9 +184,21 @@ def _call(url: str, what: str, fn: Any) -> Any:
         raise
     except Exception as exc:  # the client raises its own, aiohttp's and pydantic's errors
         status = getattr(exc, "status", None)
-        body = getattr(exc, "body", None) or getattr(exc, "data", None)
-        answer = f"HTTP {status}: {body}" if status else f"{type(exc).__name__}: {exc}"
+        answer = f"HTTP {status}: {_message(exc)}" if status else f"{type(exc).__name__}: {exc}"
         raise RegistryError(f"Model Registry at {url}: {what} failed: {answer}") from None
+
+
+def _message(exc: Exception) -> str:
+    """The server's message in an error answer: the ``message`` of its Error body, which
+    every release fills (v0.2.x leaves ``code`` empty, v0.3.4 sets it; neither is needed),
+    else the body as it came."""
+    body = getattr(exc, "body", None)
+    try:
+        message = json.loads(body).get("message") if body else None
+    except (ValueError, AttributeError):
+        message = None
+    data = getattr(exc, "data", None)
+    return str(message or getattr(data, "message", None) or body or data or exc)
 
 
 # --------------------------------------------------------------------------- registering

@@ -87,20 +87,29 @@ def _cluster_local(url: str) -> bool:
 def smoke_headers(
     url: str, token_file: str | Path | None = SERVICE_ACCOUNT_TOKEN
 ) -> dict[str, str]:
-    """The credentials a smoke inference to ``url`` carries: the pod's service account token
-    as a bearer, read afresh (the kubelet rotates it), and only to a cluster-local service.
+    """The credentials a smoke inference to ``url`` carries: the pod's service account token,
+    read afresh (the kubelet rotates it), and only to a cluster-local service.
 
     In a Kubeflow profile namespace every workload has an Istio sidecar and the profile's
     ``ns-owner-access-istio`` AuthorizationPolicy admits only the owner's requests through
     the ingress gateway (``kubeflow-userid`` header) and mesh peers of the same namespace.
     A KFP step runs without a sidecar, so it has no mesh identity; what it can prove is its
-    service account, by its token. The opt-in component
-    ``manifests/components/kubeflow-istio-smoke`` validates that token at the predictor
-    (RequestAuthentication, issuer ``https://kubernetes.default.svc.cluster.local``, read
-    from :data:`SMOKE_TOKEN_HEADER` only, so the users' own tokens in ``Authorization`` are
-    not judged by it) and allows its principal (AuthorizationPolicy). The token never goes
-    to a name outside the cluster (an external URL, a ``smoke_url`` on the internet): it is
-    the step's API credential. No token file (not in a pod) or ``token_file=None``: no header.
+    service account, by its token, sent twice:
+
+    - in :data:`SMOKE_TOKEN_HEADER`, for the predictor: the opt-in component
+      ``manifests/components/kubeflow-istio-smoke`` validates it there (RequestAuthentication,
+      issuer ``https://kubernetes.default.svc.cluster.local``, that header only, so the
+      users' own tokens in ``Authorization`` are not judged by it) and allows its principal;
+    - as ``Authorization: Bearer``, for the cluster-local gateway a canary's tag address goes
+      through: Kubeflow 1.11's optional ``common/istio/cluster-local-gateway/overlays/m2m-auth``
+      denies there every request without a principal from that header. At the predictor
+      nothing reads it: Kubeflow's own RequestAuthentications select its gateways only
+      (``dex-jwt`` and ``m2m-token-issuer`` the ingress gateway, ``m2m-auth``'s the
+      cluster-local one), and the component's reads its own header.
+
+    The token never goes to a name outside the cluster (an external URL, a ``smoke_url`` on
+    the internet): it is the step's API credential. No token file (not in a pod) or
+    ``token_file=None``: no header.
     """
     if token_file is None or not _cluster_local(url):
         return {}
@@ -108,7 +117,9 @@ def smoke_headers(
         token = Path(token_file).read_text().strip()
     except OSError:
         return {}
-    return {SMOKE_TOKEN_HEADER: token} if token else {}
+    if not token:
+        return {}
+    return {SMOKE_TOKEN_HEADER: token, "Authorization": f"Bearer {token}"}
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,12 @@ def test_exponent_notation_is_a_number_although_yaml_1_1_reads_it_as_a_string():
         ),
         (["serving.update_strategy=Recreat"], "serving.update_strategy", "did you mean"),
         (["serving.progress_deadline_s=0"], "serving.progress_deadline_s", "must be positive"),
+        # Knative's webhook refuses a revision timeout over max-revision-timeout-seconds.
+        (
+            ["serving.request_timeout_s=571"],
+            "serving.request_timeout_s",
+            "max-revision-timeout-seconds",
+        ),
         (
             ["serving.deployment_mode=RawDeployment", "serving.min_replicas=0"],
             "serving.min_replicas",
@@ -234,3 +240,8 @@ def test_capacity_defaults_batch_in_either_mode():
     assert load_config(overrides=recreate).serving.update_strategy == "Recreate"
     bigger = load_config(overrides=["serving.max_concurrency=2", "serving.max_queue=14"])
     assert bigger.serving.autoscale_target == 16
+    # 570 s is the longest request Knative's default revision timeout (600 s) leaves room for;
+    # an HPA-scaled Deployment has no such limit.
+    assert load_config(overrides=["serving.request_timeout_s=570"]).serving.request_timeout_s == 570
+    long_raw = ["serving.deployment_mode=RawDeployment", "serving.request_timeout_s=1200"]
+    assert load_config(overrides=long_raw).serving.request_timeout_s == 1200

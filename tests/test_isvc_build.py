@@ -33,7 +33,7 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
     runtime_mode = _isvc(
         "cluster.predictor.gpus=1",
         "serving.max_replicas=3",
-        "serving.request_timeout_s=870",
+        "serving.request_timeout_s=540",
         bundle_digest="ab" * 32,
     )
     custom = _isvc(
@@ -48,7 +48,7 @@ def test_every_emitted_object_passes_the_crd_schema_and_admission_rules():
 
     pred = runtime_mode["spec"]["predictor"]
     # The ingress waits 30 s past the server's own limit, so the server's 504 comes first.
-    assert pred["serviceAccountName"] == "serving" and pred["timeout"] == 900
+    assert pred["serviceAccountName"] == "serving" and pred["timeout"] == 570
     assert (pred["minReplicas"], pred["maxReplicas"]) == (1, 3)
     assert (
         pred["model"]["modelFormat"]["name"] == "brain-ldm"
@@ -203,15 +203,20 @@ def test_raw_predictors_drain_before_they_stop_and_may_recreate(release, runtime
     _strictly_valid(isvc, release)
 
 
-@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
-def test_the_istio_sidecar_outlives_the_servers_drain(mode):
+@pytest.mark.parametrize("mode, timeout_s", [("Serverless", 570), ("RawDeployment", 900)])
+def test_the_istio_sidecar_outlives_the_servers_drain_and_no_longer(mode, timeout_s):
     """A profile namespace injects an Istio sidecar, which serves 5 s past SIGTERM unless told
     otherwise (ProxyConfig terminationDrainDuration): it must keep serving while the server
-    finishes its admitted requests, which may take the request timeout."""
-    isvc = _isvc(f"serving.deployment_mode={mode}", "serving.request_timeout_s=600")
+    finishes its admitted requests, which may take the request timeout. Without
+    EXIT_ON_ZERO_ACTIVE_CONNECTIONS pilot-agent sleeps that whole duration even when nothing
+    is left to drain (istio pkg/envoy/agent.go ``terminate``, 1.24.3 lines 152-220), so every
+    pod would take its full grace and be killed: the sidecar leaves once its connections are
+    gone, the duration only caps it."""
+    isvc = _isvc(f"serving.deployment_mode={mode}", f"serving.request_timeout_s={timeout_s}")
     config = json.loads(isvc["spec"]["predictor"]["annotations"]["proxy.istio.io/config"])
     drain = int(config["terminationDrainDuration"].rstrip("s"))
-    assert drain >= 600
+    assert drain >= timeout_s
+    assert config["proxyMetadata"] == {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
     if mode == "RawDeployment":  # not past the pod's grace, when the kubelet kills it all
         assert drain <= isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
 

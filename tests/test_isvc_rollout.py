@@ -38,11 +38,13 @@ from tests.harness.fake_kserve import (
     NS,
     OLD_URI,
     SERVED,
+    SLOW_URI,
     STUCK_URI,
     UNPULLABLE_URI,
     VERSIONS,
     FakeKServe,
     canary_local_host,
+    canonical_quantity,
     closed_url,
 )
 from tests.harness.istio import Mesh
@@ -339,6 +341,128 @@ def test_a_rollback_never_gives_the_canary_that_failed_its_smoke_test_more_traff
     assert pred["model"]["storageUri"] == OLD_URI and "canaryTrafficPercent" not in pred
 
 
+INFERENCE_SERVICE_ID = "modelregistry.kubeflow.org/inference-service-id"
+RUN_A = {"lineage": '{"run": "a"}', "model-version-id": "4"}
+RUN_B = {"lineage": '{"run": "b"}', "model-version-id": "9"}
+
+
+def labelled(uri: str, run: dict[str, str], cfg: Config = SERVERLESS) -> dict[str, Any]:
+    """``desired`` with what the deploy stage adds: the bundle's lineage annotation and the
+    registry's version label (ldm_core.lineage, ldm_core.registry)."""
+    labels = {"modelregistry.kubeflow.org/model-version-id": run["model-version-id"]}
+    if run is RUN_B:
+        labels["modelregistry.kubeflow.org/registered-model-id"] = "2"
+    notes = {"brain-ldm/lineage": run["lineage"]}
+    return isvc_build.with_metadata(desired(uri, cfg), labels, notes)
+
+
+def _ours(meta: dict[str, Any], run_keys: dict[str, Any]) -> dict[str, Any]:
+    """The labels and annotations of ``meta`` the deploy writes (those of ``run_keys``)."""
+    return {
+        part: {k: v for k, v in (meta.get(part) or {}).items() if k in run_keys[part]}
+        for part in ("labels", "annotations")
+    }
+
+
+@pytest.mark.parametrize("raw_mode", [False, True], ids=["serverless", "raw"])
+def test_a_roll_back_restores_the_metadata_the_update_wrote(plain_api, model_server, raw_mode):
+    """The failed update wrote its lineage annotation and registry labels with its spec;
+    KServe copies both into the revision it makes, and the registry's controller reads the
+    labels. The roll back restores them (a label the update added is removed) in the same
+    write as the previous spec, so the restored revision carries the old bundle's."""
+    smoke = Smoke()
+    cfg = load_config(overrides=RAW_OVERRIDES) if raw_mode else SERVERLESS
+    good, bad = labelled(OLD_URI, RUN_A, cfg), labelled(BAD_URI, RUN_B, cfg)
+    keys = {part: set(bad["metadata"][part]) for part in ("labels", "annotations")}
+    with FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, raw=raw_mode
+    ) as kserve:
+        rollout(plain_api).rollout(good, smoke)
+        before = _ours(stored(plain_api)["metadata"], keys)
+        with pytest.raises(isvc_rollout.RolloutFailed, match="rolled back"):
+            rollout(plain_api, timeout_s=60).rollout(bad, smoke)
+        deadline = time.monotonic() + 20
+        while len(kserve.revision_meta) < 3:
+            assert time.monotonic() < deadline, "the restored spec never made a revision"
+            time.sleep(0.05)
+    assert _ours(stored(plain_api)["metadata"], keys) == before
+    first, restored = list(kserve.revision_meta.values())[0], list(kserve.revision_meta.values())[2]
+    assert first == restored
+    assert "modelregistry.kubeflow.org/registered-model-id" not in restored["labels"]
+
+
+def test_a_rerun_of_the_same_spec_with_new_lineage_rolls_out_and_verifies_it(
+    plain_api, model_server
+):
+    """The same bundle deployed again by another run: the spec is unchanged, its lineage is
+    not. KServe copies the annotation into a new revision, so the rerun writes it and
+    verifies that revision as an update, rather than leave the earlier run's lineage."""
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(plain_api).rollout(labelled(OLD_URI, RUN_A), smoke)
+        same = rollout(plain_api).rollout(labelled(OLD_URI, RUN_A), smoke)
+        rerun = rollout(plain_api).rollout(labelled(OLD_URI, RUN_B), smoke)
+    assert same["action"] == "unchanged"
+    assert (rerun["action"], rerun["revision"]) == ("updated", f"{NAME}-predictor-00002")
+    meta = stored(plain_api)["metadata"]
+    assert meta["annotations"]["brain-ldm/lineage"] == RUN_B["lineage"]
+    assert (
+        kserve.revision_meta[rerun["revision"]]["annotations"]["brain-ldm/lineage"]
+        == (RUN_B["lineage"])
+    )
+    assert smoke.calls[-1][0] >= kserve.ready_at[rerun["revision"]]
+
+
+@pytest.mark.parametrize("disallowed", [(), (INFERENCE_SERVICE_ID,)], ids=["default", "kept-out"])
+def test_the_registry_controllers_label_rolls_a_revision_unless_kserve_keeps_it_out(
+    plain_api, model_server, disallowed
+):
+    """After the rollout the Model Registry's controller labels the InferenceService with its
+    record's id (model-registry v0.3.4 controller.go lines 220-230); KServe copies the
+    InferenceService's labels into the revision template (0.15.x predictor.go lines 450-452),
+    so a revision no smoke inference checked appears, unless the platform lists the label in
+    inferenceservice-config's serviceLabelDisallowedList (README, "Lineage and the Model
+    Registry")."""
+    smoke = Smoke()
+    with FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, label_disallowed=disallowed
+    ) as kserve:
+        rollout(plain_api).rollout(labelled(OLD_URI, RUN_A), smoke)
+        kubernetes.client.CustomObjectsApi(plain_api.client(INSPECTOR_UA)).patch_namespaced_custom_object(
+            isvc_build.GROUP, isvc_build.ISVC_VERSION, NS, isvc_build.ISVC_PLURAL, NAME,
+            {"metadata": {"labels": {INFERENCE_SERVICE_ID: "7"}}},
+        )  # fmt: skip
+        time.sleep(2.0)  # what KServe makes of it
+    expected = (
+        [f"{NAME}-predictor-00001"] if disallowed else [f"{NAME}-predictor-0000{n}" for n in (1, 2)]
+    )
+    assert list(kserve.revision_uri) == expected
+
+
+@pytest.mark.parametrize("percent", [None, 0, 100])
+def test_a_serverless_update_without_a_canary_is_refused_before_anything_is_written(
+    plain_api, model_server, percent
+):
+    """Without a canary KServe routes 100 % to the new revision once it is ready, and
+    PropagateStatus makes it the latestRolledoutRevision (ksvc_reconciler.go,
+    inference_service_status.go): a roll back's pin (canaryTrafficPercent 0) would then
+    hold that very revision at 100 % until the restored one is ready. A Serverless update
+    goes through a canary of 1..99 %, or is not made."""
+    smoke = Smoke()
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        dead = closed_url()  # a smoke test that fails
+        with pytest.raises(isvc_rollout.RolloutError) as info:
+            rollout(plain_api).rollout(
+                desired(NEW_URI), smoke, canary_percent=percent, url_override=dead
+            )
+        time.sleep(1.0)  # what KServe would make of a write, had there been one
+    assert "canary_percent" in str(info.value) and "1..99" in str(info.value)
+    assert kserve.share(f"{NAME}-predictor-00002", since=0) == 0
+    assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
+    assert stored(plain_api)["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
 @pytest.mark.parametrize("raw_mode", [False, True], ids=["serverless", "raw"])
 def test_a_spec_kserve_makes_no_revision_for_fails_at_once_with_its_reason(
     plain_api, model_server, raw_mode
@@ -358,6 +482,25 @@ def test_a_spec_kserve_makes_no_revision_for_fails_at_once_with_its_reason(
     assert "InvalidSpec (NoSupportingRuntime: Specified runtime does not support" in message
     assert "rolled back" in message and time.monotonic() - started < 15
     assert stored(plain_api)["spec"]["predictor"]["model"]["modelFormat"]["name"] == "brain-ldm"
+
+
+def test_a_fixed_spec_after_a_refused_one_is_not_failed_by_an_unrelated_warning(
+    plain_api, model_server
+):
+    """The InferenceService's status still says InvalidSpec (the previous spec named a
+    runtime that is not there) when the fixed spec is written; KServe's first reconcile of
+    it fails on something unrelated (an update conflict, a Warning event) and the next one
+    succeeds. Only KServe's refusal of this very spec may end the wait."""
+    smoke = Smoke()
+    lost = isvc_build.build_inference_service(
+        SERVERLESS, name=NAME, namespace=NS, storage_uri=OLD_URI, runtime="brain-ldm-gpu"
+    )
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server) as kserve:
+        with pytest.raises(isvc_rollout.RolloutFailed, match="RuntimeNotRecognized"):
+            rollout(plain_api, timeout_s=60).rollout(lost, smoke)
+        result = rollout(plain_api, timeout_s=60).rollout(desired(NEW_URI), smoke)
+    assert result["action"] == "updated" and result["revision"] == f"{NAME}-predictor-00001"
+    assert any("the object has been modified" in r for r in kserve.refusals)
 
 
 def test_a_first_deploy_naming_a_runtime_that_is_not_there_fails_at_once(plain_api, model_server):
@@ -632,9 +775,11 @@ ISTIO_SMOKE = Path(__file__).parents[1] / "manifests" / "components" / "kubeflow
 OWNER = "user@example.com"
 
 
-def profile_mesh() -> Mesh:
-    """The Istio policies at the predictor in a Kubeflow profile: the profile controller's,
-    and the opt-in component's as shipped (its objects name namespace brain-ldm)."""
+def profile_mesh(m2m_auth: bool = False) -> Mesh:
+    """The Istio policies a smoke inference meets in a Kubeflow profile: the cluster-local
+    gateway's (``m2m_auth``: Kubeflow 1.11's optional overlay), the profile controller's and
+    the opt-in component's as shipped (its objects name namespace brain-ldm), on a cluster
+    with Kubeflow's cluster-jwks-proxy."""
     shipped = [
         doc
         for path in sorted(ISTIO_SMOKE.glob("*.yaml"))
@@ -642,7 +787,12 @@ def profile_mesh() -> Mesh:
         for doc in yaml.safe_load_all(path.read_text())
         if doc
     ]
-    return Mesh([istio.profile_policy(NS, OWNER), *shipped])
+    policies = [
+        *istio.cluster_local_gateway_policies(m2m_auth),
+        istio.profile_policy(NS, OWNER),
+        *shipped,
+    ]
+    return Mesh(policies, fetchable=istio.WITH_JWKS_PROXY)
 
 
 def _runner_token(tmp_path: Path) -> Path:
@@ -721,28 +871,48 @@ def test_without_the_token_the_profiles_policy_refuses_the_canary_and_it_is_roll
 
 def test_the_smoke_token_rides_in_its_own_header_and_the_users_token_still_passes(tmp_path):
     """Kubeflow's gateway forwards the signed-in user's Dex token in ``Authorization``; a
-    RequestAuthentication that judged that header by the Kubernetes issuer alone would
-    answer the profile's own users 401. The component reads the smoke token from its own
-    header; the model of Istio's rules (tests/harness/istio.py) holds both callers."""
+    RequestAuthentication at the predictor that judged that header by the Kubernetes issuer
+    alone would answer the profile's own users 401. The component reads the smoke token from
+    its own header; the model of Istio's rules (tests/harness/istio.py) holds both callers,
+    and the smoke token in ``Authorization`` too (for a cluster-local gateway that checks
+    it) changes nothing at the predictor."""
     mesh, pods = profile_mesh(), {"serving.kserve.io/inferenceservice": NAME}
     path = f"/v2/models/{MODEL}/infer"
     headers = smoke_headers(f"http://{CANARY_LOCAL_HOST}", _runner_token(tmp_path))
-    assert list(headers) == [SMOKE_TOKEN_HEADER]
+    assert sorted(headers) == ["Authorization", SMOKE_TOKEN_HEADER]
     assert mesh.request(pods, NS, "POST", path, headers) == 200
+    assert mesh.request(pods, NS, "POST", path, {"Authorization": headers["Authorization"]}) == 403
     user = {
         "Authorization": f"Bearer {istio.token(istio.DEX_ISSUER, 'CiQwOGE4Njg0Yi1k')}",
         "kubeflow-userid": OWNER,
     }
-    gateway = istio.Source(
-        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "istio-system"
-    )
+    gateway = istio.Source(istio.GATEWAY_PRINCIPAL, "istio-system")
     assert mesh.request(pods, NS, "POST", path, user, gateway) == 200
+
+
+def test_the_canary_passes_kubeflow_1_11s_m2m_auth_at_the_cluster_local_gateway(
+    plain_api, model_server, tmp_path
+):
+    """kubeflow/manifests v1.11.0 common/istio/cluster-local-gateway/overlays/m2m-auth denies
+    at the cluster-local gateway, which a canary's tag address goes through, every request
+    without a principal from ``Authorization``: the smoke inference carries its service
+    account token there as well as in its own header."""
+    smoke = Smoke(token_file=_runner_token(tmp_path))
+    mesh = profile_mesh(m2m_auth=True)
+    with FakeKServe(plain_api, latest_url=model_server, address_url=model_server, mesh=mesh) as ks:
+        rollout(plain_api).rollout(desired(OLD_URI), smoke)
+        ks.address_url = closed_url()
+        result = rollout(plain_api).rollout(desired(NEW_URI), smoke, canary_percent=20)
+    assert result["action"] == "updated" and smoke.requested[1] == f"http://{CANARY_LOCAL_HOST}"
+    headers = smoke_headers(f"http://{CANARY_LOCAL_HOST}", None)
+    status, _ = mesh.admit(istio.CLUSTER_LOCAL_GATEWAY, "istio-system", "GET", "/v2", headers)
+    assert status == 403  # no token, no passage
 
 
 def test_smoke_headers_send_the_token_to_cluster_local_services_only(tmp_path):
     token = tmp_path / "token"
     token.write_text("tok\n")
-    bearer = {SMOKE_TOKEN_HEADER: "tok"}
+    bearer = {SMOKE_TOKEN_HEADER: "tok", "Authorization": "Bearer tok"}
     assert smoke_headers(f"http://{CANARY_LOCAL_HOST}", token) == bearer
     assert smoke_headers("http://brain-ldm-predictor.team-a.svc:80/v2", token) == bearer
     for elsewhere in (
@@ -763,7 +933,7 @@ def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
     model_server, caplog, version
 ):
     """KServe reports no ready revision in RawDeployment mode (0.14.1 copies the Deployment's
-    revision number, 0.15.2 nothing) and its Ready is the old pods' until the Deployment
+    revision number, 0.15.x nothing) and its Ready is the old pods' until the Deployment
     controller rolled the new template out: the rollout reads the Deployment, smoke-tests
     after the new ReplicaSet is available, and asks for no canary."""
     smoke = Smoke()
@@ -789,7 +959,7 @@ def test_raw_deployment_update_has_no_canary_and_waits_for_the_new_pod_template(
     crdcheck.validate(obj)
     reported = obj["status"]["components"]["predictor"].get("latestCreatedRevision")
     assert reported == ("2" if version == "0.14.1" else None)
-    assert obj["status"].get("deploymentMode") == (None if version == "0.14.1" else "RawDeployment")
+    assert obj["status"].get("deploymentMode") == ("RawDeployment" if version == "0.15.2" else None)
     pred = obj["spec"]["predictor"]
     assert "canaryTrafficPercent" not in pred and pred["model"]["storageUri"] == NEW_URI
 
@@ -840,6 +1010,192 @@ def test_a_raw_update_of_scaling_alone_waits_for_the_hpa_not_a_new_template(mode
     assert list(kserve.revision_uri) == [f"{NAME}-predictor-00001"]
     # Smoke-tested only once KServe had written the HPA.
     assert kserve.hpa_writes == 2 and len(smoke.calls) == 2
+
+
+def test_a_raw_pod_slower_than_kserves_600_s_deadline_but_within_ours_is_not_rolled_back(
+    plain_api, model_server
+):
+    """KServe's Deployment says ProgressDeadlineExceeded after its fixed 600 s while a GPU
+    pod is still starting within serving.progress_deadline_s (its startup probe's budget);
+    the Deployment controller keeps rolling and the pod becomes ready. The rollout waits."""
+    smoke = Smoke()
+    slow = ("serving.progress_deadline_s=30",)
+    kserve = FakeKServe(
+        plain_api, latest_url=model_server, address_url=model_server, raw=True, slow=(SLOW_URI,)
+    )
+    with kserve:
+        rollout(plain_api).rollout(raw(OLD_URI, *slow), smoke)
+        result = rollout(plain_api, timeout_s=30).rollout(raw(SLOW_URI, *slow), smoke)
+    assert (result["action"], result["revision"]) == ("updated", "2")
+    assert kserve.deadline_reported == [f"{NAME}-predictor-00002"]
+    assert smoke.calls[-1][0] >= kserve.ready_at[f"{NAME}-predictor-00002"]
+
+
+def test_a_raw_update_whose_quantities_the_api_server_rewrites_still_rolls_out(model_server):
+    """The predictor asks for 0.5 cpu and 1024Mi; the Deployment comes back holding 500m and
+    1Gi, the API server's canonical form of the same amounts. Compared as text, the rollout
+    would wait for a template it already has, time out and roll a good update back. The
+    runtime's own resources stay beside the predictor's (KServe merges the containers)."""
+    smoke = Smoke()
+    with served_api() as api:
+        runtime = isvc_build.build_serving_runtime(SERVERLESS, namespace=NS)
+        runtime["spec"]["containers"][0]["resources"]["limits"]["ephemeral-storage"] = "2048Mi"
+        kubernetes.client.CustomObjectsApi(api.client(INSPECTOR_UA)).patch_namespaced_custom_object(
+            isvc_build.GROUP, isvc_build.RUNTIME_VERSION, NS, isvc_build.RUNTIME_PLURAL,
+            runtime["metadata"]["name"], runtime,
+        )  # fmt: skip
+        with FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True) as ks:
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            update = raw(NEW_URI, "cluster.predictor.cpu=0.5", "cluster.predictor.memory=1024Mi")
+            result = rollout(api, timeout_s=10).rollout(update, smoke)
+            apps = kubernetes.client.AppsV1Api(api.client(INSPECTOR_UA))
+            dep = apps.read_namespaced_deployment(f"{NAME}-predictor", NS)
+    assert (result["action"], result["revision"]) == ("updated", "2")
+    served = dep.spec.template.spec.containers[0].resources
+    assert served.requests == {"cpu": "500m", "memory": "1Gi"}
+    assert served.limits == {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "2Gi"}
+    assert list(ks.revision_uri.values()) == [OLD_URI, NEW_URI]
+
+
+@pytest.mark.parametrize(
+    "asked, stored",
+    [
+        ("0.5", "500m"),
+        ("1.5", "1500m"),
+        ("2000m", "2"),
+        ("1000", "1k"),
+        ("1500", "1500"),
+        ("1024Mi", "1Gi"),
+        ("1.5Gi", "1536Mi"),
+        ("0.9Gi", "966367641600m"),
+        ("100Mi", "100Mi"),
+        ("1e3", "1e3"),
+        ("0", "0"),
+    ],
+)
+def test_the_emulated_api_server_stores_quantities_in_canonical_form(asked, stored):
+    """k8s.io/apimachinery resource.Quantity's canonical form: no precision lost, no
+    fraction, the largest suffix of the format the quantity was written in (1.5 is 1500m,
+    1.5Gi is 1536Mi: its own documented examples); a binary amount that is no whole number
+    of bytes is written in decimal."""
+    assert canonical_quantity(asked) == stored
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_raw_strategy_change_fails_at_once_where_kserve_cannot_carry_it_out(
+    model_server, version
+):
+    """KServe 0.14.1 and 0.15.0 update the Deployment with StrategicMergePatch(current, new)
+    (deployment_reconciler.go: 0.14.1 line 236, 0.15.0 line 402): RollingUpdate -> Recreate
+    keeps the old ``rollingUpdate``, which the API server refuses, and KServe records that as
+    a Warning event, retrying forever. The rollout ends on that event; 0.15.2's two-way patch
+    carries the change out."""
+    smoke = Smoke()
+    with served_api(version=version) as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version=version
+        ) as kserve:
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            recreate = raw(NEW_URI, "serving.update_strategy=Recreate")
+            started = time.monotonic()
+            if version == "0.15.2":
+                result = rollout(api, timeout_s=60).rollout(recreate, smoke)
+            else:
+                with pytest.raises(isvc_rollout.RolloutFailed) as info:
+                    rollout(api, timeout_s=60).rollout(recreate, smoke)
+            waited = time.monotonic() - started
+            obj = stored(api)
+    if version == "0.15.2":
+        assert result["action"] == "updated" and list(kserve.revision_uri.values())[-1] == NEW_URI
+        return
+    message = str(info.value)
+    assert "spec.strategy.rollingUpdate: Forbidden" in message and "rolled back" in message
+    assert "delete the InferenceService" in message and waited < 15
+    assert obj["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_kserve_before_0_15_2_never_removes_what_an_update_drops_from_the_pod(
+    model_server, version
+):
+    """What the emulator holds of KServe's strategic merge (README, "How deploy rolls out"):
+    on 0.14.1 and 0.15.0 a GPU limit, an env entry or a lifecycle the new spec no longer
+    has stays in the Deployment's pod template; 0.15.2 removes them."""
+    smoke = Smoke()
+    gpu = ("cluster.predictor.gpus=1",)
+    with served_api(version=version) as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version=version
+        ):
+            first = isvc_build.build_inference_service(
+                load_config(overrides=[*RAW_OVERRIDES, *gpu]),
+                name=NAME, namespace=NS, storage_uri=OLD_URI, bundle_digest="a" * 64,
+            )  # fmt: skip
+            rollout(api).rollout(first, smoke)
+            update = raw(NEW_URI)  # no GPU, no bundle digest env
+            del update["spec"]["predictor"]["model"]["lifecycle"]
+            rollout(api, timeout_s=30).rollout(update, smoke)
+            apps = kubernetes.client.AppsV1Api(api.client(INSPECTOR_UA))
+            pod = apps.read_namespaced_deployment(f"{NAME}-predictor", NS).spec.template.spec
+    container = pod.containers[0]
+    kept = version != "0.15.2"
+    assert ("nvidia.com/gpu" in container.resources.limits) == kept
+    env = {e.name for e in container.env or []}
+    assert (isvc_build.BUNDLE_DIGEST_ENV in env) == kept
+    assert (container.lifecycle is not None) == kept
+
+
+def test_0_14_1_reports_no_revision_right_after_kserve_writes_the_deployment(model_server):
+    """KServe 0.14.1's PropagateRawStatus reads the Deployment it just wrote, which has no
+    rollout revision yet (raw_kube_reconciler.go lines 91-108 return the desired object):
+    latestCreatedRevision is blank for a moment after each write."""
+    smoke = Smoke()
+    seen: list[Any] = []
+    with served_api(version="0.14.1") as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version="0.14.1"
+        ):
+            rollout(api).rollout(raw(OLD_URI), smoke)
+            update = rollout(api)
+            real_get = update.get
+
+            def watching(ns: str, name: str) -> dict[str, Any] | None:
+                obj = real_get(ns, name)
+                pred = ((obj or {}).get("status") or {}).get("components", {}).get("predictor")
+                seen.append((pred or {}).get("latestCreatedRevision", "absent"))
+                return obj
+
+            update.get = watching  # type: ignore[method-assign]
+            result = update.rollout(raw(NEW_URI), smoke)
+            time.sleep(1.5)  # the Deployment controller's next update
+            later = stored(api)["status"]["components"]["predictor"]["latestCreatedRevision"]
+    assert (result["revision"], later) == ("2", "2")
+    assert "" in seen[seen.index("1") :], seen
+
+
+def test_an_hpa_written_without_metrics_gets_the_api_servers_cpu_default(model_server):
+    """KServe 0.15.x builds no metric for memory without a target (hpa_reconciler.go
+    getHPAMetrics); the API server then defaults autoscaling/v2's metrics to 80 % cpu."""
+    bare = raw(OLD_URI, "serving.scale_metric=memory", "serving.scale_target=70")
+    del bare["spec"]["predictor"]["scaleTarget"]
+    with served_api() as api:
+        with FakeKServe(api, latest_url=model_server, address_url=model_server, raw=True):
+            kubernetes.client.CustomObjectsApi(
+                api.client(INSPECTOR_UA)
+            ).create_namespaced_custom_object(
+                isvc_build.GROUP, isvc_build.ISVC_VERSION, NS, isvc_build.ISVC_PLURAL, bare
+            )
+            scaling = kubernetes.client.AutoscalingV2Api(api.client(INSPECTOR_UA))
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    hpa = scaling.read_namespaced_horizontal_pod_autoscaler(f"{NAME}-predictor", NS)
+                    break
+                except kubernetes.client.exceptions.ApiException:
+                    assert time.monotonic() < deadline, "the fake never wrote the HPA"
+                    time.sleep(0.05)
+    (metric,) = hpa.spec.metrics
+    assert (metric.resource.name, metric.resource.target.average_utilization) == ("cpu", 80)
 
 
 # --------------------------------------------------------------------------- Knative specifics

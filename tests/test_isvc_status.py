@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from ldm_core.kube import isvc_status
-from ldm_core.kube.deployment_status import REVISION_ANNOTATION, deployment_progress
+from ldm_core.config import load_config
+from ldm_core.kube import isvc_build, isvc_status
+from ldm_core.kube.deployment_status import (
+    REVISION_ANNOTATION,
+    SOURCE_URI_ANNOTATION,
+    deployment_progress,
+    startup_budget_s,
+    template_differs,
+)
 
 NAME = "brain-ldm"
 
@@ -154,3 +161,65 @@ def test_promotion_refuses_a_revision_that_was_never_smoke_tested():
         traffic=[{"revisionName": smoked, "percent": 100, "latestRevision": True}],
     )
     assert isvc_status.promotion_state({"status": status}, smoked).phase == "ready"
+
+
+def test_the_pod_templates_resources_are_compared_as_quantities():
+    """The API server stores quantities in canonical form (k8s.io/apimachinery resource.
+    Quantity): what the predictor asked as 0.5 cpu and 1024Mi comes back as 500m and 1Gi,
+    and is the same amount; another amount is not."""
+    predictor = {
+        "model": {
+            "storageUri": "s3://b/m",
+            "resources": {
+                "requests": {"cpu": "0.5", "memory": "1024Mi"},
+                "limits": {"cpu": "2000m", "memory": "1024Mi", "nvidia.com/gpu": "1"},
+            },
+        }
+    }
+    stored = {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    stored["limits"] = {"cpu": "2", "memory": "1Gi", "nvidia.com/gpu": "1"}
+
+    def deployment(resources: dict) -> dict:
+        container = {"name": "kserve-container", "resources": resources}
+        template = {
+            "metadata": {"annotations": {SOURCE_URI_ANNOTATION: "s3://b/m"}},
+            "spec": {"containers": [container]},
+        }
+        return {"spec": {"template": template}}
+
+    assert template_differs(deployment(stored), predictor) is None
+    smaller = {**stored, "requests": {"cpu": "400m", "memory": "1Gi"}}
+    assert "resources" in (template_differs(deployment(smaller), predictor) or "")
+    no_gpu = {**stored, "limits": {"cpu": "2", "memory": "1Gi"}}
+    assert "resources" in (template_differs(deployment(no_gpu), predictor) or "")
+
+
+def test_a_deployment_past_kserves_deadline_still_starting_within_our_budget_is_awaited():
+    """KServe fixes the predictor Deployment's progressDeadlineSeconds at 600; the Deployment
+    controller then reports ProgressDeadlineExceeded and keeps rolling. Our pods may take
+    serving.progress_deadline_s to start (their startup probe's budget): until that has
+    passed the condition is not a failure."""
+    dep = {
+        "metadata": {"generation": 2, "annotations": {REVISION_ANNOTATION: "3"}},
+        "spec": {"replicas": 1, "progressDeadlineSeconds": 600},
+        "status": {
+            "observedGeneration": 2,
+            "replicas": 2,
+            "updatedReplicas": 1,
+            "availableReplicas": 1,
+            "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+            ],
+        },
+    }
+    patient = deployment_progress(dep, None, new_revision=False, deadline_counts=False)
+    assert patient.phase == "waiting" and "ProgressDeadlineExceeded" in patient.detail
+    assert deployment_progress(dep, None, new_revision=False).phase == "failed"
+    cfg = load_config(
+        overrides=["serving.deployment_mode=RawDeployment", "serving.progress_deadline_s=1800"]
+    )
+    isvc = isvc_build.build_inference_service(
+        cfg, name=NAME, namespace="ns", storage_uri="s3://b/m"
+    )
+    assert startup_budget_s(isvc["spec"]["predictor"]) == 1800
+    assert startup_budget_s({"model": {"storageUri": "s3://b/m"}}) is None

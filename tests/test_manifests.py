@@ -1226,33 +1226,41 @@ def test_checkov_fails_a_weakened_predictor(builds, tmp_path):
 # --------------------------------------------------------------------------- Istio in a profile
 
 
-def test_the_istio_smoke_component_admits_the_smoke_step_and_keeps_the_users_in(tree):
+@pytest.fixture(scope="module")
+def istio_smoke(tree) -> list[dict[str, Any]]:
+    """The local overlay with the opt-in kubeflow-istio-smoke component, built by kustomize."""
+    proc = kustomize(layered(tree, "local", ("kubeflow-istio-smoke",)))
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_the_istio_smoke_component_admits_the_smoke_step_and_keeps_the_users_in(istio_smoke):
     """The opt-in component as kustomize builds it, with the profile controller's policy, in
-    the model of Istio's rules (tests/harness/istio.py): the deploy step's token in its own
-    header passes; the profile owner's request through Kubeflow's gateway, which forwards
-    the user's Dex token in Authorization, passes too; a token of an issuer the component
-    does not name, a forged one, or none from a pod outside the mesh does not."""
+    the model of Istio's rules (tests/harness/istio.py), on a cluster with Kubeflow's
+    cluster-jwks-proxy: the deploy step's token in its own header passes; the profile
+    owner's request through Kubeflow's gateway, which forwards the user's Dex token in
+    Authorization, passes too; a token of an issuer the component does not name, a forged
+    one, none from a pod outside the mesh, or the owner's header sent by such a pod does
+    not."""
     from ldm_core.smoke import SMOKE_TOKEN_HEADER
     from tests.harness import istio
 
-    proc = kustomize(layered(tree, "local", ("kubeflow-istio-smoke",)))
-    assert proc.returncode == 0, proc.stderr
-    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    mesh = istio.Mesh([*built, istio.profile_policy("brain-ldm", "user@example.com")])
+    built = istio_smoke
+    policies = [*built, istio.profile_policy("brain-ldm", "user@example.com")]
+    mesh = istio.Mesh(policies, fetchable=istio.WITH_JWKS_PROXY)
     pods = {"serving.kserve.io/inferenceservice": isvc_build.RUNTIME_NAME}
     infer = f"/v2/models/{isvc_build.RUNTIME_NAME}/infer"
 
     def ask(headers: dict[str, str], source: istio.Source = istio.Source()) -> int:
         return mesh.request(pods, "brain-ldm", "POST", infer, headers, source)
 
-    gateway = istio.Source(
-        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account", "istio-system"
-    )
+    gateway = istio.Source(istio.GATEWAY_PRINCIPAL, "istio-system")
     user = {
         "Authorization": f"Bearer {istio.token(istio.DEX_ISSUER, 'CgVhZG1pbhIFbG9jYWw')}",
         "kubeflow-userid": "user@example.com",
     }
     assert ask(user, gateway) == 200
+    assert ask(user) == 403  # the owner's header is only believed from the gateway
     runner = "system:serviceaccount:brain-ldm:pipeline-runner"
     sa_token = istio.token(istio.KUBERNETES_ISSUER, runner)
     assert ask({SMOKE_TOKEN_HEADER: sa_token}) == 200
@@ -1263,3 +1271,56 @@ def test_the_istio_smoke_component_admits_the_smoke_step_and_keeps_the_users_in(
     assert ask({}) == 403
     other = istio.token(istio.KUBERNETES_ISSUER, "system:serviceaccount:other:default")
     assert ask({SMOKE_TOKEN_HEADER: other}) == 403
+
+
+def test_the_istio_smoke_component_names_keys_istiod_can_fetch(istio_smoke):
+    """istiod fetches a provider's JWKS itself, anonymously and trusting only public roots:
+    the API server's own /openid/v1/jwks fails, and every token of that provider with it
+    (a fake JWKS). The component points at Kubeflow's cluster-jwks-proxy; without that
+    proxy the keys go inline (``kubectl get --raw /openid/v1/jwks``), as manifests/README.md
+    says."""
+    from ldm_core.smoke import SMOKE_TOKEN_HEADER
+    from tests.harness import istio
+
+    built = istio_smoke
+    pods = {"serving.kserve.io/inferenceservice": isvc_build.RUNTIME_NAME}
+    runner = istio.token(istio.KUBERNETES_ISSUER, "system:serviceaccount:brain-ldm:pipeline-runner")
+
+    def smoke(objects: list[dict], fetchable: dict[str, str]) -> int:
+        mesh = istio.Mesh([*objects, istio.profile_policy("brain-ldm", "u@example.com")], fetchable)
+        return mesh.request(pods, "brain-ldm", "GET", "/v2/models/m", {SMOKE_TOKEN_HEADER: runner})
+
+    (authn,) = [d for d in built if d["kind"] == "RequestAuthentication"]
+    (rule,) = authn["spec"]["jwtRules"]
+    assert rule["jwksUri"] == istio.CLUSTER_JWKS_PROXY_URI
+    assert smoke(built, istio.WITH_JWKS_PROXY) == 200
+    assert smoke(built, istio.KUBEFLOW_JWKS) == 401  # no proxy installed: install it, or inline
+    inline = {**rule, "jwks": istio.jwks(istio.KUBERNETES_ISSUER)}
+    inline.pop("jwksUri")
+    pasted = {**authn, "spec": {**authn["spec"], "jwtRules": [inline]}}
+    others = [d for d in built if d is not authn]
+    assert smoke([*others, pasted], istio.KUBEFLOW_JWKS) == 200
+    direct = {**rule, "jwksUri": istio.KUBERNETES_JWKS_URI}
+    straight = {**authn, "spec": {**authn["spec"], "jwtRules": [direct]}}
+    assert smoke([*others, straight], istio.WITH_JWKS_PROXY) == 401
+
+
+def test_the_istio_model_applies_root_namespace_policies_by_their_selector():
+    """Istio attaches a policy of the root namespace to every workload its selector matches,
+    in any namespace (pilot/pkg/model/authentication.go getConfigsForWorkload, 1.24.3)."""
+    from tests.harness import istio
+
+    pods = {"serving.kserve.io/inferenceservice": "brain-ldm"}
+    deny = {
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-deletes", "namespace": istio.ROOT_NAMESPACE},
+        "spec": {
+            "selector": {"matchLabels": pods},
+            "action": "DENY",
+            "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}],
+        },
+    }
+    mesh = istio.Mesh([deny])
+    assert mesh.request(pods, "team-a", "DELETE", "/v2/models/m", {}) == 403
+    assert mesh.request(pods, "team-a", "GET", "/v2/models/m", {}) == 200
+    assert mesh.request({"app": "other"}, "team-a", "DELETE", "/v2/models/m", {}) == 200

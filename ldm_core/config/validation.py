@@ -219,6 +219,14 @@ _UPDATE_STRATEGIES = ("RollingUpdate", "Recreate")
 KNATIVE_MAX_CONTAINER_CONCURRENCY = 1000
 """Knative's ``container-concurrency-max-limit`` default (config-defaults;
 knative/serving pkg/apis/config/defaults.go DefaultMaxRevisionContainerConcurrency)."""
+KNATIVE_MAX_REVISION_TIMEOUT_S = 600
+"""Knative's ``max-revision-timeout-seconds`` default (config-defaults; knative/serving
+v1.16.2 pkg/apis/config/defaults.go lines 44-45, DefaultMaxRevisionTimeoutSeconds): its
+webhook refuses a revision whose ``timeoutSeconds`` is longer (revision_validation.go
+``validateTimeoutSeconds``, lines 171-180)."""
+INGRESS_MARGIN_S = 30
+"""The predictor's timeout is ``serving.request_timeout_s`` plus this (ldm_core.kube.isvc_build
+``ingress_timeout_s``): the server's own 504 comes before the gateway's."""
 
 
 def _cores(quantity: str) -> decimal.Decimal | None:
@@ -315,7 +323,8 @@ def _check_admission(cfg: Config) -> None:
 def _check_knative(cfg: Config) -> None:
     """Serverless: KServe's webhook takes only Knative's metrics and no deploymentStrategy
     (kserve pkg/apis/serving/v1beta1/inference_service_validation.go,
-    validateScalingKPACompExtension, v0.14.1 and v0.15.2); and a concurrency target below
+    validateScalingKPACompExtension, v0.14.1 and v0.15.2); Knative's takes no revision
+    timeout over :data:`KNATIVE_MAX_REVISION_TIMEOUT_S`; and a concurrency target below
     one replica's batch scales out before the batch fills (queue-proxy counts every request
     it forwards; the autoscaler aims at target x 70 % utilisation per pod)."""
     s = cfg.serving
@@ -325,6 +334,17 @@ def _check_knative(cfg: Config) -> None:
             f"serving.scale_metric: {metric} is refused by KServe's webhook in Serverless mode "
             f"([{metric}] is not a supported metric); use concurrency or rps (or auto), or "
             "deployment_mode RawDeployment for an HPA on cpu or memory"
+        )
+    timeout = int(s.request_timeout_s) + INGRESS_MARGIN_S
+    if timeout > KNATIVE_MAX_REVISION_TIMEOUT_S:
+        raise ConfigError(
+            f"serving.request_timeout_s: {s.request_timeout_s:g} s makes the predictor's timeout "
+            f"{timeout} s (+{INGRESS_MARGIN_S} s for the gateway), over Knative's "
+            f"max-revision-timeout-seconds ({KNATIVE_MAX_REVISION_TIMEOUT_S} s, its default, "
+            "which this check assumes), so Knative's webhook refuses the revision; use at most "
+            f"{KNATIVE_MAX_REVISION_TIMEOUT_S - INGRESS_MARGIN_S}, or deployment_mode "
+            "RawDeployment (no such limit). The setting to raise for longer requests is "
+            "max-revision-timeout-seconds in ConfigMap knative-serving/config-defaults"
         )
     if s.update_strategy != "RollingUpdate":
         raise ConfigError(

@@ -22,5 +22,7 @@
 - ``isvc_build``: a model bundle as a KServe InferenceService (and its ServingRuntime),
   built from the config;
 - ``isvc_status``: where an InferenceService's revision stands, read from its status;
+- ``isvc_api``: the API calls of a rollout, and its one write form (merge patches);
+- ``isvc_watch``: what KServe made of one write (status, Deployment, refusal events);
 - ``isvc_rollout``: the rollout (create or canary, smoke inference, promote or roll back).
 """

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import kubernetes
+from kubernetes.utils import parse_quantity
 
 from ldm_core.errors import LdmError
 from ldm_core.kube.errors import ApiCall, call_api
@@ -39,6 +40,16 @@ REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
 """Where KServe tells the storage initializer the model's storageUri: an annotation on the
 predictor's pod template (components/predictor.go, v0.15.2 line 264; v0.14.1 alike)."""
+ANNOTATIONS_NOT_COPIED = (
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    SOURCE_URI_ANNOTATION,
+    "kubectl.kubernetes.io/last-applied-configuration",
+)
+"""KServe's ServiceAnnotationDisallowedList (pkg/constants/constants.go, v0.14.1 and v0.15.2):
+every other annotation and every label of the InferenceService goes into the predictor's
+pod template (components/predictor.go ``buildObjectMeta``), so a change of them alone
+rolls out a new one."""
 PREDICTOR_SUFFIX = "-predictor"
 """KServe names the predictor's Deployment (and Service) ``<isvc name>-predictor``."""
 RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -54,9 +65,14 @@ _POD_FIELDS = (
     "terminationGracePeriodSeconds",
 )
 """Pod-level predictor fields KServe copies into the Deployment's pod template as given."""
+DEADLINE_CONDITION = ("Progressing", "False")
+"""ProgressDeadlineExceeded: KServe fixes the predictor Deployment's progressDeadlineSeconds at
+600 (deployment_reconciler.go ``setDefaultDeploymentSpec``, v0.14.1 lines 201-204, v0.15.2
+alike), shorter than a GPU pod may take to start; the Deployment controller keeps rolling
+after it, so it is a failure only once the pods' own startup budget has passed too."""
 _FAILED_CONDITIONS = {
     # (type, status): why it fails for good
-    ("Progressing", "False"): "ProgressDeadlineExceeded",
+    DEADLINE_CONDITION: "ProgressDeadlineExceeded",
     ("ReplicaFailure", "True"): None,
 }
 
@@ -105,14 +121,26 @@ def revision(deployment: Mapping[str, Any] | None) -> str | None:
     return str(value) if value is not None else None
 
 
-def _failed(status: Mapping[str, Any]) -> str | None:
+def _failed(status: Mapping[str, Any], deadline_counts: bool) -> str | None:
     for cond in status.get("conditions") or []:
         key = (cond.get("type"), cond.get("status"))
-        if key in _FAILED_CONDITIONS:
+        if key in _FAILED_CONDITIONS and (deadline_counts or key != DEADLINE_CONDITION):
             reason = _FAILED_CONDITIONS[key]
             if reason is None or cond.get("reason") == reason:
                 return f"Deployment condition {key[0]}={key[1]} {cond.get('reason')}: {cond.get('message', '')}"
     return None
+
+
+def startup_budget_s(predictor: Mapping[str, Any]) -> float | None:
+    """How long the predictor's pods may take to start before the kubelet restarts them:
+    the startup probe's initial delay plus ``failureThreshold`` x ``periodSeconds`` (its
+    budget is ``serving.progress_deadline_s``, see ``isvc_build``); None without one."""
+    container = predictor.get("model") or (predictor.get("containers") or [{}])[0]
+    probe = container.get("startupProbe")
+    if not probe:
+        return None
+    periods = probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
+    return float(probe.get("initialDelaySeconds", 0) + periods)
 
 
 def _contains(actual: Any, expected: Any) -> bool:
@@ -129,27 +157,55 @@ def _contains(actual: Any, expected: Any) -> bool:
     return actual == expected or str(actual) == str(expected)
 
 
+def _same_resources(actual: Any, expected: Mapping[str, Any]) -> bool:
+    """The container's ``resources`` hold the amounts ``expected`` asks for, compared as
+    quantities: the API server stores them in canonical form (0.5 as 500m, 1024Mi as 1Gi;
+    k8s.io/apimachinery resource.Quantity), and KServe merges the runtime's keys beside
+    ours."""
+    actual = actual if isinstance(actual, Mapping) else {}
+    for part, wanted in expected.items():
+        held = actual.get(part) or {}
+        if not isinstance(wanted, Mapping):
+            if not _contains(held, wanted):
+                return False
+            continue
+        for key, amount in wanted.items():
+            if key not in held or parse_quantity(held[key]) != parse_quantity(amount):
+                return False
+    return True
+
+
 def template_differs(
-    deployment: Mapping[str, Any] | None, predictor: Mapping[str, Any]
+    deployment: Mapping[str, Any] | None,
+    predictor: Mapping[str, Any],
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str | None:
-    """What of the ``predictor`` spec the Deployment's pod template does not carry yet (the
-    kserve-container's image, args, env, resources, lifecycle; the pod's placement and
-    grace), or None when it carries all of it."""
+    """What of the ``predictor`` spec and the InferenceService's ``metadata`` (labels and
+    annotations) the Deployment's pod template does not carry yet (the kserve-container's
+    image, args, env, resources, lifecycle; the pod's placement and grace; the labels and
+    the annotations KServe copies), or None when it carries all of it."""
     if deployment is None:
         return "KServe to create the predictor's Deployment"
     template = (deployment.get("spec") or {}).get("template") or {}
     pod = template.get("spec") or {}
     uri = (predictor.get("model") or {}).get("storageUri")
-    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    meta = template.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
     if uri and annotations.get(SOURCE_URI_ANNOTATION) != uri:
         return f"the Deployment's pod template to load {uri}"
+    for part, written in (metadata or {}).items():
+        held = meta.get(part) or {}
+        copied = {k: v for k, v in written.items() if k not in ANNOTATIONS_NOT_COPIED}
+        if any(held.get(k) != v for k, v in copied.items()):
+            return f"the Deployment's pod template to carry the InferenceService's {part}"
     containers = {c.get("name"): c for c in pod.get("containers") or []}
     served = containers.get("kserve-container") or {}
     want = predictor.get("model") or (predictor.get("containers") or [{}])[0]
     fields = ("image", "env", "resources", "lifecycle")
     expected = {k: want[k] for k in fields if k in want}
     for key, value in expected.items():
-        if not _contains(served.get(key), value):
+        same = _same_resources if key == "resources" else _contains
+        if not same(served.get(key), value):
             return f"the Deployment's pod template to carry the predictor's {key}"
     args = list(want.get("args") or [])
     if args and (served.get("args") or [])[-len(args) :] != args:
@@ -193,10 +249,12 @@ def deployment_progress(
     previous_revision: str | None,
     *,
     new_revision: bool = True,
+    deadline_counts: bool = True,
 ) -> DeploymentProgress:
     """Where the Deployment's rollout stands: of a pod template newer than
     ``previous_revision`` (``previous_revision`` None, or ``new_revision`` False: of the
-    template it has now)."""
+    template it has now). ``deadline_counts`` False: a ProgressDeadlineExceeded is only
+    noted (:data:`DEADLINE_CONDITION`)."""
     if deployment is None:
         return DeploymentProgress("waiting", "KServe to create the predictor's Deployment", None)
     rev = revision(deployment)
@@ -205,9 +263,20 @@ def deployment_progress(
             "waiting", f"a new Deployment revision (still {rev or 'unset'})", rev
         )
     meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
-    failure = _failed(status)
+    failure = _failed(status, deadline_counts)
     if failure:
         return DeploymentProgress("failed", failure, rev)
+    progress = _rollout_progress(meta, spec, status, rev)
+    if progress.phase == "waiting" and _failed(status, True):
+        late = "; past the Deployment's progressDeadlineSeconds, within the pods' startup budget"
+        return progress._replace(detail=f"{progress.detail} (ProgressDeadlineExceeded{late})")
+    return progress
+
+
+def _rollout_progress(
+    meta: Mapping[str, Any], spec: Mapping[str, Any], status: Mapping[str, Any], rev: str | None
+) -> DeploymentProgress:
+    """``kubectl rollout status``'s rule over a Deployment that reports no failure."""
     generation, observed = meta.get("generation", 0), status.get("observedGeneration", -1)
     if observed < generation:
         return DeploymentProgress(

@@ -51,7 +51,12 @@ from this deploy's config. ``request_timeout_s`` travels with them (:func:`serve
 ISTIO_PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
 """Per-pod Istio ProxyConfig. Its ``terminationDrainDuration`` (5 s by default) is how long the
 sidecar keeps serving after SIGTERM: shorter than a generation, it would cut the answers the
-server is still draining (ldm_core/serve/shutdown.py)."""
+server is still draining (ldm_core/serve/shutdown.py). pilot-agent sleeps that whole duration
+unless ``EXIT_ON_ZERO_ACTIVE_CONNECTIONS`` is set (istio pkg/envoy/agent.go ``terminate``,
+1.24.3 lines 152-220), so with it alone every pod would take its full grace and be killed;
+the flag (``proxyMetadata``, which the sidecar injector sets as the agent's environment)
+makes the sidecar leave once its connections are gone."""
+ISTIO_PROXY_METADATA = {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
 PRESTOP_DRAIN_S = 15
 """RawDeployment: seconds the preStop hook waits before the server gets SIGTERM, so the
 endpoints controller, kube-proxy and the ingress drop the pod before it stops taking
@@ -137,12 +142,12 @@ def _autoscaling(cfg: Config) -> dict[str, Any]:
         "containerConcurrency": s.container_concurrency,
     }
     raw = s.deployment_mode == "RawDeployment"
-    # A Kubeflow profile injects an Istio sidecar; it must outlive the server's drain: the
-    # pod's grace in Raw mode, the revision's timeout (Knative's grace) in Serverless mode.
+    # A Kubeflow profile injects an Istio sidecar; it must outlive the server's drain, at most
+    # the pod's grace in Raw mode, the revision's timeout (Knative's grace) in Serverless mode,
+    # and leave once nothing is left to drain.
     drain_s = termination_grace_s(cfg) if raw else ingress_timeout_s(cfg)
-    out["annotations"] = {
-        ISTIO_PROXY_CONFIG_ANNOTATION: json.dumps({"terminationDrainDuration": f"{drain_s}s"})
-    }
+    proxy = {"terminationDrainDuration": f"{drain_s}s", "proxyMetadata": ISTIO_PROXY_METADATA}
+    out["annotations"] = {ISTIO_PROXY_CONFIG_ANNOTATION: json.dumps(proxy)}
     if raw:
         out["deploymentStrategy"] = {"type": s.update_strategy}
     else:

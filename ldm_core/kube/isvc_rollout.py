@@ -19,18 +19,19 @@ lines 119-150, v0.15.2 lines 115-147): the canary that just failed, until the re
 revision is up. With ``canaryTrafficPercent: 0`` the last rolled-out revision takes 100%.
 
 What counts as the new revision being ready, failed or awaited is read by the pure
-functions of :mod:`ldm_core.kube.isvc_status`; the revision promoted is the one
-smoke-tested, or the rollout fails. A webhook that refuses what KServe writes (a Warning
-event on the InferenceService, see :mod:`ldm_core.kube.knative`) ends the wait at once with
-that message. Before an update in Serverless mode, Knative's podspec feature flags are read
-(when RBAC allows) and a spec that needs one that is off is warned about up front.
+functions of :mod:`ldm_core.kube.isvc_status` through :mod:`ldm_core.kube.isvc_watch`; the
+revision promoted is the one smoke-tested, or the rollout fails. A refusal of what KServe
+writes (a Warning event on the InferenceService: a webhook's, the API server's) ends the
+wait at once with that message. Before an update, what is known to fail is warned about up
+front: in Serverless mode a podspec feature flag of Knative's that the spec needs and that
+is off (read when RBAC allows), in RawDeployment mode a changed ``deploymentStrategy``.
 
-Only JSON merge patches are sent (no PUT, no resourceVersion), and a create's response body
-is never relied on, so the code works against API servers with partial bookkeeping. Every
-create and patch asks for ``fieldValidation=Strict``, so an API server refuses a field the
-installed CRD does not know instead of pruning it. API calls go through
-:func:`ldm_core.kube.errors.call_api`, so a refusal names the missing RBAC grant as the
-PyTorchJob launcher's do; the clock and sleep are injected.
+The labels and annotations the deploy writes (the bundle's lineage, the Model Registry's
+ids) go in the same write as the spec, and a roll back restores them in the same write as
+the previous spec: KServe copies both into the pod template of the revision it makes. A
+rerun whose spec is unchanged but whose metadata is not is an update (KServe makes a new
+revision of it). The API calls and their write form are :mod:`ldm_core.kube.isvc_api`'s;
+the clock and sleep are injected.
 """
 
 from __future__ import annotations
@@ -38,50 +39,38 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
 
 from ldm_core.errors import LdmError
-from ldm_core.kube import deployment_status, knative
-from ldm_core.kube.errors import ApiCall, call_api
-from ldm_core.kube.isvc_build import GROUP, ISVC, ISVC_PLURAL, RUNTIME, RUNTIME_PLURAL
+from ldm_core.kube import isvc_api, knative
+from ldm_core.kube.isvc_api import InferenceServiceApi, merge_patch
 from ldm_core.kube.isvc_status import (
     RevisionState,
     canary_split_state,
     deployment_mode,
-    invalid_spec,
     is_raw,
     model_failure,
     pinned_state,
     predictor_status,
     promotion_state,
-    raw_revision_state,
     revision_state,
     service_url,
 )
-from ldm_core.kube.resources import CustomObjects, CustomResource
+from ldm_core.kube.isvc_watch import RevisionWatch, Written
 
 log = logging.getLogger(__name__)
 
-RBAC_RULES: list[tuple[str, str, tuple[str, ...]]] = [
-    (GROUP, ISVC_PLURAL, ("create", "get", "patch")),
-    (GROUP, RUNTIME_PLURAL, ("create", "get")),
-    *deployment_status.RBAC_RULES,
-    ("", "events", ("list",)),
-]
-"""Every (apiGroup, resource, verbs) this module calls; the pipeline runner's Role in
-manifests/ grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
+RBAC_RULES = isvc_api.RBAC_RULES
+"""Every (apiGroup, resource, verbs) the rollout calls (all through
+:class:`ldm_core.kube.isvc_api.InferenceServiceApi`); the pipeline runner's Role in manifests/
+grants exactly the union of the kube modules' rules (tests/test_rbac.py), and
 tests/test_isvc_rollout.py holds the rollout's real requests to this list."""
-
-FIELD_VALIDATION = "Strict"
-"""Every create and patch: refuse unknown fields (a CRD older than the code) loudly."""
-EVENTS_EVERY_S = 2.0
-"""How often, at most, a wait lists the InferenceService's events for a webhook's refusal
-(a list weighs more than a get, and KServe repeats the event on every retry anyway)."""
+METADATA = ("labels", "annotations")
+"""The parts of the InferenceService's metadata a deploy writes with the spec."""
 
 
 class RolloutError(LdmError):
@@ -96,40 +85,24 @@ class RolloutFailed(RolloutError):
     """KServe reported the revision failed, or the smoke inference through it failed."""
 
 
-def merge_patch(current: Any, desired: Any) -> Any:
-    """RFC 7386 merge patch turning ``current`` into ``desired`` (None deletes a key)."""
-    if not isinstance(current, Mapping) or not isinstance(desired, Mapping):
-        return copy.deepcopy(desired)
-    patch: dict[str, Any] = {}
-    for key in current.keys() - desired.keys():
-        patch[key] = None
-    for key, value in desired.items():
-        if key not in current:
-            patch[key] = copy.deepcopy(value)
-        elif current[key] != value:
-            patch[key] = merge_patch(current[key], value)
-    return patch
-
-
 SmokeFn = Callable[[str], dict[str, Any]]
 """The smoke inference: called with the URL to send it to, it returns what it measured, or
 raises LdmError when the answer is wrong (see :func:`ldm_core.smoke.smoke_check`)."""
 
 
-@dataclass(frozen=True)
-class _Before:
-    """What served before our write: the new revision must differ from these, and only
-    events after ``written_at`` are about our write."""
+def written_metadata(obj: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The labels and annotations of ``obj`` a deploy writes (all of a desired object's)."""
+    meta = obj.get("metadata") or {}
+    return {part: dict(meta.get(part) or {}) for part in METADATA}
 
-    revision: str | None
-    """Serverless: the predictor's latestCreatedRevision."""
-    deployment_revision: str | None
-    """RawDeployment: the predictor Deployment's rollout revision."""
-    written_at: datetime
-    predictor: dict[str, Any]
-    """The predictor spec written (RawDeployment: what the Deployment and HPA must carry)."""
-    refused: tuple[str, str, str] | None = None
-    """KServe's InvalidSpec report before the write (:func:`model_failure`)."""
+
+def metadata_undo(
+    before: dict[str, Any], written: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str | None]]:
+    """The merge patch that gives the keys of ``written`` back their values in ``before``
+    (the object before the write), removing those it did not have."""
+    meta = before.get("metadata") or {}
+    return {part: {k: (meta.get(part) or {}).get(k) for k in written[part]} for part in METADATA}
 
 
 class InferenceServiceRollout:
@@ -152,85 +125,21 @@ class InferenceServiceRollout:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.api_client = api_client
+        self.api = InferenceServiceApi(api_client, RolloutError)
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.clock = clock
         self.sleep = sleep
         self._advice: list[str] = []
-        self._events_due = 0.0
-
-    # ---- API calls (merge patches only; responses of create are not relied on)
-
-    def _objects(self, resource: CustomResource, namespace: str) -> CustomObjects:
-        return CustomObjects(self.api_client, resource, namespace, RolloutError)
+        self._watch = RevisionWatch(self.api, clock, poll_s)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The InferenceService as stored, or None when there is none of that name."""
-        return self._objects(ISVC, namespace).get(name)
-
-    def _call(self, verb: str, resource: CustomResource, ns: str, name: str, send: Any) -> Any:
-        return call_api(
-            ApiCall(verb, resource.rbac_name, ns, name),
-            send,
-            host=str(self.api_client.configuration.host),
-            error=RolloutError,
-        )
-
-    def _create(self, obj: dict[str, Any], resource: CustomResource = ISVC) -> None:
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        api = kubernetes.client.CustomObjectsApi(self.api_client)
-        args = (resource.group, resource.version, ns, resource.plural, obj)
-        self._call(
-            "create",
-            resource,
-            ns,
-            name,
-            lambda: api.create_namespaced_custom_object(*args, field_validation=FIELD_VALIDATION),
-        )
-
-    def _patch(self, namespace: str, name: str, body: dict[str, Any]) -> None:
-        api = kubernetes.client.CustomObjectsApi(self.api_client)
-        args = (GROUP, ISVC.version, namespace, ISVC_PLURAL, name, body)
-        self._call(
-            "patch",
-            ISVC,
-            namespace,
-            name,
-            lambda: api.patch_namespaced_custom_object(*args, field_validation=FIELD_VALIDATION),
-        )
-
-    def _deployment(self, ns: str, name: str) -> dict[str, Any] | None:
-        """The predictor's Deployment (RawDeployment mode), or None before KServe made it."""
-        return deployment_status.read(self.api_client, "deployment", ns, name, RolloutError)
-
-    def _hpa(self, ns: str, name: str) -> dict[str, Any] | None:
-        """The predictor's HorizontalPodAutoscaler (RawDeployment mode), or None."""
-        return deployment_status.read(self.api_client, "hpa", ns, name, RolloutError)
-
-    def _refusal(
-        self, ns: str, name: str, since: datetime, *, any_error: bool = False
-    ) -> str | None:
-        """A webhook's refusal of what KServe wrote for our spec (``any_error``: any failed
-        reconcile), from the Warning events KServe records on the InferenceService."""
-        core = kubernetes.client.CoreV1Api(self.api_client)
-        events = call_api(
-            ApiCall("list", "events", ns),
-            lambda: core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}"),
-            host=str(self.api_client.configuration.host),
-            error=RolloutError,
-        )
-        needle = None if any_error else knative.DENIED_BY_WEBHOOK
-        return knative.reconcile_failure(events.items or [], name, since, needle)
+        return self.api.get(namespace, name)
 
     def ensure_serving_runtime(self, runtime: dict[str, Any]) -> str:
-        """Create the ServingRuntime if the namespace has none of that name (never overwrite
-        one a platform engineer applied from manifests). Returns "created" or "exists"."""
-        runtimes = self._objects(RUNTIME, runtime["metadata"]["namespace"])
-        if runtimes.get(runtime["metadata"]["name"]) is not None:
-            return "exists"
-        self._create(runtime, RUNTIME)
-        return "created"
+        """:meth:`ldm_core.kube.isvc_api.InferenceServiceApi.ensure_serving_runtime`."""
+        return self.api.ensure_serving_runtime(runtime)
 
     # ---- before writing
 
@@ -244,11 +153,11 @@ class InferenceServiceRollout:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         predictor = desired["spec"]["predictor"]
         runtime_name = (predictor.get("model") or {}).get("runtime")
-        runtime = self._objects(RUNTIME, ns).get(runtime_name) if runtime_name else None
+        runtime = self.api.runtime(ns, runtime_name) if runtime_name else None
         needed = knative.needed_flags(predictor, (runtime or {}).get("spec"))
         if not needed:
             return []
-        features, source = knative.read_features(self.api_client)
+        features, source = knative.read_features(self.api.api_client)
         if features is None:
             log.info("Knative podspec feature flags not checked: %s", source)
             return []
@@ -257,41 +166,38 @@ class InferenceServiceRollout:
             log.warning("InferenceService %s/%s: %s", ns, name, line)
         return advice
 
+    def _strategy_advice(self, desired: dict[str, Any], existing: dict[str, Any]) -> list[str]:
+        """RawDeployment: a changed ``deploymentStrategy``, which KServe 0.14.1 and 0.15.0
+        cannot carry out (their strategic merge keeps the old ``rollingUpdate`` beside a
+        Recreate, which the API server refuses); logged as a warning before the write."""
+        if not is_raw(existing):
+            return []
+        ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        kinds = [
+            ((obj.get("spec") or {}).get("predictor") or {}).get("deploymentStrategy") or {}
+            for obj in (existing, desired)
+        ]
+        was, wants = (k.get("type", "RollingUpdate") for k in kinds)
+        if was == wants:
+            return []
+        line = (
+            f"spec.predictor.deploymentStrategy changes from {was} to {wants}: KServe 0.14.1 "
+            "and 0.15.0 merge the new Deployment over the old one, and the API server refuses "
+            "the result; there, delete the InferenceService (kubectl -n "
+            f"{ns} delete inferenceservice {name}) and deploy again, or upgrade KServe to 0.15.2"
+        )
+        log.warning("InferenceService %s/%s: %s", ns, name, line)
+        return [line]
+
     # ---- waiting
 
-    def _before(self, obj: dict[str, Any] | None, predictor: dict[str, Any]) -> _Before:
-        """The identities our write of ``predictor`` must replace, read from ``obj`` (None:
-        a first deploy)."""
-        revision = deployment_revision = refused = None
-        if obj is not None:
-            revision = predictor_status(obj).get("latestCreatedRevision")
-            refused = model_failure(obj)
-            if is_raw(obj):
-                ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-                deployment_revision = deployment_status.revision(self._deployment(ns, name))
-        # Event times have whole seconds: a margin keeps an event of this very second.
-        now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=1)
-        return _Before(revision, deployment_revision, now, copy.deepcopy(predictor), refused)
-
-    def _state(self, obj: dict[str, Any], before: _Before) -> RevisionState:
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        refused = invalid_spec(obj)
-        if refused and model_failure(obj) != before.refused:
-            return RevisionState("failed", f"no new revision; {refused}")
-        if is_raw(obj):
-            dep, hpa = self._deployment(ns, name), self._hpa(ns, name)
-            state = raw_revision_state(obj, dep, hpa, before.predictor)
-        else:
-            state = revision_state(obj, before.revision)
-        if state.phase == "waiting" and state.revision is None and self.clock() >= self._events_due:
-            self._events_due = self.clock() + max(self.poll_s, EVENTS_EVERY_S)
-            webhook = self._refusal(ns, name, before.written_at)
-            if webhook or refused:
-                # An InvalidSpec the write did not change: KServe's event says it is ours.
-                event = webhook or self._refusal(ns, name, before.written_at, any_error=True)
-                if event:
-                    why = f"{refused}; {event}" if refused else f"KServe reported {webhook}"
-                    return RevisionState("failed", f"no new revision; {why}")
+    def _state(self, obj: dict[str, Any], written: Written) -> RevisionState:
+        """:meth:`RevisionWatch.state`; in RawDeployment mode with the advice given before
+        the write on a refusal (a webhook's refusal in Serverless mode names its field)."""
+        state = self._watch.state(obj, written)
+        if state.phase == "failed" and state.revision is None and is_raw(obj):
+            notes = "".join(f"; note: {line}" for line in self._advice)
+            return RevisionState("failed", f"{state.detail}{notes}")
         return state
 
     def _wait(
@@ -323,7 +229,9 @@ class InferenceServiceRollout:
         canary_percent: int | None = 10,
         url_override: str | None = None,
     ) -> dict[str, Any]:
-        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it.
+        """Create or update ``desired`` (built without canaryTrafficPercent) and verify it;
+        an update in Serverless mode goes through a ``canary_percent`` canary (1..99), one in
+        RawDeployment mode and a first deploy take none.
 
         Returns a dict with ``action`` (created | updated | unchanged | promoted: the same
         spec was left as a canary by an interrupted rollout), ``url``, ``revision``,
@@ -338,17 +246,29 @@ class InferenceServiceRollout:
                 "desired InferenceService must not set canaryTrafficPercent; pass canary_percent"
             )
         self._advice = []  # said again in a timeout's message; this rollout's only
-        self._events_due = self.clock()
+        self._watch = RevisionWatch(self.api, self.clock, self.poll_s)
         existing = self.get(ns, name)
         if existing is None:
             self._advice = self._knative_advice(desired, None)
             return self._first_deploy(desired, smoke, url_override)
         current = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         leftover_canary = current.pop("canaryTrafficPercent", None)
-        if current == predictor:
+        written = written_metadata(desired)
+        if current == predictor and metadata_undo(existing, written) == written:  # all stored
             return self._resume(existing, leftover_canary, smoke, url_override)
-        self._advice = self._knative_advice(desired, existing)
-        return self._update(existing, desired, smoke, canary_percent, url_override)
+        raw = is_raw(existing)
+        if not raw and not (canary_percent is not None and 0 < canary_percent < 100):
+            raise RolloutError(
+                f"InferenceService {ns}/{name}: canary_percent {canary_percent} for an update in "
+                "Serverless mode; give 1..99. Without a canary KServe sends all traffic to the "
+                "new revision once it is ready and records it as rolled out, so a roll back "
+                "could not move the traffic off it until the restored revision is ready"
+            )
+        self._advice = [
+            *self._knative_advice(desired, existing),
+            *self._strategy_advice(desired, existing),
+        ]
+        return self._update(existing, desired, smoke, None if raw else canary_percent, url_override)
 
     def _resume(
         self,
@@ -373,7 +293,15 @@ class InferenceServiceRollout:
         canary = None if is_raw(existing) else canary
         stored = copy.deepcopy((existing.get("spec") or {}).get("predictor") or {})
         stored.pop("canaryTrafficPercent", None)
-        before = _Before(None, None, datetime.now(UTC), stored, model_failure(existing))
+        before = Written(
+            None,
+            None,
+            datetime.now(UTC),
+            stored,
+            written_metadata(existing),
+            model_failure(existing),
+            self.clock(),
+        )
 
         def check(obj: dict[str, Any]) -> RevisionState:
             state = self._state(obj, before)
@@ -424,7 +352,7 @@ class InferenceServiceRollout:
 
     def _promote(self, ns: str, name: str, revision: str | None) -> None:
         """Drop canaryTrafficPercent (100% to the latest revision) and wait until it is so."""
-        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+        self.api.patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
         state, _ = self._wait(ns, name, lambda o: promotion_state(o, revision), "promotion to 100%")
         if state.phase == "failed":
             raise RolloutFailed(f"InferenceService {ns}/{name}: not promoted: {state.detail}")
@@ -434,8 +362,8 @@ class InferenceServiceRollout:
         self, desired: dict[str, Any], smoke: SmokeFn, url_override: str | None
     ) -> dict[str, Any]:
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        before = self._before(None, desired["spec"]["predictor"])
-        self._create(desired)
+        before = self._watch.written(None, desired["spec"]["predictor"], written_metadata(desired))
+        self.api.create(desired)
         log.info("created InferenceService %s/%s", ns, name)
         state, obj = self._wait(ns, name, lambda o: self._state(o, before), "first revision ready")
         if state.phase == "failed":
@@ -446,13 +374,16 @@ class InferenceServiceRollout:
         return {"action": "created", **self._verify(obj, state, smoke, None, url_override, None)}
 
     def _rollback(
-        self, ns: str, name: str, previous: dict[str, Any], raw: bool
+        self, previous: dict[str, Any], written: Written, raw: bool
     ) -> Callable[[str, RevisionState], str]:
-        """A function that restores the ``previous`` predictor spec after ``state`` (what
+        """A function that restores ``previous`` (the object before the update: its predictor
+        spec and the values of the labels and annotations ``written``) after ``state`` (what
         the new spec came to) and says what it did."""
+        ns, name = previous["metadata"]["namespace"], previous["metadata"]["name"]
+        metadata = metadata_undo(previous, written.metadata)
 
         def rollback(reason: str, state: RevisionState) -> str:
-            old = copy.deepcopy(previous.get("predictor") or {})
+            old = copy.deepcopy((previous.get("spec") or {}).get("predictor") or {})
             if raw or state.revision is None:
                 # No new revision serves anything: restoring the spec moves no traffic.
                 how = (
@@ -461,33 +392,39 @@ class InferenceServiceRollout:
                     if raw
                     else "restored the previous predictor spec"
                 )
-                self._restore(ns, name, old)
+                self._restore(ns, name, old, metadata)
             else:
-                how = self._pin_and_restore(ns, name, old)
+                how = self._pin_and_restore(ns, name, old, metadata)
             log.warning("rolled back InferenceService %s/%s (%s): %s", ns, name, how, reason)
             return f"rolled back: {how}"
 
         return rollback
 
-    def _restore(self, ns: str, name: str, predictor: dict[str, Any]) -> None:
+    def _restore(
+        self, ns: str, name: str, predictor: dict[str, Any], metadata: dict[str, Any]
+    ) -> None:
+        """One write of the previous ``predictor`` spec and ``metadata`` values."""
         current = self.get(ns, name) or {}
         undo = merge_patch((current.get("spec") or {}).get("predictor") or {}, predictor)
-        self._patch(ns, name, {"spec": {"predictor": undo}})
+        self.api.patch(ns, name, {"metadata": metadata, "spec": {"predictor": undo}})
 
-    def _pin_and_restore(self, ns: str, name: str, old: dict[str, Any]) -> str:
-        """Serverless, after a new revision exists: pin, restore under the pin, unpin."""
+    def _pin_and_restore(
+        self, ns: str, name: str, old: dict[str, Any], metadata: dict[str, Any]
+    ) -> str:
+        """Serverless, after a new revision exists: pin, restore under the pin, unpin. The
+        update went through a canary, so the last rolled-out revision is the previous one."""
         obj = self.get(ns, name) or {}
         rolled = predictor_status(obj).get("latestRolledoutRevision")
         if rolled is None:  # KServe ignores a canary percent without a rolled-out revision
-            self._restore(ns, name, old)
+            self._restore(ns, name, old, metadata)
             return "restored the previous predictor spec (no rolled-out revision to pin)"
-        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": 0}}})
+        self.api.patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": 0}}})
         try:
             self._wait(ns, name, lambda o: pinned_state(o, rolled), "pinning the previous revision")
         except RolloutTimeout:
             pass  # the pin is in the spec: KServe applies it with the restored spec
         created = predictor_status(self.get(ns, name) or {}).get("latestCreatedRevision")
-        self._restore(ns, name, {**old, "canaryTrafficPercent": 0})
+        self._restore(ns, name, {**old, "canaryTrafficPercent": 0}, metadata)
         pinned = (
             f"pinned all traffic to revision {rolled} (canaryTrafficPercent 0), "
             "restored the previous predictor spec"
@@ -500,7 +437,7 @@ class InferenceServiceRollout:
             return f"{pinned}; the pin stays until its revision is ready ({exc})"
         if state.phase != "ready":
             return f"{pinned}; the pin stays: its revision {state.revision} failed: {state.detail}"
-        self._patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
+        self.api.patch(ns, name, {"spec": {"predictor": {"canaryTrafficPercent": None}}})
         dropped = f"{pinned}, then dropped the pin once its revision {state.revision} was ready"
         try:
             check = lambda o: promotion_state(o, state.revision)  # noqa: E731
@@ -514,39 +451,35 @@ class InferenceServiceRollout:
         existing: dict[str, Any],
         desired: dict[str, Any],
         smoke: SmokeFn,
-        canary_percent: int | None,
+        canary: int | None,
         url_override: str | None,
     ) -> dict[str, Any]:
+        """Write ``desired`` over ``existing`` (Serverless: as a ``canary`` percent), wait for
+        its revision, smoke-test it, promote it, or roll back."""
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-        previous_spec = copy.deepcopy(existing.get("spec") or {})
         raw = is_raw(existing)
-        before = self._before(existing, desired["spec"]["predictor"])
-        pred_before = predictor_status(existing)
+        new_predictor = copy.deepcopy(desired["spec"]["predictor"])
+        before = self._watch.written(existing, new_predictor, written_metadata(desired))
         previous_revision = (
             before.deployment_revision
             if raw
-            else pred_before.get("latestReadyRevision") or before.revision
+            else predictor_status(existing).get("latestReadyRevision") or before.revision
         )
-        canary = canary_percent if canary_percent is not None and 0 < canary_percent < 100 else None
-        if raw and canary is not None:
+        if raw:
             log.info(
                 "InferenceService %s/%s runs in RawDeployment mode: no canary (a Deployment "
                 "has no traffic split); rolling update, smoke inference, roll back on failure",
                 ns,
                 name,
             )
-            canary = None
-        new_predictor = copy.deepcopy(desired["spec"]["predictor"])
         if canary is not None:
             new_predictor["canaryTrafficPercent"] = canary
+        current = (existing.get("spec") or {}).get("predictor") or {}
         body = {
-            "metadata": {
-                "labels": desired["metadata"].get("labels", {}),
-                "annotations": desired["metadata"].get("annotations", {}),
-            },
-            "spec": {"predictor": merge_patch(previous_spec.get("predictor") or {}, new_predictor)},
+            "metadata": before.metadata,
+            "spec": {"predictor": merge_patch(current, new_predictor)},
         }
-        self._patch(ns, name, body)
+        self.api.patch(ns, name, body)
         log.info(
             "patched InferenceService %s/%s (%s, canary %s%%)",
             ns,
@@ -554,7 +487,7 @@ class InferenceServiceRollout:
             deployment_mode(existing),
             canary if canary is not None else 100,
         )
-        rollback = self._rollback(ns, name, previous_spec, raw)
+        rollback = self._rollback(existing, before, raw)
         try:
             state, obj = self._wait(
                 ns, name, lambda o: self._state(o, before), "new revision ready"

@@ -20,6 +20,7 @@ cluster-local tag address, :func:`canary_url`) and whether traffic is pinned to 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,28 @@ def invalid_spec(obj: Mapping[str, Any]) -> str | None:
     return f"KServe refused the predictor spec: modelStatus.transitionStatus=InvalidSpec ({detail})"
 
 
+def refusal_patterns(
+    refused: tuple[str, str, str] | None, predictor: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """Regular expressions for what KServe's Warning event says when it refuses
+    ``predictor`` for the reason of ``refused`` (:func:`model_failure`): the error of the
+    predictor reconciler, which names the runtime (predictor.go, v0.14.1 lines 104-150,
+    v0.15.2 lines 276-325; utils.go ``GetServingRuntime``). An event of another reason, or
+    about another runtime (an earlier spec's, retried), is not this spec's refusal."""
+    reason = refused[1] if refused else ""
+    runtime = (predictor.get("model") or {}).get("runtime")
+    if runtime is None:
+        auto = ("no runtime found to support predictor",)
+        return auto if reason == "NoSupportingRuntime" else ()
+    named = re.escape(runtime)
+    patterns = {
+        "RuntimeNotRecognized": f"No ServingRuntimes or ClusterServingRuntimes with the name: {named}$",
+        "RuntimeDisabled": f"specified runtime {named} is disabled",
+        "NoSupportingRuntime": f"specified runtime {named} does not support specified",
+    }
+    return (patterns[reason],) if reason in patterns else ()
+
+
 @dataclass
 class RevisionState:
     """One reading of the predictor: ``phase`` is "ready", "failed" or "waiting"; ``detail``
@@ -182,19 +205,26 @@ def raw_revision_state(
     deployment: Mapping[str, Any] | None,
     hpa: Mapping[str, Any] | None,
     predictor: Mapping[str, Any],
+    metadata: Mapping[str, Mapping[str, str]] | None = None,
+    *,
+    deadline_counts: bool = True,
 ) -> RevisionState:
-    """Where a RawDeployment predictor carrying out ``predictor`` (the spec we wrote)
-    stands: its Deployment's pod template must carry what the spec sets and its HPA the
-    spec's scaling (an update of scaling alone makes no new template,
-    :mod:`ldm_core.kube.deployment_status`), the template must be rolled out by
+    """Where a RawDeployment predictor carrying out ``predictor`` and ``metadata`` (the
+    spec, labels and annotations we wrote) stands: its Deployment's pod template must carry
+    what they set and its HPA the spec's scaling (an update of scaling alone makes no new
+    template, :mod:`ldm_core.kube.deployment_status`), the template must be rolled out by
     ``kubectl rollout status``'s rule, and then the InferenceService must be Ready. KServe's
     own failure reports (a crash-looping model, ProgressDeadlineExceeded) count once the
-    Deployment carries the spec."""
-    awaited = deployment_status.template_differs(deployment, predictor)
+    Deployment carries the spec; the Deployment's ProgressDeadlineExceeded only with
+    ``deadline_counts`` (once the pods' startup budget has passed,
+    :data:`ldm_core.kube.deployment_status.DEADLINE_CONDITION`)."""
+    awaited = deployment_status.template_differs(deployment, predictor, metadata)
     awaited = awaited or deployment_status.hpa_differs(hpa, predictor)
     if awaited:
         return RevisionState("waiting", awaited)
-    progress = deployment_status.deployment_progress(deployment, None, new_revision=False)
+    progress = deployment_status.deployment_progress(
+        deployment, None, new_revision=False, deadline_counts=deadline_counts
+    )
     failure = _failure(obj.get("status") or {})
     if progress.phase == "failed" or failure:
         return RevisionState("failed", failure or progress.detail, progress.revision)

@@ -23,6 +23,7 @@ Reading ``config-features`` is optional: it needs a Role in ``knative-serving``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -103,11 +104,14 @@ def missing_flags(features: Mapping[str, str], needed: Mapping[str, str]) -> lis
 
 
 def reconcile_failure(
-    events: Iterable[Any], name: str, since: datetime, needle: str | None = DENIED_BY_WEBHOOK
+    events: Iterable[Any],
+    name: str,
+    since: datetime,
+    patterns: tuple[str, ...] = (DENIED_BY_WEBHOOK,),
 ) -> str | None:
     """The newest Warning event on InferenceService ``name`` since ``since`` whose message
-    holds ``needle`` (default: an admission webhook refused what KServe wrote; None: any
-    failed reconcile), as ``reason: message``; else None."""
+    one of the regular expressions ``patterns`` finds (default: an admission webhook refused
+    what KServe wrote), as ``reason: message``; else None."""
     newest: tuple[datetime, str] | None = None
     for ev in events:
         involved = ev.involved_object
@@ -116,7 +120,7 @@ def reconcile_failure(
         when = ev.last_timestamp or ev.event_time or ev.first_timestamp
         if ev.type != "Warning" or when is None or when < since:
             continue
-        if needle is not None and needle not in (ev.message or ""):
+        if not any(re.search(pattern, ev.message or "") for pattern in patterns):
             continue
         if newest is None or when > newest[0]:
             newest = (when, f"{ev.reason}: {ev.message}")

@@ -2,7 +2,7 @@
 
 :class:`FakeKServe` reconciles InferenceServices from a background thread against the
 emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1, Kubeflow
-1.10.0; or 0.15.2, Kubeflow 1.11.0) does, file and line at those tags:
+1.10.0; 0.15.0, Kubeflow 1.10.2; or 0.15.2, Kubeflow 1.11.0) does, file and line at those tags:
 
 - It notices a new predictor spec after a while (until then the status describes the spec
   before it: the stale state a rollout must not trust), then checks the ServingRuntime the
@@ -10,7 +10,14 @@ emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1
   lines 276-325): a missing runtime is ``InvalidSpec`` / ``RuntimeNotRecognized``, one that does
   not serve the model's format ``NoSupportingRuntime``; KServe then writes no child, sets
   ``modelStatus`` (``UpdateModelTransitionStatus``) and records a Warning ``InternalError``
-  event with the error (``controller.go``, 0.15.2 line 246).
+  event with the error (``controller.go``, 0.15.2 line 246). The first reconcile of a good
+  spec after such a refusal meets an update conflict (its own Warning event, the status
+  left as it was) and is retried.
+- The InferenceService's labels and annotations go into the predictor's pod template
+  (``buildObjectMeta``): annotations but KServe's ServiceAnnotationDisallowedList; labels
+  all in RawDeployment mode, but RevisionTemplateLabelDisallowedList (and, 0.15.x, the
+  configured ``serviceLabelDisallowedList``) in a Knative revision. A change of them alone
+  makes a new revision or template (:attr:`FakeKServe.revision_meta` keeps each one's).
 - Serverless (Knative Serving 1.16): a spec change that changes the revision template makes
   a new revision, which becomes ready, fails, or never gets ready. The Knative Service's
   traffic is what ``createKnativeService`` writes (``reconcilers/knative/ksvc_reconciler.go``,
@@ -29,30 +36,40 @@ emulated API (:class:`tests.harness.kube.KubeApi`) as KServe ``version`` (0.14.1
   KServe's Warning event carries the refusal (kserve#1425).
 - RawDeployment: a Deployment ``<isvc>-predictor`` whose pod template KServe rewrites only
   when it changes (``reconcilers/deployment/deployment_reconciler.go``: the diff ignores
-  replicas; ``setDefaultPodSpec`` gives a 30 s grace when none is set) and an HPA of the
-  same name (``reconcilers/hpa/hpa_reconciler.go`` ``createHPA`` / ``getHPAMetrics``): min
-  and max replicas and a resource-utilisation target; 0.14.1 names the metric after
-  ``scaleMetric`` whatever it is, 0.15.2 builds none for a metric other than cpu, or memory
-  without a target. A scaling-only change rewrites the HPA and no Deployment revision
-  appears. The Deployment controller's revision, generation and replica counts follow. On
-  the InferenceService ``PropagateRawStatus``: ``PredictorReady``/``Ready`` from the
+  replicas; ``setDefaultPodSpec`` gives a 30 s grace when none is set, and
+  ``setDefaultDeploymentSpec`` a 25 % ``rollingUpdate``); 0.14.1 and 0.15.0 write a strategic
+  merge over the current Deployment (what the spec drops stays, and a Recreate keeps the old
+  ``rollingUpdate``, which the API server refuses: a Warning event, no write), 0.15.2 a
+  two-way patch. The predictor's resources are merged into the runtime container's key by
+  key, and the API server stores quantities canonicalised (:func:`canonical_quantity`). An
+  HPA of the same name (``reconcilers/hpa/hpa_reconciler.go`` ``createHPA`` /
+  ``getHPAMetrics``): min and max replicas and a resource-utilisation target; 0.14.1 names
+  the metric after ``scaleMetric`` whatever it is, 0.15.x builds none for a metric other
+  than cpu, or memory without a target, and the API server then defaults it to 80 % cpu. A
+  scaling-only change rewrites the HPA and no Deployment revision appears. The Deployment
+  controller's revision, generation and replica counts follow; a template not rolled out
+  after a while gets ``ProgressDeadlineExceeded`` and keeps rolling. On the
+  InferenceService ``PropagateRawStatus``: ``PredictorReady``/``Ready`` from the
   Deployment, its ``observedGeneration``; 0.14.1 also copies the Deployment's revision into
-  ``components.predictor.latestCreatedRevision``; only 0.15.2 reports ``deploymentMode``.
+  ``components.predictor.latestCreatedRevision`` (blank for a moment after each write);
+  only 0.15.2 reports ``deploymentMode``.
 
 :data:`NETWORK` plays the cluster's DNS and, with an :class:`tests.harness.istio.Mesh`, the
-profile's Istio policies: a canary's cluster-local tag name reaches the new revision's
-server when the predictor's sidecar admits the request; external Knative hosts do not
-resolve from a pipeline pod.
+profile's Istio policies: a canary's cluster-local tag name goes through the cluster-local
+gateway to the new revision's server when both admit the request; external Knative hosts do
+not resolve from a pipeline pod.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import threading
 import time
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import httpx
@@ -68,6 +85,7 @@ from ldm_core.kube.isvc_build import (
     RUNTIME_VERSION,
 )
 from ldm_core.smoke import SmokeTestError
+from tests.harness import istio
 from tests.harness.kube import KubeApi
 
 NS = "brain-ldm"
@@ -78,12 +96,24 @@ OLD_URI = "s3://models/brain-ldm/aaaa"
 NEW_URI = "s3://models/brain-ldm/bbbb"
 BAD_URI = "s3://models/brain-ldm/broken"
 STUCK_URI = "s3://models/brain-ldm/stuck"
+SLOW_URI = "s3://models/brain-ldm/slow"
 UNPULLABLE_URI = "s3://models/brain-ldm/unpullable-image"
 KSERVE_UA = "fake-kserve"
 SOURCE_URI_ANNOTATION = "internal.serving.kserve.io/storage-initializer-sourceuri"
 """KServe's StorageInitializerSourceUriInternalAnnotationKey (pkg/constants/constants.go)."""
-VERSIONS = ("0.14.1", "0.15.2")
-"""The KServe releases modelled (Kubeflow 1.10.0 and 1.11.0)."""
+ANNOTATIONS_NOT_COPIED = (
+    "autoscaling.knative.dev/min-scale",
+    "autoscaling.knative.dev/max-scale",
+    SOURCE_URI_ANNOTATION,
+    "kubectl.kubernetes.io/last-applied-configuration",
+)
+"""KServe's ServiceAnnotationDisallowedList (pkg/constants/constants.go, 0.14.1 and 0.15.x):
+every other annotation of the InferenceService goes into the predictor's pod template."""
+LABELS_NOT_COPIED = ("networking.knative.dev/visibility",)
+"""KServe's RevisionTemplateLabelDisallowedList: the labels a Knative revision template does
+not get; 0.15.x appends inferenceservice-config's ``serviceLabelDisallowedList``."""
+VERSIONS = ("0.14.1", "0.15.0", "0.15.2")
+"""The KServe releases modelled (Kubeflow 1.10.0, 1.10.2 and 1.11.0)."""
 DOMAIN = "example.com"
 DEFAULT_DOMAIN_TEMPLATE = "{{.Name}}.{{.Namespace}}.{{.Domain}}"
 DEFAULT_TAG_TEMPLATE = "{{.Tag}}-{{.Name}}"
@@ -124,6 +154,124 @@ def canary_local_host(tag_template: str = DEFAULT_TAG_TEMPLATE) -> str:
     return f"{render(tag_template, Tag='latest', Name=ROUTE)}.{NS}.svc.cluster.local"
 
 
+_BINARY_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_DECIMAL_SUFFIXES = {
+    -9: "n",
+    -6: "u",
+    -3: "m",
+    0: "",
+    3: "k",
+    6: "M",
+    9: "G",
+    12: "T",
+    15: "P",
+    18: "E",
+}
+_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?")
+
+
+def canonical_quantity(text: str) -> str:
+    """A quantity as the API server stores it (k8s.io/apimachinery pkg/api/resource,
+    ``ParseQuantity`` then ``CanonicalizeBytes``): rounded up to nano precision, then the
+    largest suffix that leaves a whole number, in the format the quantity was written in
+    (decimal SI, binary SI, or decimal exponent); a binary amount under 1Ki or of a
+    fraction of a byte is written in decimal SI. Positive amounts only."""
+    match = _QUANTITY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a quantity")
+    number, suffix = Decimal(match[1]), match[2] or ""
+    if suffix in _BINARY_SUFFIXES[1:]:
+        form, value = "binary", number * 1024 ** _BINARY_SUFFIXES.index(suffix)
+    elif suffix[:1] in ("e", "E"):
+        form, value = "exponent", number.scaleb(int(suffix[1:]))
+    else:
+        decimal = {v: k for k, v in _DECIMAL_SUFFIXES.items()}
+        form, value = "decimal", number.scaleb(decimal[suffix])
+    nanos = (value.scaleb(9)).to_integral_value(ROUND_CEILING)
+    if nanos == 0:
+        return "0"
+    if form == "binary" and (nanos < 1024 * 10**9 or nanos % 10**9):
+        form = "decimal"
+    if form == "binary":
+        amount, power = int(nanos) // 10**9, 0
+        while amount % 1024 == 0 and power < len(_BINARY_SUFFIXES) - 1:
+            amount, power = amount // 1024, power + 1
+        return f"{amount}{_BINARY_SUFFIXES[power]}"
+    mantissa, exponent = int(nanos), -9
+    while mantissa % 1000 == 0 and exponent < 18:
+        mantissa, exponent = mantissa // 1000, exponent + 3
+    if form == "exponent":
+        return f"{mantissa}e{exponent}" if exponent else str(mantissa)
+    return f"{mantissa}{_DECIMAL_SUFFIXES[exponent]}"
+
+
+def _merged_resources(runtime: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The predictor's resources laid over the runtime container's, key by key (KServe's
+    strategic merge of the two containers, MergeRuntimeContainers), as the API server stores
+    them (canonical quantities)."""
+    out: dict[str, Any] = {}
+    for part in ("requests", "limits"):
+        merged = {**(runtime.get(part) or {}), **(model.get(part) or {})}
+        if merged:
+            out[part] = {k: canonical_quantity(str(v)) for k, v in merged.items()}
+    return out
+
+
+CONFLICT = (
+    'fails to reconcile predictor: Operation cannot be fulfilled on {kind} "{name}": the object '
+    "has been modified; please apply your changes to the latest version and try again"
+)
+"""A reconcile's update conflict, as KServe records it (a Warning ``InternalError``)."""
+SUPERSET_UPDATES = ("0.14.1", "0.15.0")
+"""Releases whose Deployment update is StrategicMergePatch(current, wanted) (deployment_
+reconciler.go: 0.14.1 line 236, 0.15.0 line 402): what the new spec drops stays. 0.15.2
+sends CreateTwoWayMergePatch(current, wanted) (line 424), removals included."""
+_MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+    "imagePullSecrets": "name",
+}
+"""The patchMergeKey of the pod spec's lists a strategic merge merges item by item (the
+others, args or tolerations, it replaces): k8s.io/api core/v1 types.go."""
+
+
+def _strategic_merge(current: Any, patch: Any, field: str = "") -> Any:
+    """``patch`` applied to ``current`` as a strategic merge patch with no deletion
+    directives: maps merged key by key, keyed lists item by item, nothing removed."""
+    if isinstance(current, dict) and isinstance(patch, dict):
+        out = copy.deepcopy(current)
+        for key, value in patch.items():
+            out[key] = _strategic_merge(current[key], value, key) if key in current else value
+        return out
+    key = _MERGE_KEYS.get(field)
+    if key and isinstance(current, list) and isinstance(patch, list):
+        out = copy.deepcopy(current)
+        for item in patch:
+            at = next((i for i, c in enumerate(out) if c.get(key) == item.get(key)), None)
+            if at is None:
+                out.append(copy.deepcopy(item))
+            else:
+                out[at] = _strategic_merge(out[at], item)
+        return out
+    return copy.deepcopy(patch)
+
+
+def _invalid_deployment(spec: dict[str, Any]) -> str | None:
+    """The API server's refusal of a Deployment with this template and strategy (apps
+    validation ValidateDeploymentStrategy), as the error message KServe records; None."""
+    strategy = spec["strategy"]
+    if strategy.get("type") == "Recreate" and strategy.get("rollingUpdate") is not None:
+        return (
+            f'Deployment.apps "{ROUTE}" is invalid: spec.strategy.rollingUpdate: Forbidden: '
+            "may not be specified when strategy `type` is 'Recreate'"
+        )
+    return None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -142,15 +290,28 @@ class Network:
         ks = self.kserve
         if ks is not None and parsed.host == canary_local_host(ks.tag_template):
             if ks.mesh is not None:
-                path = f"/v2/models/{NAME}"
-                status = ks.mesh.request(
-                    {"serving.kserve.io/inferenceservice": NAME}, NS, "GET", path, headers
-                )
-                if status != 200:
-                    answer = {401: "Jwt verification fails", 403: "RBAC: access denied"}
-                    raise SmokeTestError(f"GET {url}{path}: HTTP {status} {answer[status]}")
+                self._through_the_mesh(ks.mesh, url, headers)
             return ks.latest_url
         raise SmokeTestError(f"{url}: ConnectError: [Errno -2] Name or service not known")
+
+    @staticmethod
+    def _through_the_mesh(mesh: Any, url: str, headers: dict[str, str]) -> None:
+        """A cluster-local Knative name is the cluster-local gateway's (Knative's placeholder
+        Service): its policies first, then the predictor's sidecar, which sees the gateway's
+        identity and the headers the gateway passed on."""
+        path = f"/v2/models/{NAME}"
+        status, passed = mesh.admit(
+            istio.CLUSTER_LOCAL_GATEWAY, istio.ROOT_NAMESPACE, "GET", path, headers
+        )
+        if status == 200:
+            gateway = istio.Source(
+                istio.CLUSTER_LOCAL_GATEWAY_SOURCE_PRINCIPAL, istio.ROOT_NAMESPACE
+            )
+            pods = {"serving.kserve.io/inferenceservice": NAME}
+            status = mesh.request(pods, NS, "GET", path, passed, gateway)
+        if status != 200:
+            answer = {401: "Jwt verification fails", 403: "RBAC: access denied"}
+            raise SmokeTestError(f"GET {url}{path}: HTTP {status} {answer[status]}")
 
 
 NETWORK = Network()
@@ -169,13 +330,17 @@ class FakeKServe:
         address_url: the loopback stand-in for the InferenceService's cluster-local address.
         failing: storage URIs whose model fails to load (crash-looping pods).
         stuck: storage URIs whose revision never gets ready (and never fails).
+        slow: storage URIs whose revision gets ready only after ``slow_after_s``.
         unpullable: storage URIs whose revision fails with an image pull error (Serverless:
             only the Configuration's condition says so; the pods are Pending).
         version: the KServe release to behave as (:data:`VERSIONS`).
         features: Knative's config-features data; None accepts every pod-spec field.
-        mesh: the Istio policies in force at the predictor's sidecar (None: no mesh).
+        mesh: the Istio policies in force at the cluster-local gateway and the predictor's
+            sidecar (an :class:`tests.harness.istio.Mesh`; None: no mesh).
         domain_template: Knative's ``domain-template``.
         tag_template: Knative's ``tag-template``.
+        label_disallowed: inferenceservice-config's ``serviceLabelDisallowedList`` (0.15.x):
+            labels kept out of Knative revision templates.
     """
 
     def __init__(
@@ -186,9 +351,12 @@ class FakeKServe:
         address_url: str,
         failing: tuple[str, ...] = (BAD_URI,),
         stuck: tuple[str, ...] = (STUCK_URI,),
+        slow: tuple[str, ...] = (SLOW_URI,),
         unpullable: tuple[str, ...] = (UNPULLABLE_URI,),
         notice_after_s: float = 0.4,
         ready_after_s: float = 0.3,
+        slow_after_s: float = 3.0,
+        deadline_after_s: float = 1.0,
         child_ahead: int = 0,
         raw: bool = False,
         version: str = VERSIONS[-1],
@@ -196,13 +364,28 @@ class FakeKServe:
         mesh: Any = None,
         domain_template: str = DEFAULT_DOMAIN_TEMPLATE,
         tag_template: str = DEFAULT_TAG_TEMPLATE,
+        label_disallowed: tuple[str, ...] = (),
     ) -> None:
         assert version in VERSIONS, version
+        assert not label_disallowed or version != "0.14.1", "a constant list in 0.14.1"
+        self.label_disallowed = (*LABELS_NOT_COPIED, *label_disallowed)
         self.client = api.client(KSERVE_UA)
         self.api = kubernetes.client.CustomObjectsApi(self.client)
         self.latest_url, self.address_url = latest_url, address_url
         self.failing, self.stuck, self.unpullable = failing, stuck, unpullable
         self.notice_after_s, self.ready_after_s = notice_after_s, ready_after_s
+        self.slow, self.slow_after_s = slow, slow_after_s
+        self.deadline_after_s = deadline_after_s
+        """RawDeployment: when the Deployment controller reports ProgressDeadlineExceeded for
+        a template not rolled out yet (KServe's fixed progressDeadlineSeconds, 600 s, scaled)."""
+        self.deadline_reported: list[str] = []
+        self.controller_lag_s = 1.0
+        """RawDeployment: how long the Deployment controller takes to act on a new template."""
+        self.conflict_retry_s = 2.5
+        """When KServe retries a reconcile that met an update conflict (longer than the
+        rollout's events cadence, so a rollout sees the conflict's event under the stale
+        status)."""
+        """RawDeployment: how long the Deployment controller takes to act on a new template."""
         self.ready_at: dict[str, float] = {}
         self.child_generation = child_ahead
         self.raw, self.version, self.features, self.mesh = raw, version, features, mesh
@@ -210,6 +393,8 @@ class FakeKServe:
         self.bookkeeping: bool | None = None
         """Whether the emulated API bumps metadata.generation itself (found on the first create)."""
         self.revision_uri: dict[str, str] = {}
+        self.revision_meta: dict[str, dict[str, dict[str, str]]] = {}
+        """The labels and annotations KServe copied into each revision's pod template."""
         self.canaries_seen: list[int] = []
         self.refusals: list[str] = []
         self.traffic_log: list[tuple[float, dict[str, int]]] = []
@@ -262,7 +447,7 @@ class FakeKServe:
     def _reconcile(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
         predictor = obj["spec"]["predictor"]
-        spec = json.dumps(predictor, sort_keys=True)
+        spec = json.dumps([predictor, self._pod_metadata(obj)], sort_keys=True)
         st = self._state.setdefault(
             name,
             {
@@ -284,6 +469,20 @@ class FakeKServe:
             # Only once the status says so: a test that waits for ready_at then reads it.
             self.ready_at[became_ready] = now
 
+    def _pod_metadata(self, obj: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """What of the InferenceService's labels and annotations KServe copies into the
+        predictor's pod template (components/predictor.go ``buildObjectMeta``): annotations
+        but :data:`ANNOTATIONS_NOT_COPIED`; labels all in RawDeployment mode (the Deployment's
+        template), but the disallowed ones in a Knative revision template
+        (ksvc_reconciler.go)."""
+        meta = obj.get("metadata") or {}
+        labels = dict(meta.get("labels") or {})
+        if not self.raw:
+            labels = {k: v for k, v in labels.items() if k not in self.label_disallowed}
+        notes = meta.get("annotations") or {}
+        kept = {k: v for k, v in notes.items() if k not in ANNOTATIONS_NOT_COPIED}
+        return {"labels": labels, "annotations": kept}
+
     def _noticed(self, st: dict[str, Any], spec: str, now: float) -> bool:
         if st["since"] is None or st["since"][0] != spec:
             st["since"] = (spec, now)
@@ -300,6 +499,16 @@ class FakeKServe:
         """One reconcile of a spec KServe has not carried out yet."""
         invalid = self._invalid_spec(predictor)
         refusal = None if invalid else self._webhook_refusal(predictor)
+        if st["invalid"] and not (invalid or refusal) and st.get("conflicted") != spec:
+            # The first reconcile of a good spec after a refused one meets an update conflict
+            # (as any reconcile may): a Warning event of its own, the status left as it was
+            # (still the refusal), and a retry a little later.
+            st["conflicted"], st["retry_at"] = spec, now + self.conflict_retry_s
+            kind = "deployments.apps" if self.raw else "services.serving.knative.dev"
+            self._warn(obj, CONFLICT.format(kind=kind, name=ROUTE))
+            return
+        if now < st.get("retry_at", 0.0):
+            return
         st["invalid"] = invalid
         if invalid or refusal:
             if st["warned"] != spec:
@@ -312,22 +521,29 @@ class FakeKServe:
             self.canaries_seen.append(canary)
         st["canary"] = canary
         config = {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"}
+        pod_meta = self._pod_metadata(obj)
         if self.raw:
-            self._write_raw(obj["metadata"]["name"], st, config, now)
-        elif json.dumps(config, sort_keys=True) != st["config"]:
-            self._new_revision(obj["metadata"]["name"], st, config, now)
+            self._write_raw(obj["metadata"]["name"], st, config, pod_meta, now)
+        elif json.dumps([config, pod_meta], sort_keys=True) != st["config"]:
+            self._new_revision(obj["metadata"]["name"], st, [config, pod_meta], now)
             self.child_generation += 1  # KServe wrote the ksvc's template
         elif canary != st.get("last_canary"):
             self.child_generation += 1  # KServe wrote the ksvc's traffic
         st["last_canary"] = canary
 
-    def _new_revision(
-        self, name: str, st: dict[str, Any], config: dict[str, Any], now: float
-    ) -> None:
-        st["config"], st["n"] = json.dumps(config, sort_keys=True), st["n"] + 1
+    def _new_revision(self, name: str, st: dict[str, Any], template: list[Any], now: float) -> None:
+        """A new Knative revision of ``template``: the predictor and its pod metadata."""
+        config, pod_meta = template
+        st["config"], st["n"] = json.dumps(template, sort_keys=True), st["n"] + 1
         st["created"] = f"{name}-predictor-{st['n']:05d}"
-        st["due"] = now + self.ready_after_s
         self.revision_uri[st["created"]] = storage_uri(config)
+        self.revision_meta[st["created"]] = copy.deepcopy(pod_meta)
+        st["due"] = now + self._start_s(st["created"])
+
+    def _start_s(self, revision: str) -> float:
+        """How long the pods of ``revision`` take to get ready (or to fail)."""
+        slow = self.revision_uri[revision] in self.slow
+        return self.slow_after_s if slow else self.ready_after_s
 
     def _progress(self, st: dict[str, Any], now: float) -> str | None:
         """The newest revision's pods start: ready, failed, or (stuck) neither."""
@@ -552,7 +768,7 @@ class FakeKServe:
 
     # ------------------------------------------------------------------ RawDeployment
 
-    def _template(self, config: dict[str, Any]) -> dict[str, Any]:
+    def _template(self, config: dict[str, Any], pod_meta: dict[str, Any]) -> dict[str, Any]:
         """The Deployment's pod template KServe writes for the predictor: the runtime's
         container with the model's fields laid over it (args appended), the pod fields."""
         if "model" in config:
@@ -564,12 +780,15 @@ class FakeKServe:
                 "image": base.get("image", ""),
                 "args": [*(base.get("args") or []), *(model.get("args") or [])],
                 "env": [*(base.get("env") or []), *(model.get("env") or [])],
-                "resources": model.get("resources") or base.get("resources") or {},
+                "resources": _merged_resources(
+                    base.get("resources") or {}, model.get("resources") or {}
+                ),
             }
             if model.get("lifecycle"):
                 container["lifecycle"] = model["lifecycle"]
         else:
             container = copy.deepcopy(config["containers"][0])
+            container["resources"] = _merged_resources({}, container.get("resources") or {})
         pod_fields = (
             "serviceAccountName", "nodeSelector", "tolerations", "priorityClassName",
             "imagePullSecrets", "securityContext", "terminationGracePeriodSeconds",
@@ -577,11 +796,14 @@ class FakeKServe:
         spec = {k: copy.deepcopy(config[k]) for k in pod_fields if k in config}
         spec.setdefault("terminationGracePeriodSeconds", 30)
         dep = deployment_status.predictor_deployment(NAME)
-        meta: dict[str, Any] = {"labels": {"app": dep}}
+        meta: dict[str, Any] = {
+            "labels": {**pod_meta["labels"], "app": dep},
+            "annotations": dict(pod_meta["annotations"]),
+        }
         if "model" in config:
             # predictor.go: the storage initializer (injected into the pod at admission) is
             # told where the model is by this annotation on the pod template.
-            meta["annotations"] = {SOURCE_URI_ANNOTATION: storage_uri(config)}
+            meta["annotations"][SOURCE_URI_ANNOTATION] = storage_uri(config)
         return {"metadata": meta, "spec": {**spec, "containers": [container]}}
 
     def _hpa_spec(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -599,18 +821,40 @@ class FakeKServe:
             spec["metrics"] = [{"type": "Resource", "resource": resource}]
         return spec
 
-    def _write_raw(self, name: str, st: dict[str, Any], config: dict[str, Any], now: float) -> None:
-        template = self._template(config)
-        strategy = config.get("deploymentStrategy") or {"type": "RollingUpdate"}
-        body = json.dumps([template, strategy], sort_keys=True)
+    def _write_raw(
+        self,
+        name: str,
+        st: dict[str, Any],
+        config: dict[str, Any],
+        pod_meta: dict[str, Any],
+        now: float,
+    ) -> None:
+        template = self._template(config, pod_meta)
+        strategy = copy.deepcopy(config.get("deploymentStrategy") or {"type": "RollingUpdate"})
+        if strategy["type"] == "RollingUpdate":
+            # setDefaultDeploymentSpec (deployment_reconciler.go, 0.14.1 lines 187-204)
+            strategy.setdefault("rollingUpdate", {"maxUnavailable": "25%", "maxSurge": "25%"})
+        wanted = {"template": template, "strategy": strategy}
+        body = json.dumps(wanted, sort_keys=True)
         if body != st["config"]:
             st["config"] = body
-            st["n"] += 1
-            st["created"] = f"{name}-predictor-{st['n']:05d}"
-            st["due"] = now + self.ready_after_s
-            st["failed"] = None
-            self.revision_uri[st["created"]] = storage_uri(config)
-            self._write_deployment(name, st, template, strategy)
+            stored = st.get("deployment")
+            if stored is not None and self.version in SUPERSET_UPDATES:
+                wanted = _strategic_merge(stored, wanted)
+            refusal = _invalid_deployment(wanted)
+            if refusal:
+                # The reconcile stops there (RawKubeReconciler: Deployment first), and retries.
+                self._warn({"metadata": {"name": name}}, f"fails to reconcile predictor: {refusal}")
+                return
+            if wanted != stored:
+                st["deployment"] = wanted
+                st["n"] += 1
+                st["created"] = f"{name}-predictor-{st['n']:05d}"
+                st["failed"] = None
+                self.revision_uri[st["created"]] = storage_uri(config)
+                self.revision_meta[st["created"]] = copy.deepcopy(pod_meta)
+                st["due"], st["written"] = now + self._start_s(st["created"]), now
+                self._write_deployment(name, st, wanted["template"], wanted["strategy"])
         hpa = self._hpa_spec(config)
         if hpa != st["hpa"]:
             self._write_hpa(st, hpa)
@@ -618,13 +862,21 @@ class FakeKServe:
     def _write_hpa(self, st: dict[str, Any], spec: dict[str, Any]) -> None:
         api, where = self.api, ("autoscaling", "v2", NS, "horizontalpodautoscalers")
         body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler"}
+        stored = copy.deepcopy(spec)
+        if not stored.get("metrics"):
+            # The API server's default for autoscaling/v2 (SetDefaults_HorizontalPodAutoscaler):
+            # no metrics means 80 % average cpu utilisation.
+            target = {"type": "Utilization", "averageUtilization": 80}
+            stored["metrics"] = [
+                {"type": "Resource", "resource": {"name": "cpu", "target": target}}
+            ]
         if st["hpa"] is None:
             meta = {"name": ROUTE, "namespace": NS}
-            api.create_namespaced_custom_object(*where, {**body, "metadata": meta, "spec": spec})
+            api.create_namespaced_custom_object(*where, {**body, "metadata": meta, "spec": stored})
         else:
             # An Update replaces the spec whole (a metric dropped is gone).
             api.patch_namespaced_custom_object(*where, ROUTE, {"spec": {"metrics": None}})
-            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": spec})
+            api.patch_namespaced_custom_object(*where, ROUTE, {"spec": stored})
         st["hpa"] = spec
         self.hpa_writes += 1
 
@@ -662,8 +914,10 @@ class FakeKServe:
                 )
         else:
             stored = api.get_namespaced_custom_object(*where, dep_name)
-            # A merge patch merges maps: clear the template first, as KServe's patch replaces it.
-            api.patch_namespaced_custom_object(*where, dep_name, {"spec": {"template": None}})
+            # A merge patch merges maps: clear what KServe's write replaces (the merge of
+            # 0.14.1 and 0.15.0 is already in ``template`` and ``strategy``).
+            cleared = {"spec": {"template": None, "strategy": None}}
+            api.patch_namespaced_custom_object(*where, dep_name, cleared)
             patch: dict[str, Any] = {"spec": spec}
             if not self.bookkeeping:
                 # An emulator without generation bookkeeping: bump it in the same write,
@@ -692,6 +946,12 @@ class FakeKServe:
             if done
             else {"status": "True", "reason": "ReplicaSetUpdated"}
         )
+        if not done and time.monotonic() - st["written"] >= self.deadline_after_s:
+            # The controller gives up on the deadline, and keeps rolling: a later ready pod
+            # turns the condition back to NewReplicaSetAvailable.
+            progressing = {"status": "False", "reason": "ProgressDeadlineExceeded"}
+            if st["created"] not in self.deadline_reported:
+                self.deadline_reported.append(st["created"])
         dep_status = {
             "observedGeneration": dep["metadata"].get("generation", 0),
             "replicas": 1 + (0 if done else old),
@@ -714,10 +974,14 @@ class FakeKServe:
         crashed = st["failed"] is not None
         predictor: dict[str, Any] = {"url": self.address_url} if done else {}
         if self.version == "0.14.1":
+            # PropagateRawStatus copies the revision of the Deployment KServe read; right after
+            # a write that is the object it sent, without one (raw_kube_reconciler.go lines
+            # 91-108), until the Deployment controller's update brings the next reconcile.
             revision = (dep["metadata"].get("annotations") or {}).get(
                 deployment_status.REVISION_ANNOTATION
             )
-            predictor["latestCreatedRevision"] = revision
+            fresh = time.monotonic() - st["written"] < self.controller_lag_s
+            predictor["latestCreatedRevision"] = "" if fresh else revision
         status: dict[str, Any] = {
             "observedGeneration": dep_status["observedGeneration"],
             "url": f"http://{obj['metadata']['name']}-{NS}.{DOMAIN}",
@@ -730,6 +994,6 @@ class FakeKServe:
             ],
             "modelStatus": self._model_status(st, crashed, done),
         }
-        if self.version != "0.14.1":
+        if self.version == "0.15.2":
             status["deploymentMode"] = "RawDeployment"
         self._patch_status(obj, status)

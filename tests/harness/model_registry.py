@@ -13,12 +13,14 @@ What the real server does, and this one too (kubeflow/model-registry, same tags)
 - a JSON body is decoded with ``DisallowUnknownFields``: a field the release does not know
   is a 400 (internal/server/openapi/api_model_registry_service.go, every create/update
   handler; error.go ``DefaultErrorHandler``: a ``ParsingError`` is a 400);
-- errors carry the spec's ``Error`` body, ``{"code": <HTTP status text>, "message": ...}``
-  (internal/server/openapi/helpers.go ``ErrorResponse``), with the status of
-  pkg/api/error.go ``ErrToStatus``: not found 404, bad request 400, and a name that exists
+- errors carry the spec's ``Error`` body (internal/server/openapi/helpers.go
+  ``ErrorResponse``): v0.2.15.3 and v0.2.19 set only its ``message`` (lines 27-31; the code
+  goes out empty), v0.3.4 also its ``code``, the HTTP status text. The status is
+  pkg/api/error.go ``ErrToStatus``'s: not found 404, bad request 400, and a name that exists
   409 (v0.2.x: ML Metadata's ``AlreadyExists``; v0.3.4: internal/core/registered_model.go and
   model_version.go map a duplicate key to ``api.ErrConflict``); a store that is down is a 503
-  (v0.2.x: gRPC ``Unavailable``);
+  in v0.2.x (ML Metadata's gRPC ``Unavailable``) and a 500 in v0.3.4 (a database error
+  matches none of its cases, lines 14-27);
 - registered model names are unique, version names are unique within their registered
   model, ids are decimal strings, times are milliseconds since the epoch as strings;
 - an update replaces the custom properties it is given as a whole.
@@ -171,7 +173,7 @@ class ModelRegistryServer:
 
     ``requests`` lists ``(method, path, query, body)`` as received; ``violations`` what was
     sent or answered that the release's spec does not allow. ``down()`` makes every request
-    answer the spec's 503 (the store behind the server unreachable); ``before(method, path,
+    answer as the release does when the store behind it is unreachable; ``before(method, path,
     action)`` runs ``action()`` when such a request arrives, before it is served: another
     client writing at the same moment.
     """
@@ -260,6 +262,17 @@ class ModelRegistryServer:
 
     # ---- serving
 
+    def _error(self, status: int, message: str) -> dict[str, str]:
+        """The release's Error body for ``status``."""
+        code = HTTPStatus(status).phrase if self.version == "v0.3.4" else ""
+        return {"code": code, "message": message}
+
+    def _store_down(self) -> tuple[int, dict[str, str]]:
+        """The answer while the store behind the server is unreachable."""
+        if self.version == "v0.3.4":
+            return 500, self._error(500, "dial tcp 10.96.0.12:3306: connect: connection refused")
+        return 503, self._error(503, "rpc error: code = Unavailable desc = connection error")
+
     def serve(self, method: str, url: str, raw: bytes) -> tuple[int, Any]:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
@@ -275,7 +288,7 @@ class ModelRegistryServer:
                 action()
         try:
             if self.unavailable:
-                status, answer = 503, _error(503, "connection error: desc = unavailable")
+                status, answer = self._store_down()
             else:
                 self._check_query(item, op, query)
                 self._check_body(op, body)
@@ -283,11 +296,11 @@ class ModelRegistryServer:
                     status, answer = self._dispatch(method, template, path_args, query, body)
         except _BadRequest as exc:
             self.violations.append(f"{op['operationId']}: 400 {exc}")
-            status, answer = 400, _error(400, str(exc))
+            status, answer = 400, self._error(400, str(exc))
         except _NotFound as exc:
-            status, answer = 404, _error(404, str(exc))
+            status, answer = 404, self._error(404, str(exc))
         except _Conflict as exc:
-            status, answer = 409, _error(409, str(exc))
+            status, answer = 409, self._error(409, str(exc))
         if status == 501:
             self.violations.append(f"{op['operationId']}: not served by this test server")
         else:
@@ -348,7 +361,7 @@ class ModelRegistryServer:
             return 200, s.find(
                 owned, "model artifacts", name=q.get("name"), externalId=q.get("externalId")
             )
-        return 501, _error(500, f"{method} {template} is not served by the test server")
+        return 501, self._error(500, f"{method} {template} is not served by the test server")
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         registry = self
@@ -372,10 +385,6 @@ class ModelRegistryServer:
                 pass
 
         return Handler
-
-
-def _error(status: int, message: str) -> dict[str, str]:
-    return {"code": HTTPStatus(status).phrase, "message": message}
 
 
 def _page(items: list[dict[str, Any]], q: dict[str, str]) -> dict[str, Any]:
