@@ -299,7 +299,6 @@ def deploy_kserve(
         canary_percent=canary_percent,
         url_override=smoke_url,
     )
-    url = result["url"]
     deployment = {
         "backend": "kserve",
         "name": isvc_name,
@@ -307,13 +306,16 @@ def deploy_kserve(
         "model_name": model,
         "storage_uri": uri,
         "bundle_sha256": deployed.digest,
-        "url": url,
-        "infer_url": f"{str(url).rstrip('/')}/v2/models/{model}/infer" if url else None,
-        "action": result["action"],
-        "revision": result["revision"],
-        "smoke": result["smoke"],
+        **_served_at(result["url"], model),
+        **{key: result[key] for key in ("action", "revision", "smoke")},
     }
     return {**deployment, "lineage": registry.after_rollout(cfg, record, registration, deployment)}
+
+
+def _served_at(url: str | None, model: str) -> dict[str, str | None]:
+    """The InferenceService's URL and its V2 infer endpoint for ``model`` (None: no URL)."""
+    infer = f"{str(url).rstrip('/')}/v2/models/{model}/infer" if url else None
+    return {"url": url, "infer_url": infer}
 
 
 def _cluster_smoke(
