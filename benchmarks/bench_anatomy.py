@@ -1,4 +1,4 @@
-"""Does the demo model learn anatomy, and what does its training cost? (issue 14)
+"""Does the demo model learn anatomy, and what does its training cost?
 
 Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preprocessed demo
 cache with the project's own trainers, then measures where blur comes from:
@@ -11,8 +11,9 @@ cache with the project's own trainers, then measures where blur comes from:
   of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
   and foreground Dice with its majority mask (``ldm_core.metrics.mask_dice``);
 - training cost: wall seconds of each stage (noisy on a shared machine) and, the figure to
-  compare, the per-step time of the candidate's and of the reference (pre-issue-14) preset's
-  model shapes, measured back to back in this process and multiplied by their step counts.
+  compare, the per-step time of the candidate's and of the reference preset's model shapes
+  (tiny-cpu before the demo-anatomy rounds of benchmarks/README.md), measured back to back
+  in this process and multiplied by their step counts.
 
 Usage::
 
@@ -76,8 +77,8 @@ REFERENCE = [
     "train.diffusion.batch_size=8",
     "train.channels_last=false",
 ]
-"""The tiny-cpu preset before issue 14 (AE 120 steps with the discriminator from step 90,
-UNet 700 steps at batch 8): the training cost the candidate must not exceed."""
+"""The tiny-cpu preset before the demo-anatomy rounds (AE 120 steps with the discriminator
+from step 90, UNet 700 steps at batch 8): the training cost the candidate must not exceed."""
 
 GENERATE_BATCH = 4
 """Seeds per generate call, as ``ldm evaluate`` draws them."""
@@ -323,9 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             axial_png(rows, args.png)
     if not args.no_cost:
         result |= compare_cost(cfg, args.time_steps)
-        summary += (
-            f"train cost {result['candidate_over_reference']:.2f}x the pre-issue-14 preset's; "
-        )
+        summary += f"train cost {result['candidate_over_reference']:.2f}x the reference preset's; "
     result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     if not args.time_only:
         summary += (

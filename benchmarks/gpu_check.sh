@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue #13): the project's own code at each GPU preset's full size.
+# One prepared GPU check: the project's own code at each GPU preset's full size.
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [--out FILE] [--keep] [--nproc N] [--budget-scale K]
 #

@@ -1,4 +1,4 @@
-"""The boundaries the design promises, held by tests (issue #10).
+"""The boundaries the design promises, held by tests.
 
 - The engine - every module of ``ldm_core`` outside ``kube/``, ``deploy.py`` and ``serve`` -
   imports neither kfp, kubernetes nor kserve. Checked for real (each module imported in a

@@ -1,6 +1,6 @@
-"""The training reference in bundle.json (issue 12 point 7): ``ldm bundle --data`` stores the
-training volumes' mean output measures, and the server exports them on /metrics beside the
-served volumes' own, so the drift alert has something to compare with."""
+"""The training reference in bundle.json: ``ldm bundle --data`` stores the training
+volumes' mean output measures, and the server exports them on /metrics beside the served
+volumes' own, so the drift alert has something to compare with."""
 
 from __future__ import annotations
 

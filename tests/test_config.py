@@ -147,8 +147,9 @@ def test_save_replaces_the_file_whole(tmp_path):
 def test_gpu_presets_keep_the_training_recipe_they_had_before_the_tiny_cpu_retune(
     preset, ae_batch_size
 ):
-    # The dataclass defaults are tiny-cpu's, tuned for a few minutes of CPU training (issue
-    # 14); the GPU presets' schedules are tens of thousands of steps and pin their own recipe.
+    # The dataclass defaults are tiny-cpu's, tuned for a few minutes of CPU training
+    # (benchmarks/README.md, "Demo anatomy"); the GPU presets' schedules are tens of
+    # thousands of steps and pin their own recipe.
     cfg = load_config(preset=preset)
     ae, dm = cfg.train.autoencoder, cfg.train.diffusion
     assert cfg.model.autoencoder.latent_channels == 3

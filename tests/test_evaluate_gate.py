@@ -1,4 +1,4 @@
-"""The quality gate's calibration, both sides measured on the demo population (issue 15).
+"""The quality gate's calibration, both sides measured on the demo population.
 
 Unseen subjects of the population the model was trained on are what an ideal model
 generates; they must pass with the default thresholds. Each failure a generative model of
@@ -141,7 +141,7 @@ def test_distinct_subjects_stay_far_below_the_memorisation_threshold(cohorts, sc
 
 
 def test_detail_threshold_refuses_brains_without_inner_anatomy_at_the_demo_size():
-    """gate_min_detail_ratio's calibration at the demo's own 48x64x48 (issue 14), both sides
+    """gate_min_detail_ratio's calibration at the demo's own 48x64x48, both sides
     measured: unseen subjects pass with margin; the same subjects with a sharp outline but
     their inside smoothed (no ventricles, no cortical rim: what the first demo model drew;
     its samples measured 0.71) fail. At the 32^3 of the other cases the outline dominates

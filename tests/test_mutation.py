@@ -73,7 +73,7 @@ def test_a_named_mutation_still_applies_to_the_tree(mutation):
         assert (ROOT / test).exists(), test
 
 
-def test_every_point_of_issue_15_has_named_mutations():
+def test_every_area_has_named_mutations_under_unique_names():
     assert {m.point for m in named.MUTATIONS} == set("abcde")
     assert len({m.name for m in named.MUTATIONS}) == len(named.MUTATIONS)
 

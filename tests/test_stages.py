@@ -90,7 +90,7 @@ def test_auto_in_a_cluster_with_only_trainer_v2_uses_trainjobs(tmp_path, monkeyp
 
 
 def test_auto_in_a_cluster_without_a_training_job_api_fails_naming_both(tmp_path, monkeypatch):
-    """Never train inside the 1-CPU pipeline pod by surprise (issue 11.5): neither CRD
+    """Never train inside the 1-CPU pipeline pod by surprise: neither CRD
     installed, each path answers the apiserver's plain-text "404 page not found"."""
     with KubeApi() as api:
         _in_a_pod_with_kubeconfig(monkeypatch, tmp_path, api.url)

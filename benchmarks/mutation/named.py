@@ -1,4 +1,4 @@
-"""The named mutations of issue 15: defects the fast tests once let through.
+"""The named mutations: defects the fast tests once let through.
 
 Each case is one exact text replacement in one source file (a regular expression where
 several lines go). It is applied to a temporary copy of the tree and the case's fast test
@@ -48,7 +48,8 @@ class Mutation:
 
     Args:
         name: short identifier (``<point>-<what>``).
-        point: the item of issue 15 it comes from (a-e).
+        point: the area the defect is in: ``a`` the quality gate, ``b`` the rollout,
+            ``c`` the smoke check, ``d`` the training launcher, ``e`` sampling.
         path: the source file, relative to the repository root.
         old: the text to replace; a regular expression (``re.MULTILINE``) when ``regex``.
         new: what replaces it.

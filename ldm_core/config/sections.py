@@ -113,8 +113,8 @@ class AutoencoderTrainConfig:
 
     steps: int = 560
     """tiny-cpu: 350 plain steps of one volume and 210 with the discriminator cost what 120
-    steps of two did with the previous, wider autoencoder (issue 14); more, smaller steps
-    reconstruct better in the same time."""
+    steps of two did with the previous, wider autoencoder (benchmarks/README.md, "Demo
+    anatomy"); more, smaller steps reconstruct better in the same time."""
     batch_size: int = 1
     lr: float = 1e-3
     """tiny-cpu's short run needs 1e-3 (with the warm-up and cosine decay below): at 1e-4 the
@@ -379,8 +379,8 @@ class EvaluationConfig:
     """Generated over real detail (``ldm_core.quality.detail``): below it, volumes without
     inner anatomy. At the demo's 48x64x48, unseen demo subjects score 0.93 (0.91-0.97 each),
     the same subjects with a sharp outline but a smoothed inside 0.72, a sigma-2 blur 0.53,
-    and the first demo model's smooth brains without ventricles 0.71, all refused. The demo
-    models of issue 14 score 0.79-0.81 with the demo's seed, but 0.70-0.94 across training
+    and the first demo model's smooth brains without ventricles 0.71, all refused. Later demo
+    models score 0.79-0.81 with the demo's seed, but 0.70-0.94 across training
     seeds, so the bound is not raised further (benchmarks/README.md, "Demo anatomy"). The
     measure is dominated by the brain's outline at small sizes (the smoothed-inside case
     scores 0.92 at 32^3), so recalibrate it for another volume size."""

@@ -5,9 +5,9 @@ the pipeline does: the ``real`` set a model is scored against (its training data
 ``unseen`` subjects of the same population. The unseen subjects are what an ideal model
 generates: new brains, not copies, with the real set's anatomy, contrast and variety.
 
-``NEGATIVES`` builds, from those, each failure a generative model of brains is known for
-(issue 15): mode collapse, the mean image, a featureless blob, textures without anatomy,
-blur, memorised training subjects, noise, blank and misplaced volumes.
+``NEGATIVES`` builds, from those, each failure a generative model of brains is known for:
+mode collapse, the mean image, a featureless blob, textures without anatomy, blur, memorised
+training subjects, noise, blank and misplaced volumes.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _blurred(real: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
 def smooth_interior(volumes: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     """``volumes`` with a sharp brain outline but their inside smoothed (``sigma`` voxels,
     normalised within the brain): no ventricles, no cortical rim, as the first demo model's
-    autoencoder drew them (issue 14). Not in :data:`NEGATIVES`: at their 32^3 the outline
+    autoencoder drew them. Not in :data:`NEGATIVES`: at their 32^3 the outline
     dominates the detail measure (0.92), so it is a case for the demo's own size."""
     out = []
     for v in volumes.numpy()[:, 0]:
