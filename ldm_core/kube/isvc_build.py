@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from ldm_core.config import Config
+from ldm_core.config.validation import INGRESS_MARGIN_S
 from ldm_core.kube.resources import CustomResource
 from ldm_core.kube.security import container_security_context, pod_security_context
 
@@ -109,7 +110,7 @@ def ingress_timeout_s(cfg: Config) -> int:
     """The predictor's request timeout: the ingress waits a little longer than the server's
     own limit (``serving.request_timeout_s``), so a slow request gets the server's 504 with
     its reason rather than the gateway's."""
-    return int(cfg.serving.request_timeout_s) + 30
+    return int(cfg.serving.request_timeout_s) + INGRESS_MARGIN_S
 
 
 def _resources(cfg: Config) -> dict[str, Any]:
