@@ -205,20 +205,30 @@ def test_raw_predictors_drain_before_they_stop_and_may_recreate(release, runtime
 
 @pytest.mark.parametrize("mode, timeout_s", [("Serverless", 570), ("RawDeployment", 900)])
 def test_the_istio_sidecar_outlives_the_servers_drain_and_no_longer(mode, timeout_s):
-    """A profile namespace injects an Istio sidecar, which serves 5 s past SIGTERM unless told
-    otherwise (ProxyConfig terminationDrainDuration): it must keep serving while the server
-    finishes its admitted requests, which may take the request timeout. Without
-    EXIT_ON_ZERO_ACTIVE_CONNECTIONS pilot-agent sleeps that whole duration even when nothing
-    is left to drain (istio pkg/envoy/agent.go ``terminate``, 1.24.3 lines 152-220), so every
-    pod would take its full grace and be killed: the sidecar leaves once its connections are
-    gone, the duration only caps it."""
+    """A profile namespace injects an Istio sidecar. Without EXIT_ON_ZERO_ACTIVE_CONNECTIONS
+    pilot-agent sleeps terminationDrainDuration whole (5 s by default) after SIGTERM, even
+    when nothing is left to drain, so a duration long enough for the server's admitted
+    requests would make every pod take its full grace. With it, pilot-agent sleeps
+    MINIMUM_DRAIN_DURATION (5 s by default) and then leaves on the first moment without an
+    active connection, terminationDrainDuration unread (istio pkg/envoy/agent.go
+    ``terminate``, 1.24.3 lines 152-220; the same in 1.26.1 and 1.28.0): that minimum must
+    cover the time new requests still arrive, the preStop drain (RawDeployment) or Knative
+    queue-proxy's 30 s drain (Serverless), or the sidecar refuses them."""
     isvc = _isvc(f"serving.deployment_mode={mode}", f"serving.request_timeout_s={timeout_s}")
-    config = json.loads(isvc["spec"]["predictor"]["annotations"]["proxy.istio.io/config"])
+    predictor = isvc["spec"]["predictor"]
+    config = json.loads(predictor["annotations"]["proxy.istio.io/config"])
     drain = int(config["terminationDrainDuration"].rstrip("s"))
     assert drain >= timeout_s
-    assert config["proxyMetadata"] == {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
+    metadata = config["proxyMetadata"]
+    assert metadata["EXIT_ON_ZERO_ACTIVE_CONNECTIONS"] == "true"
+    minimum = int(metadata["MINIMUM_DRAIN_DURATION"].rstrip("s"))
     if mode == "RawDeployment":  # not past the pod's grace, when the kubelet kills it all
-        assert drain <= isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+        assert drain <= predictor["terminationGracePeriodSeconds"]
+        assert minimum >= isvc_build.PRESTOP_DRAIN_S
+        assert minimum < predictor["terminationGracePeriodSeconds"]
+    else:  # Knative's grace is the revision's timeout, which the longest request the config
+        # takes (570 s) keeps within Knative's default max-revision-timeout-seconds (600 s)
+        assert 30 <= minimum < predictor["timeout"] <= 600
 
 
 def test_the_predictor_probes_never_restart_a_loading_pod_but_restart_a_lost_model():

@@ -1114,6 +1114,27 @@ def test_a_raw_strategy_change_fails_at_once_where_kserve_cannot_carry_it_out(
     assert obj["spec"]["predictor"]["model"]["storageUri"] == OLD_URI
 
 
+@pytest.mark.parametrize("version", ["0.14.1", "0.15.0"])
+def test_a_raw_strategy_change_back_to_rolling_update_goes_through_without_a_warning(
+    model_server, caplog, version
+):
+    """Recreate -> RollingUpdate is one KServe 0.14.1 and 0.15.0 can carry out: the new
+    strategy comes with setDefaultDeploymentSpec's ``rollingUpdate`` (deployment_reconciler.go,
+    0.14.1 lines 187-196, 0.15.0 lines 307-316), which the merge lays over the Recreate; only
+    a change to Recreate leaves a ``rollingUpdate`` the API server refuses, and only that
+    one is warned about."""
+    smoke = Smoke()
+    with served_api(version=version) as api:
+        with FakeKServe(
+            api, latest_url=model_server, address_url=model_server, raw=True, version=version
+        ) as kserve:
+            rollout(api).rollout(raw(OLD_URI, "serving.update_strategy=Recreate"), smoke)
+            with caplog.at_level(logging.WARNING, logger=isvc_rollout.__name__):
+                result = rollout(api, timeout_s=60).rollout(raw(NEW_URI), smoke)
+    assert result["action"] == "updated" and list(kserve.revision_uri.values())[-1] == NEW_URI
+    assert "deploymentStrategy" not in caplog.text
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_kserve_before_0_15_2_never_removes_what_an_update_drops_from_the_pod(
     model_server, version

@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from ldm_core.config import Config
+from ldm_core.config.validation import INGRESS_MARGIN_S
 from ldm_core.kube.resources import CustomResource
 from ldm_core.kube.security import container_security_context, pod_security_context
 
@@ -49,14 +50,26 @@ to its server explicitly: the server would otherwise read them from the bundle's
 config.yaml, written by the training run, while containerConcurrency and the timeout come
 from this deploy's config. ``request_timeout_s`` travels with them (:func:`served_args`)."""
 ISTIO_PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
-"""Per-pod Istio ProxyConfig. Its ``terminationDrainDuration`` (5 s by default) is how long the
-sidecar keeps serving after SIGTERM: shorter than a generation, it would cut the answers the
-server is still draining (ldm_core/serve/shutdown.py). pilot-agent sleeps that whole duration
-unless ``EXIT_ON_ZERO_ACTIVE_CONNECTIONS`` is set (istio pkg/envoy/agent.go ``terminate``,
-1.24.3 lines 152-220), so with it alone every pod would take its full grace and be killed;
-the flag (``proxyMetadata``, which the sidecar injector sets as the agent's environment)
-makes the sidecar leave once its connections are gone."""
-ISTIO_PROXY_METADATA = {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
+"""Per-pod Istio ProxyConfig; its ``proxyMetadata`` is set as the sidecar agent's environment
+by the injector (istio manifests/charts/istio-control/istio-discovery/files/
+injection-template.yaml, the istio-proxy container, 1.24.3 lines 325-328). On SIGTERM
+pilot-agent drains Envoy, then (istio pkg/envoy/agent.go ``terminate``, 1.24.3 lines
+152-220, 1.26.1 and 1.28.0 alike; pilot/cmd/pilot-agent/options/options.go for the two
+variables' defaults):
+
+- by default sleeps ``terminationDrainDuration`` whole (5 s unless set), even when nothing is
+  left to drain: set to the request time, every pod would take its full grace and be killed;
+- with ``EXIT_ON_ZERO_ACTIVE_CONNECTIONS``, sleeps ``MINIMUM_DRAIN_DURATION`` (5 s unless
+  set), then leaves once Envoy has no active connection; ``terminationDrainDuration`` is
+  then not read, and the pod's grace caps it.
+
+So the sidecar gets the flag, a minimum as long as new requests may still arrive after the
+pod starts stopping (:func:`sidecar_min_drain_s`: 5 s would let it leave while they do,
+refusing them), and ``terminationDrainDuration`` for an injector that ignores the flag."""
+KNATIVE_QUEUE_DRAIN_S = 30
+"""Serverless: how long Knative's queue-proxy keeps taking requests after the pod starts
+stopping (knative/serving v1.16.2 pkg/queue/sharedmain/main.go line 62,
+``drainSleepDuration``), while the networking drops the pod."""
 PRESTOP_DRAIN_S = 15
 """RawDeployment: seconds the preStop hook waits before the server gets SIGTERM, so the
 endpoints controller, kube-proxy and the ingress drop the pod before it stops taking
@@ -85,11 +98,19 @@ def termination_grace_s(cfg: Config) -> int:
     return PRESTOP_DRAIN_S + int(cfg.serving.request_timeout_s) + 30
 
 
+def sidecar_min_drain_s(cfg: Config) -> int:
+    """How long the Istio sidecar serves after SIGTERM before it may leave on no active
+    connection: while requests may still arrive, the preStop drain in RawDeployment mode,
+    Knative queue-proxy's drain in Serverless mode (:data:`ISTIO_PROXY_CONFIG_ANNOTATION`)."""
+    raw = cfg.serving.deployment_mode == "RawDeployment"
+    return PRESTOP_DRAIN_S if raw else KNATIVE_QUEUE_DRAIN_S
+
+
 def ingress_timeout_s(cfg: Config) -> int:
     """The predictor's request timeout: the ingress waits a little longer than the server's
     own limit (``serving.request_timeout_s``), so a slow request gets the server's 504 with
     its reason rather than the gateway's."""
-    return int(cfg.serving.request_timeout_s) + 30
+    return int(cfg.serving.request_timeout_s) + INGRESS_MARGIN_S
 
 
 def _resources(cfg: Config) -> dict[str, Any]:
@@ -142,11 +163,15 @@ def _autoscaling(cfg: Config) -> dict[str, Any]:
         "containerConcurrency": s.container_concurrency,
     }
     raw = s.deployment_mode == "RawDeployment"
-    # A Kubeflow profile injects an Istio sidecar; it must outlive the server's drain, at most
-    # the pod's grace in Raw mode, the revision's timeout (Knative's grace) in Serverless mode,
-    # and leave once nothing is left to drain.
+    # A Kubeflow profile injects an Istio sidecar; it must take requests while they may still
+    # come, outlive the server's drain (at most the pod's grace in Raw mode, the revision's
+    # timeout, Knative's grace, in Serverless mode) and leave once nothing is left to drain.
     drain_s = termination_grace_s(cfg) if raw else ingress_timeout_s(cfg)
-    proxy = {"terminationDrainDuration": f"{drain_s}s", "proxyMetadata": ISTIO_PROXY_METADATA}
+    metadata = {
+        "EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true",
+        "MINIMUM_DRAIN_DURATION": f"{sidecar_min_drain_s(cfg)}s",
+    }
+    proxy = {"terminationDrainDuration": f"{drain_s}s", "proxyMetadata": metadata}
     out["annotations"] = {ISTIO_PROXY_CONFIG_ANNOTATION: json.dumps(proxy)}
     if raw:
         out["deploymentStrategy"] = {"type": s.update_strategy}

@@ -24,7 +24,8 @@ revision promoted is the one smoke-tested, or the rollout fails. A refusal of wh
 writes (a Warning event on the InferenceService: a webhook's, the API server's) ends the
 wait at once with that message. Before an update, what is known to fail is warned about up
 front: in Serverless mode a podspec feature flag of Knative's that the spec needs and that
-is off (read when RBAC allows), in RawDeployment mode a changed ``deploymentStrategy``.
+is off (read when RBAC allows), in RawDeployment mode a change of ``deploymentStrategy`` to
+Recreate.
 
 The labels and annotations the deploy writes (the bundle's lineage, the Model Registry's
 ids) go in the same write as the spec, and a roll back restores them in the same write as
@@ -167,9 +168,11 @@ class InferenceServiceRollout:
         return advice
 
     def _strategy_advice(self, desired: dict[str, Any], existing: dict[str, Any]) -> list[str]:
-        """RawDeployment: a changed ``deploymentStrategy``, which KServe 0.14.1 and 0.15.0
-        cannot carry out (their strategic merge keeps the old ``rollingUpdate`` beside a
-        Recreate, which the API server refuses); logged as a warning before the write."""
+        """RawDeployment: a change of ``deploymentStrategy`` to Recreate, which KServe 0.14.1
+        and 0.15.0 cannot carry out (their strategic merge keeps the old ``rollingUpdate``
+        beside the Recreate, which the API server refuses); logged as a warning before the
+        write. The way back is carried out: a RollingUpdate comes with its own
+        ``rollingUpdate`` (deployment_reconciler.go ``setDefaultDeploymentSpec``)."""
         if not is_raw(existing):
             return []
         ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
@@ -178,7 +181,7 @@ class InferenceServiceRollout:
             for obj in (existing, desired)
         ]
         was, wants = (k.get("type", "RollingUpdate") for k in kinds)
-        if was == wants:
+        if was == wants or wants != "Recreate":
             return []
         line = (
             f"spec.predictor.deploymentStrategy changes from {was} to {wants}: KServe 0.14.1 "
