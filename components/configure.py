@@ -45,26 +45,8 @@ def configure(
     config with; the data and training steps get the part of it their sections read), fail
     on an invalid config before any work, write the resolved ``config.yaml`` to ``config``,
     and return the evaluate pod's size."""
-    from ldm_core.stages import configure_stage
+    from ldm_core.stages import PIPELINE_PARAMETERS, configure_stage
 
-    return configure_stage(
-        preset,
-        overrides,
-        config.path,
-        mount_path=mount_path,
-        image=image,
-        step_image=step_image,
-        pvc_name=pvc_name,
-        nproc=nproc,
-        nnodes=nnodes,
-        eval_samples=eval_samples,
-        eval_steps=eval_steps,
-        eval_gpus=eval_gpus,
-        gate_min_ms_ssim_ratio=gate_min_ms_ssim_ratio,
-        gate_max_mmd=gate_max_mmd,
-        gate_min_mask_dice=gate_min_mask_dice,
-        gate_max_hist_distance=gate_max_hist_distance,
-        deployment_mode=deployment_mode,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-    )
+    given = locals()  # the parameters above, forwarded by the names configure_stage knows
+    params = {name: given[name] for name in PIPELINE_PARAMETERS}
+    return configure_stage(preset, overrides, config.path, mount_path=mount_path, **params)
