@@ -1,15 +1,19 @@
 """Does the demo model learn anatomy, and what does its training cost?
 
-Trains a candidate, the tiny-cpu preset plus ``--set`` overrides, on a preprocessed demo
-cache with the project's own trainers, then measures where blur comes from:
+Trains a candidate, a preset (``--preset``, tiny-cpu unless named) plus ``--set`` overrides,
+on a preprocessed demo cache with the project's own trainers, then measures where blur
+comes from:
 
 - the autoencoder's reconstructions, scored as ``ldm evaluate`` scores them (SSIM, PSNR and
   the detail ratio, ``ldm_core.measures.detail_ratio``, against the same volumes): of the
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
+- lesions: how many validation volumes keep their lesions through the autoencoder
+  (:func:`lesion_count` on each volume and on its reconstruction);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
-  of 4, the configured sampler at ``evaluation.steps``): detail ratio against the real cohort
-  and foreground Dice with its majority mask (``ldm_core.metrics.mask_dice``);
+  of 4, the configured sampler at ``evaluation.steps``), scored by the same
+  ``ldm_core.metrics.compute_metrics`` against the same real volumes, with the candidate's
+  gate verdict, and the share of samples with a lesion beside the real cohort's share;
 - training cost: wall seconds of each stage (noisy on a shared machine) and, the figure to
   compare, the per-step time of the candidate's and of the reference preset's model shapes
   (tiny-cpu before the demo-anatomy rounds of benchmarks/README.md), measured back to back
@@ -17,13 +21,13 @@ cache with the project's own trainers, then measures where blur comes from:
 
 Usage::
 
-    .venv/bin/python -m benchmarks.bench_anatomy --data CACHE --work DIR [--set key=value ...]
-        [--autoencoder DIR | --autoencoder-only] [--png FILE] [--label NAME]
-    .venv/bin/python -m benchmarks.bench_anatomy --time-only [--set key=value ...]
+    .venv/bin/python -m benchmarks.bench_anatomy --data CACHE --work DIR [--preset NAME]
+        [--set key=value ...] [--autoencoder DIR | --autoencoder-only] [--png FILE] [--label NAME]
+    .venv/bin/python -m benchmarks.bench_anatomy --time-only [--preset NAME] [--set key=value ...]
 
 ``--autoencoder`` reuses a finished autoencoder run (diffusion-only experiments);
 ``--autoencoder-only`` trains and scores the autoencoder alone. ``--png`` writes axial
-mid-slices: training volumes, their reconstructions, then the samples.
+mid-slices: validation volumes, their reconstructions, then the samples, 8 a row.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
+from scipy import ndimage
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, measures, metrics
-from ldm_core.config import Config, from_dict, load_config
+from ldm_core import evaluate, metrics
+from ldm_core.config import DEFAULT_PRESET, PRESETS, Config, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
+from ldm_core.gate import gate
 from ldm_core.io import AUTOENCODER_PT
 from ldm_core.models import (
     build_autoencoder,
@@ -82,6 +88,18 @@ from step 90, UNet 700 steps at batch 8): the training cost the candidate must n
 
 GENERATE_BATCH = 4
 """Seeds per generate call, as ``ldm evaluate`` draws them."""
+FIGURE_COLUMNS = 8
+
+LESION_SMOOTHING = 0.7
+LESION_OVER_MEDIAN = 1.4
+LESION_MIN_VOXELS = 4
+"""A lesion, in a FLAIR volume of the demo cohort at 4 mm: a connected region at least
+:data:`LESION_MIN_VOXELS` voxels large that, after a Gaussian smoothing of
+:data:`LESION_SMOOTHING` voxels (against the Rician noise), is brighter than
+:data:`LESION_OVER_MEDIAN` times the brain's median (oedema is about twice as bright as grey
+and white matter). Checked on the 16 subjects of the demo cache against their label maps
+(connected regions of the labels at full resolution): the count matches in 15, the other's
+single lesion is too faint at 4 mm, and their mean image has none."""
 
 
 # --------------------------------------------------------------------------- cost
@@ -176,6 +194,26 @@ def compare_cost(candidate: Config, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- quality
 
 
+def lesion_count(volume: np.ndarray) -> int:
+    """Bright lesions (oedema) in one FLAIR volume ``[..., D, H, W]`` on the cache's [0, 1]
+    scale; see :data:`LESION_MIN_VOXELS` for the rule and its calibration."""
+    v = np.asarray(volume, dtype=np.float32).reshape(np.shape(volume)[-3:])
+    brain = v > metrics.MASK_THRESHOLD
+    if not brain.any():
+        return 0
+    bright = ndimage.gaussian_filter(v, LESION_SMOOTHING) > LESION_OVER_MEDIAN * np.median(v[brain])
+    labels, n = ndimage.label(bright & brain)
+    if n == 0:
+        return 0
+    sizes = ndimage.sum_labels(np.ones_like(v), labels, range(1, n + 1))
+    return int((sizes >= LESION_MIN_VOXELS).sum())
+
+
+def lesion_share(volumes: torch.Tensor) -> float:
+    """Share of ``volumes`` ``[N, 1, D, H, W]`` with at least one :func:`lesion_count`."""
+    return float(np.mean([lesion_count(v) > 0 for v in volumes.numpy()]))
+
+
 def split_volumes(data: Path, split: str) -> torch.Tensor:
     """Every volume of one split of the cache, ``[N, 1, D, H, W]``."""
     volumes = VolumeDataset(data, split)
@@ -188,11 +226,12 @@ def reconstruction_quality(
     """SSIM, PSNR and detail ratio of the autoencoder's reconstructions, scored as ``ldm
     evaluate`` scores them: ``recon_*`` on the validation volumes (unseen anatomy),
     ``recon_train_*`` on the training volumes (what a diffusion model that learned the
-    training latents could at best decode). Also returns (training volumes, their
-    reconstructions) for the figure."""
+    training latents could at best decode); and ``recon_lesions_kept``, the share of the
+    validation volumes with a lesion whose reconstruction has one too. Also returns
+    (validation volumes, their reconstructions) for the figure."""
     scores: dict[str, float] = {}
     shown: tuple[torch.Tensor, torch.Tensor] | None = None
-    for split, prefix in (("val", "recon"), ("train", "recon_train")):
+    for split, prefix in (("train", "recon_train"), ("val", "recon")):
         x = split_volumes(data, split)
         recon = metrics.reconstruct(autoencoder, x, torch.device("cpu"))
         q = metrics.reconstruction_quality(x, recon)
@@ -203,11 +242,18 @@ def reconstruction_quality(
         }
         shown = (x, recon)
     assert shown is not None
+    x, recon = shown
+    with_lesion = [i for i, v in enumerate(x.numpy()) if lesion_count(v) > 0]
+    kept = [lesion_count(recon[i].numpy()) > 0 for i in with_lesion]
+    scores["recon_lesions_kept"] = round(float(np.mean(kept)), 3) if kept else float("nan")
+    scores["val_volumes_with_lesion"] = len(with_lesion)
     return scores, shown
 
 
-def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-    """Detail ratio and mask Dice of samples drawn as ``ldm evaluate`` draws them."""
+def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """Samples drawn as ``ldm evaluate`` draws them, scored by its ``compute_metrics`` against
+    ``real`` (all of them, rounded), the bundle's own gate verdict on them, and the share of
+    samples with a lesion beside the real volumes' share."""
     cfg = b.config
     seeds = list(range(cfg.evaluation.num_samples))
     generated = torch.cat(
@@ -216,19 +262,30 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, flo
             for i in range(0, len(seeds), GENERATE_BATCH)
         ]
     )
-    dice = metrics.mask_dice(generated, metrics.reference_mask(real))
-    return {
-        "sample_detail_ratio": round(measures.detail_ratio(generated.numpy(), real.numpy()), 4),
-        "mask_dice": round(float(dice.mean()), 4),
-        "mask_dice_min": round(float(dice.min()), 4),
-    }, generated
+    scores = metrics.compute_metrics(real, generated)
+    passed, reasons = gate(scores, cfg.evaluation)
+    result: dict[str, Any] = {k: round(v, 4) for k, v in scores.items()}
+    result["sample_detail_ratio"] = result["detail_ratio"]
+    result |= {
+        "sample_lesion_share": round(lesion_share(generated.clamp(0, 1)), 3),
+        "real_lesion_share": round(lesion_share(real), 3),
+        "gate_passed": passed,
+        "gate_reasons": reasons,
+    }
+    return result, generated
 
 
 def axial_png(rows: Sequence[tuple[str, torch.Tensor]], path: Path) -> None:
-    """Axial mid-slices, one named row of volumes each (``[N, 1, D, H, W]``), rotated as
-    ``ldm_core.figures`` shows them."""
+    """Axial mid-slices, one named row of volumes each (``[N, 1, D, H, W]``; more than
+    :data:`FIGURE_COLUMNS` continue on the next row), rotated as ``ldm_core.figures`` shows
+    them."""
     from matplotlib.figure import Figure
 
+    rows = [
+        (name if start == 0 else "", volumes[start : start + FIGURE_COLUMNS])
+        for name, volumes in rows
+        for start in range(0, len(volumes), FIGURE_COLUMNS)
+    ]
     n = max(len(volumes) for _, volumes in rows)
     fig = Figure(figsize=(1.3 * n, 1.5 * len(rows)))
     axes = fig.subplots(len(rows), n, squeeze=False)
@@ -281,6 +338,7 @@ def trained_autoencoder(run_dir: Path) -> torch.nn.Module:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="preprocessed demo cache (ldm preprocess)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     parser.add_argument("--work", type=Path, help="directory for the runs and the bundle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--autoencoder", type=Path, help="reuse this finished autoencoder run")
@@ -300,19 +358,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    cfg = load_config(overrides=args.set)
+    cfg = load_config(preset=args.preset, overrides=args.set)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    result: dict[str, Any] = {"label": args.label, "overrides": args.set}
+    result: dict[str, Any] = {"label": args.label, "preset": args.preset, "overrides": args.set}
     summary = f"{args.label}: "
     if not args.time_only:
         if args.data is None or args.work is None:
             parser.error("--data and --work are needed unless --time-only")
         run = train(cfg, args.data, args.work, args.autoencoder, args.autoencoder_only)
-        scores, (train_x, train_recon) = reconstruction_quality(
+        scores, (val_x, val_recon) = reconstruction_quality(
             trained_autoencoder(run.pop("autoencoder_dir")), args.data
         )
         result |= scores
-        rows = [("real (train)", train_x[:8]), ("reconstructed", train_recon[:8])]
+        rows = [
+            ("real (val)", val_x[:FIGURE_COLUMNS]),
+            ("reconstructed", val_recon[:FIGURE_COLUMNS]),
+        ]
         if "bundle" in run:
             b = bundles.load(run.pop("bundle"), "cpu")
             real, _ = evaluate.load_real(args.data, b.config.data.shape)
@@ -334,7 +395,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "sample_detail_ratio" in result:
             summary += (
                 f"; samples detail {result['sample_detail_ratio']:.2f},"
-                f" Dice {result['mask_dice']:.3f}"
+                f" Dice {result['mask_dice']:.3f}, lesions {result['sample_lesion_share']:.2f}"
+                f" (real {result['real_lesion_share']:.2f}), nn {result['nn_correlation']:.2f}"
+                f" (real {result['nn_correlation_real']:.2f}),"
+                f" gate {'passes' if result['gate_passed'] else 'fails'}"
             )
     record("anatomy", result, summary=summary)
 
