@@ -23,6 +23,10 @@ MUTMUT_PTH = $(MUTMUT)/lib/python3.11/site-packages/brain-ldm-venv.pth
 TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
 NPROC   ?= 1
+# make test runs the test files on this many processes (pytest-xdist; a file's tests stay on
+# one, so its module fixtures start once). Most tests wait on servers, subprocesses and polls,
+# so two processes halve the wall time on two cores; 0 runs them in pytest's own process.
+TEST_WORKERS ?= 2
 
 # The venvs are independent: build them side by side (their pip runs are quiet). A recipe
 # that needs another's output still waits for it, and demo and test print as they run.
@@ -32,7 +36,7 @@ MAKEFLAGS += --jobs=5
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
-	@echo "make test       fast test suite (CPU, no cluster, < 20 min)"
+	@echo "make test       fast test suite (CPU, no cluster, < 15 min; TEST_WORKERS=2 processes)"
 	@echo "make test-slow  the slow tests (longer training, multi-process runs)"
 	@echo "make mutation   named mutations + mutmut scores of the rollout, launcher, gate, smoke check, samplers (slow)"
 	@echo "make lint       ruff"
@@ -83,7 +87,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --nproc $(NPROC)
 
 test: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 	$(BIN)/python -m pytest -q -m slow
