@@ -9,7 +9,7 @@ comes from:
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
 - lesions: how many validation volumes keep their lesions through the autoencoder
-  (:func:`lesion_count` on each volume and on its reconstruction);
+  (``ldm_core.measures.lesion_count`` on each volume and on its reconstruction);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``), scored by the same
   ``ldm_core.metrics.compute_metrics`` against the same real volumes, with the candidate's
@@ -45,11 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
-from scipy import ndimage
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, metrics
+from ldm_core import evaluate, measures, metrics
 from ldm_core.config import DEFAULT_PRESET, PRESETS, Config, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.gate import gate
@@ -89,18 +88,6 @@ from step 90, UNet 700 steps at batch 8): the training cost the candidate must n
 GENERATE_BATCH = 4
 """Seeds per generate call, as ``ldm evaluate`` draws them."""
 FIGURE_COLUMNS = 8
-
-LESION_SMOOTHING = 0.7
-LESION_OVER_MEDIAN = 1.4
-LESION_MIN_VOXELS = 4
-"""A lesion, in a FLAIR volume of the demo cohort at 4 mm: a connected region at least
-:data:`LESION_MIN_VOXELS` voxels large that, after a Gaussian smoothing of
-:data:`LESION_SMOOTHING` voxels (against the Rician noise), is brighter than
-:data:`LESION_OVER_MEDIAN` times the brain's median (oedema is about twice as bright as grey
-and white matter). Checked on the 16 subjects of the demo cache against their label maps
-(connected regions of the labels at full resolution): the count matches in 15, the other's
-single lesion is too faint at 4 mm, and their mean image has none."""
-
 
 # --------------------------------------------------------------------------- cost
 
@@ -194,26 +181,6 @@ def compare_cost(candidate: Config, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- quality
 
 
-def lesion_count(volume: np.ndarray) -> int:
-    """Bright lesions (oedema) in one FLAIR volume ``[..., D, H, W]`` on the cache's [0, 1]
-    scale; see :data:`LESION_MIN_VOXELS` for the rule and its calibration."""
-    v = np.asarray(volume, dtype=np.float32).reshape(np.shape(volume)[-3:])
-    brain = v > metrics.MASK_THRESHOLD
-    if not brain.any():
-        return 0
-    bright = ndimage.gaussian_filter(v, LESION_SMOOTHING) > LESION_OVER_MEDIAN * np.median(v[brain])
-    labels, n = ndimage.label(bright & brain)
-    if n == 0:
-        return 0
-    sizes = ndimage.sum_labels(np.ones_like(v), labels, range(1, n + 1))
-    return int((sizes >= LESION_MIN_VOXELS).sum())
-
-
-def lesion_share(volumes: torch.Tensor) -> float:
-    """Share of ``volumes`` ``[N, 1, D, H, W]`` with at least one :func:`lesion_count`."""
-    return float(np.mean([lesion_count(v) > 0 for v in volumes.numpy()]))
-
-
 def split_volumes(data: Path, split: str) -> torch.Tensor:
     """Every volume of one split of the cache, ``[N, 1, D, H, W]``."""
     volumes = VolumeDataset(data, split)
@@ -243,8 +210,8 @@ def reconstruction_quality(
         shown = (x, recon)
     assert shown is not None
     x, recon = shown
-    with_lesion = [i for i, v in enumerate(x.numpy()) if lesion_count(v) > 0]
-    kept = [lesion_count(recon[i].numpy()) > 0 for i in with_lesion]
+    with_lesion = [i for i, v in enumerate(x.numpy()) if measures.lesion_count(v) > 0]
+    kept = [measures.lesion_count(recon[i].numpy()) > 0 for i in with_lesion]
     scores["recon_lesions_kept"] = round(float(np.mean(kept)), 3) if kept else float("nan")
     scores["val_volumes_with_lesion"] = len(with_lesion)
     return scores, shown
@@ -267,8 +234,8 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, Any
     result: dict[str, Any] = {k: round(v, 4) for k, v in scores.items()}
     result["sample_detail_ratio"] = result["detail_ratio"]
     result |= {
-        "sample_lesion_share": round(lesion_share(generated.clamp(0, 1)), 3),
-        "real_lesion_share": round(lesion_share(real), 3),
+        "sample_lesion_share": round(measures.lesion_share(generated.clamp(0, 1).numpy()), 3),
+        "real_lesion_share": round(measures.lesion_share(real.numpy()), 3),
         "gate_passed": passed,
         "gate_reasons": reasons,
     }

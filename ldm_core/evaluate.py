@@ -39,6 +39,7 @@ from ldm_core.metrics import (
     METRIC_DOCS,
     compute_metrics,
     intensity_histogram,
+    lesion_metrics,
     reconstruct,
     reconstruction_quality,
     timed,
@@ -166,6 +167,12 @@ def _sampler(cfg: Config, bundle: Any) -> str:
     return str(bundle.config.sampling.sampler)
 
 
+def _is_flair(channel: str) -> bool:
+    """Whether the configured channel is Task01's FLAIR (by name or index), the modality
+    where lesions are bright and :func:`ldm_core.measures.lesion_count` applies."""
+    return channel.strip().lower() in ("flair", "0")
+
+
 def _draw_figures(
     real: torch.Tensor,
     generated: torch.Tensor,
@@ -271,12 +278,14 @@ def evaluate(
         with timed(f"reconstruction quality ({validation.shape[0]} validation volumes)"):
             recons = reconstruct(bundle.autoencoder, validation, bundle.device)
             metrics.update(reconstruction_quality(validation, recons))
+    clipped = generated.clamp(0.0, 1.0)
+    reconstructed = None if recons is None else (validation, recons)
+    if _is_flair(cfg.data.channel):
+        metrics.update(lesion_metrics(real, clipped, reconstructed))
     passed, reasons = gate(metrics, ecfg)
     log.info("quality gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
 
     log.info("writing figures and reports")
-    clipped = generated.clamp(0.0, 1.0)
-    reconstructed = None if recons is None else (validation, recons)
     images = _draw_figures(real, clipped, bundle.spacing, training_logs, reconstructed)
     figure_paths, sample_paths = _write_files(out, images, clipped, bundle.affine)
     verdict = {"passed": passed, "reasons": reasons}

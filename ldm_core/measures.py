@@ -18,12 +18,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+from scipy import ndimage
 
 OTSU_BINS = 256
 FOREGROUND_THRESHOLD = 0.1
 """Brain/background rule on the cache's [0, 1] intensity scale: preprocessing maps the
 background to 0 and tissue well above 0.1. The gate's masks and the monitor's foreground
 fraction both use it."""
+LESION_SMOOTHING = 0.7
+LESION_OVER_MEDIAN = 1.4
+LESION_MIN_VOXELS = 4
+"""A lesion, in a FLAIR volume at the 4 mm of the CPU presets: a connected region at least
+:data:`LESION_MIN_VOXELS` voxels large that, after a Gaussian smoothing of
+:data:`LESION_SMOOTHING` voxels (against the Rician noise), is brighter than
+:data:`LESION_OVER_MEDIAN` times the brain's median (oedema is about twice as bright as grey
+and white matter on FLAIR). Checked on 16 demo subjects against their label maps (connected
+regions of the labels at full resolution): the count matches in 15, the other's single
+lesion is too faint at 4 mm, and their mean image has none."""
 MEASURES = ("mean_intensity", "foreground_fraction", "detail")
 """What :func:`summarise` reports for one volume (the served-output monitor's measures)."""
 
@@ -71,6 +82,29 @@ def detail_ratio(generated: np.ndarray, real: np.ndarray) -> float:
     gen = float(np.mean([detail(v) for v in np.asarray(generated)]))
     ref = float(np.mean([detail(v) for v in np.asarray(real)]))
     return gen / max(ref, 1e-12)
+
+
+def lesion_count(volume: np.ndarray) -> int:
+    """Bright lesions in one FLAIR volume ``[..., D, H, W]`` on the cache's [0, 1] scale; see
+    :data:`LESION_MIN_VOXELS` for the rule and its calibration. A blank volume has none."""
+    v = np.asarray(volume, dtype=np.float32).reshape(np.shape(volume)[-3:])
+    brain = v > FOREGROUND_THRESHOLD
+    if not brain.any():
+        return 0
+    smoothed = ndimage.gaussian_filter(v, LESION_SMOOTHING)
+    bright = (smoothed > LESION_OVER_MEDIAN * np.median(v[brain])) & brain
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        return 0
+    sizes = ndimage.sum_labels(np.ones_like(v), labels, range(1, n + 1))
+    return int((sizes >= LESION_MIN_VOXELS).sum())
+
+
+def lesion_share(volumes: np.ndarray) -> float:
+    """Share of ``volumes`` (``[N, 1, D, H, W]`` or ``[N, D, H, W]``) with at least one
+    :func:`lesion_count`; 0 for none."""
+    counts = [lesion_count(v) for v in np.asarray(volumes)]
+    return float(np.mean([c > 0 for c in counts])) if counts else 0.0
 
 
 def summarise(volume: np.ndarray) -> dict[str, float]:

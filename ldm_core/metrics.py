@@ -84,6 +84,9 @@ METRIC_DOCS = {
     "recon_psnr": "PSNR (dB, data range 1) of the autoencoder's reconstructions of the validation volumes",
     "recon_detail_ratio": "detail of the reconstructions over that of their validation volumes: the ceiling of detail_ratio",
     "num_reconstructed": "validation volumes reconstructed by the autoencoder",
+    "lesion_share_real": "share of real FLAIR volumes with a bright lesion (ldm_core.measures.lesion_count)",
+    "lesion_share_generated": "share of generated volumes with a bright lesion: compare with lesion_share_real",
+    "recon_lesions_kept": "share of the reconstructed validation volumes with a lesion whose reconstruction keeps one",
     "fid": "Frechet distance between extractor features of generated and real volumes (lower = closer)",
 }
 
@@ -332,6 +335,31 @@ def reconstruction_quality(volumes: torch.Tensor, recons: torch.Tensor) -> dict[
         "recon_detail_ratio": measures.detail_ratio(recons.numpy(), volumes.numpy()),
         "num_reconstructed": float(volumes.shape[0]),
     }
+
+
+# --------------------------------------------------------------------------- lesions
+
+
+def lesion_metrics(
+    real: torch.Tensor,
+    generated: torch.Tensor,
+    reconstructed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """How often bright (FLAIR) lesions appear in ``real`` and ``generated`` volumes, and,
+    given ``reconstructed`` = (validation volumes, their reconstructions), the share of the
+    validation volumes with a lesion whose reconstruction keeps one (absent when none has a
+    lesion). Reported, not gated: a cohort's lesion rate is a property of its data."""
+    out = {
+        "lesion_share_real": measures.lesion_share(real.float().cpu().numpy()),
+        "lesion_share_generated": measures.lesion_share(generated.float().cpu().numpy()),
+    }
+    if reconstructed is not None:
+        volumes, recons = (t.float().cpu().numpy() for t in reconstructed)
+        with_lesion = [i for i, v in enumerate(volumes) if measures.lesion_count(v) > 0]
+        if with_lesion:
+            kept = [measures.lesion_count(recons[i]) > 0 for i in with_lesion]
+            out["recon_lesions_kept"] = float(np.mean(kept))
+    return out
 
 
 # --------------------------------------------------------------------------- all metrics

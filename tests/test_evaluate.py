@@ -353,6 +353,8 @@ def test_evaluate_end_to_end_on_a_random_bundle(tmp_path):
     # the demo cache of 4 subjects holds one validation subject: the autoencoder's ceiling
     assert floats["num_reconstructed"] == 1.0 and 0 < floats["recon_ssim"] < 1
     assert {"recon_psnr", "recon_detail_ratio"} <= set(floats)
+    # FLAIR (the default channel): the lesion report, real volumes' share measured
+    assert 0 < floats["lesion_share_real"] <= 1 and 0 <= floats["lesion_share_generated"] <= 1
     assert set(floats) - {"fid"} <= set(METRIC_DOCS)
     assert all(f"| `{k}` |" in (out / "report.md").read_text() for k in floats)
     assert "fid" not in floats and floats["num_generated"] == 3.0 and floats["num_real"] == 4.0

@@ -49,3 +49,35 @@ def test_summarise_uses_the_one_detail_measure_and_reference_averages_it() -> No
     assert ref == pytest.approx({m: np.mean([r[m] for r in rows]) for m in measures.MEASURES})
     with pytest.raises(ValueError, match="no volumes"):
         measures.reference([])
+
+
+def _brain_with_lesions(centres: list[tuple[int, int, int]], radius: float) -> np.ndarray:
+    """An ellipsoidal "brain" at 0.5 with a little texture, and bright spheres (twice the
+    brain's level, as oedema is on FLAIR) of ``radius`` voxels at ``centres``."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in (48, 64, 48)), indexing="ij"))
+    half = np.array([24, 32, 24])[:, None, None, None]
+    brain = ((((grid - half) / (0.8 * half)) ** 2).sum(0) < 1).astype(np.float32)
+    volume = brain * (0.5 + 0.02 * rng.standard_normal(brain.shape).astype(np.float32))
+    for c in centres:
+        inside = ((grid - np.array(c)[:, None, None, None]) ** 2).sum(0) <= radius**2
+        volume[inside & (brain > 0)] = 1.0
+    return volume
+
+
+def test_lesion_count_counts_separate_bright_regions_and_ignores_specks() -> None:
+    assert measures.lesion_count(_brain_with_lesions([], 2.0)) == 0
+    assert measures.lesion_count(_brain_with_lesions([(24, 24, 24)], 2.0)) == 1
+    two = _brain_with_lesions([(16, 24, 24), (32, 40, 24)], 2.0)
+    assert measures.lesion_count(two[None]) == 2  # [1, D, H, W] as the cache holds it
+    speck = _brain_with_lesions([(24, 24, 24)], 0.5)  # one voxel: noise, not a lesion
+    assert measures.lesion_count(speck) == 0
+    assert measures.lesion_count(np.zeros((48, 64, 48), np.float32)) == 0
+
+
+def test_lesion_share_is_the_share_of_volumes_with_one() -> None:
+    with_one = _brain_with_lesions([(24, 24, 24)], 2.0)
+    without = _brain_with_lesions([], 2.0)
+    stack = np.stack([with_one, without, without, with_one])[:, None]
+    assert measures.lesion_share(stack) == 0.5
+    assert measures.lesion_share(stack[:0]) == 0.0
