@@ -103,11 +103,15 @@ def subject_id(index: int) -> str:
     return f"BRATS_{index + 1:03d}"
 
 
-def make_subject(atlas: Atlas, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+def make_subject(
+    atlas: Atlas, seed: int, index: int, noise: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """One subject: image ``(x, y, z, 4)`` int16 and label ``(x, y, z)`` uint8.
 
     The random stream is seeded by ``(seed, index)`` alone, so the subject does not depend
-    on how many others are generated alongside it.
+    on how many others are generated alongside it. ``noise=False`` gives the same subject
+    without its Rician noise (the noise is still drawn, so nothing else changes): the
+    ground truth that says how close any denoising reconstruction can come.
     """
     rng = np.random.default_rng([seed, index])
     shape = atlas.mask.shape
@@ -157,7 +161,7 @@ def make_subject(atlas: Atlas, seed: int, index: int) -> tuple[np.ndarray, np.nd
         # Rician: the magnitude of a complex signal with Gaussian noise on both parts.
         real = signal + rng.normal(0.0, sigma, size=shape).astype(np.float32)
         imag = rng.normal(0.0, sigma, size=shape).astype(np.float32)
-        magnitude = np.sqrt(real * real + imag * imag)
+        magnitude = np.sqrt(real * real + imag * imag) if noise else signal
         magnitude[~brain] = 0.0  # skull-stripped, as Task01 is
         image[..., m] = np.clip(np.rint(magnitude), 0, np.iinfo(np.int16).max).astype(np.int16)
     return image, label
@@ -168,8 +172,10 @@ def generate_cohort(
     n_subjects: int = DEFAULT_SUBJECTS,
     seed: int = 0,
     resolution: int = DEFAULT_RESOLUTION,
+    noise: bool = True,
 ) -> Path:
-    """Write ``n_subjects`` demo subjects and a Task01 ``dataset.json`` into ``output``."""
+    """Write ``n_subjects`` demo subjects and a Task01 ``dataset.json`` into ``output``
+    (``noise``: as :func:`make_subject`)."""
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be at least 1, got {n_subjects}")
     output = Path(output)
@@ -179,7 +185,7 @@ def generate_cohort(
     training = []
     for i in tqdm(range(n_subjects), desc="demo cohort", unit="subject"):
         sid = subject_id(i)
-        image, label = make_subject(atlas, seed, i)
+        image, label = make_subject(atlas, seed, i, noise=noise)
         _save(image, atlas.affine, output / "imagesTr" / f"{sid}.nii.gz")
         _save(label, atlas.affine, output / "labelsTr" / f"{sid}.nii.gz")
         training.append({"image": f"./imagesTr/{sid}.nii.gz", "label": f"./labelsTr/{sid}.nii.gz"})
