@@ -173,7 +173,11 @@ def _download_args(p: argparse.ArgumentParser) -> None:
         help="demo | msd | http(s)://URL of a .tar/.tar.gz | s3://bucket/prefix | a local DIR",
     )
     p.add_argument("--output", required=True, type=Path, help="directory to fill")
-    p.add_argument("--subjects", type=int, help="demo: number of subjects to generate")
+    p.add_argument(
+        "--subjects",
+        type=int,
+        help="demo: number of subjects to generate (default: data.demo_subjects)",
+    )
     p.add_argument("--seed", type=int, default=0, help="demo: random seed (default 0)")
 
 

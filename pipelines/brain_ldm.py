@@ -110,7 +110,7 @@ def brain_ldm(
     """Parameters (0 for counts, -1 or empty otherwise, mean "as the config says"):
 
     source: demo | msd | http(s)://archive | s3://bucket/prefix | a directory.
-    subjects: demo cohort size. seed: demo generator seed.
+    subjects: demo cohort size (0 = the config's data.demo_subjects). seed: demo generator seed.
     preset, overrides: the run config (``tiny-cpu`` ... ``multi-gpu``) and ``key=value``
     refinements; any ``cluster.*`` / ``serving.*`` field too (``cluster.predictor.gpus=1``).
     nproc: processes (GPUs) per training pod. nnodes: training pods (PyTorchJob Master +

@@ -374,6 +374,16 @@ def test_demo_source_is_idempotent_and_replaced_on_new_request(tmp_path: Path) -
     assert len((out / dl.SUMS).read_text().splitlines()) == 5  # dataset.json + 2 images + 2 labels
 
 
+def test_demo_cohort_size_comes_from_the_config_unless_given(tmp_path: Path) -> None:
+    """A preset sets its cohort (quality-cpu: 64 subjects); an explicit --subjects wins."""
+    cfg = Config()
+    cfg.data.demo_subjects = 2
+    dl.download("demo", tmp_path / "cfg", cfg)
+    assert json.loads((tmp_path / "cfg" / "dataset.json").read_text())["numTraining"] == 2
+    dl.download("demo", tmp_path / "arg", cfg, subjects=1)
+    assert json.loads((tmp_path / "arg" / "dataset.json").read_text())["numTraining"] == 1
+
+
 def test_s3_source_through_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ldm_core import storage
     from tests.harness.s3 import make_bucket, s3_env, s3_server

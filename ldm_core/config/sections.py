@@ -36,6 +36,11 @@ class DataConfig:
     val_fraction: float = 0.2
     """Fraction of subjects held out for validation (split by subject, deterministic)."""
     split_seed: int = 0
+    demo_subjects: int = 16
+    """Subjects the ``demo`` source generates when the download is not given a number (the
+    pipeline's ``subjects`` parameter, ``ldm download --subjects``). 16 keep the demo's
+    download and preprocessing near a minute; a model trained longer on 16 copies them
+    (benchmarks/README.md, "Quality preset")."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
 

@@ -134,6 +134,8 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(
             f"data.intensity_percentiles: need 0 <= low < high <= 100, got {lo}, {hi}"
         )
+    if cfg.data.demo_subjects < 1:
+        raise ConfigError(f"data.demo_subjects: must be at least 1, got {cfg.data.demo_subjects}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
 

@@ -81,7 +81,7 @@ def download(
     """Fetch or generate ``source`` into ``output``; returns the dataset directory (``output``)."""
     output = Path(output)
     source = str(source).strip()
-    request = _request(source, subjects, seed)
+    request = _request(source, cfg.data.demo_subjects if subjects is None else subjects, seed)
     if _finished(output, request):
         log.info("%s: already holds %s (verified earlier); nothing to do", output, _redact(source))
         return output
@@ -117,7 +117,7 @@ def download(
     return output
 
 
-def _request(source: str, subjects: int | None, seed: int) -> dict[str, Any]:
+def _request(source: str, subjects: int, seed: int) -> dict[str, Any]:
     """What was asked for, as stored in the marker: equal requests mean equal content.
 
     Also where a bad ``--source`` is refused, before anything in ``output`` is touched.
@@ -125,12 +125,11 @@ def _request(source: str, subjects: int | None, seed: int) -> dict[str, Any]:
     from ldm_core.data import demo
 
     if source == "demo":
-        n = demo.DEFAULT_SUBJECTS if subjects is None else subjects
-        if n < 1:
-            raise LdmError(f"--subjects: must be at least 1, got {n}")
+        if subjects < 1:
+            raise LdmError(f"--subjects (data.demo_subjects): must be at least 1, got {subjects}")
         return {
             "source": "demo",
-            "subjects": n,
+            "subjects": subjects,
             "seed": seed,
             "resolution": demo.DEFAULT_RESOLUTION,
         }
