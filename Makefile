@@ -22,6 +22,10 @@ MUTMUT_STAMP := $(MUTMUT)/.installed
 MUTMUT_PTH = $(MUTMUT)/lib/python3.11/site-packages/brain-ldm-venv.pth
 TORCH   := torch==2.13.0
 DEMO_DIR ?= demo-output
+# make demo's preset: tiny-cpu trains in minutes (the smoke run); quality-cpu, which
+# make demo-quality runs into demo-quality-output, trains for under an hour for samples that
+# draw ventricles and lesions (README, "The one-hour quality run").
+PRESET  ?= tiny-cpu
 NPROC   ?= 1
 # make test runs the test files on this many processes (pytest-xdist; a file's tests stay on
 # one, so its module fixtures start once). Most tests wait on servers, subprocesses and polls,
@@ -32,10 +36,12 @@ TEST_WORKERS ?= 2
 # that needs another's output still waits for it, and demo and test print as they run.
 MAKEFLAGS += --jobs=5
 
-.PHONY: help venv tools kfp-protos gpu-wheels demo test test-slow mutation lint compile clean
+.PHONY: help venv tools kfp-protos gpu-wheels demo demo-quality test test-slow mutation lint compile clean
 
 help:
 	@echo "make demo       run the whole pipeline locally (kfp.local) and query the served model"
+	@echo "                (PRESET=tiny-cpu, about 10 minutes on 2 cores)"
+	@echo "make demo-quality  the same with PRESET=quality-cpu into demo-quality-output (under an hour)"
 	@echo "make test       fast test suite (CPU, no cluster, < 15 min; TEST_WORKERS=2 processes)"
 	@echo "make test-slow  the slow tests (longer training, multi-process runs)"
 	@echo "make mutation   named mutations + mutmut scores of the rollout, launcher, gate, smoke check, samplers (slow)"
@@ -84,7 +90,10 @@ $(MUTMUT_STAMP): mutmut-constraints.txt $(STAMP)
 	@touch $(MUTMUT_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --nproc $(NPROC)
+	$(BIN)/python -m pipelines.run_local --output $(DEMO_DIR) --preset $(PRESET) --nproc $(NPROC)
+
+demo-quality: $(STAMP)
+	$(BIN)/python -m pipelines.run_local --output demo-quality-output --preset quality-cpu --nproc $(NPROC)
 
 test: $(STAMP) $(TOOLS_STAMP) $(KFP_PROTOS)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
@@ -115,4 +124,4 @@ compile: $(STAMP)
 	  $(if $(IMAGE),--image $(IMAGE)) $(if $(STEP_IMAGE),--step-image $(STEP_IMAGE))
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) demo-quality-output .pytest_cache

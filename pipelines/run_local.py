@@ -35,8 +35,25 @@ from ldm_core.errors import LdmError
 from ldm_core.io import DEPLOYMENT_JSON, METRICS_JSON
 
 STAGES = ("download", "preprocess", "train-autoencoder", "train-diffusion", "evaluate", "deploy")
-HEADLINE_METRICS = ("ms_ssim_ratio", "mmd", "hist_distance", "mask_dice", "fid")
+HEADLINE_METRICS = (
+    "ms_ssim_ratio",
+    "mmd",
+    "hist_distance",
+    "mask_dice",
+    "detail_ratio",
+    "nn_correlation",
+    "fid",
+)
 """The metrics the quality gate reads (and FID when computed), printed at the end."""
+MODEL_METRICS = (
+    "recon_ssim",
+    "recon_psnr",
+    "recon_lesions_kept",
+    "lesion_share_generated",
+    "lesion_share_real",
+)
+"""What the autoencoder keeps of the validation volumes, and how often samples show a lesion
+against the real volumes, printed below them."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK = re.compile(
     r"(Executing task|Task|Skipping conditional task|Skipping task) '?([\w-]+)'?(.*)"
@@ -283,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "--source", default="demo", help="demo | msd | http(s):// | s3:// | DIR (default demo)"
     )
     parser.add_argument(
-        "--subjects", type=int, default=0, help="demo cohort size (default: the demo's)"
+        "--subjects",
+        type=int,
+        default=0,
+        help="demo cohort size (default: the preset's data.demo_subjects)",
     )
     parser.add_argument(
         "--eval-steps", type=int, default=0, help="sampling steps of the evaluation"
@@ -326,8 +346,10 @@ def _report(result: LocalRun, output: Path, keep_serving: bool) -> int:
         f"Pipeline finished in {result.seconds:.0f} s  ({', '.join(f'{k}: {v}' for k, v in result.stages.items())})"
     )
     say(f"  metrics      {result.evaluation / METRICS_JSON}")
-    shown = [k for k in HEADLINE_METRICS if k in result.metrics]
-    say("               " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in shown))
+    for names in (HEADLINE_METRICS, MODEL_METRICS):
+        shown = [k for k in names if k in result.metrics]
+        if shown:
+            say("               " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in shown))
     say(
         f"  report       {result.evaluation / 'report.html'}  (figures: {result.evaluation / 'figures'})"
     )

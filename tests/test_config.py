@@ -62,6 +62,7 @@ def test_tuples_come_back_as_tuples():
         ("data.shape=[48,64]", "data.shape", "expected 3 values"),
         ("train.compile=maybe", "train.compile", "expected true or false"),
         ("data.demo_subjects=0", "data.demo_subjects", "at least 1"),
+        ("train.autoencoder.initial_sigma=0", "train.autoencoder.initial_sigma", "must be > 0"),
         ("train.device=tpu", "train.device", "must be auto"),
         ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
         (

@@ -160,3 +160,18 @@ def test_progress_lines_follow_kfp_local_task_events():
     assert "[2/6] preprocess: reused from the cache" in lines[2]
     assert "[3/6] train-autoencoder: FAILED" in lines[4]
     assert lines[5].endswith("[6/6] deploy: skipped (condition evaluated to False)")
+
+
+def test_the_report_prints_the_gate_model_and_lesion_figures_and_the_verdict(runs, capsys):
+    """What ``make demo`` prints at the end of a run whose gate failed: the gate's metrics,
+    the autoencoder's and the lesion figures on a line of their own, and the reasons."""
+    from pipelines.run_local import _report
+
+    _, second, _ = runs
+    assert _report(second, second.evaluation.parent, keep_serving=False) == 2
+    out = capsys.readouterr().out
+    assert f"mask_dice={second.metrics['mask_dice']:.4g}" in out
+    assert f"detail_ratio={second.metrics['detail_ratio']:.4g}" in out
+    assert f"recon_ssim={second.metrics['recon_ssim']:.4g}" in out
+    assert f"lesion_share_real={second.metrics['lesion_share_real']:.4g}" in out
+    assert "Quality gate FAILED" in out and "gate_min_mask_dice" in out

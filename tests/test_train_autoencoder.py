@@ -149,6 +149,24 @@ def test_the_generator_follows_the_schedule_and_the_discriminator_keeps_its_rate
     assert state["disc_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0005)
 
 
+def test_training_starts_from_the_configured_posterior_sigma(tmp_path):
+    """train.autoencoder.initial_sigma sets where the posterior's sigma starts (MONAI's
+    initialisation gives about 1), and the first step trains from there: a one-step run's
+    encoder gives sigma near 0.05 where the default's stays near 1."""
+    data = make_cache(tmp_path / "data", n_train=1, n_val=0)
+    x = torch.rand(1, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    sigmas = {}
+    for start in (1.0, 0.05):
+        cfg = ae_config("train.autoencoder.steps=1", f"train.autoencoder.initial_sigma={start}")
+        run = train_autoencoder(cfg, data, tmp_path / f"ae-{start}")
+        ae = build_autoencoder(cfg, use_checkpoint=False)
+        ae.load_state_dict(torch.load(run / "autoencoder.pt", weights_only=False)["state_dict"])
+        with torch.no_grad():
+            sigmas[start] = float(ae.eval().encode(x)[1].mean())
+    assert 0.6 < sigmas[1.0] < 1.6
+    assert 0.02 < sigmas[0.05] < 0.12
+
+
 def test_channels_last_changes_the_memory_layout_not_the_training(tmp_path):
     """tiny-cpu trains channels-last for speed; the same seed must give the same losses and
     model as the default layout, discriminator included, and the weights must load into a

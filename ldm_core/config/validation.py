@@ -134,6 +134,10 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(
             f"data.intensity_percentiles: need 0 <= low < high <= 100, got {lo}, {hi}"
         )
+    if not cfg.train.autoencoder.initial_sigma > 0:
+        raise ConfigError(
+            f"train.autoencoder.initial_sigma: must be > 0, got {cfg.train.autoencoder.initial_sigma}"
+        )
     if cfg.data.demo_subjects < 1:
         raise ConfigError(f"data.demo_subjects: must be at least 1, got {cfg.data.demo_subjects}")
     if not 0 <= cfg.data.val_fraction < 1:

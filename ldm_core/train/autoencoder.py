@@ -189,12 +189,22 @@ def _run(cfg: Config, data_dir: Path, manifest: dict[str, Any], out: Path, env: 
     _save_final(parts["model"], train_set, cfg, env, out, step)
 
 
+def set_initial_sigma(ae: nn.Module, sigma: float) -> None:
+    """Start the posterior's standard deviation near ``sigma``: the encoder's log-variance
+    convolution gets the bias 2 ln(sigma) (sigma = exp(log_var / 2)); its weights keep their
+    random initialisation. A resumed run's checkpoint overwrites this."""
+    with torch.no_grad():
+        ae.quant_conv_log_sigma.conv.bias.fill_(2.0 * math.log(sigma))
+
+
 def _build(cfg: Config, env: DistEnv) -> dict[str, Any]:
     """The autoencoder, its optimizer and scaler, the NaN guard and, when the adversarial
     loss will join within this run, the discriminator with its own optimizer and scaler:
     everything a checkpoint holds, in the order the shared seed initialises it."""
     tc, device = cfg.train.autoencoder, env.device
-    ae = prepare_model(build_autoencoder(cfg), cfg, device)
+    ae = build_autoencoder(cfg)
+    set_initial_sigma(ae, tc.initial_sigma)
+    ae = prepare_model(ae, cfg, device)
     parts: dict[str, Any] = {
         "model": ae,
         "optimizer": adam(ae.parameters(), tc.lr, device),
