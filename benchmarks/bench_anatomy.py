@@ -9,7 +9,7 @@ comes from:
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
 - lesions: how many validation volumes keep their lesions through the autoencoder
-  (``ldm_core.measures.lesion_count`` on each volume and on its reconstruction);
+  (``ldm_core.metrics.lesion_metrics``, ``ldm evaluate``'s own count, on each volume and on its reconstruction);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``), scored by the same
   ``ldm_core.metrics.compute_metrics`` against the same real volumes, with the candidate's
@@ -48,7 +48,7 @@ from monai.losses import PatchAdversarialLoss
 
 from benchmarks.common import record
 from ldm_core import bundle as bundles
-from ldm_core import evaluate, measures, metrics
+from ldm_core import evaluate, metrics
 from ldm_core.config import DEFAULT_PRESET, PRESETS, Config, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.gate import gate
@@ -210,10 +210,9 @@ def reconstruction_quality(
         shown = (x, recon)
     assert shown is not None
     x, recon = shown
-    with_lesion = [i for i, v in enumerate(x.numpy()) if measures.lesion_count(v) > 0]
-    kept = [measures.lesion_count(recon[i].numpy()) > 0 for i in with_lesion]
-    scores["recon_lesions_kept"] = round(float(np.mean(kept)), 3) if kept else float("nan")
-    scores["val_volumes_with_lesion"] = len(with_lesion)
+    found = metrics.lesion_metrics(x, recon, reconstructed=(x, recon))
+    scores["recon_lesions_kept"] = round(found.get("recon_lesions_kept", float("nan")), 3)
+    scores["val_volumes_with_lesion"] = round(found["lesion_share_real"] * len(x))
     return scores, shown
 
 
@@ -233,9 +232,10 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, Any
     passed, reasons = gate(scores, cfg.evaluation)
     result: dict[str, Any] = {k: round(v, 4) for k, v in scores.items()}
     result["sample_detail_ratio"] = result["detail_ratio"]
+    lesions = metrics.lesion_metrics(real, generated.clamp(0, 1))
     result |= {
-        "sample_lesion_share": round(measures.lesion_share(generated.clamp(0, 1).numpy()), 3),
-        "real_lesion_share": round(measures.lesion_share(real.numpy()), 3),
+        "sample_lesion_share": round(lesions["lesion_share_generated"], 3),
+        "real_lesion_share": round(lesions["lesion_share_real"], 3),
         "gate_passed": passed,
         "gate_reasons": reasons,
     }

@@ -22,20 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from benchmarks.bench_anatomy import split_volumes
 from benchmarks.common import record
 from ldm_core.config import PRESETS, load_config
 from ldm_core.data import demo
 from ldm_core.data.preprocess import preprocess
-from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.metrics import reconstruction_quality
-
-
-def volumes(cache: Path, split: str) -> torch.Tensor:
-    """Every volume of one split of a preprocessed cache, ``[N, 1, D, H, W]``."""
-    data = VolumeDataset(cache, split)
-    return torch.stack([data[i] for i in range(len(data))]).float()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -54,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, noise in (("noisy", True), ("noise_free", False)):
         raw = demo.generate_cohort(args.work / name / "raw", n, seed=args.seed, noise=noise)
         caches[name] = preprocess(raw, args.work / name / "cache", cfg, skip_bad=False)
-    noisy, clean = volumes(caches["noisy"], args.split), volumes(caches["noise_free"], args.split)
+    noisy = split_volumes(caches["noisy"], args.split)
+    clean = split_volumes(caches["noise_free"], args.split)
     ceiling = reconstruction_quality(noisy, clean)
     result = {
         "preset": args.preset,

@@ -41,6 +41,14 @@ CHECKS = [
 ]
 
 
+def blurred_noisy_copies(real: torch.Tensor) -> torch.Tensor:
+    """Training subjects through a blurry round trip (sigma-1 smoothing plus noise): what a
+    memorising model decodes."""
+    g = torch.Generator().manual_seed(0)
+    smoothed = torch.from_numpy(gaussian_filter(real[:NUM].numpy(), sigma=(0, 0, 1, 1, 1)))
+    return (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
+
+
 def failed_fields(metrics: dict[str, float], ecfg: EvaluationConfig = DEFAULTS) -> set[str]:
     """The config fields named by the gate's reasons (each reason names one field)."""
     passed, reasons = gate(metrics, ecfg)
@@ -138,9 +146,7 @@ def test_distinct_subjects_stay_far_below_the_memorisation_threshold(cohorts, sc
     assert scored("unseen")["nn_correlation_real"] < DEFAULTS.gate_max_nn_correlation - 0.1
     assert scored("unseen")["nn_correlation"] < DEFAULTS.gate_max_nn_correlation - 0.1
     assert scored("copies")["nn_correlation"] == pytest.approx(1.0, abs=1e-3)  # float32
-    g = torch.Generator().manual_seed(0)
-    smoothed = torch.from_numpy(gaussian_filter(real[:3].numpy(), sigma=(0, 0, 1, 1, 1)))
-    near_copies = (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
+    near_copies = blurred_noisy_copies(real)
     assert nearest_real_correlation(near_copies, real).min() > DEFAULTS.gate_max_nn_correlation
     assert math.isclose(float(nearest_real_correlation(real.mean(0, keepdim=True), real)), 0.0)
 
@@ -170,14 +176,6 @@ def test_detail_threshold_refuses_brains_without_inner_anatomy_at_the_demo_size(
 QUALITY = load_config(preset="quality-cpu").evaluation
 
 
-def _near_copies(real: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
-    """Training subjects through a blurry round trip (sigma-1 smoothing plus noise): what
-    a memorising model decodes."""
-    g = torch.Generator().manual_seed(0)
-    smoothed = torch.from_numpy(gaussian_filter(real[:NUM].numpy(), sigma=(0, 0, 1, 1, 1)))
-    return (smoothed + 0.02 * torch.randn(smoothed.shape, generator=g)).clamp(0, 1)
-
-
 # What the quality preset's gate must refuse at its own size, and the checks that refuse it.
 QUALITY_NEGATIVES = {
     "blurred": (NEGATIVES["blurred"], {"gate_min_detail_ratio", "gate_max_ms_ssim_ratio"}),
@@ -185,7 +183,7 @@ QUALITY_NEGATIVES = {
     "uniform_blob": (NEGATIVES["uniform_blob"], {"gate_max_ms_ssim_ratio"}),
     "collapse": (NEGATIVES["collapse"], {"gate_max_ms_ssim_ratio"}),
     "copies": (NEGATIVES["copies"], {"gate_max_nn_correlation"}),
-    "near_copies": (_near_copies, {"gate_max_nn_correlation"}),
+    "near_copies": (lambda real, unseen: blurred_noisy_copies(real), {"gate_max_nn_correlation"}),
 }
 
 
