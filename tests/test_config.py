@@ -64,6 +64,7 @@ def test_tuples_come_back_as_tuples():
         ("data.demo_subjects=0", "data.demo_subjects", "at least 1"),
         ("train.autoencoder.initial_sigma=0", "train.autoencoder.initial_sigma", "must be > 0"),
         ("train.device=tpu", "train.device", "must be auto"),
+        ("train.autoencoder.spectral_weight=-1", "train.autoencoder.spectral_weight", ">= 0"),
         ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
         (
             "train.autoencoder.lr_warmup_steps=-1",

@@ -152,6 +152,18 @@ def _check_numbers(cfg: Config) -> None:
         warmup = getattr(cfg.train, stage).lr_warmup_steps
         if warmup < 0:
             raise ConfigError(f"train.{stage}.lr_warmup_steps: must be >= 0, got {warmup}")
+    ae = cfg.train.autoencoder
+    for name in (
+        "kl_weight",
+        "gradient_weight",
+        "spectral_weight",
+        "perceptual_weight",
+        "adv_weight",
+    ):
+        if getattr(ae, name) < 0:
+            raise ConfigError(
+                f"train.autoencoder.{name}: must be >= 0 (0 = off), got {getattr(ae, name)}"
+            )
     gamma = cfg.train.diffusion.snr_gamma
     if gamma < 0:
         raise ConfigError(f"train.diffusion.snr_gamma: must be >= 0 (0 = off), got {gamma}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.losses import PatchAdversarialLoss
+from monai.losses import JukeboxLoss, PatchAdversarialLoss
 from monai.losses.perceptual import normalize_tensor
 from torch import nn
 
@@ -235,7 +235,7 @@ def _step_fn(
     parts: dict[str, Any],
     perceptual: FeaturePerceptualLoss | None,
 ) -> loop.StepFn:
-    """The generator step: L1 + KL (+ gradient difference) (+ perceptual) (+ adversarial,
+    """The generator step: L1 + KL (+ gradient difference) (+ spectral) (+ perceptual) (+ adversarial,
     once it has joined) at the scheduled learning rate, then, with the adversarial loss on,
     one discriminator step on the same reconstructions (at its own constant ``disc_lr``)."""
     tc, device, amp = cfg.train.autoencoder, env.device, cfg.train.amp
@@ -244,6 +244,7 @@ def _step_fn(
     ae_train = for_training(ae, cfg, env.distributed, device)
     ae_train.train()
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
+    spectral_loss = JukeboxLoss(spatial_dims=3) if tc.spectral_weight > 0 else None
     disc_step = None if disc is None else _disc_step_fn(cfg, env, parts, adv_loss)
     schedule = LrSchedule(tc.lr, tc.steps, tc.lr_warmup_steps, tc.lr_decay)
 
@@ -260,6 +261,9 @@ def _step_fn(
             if tc.gradient_weight > 0:
                 terms["gradient"] = gradient_difference(recon, x)
                 g_loss = g_loss + tc.gradient_weight * terms["gradient"]
+            if spectral_loss is not None:
+                terms["spectral"] = spectral_loss(recon, x)
+                g_loss = g_loss + tc.spectral_weight * terms["spectral"]
             if perceptual is not None:
                 terms["perceptual"] = perceptual(recon, x)
                 g_loss = g_loss + tc.perceptual_weight * terms["perceptual"]
