@@ -246,9 +246,11 @@ class SamplingConfig:
     (still one volume per seed). tiny-cpu's short-trained UNet drifts off its training
     latents without it; fresh noise pulls samples back: on the demo, 1.0 gives mask Dice 0.84
     and detail 0.82 where 0.0 gives 0.82 and 0.71 (benchmarks/README.md, "Demo anatomy").
-    quality-cpu's longer-trained UNet does not need it: 0.0 gave its samples more detail
-    (0.74 against 0.69) and more variety (MS-SSIM ratio 0.97 against 1.12; benchmarks/README.md,
-    "Quality preset", third round). The GPU presets keep 0.0 too."""
+    quality-cpu uses 0.3: on its bundle's 16 evaluation seeds 0.0 gave detail 0.96 with
+    mask Dice 0.854 (its target is 0.859) and 1.0 gave 0.85 with 0.895; 0.3 gave 0.92 and
+    0.861, and 0.95 and 0.865 on 16 other seeds, where 0.0 drew samples closer to their
+    nearest training subject than real subjects are to theirs (benchmarks/README.md,
+    "Quality preset", fifth round). The GPU presets keep 0.0."""
     clip_sample: bool = False
     clamp_to_latent_range: bool = True
     """Clamp each step's clean-latent estimate to the per-channel range of the training
