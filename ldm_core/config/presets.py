@@ -73,11 +73,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Half-resolution latents (24x32x24, one downsampling) from an autoencoder whose
     # posterior noise starts small and stays small (initial_sigma, kl_weight: with MONAI's
     # sigma of 1 and a KL weight of 1e-6 the decoder learns from mostly noise and blurs) and
-    # a spectral loss (L1 alone smooths the sulci and the texture away), DDIM with a little
-    # step noise, a
-    # cohort of 64 demo subjects so the UNet's half hour draws new brains rather than
-    # copies, and 16 samples scored by a gate calibrated at this size (benchmarks/README.md,
-    # "Quality preset").
+    # that trains with a spectral loss (L1 alone smooths the sulci and the texture away); a
+    # cohort of 64 demo subjects so the UNet's half hour draws new brains rather than copies;
+    # DDIM with a little step noise (eta 0.3); 16 samples scored by a gate calibrated at this
+    # size (benchmarks/README.md, "Quality preset").
     "quality-cpu": {
         "data": {"demo_subjects": 64},
         "model": {
