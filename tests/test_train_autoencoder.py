@@ -211,17 +211,15 @@ def test_gradient_difference_tells_a_softened_edge_from_an_error_l1_scores_the_s
     assert ae_mod.gradient_difference(ramp, edge) == pytest.approx(4 / 21 / 3)
 
 
-def test_spectral_term_is_logged_and_trains_when_weighted(tmp_path):
+@pytest.mark.parametrize(
+    ("term", "weight_field", "weight"),
+    [("gradient", "gradient_weight", 1.0), ("spectral", "spectral_weight", 10.0)],
+)
+def test_optional_loss_term_is_logged_and_trains_when_weighted(
+    tmp_path, term, weight_field, weight
+):
     data = make_cache(tmp_path / "data", n_train=2, n_val=0)
-    cfg = ae_config("train.autoencoder.steps=2", "train.autoencoder.spectral_weight=10")
+    cfg = ae_config("train.autoencoder.steps=2", f"train.autoencoder.{weight_field}={weight}")
     train = [m for m in read_metrics(train_autoencoder(cfg, data, tmp_path / "ae"))]
-    assert all(m["spectral"] > 0 for m in train)
-    assert all(m["loss"] > m["l1"] + 10 * m["spectral"] * 0.99 for m in train)
-
-
-def test_gradient_term_is_logged_and_trains_when_weighted(tmp_path):
-    data = make_cache(tmp_path / "data", n_train=2, n_val=0)
-    cfg = ae_config("train.autoencoder.steps=2", "train.autoencoder.gradient_weight=1.0")
-    train = [m for m in read_metrics(train_autoencoder(cfg, data, tmp_path / "ae"))]
-    assert all(m["gradient"] > 0 for m in train)
-    assert all(m["loss"] > m["l1"] + m["gradient"] * 0.99 for m in train)
+    assert all(m[term] > 0 for m in train)
+    assert all(m["loss"] > m["l1"] + weight * m[term] * 0.99 for m in train)

@@ -54,6 +54,15 @@ _POSITIVE = (
     "train.autoencoder.disc_lr",
 )
 
+# Loss weights: 0 switches the term off, a negative weight would reward the error.
+_OFF_AT_ZERO = (
+    "train.autoencoder.kl_weight",
+    "train.autoencoder.gradient_weight",
+    "train.autoencoder.spectral_weight",
+    "train.autoencoder.perceptual_weight",
+    "train.autoencoder.adv_weight",
+)
+
 
 def validate(cfg: Config) -> None:
     """Check cross-field rules; raise ConfigError naming the first bad field.
@@ -152,18 +161,9 @@ def _check_numbers(cfg: Config) -> None:
         warmup = getattr(cfg.train, stage).lr_warmup_steps
         if warmup < 0:
             raise ConfigError(f"train.{stage}.lr_warmup_steps: must be >= 0, got {warmup}")
-    ae = cfg.train.autoencoder
-    for name in (
-        "kl_weight",
-        "gradient_weight",
-        "spectral_weight",
-        "perceptual_weight",
-        "adv_weight",
-    ):
-        if getattr(ae, name) < 0:
-            raise ConfigError(
-                f"train.autoencoder.{name}: must be >= 0 (0 = off), got {getattr(ae, name)}"
-            )
+    for dotted in _OFF_AT_ZERO:
+        if _get_dotted(cfg, dotted) < 0:
+            raise ConfigError(f"{dotted}: must be >= 0 (0 = off), got {_get_dotted(cfg, dotted)}")
     gamma = cfg.train.diffusion.snr_gamma
     if gamma < 0:
         raise ConfigError(f"train.diffusion.snr_gamma: must be >= 0 (0 = off), got {gamma}")
