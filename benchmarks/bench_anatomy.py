@@ -9,7 +9,7 @@ comes from:
   validation volumes (``recon_*``) and of the training volumes (``recon_train_*``, the
   ceiling of any sample, since samples are decoded by this autoencoder);
 - lesions: how many validation volumes keep their lesions through the autoencoder
-  (``ldm_core.metrics.lesion_metrics``, ``ldm evaluate``'s own count, on each volume and on its reconstruction);
+  (``ldm_core.metrics.lesions_kept``, ``ldm evaluate``'s own count, on each volume and on its reconstruction);
 - samples as ``ldm evaluate`` draws them (``evaluation.num_samples`` seeds from 0 in batches
   of 4, the configured sampler at ``evaluation.steps``), scored by the same
   ``ldm_core.metrics.compute_metrics`` against the same real volumes, with the candidate's
@@ -210,9 +210,9 @@ def reconstruction_quality(
         shown = (x, recon)
     assert shown is not None
     x, recon = shown
-    found = metrics.lesion_metrics(x, recon, reconstructed=(x, recon))
-    scores["recon_lesions_kept"] = round(found.get("recon_lesions_kept", float("nan")), 3)
-    scores["val_volumes_with_lesion"] = round(found["lesion_share_real"] * len(x))
+    kept = metrics.lesions_kept(x, recon)
+    scores["recon_lesions_kept"] = round(float(np.mean(kept)), 3) if kept else float("nan")
+    scores["val_volumes_with_lesion"] = len(kept)
     return scores, shown
 
 

@@ -354,12 +354,18 @@ def lesion_metrics(
         "lesion_share_generated": measures.lesion_share(generated.float().cpu().numpy()),
     }
     if reconstructed is not None:
-        volumes, recons = (t.float().cpu().numpy() for t in reconstructed)
-        with_lesion = [i for i, v in enumerate(volumes) if measures.lesion_count(v) > 0]
-        if with_lesion:
-            kept = [measures.lesion_count(recons[i]) > 0 for i in with_lesion]
+        kept = lesions_kept(*reconstructed)
+        if kept:
             out["recon_lesions_kept"] = float(np.mean(kept))
     return out
+
+
+def lesions_kept(volumes: torch.Tensor, recons: torch.Tensor) -> list[bool]:
+    """For each of ``volumes`` that has a lesion, in order: does its reconstruction (the
+    same index of ``recons``) keep one? Empty when no volume has a lesion."""
+    volumes, recons = (t.float().cpu().numpy() for t in (volumes, recons))
+    with_lesion = [i for i, v in enumerate(volumes) if measures.lesion_count(v) > 0]
+    return [measures.lesion_count(recons[i]) > 0 for i in with_lesion]
 
 
 # --------------------------------------------------------------------------- all metrics
