@@ -75,8 +75,12 @@ class Bundle:
     device: torch.device
     meta: dict[str, Any] = field(default_factory=dict)
     latent_range: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Per-channel low and high of the training latents, each ``[1, C, 1, 1, 1]`` on
-    ``device``; None for a bundle built before the range was recorded."""
+    """Per-channel low and high of the training latents as the UNet saw them, each
+    ``[1, C, 1, 1, 1]`` on ``device``; None for a bundle built before the range was recorded."""
+    latent_moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Per-channel mean and std that the UNet's latents were standardised with
+    (``train.diffusion.standardise_channels``), each ``[1, C, 1, 1, 1]`` on ``device``; None
+    when it trained on the scaled latents as they are."""
 
 
 def _package_versions() -> dict[str, str]:
@@ -125,6 +129,7 @@ def save(
     reference: Mapping[str, float] | None = None,
     latent_range: Sequence[Sequence[float]] | None = None,
     checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
+    latent_moments: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
 
@@ -157,6 +162,8 @@ def save(
         info["reference"] = {k: float(v) for k, v in reference.items()}
     if latent_range is not None:
         info["latent_range"] = _checked_range(latent_range, cfg, "latent_range")
+    if latent_moments is not None:
+        info["latent_moments"] = _checked_moments(latent_moments, cfg, "latent_moments")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         atomic_write(tmp / AUTOENCODER_PT, lambda f: torch.save(autoencoder_state, f))
@@ -233,6 +240,7 @@ def build_bundle(
         },
         reference=reference,
         latent_range=unet.get("latent_range"),
+        latent_moments=unet.get("latent_moments"),
         checkpoints={
             "autoencoder": lineage_mod.checkpoint(ae_dir / AUTOENCODER_PT, ae.get("steps", 0)),
             "diffusion": lineage_mod.checkpoint(diff_dir / UNET_PT, unet.get("steps", 0)),
@@ -240,21 +248,43 @@ def build_bundle(
     )
 
 
-def _checked_range(value: Any, cfg: Config, where: str) -> list[list[float]]:
-    """``value`` as ``[low, high]`` lists of one finite float per latent channel, low <= high."""
+def _per_channel_pair(value: Any, cfg: Config, where: str, names: str) -> list[list[float]]:
+    """``value`` as two lists of one finite float per latent channel (``names``: what the
+    two lists are, for the message)."""
     channels = cfg.model.autoencoder.latent_channels
     try:
-        low, high = ([float(x) for x in row] for row in value)
+        first, second = ([float(x) for x in row] for row in value)
     except (TypeError, ValueError):
-        raise LdmError(f"{where}: expected [low, high] lists of numbers, got {value!r}") from None
-    if len(low) != channels or len(high) != channels:
+        raise LdmError(f"{where}: expected [{names}] lists of numbers, got {value!r}") from None
+    if len(first) != channels or len(second) != channels:
         raise LdmError(
-            f"{where}: expected {channels} values per bound (model.autoencoder.latent_channels), "
-            f"got {len(low)} and {len(high)}"
+            f"{where}: expected {channels} values in each of [{names}] "
+            f"(model.autoencoder.latent_channels), got {len(first)} and {len(second)}"
         )
-    if not all(np.isfinite(low + high)) or any(lo > hi for lo, hi in zip(low, high, strict=True)):
-        raise LdmError(f"{where}: bounds must be finite with low <= high, got {[low, high]}")
+    if not all(np.isfinite(first + second)):
+        raise LdmError(f"{where}: values must be finite, got {[first, second]}")
+    return [first, second]
+
+
+def _checked_range(value: Any, cfg: Config, where: str) -> list[list[float]]:
+    """``value`` as ``[low, high]`` lists of one finite float per latent channel, low <= high."""
+    low, high = _per_channel_pair(value, cfg, where, "low, high")
+    if any(lo > hi for lo, hi in zip(low, high, strict=True)):
+        raise LdmError(f"{where}: bounds must have low <= high, got {[low, high]}")
     return [low, high]
+
+
+def _checked_moments(value: Any, cfg: Config, where: str) -> list[list[float]]:
+    """``value`` as ``[mean, std]`` lists of one finite float per latent channel, std > 0."""
+    mean, std = _per_channel_pair(value, cfg, where, "mean, std")
+    if min(std) <= 0:
+        raise LdmError(f"{where}: every std must be positive, got {std}")
+    return [mean, std]
+
+
+def _per_channel_tensors(pair: list[list[float]], dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """Two per-channel lists as ``[1, C, 1, 1, 1]`` tensors on ``dev``."""
+    return tuple(torch.tensor(v, device=dev).view(1, -1, 1, 1, 1) for v in pair)
 
 
 def training_reference(data_dir: str | Path, dataset_hash: str = "") -> dict[str, float]:
@@ -397,14 +427,20 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
     unet.to(dev).eval().requires_grad_(False)
     latent_range = None
     if "latent_range" in info:
-        low, high = _checked_range(info["latent_range"], cfg, f"{path / BUNDLE_JSON}: latent_range")
-        latent_range = tuple(torch.tensor(v, device=dev).view(1, -1, 1, 1, 1) for v in (low, high))
+        bounds = _checked_range(info["latent_range"], cfg, f"{path / BUNDLE_JSON}: latent_range")
+        latent_range = _per_channel_tensors(bounds, dev)
     elif cfg.sampling.clamp_to_latent_range:
         log.warning(
             "%s has no latent_range (built before it was recorded): sampling.clamp_to_latent_range "
             "is ignored, samples are drawn unclamped",
             path / BUNDLE_JSON,
         )
+    latent_moments = None
+    if "latent_moments" in info:
+        moments = _checked_moments(
+            info["latent_moments"], cfg, f"{path / BUNDLE_JSON}: latent_moments"
+        )
+        latent_moments = _per_channel_tensors(moments, dev)
     return Bundle(
         config=cfg,
         autoencoder=autoencoder,
@@ -417,4 +453,5 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         device=dev,
         meta=info,
         latent_range=latent_range,
+        latent_moments=latent_moments,
     )

@@ -123,7 +123,9 @@ def denoise(
     Only the UNet runs under ``precision``'s autocast: the latents and the scheduler's update
     stay float32, so rounding does not compound across steps. With the bundle's
     ``sampling.clamp_to_latent_range`` and a recorded ``latent_range``, each step's
-    clean-latent estimate is clamped to the training latents' range first.
+    clean-latent estimate is clamped to the training latents' range first. A UNet trained on
+    per-channel standardised latents (the bundle's ``latent_moments``) denoises in that space;
+    its result is mapped back to the autoencoder's scaled latents before it is returned.
     """
     scheduler = build_sampler(bundle.config, sampler, eta=eta)
     if not seeds:
@@ -148,6 +150,9 @@ def denoise(
         x = scheduler.step(model_output, t, x, gens)
         if progress is not None:
             progress(i + 1, len(timesteps))
+    if bundle.latent_moments is not None:
+        mean, std = bundle.latent_moments
+        x = x * std + mean
     return x
 
 

@@ -118,23 +118,27 @@ def test_save_replaces_atomically(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "value, fault",
+    "field, value, fault",
     [
-        ([[0.0, 0.0], [1.0, 1.0]], "expected 3 values per bound"),
-        ([[0.0, 2.0, 0.0], [1.0, 1.0, 1.0]], "low <= high"),
-        ([[0.0, 0.0, "x"], [1.0, 1.0, 1.0]], "lists of numbers"),
-        ([[0.0, 0.0, 0.0], [1.0, 1.0, float("inf")]], "finite"),
+        ("latent_range", [[0.0, 0.0], [1.0, 1.0]], r"expected 3 values in each of \[low, high\]"),
+        ("latent_range", [[0.0, 2.0, 0.0], [1.0, 1.0, 1.0]], "low <= high"),
+        ("latent_range", [[0.0, 0.0, "x"], [1.0, 1.0, 1.0]], "lists of numbers"),
+        ("latent_range", [[0.0, 0.0, 0.0], [1.0, 1.0, float("inf")]], "finite"),
+        ("latent_moments", [[0.0, 0.0], [1.0, 1.0]], r"expected 3 values in each of \[mean, std\]"),
+        ("latent_moments", [[0.0, 0.0, 0.0], [1.0, 0.0, 1.0]], "every std must be positive"),
+        ("latent_moments", [[float("nan"), 0.0, 0.0], [1.0, 1.0, 1.0]], "finite"),
     ],
 )
-def test_a_bad_latent_range_names_the_file_and_field(tmp_path, value, fault):
-    path = random_bundle(tmp_path / "b", tiny_config(), latent_range=[[-1] * 3, [1] * 3])
+def test_bad_per_channel_latent_values_name_the_file_and_field(tmp_path, field, value, fault):
+    good = {"latent_range": [[-1] * 3, [1] * 3], "latent_moments": [[0] * 3, [1] * 3]}
+    path = random_bundle(tmp_path / "b", tiny_config(), **good)
     info = json.loads((path / "bundle.json").read_text())
-    info["latent_range"] = value
+    info[field] = value
     (path / "bundle.json").write_text(json.dumps(info))
-    with pytest.raises(LdmError, match=r"bundle.json: latent_range: .*" + fault):
+    with pytest.raises(LdmError, match=rf"bundle.json: {field}: .*" + fault):
         bundle_mod.load(path)
-    with pytest.raises(LdmError, match=r"^latent_range: .*" + fault):
-        random_bundle(tmp_path / "c", tiny_config(), latent_range=value)
+    with pytest.raises(LdmError, match=rf"^{field}: .*" + fault):
+        random_bundle(tmp_path / "c", tiny_config(), **(good | {field: value}))
 
 
 def test_a_bundle_without_a_latent_range_loads_and_says_it_samples_unclamped(tmp_path, caplog):

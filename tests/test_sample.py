@@ -148,3 +148,16 @@ def test_samples_end_inside_the_training_latents_range_when_clamped(tmp_path, sa
         drawn[clamp] = denoise(b, [0, 1], sampler=sampler, steps=4, eta=1.0)
     assert ((drawn[True] >= low - 1e-5) & (drawn[True] <= high + 1e-5)).all()
     assert ((drawn[False] < low) | (drawn[False] > high)).float().mean() > 0.5
+
+
+def test_a_standardised_unet_is_sampled_back_into_the_autoencoders_latent_space(tmp_path):
+    """The UNet denoises in its standardised space; denoise returns ``x * std + mean`` per
+    channel, what decode's division by the scale factor expects."""
+    cfg = tiny_config("sampling.clamp_to_latent_range=false")
+    moments = [[0.5, -1.0, 0.0], [0.6, 1.5, 0.4]]
+    plain = load(random_bundle(tmp_path / "plain", cfg, seed=3), "cpu")
+    standardised = load(random_bundle(tmp_path / "std", cfg, seed=3, latent_moments=moments), "cpu")
+    unit = denoise(plain, [0, 1], sampler="ddim", steps=3, eta=0.0)
+    back = denoise(standardised, [0, 1], sampler="ddim", steps=3, eta=0.0)
+    mean, std = (torch.tensor(m).view(1, 3, 1, 1, 1) for m in moments)
+    torch.testing.assert_close(back, unit * std + mean)

@@ -72,6 +72,34 @@ def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):
     assert (run / "unet.pt").stat().st_mtime_ns == stamp
 
 
+def test_standardised_channels_are_recorded_and_sampled_back_to_the_autoencoders_space(
+    tmp_path,
+):
+    data = make_cache(tmp_path / "data", n_train=3, n_val=1)
+    cfg = dm_config("train.diffusion.steps=2", "train.diffusion.standardise_channels=true")
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", cfg)
+    run = train_diffusion(cfg, data, ae_dir, tmp_path / "dm")
+
+    final = torch.load(run / "unet.pt", weights_only=True)
+    scaled = np.load(run / "latents" / "train.npy").astype(np.float64)
+    mean, std = scaled.mean(axis=(0, 2, 3, 4)), scaled.std(axis=(0, 2, 3, 4))
+    assert np.ptp(std) > 0.01  # the channels differ, so one scale factor could not do this
+    np.testing.assert_allclose(final["latent_moments"], [mean, std], rtol=1e-6)
+    unit = (scaled - mean.reshape(1, -1, 1, 1, 1)) / std.reshape(1, -1, 1, 1, 1)
+    low, high = unit.min(axis=(0, 2, 3, 4)), unit.max(axis=(0, 2, 3, 4))
+    np.testing.assert_allclose(final["latent_range"], [low, high], rtol=1e-5)
+
+    b = bundle.load(bundle.build_bundle(ae_dir, run, tmp_path / "bundle"), device="cpu")
+    assert b.meta["latent_moments"] == final["latent_moments"]
+    np.testing.assert_allclose(b.latent_moments[1].flatten(), std, rtol=1e-6)
+
+    plain = train_diffusion(dm_config("train.diffusion.steps=2"), data, ae_dir, tmp_path / "p")
+    assert torch.load(plain / "unet.pt", weights_only=True)["latent_moments"] is None
+    built = bundle.build_bundle(ae_dir, plain, tmp_path / "plain-bundle")
+    assert "latent_moments" not in json.loads((built / "bundle.json").read_text())
+    assert bundle.load(built, device="cpu").latent_moments is None
+
+
 def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):
     cfg = dm_config()
     data = make_cache(tmp_path / "data", n_train=2, n_val=1)

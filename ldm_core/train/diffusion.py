@@ -11,7 +11,8 @@ Output directory::
     checkpoints/ckpt-<step>.pt   resumable state (UNet, EMA, optimizer, scaler, RNG, ...)
     latents/                     the latent cache
     metrics.jsonl, tensorboard/  curves
-    unet.pt                      {"state_dict" (EMA), "config", "steps"} (when finished)
+    unet.pt                      {"state_dict" (EMA), "config", "steps", "latent_range",
+                                  "latent_moments"} (when finished)
     config.yaml, data_geometry.json
 """
 
@@ -144,6 +145,10 @@ def _run(
 ) -> None:
     """One rank's part of the stage: models, resume, the shared loop, the final EMA UNet."""
     tc = cfg.train.diffusion
+    moments = channel_moments(data["train"]) if tc.standardise_channels else None
+    if moments is not None:
+        log.info("standardising latent channels: mean %s, std %s", *moments)
+        data = {split: standardise(z, moments) for split, z in data.items()}
     loop.seed_everything(cfg.train.seed)
     scheduler = training_scheduler(cfg)
     loader = make_loader(
@@ -172,6 +177,7 @@ def _run(
                 "config": cfg.to_dict(),
                 "steps": step,
                 "latent_range": latent_range(data["train"]),
+                "latent_moments": moments,
             },
             out / UNET_PT,
         )
@@ -179,9 +185,30 @@ def _run(
     distributed.barrier(env)
 
 
+def channel_moments(train: torch.Tensor) -> list[list[float]]:
+    """Per channel, the mean and standard deviation of the (scaled) training latents
+    ``[N, C, d, h, w]``, accumulated in float64: ``[mean, std]``, one list of C floats each
+    (``train.diffusion.standardise_channels``)."""
+    per_channel = train.double().transpose(0, 1).flatten(1)
+    std = per_channel.std(1, correction=0)
+    if not bool((std > 0).all()):
+        raise LdmError(
+            f"train.diffusion.standardise_channels: a latent channel is constant over the "
+            f"training latents (std {std.tolist()}); it cannot be scaled to unit variance"
+        )
+    return [per_channel.mean(1).tolist(), std.tolist()]
+
+
+def standardise(z: torch.Tensor, moments: list[list[float]]) -> torch.Tensor:
+    """``z`` ``[N, C, ...]`` shifted and scaled per channel by ``moments`` (mean 0, std 1)."""
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    mean, std = (torch.tensor(m, dtype=z.dtype).view(shape) for m in moments)
+    return (z - mean) / std
+
+
 def latent_range(train: torch.Tensor) -> list[list[float]]:
-    """Per channel, the lowest and highest value of the (scaled) training latents
-    ``[N, C, d, h, w]``: the bounds that sampling may clamp its clean-latent estimates to
+    """Per channel, the lowest and highest value of the training latents ``[N, C, d, h, w]``
+    as the UNet sees them (scaled, and standardised when ``standardise_channels``): the bounds that sampling may clamp its clean-latent estimates to
     (``sampling.clamp_to_latent_range``). Returns ``[low, high]``, one list of C floats each."""
     per_channel = train.float().transpose(0, 1).flatten(1)
     return [per_channel.amin(1).tolist(), per_channel.amax(1).tolist()]

@@ -170,6 +170,7 @@ def random_bundle(
     seed: int = 0,
     scale_factor: float = 1.0,
     latent_range: list[list[float]] | None = None,
+    latent_moments: list[list[float]] | None = None,
 ) -> Path:
     """A bundle with untrained weights and the config's geometry: what serving and sampling
     tests need when the weights' quality does not matter."""
@@ -185,4 +186,5 @@ def random_bundle(
         scale_factor,
         affine,
         latent_range=latent_range,
+        latent_moments=latent_moments,
     )
