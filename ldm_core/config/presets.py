@@ -75,8 +75,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # sigma of 1 and a KL weight of 1e-6 the decoder learns from mostly noise and blurs) and
     # that trains with a spectral loss (L1 alone smooths the sulci and the texture away); a
     # cohort of 64 demo subjects so the UNet's half hour draws new brains rather than copies;
-    # DDIM with a little step noise (eta 0.3); 16 samples scored by a gate calibrated at this
-    # size (benchmarks/README.md, "Quality preset").
+    # a UNet trained on latents standardised per channel; DDIM with a little step noise
+    # (eta 0.3); 16 samples scored by a gate calibrated at this size (benchmarks/README.md,
+    # "Quality preset").
     "quality-cpu": {
         "data": {"demo_subjects": 64},
         "model": {
@@ -95,7 +96,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "kl_weight": 1e-8,
                 "spectral_weight": 10.0,
             },
-            "diffusion": {"steps": 1600, "lr_warmup_steps": 50, "lr_decay": "cosine"},
+            "diffusion": {
+                "steps": 1600,
+                "lr_warmup_steps": 50,
+                "lr_decay": "cosine",
+                "standardise_channels": True,
+            },
             "val_every": 100,
             "checkpoint_every": 100,
         },
