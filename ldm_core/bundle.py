@@ -58,6 +58,13 @@ from ldm_core.models import build_autoencoder, build_unet, load_weights
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+"""The format of a bundle whose UNet samples the scaled latents as they are."""
+STANDARDISED_FORMAT_VERSION = 2
+"""The format of a bundle whose UNet samples per-channel standardised latents
+(``latent_moments``). Readers older than the moments reject it by its number, rather than
+decode its latents without mapping them back; bundles without moments stay at 1, so those
+readers keep loading them."""
+READABLE_FORMATS = (FORMAT_VERSION, STANDARDISED_FORMAT_VERSION)
 
 
 @dataclass
@@ -147,7 +154,7 @@ def save(
     if not np.isfinite(scale_factor) or scale_factor <= 0:
         raise LdmError(f"bundle scale factor must be a positive number, got {scale_factor}")
     info = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if latent_moments is None else STANDARDISED_FORMAT_VERSION,
         "scale_factor": float(scale_factor),
         "image_shape": list(cfg.data.shape),
         "latent_shape": list(cfg.latent_shape),
@@ -408,9 +415,15 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         raise LdmError(f"{path}: bundle directory not found")
     info = _read_json(path / BUNDLE_JSON)
     version = info.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise LdmError(
-            f"{path / BUNDLE_JSON}: format_version {version!r}, this version reads {FORMAT_VERSION}"
+            f"{path / BUNDLE_JSON}: format_version {version!r}, this version reads "
+            f"{' and '.join(map(str, READABLE_FORMATS))}"
+        )
+    if "latent_moments" in info and version != STANDARDISED_FORMAT_VERSION:
+        raise LdmError(
+            f"{path / BUNDLE_JSON}: latent_moments in a format_version {version} bundle; "
+            f"standardised bundles are format {STANDARDISED_FORMAT_VERSION}"
         )
     try:
         cfg = from_dict(yaml.safe_load((path / CONFIG_YAML).read_text()))

@@ -105,8 +105,22 @@ def test_future_format_is_refused(tmp_path):
     info = json.loads((path / "bundle.json").read_text())
     info["format_version"] = 99
     (path / "bundle.json").write_text(json.dumps(info))
-    with pytest.raises(LdmError, match="format_version 99"):
+    with pytest.raises(LdmError, match="format_version 99, this version reads 1 and 2"):
         bundle_mod.load(path)
+
+
+def test_a_standardised_bundle_is_written_as_a_format_older_readers_refuse(tmp_path):
+    """Only a bundle with latent moments needs the reader that maps them back: it is format 2,
+    one without stays 1, and a format-1 file claiming moments is refused."""
+    plain = random_bundle(tmp_path / "plain", tiny_config())
+    moments = [[0.0, 1.0, 2.0], [1.0, 0.5, 2.0]]
+    standardised = random_bundle(tmp_path / "std", tiny_config(), latent_moments=moments)
+    info = {p.name: json.loads((p / "bundle.json").read_text()) for p in (plain, standardised)}
+    assert (info["plain"]["format_version"], info["std"]["format_version"]) == (1, 2)
+    assert bundle_mod.load(standardised).latent_moments[0].flatten().tolist() == moments[0]
+    (standardised / "bundle.json").write_text(json.dumps(info["std"] | {"format_version": 1}))
+    with pytest.raises(LdmError, match="latent_moments in a format_version 1 bundle"):
+        bundle_mod.load(standardised)
 
 
 def test_save_replaces_atomically(tmp_path):
