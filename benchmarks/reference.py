@@ -25,8 +25,10 @@ from ldm_core.io import AUTOENCODER_PT, BUNDLE_JSON, CONFIG_YAML, UNET_PT
 from ldm_core.models import build_autoencoder, build_unet, load_weights
 
 
-def load_fp32(bundle_dir: Path, device: torch.device) -> tuple[Any, Any, Any, float]:
-    """(config, autoencoder, unet, scale factor) of a bundle, fp32 in eval mode on ``device``."""
+def load_fp32(bundle_dir: Path, device: torch.device) -> tuple[Any, Any, Any, Any]:
+    """(config, autoencoder, unet, to_autoencoder) of a bundle, fp32 in eval mode on
+    ``device``; ``to_autoencoder`` maps the UNet's latents to the autoencoder's (undoes the
+    per-channel ``latent_moments`` of a format-2 bundle, divides by the scale factor)."""
     cfg = from_dict(yaml.safe_load((bundle_dir / CONFIG_YAML).read_text()))
     info = json.loads((bundle_dir / BUNDLE_JSON).read_text())
     ae = build_autoencoder(cfg, use_checkpoint=False)
@@ -34,14 +36,23 @@ def load_fp32(bundle_dir: Path, device: torch.device) -> tuple[Any, Any, Any, fl
     for model, name in ((ae, AUTOENCODER_PT), (unet, UNET_PT)):
         state = torch.load(bundle_dir / name, map_location="cpu", weights_only=True)
         load_weights(model, state, str(bundle_dir / name))
-    return cfg, ae.to(device).eval(), unet.to(device).eval(), float(info["scale_factor"])
+    scale_factor = float(info["scale_factor"])
+    mean, std = (
+        torch.tensor(m, device=device).view(1, -1, 1, 1, 1)
+        for m in info.get("latent_moments", [[0.0], [1.0]])
+    )
+
+    def to_autoencoder(x: torch.Tensor) -> torch.Tensor:
+        return (x * std + mean) / scale_factor
+
+    return cfg, ae.to(device).eval(), unet.to(device).eval(), to_autoencoder
 
 
 @torch.no_grad()
 def tutorial_ddim(bundle_dir: Path, num: int, steps: int) -> dict[str, Any]:
     """Time ``num`` samples end to end (noise, ``steps`` DDIM steps, decode, to CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, ae, unet, scale_factor = load_fp32(Path(bundle_dir), device)
+    cfg, ae, unet, to_autoencoder = load_fp32(Path(bundle_dir), device)
     s = cfg.model.scheduler
     scheduler = DDIMScheduler(
         num_train_timesteps=s.num_train_timesteps,
@@ -59,7 +70,7 @@ def tutorial_ddim(bundle_dir: Path, num: int, steps: int) -> dict[str, Any]:
         for t in scheduler.timesteps:
             out = unet(x, timesteps=torch.full((num,), int(t), device=device, dtype=torch.long))
             x, _ = scheduler.step(out, int(t), x)
-        return ae.decode_stage_2_outputs(x / scale_factor).cpu()
+        return ae.decode_stage_2_outputs(to_autoencoder(x)).cpu()
 
     run(2)  # warm-up: kernels, cuDNN autotuning, allocator
     if device.type == "cuda":

@@ -3,9 +3,11 @@
 Layout (also what an InferenceService's ``storageUri`` points at)::
 
     bundle.json       format version, scale factor, latent/image shape, the training
-                      latents' per-channel range, spacing, affine,
-                      dataset hash, training steps, objective, package versions, and
-                      (when built with the training data) ``reference``: the training
+                      latents' per-channel range (in the space the UNet samples in),
+                      spacing, affine, dataset hash, training steps, objective, package
+                      versions; for a UNet trained on standardised latents their
+                      per-channel ``latent_moments`` (format 2; other bundles are format 1);
+                      and (when built with the training data) ``reference``: the training
                       volumes' mean output measures, for the served-output drift alert
     config.yaml       the full run config
     autoencoder.pt    AutoencoderKL state dict
@@ -228,6 +230,9 @@ def build_bundle(
             f"{diff_dir} was trained on latents of a different autoencoder architecture than "
             f"{ae_dir} (model.autoencoder differs); retrain the diffusion stage"
         )
+    for key, check in (("latent_range", _checked_range), ("latent_moments", _checked_moments)):
+        if unet.get(key) is not None:  # checked here too, so that an error names the file
+            check(unet[key], cfg, f"{diff_dir / UNET_PT}: {key}")
     geometry = _read_json(diff_dir / GEOMETRY_JSON)
     reference = None
     if data_dir is not None:
@@ -420,10 +425,11 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
             f"{path / BUNDLE_JSON}: format_version {version!r}, this version reads "
             f"{' and '.join(map(str, READABLE_FORMATS))}"
         )
-    if "latent_moments" in info and version != STANDARDISED_FORMAT_VERSION:
+    if ("latent_moments" in info) != (version == STANDARDISED_FORMAT_VERSION):
         raise LdmError(
-            f"{path / BUNDLE_JSON}: latent_moments in a format_version {version} bundle; "
-            f"standardised bundles are format {STANDARDISED_FORMAT_VERSION}"
+            f"{path / BUNDLE_JSON}: format_version {version} "
+            f"{'with' if 'latent_moments' in info else 'without'} latent_moments; a bundle "
+            f"has them if and only if it is format {STANDARDISED_FORMAT_VERSION}"
         )
     try:
         cfg = from_dict(yaml.safe_load((path / CONFIG_YAML).read_text()))

@@ -160,8 +160,9 @@ def denoise(
 def decode(bundle: Bundle, latents: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """Scaled latents -> images ``[N, 1, D, H, W]`` clipped to the training range [0, 1].
 
-    Training multiplied the encoder's latents by ``scale_factor`` (unit variance for the
-    diffusion model), so decoding divides by it first.
+    Training multiplied the encoder's latents by ``scale_factor`` (unit variance over all
+    channels together), so decoding divides by it first; :func:`denoise` has already undone
+    a per-channel standardisation (``latent_moments``).
     """
     with _precision(precision, bundle.device):
         images = bundle.autoencoder.decode_stage_2_outputs(latents / bundle.scale_factor)

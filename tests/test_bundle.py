@@ -111,7 +111,7 @@ def test_future_format_is_refused(tmp_path):
 
 def test_a_standardised_bundle_is_written_as_a_format_older_readers_refuse(tmp_path):
     """Only a bundle with latent moments needs the reader that maps them back: it is format 2,
-    one without stays 1, and a format-1 file claiming moments is refused."""
+    one without stays 1, and a file whose number and moments disagree is refused."""
     plain = random_bundle(tmp_path / "plain", tiny_config())
     moments = [[0.0, 1.0, 2.0], [1.0, 0.5, 2.0]]
     standardised = random_bundle(tmp_path / "std", tiny_config(), latent_moments=moments)
@@ -119,8 +119,11 @@ def test_a_standardised_bundle_is_written_as_a_format_older_readers_refuse(tmp_p
     assert (info["plain"]["format_version"], info["std"]["format_version"]) == (1, 2)
     assert bundle_mod.load(standardised).latent_moments[0].flatten().tolist() == moments[0]
     (standardised / "bundle.json").write_text(json.dumps(info["std"] | {"format_version": 1}))
-    with pytest.raises(LdmError, match="latent_moments in a format_version 1 bundle"):
+    with pytest.raises(LdmError, match="format_version 1 with latent_moments"):
         bundle_mod.load(standardised)
+    (plain / "bundle.json").write_text(json.dumps(info["plain"] | {"format_version": 2}))
+    with pytest.raises(LdmError, match="format_version 2 without latent_moments"):
+        bundle_mod.load(plain)
 
 
 def test_save_replaces_atomically(tmp_path):

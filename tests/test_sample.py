@@ -14,7 +14,7 @@ from PIL import Image
 from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
-from ldm_core.sample import denoise, generate, to_nifti_bytes, triptych
+from ldm_core.sample import decode, denoise, generate, to_nifti_bytes, triptych
 from tests.harness.configs import NO_SNR, tiny_config
 from tests.harness.data import random_bundle
 
@@ -161,3 +161,21 @@ def test_a_standardised_unet_is_sampled_back_into_the_autoencoders_latent_space(
     back = denoise(standardised, [0, 1], sampler="ddim", steps=3, eta=0.0)
     mean, std = (torch.tensor(m).view(1, 3, 1, 1, 1) for m in moments)
     torch.testing.assert_close(back, unit * std + mean)
+    # decode takes the autoencoder's latents as they are: the mapping happens once.
+    torch.testing.assert_close(
+        generate(standardised, [0, 1], sampler="ddim", steps=3, eta=0.0),
+        decode(plain, unit * std + mean),
+    )
+
+
+def test_a_standardised_unet_is_clamped_in_its_own_space(tmp_path):
+    """latent_range bounds the UNet's standardised latents: clamped samples end inside the
+    range mapped back through the moments."""
+    bounds = [[-0.05, -0.02, 0.0], [0.05, 0.02, 0.01]]
+    moments = [[0.5, -1.0, 0.0], [0.6, 1.5, 0.4]]
+    cfg = tiny_config("sampling.clamp_to_latent_range=true")
+    path = random_bundle(tmp_path / "b", cfg, seed=2, latent_range=bounds, latent_moments=moments)
+    drawn = denoise(load(path, "cpu"), [0, 1], sampler="ddim", steps=4, eta=1.0)
+    mean, std = (torch.tensor(m).view(1, 3, 1, 1, 1) for m in moments)
+    low, high = (torch.tensor(b).view(1, 3, 1, 1, 1) * std + mean for b in bounds)
+    assert ((drawn >= low - 1e-5) & (drawn <= high + 1e-5)).all()

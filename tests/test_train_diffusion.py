@@ -15,7 +15,13 @@ from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.models import build_autoencoder, build_unet
 from ldm_core.samplers import training_scheduler
-from ldm_core.train.diffusion import load_autoencoder, prepare_latents, train_diffusion, validate
+from ldm_core.train.diffusion import (
+    latent_space,
+    load_autoencoder,
+    prepare_latents,
+    train_diffusion,
+    validate,
+)
 from ldm_core.train.distributed import DistEnv
 from tests.harness.configs import tiny_config
 from tests.harness.data import fake_autoencoder_run, make_cache
@@ -98,6 +104,31 @@ def test_standardised_channels_are_recorded_and_sampled_back_to_the_autoencoders
     built = bundle.build_bundle(ae_dir, plain, tmp_path / "plain-bundle")
     assert "latent_moments" not in json.loads((built / "bundle.json").read_text())
     assert bundle.load(built, device="cpu").latent_moments is None
+
+    # A run of one latent space is neither reused nor resumed in the other.
+    with pytest.raises(LdmError, match=r"train.diffusion.standardise_channels: checkpoint F"):
+        train_diffusion(cfg, data, ae_dir, plain)
+    final["latent_moments"][1][0] = 0.0
+    torch.save(final, run / "unet.pt")
+    with pytest.raises(LdmError, match=r"dm/unet.pt: latent_moments: every std must be positive"):
+        bundle.build_bundle(ae_dir, run, tmp_path / "bad-bundle")
+
+
+def test_validation_latents_are_standardised_with_the_training_moments():
+    torch.manual_seed(0)
+    spread = torch.tensor([0.5, 2.0, 1.0]).view(1, 3, 1, 1, 1)
+    raw = {"train": torch.randn(4, 3, 2, 3, 2) * spread + 1.0, "val": torch.randn(2, 3, 2, 3, 2)}
+    copy = {split: z.clone() for split, z in raw.items()}
+    env = DistEnv()
+    data, moments = latent_space(copy, True, env)
+    mean, std = (torch.tensor(m, dtype=torch.float32).view(1, 3, 1, 1, 1) for m in moments)
+    torch.testing.assert_close(data["val"], (raw["val"] - mean) / std)
+    torch.testing.assert_close(
+        data["train"].mean(dim=(0, 2, 3, 4)), torch.zeros(3), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(data["train"].std(dim=(0, 2, 3, 4), correction=0), torch.ones(3))
+    untouched, none = latent_space({s: z.clone() for s, z in raw.items()}, False, env)
+    assert none is None and torch.equal(untouched["val"], raw["val"])
 
 
 def test_latent_cache_is_reused_and_invalidated(tmp_path, caplog):

@@ -200,8 +200,10 @@ class DiffusionTrainConfig:
     to learn. quality-cpu's latents have channel stds 0.65, 1.47 and 0.54 after the scale
     factor; standardised, the same run's samples scored detail 0.935, mask Dice 0.864 and
     nearest-neighbour correlation 0.365 where they scored 0.918, 0.862 and 0.402
-    (benchmarks/README.md, "Quality preset", sixth round). The other presets keep it off
-    (not measured there)."""
+    (benchmarks/README.md, "Quality preset", sixth round). tiny-cpu keeps it off: on its
+    recipe before min-SNR weighting, 700 steps gave detail 0.725 / 0.711 (unclamped /
+    clamped) standardised against 0.758 / 0.753 ("Demo anatomy", fourth round). The GPU
+    presets keep it off too (not measured there)."""
 
 
 @dataclass

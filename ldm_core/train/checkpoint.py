@@ -188,16 +188,24 @@ def _quarantine(path: Path) -> None:
 def check_same_architecture(
     saved_cfg: dict[str, Any], current_cfg: dict[str, Any], section: str, where: Path
 ) -> None:
-    """Refuse to resume a model with another architecture, naming the fields that differ."""
+    """Refuse to resume a model with another architecture, naming the fields that differ.
+
+    ``section`` is a config section or a single field (a setting the weights depend on as
+    much as on the architecture, such as the latent space they were trained in). A saved
+    config without it predates it and is not checked.
+    """
     old = _dig(saved_cfg, section)
     new = _dig(current_cfg, section)
     if old is None or old == new:
         return
-    diffs = [
-        f"{section}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = [
+            f"{section}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+    else:
+        diffs = [f"{section}: checkpoint {old!r}, config {new!r}"]
     raise LdmError(
         f"{where}: was trained with a different architecture ({'; '.join(diffs)}); "
         "use a new output directory or the original settings"

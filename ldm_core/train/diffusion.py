@@ -59,7 +59,13 @@ from ldm_core.train.precision import autocast, make_scaler
 log = logging.getLogger(__name__)
 
 STAGE = "diffusion"
-_ARCH = ("model.unet", "model.scheduler", "model.autoencoder")
+_ARCH = (
+    "model.unet",
+    "model.scheduler",
+    "model.autoencoder",
+    # The latent space the UNet learns in: a run resumed or reused in the other would mix two.
+    "train.diffusion.standardise_channels",
+)
 
 
 def train_diffusion(
@@ -145,10 +151,7 @@ def _run(
 ) -> None:
     """One rank's part of the stage: models, resume, the shared loop, the final EMA UNet."""
     tc = cfg.train.diffusion
-    moments = channel_moments(data["train"]) if tc.standardise_channels else None
-    if moments is not None:
-        log.info("standardising latent channels: mean %s, std %s", *moments)
-        data = {split: standardise(z, moments) for split, z in data.items()}
+    data, moments = latent_space(data, tc.standardise_channels, env)
     loop.seed_everything(cfg.train.seed)
     scheduler = training_scheduler(cfg)
     loader = make_loader(
@@ -185,30 +188,50 @@ def _run(
     distributed.barrier(env)
 
 
+def latent_space(
+    data: dict[str, torch.Tensor], standardise_channels: bool, env: DistEnv
+) -> tuple[dict[str, torch.Tensor], list[list[float]] | None]:
+    """The splits of the latent cache in the space the UNet learns in, and the per-channel
+    moments that map them there (None when they are used as cached).
+
+    With ``standardise_channels`` every split is shifted and scaled, in place, by the
+    training split's moments, so validation is scored in the space training runs in. The
+    moments come from the cache alone, so a resumed run and every DDP rank get the same.
+    """
+    if not standardise_channels:
+        return data, None
+    moments = channel_moments(data["train"])
+    if env.is_main:
+        log.info("standardising latent channels: mean %s, std %s", *moments)
+    shape = (1, -1, 1, 1, 1)
+    for z in data.values():
+        mean, std = (torch.tensor(m, dtype=z.dtype).view(shape) for m in moments)
+        z.sub_(mean).div_(std)
+    return data, moments
+
+
 def channel_moments(train: torch.Tensor) -> list[list[float]]:
     """Per channel, the mean and standard deviation of the (scaled) training latents
-    ``[N, C, d, h, w]``, accumulated in float64: ``[mean, std]``, one list of C floats each
-    (``train.diffusion.standardise_channels``)."""
-    per_channel = train.double().transpose(0, 1).flatten(1)
-    std = per_channel.std(1, correction=0)
-    if not bool((std > 0).all()):
+    ``[N, C, d, h, w]``, accumulated in float64 one channel at a time: ``[mean, std]``, one
+    list of C floats each (``train.diffusion.standardise_channels``)."""
+    mean, std = [], []
+    for c in range(train.shape[1]):
+        channel = train[:, c].double()
+        mean.append(float(channel.mean()))
+        std.append(float(channel.std(correction=0)))
+    if min(std) <= 0:
         raise LdmError(
-            f"train.diffusion.standardise_channels: a latent channel is constant over the "
-            f"training latents (std {std.tolist()}); it cannot be scaled to unit variance"
+            f"train.diffusion.standardise_channels: latent channel {std.index(min(std))} is "
+            f"constant over the training latents (latents/train.npy, stds {std}); it cannot "
+            "be scaled to unit variance"
         )
-    return [per_channel.mean(1).tolist(), std.tolist()]
-
-
-def standardise(z: torch.Tensor, moments: list[list[float]]) -> torch.Tensor:
-    """``z`` ``[N, C, ...]`` shifted and scaled per channel by ``moments`` (mean 0, std 1)."""
-    shape = (1, -1) + (1,) * (z.dim() - 2)
-    mean, std = (torch.tensor(m, dtype=z.dtype).view(shape) for m in moments)
-    return (z - mean) / std
+    return [mean, std]
 
 
 def latent_range(train: torch.Tensor) -> list[list[float]]:
     """Per channel, the lowest and highest value of the training latents ``[N, C, d, h, w]``
-    as the UNet sees them (scaled, and standardised when ``standardise_channels``): the bounds that sampling may clamp its clean-latent estimates to
+    as the UNet sees them (scaled, and standardised when ``standardise_channels``): the
+    bounds that sampling may clamp its clean-latent estimates to
     (``sampling.clamp_to_latent_range``). Returns ``[low, high]``, one list of C floats each."""
     per_channel = train.float().transpose(0, 1).flatten(1)
     return [per_channel.amin(1).tolist(), per_channel.amax(1).tolist()]
