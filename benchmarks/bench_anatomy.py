@@ -218,8 +218,9 @@ def reconstruction_quality(
 
 def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
     """Samples drawn as ``ldm evaluate`` draws them, scored by its ``compute_metrics`` against
-    ``real`` (all of them, rounded), the bundle's own gate verdict on them, and the share of
-    samples with a lesion beside the real volumes' share."""
+    ``real`` (all of them, rounded), the bundle's own gate verdict on them, the share of
+    samples with a lesion beside the real volumes' share, and their ventricle contrast
+    beside the real volumes' (where the real cohort's mean has ventricles)."""
     cfg = b.config
     seeds = list(range(cfg.evaluation.num_samples))
     generated = torch.cat(
@@ -236,6 +237,10 @@ def sample_quality(b: bundles.Bundle, real: torch.Tensor) -> tuple[dict[str, Any
     result |= {
         "sample_lesion_share": round(lesions["lesion_share_generated"], 3),
         "real_lesion_share": round(lesions["lesion_share_real"], 3),
+        **{
+            k: round(v, 3)
+            for k, v in metrics.ventricle_metrics(real, generated.clamp(0, 1), b.spacing).items()
+        },
         "gate_passed": passed,
         "gate_reasons": reasons,
     }

@@ -43,6 +43,7 @@ from ldm_core.metrics import (
     reconstruct,
     reconstruction_quality,
     timed,
+    ventricle_metrics,
 )
 from ldm_core.samplers import samplers_for
 
@@ -282,6 +283,7 @@ def evaluate(
     reconstructed = None if recons is None else (validation, recons)
     if _is_flair(cfg.data.channel):
         metrics.update(lesion_metrics(real, clipped, reconstructed))
+        metrics.update(ventricle_metrics(real, clipped, bundle.spacing, reconstructed))
     passed, reasons = gate(metrics, ecfg)
     log.info("quality gate %s%s", "passed" if passed else "FAILED: ", "; ".join(reasons))
 

@@ -51,9 +51,12 @@ MODEL_METRICS = (
     "recon_lesions_kept",
     "lesion_share_generated",
     "lesion_share_real",
+    "recon_ventricle_contrast_ratio",
+    "ventricle_contrast_generated",
+    "ventricle_contrast_real",
 )
 """What the autoencoder keeps of the validation volumes, and how often samples show a lesion
-against the real volumes, printed below them."""
+and how dark their ventricles are against the real volumes, printed below them."""
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK = re.compile(
     r"(Executing task|Task|Skipping conditional task|Skipping task) '?([\w-]+)'?(.*)"

@@ -17,12 +17,14 @@ from scipy.ndimage import gaussian_filter
 
 from ldm_core.config import EvaluationConfig, load_config
 from ldm_core.gate import gate
-from ldm_core.measures import detail_ratio, lesion_share
+from ldm_core.measures import detail_ratio, lesion_share, ventricle_region
 from ldm_core.metrics import (
     MASK_THRESHOLD,
+    MIN_VENTRICLE_COHORT,
     compute_metrics,
     lesion_metrics,
     nearest_real_correlation,
+    ventricle_metrics,
 )
 from tests.harness.gate_cases import NEGATIVES, NUM, demo_cohorts, smooth_interior
 
@@ -174,6 +176,7 @@ def test_detail_threshold_refuses_brains_without_inner_anatomy_at_the_demo_size(
 
 
 QUALITY = load_config(preset="quality-cpu").evaluation
+DEMO_SPACING = load_config(preset="quality-cpu").data.spacing
 
 
 # What the quality preset's gate must refuse at its own size, and the checks that refuse it.
@@ -254,3 +257,61 @@ def test_lesions_are_found_in_demo_subjects_and_lost_when_flattened(demo_size):
     assert found["lesion_share_generated"] == 0.0
     assert found["recon_lesions_kept"] == 0.0
     assert lesion_metrics(real, unseen, reconstructed=(unseen, unseen))["recon_lesions_kept"] == 1.0
+
+
+# --------------------------------------------------------------------------- ventricles
+
+
+def _ventricles_filled(volumes: torch.Tensor, region) -> torch.Tensor:
+    """``volumes`` with the ventricle region set to each brain's median: the tissue drawn
+    where the fluid is, everything else untouched."""
+    out = volumes.clone()
+    mask = torch.from_numpy(region)
+    for v in out:
+        v[0][mask] = float(v[v > MASK_THRESHOLD].median())
+    return out
+
+
+@pytest.fixture(scope="module")
+def ventricle_cohorts() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, unseen)`` at 48x64x48: the 16 real subjects the ventricle region needs at
+    least (as many as the demo's cohort), 8 unseen ones."""
+    torch.set_num_threads(2)
+    return demo_cohorts((48, 64, 48), real=MIN_VENTRICLE_COHORT, unseen=8)
+
+
+def test_ventricle_contrast_tells_drawn_ventricles_from_smoothed_or_filled_ones(
+    ventricle_cohorts,
+):
+    """The ventricle report beside the gate, on demo FLAIR at 4 mm: the region half the
+    real cohort draws lies deep in the brain and is a small part of it; unseen subjects are
+    about as dark there as the other half; smoothing the inside of the brain (what blurred
+    samples do) lightens it, filling the ventricles with tissue erases it, and
+    reconstructions are scored against their own volumes."""
+    real, unseen = ventricle_cohorts
+    region = ventricle_region(real[::2].numpy(), DEMO_SPACING)
+    brain = (real.mean(0)[0] > MASK_THRESHOLD).numpy()
+    assert 20 < region.sum() < 0.02 * brain.sum()
+    assert not (region & ~brain).any()
+
+    found = ventricle_metrics(real, unseen, DEMO_SPACING, reconstructed=(unseen, unseen))
+    assert found["ventricle_contrast_real"] > 0.25
+    assert found["ventricle_contrast_generated"] > 0.75 * found["ventricle_contrast_real"]
+    assert found["recon_ventricle_contrast_ratio"] == pytest.approx(1.0)
+
+    smoothed = ventricle_metrics(real, smooth_interior(unseen), DEMO_SPACING)
+    assert smoothed["ventricle_contrast_generated"] < 0.6 * found["ventricle_contrast_generated"]
+    filled = _ventricles_filled(unseen, region)
+    lost = ventricle_metrics(real, filled, DEMO_SPACING, reconstructed=(unseen, filled))
+    assert abs(lost["ventricle_contrast_generated"]) < 0.05
+    assert lost["recon_ventricle_contrast_ratio"] < 0.15
+    # Fewer real volumes than that give no figure rather than a noisy one.
+    assert ventricle_metrics(real[: MIN_VENTRICLE_COHORT - 1], unseen, DEMO_SPACING) == {}
+
+
+def test_ventricle_metrics_are_absent_for_a_cohort_without_a_shared_dark_region():
+    """An unaligned or fluid-bright cohort has no region its mean agrees on: the report
+    leaves the ventricle metrics out rather than scoring an empty region as 0."""
+    brain = torch.zeros((MIN_VENTRICLE_COHORT, 1, 16, 16, 16))
+    brain[:, :, 3:13, 3:13, 3:13] = 0.6
+    assert ventricle_metrics(brain, brain, DEMO_SPACING) == {}

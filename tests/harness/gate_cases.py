@@ -30,12 +30,14 @@ NUM = 6
 REAL_SUBJECTS = 8
 
 
-def demo_cohorts(shape: tuple[int, int, int] = (32, 32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(real, unseen)``: :data:`REAL_SUBJECTS` demo subjects (seed 0) and :data:`NUM`
-    others (seed 1), each ``[N, 1, *shape]`` on [0, 1] as the cache holds them."""
+def demo_cohorts(
+    shape: tuple[int, int, int] = (32, 32, 32), real: int = REAL_SUBJECTS, unseen: int = NUM
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(real, unseen)``: ``real`` demo subjects (seed 0) and ``unseen`` others (seed 1),
+    each ``[N, 1, *shape]`` on [0, 1] as the cache holds them."""
     sets = []
     with tempfile.TemporaryDirectory(prefix="ldm-gate-") as tmp:
-        for seed, n in ((0, REAL_SUBJECTS), (1, NUM)):
+        for seed, n in ((0, real), (1, unseen)):
             cache = preprocess(
                 demo_raw_dir(n, seed=seed), Path(tmp) / f"cache{seed}", demo_config(shape), False
             )
