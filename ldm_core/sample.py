@@ -100,10 +100,11 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 def _initial_noise(bundle: Bundle, gens: list[torch.Generator]) -> torch.Tensor:
-    """Latent-shaped Gaussian noise per seed, drawn on the CPU."""
+    """Latent-shaped Gaussian noise per seed, drawn on the CPU, times the bundle's
+    ``sampling.initial_noise_scale``."""
     shape = tuple(bundle.latent_shape)
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    return noise.to(bundle.device)
+    return (noise * bundle.config.sampling.initial_noise_scale).to(bundle.device)
 
 
 @torch.no_grad()

@@ -66,6 +66,8 @@ def test_tuples_come_back_as_tuples():
         ("train.device=tpu", "train.device", "must be auto"),
         ("train.autoencoder.spectral_weight=-1", "train.autoencoder.spectral_weight", ">= 0"),
         ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
+        ("sampling.initial_noise_scale=0", "sampling.initial_noise_scale", "in (0, 1]"),
+        ("sampling.initial_noise_scale=1.5", "sampling.initial_noise_scale", "in (0, 1]"),
         (
             "train.autoencoder.lr_warmup_steps=-1",
             "train.autoencoder.lr_warmup_steps",

@@ -179,3 +179,22 @@ def test_a_standardised_unet_is_clamped_in_its_own_space(tmp_path):
     mean, std = (torch.tensor(m).view(1, 3, 1, 1, 1) for m in moments)
     low, high = (torch.tensor(b).view(1, 3, 1, 1, 1) * std + mean for b in bounds)
     assert ((drawn >= low - 1e-5) & (drawn <= high + 1e-5)).all()
+
+
+def test_the_starting_noise_is_scaled_by_the_bundles_initial_noise_scale(tmp_path):
+    """With the UNet's output convolution zeroed, deterministic DDIM only rescales its start
+    (each step multiplies the latent by a ratio of the schedule's alphas), so a bundle
+    sampling at initial_noise_scale 0.9 returns exactly 0.9 x what the same weights at 1.0
+    return, for the same seeds."""
+    drawn = {}
+    for scale in (1.0, 0.9):
+        cfg = tiny_config(
+            "sampling.clamp_to_latent_range=false", f"sampling.initial_noise_scale={scale}"
+        )
+        b = load(random_bundle(tmp_path / str(scale), cfg, seed=4), "cpu")
+        assert b.config.sampling.initial_noise_scale == scale  # carried in the bundle
+        torch.nn.init.zeros_(b.unet.out[-1].conv.weight)
+        torch.nn.init.zeros_(b.unet.out[-1].conv.bias)
+        drawn[scale] = denoise(b, [0, 1], sampler="ddim", steps=3, eta=0.0)
+    assert drawn[1.0].abs().mean() > 0.1
+    torch.testing.assert_close(drawn[0.9], 0.9 * drawn[1.0])

@@ -183,6 +183,9 @@ def _check_sampling(cfg: Config) -> None:
     reason = incompatibility(cfg.model.scheduler.objective, cfg.sampling.sampler)
     if reason is not None:
         raise ConfigError(f"sampling.sampler: {reason}")
+    scale = cfg.sampling.initial_noise_scale
+    if not 0 < scale <= 1:
+        raise ConfigError(f"sampling.initial_noise_scale: must be in (0, 1], got {scale}")
     # Every sampler refuses more steps than the model was trained with.
     total_t = cfg.model.scheduler.num_train_timesteps
     if cfg.sampling.steps > total_t:
