@@ -29,6 +29,7 @@ import gc
 import statistics
 import time
 import warnings
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -64,10 +65,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 def _live(kind: type) -> list[Any]:
     """Every live object of ``kind``. ``isinstance`` on some deprecated torch aliases warns;
-    those warnings are about the scan, not the run, so they are silenced here."""
+    those warnings are about the scan, not the run, so they are silenced here. Weak proxies
+    are skipped: ``isinstance`` reads a proxy's referent, and raises once that is gone."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return [o for o in gc.get_objects() if isinstance(o, kind)]
+        return [
+            o for o in gc.get_objects() if type(o) not in weakref.ProxyTypes and isinstance(o, kind)
+        ]
 
 
 def owner_of(param: torch.Tensor, modules: list[nn.Module]) -> nn.Module | None:

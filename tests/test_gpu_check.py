@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks import flops
+from benchmarks import probe as probe_module
 from benchmarks.gpu_check import GPU_PRESETS, sampling_paths
 from benchmarks.probe import WARMUP_STEPS, TrainingProbe
 from ldm_core.bundle import load
@@ -170,3 +172,18 @@ def test_dry_run_reports_every_part(tmp_path):
     assert result["presets"]["gpu-16g"]["train-ae"]["paths"]["gradient_checkpointing"] is True
     assert result["presets"]["gpu-32g"]["train-ae"]["paths"]["gradient_checkpointing"] is False
     assert result["presets"]["multi-gpu"]["train-ae"]["with_second_optimizer_step_s"] > 0
+
+
+def test_the_object_scan_survives_weak_proxies_whose_referent_is_gone():
+    """A dead ``weakref.proxy`` anywhere in the process (libraries leave them) made the scan
+    raise ReferenceError mid-training; it is skipped, and live modules are still found."""
+
+    class Gone:
+        pass
+
+    target = Gone()
+    dead = [weakref.proxy(target)]
+    del target
+    model = nn.Linear(2, 2)
+    assert any(m is model for m in probe_module._live(nn.Module))
+    assert dead  # the dead proxy stayed reachable during the scan
