@@ -12,6 +12,9 @@ Layout (also what an InferenceService's ``storageUri`` points at)::
     config.yaml       the full run config
     autoencoder.pt    AutoencoderKL state dict
     unet.pt           DiffusionModelUNet state dict (EMA weights)
+    latent_prior.pt   the training latents' Gaussian (``ldm_core.latent_prior``: per-voxel
+                      mean, principal components, residual variance), where
+                      ``sampling.truncate_at`` starts; absent in bundles built before it
     lineage.json      what the bundle was made from (``ldm_core.lineage``); left out of the
                       bundle's digest, which it records
 
@@ -39,6 +42,7 @@ import torch
 import yaml
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from ldm_core import latent_prior as prior_mod
 from ldm_core import lineage as lineage_mod
 from ldm_core import measures
 from ldm_core.config import Config, ConfigError, from_dict, load_config
@@ -49,6 +53,7 @@ from ldm_core.io import (
     BUNDLE_JSON,
     CONFIG_YAML,
     GEOMETRY_JSON,
+    LATENT_PRIOR_PT,
     LINEAGE_JSON,
     UNET_PT,
     atomic_write,
@@ -90,6 +95,9 @@ class Bundle:
     """Per-channel mean and std that the UNet's latents were standardised with
     (``train.diffusion.standardise_channels``), each ``[1, C, 1, 1, 1]`` on ``device``; None
     when it trained on the scaled latents as they are."""
+    latent_prior: dict[str, torch.Tensor] | None = None
+    """The training latents' Gaussian (:mod:`ldm_core.latent_prior`), on the CPU, in the
+    space the UNet samples in; None for a bundle built before it was recorded."""
 
 
 def _package_versions() -> dict[str, str]:
@@ -139,6 +147,7 @@ def save(
     latent_range: Sequence[Sequence[float]] | None = None,
     checkpoints: Mapping[str, Mapping[str, Any]] | None = None,
     latent_moments: Sequence[Sequence[float]] | None = None,
+    latent_prior: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a bundle directory atomically: built in a sibling temp dir, then renamed.
 
@@ -173,10 +182,14 @@ def save(
         info["latent_range"] = _checked_range(latent_range, cfg, "latent_range")
     if latent_moments is not None:
         info["latent_moments"] = _checked_moments(latent_moments, cfg, "latent_moments")
+    if latent_prior is not None:
+        latent_prior = prior_mod.checked(latent_prior, cfg.latent_shape, "latent_prior")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         atomic_write(tmp / AUTOENCODER_PT, lambda f: torch.save(autoencoder_state, f))
         atomic_write(tmp / UNET_PT, lambda f: torch.save(unet_state, f))
+        if latent_prior is not None:
+            atomic_write(tmp / LATENT_PRIOR_PT, lambda f: torch.save(latent_prior, f))
         atomic_write_text(tmp / CONFIG_YAML, cfg.to_yaml())
         # No trailing newline, as before: deploy names a bundle's upload by its files' hash.
         atomic_write_text(tmp / BUNDLE_JSON, json.dumps(info, indent=2))
@@ -233,6 +246,10 @@ def build_bundle(
     for key, check in (("latent_range", _checked_range), ("latent_moments", _checked_moments)):
         if unet.get(key) is not None:  # checked here too, so that an error names the file
             check(unet[key], cfg, f"{diff_dir / UNET_PT}: {key}")
+    if unet.get("latent_prior") is not None:
+        prior_mod.checked(
+            unet["latent_prior"], cfg.latent_shape, f"{diff_dir / UNET_PT}: latent_prior"
+        )
     geometry = _read_json(diff_dir / GEOMETRY_JSON)
     reference = None
     if data_dir is not None:
@@ -253,6 +270,7 @@ def build_bundle(
         reference=reference,
         latent_range=unet.get("latent_range"),
         latent_moments=unet.get("latent_moments"),
+        latent_prior=unet.get("latent_prior"),
         checkpoints={
             "autoencoder": lineage_mod.checkpoint(ae_dir / AUTOENCODER_PT, ae.get("steps", 0)),
             "diffusion": lineage_mod.checkpoint(diff_dir / UNET_PT, unet.get("steps", 0)),
@@ -460,6 +478,16 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
             info["latent_moments"], cfg, f"{path / BUNDLE_JSON}: latent_moments"
         )
         latent_moments = _per_channel_tensors(moments, dev)
+    prior = None
+    if (path / LATENT_PRIOR_PT).exists():
+        where = str(path / LATENT_PRIOR_PT)
+        prior = prior_mod.checked(_torch_load(path / LATENT_PRIOR_PT), cfg.latent_shape, where)
+    elif cfg.sampling.truncate_at:
+        raise LdmError(
+            f"{path / CONFIG_YAML}: sampling.truncate_at is {cfg.sampling.truncate_at} but the "
+            f"bundle has no {LATENT_PRIOR_PT} to start from (built before it was recorded); "
+            "set sampling.truncate_at: 0"
+        )
     return Bundle(
         config=cfg,
         autoencoder=autoencoder,
@@ -473,4 +501,5 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         meta=info,
         latent_range=latent_range,
         latent_moments=latent_moments,
+        latent_prior=prior,
     )

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_core import latent_prior
 from ldm_core.bundle import Bundle, load
 from ldm_core.errors import LdmError
 from ldm_core.io import atomic_write_bytes
-from ldm_core.samplers import build_sampler
+from ldm_core.samplers import Sampler, build_sampler
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,23 @@ def _initial_noise(bundle: Bundle, gens: list[torch.Generator]) -> torch.Tensor:
     return (noise * bundle.config.sampling.initial_noise_scale).to(bundle.device)
 
 
+def _prior_start(
+    bundle: Bundle, scheduler: Sampler, noise: torch.Tensor, seeds: Sequence[int], t: int
+) -> torch.Tensor:
+    """Where a truncated reverse process starts (``sampling.truncate_at``): clean latents
+    drawn from the bundle's latent prior, noised to the first kept timestep ``t`` with the
+    seeds' starting ``noise``. The prior is drawn on the CPU from generators of its own
+    (seed + 2), so a seed gives the same start on any device."""
+    if bundle.latent_prior is None:
+        raise LdmError(
+            f"sampling.truncate_at is {bundle.config.sampling.truncate_at} but the bundle has no "
+            "latent_prior.pt (built before the prior was recorded); set sampling.truncate_at: 0"
+        )
+    gens = [torch.Generator(device="cpu").manual_seed(int(s) + 2) for s in seeds]
+    clean = latent_prior.draw(bundle.latent_prior, gens).to(bundle.device)
+    return scheduler.noised(clean, noise, t)
+
+
 @torch.no_grad()
 def denoise(
     bundle: Bundle,
@@ -134,13 +152,16 @@ def denoise(
     total_t = bundle.config.model.scheduler.num_train_timesteps
     if not 1 <= steps <= total_t:
         raise LdmError(f"steps must be between 1 and {total_t}, got {steps}")
+    truncate_at = bundle.config.sampling.truncate_at
+    scheduler.set_timesteps(steps, device=bundle.device, truncate_at=truncate_at)
+    timesteps = scheduler.timesteps
     x = _initial_noise(bundle, _generators(seeds))
+    if truncate_at:
+        x = _prior_start(bundle, scheduler, x, seeds, timesteps[0])
     # Step noise (DDPM, DDIM with eta > 0) is drawn on the model's device, from its own
     # per-seed generators; the starting noise is drawn on the CPU so a seed gives the same
     # start on any device.
     gens = [torch.Generator(device=bundle.device).manual_seed(int(s) + 1) for s in seeds]
-    scheduler.set_timesteps(steps, device=bundle.device)
-    timesteps = scheduler.timesteps
     bounds = bundle.latent_range if bundle.config.sampling.clamp_to_latent_range else None
     for i, t in enumerate(timesteps):
         t_batch = torch.full((len(seeds),), t, device=bundle.device, dtype=torch.long)

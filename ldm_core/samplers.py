@@ -107,10 +107,14 @@ class Sampler(abc.ABC):
         without that knob ignore it.
         """
 
-    def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
-        """Choose ``steps`` timesteps of the reverse process, from noisiest to clean."""
+    def set_timesteps(
+        self, steps: int, device: torch.device | str | None = None, truncate_at: int = 0
+    ) -> None:
+        """Choose ``steps`` timesteps of the reverse process, from noisiest to clean; with
+        ``truncate_at`` > 0, only those at or below it are kept (sampling then starts there,
+        from :meth:`noised` latents)."""
         self.scheduler.set_timesteps(steps, device=device)
-        self._timesteps = [int(t) for t in self.scheduler.timesteps]
+        self._timesteps = _truncated([int(t) for t in self.scheduler.timesteps], truncate_at)
 
     @property
     def batched(self) -> bool:
@@ -122,6 +126,10 @@ class Sampler(abc.ABC):
     def timesteps(self) -> list[int]:
         """The timesteps chosen by :meth:`set_timesteps`, in the order to step through them."""
         return list(self._timesteps)
+
+    @abc.abstractmethod
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """The forward process: ``clean`` latents noised with ``noise`` to timestep ``t``."""
 
     def clamp_clean(
         self,
@@ -223,6 +231,10 @@ class _PerRowSampler(Sampler):
         alpha_bar = self.scheduler.alphas_cumprod[int(t)].to(like.device, like.dtype)
         return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        a, s = self._signal_noise(t, clean)
+        return a * clean + s * noise
+
     def to_clean(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         a, s = self._signal_noise(t, sample)
         kind = self.scheduler.prediction_type
@@ -321,10 +333,16 @@ class RFlowSampler(Sampler):
         )
         return cls(scheduler, d * h * w)
 
-    def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+    def set_timesteps(
+        self, steps: int, device: torch.device | str | None = None, truncate_at: int = 0
+    ) -> None:
         self.scheduler.set_timesteps(steps, device=device, input_img_size_numel=self.latent_numel)
-        self._timesteps = [int(t) for t in self.scheduler.timesteps]
+        self._timesteps = _truncated([int(t) for t in self.scheduler.timesteps], truncate_at)
         self._next = 0
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        fraction = int(t) / self.scheduler.num_train_timesteps
+        return (1 - fraction) * clean + fraction * noise
 
     def to_clean(self, model_output: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
         # MONAI's rectified flow: x_t = (1 - t/T) x_0 + (t/T) noise, velocity = x_0 - noise.
@@ -355,6 +373,18 @@ class RFlowSampler(Sampler):
         self._next += 1
         next_t = self._timesteps[self._next] if self._next < len(self._timesteps) else 0
         return self.scheduler.step(model_output, int(t), sample, next_t)[0]
+
+
+def _truncated(timesteps: list[int], truncate_at: int) -> list[int]:
+    """``timesteps`` (noisiest first) without those above ``truncate_at`` (0: all of them)."""
+    if truncate_at <= 0:
+        return timesteps
+    kept = [t for t in timesteps if t <= truncate_at]
+    if not kept:
+        raise LdmError(
+            f"sampling.truncate_at: {truncate_at} is below every chosen timestep {timesteps}"
+        )
+    return kept
 
 
 _ADAPTERS: dict[str, type[Sampler]] = {

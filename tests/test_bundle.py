@@ -171,3 +171,44 @@ def test_a_bundle_without_a_latent_range_loads_and_says_it_samples_unclamped(tmp
     with caplog.at_level("WARNING", logger="ldm_core.bundle"):
         bundle_mod.load(off, device="cpu")
     assert "latent_range" not in caplog.text
+
+
+def _prior(cfg) -> dict[str, torch.Tensor]:
+    shape = tuple(cfg.latent_shape)
+    g = torch.Generator().manual_seed(1)
+    return {
+        "mean": torch.randn(shape, generator=g),
+        "components": torch.randn(2, *shape, generator=g),
+        "residual_var": torch.rand(shape, generator=g),
+    }
+
+
+def test_the_latent_prior_travels_in_its_own_file_and_changes_the_digest(tmp_path):
+    """A bundle with a prior has latent_prior.pt (format unchanged: readers without the
+    prior sample as before), loads it as saved, and is a different bundle by its digest."""
+    cfg = tiny_config()
+    prior = _prior(cfg)
+    plain = random_bundle(tmp_path / "plain", cfg)
+    with_prior = random_bundle(tmp_path / "prior", cfg, latent_prior=prior)
+    assert not (plain / "latent_prior.pt").exists()
+    assert bundle_mod.load(plain).latent_prior is None
+    loaded = bundle_mod.load(with_prior).latent_prior
+    assert set(loaded) == set(prior)
+    for key, value in prior.items():
+        torch.testing.assert_close(loaded[key], value)
+    assert json.loads((with_prior / "bundle.json").read_text())["format_version"] == 1
+    assert bundle_mod.digest(plain) != bundle_mod.digest(with_prior)
+
+
+def test_a_bad_latent_prior_names_its_file(tmp_path):
+    cfg = tiny_config()
+    path = random_bundle(tmp_path / "b", cfg, latent_prior=_prior(cfg))
+    short = _prior(cfg) | {"mean": torch.zeros(3, 2, 2, 2)}
+    torch.save(short, path / "latent_prior.pt")
+    with pytest.raises(LdmError, match=r"b/latent_prior.pt: mean has shape \(3, 2, 2, 2\)"):
+        bundle_mod.load(path)
+    (path / "latent_prior.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LdmError, match=r"b/latent_prior.pt: cannot be read as a checkpoint"):
+        bundle_mod.load(path)
+    with pytest.raises(LdmError, match=r"^latent_prior: mean has shape"):
+        random_bundle(tmp_path / "c", cfg, latent_prior=short)

@@ -68,6 +68,9 @@ def test_tuples_come_back_as_tuples():
         ("train.diffusion.lr_decay=linear", "train.diffusion.lr_decay", "not one of"),
         ("sampling.initial_noise_scale=0", "sampling.initial_noise_scale", "in (0, 1]"),
         ("sampling.initial_noise_scale=1.5", "sampling.initial_noise_scale", "in (0, 1]"),
+        ("sampling.truncate_at=-1", "sampling.truncate_at", "got -1"),
+        ("sampling.truncate_at=1000", "sampling.truncate_at", "num_train_timesteps=1000"),
+        ("train.diffusion.prior_components=-2", "train.diffusion.prior_components", ">= 0"),
         (
             "train.autoencoder.lr_warmup_steps=-1",
             "train.autoencoder.lr_warmup_steps",

@@ -15,6 +15,7 @@ from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
 from ldm_core.sample import decode, denoise, generate, to_nifti_bytes, triptych
+from ldm_core.samplers import build_sampler
 from tests.harness.configs import NO_SNR, tiny_config
 from tests.harness.data import random_bundle
 
@@ -198,3 +199,50 @@ def test_the_starting_noise_is_scaled_by_the_bundles_initial_noise_scale(tmp_pat
         drawn[scale] = denoise(b, [0, 1], sampler="ddim", steps=3, eta=0.0)
     assert drawn[1.0].abs().mean() > 0.1
     torch.testing.assert_close(drawn[0.9], 0.9 * drawn[1.0])
+
+
+def test_a_truncated_run_starts_from_the_bundles_prior_noised_to_its_first_timestep(tmp_path):
+    """With the UNet's output zeroed, each deterministic DDIM step only multiplies the
+    latent by a ratio of the schedule's alphas, so what a run returns is one constant times
+    where it started: sqrt(ab_t0) x0 + sqrt(1 - ab_t0) noise, with t0 the first timestep at
+    or below truncate_at, x0 the seed's draw from the bundle's prior and noise the seed's
+    starting noise. The constant undoes sqrt(ab_t0), up to the schedule's rounding."""
+    cfg = tiny_config("sampling.clamp_to_latent_range=false", "sampling.truncate_at=605")
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(cfg.latent_shape)
+    prior = {
+        "mean": torch.randn(shape, generator=g),
+        "components": torch.randn(1, *shape, generator=g),
+        "residual_var": torch.zeros(shape),
+    }
+    b = load(random_bundle(tmp_path / "b", cfg, seed=5, latent_prior=prior), "cpu")
+    torch.testing.assert_close(b.latent_prior["components"], prior["components"])
+    torch.nn.init.zeros_(b.unet.out[-1].conv.weight)
+    torch.nn.init.zeros_(b.unet.out[-1].conv.bias)
+    seeds = [3, 8]
+    drawn = denoise(b, seeds, sampler="ddim", steps=100, eta=0.0)
+
+    reference = build_sampler(cfg, "ddim", eta=0.0)
+    reference.set_timesteps(100, truncate_at=605)
+    first = reference.timesteps[0]
+    assert 595 < first <= 605
+    alpha_bar = float(reference.scheduler.alphas_cumprod[first])
+    starts = []
+    for s in seeds:
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(s))
+        weight = torch.randn(1, generator=torch.Generator().manual_seed(s + 2))
+        clean = prior["mean"] + weight * prior["components"][0]
+        starts.append(alpha_bar**0.5 * clean + (1 - alpha_bar) ** 0.5 * noise)
+    start = torch.stack(starts)
+    factor = float((drawn * start).sum() / start.pow(2).sum())
+    assert factor == pytest.approx(alpha_bar**-0.5, rel=0.05)
+    torch.testing.assert_close(drawn, factor * start, rtol=1e-4, atol=1e-4)
+
+
+def test_truncation_without_a_prior_is_refused_when_the_bundle_loads(tmp_path):
+    cfg = tiny_config("sampling.truncate_at=600")
+    path = random_bundle(tmp_path / "b", cfg)
+    with pytest.raises(
+        LdmError, match=r"b/config.yaml: sampling.truncate_at is 600 but .* no latent_prior.pt"
+    ):
+        load(path, "cpu")

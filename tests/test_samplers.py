@@ -290,3 +290,45 @@ def test_min_snr_weight_caps_the_clean_latent_loss_at_gamma_times_its_error(pred
         torch.testing.assert_close(
             weighted, snr[i].clamp(max=5.0) * clean_error, rtol=1e-4, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_noised_latents_are_the_training_forward_process(objective):
+    """Where a truncated reverse process starts: the clean latent noised to t exactly as the
+    training scheduler noises it (MONAI's add_noise), at both ends and in between."""
+    cfg = _config(objective)
+    adapter = build_sampler(cfg, samplers_for(objective)[0])
+    trainer = training_scheduler(cfg)
+    gen = torch.Generator().manual_seed(5)
+    clean, noise = (torch.randn(2, 3, 4, 4, 4, generator=gen) for _ in range(2))
+    for t in (1, 400, cfg.model.scheduler.num_train_timesteps - 1):
+        expected = trainer.add_noise(clean, noise, torch.tensor([t, t]))
+        torch.testing.assert_close(adapter.noised(clean, noise, t), expected)
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_truncation_keeps_the_chosen_timesteps_at_or_below_it(sampler):
+    objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
+    adapter = build_sampler(_config(objective), sampler)
+    adapter.set_timesteps(10)
+    full = adapter.timesteps
+    for at in (full[3], full[3] + 1):
+        adapter.set_timesteps(10, truncate_at=at)
+        assert adapter.timesteps == full[3:]
+    adapter.set_timesteps(10, truncate_at=0)
+    assert adapter.timesteps == full
+
+
+def test_a_truncated_rflow_run_steps_from_its_first_kept_timestep_to_clean_data():
+    """Rectified flow counts its steps: after truncation the count starts at the first kept
+    timestep, and constant-velocity Euler steps from there add up to t0 / T of it."""
+    adapter = build_sampler(_config("rflow"), "rflow")
+    adapter.set_timesteps(10)
+    full = adapter.timesteps
+    adapter.set_timesteps(10, truncate_at=full[4])
+    x = torch.zeros(1, 1, 2, 2, 2)
+    for t in adapter.timesteps:
+        x = adapter.step(torch.ones_like(x), t, x, [torch.Generator()])
+    assert torch.allclose(x, torch.full_like(x, full[4] / 1000), atol=1e-4)
+    with pytest.raises(LdmError, match=r"sampling.truncate_at: 1 is below every chosen timestep"):
+        adapter.set_timesteps(10, truncate_at=1)

@@ -72,6 +72,15 @@ def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):
     assert b.meta["latent_range"] == final["latent_range"]
     np.testing.assert_allclose(b.latent_range[1].flatten(), high, rtol=1e-6)
     np.testing.assert_allclose(b.affine, json.loads((data / "manifest.json").read_text())["affine"])
+    # the training latents' Gaussian, for truncated sampling: their mean, at most N - 1
+    # components, per-voxel variance accounted for; in the bundle as in unet.pt
+    prior = final["latent_prior"]
+    np.testing.assert_allclose(prior["mean"], latents.mean(0), rtol=1e-5, atol=1e-6)
+    k = min(cfg.train.diffusion.prior_components, len(latents) - 1)
+    assert k > 0 and prior["components"].shape == (k, *latents.shape[1:])
+    explained = prior["components"].pow(2).sum(0) + prior["residual_var"]
+    np.testing.assert_allclose(explained, latents.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.latent_prior["components"], prior["components"])
 
     stamp = (run / "unet.pt").stat().st_mtime_ns
     assert train_diffusion(cfg, data, ae_dir, run) == run  # finished: returns at once
@@ -98,6 +107,8 @@ def test_standardised_channels_are_recorded_and_sampled_back_to_the_autoencoders
     b = bundle.load(bundle.build_bundle(ae_dir, run, tmp_path / "bundle"), device="cpu")
     assert b.meta["latent_moments"] == final["latent_moments"]
     np.testing.assert_allclose(b.latent_moments[1].flatten(), std, rtol=1e-6)
+    # the prior lives where the UNet samples: in the standardised space
+    np.testing.assert_allclose(b.latent_prior["mean"], unit.mean(0), rtol=1e-4, atol=1e-5)
 
     plain = train_diffusion(dm_config("train.diffusion.steps=2"), data, ae_dir, tmp_path / "p")
     assert torch.load(plain / "unet.pt", weights_only=True)["latent_moments"] is None

@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "val_every": 100,
             "checkpoint_every": 100,
         },
-        "sampling": {"eta": 0.3},
+        "sampling": {"eta": 0.3, "truncate_at": 600},
         "evaluation": {
             "num_samples": 16,
             "gate_min_detail_ratio": 0.85,

@@ -191,6 +191,13 @@ class DiffusionTrainConfig:
     """Steps over which the learning rate rises linearly from 0 to ``lr``."""
     lr_decay: str = "constant"
     """After the warm-up: ``constant``, or ``cosine`` (half-cosine down to 0 at the last step)."""
+    prior_components: int = 8
+    """Principal components of the training latents kept in the bundle's latent prior
+    (``latent_prior.pt``; what ``sampling.truncate_at`` starts from), beside their
+    per-voxel mean and residual variance: the ways whole subjects differ. The mean alone
+    drew samples all of one shape on quality-cpu (MS-SSIM ratio 1.21, over the gate's
+    1.15); eight brought it to 1.10 (benchmarks/README.md, "Quality preset", eighth
+    round)."""
     standardise_channels: bool = False
     """Train the UNet on latents shifted and scaled to mean 0 and std 1 per channel (the
     training latents' moments, recorded in the bundle as ``latent_moments`` and undone before
@@ -272,6 +279,16 @@ class SamplingConfig:
     0.95 draws smooth brains with the lateral ventricles (0.28) and lesions in 12 of 16,
     at a detail ratio of 0.82 where 1.0 scores 0.94 on its grain (benchmarks/README.md,
     "Quality preset", seventh round). Every preset keeps 1.0."""
+    truncate_at: int = 0
+    """0: sample the whole schedule from pure noise. T > 0: start at the last chosen
+    timestep at or below T, from the training latents' Gaussian (the bundle's
+    ``latent_prior.pt``, :mod:`ldm_core.latent_prior`) noised to it, and leave the noisy end
+    out, where a noise-predicting UNet's clean-latent estimate is mostly its own error. On
+    quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy
+    volumes whose ventricle region is hardly darker than their tissue (contrast 0.09 against
+    the real volumes' 0.40); 600 with eight components drew them (0.34) with detail 0.92,
+    mask Dice 0.92 and an MS-SSIM ratio of 1.10 (benchmarks/README.md, "Quality preset",
+    eighth round). Every other preset samples the whole schedule."""
     clip_sample: bool = False
     clamp_to_latent_range: bool = True
     """Clamp each step's clean-latent estimate to the per-channel range of the training

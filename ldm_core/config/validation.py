@@ -188,6 +188,15 @@ def _check_sampling(cfg: Config) -> None:
         raise ConfigError(f"sampling.initial_noise_scale: must be in (0, 1], got {scale}")
     # Every sampler refuses more steps than the model was trained with.
     total_t = cfg.model.scheduler.num_train_timesteps
+    if not 0 <= cfg.sampling.truncate_at < total_t:
+        raise ConfigError(
+            f"sampling.truncate_at: must be 0 (the whole schedule) or a timestep below "
+            f"model.scheduler.num_train_timesteps={total_t}, got {cfg.sampling.truncate_at}"
+        )
+    if cfg.train.diffusion.prior_components < 0:
+        raise ConfigError(
+            f"train.diffusion.prior_components: must be >= 0, got {cfg.train.diffusion.prior_components}"
+        )
     if cfg.sampling.steps > total_t:
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "

@@ -12,7 +12,7 @@ Output directory::
     latents/                     the latent cache
     metrics.jsonl, tensorboard/  curves
     unet.pt                      {"state_dict" (EMA), "config", "steps", "latent_range",
-                                  "latent_moments"} (when finished)
+                                  "latent_moments", "latent_prior"} (when finished)
     config.yaml, data_geometry.json
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ldm_core import io
+from ldm_core import io, latent_prior
 from ldm_core.config import Config
 from ldm_core.data.preprocessed import read_manifest
 from ldm_core.errors import LdmError
@@ -181,6 +181,7 @@ def _run(
                 "steps": step,
                 "latent_range": latent_range(data["train"]),
                 "latent_moments": moments,
+                "latent_prior": latent_prior.fit(data["train"], tc.prior_components),
             },
             out / UNET_PT,
         )

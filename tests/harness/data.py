@@ -171,6 +171,7 @@ def random_bundle(
     scale_factor: float = 1.0,
     latent_range: list[list[float]] | None = None,
     latent_moments: list[list[float]] | None = None,
+    latent_prior: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A bundle with untrained weights and the config's geometry: what serving and sampling
     tests need when the weights' quality does not matter."""
@@ -187,4 +188,5 @@ def random_bundle(
         affine,
         latent_range=latent_range,
         latent_moments=latent_moments,
+        latent_prior=latent_prior,
     )
