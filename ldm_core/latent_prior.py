@@ -4,20 +4,22 @@ Sampling normally starts from pure noise at the schedule's last timestep. A smal
 predicts the noise is ill-conditioned there: the clean latent it implies is
 ``(x_t - sigma * noise) / alpha`` with ``alpha`` near 0.01, so a few percent of error in the
 noise becomes a clean-latent estimate several times the latent's own size, and the first
-steps are built on it (benchmarks/README.md, "Quality preset", seventh round). At a
-timestep where ``alpha`` is larger (0.22 at t = 600 of the linear schedule) the same
-error costs little, and the marginal of the forward process is still close to a Gaussian:
-the clean latent's own spread is a few percent of the sample's variance. So the sampler can
-start there, from the training latents' Gaussian diffused to that timestep
-(``sampling.truncate_at``), and leave the noisy end out (truncated diffusion, Zheng et al.
-2023).
+steps are built on it (benchmarks/README.md, "Quality preset", seventh round). Where
+``alpha`` is larger (0.22 at t = 600 of the presets' schedule) the same error costs little,
+and the forward process's marginal is still close to a Gaussian: the clean latent's spread
+is a few percent of a noisy sample's variance. So the sampler can start there, from the
+training latents' Gaussian noised to that timestep (``sampling.truncate_at``), and leave
+the noisy end out (truncated diffusion, Zheng et al. 2023).
 
 The Gaussian is the latents' per-voxel mean, a few principal components of their
-deviations (the ways whole subjects vary together: size, position, rotation) and a
+deviations (the ways whole subjects differ together: size, position, rotation) and a
 per-voxel variance for the rest. The mean alone gives samples all of one shape; with eight
-components their spread is back near the real volumes' (the round eight table). Only these
-aggregates are stored, never a subject's latent: a bundle leaves the training site, and the
-decoder would turn a stored latent back into that subject's image.
+components their spread is back near the real volumes' (benchmarks/README.md, "Quality
+preset", eighth round). Only these aggregates are stored, never a subject's latent: a
+bundle leaves the training site, and the decoder would turn a stored latent back into that
+subject's image. The components of a small cohort still lean towards single subjects: with
+16 of 51, samples came nearer their nearest training subject than real subjects are to
+theirs, which is why the count stays small and the gate's memorisation check stays on.
 """
 
 from __future__ import annotations

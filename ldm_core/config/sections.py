@@ -196,8 +196,10 @@ class DiffusionTrainConfig:
     (``latent_prior.pt``; what ``sampling.truncate_at`` starts from), beside their
     per-voxel mean and residual variance: the ways whole subjects differ. The mean alone
     drew samples all of one shape on quality-cpu (MS-SSIM ratio 1.21, over the gate's
-    1.15); eight brought it to 1.10 (benchmarks/README.md, "Quality preset", eighth
-    round)."""
+    1.15); four, eight and sixteen brought it to 1.11, 1.11 and 1.08, and the samples'
+    correlation with their nearest training subject to 0.46, 0.49 and 0.57 (real subjects
+    0.47, the gate 0.55): the components of a small cohort carry its subjects
+    (benchmarks/README.md, "Quality preset", eighth round)."""
     standardise_channels: bool = False
     """Train the UNet on latents shifted and scaled to mean 0 and std 1 per channel (the
     training latents' moments, recorded in the bundle as ``latent_moments`` and undone before
@@ -286,9 +288,10 @@ class SamplingConfig:
     out, where a noise-predicting UNet's clean-latent estimate is mostly its own error. On
     quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy
     volumes whose ventricle region is hardly darker than their tissue (contrast 0.09 against
-    the real volumes' 0.40); 600 with eight components drew them (0.34) with detail 0.92,
-    mask Dice 0.92 and an MS-SSIM ratio of 1.10 (benchmarks/README.md, "Quality preset",
-    eighth round). Every other preset samples the whole schedule."""
+    the real volumes' 0.40); from 600, with eight components, brains of the real volumes'
+    shape with the ventricles (0.31), detail 0.93, mask Dice 0.92 and an MS-SSIM ratio of
+    1.11 (benchmarks/README.md, "Quality preset", eighth round). Every other preset samples
+    the whole schedule."""
     clip_sample: bool = False
     clamp_to_latent_range: bool = True
     """Clamp each step's clean-latent estimate to the per-channel range of the training
