@@ -53,6 +53,12 @@ def tutorial_ddim(bundle_dir: Path, num: int, steps: int) -> dict[str, Any]:
     """Time ``num`` samples end to end (noise, ``steps`` DDIM steps, decode, to CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, ae, unet, to_autoencoder = load_fp32(Path(bundle_dir), device)
+    if cfg.sampling.truncate_at:
+        # ours would run fewer steps than the tutorial loop's whole schedule
+        raise ValueError(
+            f"{bundle_dir}: sampling.truncate_at is {cfg.sampling.truncate_at}; the tutorial "
+            "baseline samples the whole schedule, so times would not compare"
+        )
     s = cfg.model.scheduler
     scheduler = DDIMScheduler(
         num_train_timesteps=s.num_train_timesteps,

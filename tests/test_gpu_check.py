@@ -19,6 +19,8 @@ from benchmarks import flops
 from benchmarks import probe as probe_module
 from benchmarks.gpu_check import GPU_PRESETS, sampling_paths
 from benchmarks.probe import WARMUP_STEPS, TrainingProbe
+from benchmarks.reference import tutorial_ddim
+from ldm_core import latent_prior
 from ldm_core.bundle import load
 from ldm_core.sample import generate, prepare
 from tests.harness.configs import tiny_config
@@ -187,3 +189,13 @@ def test_the_object_scan_survives_weak_proxies_whose_referent_is_gone():
     model = nn.Linear(2, 2)
     assert any(m is model for m in probe_module._live(nn.Module))
     assert dead  # the dead proxy stayed reachable during the scan
+
+
+def test_the_tutorial_baseline_refuses_a_bundle_that_starts_part_way(tmp_path):
+    """The baseline loop samples the whole schedule; timed against a bundle that starts at
+    sampling.truncate_at, ours would be faster by skipping steps, not by being faster."""
+    cfg = tiny_config("sampling.truncate_at=600")
+    prior = latent_prior.fit(torch.randn(3, *cfg.latent_shape), components=1)
+    path = random_bundle(tmp_path / "b", cfg, latent_prior=prior)
+    with pytest.raises(ValueError, match="sampling.truncate_at is 600; the tutorial baseline"):
+        tutorial_ddim(path, num=1, steps=2)
