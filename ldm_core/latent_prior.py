@@ -26,9 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ldm_core.errors import LdmError
+
+DRAW_STREAM = 0x1A7E
+"""The second key of a prior draw's NumPy generator (the first is the seed)."""
 
 KEYS = ("mean", "components", "residual_var")
 """The tensors of a prior: ``mean`` ``[C, d, h, w]``; ``components`` ``[k, C, d, h, w]``,
@@ -38,21 +42,29 @@ the per-voxel variance the components leave unexplained."""
 
 def fit(train: torch.Tensor, components: int) -> dict[str, torch.Tensor]:
     """The Gaussian of the training latents ``[N, C, d, h, w]`` (in the space the UNet
-    samples in) with at most ``components`` principal components (fewer when N - 1 is
-    smaller), in float32 on the CPU."""
+    samples in) with at most ``components`` principal components, and never more than N // 4
+    (with all N - 1, the components would span every subject's deviation and each training
+    latent could be rebuilt from them), in float32 on the CPU.
+
+    The components come from the N x N Gram matrix of the deviations rather than an SVD of
+    the N x voxels matrix: the same directions, at the cost of one more N x voxels product.
+    """
     if train.dim() != 5 or train.shape[0] < 2:
         raise LdmError(
-            f"the latent prior needs at least 2 training latents [N, C, d, h, w], got shape {tuple(train.shape)}"
+            "the latent prior needs at least 2 training latents [N, C, d, h, w], "
+            f"got shape {tuple(train.shape)}"
         )
     if components < 0:
         raise LdmError(f"train.diffusion.prior_components: must be >= 0, got {components}")
-    z = train.double().cpu()
+    z = train.cpu().double()
     n = z.shape[0]
     mean = z.mean(0)
     deviations = (z - mean).flatten(1)
-    k = min(components, n - 1)
-    _, singular, directions = torch.linalg.svd(deviations, full_matrices=False)
-    scaled = (singular[:k, None] * directions[:k]) / (n - 1) ** 0.5
+    k = min(components, n // 4)
+    # eigh returns ascending eigenvalues; the last k vectors weight the subjects into the
+    # leading directions, scaled here by their standard deviations
+    _, vectors = torch.linalg.eigh(deviations @ deviations.T)
+    scaled = (vectors[:, n - k :].flip(1).T @ deviations) / (n - 1) ** 0.5
     variance = deviations.pow(2).sum(0) / (n - 1)
     residual = (variance - scaled.pow(2).sum(0)).clamp(min=0)
     return {
@@ -94,15 +106,19 @@ def checked(
     return out
 
 
-def draw(prior: Mapping[str, torch.Tensor], gens: Sequence[torch.Generator]) -> torch.Tensor:
-    """One clean latent per generator from the prior, ``[N, C, d, h, w]`` on the CPU: the
+def draw(prior: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
+    """One clean latent per seed from the prior, ``[N, C, d, h, w]`` float32 on the CPU: the
     mean, plus the components weighted by standard normals, plus per-voxel noise of the
-    residual variance."""
+    residual variance. The normals come from NumPy's generator keyed by ``(seed,
+    DRAW_STREAM)``, a stream apart from every torch generator the sampler seeds (the
+    starting noise with the seed, the step noise with seed + 1), so no seed's draw repeats
+    another's noise; the same seed draws the same latent on any device."""
     mean, components = prior["mean"], prior["components"]
+    spread_sd = prior["residual_var"].sqrt()
     rows = []
-    for g in gens:
-        weights = torch.randn(components.shape[0], generator=g)
-        spread = torch.tensordot(weights, components, dims=1)
-        rest = prior["residual_var"].sqrt() * torch.randn(mean.shape, generator=g)
-        rows.append(mean + spread + rest)
+    for seed in seeds:
+        rng = np.random.default_rng([int(seed), DRAW_STREAM])
+        weights = torch.from_numpy(rng.standard_normal(components.shape[0], dtype=np.float32))
+        rest = torch.from_numpy(rng.standard_normal(tuple(mean.shape), dtype=np.float32))
+        rows.append(mean + torch.tensordot(weights, components, dims=1) + spread_sd * rest)
     return torch.stack(rows)

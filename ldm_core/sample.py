@@ -114,14 +114,13 @@ def _prior_start(
     """Where a truncated reverse process starts (``sampling.truncate_at``): clean latents
     drawn from the bundle's latent prior, noised to the first kept timestep ``t`` with the
     seeds' starting ``noise``. The prior is drawn on the CPU from generators of its own
-    (seed + 2), so a seed gives the same start on any device."""
+    (:func:`ldm_core.latent_prior.draw`), so a seed gives the same start on any device."""
     if bundle.latent_prior is None:
         raise LdmError(
             f"sampling.truncate_at is {bundle.config.sampling.truncate_at} but the bundle has no "
             "latent_prior.pt (built before the prior was recorded); set sampling.truncate_at: 0"
         )
-    gens = [torch.Generator(device="cpu").manual_seed(int(s) + 2) for s in seeds]
-    clean = latent_prior.draw(bundle.latent_prior, gens).to(bundle.device)
+    clean = latent_prior.draw(bundle.latent_prior, seeds).to(bundle.device)
     return scheduler.noised(clean, noise, t)
 
 

@@ -20,6 +20,7 @@ config and ``ldm --help`` import this table, and MONAI's schedulers take seconds
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -111,10 +112,11 @@ class Sampler(abc.ABC):
         self, steps: int, device: torch.device | str | None = None, truncate_at: int = 0
     ) -> None:
         """Choose ``steps`` timesteps of the reverse process, from noisiest to clean; with
-        ``truncate_at`` > 0, only those at or below it are kept (sampling then starts there,
-        from :meth:`noised` latents)."""
-        self.scheduler.set_timesteps(steps, device=device)
-        self._timesteps = _truncated([int(t) for t in self.scheduler.timesteps], truncate_at)
+        ``truncate_at`` > 0, ``steps`` of them at or below it (sampling then starts at the
+        first, from :meth:`noised` latents): see :func:`_spread`."""
+        self.scheduler.set_timesteps(_spread(steps, truncate_at, self.scheduler), device=device)
+        chosen = [int(t) for t in self.scheduler.timesteps]
+        self._timesteps = _truncated(chosen, truncate_at)[-steps:]
 
     @property
     def batched(self) -> bool:
@@ -336,8 +338,13 @@ class RFlowSampler(Sampler):
     def set_timesteps(
         self, steps: int, device: torch.device | str | None = None, truncate_at: int = 0
     ) -> None:
-        self.scheduler.set_timesteps(steps, device=device, input_img_size_numel=self.latent_numel)
-        self._timesteps = _truncated([int(t) for t in self.scheduler.timesteps], truncate_at)
+        self.scheduler.set_timesteps(
+            _spread(steps, truncate_at, self.scheduler),
+            device=device,
+            input_img_size_numel=self.latent_numel,
+        )
+        chosen = [int(t) for t in self.scheduler.timesteps]
+        self._timesteps = _truncated(chosen, truncate_at)[-steps:]
         self._next = 0
 
     def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
@@ -375,6 +382,18 @@ class RFlowSampler(Sampler):
         return self.scheduler.step(model_output, int(t), sample, next_t)[0]
 
 
+def _spread(steps: int, truncate_at: int, scheduler: Scheduler) -> int:
+    """How many timesteps to choose over the whole schedule so that at least ``steps`` of
+    them fall at or below ``truncate_at`` (the noisiest extra ones are then dropped):
+    ``steps`` counts the UNet's calls (what serving's ``max_steps`` and the progress bars
+    count) whether or not the run is truncated, and one step still leaves one. Capped at
+    the schedule's length, where the part below ``truncate_at`` holds fewer."""
+    total = scheduler.num_train_timesteps
+    if truncate_at <= 0:
+        return steps
+    return min(total, math.ceil(steps * total / (truncate_at + 1)))
+
+
 def _truncated(timesteps: list[int], truncate_at: int) -> list[int]:
     """``timesteps`` (noisiest first) without those above ``truncate_at`` (0: all of them)."""
     if truncate_at <= 0:
@@ -382,7 +401,8 @@ def _truncated(timesteps: list[int], truncate_at: int) -> list[int]:
     kept = [t for t in timesteps if t <= truncate_at]
     if not kept:
         raise LdmError(
-            f"sampling.truncate_at: {truncate_at} is below every chosen timestep {timesteps}"
+            f"sampling.truncate_at: {truncate_at} is below every one of the {len(timesteps)} "
+            f"chosen timesteps (the lowest is {min(timesteps)}); raise it"
         )
     return kept
 

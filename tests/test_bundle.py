@@ -184,8 +184,9 @@ def _prior(cfg) -> dict[str, torch.Tensor]:
 
 
 def test_the_latent_prior_travels_in_its_own_file_and_changes_the_digest(tmp_path):
-    """A bundle with a prior has latent_prior.pt (format unchanged: readers without the
-    prior sample as before), loads it as saved, and is a different bundle by its digest."""
+    """A bundle with a prior has latent_prior.pt (its format number unchanged: a bundle
+    sampled without truncation needs nothing new), loads it as saved, and is a different
+    bundle by its digest."""
     cfg = tiny_config()
     prior = _prior(cfg)
     plain = random_bundle(tmp_path / "plain", cfg)

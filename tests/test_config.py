@@ -86,6 +86,14 @@ def test_bad_values_name_the_field(override, field, words):
     assert words in message, message
 
 
+def test_a_truncated_start_refuses_a_scaled_starting_noise():
+    """A truncated run starts from the prior noised, not from noise alone: scaling only the
+    noise part would put the start off the forward process, so the pair is refused."""
+    with pytest.raises(ConfigError, match="^sampling.initial_noise_scale: must be 1 when"):
+        load_config(overrides=["sampling.truncate_at=600", "sampling.initial_noise_scale=0.9"])
+    assert load_config(overrides=["sampling.initial_noise_scale=0.9"]).sampling.truncate_at == 0
+
+
 def test_shape_error_suggests_a_size():
     with pytest.raises(ConfigError, match="try 64"):
         load_config(overrides=["data.shape=[48,60,48]"])

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_core import latent_prior
 from ldm_core.bundle import load
 from ldm_core.cli import main
 from ldm_core.errors import LdmError
-from ldm_core.sample import decode, denoise, generate, to_nifti_bytes, triptych
+from ldm_core.sample import decode, denoise, generate, prepare, to_nifti_bytes, triptych
 from ldm_core.samplers import build_sampler
 from tests.harness.configs import NO_SNR, tiny_config
 from tests.harness.data import random_bundle
@@ -225,13 +226,12 @@ def test_a_truncated_run_starts_from_the_bundles_prior_noised_to_its_first_times
     reference = build_sampler(cfg, "ddim", eta=0.0)
     reference.set_timesteps(100, truncate_at=605)
     first = reference.timesteps[0]
-    assert 595 < first <= 605
+    assert 590 < first <= 605 and len(reference.timesteps) == 100
     alpha_bar = float(reference.scheduler.alphas_cumprod[first])
     starts = []
     for s in seeds:
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(s))
-        weight = torch.randn(1, generator=torch.Generator().manual_seed(s + 2))
-        clean = prior["mean"] + weight * prior["components"][0]
+        clean = latent_prior.draw(prior, [s])[0]
         starts.append(alpha_bar**0.5 * clean + (1 - alpha_bar) ** 0.5 * noise)
     start = torch.stack(starts)
     factor = float((drawn * start).sum() / start.pow(2).sum())
@@ -246,3 +246,16 @@ def test_truncation_without_a_prior_is_refused_when_the_bundle_loads(tmp_path):
         LdmError, match=r"b/config.yaml: sampling.truncate_at is 600 but .* no latent_prior.pt"
     ):
         load(path, "cpu")
+
+
+def test_a_truncated_bundle_warms_up_and_counts_its_steps_as_unet_calls(tmp_path):
+    """steps counts the UNet's calls with or without truncation, down to one: the server's
+    one-step warm-up works, and a run asked for 5 steps calls the UNet 5 times."""
+    cfg = tiny_config("sampling.truncate_at=600")
+    prior = latent_prior.fit(torch.randn(8, *cfg.latent_shape), components=2)
+    b = load(random_bundle(tmp_path / "b", cfg, latent_prior=prior), "cpu")
+    assert prepare(b, compile=False, batch_sizes=(1,)) >= 0
+    seen: list[tuple[int, int]] = []
+    for sampler in ("ddim", "ddpm"):
+        denoise(b, [0], sampler=sampler, steps=5, progress=lambda i, n: seen.append((i, n)))
+    assert seen == [(i, 5) for i in range(1, 6)] * 2

@@ -307,28 +307,38 @@ def test_noised_latents_are_the_training_forward_process(objective):
 
 
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
-def test_truncation_keeps_the_chosen_timesteps_at_or_below_it(sampler):
+@pytest.mark.parametrize("steps", [1, 2, 10, 100])
+def test_a_truncated_run_spreads_its_steps_below_the_start(sampler, steps):
+    """steps counts the UNet's calls with or without truncation: the run keeps that many
+    timesteps, all at or below truncate_at, noisiest first and none twice, the first near
+    it; at 0 the whole schedule's choice is untouched."""
     objective = next(o for o in OBJECTIVES if sampler in samplers_for(o))
     adapter = build_sampler(_config(objective), sampler)
-    adapter.set_timesteps(10)
-    full = adapter.timesteps
-    for at in (full[3], full[3] + 1):
-        adapter.set_timesteps(10, truncate_at=at)
-        assert adapter.timesteps == full[3:]
-    adapter.set_timesteps(10, truncate_at=0)
-    assert adapter.timesteps == full
+    adapter.set_timesteps(steps)
+    whole = adapter.timesteps
+    adapter.set_timesteps(steps, truncate_at=0)
+    assert adapter.timesteps == whole
+    adapter.set_timesteps(steps, truncate_at=600)
+    kept = adapter.timesteps
+    assert len(kept) == steps
+    assert kept == sorted(set(kept), reverse=True) and kept[0] <= 600
+    if steps >= 10:
+        assert kept[0] >= 600 - 600 / steps
 
 
 def test_a_truncated_rflow_run_steps_from_its_first_kept_timestep_to_clean_data():
     """Rectified flow counts its steps: after truncation the count starts at the first kept
     timestep, and constant-velocity Euler steps from there add up to t0 / T of it."""
     adapter = build_sampler(_config("rflow"), "rflow")
-    adapter.set_timesteps(10)
-    full = adapter.timesteps
-    adapter.set_timesteps(10, truncate_at=full[4])
+    adapter.set_timesteps(10, truncate_at=450)
+    first = adapter.timesteps[0]
     x = torch.zeros(1, 1, 2, 2, 2)
     for t in adapter.timesteps:
         x = adapter.step(torch.ones_like(x), t, x, [torch.Generator()])
-    assert torch.allclose(x, torch.full_like(x, full[4] / 1000), atol=1e-4)
-    with pytest.raises(LdmError, match=r"sampling.truncate_at: 1 is below every chosen timestep"):
-        adapter.set_timesteps(10, truncate_at=1)
+    assert torch.allclose(x, torch.full_like(x, first / 1000), atol=1e-4)
+    # rectified flow never chooses timestep 0: a start below its lowest choice is refused
+    with pytest.raises(
+        LdmError,
+        match=r"truncate_at: 1 is below every one of the 500 chosen timesteps \(the lowest is 2\)",
+    ):
+        adapter.set_timesteps(1, truncate_at=1)

@@ -194,7 +194,8 @@ class DiffusionTrainConfig:
     prior_components: int = 8
     """Principal components of the training latents kept in the bundle's latent prior
     (``latent_prior.pt``; what ``sampling.truncate_at`` starts from), beside their
-    per-voxel mean and residual variance: the ways whole subjects differ. The mean alone
+    per-voxel mean and residual variance: the ways whole subjects differ; at most a quarter
+    of the training subjects' count (:func:`ldm_core.latent_prior.fit`). The mean alone
     drew samples all of one shape on quality-cpu (MS-SSIM ratio 1.21, over the gate's
     1.15); four, eight and sixteen brought it to 1.11, 1.11 and 1.08, and the samples'
     correlation with their nearest training subject to 0.46, 0.49 and 0.57 (real subjects
@@ -282,8 +283,9 @@ class SamplingConfig:
     at a detail ratio of 0.82 where 1.0 scores 0.94 on its grain (benchmarks/README.md,
     "Quality preset", seventh round). Every preset keeps 1.0."""
     truncate_at: int = 0
-    """0: sample the whole schedule from pure noise. T > 0: start at the last chosen
-    timestep at or below T, from the training latents' Gaussian (the bundle's
+    """0: sample the whole schedule from pure noise. T > 0: spread the steps over the part
+    of the schedule at or below T (``steps`` still counts the UNet's calls) and start at the
+    first of them, from the training latents' Gaussian (the bundle's
     ``latent_prior.pt``, :mod:`ldm_core.latent_prior`) noised to it, and leave the noisy end
     out, where a noise-predicting UNet's clean-latent estimate is mostly its own error. On
     quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy

@@ -161,6 +161,9 @@ def _check_numbers(cfg: Config) -> None:
         warmup = getattr(cfg.train, stage).lr_warmup_steps
         if warmup < 0:
             raise ConfigError(f"train.{stage}.lr_warmup_steps: must be >= 0, got {warmup}")
+    components = cfg.train.diffusion.prior_components
+    if components < 0:
+        raise ConfigError(f"train.diffusion.prior_components: must be >= 0, got {components}")
     for dotted in _OFF_AT_ZERO:
         if _get_dotted(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}: must be >= 0 (0 = off), got {_get_dotted(cfg, dotted)}")
@@ -193,9 +196,10 @@ def _check_sampling(cfg: Config) -> None:
             f"sampling.truncate_at: must be 0 (the whole schedule) or a timestep below "
             f"model.scheduler.num_train_timesteps={total_t}, got {cfg.sampling.truncate_at}"
         )
-    if cfg.train.diffusion.prior_components < 0:
+    if cfg.sampling.truncate_at and scale != 1:
         raise ConfigError(
-            f"train.diffusion.prior_components: must be >= 0, got {cfg.train.diffusion.prior_components}"
+            f"sampling.initial_noise_scale: must be 1 when sampling.truncate_at is set (got "
+            f"{scale}); a truncated run starts from the latent prior noised, not from noise alone"
         )
     if cfg.sampling.steps > total_t:
         raise ConfigError(

@@ -181,12 +181,24 @@ def _run(
                 "steps": step,
                 "latent_range": latent_range(data["train"]),
                 "latent_moments": moments,
-                "latent_prior": latent_prior.fit(data["train"], tc.prior_components),
+                "latent_prior": _prior(data["train"], tc.prior_components),
             },
             out / UNET_PT,
         )
         log.info("diffusion finished: %d steps -> %s", step, out / UNET_PT)
     distributed.barrier(env)
+
+
+def _prior(train: torch.Tensor, components: int) -> dict[str, torch.Tensor] | None:
+    """The training latents' Gaussian for truncated sampling (:mod:`ldm_core.latent_prior`),
+    or None (with a warning) when one training latent gives no spread to fit."""
+    if len(train) < 2:
+        log.warning(
+            "one training latent: no latent prior recorded, so the bundle cannot sample with "
+            "sampling.truncate_at"
+        )
+        return None
+    return latent_prior.fit(train, components)
 
 
 def latent_space(
