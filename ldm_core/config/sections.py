@@ -291,8 +291,8 @@ class SamplingConfig:
     quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy
     volumes whose ventricle region is hardly darker than their tissue (contrast 0.09 against
     the real volumes' 0.40); from 600, with eight components, brains of the real volumes'
-    shape with the ventricles (0.31), detail 0.93, mask Dice 0.92 and an MS-SSIM ratio of
-    1.11 (benchmarks/README.md, "Quality preset", eighth round). Every other preset samples
+    shape with the ventricles (0.30), detail 0.94, mask Dice 0.91 and an MS-SSIM ratio of
+    1.08 (benchmarks/README.md, "Quality preset", eighth round). Every other preset samples
     the whole schedule."""
     clip_sample: bool = False
     clamp_to_latent_range: bool = True
