@@ -114,11 +114,11 @@ def draw(prior: Mapping[str, torch.Tensor], seeds: Sequence[int]) -> torch.Tenso
     starting noise with the seed, the step noise with seed + 1), so no seed's draw repeats
     another's noise; the same seed draws the same latent on any device."""
     mean, components = prior["mean"], prior["components"]
-    spread_sd = prior["residual_var"].sqrt()
+    residual_sd = prior["residual_var"].sqrt()
     rows = []
     for seed in seeds:
         rng = np.random.default_rng([int(seed), DRAW_STREAM])
         weights = torch.from_numpy(rng.standard_normal(components.shape[0], dtype=np.float32))
         rest = torch.from_numpy(rng.standard_normal(tuple(mean.shape), dtype=np.float32))
-        rows.append(mean + torch.tensordot(weights, components, dims=1) + spread_sd * rest)
+        rows.append(mean + torch.tensordot(weights, components, dims=1) + residual_sd * rest)
     return torch.stack(rows)
