@@ -114,9 +114,14 @@ class Sampler(abc.ABC):
         """Choose ``steps`` timesteps of the reverse process, from noisiest to clean; with
         ``truncate_at`` > 0, ``steps`` of them at or below it (sampling then starts at the
         first, from :meth:`noised` latents): see :func:`_spread`."""
-        self.scheduler.set_timesteps(_spread(steps, truncate_at, self.scheduler), device=device)
-        chosen = [int(t) for t in self.scheduler.timesteps]
+        chosen = self._choose(_spread(steps, truncate_at, self.scheduler), device)
         self._timesteps = _truncated(chosen, truncate_at)[-steps:]
+
+    def _choose(self, count: int, device: torch.device | str | None) -> list[int]:
+        """``count`` timesteps over the whole schedule, noisiest first, as the scheduler
+        spaces them."""
+        self.scheduler.set_timesteps(count, device=device)
+        return [int(t) for t in self.scheduler.timesteps]
 
     @property
     def batched(self) -> bool:
@@ -338,14 +343,12 @@ class RFlowSampler(Sampler):
     def set_timesteps(
         self, steps: int, device: torch.device | str | None = None, truncate_at: int = 0
     ) -> None:
-        self.scheduler.set_timesteps(
-            _spread(steps, truncate_at, self.scheduler),
-            device=device,
-            input_img_size_numel=self.latent_numel,
-        )
-        chosen = [int(t) for t in self.scheduler.timesteps]
-        self._timesteps = _truncated(chosen, truncate_at)[-steps:]
+        super().set_timesteps(steps, device, truncate_at)
         self._next = 0
+
+    def _choose(self, count: int, device: torch.device | str | None) -> list[int]:
+        self.scheduler.set_timesteps(count, device=device, input_img_size_numel=self.latent_numel)
+        return [int(t) for t in self.scheduler.timesteps]
 
     def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         fraction = int(t) / self.scheduler.num_train_timesteps
