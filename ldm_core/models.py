@@ -108,7 +108,8 @@ def diffusion_training_example(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise a batch of clean latents for one training step.
 
-    Returns ``(noisy, timesteps, target)``: the UNet sees ``noisy`` at ``timesteps`` and
+    Returns ``(noisy, timesteps, target)``: the UNet sees ``noisy`` at ``timesteps`` (drawn
+    uniformly from the whole schedule, or from 0..``train.diffusion.truncate_at``) and
     is regressed onto ``target`` (noise, velocity or the clean latent for ``ddpm``
     depending on ``prediction_type``; the velocity ``x0 - noise`` for ``rflow``).
     """
@@ -121,8 +122,10 @@ def diffusion_training_example(
         timesteps = scheduler.sample_timesteps(latents)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         return noisy, timesteps, latents - noise
+    truncate_at = cfg.train.diffusion.truncate_at
+    highest = truncate_at if truncate_at else s.num_train_timesteps - 1
     timesteps = torch.randint(
-        0, s.num_train_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+        0, highest + 1, (latents.shape[0],), device=latents.device, generator=generator
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if s.prediction_type == "epsilon":

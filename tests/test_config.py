@@ -71,6 +71,8 @@ def test_tuples_come_back_as_tuples():
         ("sampling.truncate_at=-1", "sampling.truncate_at", "got -1"),
         ("sampling.truncate_at=1000", "sampling.truncate_at", "num_train_timesteps=1000"),
         ("train.diffusion.prior_components=-2", "train.diffusion.prior_components", ">= 0"),
+        ("train.diffusion.truncate_at=-1", "train.diffusion.truncate_at", "got -1"),
+        ("train.diffusion.truncate_at=1000", "train.diffusion.truncate_at", "below model"),
         (
             "train.autoencoder.lr_warmup_steps=-1",
             "train.autoencoder.lr_warmup_steps",
@@ -92,6 +94,25 @@ def test_a_truncated_start_refuses_a_scaled_starting_noise():
     with pytest.raises(ConfigError, match="^sampling.initial_noise_scale: must be 1 when"):
         load_config(overrides=["sampling.truncate_at=600", "sampling.initial_noise_scale=0.9"])
     assert load_config(overrides=["sampling.initial_noise_scale=0.9"]).sampling.truncate_at == 0
+
+
+def test_a_unet_trained_on_part_of_the_schedule_is_sampled_only_there():
+    """train.diffusion.truncate_at leaves the UNet untrained above it: a sampler that starts
+    higher (or at pure noise) is refused, naming both fields."""
+    trained = "train.diffusion.truncate_at=600"
+    with pytest.raises(
+        ConfigError,
+        match=r"^sampling.truncate_at: the UNet is trained on timesteps 0..600 only "
+        r"\(train.diffusion.truncate_at\).* got 0 \(the whole schedule\)",
+    ):
+        load_config(overrides=[trained])
+    with pytest.raises(ConfigError, match=r"^sampling.truncate_at: .* at or below 600; got 601"):
+        load_config(overrides=[trained, "sampling.truncate_at=601"])
+    rflow = ["model.scheduler.objective=rflow", "sampling.sampler=rflow"]
+    with pytest.raises(ConfigError, match=r"^train.diffusion.truncate_at: .* needs the ddpm"):
+        load_config(overrides=[*rflow, "train.diffusion.snr_gamma=0", trained])
+    cfg = load_config(overrides=[trained, "sampling.truncate_at=450"])
+    assert (cfg.train.diffusion.truncate_at, cfg.sampling.truncate_at) == (600, 450)
 
 
 def test_shape_error_suggests_a_size():

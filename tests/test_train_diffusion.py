@@ -87,6 +87,25 @@ def test_diffusion_loss_falls_on_cached_latents_and_outputs_bundle(tmp_path):
     assert (run / "unet.pt").stat().st_mtime_ns == stamp
 
 
+def test_a_run_trained_on_part_of_the_schedule_is_not_reused_for_the_whole(tmp_path):
+    """train.diffusion.truncate_at decides what the weights can do: a finished run trained
+    on 0..600 is refused to a config that would sample the whole schedule, naming the field."""
+    data = make_cache(tmp_path / "data", n_train=3, n_val=1)
+    part = dm_config(
+        "train.diffusion.steps=2", "train.diffusion.truncate_at=600", "sampling.truncate_at=600"
+    )
+    ae_dir = fake_autoencoder_run(tmp_path / "ae", part)
+    run = train_diffusion(part, data, ae_dir, tmp_path / "dm")
+    assert (
+        torch.load(run / "unet.pt", weights_only=True)["config"]["train"]["diffusion"][
+            "truncate_at"
+        ]
+        == 600
+    )
+    with pytest.raises(LdmError, match=r"train.diffusion.truncate_at: checkpoint 600, config 0"):
+        train_diffusion(dm_config("train.diffusion.steps=2"), data, ae_dir, run)
+
+
 def test_standardised_channels_are_recorded_and_sampled_back_to_the_autoencoders_space(
     tmp_path,
 ):

@@ -101,6 +101,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "lr_warmup_steps": 50,
                 "lr_decay": "cosine",
                 "standardise_channels": True,
+                "truncate_at": 600,
+                "prior_components": 4,
             },
             "val_every": 100,
             "checkpoint_every": 100,

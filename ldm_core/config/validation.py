@@ -201,10 +201,39 @@ def _check_sampling(cfg: Config) -> None:
             f"sampling.initial_noise_scale: must be 1 when sampling.truncate_at is set (got "
             f"{scale}); a truncated run starts from the latent prior noised, not from noise alone"
         )
+    _check_trained_range(cfg)
     if cfg.sampling.steps > total_t:
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "
             f"model.scheduler.num_train_timesteps={total_t}"
+        )
+
+
+def _check_trained_range(cfg: Config) -> None:
+    """A UNet trained on part of the schedule (``train.diffusion.truncate_at``) is sampled
+    only there: above it, its output would be a guess."""
+    trained = cfg.train.diffusion.truncate_at
+    if trained == 0:
+        return
+    total_t = cfg.model.scheduler.num_train_timesteps
+    if not 0 < trained < total_t:
+        raise ConfigError(
+            f"train.diffusion.truncate_at: must be 0 (the whole schedule) or a timestep below "
+            f"model.scheduler.num_train_timesteps={total_t}, got {trained}"
+        )
+    if cfg.model.scheduler.objective != "ddpm":
+        raise ConfigError(
+            "train.diffusion.truncate_at: training on part of the schedule needs the ddpm "
+            f"objective (model.scheduler.objective is {cfg.model.scheduler.objective!r}); "
+            "set it to 0"
+        )
+    start = cfg.sampling.truncate_at
+    if not 0 < start <= trained:
+        whole = " (the whole schedule)" if start == 0 else ""
+        raise ConfigError(
+            f"sampling.truncate_at: the UNet is trained on timesteps 0..{trained} only "
+            f"(train.diffusion.truncate_at), so sampling must start at or below {trained}; "
+            f"got {start}{whole}"
         )
 
 

@@ -65,6 +65,8 @@ _ARCH = (
     "model.autoencoder",
     # The latent space the UNet learns in: a run resumed or reused in the other would mix two.
     "train.diffusion.standardise_channels",
+    # The timesteps it learns: a run trained on part of the schedule cannot sample the rest.
+    "train.diffusion.truncate_at",
 )
 
 
