@@ -45,7 +45,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from ldm_core import latent_prior as prior_mod
 from ldm_core import lineage as lineage_mod
 from ldm_core import measures
-from ldm_core.config import Config, ConfigError, from_dict, load_config
+from ldm_core.config import Config, ConfigError, check_trained_range, from_dict, load_config
 from ldm_core.data.preprocessed import VolumeDataset
 from ldm_core.errors import LdmError
 from ldm_core.io import (
@@ -358,7 +358,12 @@ def config_for(
     config knows its training objective and so its default sampler), refined by ``preset``
     and dotted ``overrides``."""
     path = require(bundle_dir)
-    return load_config(config or path / CONFIG_YAML, preset=preset, overrides=list(overrides))
+    try:
+        return load_config(config or path / CONFIG_YAML, preset=preset, overrides=list(overrides))
+    except ConfigError as e:
+        if config or str(e).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path / CONFIG_YAML}: {e}") from None
 
 
 def digest(bundle_dir: str | Path) -> str:
@@ -451,6 +456,7 @@ def load(path: str | Path, device: str | torch.device = "auto") -> Bundle:
         )
     try:
         cfg = from_dict(yaml.safe_load((path / CONFIG_YAML).read_text()))
+        check_trained_range(cfg)
     except FileNotFoundError:
         raise LdmError(f"{path / CONFIG_YAML}: not found") from None
     except (ConfigError, yaml.YAMLError) as e:

@@ -108,8 +108,9 @@ def diffusion_training_example(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noise a batch of clean latents for one training step.
 
-    Returns ``(noisy, timesteps, target)``: the UNet sees ``noisy`` at ``timesteps`` (drawn
-    uniformly from the whole schedule, or from 0..``train.diffusion.truncate_at``) and
+    Returns ``(noisy, timesteps, target)``: the UNet sees ``noisy`` at ``timesteps`` (for
+    ``ddpm``, drawn uniformly from the whole schedule or from 0..``train.diffusion.truncate_at``;
+    for ``rflow``, from its scheduler's own distribution) and
     is regressed onto ``target`` (noise, velocity or the clean latent for ``ddpm``
     depending on ``prediction_type``; the velocity ``x0 - noise`` for ``rflow``).
     """

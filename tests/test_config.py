@@ -111,8 +111,11 @@ def test_a_unet_trained_on_part_of_the_schedule_is_sampled_only_there():
     rflow = ["model.scheduler.objective=rflow", "sampling.sampler=rflow"]
     with pytest.raises(ConfigError, match=r"^train.diffusion.truncate_at: .* needs the ddpm"):
         load_config(overrides=[*rflow, "train.diffusion.snr_gamma=0", trained])
-    cfg = load_config(overrides=[trained, "sampling.truncate_at=450"])
-    assert (cfg.train.diffusion.truncate_at, cfg.sampling.truncate_at) == (600, 450)
+    for start in (450, 600):
+        cfg = load_config(overrides=[trained, f"sampling.truncate_at={start}"])
+        assert (cfg.train.diffusion.truncate_at, cfg.sampling.truncate_at) == (600, start)
+    top = ["train.diffusion.truncate_at=999", "sampling.truncate_at=999"]
+    assert load_config(overrides=top).train.diffusion.truncate_at == 999
 
 
 def test_shape_error_suggests_a_size():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 
 import nibabel as nib
 import numpy as np
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from ldm_core import latent_prior
-from ldm_core.bundle import load
+from ldm_core.bundle import config_for, load
 from ldm_core.cli import main
+from ldm_core.config import ConfigError
 from ldm_core.errors import LdmError
 from ldm_core.sample import decode, denoise, generate, prepare, to_nifti_bytes, triptych
 from ldm_core.samplers import build_sampler
@@ -246,6 +248,27 @@ def test_truncation_without_a_prior_is_refused_when_the_bundle_loads(tmp_path):
         LdmError, match=r"b/config.yaml: sampling.truncate_at is 600 but .* no latent_prior.pt"
     ):
         load(path, "cpu")
+
+
+def test_a_bundle_trained_on_part_of_the_schedule_refuses_a_config_edited_to_leave_it(
+    tmp_path,
+):
+    """A bundle's config.yaml is read as written; one whose UNet learnt 0..600 but whose
+    sampling was edited to start above it is refused on load and by the sample and serve
+    verbs' config, naming the file, instead of sampling from timesteps the UNet never saw."""
+    cfg = tiny_config("train.diffusion.truncate_at=600", "sampling.truncate_at=600")
+    prior = latent_prior.fit(torch.randn(8, *cfg.latent_shape), components=2)
+    path = random_bundle(tmp_path / "b", cfg, latent_prior=prior)
+    assert load(path, "cpu").config.train.diffusion.truncate_at == 600
+    text = (path / "config.yaml").read_text()
+    edited = re.sub(r"(?m)^  truncate_at: 600$", "  truncate_at: 0", text)  # sampling's
+    assert edited.count("truncate_at: 600") == 1  # train.diffusion's stays
+    (path / "config.yaml").write_text(edited)
+    words = r"sampling.truncate_at: the UNet is trained on timesteps 0..600 only"
+    with pytest.raises(LdmError, match=rf"b/config.yaml: {words}"):
+        load(path, "cpu")
+    with pytest.raises(ConfigError, match=rf"b/config.yaml: {words}"):
+        config_for(path)
 
 
 def test_a_truncated_bundle_warms_up_and_counts_its_steps_as_unet_calls(tmp_path):

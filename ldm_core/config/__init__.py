@@ -36,7 +36,7 @@ from ldm_core.config.sections import (
     TrainConfig,
     UNetConfig,
 )
-from ldm_core.config.validation import validate
+from ldm_core.config.validation import check_trained_range, validate
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -60,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "TrainingResources",
     "UNetConfig",
+    "check_trained_range",
     "from_dict",
     "load_config",
     "parse_override",

@@ -200,17 +200,19 @@ class DiffusionTrainConfig:
     1.15); four, eight and sixteen brought it to 1.11, 1.11 and 1.08, and the samples'
     correlation with their nearest training subject to 0.46, 0.49 and 0.57 (real subjects
     0.47, the gate 0.55): the components of a small cohort carry its subjects
-    (benchmarks/README.md, "Quality preset", eighth round). quality-cpu keeps four: with
+    (benchmarks/README.md, "Quality preset", eighth round). quality-cpu uses four: with
     its UNet trained on 0..600 only (``truncate_at``), eight drew samples nearer their
     nearest training subject (0.52) than four did (0.49), at the same mask Dice and
     ventricle contrast (ninth round)."""
     truncate_at: int = 0
     """0: train the UNet on timesteps drawn from the whole schedule. T > 0: from 0..T only,
     for a model that samples with ``sampling.truncate_at`` at or below T: the sampler never
-    calls the UNet above its start, so steps spent there teach it nothing it uses. A bundle
-    trained this way cannot sample the whole schedule (the config is refused). ``ddpm``
-    objective only. quality-cpu samples from 600 and trains on 0..600: its samples' ventricle
-    contrast rose from 0.30 (the faintest sample 0.15) to 0.39 (0.26), the real volumes'
+    calls the UNet above its start, so steps spent there teach it nothing it uses. A config
+    that samples above T, or the whole schedule, is refused, and so is a bundle whose
+    ``config.yaml`` says so when it loads. ``ddpm`` objective only. Its loss curves do not
+    compare with a whole-schedule run's (the loss of predicting the noise is higher at the
+    clean end). quality-cpu samples from 600 and trains on 0..600: its samples' ventricle
+    contrast rose from 0.30 (the faintest sample 0.15) to 0.40 (0.27), the real volumes'
     0.40, in the same 1600 steps (benchmarks/README.md, "Quality preset", ninth round).
     Every other preset trains on the whole schedule."""
     standardise_channels: bool = False
@@ -295,7 +297,8 @@ class SamplingConfig:
     at a detail ratio of 0.82 where 1.0 scores 0.94 on its grain (benchmarks/README.md,
     "Quality preset", seventh round). Every preset keeps 1.0."""
     truncate_at: int = 0
-    """0: sample the whole schedule from pure noise. T > 0: spread the steps over the part
+    """0: sample the whole schedule from pure noise (refused for a UNet trained on part of
+    it, ``train.diffusion.truncate_at``). T > 0: spread the steps over the part
     of the schedule at or below T (``steps`` still counts the UNet's calls) and start at the
     first of them, from the training latents' Gaussian (the bundle's
     ``latent_prior.pt``, :mod:`ldm_core.latent_prior`) noised to it, and leave the noisy end
@@ -303,7 +306,7 @@ class SamplingConfig:
     quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy
     volumes whose ventricle region is hardly darker than their tissue (contrast 0.09 against
     the real volumes' 0.40); from 600, with eight components, brains of the real volumes'
-    shape with the ventricles (0.30), detail 0.94, mask Dice 0.91 and an MS-SSIM ratio of
+    shape with the ventricles (0.30; 0.40 once the UNet was trained on 0..600 alone), detail 0.94, mask Dice 0.91 and an MS-SSIM ratio of
     1.08 (benchmarks/README.md, "Quality preset", eighth round). Every other preset samples
     the whole schedule."""
     clip_sample: bool = False

@@ -201,7 +201,7 @@ def _check_sampling(cfg: Config) -> None:
             f"sampling.initial_noise_scale: must be 1 when sampling.truncate_at is set (got "
             f"{scale}); a truncated run starts from the latent prior noised, not from noise alone"
         )
-    _check_trained_range(cfg)
+    check_trained_range(cfg)
     if cfg.sampling.steps > total_t:
         raise ConfigError(
             f"sampling.steps: {cfg.sampling.steps} exceeds "
@@ -209,9 +209,10 @@ def _check_sampling(cfg: Config) -> None:
         )
 
 
-def _check_trained_range(cfg: Config) -> None:
+def check_trained_range(cfg: Config) -> None:
     """A UNet trained on part of the schedule (``train.diffusion.truncate_at``) is sampled
-    only there: above it, its output would be a guess."""
+    only there: above it, its output would be a guess. Also run on a bundle's own config
+    when it is loaded, which is otherwise read as it was written."""
     trained = cfg.train.diffusion.truncate_at
     if trained == 0:
         return
