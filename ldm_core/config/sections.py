@@ -306,9 +306,9 @@ class SamplingConfig:
     quality-cpu's bundle (eta 0.3, 16 evaluation seeds) the full schedule drew grainy
     volumes whose ventricle region is hardly darker than their tissue (contrast 0.09 against
     the real volumes' 0.40); from 600, with eight components, brains of the real volumes'
-    shape with the ventricles (0.30; 0.40 once the UNet was trained on 0..600 alone), detail 0.94, mask Dice 0.91 and an MS-SSIM ratio of
-    1.08 (benchmarks/README.md, "Quality preset", eighth round). Every other preset samples
-    the whole schedule."""
+    shape with the ventricles (0.30), detail 0.94, mask Dice 0.91 and an MS-SSIM ratio of
+    1.08 (benchmarks/README.md, "Quality preset", eighth round); 0.40 once the UNet was
+    trained on 0..600 alone (ninth round). Every other preset samples the whole schedule."""
     clip_sample: bool = False
     clamp_to_latent_range: bool = True
     """Clamp each step's clean-latent estimate to the per-channel range of the training

@@ -191,11 +191,7 @@ def _check_sampling(cfg: Config) -> None:
         raise ConfigError(f"sampling.initial_noise_scale: must be in (0, 1], got {scale}")
     # Every sampler refuses more steps than the model was trained with.
     total_t = cfg.model.scheduler.num_train_timesteps
-    if not 0 <= cfg.sampling.truncate_at < total_t:
-        raise ConfigError(
-            f"sampling.truncate_at: must be 0 (the whole schedule) or a timestep below "
-            f"model.scheduler.num_train_timesteps={total_t}, got {cfg.sampling.truncate_at}"
-        )
+    _check_start(cfg, "sampling.truncate_at")
     if cfg.sampling.truncate_at and scale != 1:
         raise ConfigError(
             f"sampling.initial_noise_scale: must be 1 when sampling.truncate_at is set (got "
@@ -209,19 +205,24 @@ def _check_sampling(cfg: Config) -> None:
         )
 
 
+def _check_start(cfg: Config, dotted: str) -> None:
+    """A ``truncate_at`` field: 0 for the whole schedule, else a timestep of it."""
+    value, total_t = _get_dotted(cfg, dotted), cfg.model.scheduler.num_train_timesteps
+    if not 0 <= value < total_t:
+        raise ConfigError(
+            f"{dotted}: must be 0 (the whole schedule) or a timestep below "
+            f"model.scheduler.num_train_timesteps={total_t}, got {value}"
+        )
+
+
 def check_trained_range(cfg: Config) -> None:
     """A UNet trained on part of the schedule (``train.diffusion.truncate_at``) is sampled
     only there: above it, its output would be a guess. Also run on a bundle's own config
     when it is loaded, which is otherwise read as it was written."""
+    _check_start(cfg, "train.diffusion.truncate_at")
     trained = cfg.train.diffusion.truncate_at
     if trained == 0:
         return
-    total_t = cfg.model.scheduler.num_train_timesteps
-    if not 0 < trained < total_t:
-        raise ConfigError(
-            f"train.diffusion.truncate_at: must be 0 (the whole schedule) or a timestep below "
-            f"model.scheduler.num_train_timesteps={total_t}, got {trained}"
-        )
     if cfg.model.scheduler.objective != "ddpm":
         raise ConfigError(
             "train.diffusion.truncate_at: training on part of the schedule needs the ddpm "
